@@ -1,0 +1,72 @@
+"""Our models against transformers on tiny random checkpoints, position by position."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.tiny import MODEL_TYPES, make_hf_model, prompt_ids, save_hf
+from tp_ollama.checkpoints.loader import load_model, open_checkpoint
+from tp_ollama.engine.generate import generate_tokens
+from tp_ollama.engine.kv_cache import KVCache
+from tp_ollama.engine.options import GenerationOptions, SamplingOptions
+
+PROMPT_LEN = 20  # longer than the sliding windows (8) of the mistral and gemma3 configs
+GREEDY = GenerationOptions(sampling=SamplingOptions(temperature=0), num_predict=32, num_ctx=128)
+
+
+def hf_greedy(model, prompt: list[int], n: int) -> list[int]:
+    out = model.generate(
+        torch.tensor([prompt]), max_new_tokens=n, do_sample=False, min_new_tokens=n, pad_token_id=0
+    )
+    return out[0, len(prompt) :].tolist()
+
+
+def stepwise_logits(model, tokens: list[int], n_prompt: int) -> torch.Tensor:
+    """Our logits for every position of `tokens`: one prefill of n_prompt, then one token a step."""
+    cache = KVCache.for_model(model, batch=1, max_len=len(tokens) + 1)
+    with torch.inference_mode():
+        ids = torch.tensor([tokens[:n_prompt]])
+        rows = [model.logits(model.hidden_states(ids, torch.arange(n_prompt)[None], cache))[0]]
+        for i in range(n_prompt, len(tokens)):
+            h = model.hidden_states(torch.tensor([[tokens[i]]]), torch.tensor([[i]]), cache)
+            rows.append(model.logits(h)[0])
+    return torch.cat(rows)  # (len(tokens), vocab)
+
+
+@pytest.fixture(scope="module", params=MODEL_TYPES)
+def pair(request, tmp_path_factory):
+    kind = request.param
+    hf = make_hf_model(kind)
+    directory = save_hf(hf, tmp_path_factory.mktemp(kind))
+    ours = load_model(open_checkpoint(Path(directory)), torch.float32)
+    return kind, hf, ours
+
+
+def test_logits_match_transformers_over_prefill_and_16_decode_steps(pair):
+    kind, hf, ours = pair
+    prompt = prompt_ids(PROMPT_LEN)
+    continuation = hf_greedy(hf, prompt, 16)
+    tokens = prompt + continuation
+    with torch.no_grad():
+        ref = hf(torch.tensor([tokens])).logits[0]
+    got = stepwise_logits(ours, tokens, PROMPT_LEN)
+    assert got.shape == ref.shape
+    err = (got - ref).abs().max().item()
+    assert err < 1e-4, f"{kind}: max abs logit difference {err}"
+
+
+def test_greedy_tokens_identical_for_32_steps(pair):
+    kind, hf, ours = pair
+    prompt = prompt_ids(PROMPT_LEN, seed=7)
+    expected = hf_greedy(hf, prompt, 32)
+    got = list(generate_tokens(ours, prompt, GREEDY, eos_ids=frozenset()))
+    assert got == expected, kind
+
+
+def test_models_do_not_import_torch_distributed():
+    root = Path(__file__).resolve().parents[2] / "tp_ollama" / "models"
+    offenders = [p.name for p in root.glob("*.py") if "torch.distributed" in p.read_text()]
+    assert offenders == []

@@ -1,0 +1,3 @@
+from tp_ollama.cli import main
+
+main()

@@ -1,0 +1,169 @@
+"""A GGUF file seen as a Hugging Face checkpoint: metadata becomes a config.json-style dict, tensor
+names become HF names, and the converters' transformations are undone on read (the Q/K row
+permutation of llama-architecture files; Gemma norm weights stored with 1 added)."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from tp_ollama.checkpoints.base import Range, check_range
+from tp_ollama.checkpoints.gguf_file import GGUFFile
+from tp_ollama.errors import CheckpointError
+from tp_ollama.models import config_from_hf
+
+# GGUF architecture -> HF model_type
+ARCHITECTURES = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "gemma3": "gemma3_text"}
+
+# GGUF metadata suffix -> HF config key (prefixed by the architecture name in the file)
+CONFIG_KEYS = {
+    "context_length": "max_position_embeddings",
+    "embedding_length": "hidden_size",
+    "feed_forward_length": "intermediate_size",
+    "block_count": "num_hidden_layers",
+    "attention.head_count": "num_attention_heads",
+    "attention.head_count_kv": "num_key_value_heads",
+    "attention.layer_norm_rms_epsilon": "rms_norm_eps",
+    "attention.key_length": "head_dim",
+    "attention.sliding_window": "sliding_window",
+    "rope.freq_base": "rope_theta",
+}
+
+BLOCK_NAMES = {
+    "attn_q": "self_attn.q_proj",
+    "attn_k": "self_attn.k_proj",
+    "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj",
+    "attn_q_norm": "self_attn.q_norm",
+    "attn_k_norm": "self_attn.k_norm",
+    "attn_norm": "input_layernorm",
+    "ffn_gate": "mlp.gate_proj",
+    "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj",
+}
+# ffn_norm is the pre-MLP norm: Llama calls it post_attention_layernorm, Gemma pre_feedforward_layernorm.
+LLAMA_BLOCK_NAMES = {**BLOCK_NAMES, "ffn_norm": "post_attention_layernorm"}
+GEMMA_BLOCK_NAMES = {
+    **BLOCK_NAMES,
+    "ffn_norm": "pre_feedforward_layernorm",
+    "post_attention_norm": "post_attention_layernorm",
+    "post_ffw_norm": "post_feedforward_layernorm",
+}
+TOP_NAMES = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
+_BLOCK = re.compile(r"^blk\.(\d+)\.(\w+)\.(weight|bias)$")
+
+
+def hf_config_from_gguf(meta: dict[str, Any], tensors: dict[str, Any], path: Path) -> dict[str, Any]:
+    arch = meta.get("general.architecture")
+    if arch not in ARCHITECTURES:
+        raise CheckpointError(
+            f"{path}: GGUF architecture {arch!r} is not supported; supported: {', '.join(sorted(ARCHITECTURES))}"
+        )
+    d: dict[str, Any] = {"model_type": ARCHITECTURES[arch]}
+    for suffix, key in CONFIG_KEYS.items():
+        if f"{arch}.{suffix}" in meta:
+            d[key] = meta[f"{arch}.{suffix}"]
+    if "head_dim" not in d and f"{arch}.rope.dimension_count" in meta:
+        d["head_dim"] = meta[f"{arch}.rope.dimension_count"]
+    d["vocab_size"] = tensors["token_embd.weight"].shape[0]
+    d["tie_word_embeddings"] = "output.weight" not in tensors
+    d["bos_token_id"] = meta.get("tokenizer.ggml.bos_token_id")
+    d["eos_token_id"] = meta.get("tokenizer.ggml.eos_token_id")
+    scaling_type = meta.get(f"{arch}.rope.scaling.type")
+    rope: dict[str, Any] = {"rope_type": "default", "rope_theta": float(d.pop("rope_theta", 10000.0))}
+    if scaling_type == "linear":
+        rope = {**rope, "rope_type": "linear", "factor": float(meta[f"{arch}.rope.scaling.factor"])}
+    elif scaling_type not in (None, "none"):
+        raise CheckpointError(f"{path}: rope scaling {scaling_type!r} is not supported; supported: linear")
+    if arch == "gemma3":
+        # llama.cpp's Gemma 3 conventions: every 6th layer global, local rope base 10k, and the
+        # 27B model scales queries by hidden/heads instead of the head dim.
+        d["sliding_window_pattern"] = 6
+        d["rope_parameters"] = {
+            "full_attention": rope,
+            "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+        }
+        head_dim = int(d.get("head_dim", 256))
+        big = int(d["num_hidden_layers"]) == 62
+        d["query_pre_attn_scalar"] = d["hidden_size"] // d["num_attention_heads"] if big else head_dim
+    else:
+        d["rope_parameters"] = rope
+        d.pop("sliding_window", None)
+    return d
+
+
+class GGUFCheckpoint:
+    format = "gguf"
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.file = GGUFFile(path)
+        meta = dict(self.file.metadata)
+        self.arch = meta.get("general.architecture")
+        self.hf_config = hf_config_from_gguf(meta, dict(self.file.tensors), path)
+        self.config = config_from_hf(self.hf_config, str(path))
+        block_names = GEMMA_BLOCK_NAMES if self.arch == "gemma3" else LLAMA_BLOCK_NAMES
+        self._to_gguf: dict[str, str] = {}
+        for gname in self.file.tensors:
+            hf = self._hf_name(gname, block_names)
+            if hf is not None:
+                self._to_gguf[hf] = gname
+
+    @staticmethod
+    def _hf_name(gname: str, block_names: dict[str, str]) -> str | None:
+        m = _BLOCK.match(gname)
+        if m:
+            layer, part, kind = m.groups()
+            return f"model.layers.{layer}.{block_names[part]}.{kind}" if part in block_names else None
+        base, _, kind = gname.rpartition(".")
+        return f"{TOP_NAMES[base]}.{kind}" if base in TOP_NAMES else None
+
+    def names(self) -> set[str]:
+        return set(self._to_gguf)
+
+    def _gguf(self, name: str) -> str:
+        if name not in self._to_gguf:
+            raise CheckpointError(f"{self.path}: tensor {name} is missing from the GGUF file")
+        return self._to_gguf[name]
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self.file.tensors[self._gguf(name)].shape)
+
+    def read(
+        self, name: str, dtype: torch.dtype, rows: Range | None = None, cols: Range | None = None
+    ) -> torch.Tensor:
+        gname = self._gguf(name)
+        shape = self.file.tensors[gname].shape
+        check_range(self.path, name, shape[0], rows, "rows")
+        t = self.file.read(gname, rows=rows, cols=cols, dtype=torch.float32)
+        if self.arch == "llama" and re.search(r"self_attn\.[qk]_proj\.", name):
+            t = self._unpermute(name, t)
+        if self.arch == "gemma3" and name.endswith("norm.weight"):
+            t = t - 1.0  # stored as 1 + w; our RMSNorm multiplies by (1 + w) like transformers
+        return t.to(dtype)
+
+    def _unpermute(self, name: str, t: torch.Tensor) -> torch.Tensor:
+        """Undo convert_hf_to_gguf's per-head interleave of rotary halves; works on any head-aligned
+        row range because the permutation never crosses a head."""
+        head_dim = self.config.head_dim
+        if t.shape[0] % head_dim:
+            raise CheckpointError(f"{self.path}: rows of {name} must be read in whole heads of {head_dim}")
+        n = t.shape[0] // head_dim
+        return t.reshape(n, head_dim // 2, 2, *t.shape[1:]).transpose(1, 2).reshape(t.shape)
+
+    def extra_tensors(self, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+        if "rope_freqs.weight" in self.file.tensors:
+            return {"rope_freqs": self.file.read("rope_freqs.weight", dtype=torch.float32)}
+        return {}
+
+    def model_info(self) -> dict[str, Any]:
+        return {k: v for k, v in self.file.metadata.items() if not k.startswith("tokenizer.ggml.")}
+
+    def close(self) -> None:
+        self.file.close()
+
+
+__all__ = ["GGUFCheckpoint", "hf_config_from_gguf"]

@@ -1,0 +1,61 @@
+"""Open a checkpoint of any supported kind and build a model from it: built on the meta device,
+then each parameter read (in the requested dtype) and assigned, so no random init ever runs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from tp_ollama.checkpoints.base import Checkpoint
+from tp_ollama.errors import CheckpointError
+from tp_ollama.models import build_model
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def parse_dtype(name: str) -> torch.dtype:
+    if name not in DTYPES:
+        raise CheckpointError(f"dtype {name!r} is not supported; supported: {', '.join(DTYPES)}")
+    return DTYPES[name]
+
+
+def open_checkpoint(path: Path) -> Checkpoint:
+    if not path.exists():
+        raise CheckpointError(f"{path}: no such file or directory")
+    if path.is_dir():
+        from tp_ollama.checkpoints.safetensors_dir import SafetensorsCheckpoint
+
+        return SafetensorsCheckpoint(path)
+    with path.open("rb") as f:
+        magic = f.read(4)
+    if magic == b"GGUF":
+        from tp_ollama.checkpoints.gguf_checkpoint import GGUFCheckpoint
+
+        return GGUFCheckpoint(path)
+    raise CheckpointError(
+        f"{path}: not a GGUF file (magic {magic!r}) nor a Hugging Face model directory; "
+        "expected a .gguf file or a directory with config.json and safetensors weights"
+    )
+
+
+def load_model(ckpt: Checkpoint, dtype: torch.dtype, device: torch.device | str = "cpu") -> nn.Module:
+    device = torch.device(device)
+    with torch.device("meta"):
+        model = build_model(ckpt.config)
+    available = ckpt.names()
+    missing = [n for n, _ in model.named_parameters() if n not in available]
+    if missing:
+        raise CheckpointError(f"{ckpt.path}: missing tensors {', '.join(missing[:5])} (of {len(missing)})")
+    state = {}
+    for name, param in model.named_parameters():
+        t = ckpt.read(name, dtype)
+        if tuple(t.shape) != tuple(param.shape):
+            raise CheckpointError(
+                f"{ckpt.path}: tensor {name} has shape {tuple(t.shape)}, the config implies {tuple(param.shape)}"
+            )
+        state[name] = t.to(device)
+    model.load_state_dict(state, assign=True, strict=True)
+    model.reset_buffers(device, ckpt.extra_tensors(dtype))  # type: ignore[operator]
+    return model.eval()

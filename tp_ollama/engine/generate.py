@@ -1,0 +1,90 @@
+"""Token-level generation for one sequence: prefill, then decode one token a step.
+
+Speaks token ids only. Stop strings and text belong to the caller (tp_ollama.completion)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from tp_ollama.engine.kv_cache import KVCache
+from tp_ollama.engine.options import GenerationOptions
+from tp_ollama.engine.sampler import Sampler
+from tp_ollama.errors import RequestError
+
+
+@dataclass
+class GenerationStats:
+    """Counts and nanosecond durations, named like Ollama's final-chunk metrics."""
+
+    prompt_eval_count: int = 0
+    prompt_eval_duration: int = 0
+    eval_count: int = 0
+    eval_duration: int = 0
+    done_reason: str = ""  # "stop" (EOS / end of turn / stop string) or "length"
+    tokens: list[int] = field(default_factory=list)
+
+
+@torch.inference_mode()
+def generate_tokens(
+    model: nn.Module,
+    prompt: Sequence[int],
+    options: GenerationOptions,
+    eos_ids: frozenset[int],
+    stats: GenerationStats | None = None,
+    sampler_factory: Callable[..., Sampler] = Sampler,
+) -> Iterator[int]:
+    """Yield generated token ids until an end token (not yielded), num_predict or num_ctx.
+
+    The caller may stop iterating at any time (a stop string, a dropped client)."""
+    stats = stats if stats is not None else GenerationStats()
+    n_prompt = len(prompt)
+    if n_prompt == 0:
+        raise RequestError("the prompt is empty: at least one token is needed")
+    if n_prompt >= options.num_ctx:
+        raise RequestError(
+            f"the prompt is {n_prompt} tokens long, which does not fit num_ctx={options.num_ctx}; "
+            "raise num_ctx or shorten the prompt"
+        )
+    limit = options.num_ctx - n_prompt  # tokens that still fit the context
+    if options.num_predict >= 0:
+        limit = min(limit, options.num_predict)
+    vocab = model.config.vocab_size  # type: ignore[union-attr]
+    sampler = sampler_factory(options.sampling, vocab)
+    cache = KVCache.for_model(model, batch=1, max_len=options.num_ctx)
+    history = list(prompt)
+
+    t0 = time.perf_counter_ns()
+    ids = torch.tensor([history], dtype=torch.long)
+    positions = torch.arange(n_prompt, dtype=torch.long)[None]
+    logits = _last_logits(model, ids, positions, cache)
+    stats.prompt_eval_count = n_prompt
+    stats.prompt_eval_duration = time.perf_counter_ns() - t0
+
+    t0 = time.perf_counter_ns()
+    try:
+        while stats.eval_count < limit:
+            token = sampler(logits, history)
+            if token in eos_ids:
+                stats.done_reason = "stop"
+                return
+            history.append(token)
+            stats.tokens.append(token)
+            stats.eval_count += 1
+            yield token
+            if stats.eval_count >= limit:
+                break
+            pos = torch.tensor([[len(history) - 1]], dtype=torch.long)
+            logits = _last_logits(model, torch.tensor([[token]], dtype=torch.long), pos, cache)
+        stats.done_reason = "length"
+    finally:
+        stats.eval_duration = time.perf_counter_ns() - t0
+
+
+def _last_logits(model: nn.Module, ids: torch.Tensor, positions: torch.Tensor, cache: KVCache) -> torch.Tensor:
+    hidden = model.hidden_states(ids, positions, cache)  # type: ignore[operator]  # (1, T, hidden)
+    return model.logits(hidden[:, -1]).float()[0]  # type: ignore[operator]  # (vocab,)

@@ -1,0 +1,17 @@
+"""Errors that reach a user as one line: what is wrong, with the value and what was expected."""
+
+
+class TpOllamaError(Exception):
+    """A problem the user can fix (bad file, bad option, bad layout). The CLI prints it as one line."""
+
+
+class CheckpointError(TpOllamaError):
+    """A checkpoint that cannot be read: missing, truncated, corrupt or of an unsupported kind."""
+
+
+class ConfigError(TpOllamaError):
+    """A model or server configuration that is invalid or unsupported."""
+
+
+class RequestError(TpOllamaError):
+    """A generation request that cannot be served as asked (prompt longer than num_ctx, bad option)."""

@@ -1,0 +1,171 @@
+"""Pieces shared by every decoder family: RMSNorm, rotary tables, attention over a KV cache.
+
+Nothing here knows about ranks. Local head counts are derived from weight shapes so that the same
+code runs sharded or not.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class LayerCache(Protocol):
+    """What attention needs from one layer's KV cache (implemented in tp_ollama.engine.kv_cache)."""
+
+    def update(
+        self, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Store k, v (B, n_kv, T, D) at positions (B, T); return keys, values and their positions
+        (B, n_kv, S, D), (B, n_kv, S, D), (B, S) to attend over (-1 marks an empty slot)."""
+        ...
+
+
+class ModelCache(Protocol):
+    def layer(self, index: int) -> LayerCache: ...
+
+
+@dataclass(frozen=True)
+class RopeSpec:
+    """How one rotary table is built: HF's rope_parameters entry plus the head dim it rotates."""
+
+    theta: float
+    dim: int
+    rope_type: str = "default"
+    factor: float = 1.0
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    original_max_position_embeddings: int = 8192
+
+    @classmethod
+    def from_hf(cls, params: dict[str, Any], dim: int) -> RopeSpec:
+        rope_type = params.get("rope_type", params.get("type", "default"))
+        if rope_type not in ROPE_TYPES:
+            from tp_ollama.errors import ConfigError
+
+            raise ConfigError(f"rope_type {rope_type!r} is not supported: expected one of {sorted(ROPE_TYPES)}")
+        return cls(
+            theta=float(params["rope_theta"]),
+            dim=dim,
+            rope_type=rope_type,
+            factor=float(params.get("factor", 1.0)),
+            low_freq_factor=float(params.get("low_freq_factor", 1.0)),
+            high_freq_factor=float(params.get("high_freq_factor", 4.0)),
+            original_max_position_embeddings=int(params.get("original_max_position_embeddings", 8192)),
+        )
+
+    def inv_freq(self, freq_factors: torch.Tensor | None = None) -> torch.Tensor:
+        """(dim/2,) float32 inverse frequencies, computed the way transformers computes them."""
+        inv = 1.0 / (self.theta ** (torch.arange(0, self.dim, 2, dtype=torch.int64).float() / self.dim))
+        if freq_factors is not None:
+            # GGUF llama3 files carry the scaling as a per-frequency divisor tensor (rope_freqs).
+            return inv / freq_factors.float()
+        if self.rope_type == "linear":
+            return inv / self.factor
+        if self.rope_type == "llama3":
+            low_wavelen = self.original_max_position_embeddings / self.low_freq_factor
+            high_wavelen = self.original_max_position_embeddings / self.high_freq_factor
+            wavelen = 2 * math.pi / inv
+            scaled = torch.where(wavelen > low_wavelen, inv / self.factor, inv)
+            smooth = (self.original_max_position_embeddings / wavelen - self.low_freq_factor) / (
+                self.high_freq_factor - self.low_freq_factor
+            )
+            smoothed = (1 - smooth) * scaled / self.factor + smooth * scaled
+            medium = ~(wavelen < high_wavelen) * ~(wavelen > low_wavelen)
+            return torch.where(medium, smoothed, scaled)
+        return inv
+
+
+ROPE_TYPES = frozenset({"default", "linear", "llama3"})
+
+
+class Rotary(nn.Module):
+    """cos/sin for given positions. The table is recomputed per call from inv_freq like HF does, which
+    keeps float32 results identical to the reference; it is (B, T, dim) and cheap next to the matmuls."""
+
+    def __init__(self, spec: RopeSpec) -> None:
+        super().__init__()
+        self.spec = spec
+        self.inv_freq: torch.Tensor
+        self.register_buffer("inv_freq", torch.empty(spec.dim // 2), persistent=False)
+
+    def reset_parameters(self, device: torch.device, freq_factors: torch.Tensor | None = None) -> None:
+        self.inv_freq = self.spec.inv_freq(freq_factors).to(device)
+
+    def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        freqs = positions[..., None].float() * self.inv_freq.float()  # (B, T, dim/2)
+        emb = torch.cat((freqs, freqs), dim=-1)  # (B, T, dim)
+        return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x: (B, H, T, D); cos, sin: (B, T, D)."""
+    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+    return x * cos + rotate_half(x) * sin
+
+
+class RMSNorm(nn.Module):
+    """RMSNorm computed in float32. `unit_offset` is Gemma's (1 + w) scaling, applied before the cast
+    back; Llama-style scales after the cast. Both orders follow transformers exactly."""
+
+    def __init__(self, dim: int, eps: float, unit_offset: bool = False) -> None:
+        super().__init__()
+        self.eps = eps
+        self.unit_offset = unit_offset
+        self.weight = nn.Parameter(torch.empty(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        normed = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        if self.unit_offset:
+            return (normed * (1.0 + self.weight.float())).type_as(x)
+        return self.weight * normed.to(x.dtype)
+
+
+def attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    q_pos: torch.Tensor,
+    k_pos: torch.Tensor,
+    scale: float,
+    window: int | None,
+) -> torch.Tensor:
+    """Causal (optionally sliding-window) attention by absolute positions.
+
+    q: (B, Hq, T, D); k, v: (B, Hkv, S, D); q_pos: (B, T); k_pos: (B, S) with -1 for empty slots.
+    Returns (B, Hq, T, D). A key is visible when 0 <= k_pos <= q_pos and, for sliding layers,
+    q_pos - k_pos < window (the window counts the query itself, as in transformers).
+    """
+    qp = q_pos[:, None, :, None]  # (B, 1, T, 1)
+    kp = k_pos[:, None, None, :]  # (B, 1, 1, S)
+    visible = (kp >= 0) & (kp <= qp)
+    if window is not None:
+        visible = visible & (qp - kp < window)
+    groups = q.shape[1] // k.shape[1]
+    if groups > 1:
+        k = k.repeat_interleave(groups, dim=1)
+        v = v.repeat_interleave(groups, dim=1)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=visible, scale=scale)
+
+
+def split_heads(x: torch.Tensor, head_dim: int) -> torch.Tensor:
+    """(B, T, H*D) -> (B, H, T, D); H comes from the tensor, so a sharded projection just works."""
+    b, t, _ = x.shape
+    return x.view(b, t, -1, head_dim).transpose(1, 2)
+
+
+def merge_heads(x: torch.Tensor) -> torch.Tensor:
+    """(B, H, T, D) -> (B, T, H*D)."""
+    b, _, t, _ = x.shape
+    return x.transpose(1, 2).reshape(b, t, -1)
