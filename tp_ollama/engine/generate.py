@@ -5,7 +5,7 @@ Speaks token ids only. Stop strings and text belong to the caller (tp_ollama.com
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Generator, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -37,7 +37,7 @@ def generate_tokens(
     eos_ids: frozenset[int],
     stats: GenerationStats | None = None,
     sampler_factory: Callable[..., Sampler] = Sampler,
-) -> Iterator[int]:
+) -> Generator[int, None, None]:
     """Yield generated token ids until an end token (not yielded), num_predict or num_ctx.
 
     The caller may stop iterating at any time (a stop string, a dropped client)."""

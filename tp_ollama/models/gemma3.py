@@ -88,7 +88,6 @@ class Gemma3Attention(nn.Module):
         super().__init__()
         d, hd = cfg.hidden_size, cfg.head_dim
         self.head_dim = hd
-        self.layer_type = layer_type
         self.scale = float(cfg.query_pre_attn_scalar) ** -0.5
         self.window = cfg.sliding_window if layer_type == SLIDING else None
         self.q_proj = nn.Linear(d, cfg.num_attention_heads * hd, bias=cfg.attention_bias)
@@ -164,8 +163,8 @@ class Gemma3ForCausalLM(nn.Module):
         # transformers scales by sqrt(hidden) cast to the weight dtype first; so do we, for bf16 parity.
         x = x * torch.tensor(self.config.hidden_size**0.5, dtype=x.dtype)
         ropes = {FULL: m.rotary_full(positions, x.dtype), SLIDING: m.rotary_sliding(positions, x.dtype)}
-        for i, layer in enumerate(m.layers):
-            x = layer(x, positions, ropes[layer.self_attn.layer_type], cache.layer(i))
+        for i, (layer, kind) in enumerate(zip(m.layers, self.config.layer_types, strict=True)):
+            x = layer(x, positions, ropes[kind], cache.layer(i))
         return m.norm(x)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
