@@ -174,3 +174,27 @@ def write_gguf(model: Any, path: Path, kind: str, qtype_name: str) -> dict[str, 
     writer.write_tensors_to_file()
     writer.close()
     return reference
+
+
+def save_tiny_tokenizer(directory: Path, vocab_size: int = 300) -> None:
+    """A real byte-level BPE tokenizer trained on a few sentences, small enough for the tiny models."""
+    import json
+
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 0)])
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=["<s>", "</s>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    text = ["hello world, the quick brown fox jumps over the lazy dog"] * 20
+    tok.train_from_iterator(text, trainer)
+    tok.save(str(directory / "tokenizer.json"))
+    template = "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}"
+    template += "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+    config = {"bos_token": "<s>", "eos_token": "</s>", "add_bos_token": True, "chat_template": template}
+    (directory / "tokenizer_config.json").write_text(json.dumps(config))

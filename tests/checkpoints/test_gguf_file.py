@@ -21,14 +21,20 @@ from tp_ollama.errors import CheckpointError
 QUANTIZABLE = ["F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1"]  # gguf.quants.quantize
 RANDOM_BLOCKS = ["Q4_K", "Q5_K", "Q6_K"]  # gguf-py only dequantizes these; built from random bytes
 # Byte range of the f16 fields (d, and m / dmin) in each block, which random bytes must keep finite.
-F16_FIELDS = {"Q8_0": (0, 2), "Q4_0": (0, 2), "Q5_0": (0, 2), "Q4_1": (0, 4), "Q5_1": (0, 4),
-              "Q4_K": (0, 4), "Q5_K": (0, 4), "Q6_K": (208, 210)}
+F16_FIELDS = {
+    "Q8_0": (0, 2),
+    "Q4_0": (0, 2),
+    "Q5_0": (0, 2),
+    "Q4_1": (0, 4),
+    "Q5_1": (0, 4),
+    "Q4_K": (0, 4),
+    "Q5_K": (0, 4),
+    "Q6_K": (208, 210),
+}
 ROWS, COLS = 6, 512
 
 
-def raw_tensor(
-    ggml_type: str, shape: tuple[int, ...], seed: int = 0, random_bytes: bool = False
-) -> np.ndarray:
+def raw_tensor(ggml_type: str, shape: tuple[int, ...], seed: int = 0, random_bytes: bool = False) -> np.ndarray:
     """What GGUFWriter stores: float32/float16 values or (*shape[:-1], bytes per row) uint8 blocks,
     quantized from normal values or (block types only) random bytes with finite f16 scales."""
     rng = np.random.default_rng(seed)

@@ -197,9 +197,7 @@ def test_smol_settings(smol: Pair) -> None:
 def test_smol_template_matches_transformers(
     smol: Pair, messages: list[dict[str, str]], add_generation_prompt: bool
 ) -> None:
-    expected = smol.reference.apply_chat_template(
-        messages, add_generation_prompt=add_generation_prompt, tokenize=False
-    )
+    expected = smol.reference.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, tokenize=False)
     assert smol.ours.apply_chat_template(messages, add_generation_prompt=add_generation_prompt) == expected
 
 

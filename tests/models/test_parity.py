@@ -18,9 +18,7 @@ GREEDY = GenerationOptions(sampling=SamplingOptions(temperature=0), num_predict=
 
 
 def hf_greedy(model, prompt: list[int], n: int) -> list[int]:
-    out = model.generate(
-        torch.tensor([prompt]), max_new_tokens=n, do_sample=False, min_new_tokens=n, pad_token_id=0
-    )
+    out = model.generate(torch.tensor([prompt]), max_new_tokens=n, do_sample=False, min_new_tokens=n, pad_token_id=0)
     return out[0, len(prompt) :].tolist()
 
 

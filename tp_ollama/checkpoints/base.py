@@ -22,9 +22,7 @@ class Checkpoint(Protocol):
 
     def shape(self, name: str) -> tuple[int, ...]: ...
 
-    def read(
-        self, name: str, dtype: torch.dtype, rows: Range | None = None, cols: Range | None = None
-    ) -> torch.Tensor:
+    def read(self, name: str, dtype: torch.dtype, rows: Range | None = None, cols: Range | None = None) -> torch.Tensor:
         """The tensor (or rows a..b-1 of dim 0 / columns of the last dim) as `dtype`."""
         ...
 

@@ -111,6 +111,8 @@ class GGUFCheckpoint:
             hf = self._hf_name(gname, block_names)
             if hf is not None:
                 self._to_gguf[hf] = gname
+        # Fail on an unsupported tensor type now, before a tokenizer or any weight is read.
+        self.file.check_types(self._to_gguf.values())
 
     @staticmethod
     def _hf_name(gname: str, block_names: dict[str, str]) -> str | None:
@@ -132,9 +134,7 @@ class GGUFCheckpoint:
     def shape(self, name: str) -> tuple[int, ...]:
         return tuple(self.file.tensors[self._gguf(name)].shape)
 
-    def read(
-        self, name: str, dtype: torch.dtype, rows: Range | None = None, cols: Range | None = None
-    ) -> torch.Tensor:
+    def read(self, name: str, dtype: torch.dtype, rows: Range | None = None, cols: Range | None = None) -> torch.Tensor:
         gname = self._gguf(name)
         shape = self.file.tensors[gname].shape
         check_range(self.path, name, shape[0], rows, "rows")

@@ -42,14 +42,22 @@ _U32 = struct.Struct("<I")
 _U64 = struct.Struct("<Q")
 _STRING, _ARRAY = 8, 9
 # GGUF value type -> struct format / numpy dtype of a fixed-size scalar.
-_SCALAR_FORMATS = {
-    0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"
-}
+_SCALAR_FORMATS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
 _SCALARS = {code: struct.Struct(fmt) for code, fmt in _SCALAR_FORMATS.items()}
 _NUMPY_DTYPES = {code: np.dtype(fmt.replace("?", "b1")) for code, fmt in _SCALAR_FORMATS.items()}
 _TYPE_NAMES = {
-    0: "UINT8", 1: "INT8", 2: "UINT16", 3: "INT16", 4: "UINT32", 5: "INT32", 6: "FLOAT32",
-    7: "BOOL", 8: "STRING", 10: "UINT64", 11: "INT64", 12: "FLOAT64",
+    0: "UINT8",
+    1: "INT8",
+    2: "UINT16",
+    3: "INT16",
+    4: "UINT32",
+    5: "INT32",
+    6: "FLOAT32",
+    7: "BOOL",
+    8: "STRING",
+    10: "UINT64",
+    11: "INT64",
+    12: "FLOAT64",
 }  # of array items; nested arrays are handled apart
 _TYPE_CODES = {name: code for code, name in _TYPE_NAMES.items()}
 
@@ -178,9 +186,7 @@ class GGUFFile:
 
     def _parse(self, buf: mmap.mmap) -> tuple[int, dict[str, Any], dict[str, GGUFTensorInfo]]:
         if buf[:4] != GGUF_MAGIC:
-            raise CheckpointError(
-                f"{self.path}: not a GGUF file (magic {buf[:4]!r}, expected {GGUF_MAGIC!r})"
-            )
+            raise CheckpointError(f"{self.path}: not a GGUF file (magic {buf[:4]!r}, expected {GGUF_MAGIC!r})")
         cur = _Cursor(buf, 4)
         version = cur.u32()
         if version & 0xFFFF == 0 and version >> 16 != 0:
@@ -265,9 +271,7 @@ class GGUFFile:
     def info(self, name: str) -> GGUFTensorInfo:
         info = self.tensors.get(name)
         if info is None:
-            raise CheckpointError(
-                f"{self.path}: no tensor named {name!r} ({len(self.tensors)} tensors in the file)"
-            )
+            raise CheckpointError(f"{self.path}: no tensor named {name!r} ({len(self.tensors)} tensors in the file)")
         return info
 
     def check_types(self, names: Iterable[str] | None = None) -> None:
@@ -277,8 +281,7 @@ class GGUFFile:
         if bad:
             shown = ", ".join(bad[:3]) + (f" and {len(bad) - 3} more" if len(bad) > 3 else "")
             raise CheckpointError(
-                f"{self.path}: unsupported tensor type for {shown}; "
-                f"supported: {', '.join(gguf_quants.SUPPORTED_TYPES)}"
+                f"{self.path}: unsupported tensor type for {shown}; supported: {', '.join(gguf_quants.SUPPORTED_TYPES)}"
             )
 
     def read(
@@ -313,9 +316,7 @@ class GGUFFile:
         selected = blocks[r0:r1, c0 // block_size : c1 // block_size]
         return self._dequantize(selected, info.ggml_type, dtype).view(out_shape)
 
-    def _checked(
-        self, name: str, what: str, r: tuple[int, int] | None, size: int, block: int
-    ) -> tuple[int, int]:
+    def _checked(self, name: str, what: str, r: tuple[int, int] | None, size: int, block: int) -> tuple[int, int]:
         if r is None:
             return 0, size
         a, b = r

@@ -79,9 +79,7 @@ class SafetensorsCheckpoint:
         key = self._key(name)
         return tuple(self._open(self._where[key]).get_slice(key).get_shape())
 
-    def read(
-        self, name: str, dtype: torch.dtype, rows: Range | None = None, cols: Range | None = None
-    ) -> torch.Tensor:
+    def read(self, name: str, dtype: torch.dtype, rows: Range | None = None, cols: Range | None = None) -> torch.Tensor:
         key = self._key(name)
         file = self._where[key]
         view = self._open(file).get_slice(key)

@@ -35,8 +35,7 @@ CACHE_FORMAT = 1  # bump when the layout or meaning of a cache entry changes
 _HEAD_BYTES = 1 << 20
 
 # transformers' `SPECIAL_TOKENS_ATTRIBUTES`: the names templates see as variables (`bos_token`, ...).
-SPECIAL_TOKEN_NAMES = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token",
-                       "mask_token")
+SPECIAL_TOKEN_NAMES = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
 
 # Tokens that end a reply in some family's chat format. One counts only when the vocabulary has it as
 # a special (control) token, so a plain-text "<|end|>" in some other vocabulary never stops generation.

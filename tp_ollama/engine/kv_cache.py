@@ -57,9 +57,7 @@ class KVCache:
         return self.layers[index]
 
     @classmethod
-    def for_model(
-        cls, model: torch.nn.Module, batch: int, max_len: int, dtype: torch.dtype | None = None
-    ) -> KVCache:
+    def for_model(cls, model: torch.nn.Module, batch: int, max_len: int, dtype: torch.dtype | None = None) -> KVCache:
         layers = []
         for block in model.model.layers:  # type: ignore[union-attr]
             attn = block.self_attn

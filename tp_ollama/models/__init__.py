@@ -18,9 +18,7 @@ class CausalLM(Protocol):
 
     config: Any
 
-    def hidden_states(
-        self, input_ids: torch.Tensor, positions: torch.Tensor, cache: ModelCache
-    ) -> torch.Tensor: ...
+    def hidden_states(self, input_ids: torch.Tensor, positions: torch.Tensor, cache: ModelCache) -> torch.Tensor: ...
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor: ...
 

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tp_ollama.models.common import (
+    Embedding,
     ModelCache,
     RMSNorm,
     RopeSpec,
@@ -143,7 +144,7 @@ class Gemma3Block(nn.Module):
 class Gemma3Body(nn.Module):
     def __init__(self, cfg: Gemma3TextConfig) -> None:
         super().__init__()
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.embed_tokens = Embedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList(Gemma3Block(cfg, t) for t in cfg.layer_types)
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, unit_offset=True)
         self.rotary_full = Rotary(cfg.rope(FULL))

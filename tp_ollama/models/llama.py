@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tp_ollama.models.common import (
+    Embedding,
     ModelCache,
     RMSNorm,
     RopeSpec,
@@ -188,7 +189,7 @@ class LlamaBlock(nn.Module):
 class LlamaBody(nn.Module):
     def __init__(self, cfg: LlamaConfig) -> None:
         super().__init__()
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.embed_tokens = Embedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList(LlamaBlock(cfg, t) for t in cfg.layer_types)
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.rotary = Rotary(cfg.rope)

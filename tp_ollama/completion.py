@@ -1,0 +1,92 @@
+"""Text in, text out over the token-level engine: prompt rendering and tokenization, incremental
+detokenization and stop strings. Used by the one-shot CLI and by the HTTP front end."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from tp_ollama.checkpoints.base import Checkpoint
+from tp_ollama.checkpoints.loader import load_model, open_checkpoint
+from tp_ollama.checkpoints.tokenizer import Tokenizer
+from tp_ollama.engine.detokenize import IncrementalDetokenizer
+from tp_ollama.engine.generate import GenerationStats, generate_tokens
+from tp_ollama.engine.options import GenerationOptions
+from tp_ollama.engine.stop import StopMatcher
+from tp_ollama.store.embedded import resolve_model
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class LoadedModel:
+    name: str
+    path: Path
+    checkpoint: Checkpoint
+    model: nn.Module
+    tokenizer: Tokenizer
+    dtype: torch.dtype
+    load_seconds: float
+
+
+def load_tokenizer(path: Path, checkpoint: Checkpoint) -> Tokenizer:
+    if checkpoint.format == "gguf":
+        return Tokenizer.from_gguf(path)
+    return Tokenizer.from_hf_dir(path)
+
+
+def load(model: str, dtype: torch.dtype) -> LoadedModel:
+    """Resolve a model name or path, read its checkpoint and tokenizer."""
+    t0 = time.perf_counter()
+    path = resolve_model(model)
+    checkpoint = open_checkpoint(path)
+    tokenizer = load_tokenizer(path, checkpoint)
+    module = load_model(checkpoint, dtype)
+    seconds = time.perf_counter() - t0
+    log.info("loaded %s (%s) as %s in %.2f s", model, path, dtype, seconds)
+    return LoadedModel(model, path, checkpoint, module, tokenizer, dtype, seconds)
+
+
+def prompt_tokens(
+    tokenizer: Tokenizer, prompt: str, chat: bool = False, system: str | None = None, **template_kwargs: Any
+) -> list[int]:
+    """Raw completion: the prompt with BOS when the tokenizer's settings say so. Chat: one user
+    message (after an optional system one) rendered with the model's template and generation prompt."""
+    if not chat:
+        return tokenizer.encode(prompt, add_special_tokens=True)
+    messages = [{"role": "system", "content": system}] if system else []
+    messages.append({"role": "user", "content": prompt})
+    text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, **template_kwargs)
+    # The template writes BOS itself where the model wants it, as transformers assumes.
+    return tokenizer.encode(text, add_special_tokens=False)
+
+
+def stream_text(
+    loaded: LoadedModel, prompt: list[int], options: GenerationOptions, stats: GenerationStats | None = None
+) -> Iterator[str]:
+    """Yield pieces of generated text; stop strings end the stream and are never emitted."""
+    stats = stats if stats is not None else GenerationStats()
+    detok = IncrementalDetokenizer(loaded.tokenizer)
+    stop = StopMatcher(options.stop)
+    tokens = generate_tokens(loaded.model, prompt, options, loaded.tokenizer.eos_ids, stats)
+    try:
+        for token in tokens:
+            text, stopped = stop.push(detok.push(token))
+            if text:
+                yield text
+            if stopped:
+                stats.done_reason = "stop"
+                return
+        text, stopped = stop.push(detok.flush())
+        tail = text if stopped else text + stop.flush()
+        if tail:
+            yield tail
+    finally:
+        tokens.close()  # frees the KV cache at once when the consumer stops early
