@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from collections.abc import Callable
-from typing import Annotated, TypeVar
+from dataclasses import dataclass
+from typing import Annotated, Any, TypeVar
 
 import typer
 
@@ -32,9 +34,17 @@ def run_reporting_errors(debug: bool, fn: Callable[[], T]) -> T:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     from tp_ollama.errors import TpOllamaError
+    from tp_ollama.launch import ReportedError
 
+    if not debug:
+        # torchrun's agent and c10d log every worker exit and store shutdown at WARNING/ERROR;
+        # our error line says what matters once. Set before torch.distributed is imported.
+        os.environ.setdefault("LOGLEVEL", "CRITICAL")
+        os.environ.setdefault("TORCH_CPP_LOG_LEVEL", "FATAL")
     try:
         return fn()
+    except ReportedError:
+        raise typer.Exit(1) from None
     except TpOllamaError as e:
         if debug:
             raise
@@ -55,52 +65,189 @@ def version() -> None:
     typer.echo(__version__)
 
 
+# Options shared by generate and launch.
+ModelArg = Annotated[str, typer.Argument(help="gemma3:270m, smollm2:135m, a GGUF file or an HF directory.")]
+ChatOpt = Annotated[bool, typer.Option("--chat", help="Send the prompt as a user message.")]
+SystemOpt = Annotated[str | None, typer.Option(help="System message (with --chat).")]
+TemperatureOpt = Annotated[float, typer.Option(help="0 is greedy.")]
+SeedOpt = Annotated[int | None, typer.Option(help="Seed for reproducible sampling.")]
+NumPredictOpt = Annotated[int, typer.Option(help="Maximum tokens to generate (-1: until EOS).")]
+TopKOpt = Annotated[int, typer.Option(help="Keep the k most likely tokens (0: off).")]
+TopPOpt = Annotated[float, typer.Option(help="Nucleus sampling threshold (1: off).")]
+MinPOpt = Annotated[float, typer.Option(help="Drop tokens below min_p x the top probability.")]
+RepeatPenaltyOpt = Annotated[float, typer.Option(help="Penalty for recent tokens (1: off).")]
+RepeatLastNOpt = Annotated[int, typer.Option(help="How many recent tokens the penalties see.")]
+StopOpt = Annotated[list[str] | None, typer.Option(help="Stop string; repeat for several.")]
+NumCtxOpt = Annotated[int, typer.Option(help="Context window in tokens.")]
+DtypeOpt = Annotated[str, typer.Option(help="float32 or bfloat16.")]
+TpWeightsOpt = Annotated[
+    str | None, typer.Option(help="Relative speed of each rank, e.g. 2,1,1: a bigger share for faster ranks.")
+]
+CommOpt = Annotated[str, typer.Option(help="Collectives: auto (shared memory / sockets), shm, tcp, gloo, nccl.")]
+JoinTimeoutOpt = Annotated[float, typer.Option(help="Seconds to wait for every rank and node to join.")]
+
+
+@dataclass(frozen=True)
+class Prompting:
+    """One generation request as the CLI received it."""
+
+    model: str
+    prompt: str
+    chat: bool
+    system: str | None
+    options: Any  # GenerationOptions
+    dtype: str
+
+
+def sampling_options(**kw: Any) -> Any:
+    from tp_ollama.engine.options import GenerationOptions, SamplingOptions
+
+    sampling = {k: kw.pop(k) for k in list(kw) if k in SamplingOptions.__dataclass_fields__}
+    kw["stop"] = tuple(kw.get("stop") or ())
+    return GenerationOptions(sampling=SamplingOptions(**sampling), **kw)
+
+
+def parse_weights(text: str | None) -> tuple[float, ...] | None:
+    from tp_ollama.errors import ConfigError
+
+    if not text:
+        return None
+    try:
+        return tuple(float(x) for x in text.split(","))
+    except ValueError:
+        raise ConfigError(f"--tp-weights {text!r} is invalid: expected numbers like 2,1,1") from None
+
+
+def generate_in_process(req: Prompting) -> None:
+    from tp_ollama.checkpoints.loader import parse_dtype
+    from tp_ollama.completion import load, prompt_tokens, stream_text
+
+    loaded = load(req.model, parse_dtype(req.dtype))
+    ids = prompt_tokens(loaded.tokenizer, req.prompt, chat=req.chat, system=req.system)
+    for piece in stream_text(loaded, ids, req.options):
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+
+
+def generate_on_ranks(req: Prompting, cluster: Any, weights: str | None, comm: str, debug: bool) -> None:
+    from dataclasses import asdict
+
+    from tp_ollama.launch import run_workers
+    from tp_ollama.parallel.worker import WorkerJob, preflight, worker_main
+
+    preflight(req.model, cluster.world_size, parse_weights(weights))
+    job = WorkerJob(
+        model=req.model,
+        dtype=req.dtype,
+        tp_weights=parse_weights(weights),
+        comm=comm,
+        timeout_s=cluster.join_timeout_s,
+        prompt=req.prompt,
+        chat=req.chat,
+        system=req.system,
+        options=asdict(req.options),
+        debug=debug,
+    )
+    run_workers(cluster, worker_main, job)
+
+
 @app.command()
 def generate(
-    model: Annotated[str, typer.Argument(help="gemma3:270m, smollm2:135m, a GGUF file or an HF directory.")],
+    model: ModelArg,
     prompt: Annotated[str, typer.Argument(help="The prompt (completed as is unless --chat).")],
-    chat: Annotated[bool, typer.Option("--chat", help="Send the prompt as a user message.")] = False,
-    system: Annotated[str | None, typer.Option(help="System message (with --chat).")] = None,
-    temperature: Annotated[float, typer.Option(help="0 is greedy.")] = 0.8,
-    seed: Annotated[int | None, typer.Option(help="Seed for reproducible sampling.")] = None,
-    num_predict: Annotated[int, typer.Option(help="Maximum tokens to generate (-1: until EOS).")] = -1,
-    top_k: Annotated[int, typer.Option(help="Keep the k most likely tokens (0: off).")] = 40,
-    top_p: Annotated[float, typer.Option(help="Nucleus sampling threshold (1: off).")] = 0.9,
-    min_p: Annotated[float, typer.Option(help="Drop tokens below min_p x the top probability.")] = 0.0,
-    repeat_penalty: Annotated[float, typer.Option(help="Penalty for recent tokens (1: off).")] = 1.0,
-    repeat_last_n: Annotated[int, typer.Option(help="How many recent tokens the penalties see.")] = 64,
-    stop: Annotated[list[str] | None, typer.Option(help="Stop string; repeat for several.")] = None,
-    num_ctx: Annotated[int, typer.Option(help="Context window in tokens.")] = 4096,
-    dtype: Annotated[str, typer.Option(help="float32 or bfloat16.")] = "float32",
+    chat: ChatOpt = False,
+    system: SystemOpt = None,
+    temperature: TemperatureOpt = 0.8,
+    seed: SeedOpt = None,
+    num_predict: NumPredictOpt = -1,
+    top_k: TopKOpt = 40,
+    top_p: TopPOpt = 0.9,
+    min_p: MinPOpt = 0.0,
+    repeat_penalty: RepeatPenaltyOpt = 1.0,
+    repeat_last_n: RepeatLastNOpt = 64,
+    stop: StopOpt = None,
+    num_ctx: NumCtxOpt = 4096,
+    dtype: DtypeOpt = "float32",
+    tp: Annotated[int, typer.Option(help="Tensor-parallel ranks on this machine.")] = 1,
+    tp_weights: TpWeightsOpt = None,
+    comm: CommOpt = "auto",
+    join_timeout: JoinTimeoutOpt = 120.0,
     debug: DebugOpt = False,
 ) -> None:
     """Generate text for one prompt and write only the generated text to stdout."""
 
     def body() -> None:
-        from tp_ollama.checkpoints.loader import parse_dtype
-        from tp_ollama.completion import load, prompt_tokens, stream_text
-        from tp_ollama.engine.options import GenerationOptions, SamplingOptions
+        from tp_ollama.launch import Cluster
 
-        options = GenerationOptions(
-            sampling=SamplingOptions(
-                temperature=temperature,
-                seed=seed,
-                top_k=top_k,
-                top_p=top_p,
-                min_p=min_p,
-                repeat_penalty=repeat_penalty,
-                repeat_last_n=repeat_last_n,
-            ),
+        options = sampling_options(
+            temperature=temperature,
+            seed=seed,
+            top_k=top_k,
+            top_p=top_p,
+            min_p=min_p,
+            repeat_penalty=repeat_penalty,
+            repeat_last_n=repeat_last_n,
             num_predict=num_predict,
             num_ctx=num_ctx,
-            stop=tuple(stop or ()),
+            stop=stop,
         )
-        loaded = load(model, parse_dtype(dtype))
-        ids = prompt_tokens(loaded.tokenizer, prompt, chat=chat, system=system)
-        for piece in stream_text(loaded, ids, options):
-            sys.stdout.write(piece)
-            sys.stdout.flush()
+        req = Prompting(model, prompt, chat, system, options, dtype)
+        if tp == 1 and not tp_weights:
+            generate_in_process(req)
+        else:
+            cluster = Cluster(nproc_per_node=tp, join_timeout_s=join_timeout)
+            generate_on_ranks(req, cluster, tp_weights, comm, debug)
         if sys.stdout.isatty():  # keep the shell prompt off the last line; pipes get the text exactly
+            sys.stdout.write("\n")
+
+    run_reporting_errors(debug, body)
+
+
+@app.command()
+def launch(
+    model: ModelArg,
+    prompt: Annotated[str, typer.Argument(help="The prompt, on node 0 (other nodes may pass the same).")],
+    nnodes: Annotated[int, typer.Option(help="Number of machines.")] = 1,
+    node_rank: Annotated[int, typer.Option(help="This machine's index, 0 for the first.")] = 0,
+    nproc_per_node: Annotated[int, typer.Option(help="Engine ranks on this machine.")] = 1,
+    master_addr: Annotated[str, typer.Option(help="Address of node 0 (the rendezvous).")] = "127.0.0.1",
+    master_port: Annotated[int, typer.Option(help="Rendezvous port on node 0.")] = 29511,  # DEFAULT_MASTER_PORT
+    bootstrap: Annotated[
+        str | None, typer.Option(help="Node 0 as HOST:PORT or /ip4/A.B.C.D/tcp/PORT (sets addr and port).")
+    ] = None,
+    chat: ChatOpt = False,
+    system: SystemOpt = None,
+    temperature: TemperatureOpt = 0.8,
+    seed: SeedOpt = None,
+    num_predict: NumPredictOpt = -1,
+    top_k: TopKOpt = 40,
+    top_p: TopPOpt = 0.9,
+    num_ctx: NumCtxOpt = 4096,
+    stop: StopOpt = None,
+    dtype: DtypeOpt = "float32",
+    tp_weights: TpWeightsOpt = None,
+    comm: CommOpt = "auto",
+    join_timeout: JoinTimeoutOpt = 120.0,
+    debug: DebugOpt = False,
+) -> None:
+    """Run one tensor-parallel group across machines: the same command on every node."""
+
+    def body() -> None:
+        from tp_ollama.launch import Cluster, parse_bootstrap
+
+        addr, port = parse_bootstrap(bootstrap) if bootstrap else (master_addr, master_port)
+        cluster = Cluster(nnodes, node_rank, nproc_per_node, addr, port, join_timeout)
+        options = sampling_options(
+            temperature=temperature,
+            seed=seed,
+            top_k=top_k,
+            top_p=top_p,
+            num_predict=num_predict,
+            num_ctx=num_ctx,
+            stop=stop,
+        )
+        generate_on_ranks(Prompting(model, prompt, chat, system, options, dtype), cluster, tp_weights, comm, debug)
+        if node_rank == 0 and sys.stdout.isatty():
             sys.stdout.write("\n")
 
     run_reporting_errors(debug, body)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -73,9 +73,16 @@ def stream_text(
 ) -> Iterator[str]:
     """Yield pieces of generated text; stop strings end the stream and are never emitted."""
     stats = stats if stats is not None else GenerationStats()
-    detok = IncrementalDetokenizer(loaded.tokenizer)
-    stop = StopMatcher(options.stop)
     tokens = generate_tokens(loaded.model, prompt, options, loaded.tokenizer.eos_ids, stats)
+    return text_pieces(loaded.tokenizer, tokens, options.stop, stats)
+
+
+def text_pieces(
+    tokenizer: Tokenizer, tokens: Generator[int, None, None], stops: Sequence[str], stats: GenerationStats
+) -> Iterator[str]:
+    """Turn a token stream into text pieces, cutting at the first stop string (never emitted)."""
+    detok = IncrementalDetokenizer(tokenizer)
+    stop = StopMatcher(stops)
     try:
         for token in tokens:
             text, stopped = stop.push(detok.push(token))
@@ -89,4 +96,4 @@ def stream_text(
         if tail:
             yield tail
     finally:
-        tokens.close()  # frees the KV cache at once when the consumer stops early
+        tokens.close()  # frees the KV cache (and releases the other ranks) when the consumer stops early

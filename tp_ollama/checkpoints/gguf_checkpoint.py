@@ -12,6 +12,7 @@ import torch
 
 from tp_ollama.checkpoints.base import Range, check_range
 from tp_ollama.checkpoints.gguf_file import GGUFFile
+from tp_ollama.checkpoints.gguf_quants import block_layout
 from tp_ollama.errors import CheckpointError
 from tp_ollama.models import config_from_hf
 
@@ -138,12 +139,23 @@ class GGUFCheckpoint:
         gname = self._gguf(name)
         shape = self.file.tensors[gname].shape
         check_range(self.path, name, shape[0], rows, "rows")
-        t = self.file.read(gname, rows=rows, cols=cols, dtype=torch.float32)
+        t = self._read_cols(gname, rows, cols)
         if self.arch == "llama" and re.search(r"self_attn\.[qk]_proj\.", name):
             t = self._unpermute(name, t)
         if self.arch == "gemma3" and name.endswith("norm.weight"):
             t = t - 1.0  # stored as 1 + w; our RMSNorm multiplies by (1 + w) like transformers
         return t.to(dtype)
+
+    def _read_cols(self, gname: str, rows: Range | None, cols: Range | None) -> torch.Tensor:
+        """Quantized rows can only be cut at block boundaries: read the enclosing blocks, then narrow."""
+        if cols is None:
+            return self.file.read(gname, rows=rows, dtype=torch.float32)
+        info = self.file.tensors[gname]
+        check_range(self.path, gname, info.shape[-1], cols, "columns")
+        block, _ = block_layout(info.ggml_type)
+        a, b = cols[0] // block * block, min(-(-cols[1] // block) * block, info.shape[-1])
+        t = self.file.read(gname, rows=rows, cols=(a, b), dtype=torch.float32)
+        return t[:, cols[0] - a : cols[1] - a].contiguous() if (a, b) != cols else t
 
     def _unpermute(self, name: str, t: torch.Tensor) -> torch.Tensor:
         """Undo convert_hf_to_gguf's per-head interleave of rotary halves; works on any head-aligned

@@ -3,6 +3,7 @@ then each parameter read (in the requested dtype) and assigned, so no random ini
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -40,17 +41,34 @@ def open_checkpoint(path: Path) -> Checkpoint:
     )
 
 
-def load_model(ckpt: Checkpoint, dtype: torch.dtype, device: torch.device | str = "cpu") -> nn.Module:
+def load_model(
+    ckpt: Checkpoint,
+    dtype: torch.dtype,
+    device: torch.device | str = "cpu",
+    shard: Callable[[nn.Module], nn.Module] | None = None,
+) -> nn.Module:
+    """Build on the meta device, let `shard` (a tensor-parallel plan) cut parameters down to this
+    rank's slices, then read exactly those slices from the checkpoint."""
     device = torch.device(device)
     with torch.device("meta"):
         model = build_model(ckpt.config)
+    if shard is not None:
+        model = shard(model)
     available = ckpt.names()
     missing = [n for n, _ in model.named_parameters() if n not in available]
     if missing:
         raise CheckpointError(f"{ckpt.path}: missing tensors {', '.join(missing[:5])} (of {len(missing)})")
     state = {}
     for name, param in model.named_parameters():
-        t = ckpt.read(name, dtype)
+        rows = cols = None
+        tp_slice = getattr(param, "tp_slice", None)  # (dim, start, end) set by a TP plan
+        if tp_slice is not None:
+            dim, start, end = tp_slice
+            if dim == 0:
+                rows = (start, end)
+            else:
+                cols = (start, end)
+        t = ckpt.read(name, dtype, rows=rows, cols=cols)
         if tuple(t.shape) != tuple(param.shape):
             raise CheckpointError(
                 f"{ckpt.path}: tensor {name} has shape {tuple(t.shape)}, the config implies {tuple(param.shape)}"

@@ -7,6 +7,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Generator, Sequence
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import torch
 from torch import nn
@@ -29,20 +30,16 @@ class GenerationStats:
     tokens: list[int] = field(default_factory=list)
 
 
-@torch.inference_mode()
-def generate_tokens(
-    model: nn.Module,
-    prompt: Sequence[int],
-    options: GenerationOptions,
-    eos_ids: frozenset[int],
-    stats: GenerationStats | None = None,
-    sampler_factory: Callable[..., Sampler] = Sampler,
-) -> Generator[int, None, None]:
-    """Yield generated token ids until an end token (not yielded), num_predict or num_ctx.
+class Lockstep(Protocol):
+    """Keeps the ranks of a tensor-parallel group on the same step: rank 0, whose caller may stop
+    early (a stop string, a dropped client), tells the others before every decode step."""
 
-    The caller may stop iterating at any time (a stop string, a dropped client)."""
-    stats = stats if stats is not None else GenerationStats()
-    n_prompt = len(prompt)
+    def proceed(self) -> bool: ...
+
+    def stop(self) -> None: ...
+
+
+def check_prompt(n_prompt: int, options: GenerationOptions) -> None:
     if n_prompt == 0:
         raise RequestError("the prompt is empty: at least one token is needed")
     if n_prompt >= options.num_ctx:
@@ -50,6 +47,24 @@ def generate_tokens(
             f"the prompt is {n_prompt} tokens long, which does not fit num_ctx={options.num_ctx}; "
             "raise num_ctx or shorten the prompt"
         )
+
+
+@torch.inference_mode()
+def generate_tokens(
+    model: nn.Module,
+    prompt: Sequence[int],
+    options: GenerationOptions,
+    eos_ids: frozenset[int],
+    stats: GenerationStats | None = None,
+    sampler_factory: Callable[..., Callable[[torch.Tensor, Sequence[int]], int]] = Sampler,
+    lockstep: Lockstep | None = None,
+) -> Generator[int, None, None]:
+    """Yield generated token ids until an end token (not yielded), num_predict or num_ctx.
+
+    The caller may stop iterating at any time (a stop string, a dropped client)."""
+    stats = stats if stats is not None else GenerationStats()
+    n_prompt = len(prompt)
+    check_prompt(n_prompt, options)
     limit = options.num_ctx - n_prompt  # tokens that still fit the context
     if options.num_predict >= 0:
         limit = min(limit, options.num_predict)
@@ -78,9 +93,16 @@ def generate_tokens(
             yield token
             if stats.eval_count >= limit:
                 break
+            if lockstep is not None and not lockstep.proceed():
+                stats.done_reason = "stop"
+                return
             pos = torch.tensor([[len(history) - 1]], dtype=torch.long)
             logits = _last_logits(model, torch.tensor([[token]], dtype=torch.long), pos, cache)
         stats.done_reason = "length"
+    except GeneratorExit:
+        if lockstep is not None:
+            lockstep.stop()
+        raise
     finally:
         stats.eval_duration = time.perf_counter_ns() - t0
 

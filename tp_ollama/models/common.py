@@ -152,20 +152,25 @@ def attention(
     k_pos: torch.Tensor,
     scale: float,
     window: int | None,
+    kv_map: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Causal (optionally sliding-window) attention by absolute positions.
 
     q: (B, Hq, T, D); k, v: (B, Hkv, S, D); q_pos: (B, T); k_pos: (B, S) with -1 for empty slots.
     Returns (B, Hq, T, D). A key is visible when 0 <= k_pos <= q_pos and, for sliding layers,
     q_pos - k_pos < window (the window counts the query itself, as in transformers).
+    kv_map (Hq,) names the KV head of each query head when groups are uneven (a tensor-parallel
+    shard whose heads straddle KV groups); without it every Hq/Hkv query heads share one KV head.
     """
     qp = q_pos[:, None, :, None]  # (B, 1, T, 1)
     kp = k_pos[:, None, None, :]  # (B, 1, 1, S)
     visible = (kp >= 0) & (kp <= qp)
     if window is not None:
         visible = visible & (qp - kp < window)
-    groups = q.shape[1] // k.shape[1]
-    if groups > 1:
+    if kv_map is not None:
+        k, v = k.index_select(1, kv_map), v.index_select(1, kv_map)  # (B, Hq, S, D)
+    elif q.shape[1] != k.shape[1]:
+        groups = q.shape[1] // k.shape[1]
         k = k.repeat_interleave(groups, dim=1)
         v = v.repeat_interleave(groups, dim=1)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=visible, scale=scale)

@@ -89,6 +89,8 @@ class Gemma3Attention(nn.Module):
         super().__init__()
         d, hd = cfg.hidden_size, cfg.head_dim
         self.head_dim = hd
+        # Set by a tensor-parallel plan when this shard's query heads straddle KV groups.
+        self.kv_map: torch.Tensor | None = None
         self.scale = float(cfg.query_pre_attn_scalar) ** -0.5
         self.window = cfg.sliding_window if layer_type == SLIDING else None
         self.q_proj = nn.Linear(d, cfg.num_attention_heads * hd, bias=cfg.attention_bias)
@@ -106,7 +108,7 @@ class Gemma3Attention(nn.Module):
         v = split_heads(self.v_proj(x), self.head_dim)
         q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
         k_all, v_all, k_pos = cache.update(k, v, positions)
-        out = attention(q, k_all, v_all, positions, k_pos, self.scale, self.window)
+        out = attention(q, k_all, v_all, positions, k_pos, self.scale, self.window, self.kv_map)
         return self.o_proj(merge_heads(out))
 
 

@@ -1,0 +1,69 @@
+"""Communicators for the tensor-parallel group: torch.distributed (gloo / nccl) and the
+latency-optimised FastGroup for the small decode collectives. Chosen by name, counted per op."""
+
+from __future__ import annotations
+
+from collections import Counter
+from datetime import timedelta
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from tp_ollama.errors import ConfigError
+
+COMM_KINDS = ("auto", "shm", "tcp", "gloo", "nccl")
+
+
+class TorchComm:
+    """Collectives through the default torch.distributed process group."""
+
+    def __init__(self) -> None:
+        self.rank = dist.get_rank()
+        self.world_size = dist.get_world_size()
+        self.transport = dist.get_backend()
+        self.stats: Counter[str] = Counter()
+
+    def all_reduce(self, t: torch.Tensor) -> torch.Tensor:
+        self.stats["all_reduce"] += 1
+        dist.all_reduce(t)
+        return t
+
+    def all_gather(self, t: torch.Tensor) -> torch.Tensor:
+        self.stats["all_gather"] += 1
+        out = [torch.empty_like(t) for _ in range(self.world_size)]
+        dist.all_gather(out, t.contiguous())
+        return torch.stack(out)
+
+    def broadcast(self, t: torch.Tensor, src: int = 0) -> torch.Tensor:
+        self.stats["broadcast"] += 1
+        dist.broadcast(t, src)
+        return t
+
+    def broadcast_bytes(self, data: bytes | None, src: int = 0) -> bytes:
+        self.stats["broadcast_bytes"] += 1
+        box: list[Any] = [data]
+        dist.broadcast_object_list(box, src)
+        return bytes(box[0])
+
+    def close(self) -> None:
+        pass
+
+
+def init_distributed(backend: str, timeout_s: float) -> None:
+    """Join the process group torchrun described in the environment."""
+    if not dist.is_initialized():
+        dist.init_process_group(backend=backend, timeout=timedelta(seconds=timeout_s))
+
+
+def make_comm(kind: str, timeout_s: float) -> Any:
+    """`auto` and `shm`/`tcp` use FastGroup (shared memory on one host, sockets across hosts),
+    bootstrapped from the process group's store; `gloo`/`nccl` use torch.distributed alone."""
+    if kind not in COMM_KINDS:
+        raise ConfigError(f"communicator {kind!r} is not supported; supported: {', '.join(COMM_KINDS)}")
+    if kind in ("gloo", "nccl"):
+        return TorchComm()
+    from tp_ollama.parallel.fastcomm import FastGroup
+
+    store = dist.distributed_c10d._get_default_store()
+    return FastGroup.create(store, dist.get_rank(), dist.get_world_size(), transport=kind, timeout=timeout_s)

@@ -1,0 +1,169 @@
+"""Tensor-parallel plans: one dict per family, {module path pattern: ParallelStyle}, applied from
+outside the model with torch's parallelize_module.
+
+The styles here are ParallelStyle subclasses because the stock ColwiseParallel/RowwiseParallel
+split tensors in equal chunks, which cannot express head-aligned uneven or weighted splits, nor KV
+heads replicated across ranks. They run on the meta-device model before any weight is read: each
+sharded parameter is replaced by a meta parameter of the local shape carrying `tp_slice`
+(dim, start, end) — which the loader reads from the checkpoint — and the collectives are
+forward hooks on local tensors (no DTensor dispatch on the decode path).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Protocol
+
+import torch
+from torch import nn
+from torch.distributed.tensor.parallel import ParallelStyle, parallelize_module
+
+from tp_ollama.parallel.layout import Span, TPLayout
+
+
+class Comm(Protocol):
+    """The collectives a shard needs (tp_ollama.parallel.comm implements them)."""
+
+    rank: int
+    world_size: int
+
+    def all_reduce(self, t: torch.Tensor) -> torch.Tensor: ...
+
+    def all_gather(self, t: torch.Tensor) -> torch.Tensor: ...
+
+    def broadcast(self, t: torch.Tensor, src: int = 0) -> torch.Tensor: ...
+
+    def broadcast_bytes(self, data: bytes | None, src: int = 0) -> bytes: ...
+
+
+def shard_parameter(module: Any, name: str, dim: int, span: Span) -> None:
+    """Replace module.<name> by a parameter of the local shape that remembers its slice."""
+    old = getattr(module, name)
+    shape = list(old.shape)
+    shape[dim] = span[1] - span[0]
+    new = nn.Parameter(torch.empty(shape, dtype=old.dtype, device=old.device), requires_grad=False)
+    new.tp_slice = (dim, span[0], span[1])  # type: ignore[attr-defined]
+    setattr(module, name, new)
+
+
+def drop_bias_off_rank0(linear: Any, rank: int) -> None:
+    """A row-parallel bias must be added once: rank 0 keeps it, the partial sums of the others don't."""
+    if rank != 0 and linear.bias is not None:
+        linear.bias = None
+
+
+def all_reduce_output(comm: Comm) -> Any:
+    def hook(module: nn.Module, args: Any, output: torch.Tensor) -> torch.Tensor:
+        return comm.all_reduce(output.contiguous())
+
+    return hook
+
+
+class HeadParallelAttention(ParallelStyle):
+    """q, k, v column-parallel by whole heads, o row-parallel over the same heads, one all-reduce
+    after o. A rank keeps the KV heads its query heads read (shared between ranks when needed)."""
+
+    def __init__(self, layout: TPLayout, comm: Comm) -> None:
+        self.layout, self.comm = layout, comm
+
+    def _apply(self, module: Any, device_mesh: Any) -> nn.Module:
+        r, hd = self.comm.rank, self.layout.head_dim
+        (qa, qb), (ka, kb) = self.layout.q_heads[r], self.layout.kv_heads[r]
+        q_rows, kv_rows = (qa * hd, qb * hd), (ka * hd, kb * hd)
+        for proj, rows in (("q_proj", q_rows), ("k_proj", kv_rows), ("v_proj", kv_rows)):
+            lin = getattr(module, proj)
+            shard_parameter(lin, "weight", 0, rows)
+            if lin.bias is not None:
+                shard_parameter(lin, "bias", 0, rows)
+        shard_parameter(module.o_proj, "weight", 1, q_rows)
+        drop_bias_off_rank0(module.o_proj, r)
+        group = self.layout.n_heads // self.layout.n_kv_heads
+        module.kv_map = torch.tensor([h // group - ka for h in range(qa, qb)], dtype=torch.long)
+        module.o_proj.register_forward_hook(all_reduce_output(self.comm))
+        return module
+
+
+class RowSplitMLP(ParallelStyle):
+    """gate and up column-parallel, down row-parallel over the same rows, one all-reduce after down."""
+
+    def __init__(self, layout: TPLayout, comm: Comm) -> None:
+        self.layout, self.comm = layout, comm
+
+    def _apply(self, module: Any, device_mesh: Any) -> nn.Module:
+        rows = self.layout.mlp[self.comm.rank]
+        for proj in ("gate_proj", "up_proj"):
+            lin = getattr(module, proj)
+            shard_parameter(lin, "weight", 0, rows)
+            if lin.bias is not None:
+                shard_parameter(lin, "bias", 0, rows)
+        shard_parameter(module.down_proj, "weight", 1, rows)
+        drop_bias_off_rank0(module.down_proj, self.comm.rank)
+        module.down_proj.register_forward_hook(all_reduce_output(self.comm))
+        return module
+
+
+class VocabParallelEmbedding(ParallelStyle):
+    """Each rank holds a range of vocabulary rows; ids outside it look up zeros, and one all-reduce
+    assembles the embedding. With tied weights the same shard serves as this rank's LM head."""
+
+    def __init__(self, layout: TPLayout, comm: Comm) -> None:
+        self.layout, self.comm = layout, comm
+
+    def _apply(self, module: Any, device_mesh: Any) -> nn.Module:
+        a, b = self.layout.vocab[self.comm.rank]
+        shard_parameter(module, "weight", 0, (a, b))
+        comm = self.comm
+        outside: dict[str, torch.Tensor] = {}
+
+        def localize(mod: nn.Module, args: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+            ids = args[0]
+            mask = (ids < a) | (ids >= b)
+            outside["mask"] = mask
+            return ((ids - a).masked_fill(mask, 0),)
+
+        def assemble(mod: nn.Module, args: Any, out: torch.Tensor) -> torch.Tensor:
+            out = out.masked_fill(outside.pop("mask")[..., None], 0.0)  # (B, T, D)
+            return comm.all_reduce(out)
+
+        module.register_forward_pre_hook(localize)
+        module.register_forward_hook(assemble)
+        return module
+
+
+class VocabParallelHead(ParallelStyle):
+    """An untied LM head split by vocabulary rows; logits stay local (the sampler exchanges only
+    per-rank candidates, never a full vocabulary row)."""
+
+    def __init__(self, layout: TPLayout, comm: Comm) -> None:
+        self.layout, self.comm = layout, comm
+
+    def _apply(self, module: Any, device_mesh: Any) -> nn.Module:
+        shard_parameter(module, "weight", 0, self.layout.vocab[self.comm.rank])
+        return module
+
+
+def decoder_plan(layout: TPLayout, comm: Comm, tied: bool) -> dict[str, ParallelStyle]:
+    plan: dict[str, ParallelStyle] = {
+        "model.embed_tokens": VocabParallelEmbedding(layout, comm),
+        "model.layers.*.self_attn": HeadParallelAttention(layout, comm),
+        "model.layers.*.mlp": RowSplitMLP(layout, comm),
+    }
+    if not tied:
+        plan["lm_head"] = VocabParallelHead(layout, comm)
+    return plan
+
+
+# One plan per family. They coincide today because every family names its modules like HF Llama;
+# a family with different module names gets its own entry here.
+PLANS = {
+    "llama": decoder_plan,
+    "mistral": decoder_plan,
+    "qwen2": decoder_plan,
+    "qwen3": decoder_plan,
+    "gemma3_text": decoder_plan,
+}
+
+
+def apply_tp(model: nn.Module, layout: TPLayout, comm: Comm, device_mesh: Any) -> nn.Module:
+    cfg: Any = model.config
+    plan = PLANS[cfg.model_type](layout, comm, bool(cfg.tie_word_embeddings))
+    return parallelize_module(model, device_mesh, plan)

@@ -1,0 +1,165 @@
+"""What every torchrun worker runs: join the group, validate the layout, load this rank's shard,
+then generate in lockstep. Rank 0 owns the text side (tokenizer, prompt, stop strings, output);
+the other ranks see token ids only."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from functools import partial
+from typing import Any
+
+import torch
+
+from tp_ollama.completion import text_pieces
+from tp_ollama.engine.generate import GenerationStats, check_prompt, generate_tokens
+from tp_ollama.engine.options import GenerationOptions, SamplingOptions
+from tp_ollama.errors import TpOllamaError
+from tp_ollama.launch import REPORTED_EXIT
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class WorkerJob:
+    """Everything a rank needs, passed through torchrun's launcher (must pickle)."""
+
+    model: str
+    dtype: str = "float32"
+    tp_weights: tuple[float, ...] | None = None
+    comm: str = "auto"
+    timeout_s: float = 120.0
+    prompt: str = ""
+    chat: bool = False
+    system: str | None = None
+    options: dict[str, Any] = field(default_factory=dict)  # GenerationOptions as plain data
+    debug: bool = False
+
+
+class BroadcastLockstep:
+    """Rank 0 sends 1 (go on) or 0 (stop) before every decode step; the others follow it."""
+
+    def __init__(self, comm: Any) -> None:
+        self.comm = comm
+        self.flag = torch.zeros(1, dtype=torch.int64)
+
+    def proceed(self) -> bool:
+        if self.comm.rank == 0:
+            self.flag.fill_(1)
+        return bool(self.comm.broadcast(self.flag, src=0)[0])
+
+    def stop(self) -> None:
+        if self.comm.rank == 0:
+            self.flag.fill_(0)
+            self.comm.broadcast(self.flag, src=0)
+
+
+def options_to_data(options: GenerationOptions) -> dict[str, Any]:
+    return asdict(options)
+
+
+def options_from_data(data: dict[str, Any]) -> GenerationOptions:
+    sampling = SamplingOptions(**data["sampling"])
+    return GenerationOptions(
+        sampling=sampling, num_predict=data["num_predict"], num_ctx=data["num_ctx"], stop=tuple(data["stop"])
+    )
+
+
+def local_threads(local_world: int) -> int:
+    """Ranks on one host share its cores: each gets an equal part so that OpenMP threads don't spin
+    against each other. OMP_NUM_THREADS, when set, wins (e.g. several "nodes" on one machine)."""
+    if os.environ.get("OMP_NUM_THREADS", "").isdigit():
+        return max(1, int(os.environ["OMP_NUM_THREADS"]))
+    return max(1, (os.cpu_count() or 1) // max(1, local_world))
+
+
+def preflight(model: str, world_size: int, weights: tuple[float, ...] | None) -> None:
+    """Check the model and the layout before any process starts (reads metadata only)."""
+    from tp_ollama.checkpoints.loader import open_checkpoint
+    from tp_ollama.parallel.layout import TPLayout
+    from tp_ollama.store.embedded import resolve_model
+
+    ckpt = open_checkpoint(resolve_model(model))
+    try:
+        TPLayout.build(ckpt.config, world_size, weights)
+    finally:
+        ckpt.close()
+
+
+def worker_main(job: WorkerJob) -> None:
+    """torchrun entry point for one rank."""
+    logging.basicConfig(level=logging.DEBUG if job.debug else logging.WARNING, stream=sys.stderr)
+    rank = int(os.environ.get("RANK", "0"))
+    try:
+        _run(job)
+    except TpOllamaError as e:
+        if job.debug:
+            raise
+        # One line per node (ranks of a node fail alike), then an exit code that tells the
+        # launcher the user has been told.
+        if int(os.environ.get("LOCAL_RANK", "0")) == 0:
+            print(f"Error: {e}" if rank == 0 else f"Error (rank {rank}): {e}", file=sys.stderr, flush=True)
+        raise SystemExit(REPORTED_EXIT) from None
+
+
+def _run(job: WorkerJob) -> None:
+    from torch.distributed.device_mesh import init_device_mesh
+
+    from tp_ollama.checkpoints.loader import load_model, open_checkpoint, parse_dtype
+    from tp_ollama.parallel.comm import init_distributed, make_comm
+    from tp_ollama.parallel.layout import TPLayout
+    from tp_ollama.parallel.plans import apply_tp
+    from tp_ollama.parallel.sampling import ShardedSampler
+    from tp_ollama.store.embedded import resolve_model
+
+    torch.set_num_threads(local_threads(int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
+    backend = "nccl" if job.comm == "nccl" else "gloo"
+    init_distributed(backend, job.timeout_s)
+    comm = make_comm(job.comm, job.timeout_s)
+    rank = comm.rank
+    t0 = time.perf_counter()
+    path = resolve_model(job.model)
+    ckpt = open_checkpoint(path)
+    layout = TPLayout.build(ckpt.config, comm.world_size, job.tp_weights)
+    mesh = init_device_mesh("cpu", (comm.world_size,))
+    model = load_model(ckpt, parse_dtype(job.dtype), shard=lambda m: apply_tp(m, layout, comm, mesh))
+    log.info("rank %d loaded its shard %s in %.2f s", rank, layout.describe()[rank], time.perf_counter() - t0)
+
+    tokenizer, request = _prepare_request(job, path, ckpt) if rank == 0 else (None, None)
+    data = json.loads(comm.broadcast_bytes(json.dumps(request).encode() if rank == 0 else None, src=0))
+    if "error" in data:
+        if rank == 0:
+            raise TpOllamaError(data["error"])
+        return
+    options = options_from_data(data["options"])
+    sampler = partial(ShardedSampler, span=layout.vocab[rank], comm=comm)
+    stats = GenerationStats()
+    tokens = generate_tokens(
+        model, data["ids"], options, frozenset(data["eos"]), stats, sampler, BroadcastLockstep(comm)
+    )
+    if tokenizer is not None:
+        for piece in text_pieces(tokenizer, tokens, options.stop, stats):
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+    else:
+        for _ in tokens:
+            pass
+    comm.close()
+
+
+def _prepare_request(job: WorkerJob, path: Any, ckpt: Any) -> tuple[Any, dict[str, Any]]:
+    """Rank 0: tokenize and validate; an error travels to the other ranks instead of the prompt."""
+    from tp_ollama.completion import load_tokenizer, prompt_tokens
+
+    try:
+        tokenizer = load_tokenizer(path, ckpt)
+        options = options_from_data(job.options)
+        ids = prompt_tokens(tokenizer, job.prompt, chat=job.chat, system=job.system)
+        check_prompt(len(ids), options)
+    except TpOllamaError as e:
+        return None, {"error": str(e)}
+    return tokenizer, {"ids": ids, "eos": sorted(tokenizer.eos_ids), "options": job.options}
