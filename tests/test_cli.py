@@ -14,9 +14,7 @@ from tests.tiny import make_hf_model, save_hf, save_tiny_tokenizer, write_gguf
 
 
 def cli(*args: str, timeout: float = 180) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "tp_ollama", *args], capture_output=True, text=True, timeout=timeout
-    )
+    return subprocess.run([sys.executable, "-m", "tp_ollama", *args], capture_output=True, text=True, timeout=timeout)
 
 
 def assert_one_line_error(done: subprocess.CompletedProcess[str], *fragments: str) -> None:

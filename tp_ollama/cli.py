@@ -135,7 +135,7 @@ def generate_on_ranks(req: Prompting, cluster: Any, weights: str | None, comm: s
     from tp_ollama.launch import run_workers
     from tp_ollama.parallel.worker import WorkerJob, preflight, worker_main
 
-    preflight(req.model, cluster.world_size, parse_weights(weights))
+    preflight(req.model, cluster.world_size, parse_weights(weights), comm)
     job = WorkerJob(
         model=req.model,
         dtype=req.dtype,

@@ -56,11 +56,15 @@ def init_distributed(backend: str, timeout_s: float) -> None:
         dist.init_process_group(backend=backend, timeout=timedelta(seconds=timeout_s))
 
 
+def check_comm_kind(kind: str) -> None:
+    if kind not in COMM_KINDS:
+        raise ConfigError(f"communicator {kind!r} is not supported; supported: {', '.join(COMM_KINDS)}")
+
+
 def make_comm(kind: str, timeout_s: float) -> Any:
     """`auto` and `shm`/`tcp` use FastGroup (shared memory on one host, sockets across hosts),
     bootstrapped from the process group's store; `gloo`/`nccl` use torch.distributed alone."""
-    if kind not in COMM_KINDS:
-        raise ConfigError(f"communicator {kind!r} is not supported; supported: {', '.join(COMM_KINDS)}")
+    check_comm_kind(kind)
     if kind in ("gloo", "nccl"):
         return TorchComm()
     from tp_ollama.parallel.fastcomm import FastGroup

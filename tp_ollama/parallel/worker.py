@@ -77,12 +77,14 @@ def local_threads(local_world: int) -> int:
     return max(1, (os.cpu_count() or 1) // max(1, local_world))
 
 
-def preflight(model: str, world_size: int, weights: tuple[float, ...] | None) -> None:
-    """Check the model and the layout before any process starts (reads metadata only)."""
+def preflight(model: str, world_size: int, weights: tuple[float, ...] | None, comm: str) -> None:
+    """Check the model, the layout and the communicator before any process starts (metadata only)."""
     from tp_ollama.checkpoints.loader import open_checkpoint
+    from tp_ollama.parallel.comm import check_comm_kind
     from tp_ollama.parallel.layout import TPLayout
     from tp_ollama.store.embedded import resolve_model
 
+    check_comm_kind(comm)
     ckpt = open_checkpoint(resolve_model(model))
     try:
         TPLayout.build(ckpt.config, world_size, weights)

@@ -1,0 +1,109 @@
+"""tp-ollama generate --tp N and launch across two "nodes", as a user runs them: the sharded text is
+exactly the unsharded text, bad layouts fail with one line, and nothing is left running."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import psutil
+import pytest
+import torch
+
+from tests.test_embedded_models import GEMMA_PROMPTS, SMOL_CHATS, SMOL_PROMPTS
+from tp_ollama.completion import load, prompt_tokens, stream_text
+from tp_ollama.engine.options import GenerationOptions, SamplingOptions
+from tp_ollama.launch import free_port
+
+pytestmark = pytest.mark.slow
+
+CASES = (
+    [("gemma3:270m", p, False) for p in GEMMA_PROMPTS]
+    + [("smollm2:135m", p, False) for p in SMOL_PROMPTS]
+    + [("smollm2:135m", p, True) for p in SMOL_CHATS]
+)
+GREEDY = ["--temperature", "0", "--num-predict", "32", "--dtype", "float32"]
+
+
+def cli(*args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run(
+        [sys.executable, "-m", "tp_ollama", *args], capture_output=True, text=True, timeout=timeout, env=env
+    )
+
+
+@pytest.fixture(scope="module")
+def unsharded() -> dict[tuple[str, str, bool], str]:
+    """The TP=1 text of every reference prompt (equal to transformers', see test_embedded_models)."""
+    texts = {}
+    options = GenerationOptions(sampling=SamplingOptions(temperature=0), num_predict=32)
+    for model in ("gemma3:270m", "smollm2:135m"):
+        loaded = load(model, torch.float32)
+        for m, prompt, chat in CASES:
+            if m == model:
+                ids = prompt_tokens(loaded.tokenizer, prompt, chat=chat)
+                texts[(m, prompt, chat)] = "".join(stream_text(loaded, ids, options))
+    return texts
+
+
+@pytest.mark.parametrize("tp", [2, 3])
+@pytest.mark.parametrize(("model", "prompt", "chat"), CASES)
+def test_sharded_text_equals_unsharded(unsharded, model, prompt, chat, tp):
+    done = cli("generate", model, prompt, *GREEDY, "--tp", str(tp), *(["--chat"] if chat else []))
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == unsharded[(model, prompt, chat)]
+
+
+def test_two_nodes_through_launch(unsharded):
+    port = str(free_port())
+    prompt = "The capital of France is"
+    common = ["launch", "smollm2:135m", prompt, *GREEDY[:4], "--nnodes", "2", "--master-port", port]
+    node1 = subprocess.Popen(
+        [sys.executable, "-m", "tp_ollama", *common, "--node-rank", "1"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    try:
+        node0 = cli(*common, "--node-rank", "0")
+        out1, err1 = node1.communicate(timeout=120)
+    finally:
+        node1.kill()
+    assert node0.returncode == 0, node0.stderr
+    assert node1.returncode == 0, err1
+    assert node0.stdout == unsharded[("smollm2:135m", prompt, False)]
+    assert out1 == ""  # text comes out on node 0 only
+
+
+def our_processes() -> set[int]:
+    me = psutil.Process()
+    return {p.pid for p in me.children(recursive=True)}
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--tp", "10"], "tensor-parallel degree 10 exceeds the model's 9 attention heads"),
+        (["--tp", "2", "--tp-weights", "1,2,3"], "--tp-weights has 3 values (1,2,3) but the world size is 2"),
+        (["--tp", "2", "--comm", "carrier-pigeon"], "carrier-pigeon"),
+    ],
+)
+def test_bad_layouts_fail_with_one_line(args, message):
+    done = cli("generate", "smollm2:135m", "hi", *args)
+    assert done.returncode == 1
+    assert done.stderr.strip().splitlines() == [done.stderr.strip()]
+    assert message in done.stderr and "Traceback" not in done.stderr
+    assert our_processes() == set()
+
+
+def test_a_node_that_never_joins_times_out_cleanly():
+    done = cli(
+        "launch", "smollm2:135m", "hi", "--nnodes", "2", "--node-rank", "0",
+        "--master-port", str(free_port()), "--join-timeout", "4", timeout=60,
+    )  # fmt: skip
+    assert done.returncode == 1
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and "did not form within 4 s" in lines[0] and "1/2" in lines[0], done.stderr
+    assert our_processes() == set()
