@@ -80,6 +80,7 @@ RepeatLastNOpt = Annotated[int, typer.Option(help="How many recent tokens the pe
 StopOpt = Annotated[list[str] | None, typer.Option(help="Stop string; repeat for several.")]
 NumCtxOpt = Annotated[int, typer.Option(help="Context window in tokens.")]
 DtypeOpt = Annotated[str, typer.Option(help="float32 or bfloat16.")]
+DeviceOpt = Annotated[str, typer.Option(help="cpu or cuda (ranks share GPUs round-robin).")]
 TpWeightsOpt = Annotated[
     str | None, typer.Option(help="Relative speed of each rank, e.g. 2,1,1: a bigger share for faster ranks.")
 ]
@@ -97,6 +98,7 @@ class Prompting:
     system: str | None
     options: Any  # GenerationOptions
     dtype: str
+    device: str = "cpu"
 
 
 def sampling_options(**kw: Any) -> Any:
@@ -122,7 +124,7 @@ def generate_in_process(req: Prompting) -> None:
     from tp_ollama.checkpoints.loader import parse_dtype
     from tp_ollama.completion import load, prompt_tokens, stream_text
 
-    loaded = load(req.model, parse_dtype(req.dtype))
+    loaded = load(req.model, parse_dtype(req.dtype), req.device)
     ids = prompt_tokens(loaded.tokenizer, req.prompt, chat=req.chat, system=req.system)
     for piece in stream_text(loaded, ids, req.options):
         sys.stdout.write(piece)
@@ -139,6 +141,7 @@ def generate_on_ranks(req: Prompting, cluster: Any, weights: str | None, comm: s
     job = WorkerJob(
         model=req.model,
         dtype=req.dtype,
+        device=req.device,
         tp_weights=parse_weights(weights),
         comm=comm,
         timeout_s=cluster.join_timeout_s,
@@ -168,6 +171,7 @@ def generate(
     stop: StopOpt = None,
     num_ctx: NumCtxOpt = 4096,
     dtype: DtypeOpt = "float32",
+    device: DeviceOpt = "cpu",
     tp: Annotated[int, typer.Option(help="Tensor-parallel ranks on this machine.")] = 1,
     tp_weights: TpWeightsOpt = None,
     comm: CommOpt = "auto",
@@ -191,7 +195,7 @@ def generate(
             num_ctx=num_ctx,
             stop=stop,
         )
-        req = Prompting(model, prompt, chat, system, options, dtype)
+        req = Prompting(model, prompt, chat, system, options, dtype, device)
         if tp == 1 and not tp_weights:
             generate_in_process(req)
         else:
@@ -225,6 +229,7 @@ def launch(
     num_ctx: NumCtxOpt = 4096,
     stop: StopOpt = None,
     dtype: DtypeOpt = "float32",
+    device: DeviceOpt = "cpu",
     tp_weights: TpWeightsOpt = None,
     comm: CommOpt = "auto",
     join_timeout: JoinTimeoutOpt = 120.0,
@@ -246,7 +251,8 @@ def launch(
             num_ctx=num_ctx,
             stop=stop,
         )
-        generate_on_ranks(Prompting(model, prompt, chat, system, options, dtype), cluster, tp_weights, comm, debug)
+        req = Prompting(model, prompt, chat, system, options, dtype, device)
+        generate_on_ranks(req, cluster, tp_weights, comm, debug)
         if node_rank == 0 and sys.stdout.isatty():
             sys.stdout.write("\n")
 

@@ -42,13 +42,13 @@ def load_tokenizer(path: Path, checkpoint: Checkpoint) -> Tokenizer:
     return Tokenizer.from_hf_dir(path)
 
 
-def load(model: str, dtype: torch.dtype) -> LoadedModel:
+def load(model: str, dtype: torch.dtype, device: torch.device | str = "cpu") -> LoadedModel:
     """Resolve a model name or path, read its checkpoint and tokenizer."""
     t0 = time.perf_counter()
     path = resolve_model(model)
     checkpoint = open_checkpoint(path)
     tokenizer = load_tokenizer(path, checkpoint)
-    module = load_model(checkpoint, dtype)
+    module = load_model(checkpoint, dtype, device)
     seconds = time.perf_counter() - t0
     log.info("loaded %s (%s) as %s in %.2f s", model, path, dtype, seconds)
     return LoadedModel(model, path, checkpoint, module, tokenizer, dtype, seconds)

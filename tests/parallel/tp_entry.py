@@ -18,11 +18,16 @@ from tp_ollama.parallel.comm import init_distributed, make_comm
 from tp_ollama.parallel.layout import TPLayout
 from tp_ollama.parallel.plans import apply_tp
 from tp_ollama.parallel.sampling import ShardedSampler
-from tp_ollama.parallel.worker import BroadcastLockstep
+from tp_ollama.parallel.worker import BroadcastLockstep, rank_device
 
 
 def sharded_runs(
-    dirs: list[str], tokens: list[int], n_prompt: int, weights: tuple[float, ...] | None, comm_kind: str
+    dirs: list[str],
+    tokens: list[int],
+    n_prompt: int,
+    weights: tuple[float, ...] | None,
+    comm_kind: str,
+    device: str = "cpu",
 ) -> dict[str, Any]:
     """For each checkpoint: this rank's logits at every position (one prefill, then one token a step),
     greedy tokens for 32 steps, and how many collectives one decode step used."""
@@ -36,15 +41,18 @@ def sharded_runs(
     for d in dirs:
         ckpt = open_checkpoint(Path(d))
         layout = TPLayout.build(ckpt.config, comm.world_size, weights)
-        model = load_model(ckpt, torch.float32, shard=partial(apply_tp, layout=layout, comm=comm, device_mesh=mesh))
+        shard = partial(apply_tp, layout=layout, comm=comm, device_mesh=mesh)
+        model = load_model(ckpt, torch.float32, rank_device(device), shard=shard)
+        dev = next(model.parameters()).device
         cache = KVCache.for_model(model, batch=1, max_len=len(tokens) + 1)
         rows = []
         with torch.inference_mode():
-            ids = torch.tensor([tokens[:n_prompt]])
-            rows.append(model.logits(model.hidden_states(ids, torch.arange(n_prompt)[None], cache))[0])
+            ids = torch.tensor([tokens[:n_prompt]], device=dev)
+            positions = torch.arange(n_prompt, device=dev)[None]
+            rows.append(model.logits(model.hidden_states(ids, positions, cache))[0])
             before = dict(comm.stats)
             for i in range(n_prompt, len(tokens)):
-                h = model.hidden_states(torch.tensor([[tokens[i]]]), torch.tensor([[i]]), cache)
+                h = model.hidden_states(torch.tensor([[tokens[i]]], device=dev), torch.tensor([[i]], device=dev), cache)
                 rows.append(model.logits(h)[0])
                 if i == n_prompt:
                     step_all_reduces = comm.stats["all_reduce"] - before.get("all_reduce", 0)
@@ -58,7 +66,7 @@ def sharded_runs(
         greedy = [first, second, *gen]
         out[d] = {
             "span": layout.vocab[comm.rank],
-            "logits": torch.cat(rows).numpy(),
+            "logits": torch.cat(rows).cpu().numpy(),
             "greedy": greedy,
             "forward_all_reduces": step_all_reduces,
             "decode_step_collectives": per_step,

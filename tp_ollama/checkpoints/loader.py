@@ -76,4 +76,4 @@ def load_model(
         state[name] = t.to(device)
     model.load_state_dict(state, assign=True, strict=True)
     model.reset_buffers(device, ckpt.extra_tensors(dtype))  # type: ignore[operator]
-    return model.eval()
+    return model.to(device).eval()  # moves what plans attached on the CPU (kv_map)

@@ -73,9 +73,10 @@ def generate_tokens(
     cache = KVCache.for_model(model, batch=1, max_len=options.num_ctx)
     history = list(prompt)
 
+    device: torch.device = next(model.parameters()).device
     t0 = time.perf_counter_ns()
-    ids = torch.tensor([history], dtype=torch.long)
-    positions = torch.arange(n_prompt, dtype=torch.long)[None]
+    ids = torch.tensor([history], dtype=torch.long, device=device)
+    positions = torch.arange(n_prompt, dtype=torch.long, device=device)[None]
     logits = _last_logits(model, ids, positions, cache)
     stats.prompt_eval_count = n_prompt
     stats.prompt_eval_duration = time.perf_counter_ns() - t0
@@ -96,8 +97,8 @@ def generate_tokens(
             if lockstep is not None and not lockstep.proceed():
                 stats.done_reason = "stop"
                 return
-            pos = torch.tensor([[len(history) - 1]], dtype=torch.long)
-            logits = _last_logits(model, torch.tensor([[token]], dtype=torch.long), pos, cache)
+            pos = torch.tensor([[len(history) - 1]], dtype=torch.long, device=device)
+            logits = _last_logits(model, torch.tensor([[token]], dtype=torch.long, device=device), pos, cache)
         stats.done_reason = "length"
     except GeneratorExit:
         if lockstep is not None:

@@ -90,7 +90,8 @@ class Gemma3Attention(nn.Module):
         d, hd = cfg.hidden_size, cfg.head_dim
         self.head_dim = hd
         # Set by a tensor-parallel plan when this shard's query heads straddle KV groups.
-        self.kv_map: torch.Tensor | None = None
+        self.kv_map: torch.Tensor | None
+        self.register_buffer("kv_map", None, persistent=False)
         self.scale = float(cfg.query_pre_attn_scalar) ** -0.5
         self.window = cfg.sliding_window if layer_type == SLIDING else None
         self.q_proj = nn.Linear(d, cfg.num_attention_heads * hd, bias=cfg.attention_bias)

@@ -50,6 +50,35 @@ class TorchComm:
         pass
 
 
+class HostStaged:
+    """Lets a host-memory communicator (FastGroup, gloo) serve tensors on an accelerator by staging
+    them through CPU memory: for ranks that share one GPU, where NCCL refuses to run."""
+
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+        self.rank, self.world_size = inner.rank, inner.world_size
+        self.stats = inner.stats
+
+    def all_reduce(self, t: torch.Tensor) -> torch.Tensor:
+        if t.device.type == "cpu":
+            return self.inner.all_reduce(t)
+        return t.copy_(self.inner.all_reduce(t.cpu()))
+
+    def all_gather(self, t: torch.Tensor) -> torch.Tensor:
+        return self.inner.all_gather(t.cpu()).to(t.device)
+
+    def broadcast(self, t: torch.Tensor, src: int = 0) -> torch.Tensor:
+        if t.device.type == "cpu":
+            return self.inner.broadcast(t, src)
+        return t.copy_(self.inner.broadcast(t.cpu(), src))
+
+    def broadcast_bytes(self, data: bytes | None, src: int = 0) -> bytes:
+        return bytes(self.inner.broadcast_bytes(data, src))
+
+    def close(self) -> None:
+        self.inner.close()
+
+
 def init_distributed(backend: str, timeout_s: float) -> None:
     """Join the process group torchrun described in the environment."""
     if not dist.is_initialized():
@@ -65,8 +94,10 @@ def make_comm(kind: str, timeout_s: float) -> Any:
     """`auto` and `shm`/`tcp` use FastGroup (shared memory on one host, sockets across hosts),
     bootstrapped from the process group's store; `gloo`/`nccl` use torch.distributed alone."""
     check_comm_kind(kind)
-    if kind in ("gloo", "nccl"):
+    if kind == "nccl":
         return TorchComm()
+    if kind == "gloo":
+        return HostStaged(TorchComm())
     from tp_ollama.parallel.fastcomm import FastGroup
 
     store = dist.distributed_c10d._get_default_store()

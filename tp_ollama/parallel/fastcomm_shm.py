@@ -1,7 +1,8 @@
 """Collectives through one POSIX shared-memory segment, for ranks on one host.
 
 Layout (bytes):
-    [ control: world_size lines of LINE bytes, line p holds rank p's arrive counter (int64)     ]
+    [ control: world_size lines of LINE bytes, line p holds rank p's arrive counter and the op  ]
+    [          it entered that round with (int64s; the op only makes error messages precise)     ]
     [ slots: for parity in (0, 1), for rank p: HEADER (seq, op, nbytes as int64) + payload    ]
 
 Protocol: every collective is round r = 1, 2, ... on every rank. A rank that sends writes its payload and
@@ -13,9 +14,10 @@ ahead of the slowest reader, and nobody needs a separate "done reading" counter.
 
 Memory ordering: this relies on x86-64 total store order: stores (payload, header, then counter) become
 visible to other cores in program order, and loads are not reordered with older loads, so a reader that sees
-the counter at r also sees round r's payload. The lock acquire/release between payload and counter is a
-locked instruction (a full fence on x86), which also orders any non-temporal stores a large copy may use.
-FastGroup only picks shm on x86-64.
+the counter at r also sees round r's payload. Counters and headers are aligned int64s written through a
+memoryview (one 8-byte move each, so never seen half-written). The lock acquire/release between payload and
+counter costs ~0.1 µs and is a locked instruction, which the Intel SDM (8.2.2) says reads and writes are not
+reordered with: a fence in case a large copy used non-temporal stores. FastGroup only picks shm on x86-64.
 """
 
 from __future__ import annotations
@@ -165,7 +167,7 @@ class ShmTransport:
             views[src].copy_(flat)
             self._publish(r, BC, nbytes)
             return
-        self._q[self._arrive[self.rank]] = r
+        self._arrive_only(r, BC)
         self._wait([src], r, "broadcast")
         self._check(r, BC, [src], nbytes)
         flat.copy_(views[src])
@@ -196,7 +198,7 @@ class ShmTransport:
             if not big_ok:
                 raise CommError(too_big_message(src, n, self.max_bytes))
             return n
-        self._q[self._arrive[self.rank]] = r
+        self._arrive_only(r, BB)
         self._wait([src], r, "broadcast_bytes")
         self._check(r, BB, [src], None)
         n = self._q[self._hdr[r & 1][src] + 2]
@@ -246,9 +248,17 @@ class ShmTransport:
         q[h] = r
         q[h + 1] = op
         q[h + 2] = nbytes
+        a = self._arrive[self.rank]
+        q[a + 1] = op
         with self._fence:  # payload and header stores before the counter store (see the module docstring)
             pass
-        q[self._arrive[self.rank]] = r
+        q[a] = r
+
+    def _arrive_only(self, r: int, op: int) -> None:
+        """Enter round r without writing a slot (a broadcast's receivers): says 'done with round r - 1'."""
+        a = self._arrive[self.rank]
+        self._q[a + 1] = op
+        self._q[a] = r
 
     def _wait(self, ranks: list[int], r: int, op: str) -> None:
         """Until every rank in `ranks` has stored at least r: spin, then yield the core, then sleep briefly."""
@@ -282,13 +292,19 @@ class ShmTransport:
         q = self._q
         for p in ranks:
             h = self._hdr[r & 1][p]
-            if q[h] != r or q[h + 1] != op or (nbytes is not None and q[h + 2] != nbytes):
-                raise CommError(
-                    f"{op_name(op)}: rank {p} wrote {op_name(q[h + 1])} of {q[h + 2]} bytes at round {q[h]} while "
-                    f"rank {self.rank} is in {op_name(op)}"
-                    + ("" if nbytes is None else f" of {nbytes} bytes")
-                    + f" at round {r}: the ranks called different collectives"
-                )
+            if q[h] == r and q[h + 1] == op and (nbytes is None or q[h + 2] == nbytes):
+                continue
+            if q[h] == r and q[h + 1] == op:
+                theirs = f"{op_name(op)} of {q[h + 2]} bytes"
+            elif q[self._arrive[p]] == r:
+                theirs = op_name(q[self._arrive[p] + 1])  # what p entered this round, written or not
+            else:
+                theirs = "a different collective"
+            ours = op_name(op) + ("" if nbytes is None else f" of {nbytes} bytes")
+            raise CommError(
+                f"{op_name(op)}: rank {p} is in {theirs} while rank {self.rank} is in {ours} (round {r}): "
+                "the ranks called different collectives"
+            )
 
 
 def _create(path: str, size: int) -> None:

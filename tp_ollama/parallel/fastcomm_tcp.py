@@ -182,7 +182,8 @@ class TcpTransport:
             raise CommError(too_big_message(src, -n, self.max_bytes))
         if n > self.max_bytes:
             return n
-        self._exchange("broadcast_bytes", seq, [], 0, [src], h, h + n, None)
+        if n:
+            self._exchange("broadcast_bytes", seq, [], 0, [src], h, h + n, None)
         return bytes(self._recv_mv[src][h : h + n])
 
     def barrier(self) -> None:
@@ -210,8 +211,8 @@ class TcpTransport:
         """Send the send buffer's first nsend bytes to every rank in `to` while receiving bytes [rstart, rstop)
         of each `frm` rank's buffer. Spin on non-blocking calls for spin_s, then block in poll()."""
         socks, smv, rmv = self._socks, self._send_mv[:nsend], self._recv_mv
-        sends = [[p, 0] for p in to]  # rank, bytes sent
-        recvs = [[p, rstart] for p in frm]  # rank, bytes in its buffer
+        sends = [[p, 0] for p in to if nsend]  # rank, bytes sent
+        recvs = [[p, rstart] for p in frm if rstart < rstop]  # rank, bytes in its buffer
         spin_end = deadline = 0.0
         while sends or recvs:
             progress = False

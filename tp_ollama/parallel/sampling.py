@@ -46,9 +46,9 @@ class ShardedSampler:
         truncates = 0 < o.top_k < self.vocab_size or o.top_p < 1 or o.min_p > 0 or o.typical_p < 1
         if not truncates:
             noise = -torch.log(-torch.log(torch.rand(self.vocab_size, generator=self.inner.generator)))
-            return self._best(scores / o.temperature + noise[a:b])
+            return self._best(scores / o.temperature + noise[a:b].to(scores.device))
         k = min(o.top_k if o.top_k > 0 else CANDIDATE_CAP, b - a)
-        values, ids = torch.topk(scores, k)
+        values, ids = (x.cpu() for x in torch.topk(scores, k))  # the exchange and chain run on the host
         mine = torch.stack((values.double(), (ids + a).double()))  # (2, k)
         both = self._gather_padded(mine, o.top_k if o.top_k > 0 else CANDIDATE_CAP)  # (world, 2, kmax)
         values = both[:, 0].reshape(-1).float()

@@ -32,6 +32,7 @@ class WorkerJob:
     dtype: str = "float32"
     tp_weights: tuple[float, ...] | None = None
     comm: str = "auto"
+    device: str = "cpu"  # "cpu" or "cuda" (rank r uses GPU r % count; ranks may share one)
     timeout_s: float = 120.0
     prompt: str = ""
     chat: bool = False
@@ -92,6 +93,13 @@ def preflight(model: str, world_size: int, weights: tuple[float, ...] | None, co
         ckpt.close()
 
 
+def rank_device(kind: str) -> torch.device:
+    if kind == "cuda":
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        return torch.device("cuda", local % torch.cuda.device_count())
+    return torch.device(kind)
+
+
 def worker_main(job: WorkerJob) -> None:
     """torchrun entry point for one rank."""
     logging.basicConfig(level=logging.DEBUG if job.debug else logging.WARNING, stream=sys.stderr)
@@ -128,7 +136,8 @@ def _run(job: WorkerJob) -> None:
     ckpt = open_checkpoint(path)
     layout = TPLayout.build(ckpt.config, comm.world_size, job.tp_weights)
     mesh = init_device_mesh("cpu", (comm.world_size,))
-    model = load_model(ckpt, parse_dtype(job.dtype), shard=lambda m: apply_tp(m, layout, comm, mesh))
+    device = rank_device(job.device)
+    model = load_model(ckpt, parse_dtype(job.dtype), device, shard=lambda m: apply_tp(m, layout, comm, mesh))
     log.info("rank %d loaded its shard %s in %.2f s", rank, layout.describe()[rank], time.perf_counter() - t0)
 
     tokenizer, request = _prepare_request(job, path, ckpt) if rank == 0 else (None, None)
