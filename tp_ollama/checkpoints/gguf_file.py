@@ -314,7 +314,16 @@ class GGUFFile:
         blocks = self._mapped_bytes()[info.offset : info.offset + info.nbytes]
         blocks = blocks.reshape(prod(shape[:-1]), shape[-1] // block_size, type_size)
         selected = blocks[r0:r1, c0 // block_size : c1 // block_size]
-        return self._dequantize(selected, info.ggml_type, dtype).view(out_shape)
+        out = self._dequantize(selected, info.ggml_type, dtype).view(out_shape)
+        self._release(info.offset, info.nbytes)
+        return out
+
+    def _release(self, offset: int, nbytes: int) -> None:
+        """Drop the file pages just read from this process's resident set. They stay in the page
+        cache, so a warm reload is still fast, but a rank's RSS holds its weights, not the file."""
+        page = mmap.PAGESIZE
+        start = offset // page * page
+        self._mapped().madvise(mmap.MADV_DONTNEED, start, offset + nbytes - start)
 
     def _checked(self, name: str, what: str, r: tuple[int, int] | None, size: int, block: int) -> tuple[int, int]:
         if r is None:

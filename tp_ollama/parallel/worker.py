@@ -18,6 +18,7 @@ import torch
 from tp_ollama.completion import text_pieces
 from tp_ollama.engine.generate import GenerationStats, check_prompt, generate_tokens
 from tp_ollama.engine.options import GenerationOptions, SamplingOptions
+from tp_ollama.engine.sampler import Sampler
 from tp_ollama.errors import TpOllamaError
 from tp_ollama.launch import REPORTED_EXIT
 
@@ -137,7 +138,9 @@ def _run(job: WorkerJob) -> None:
     layout = TPLayout.build(ckpt.config, comm.world_size, job.tp_weights)
     mesh = init_device_mesh("cpu", (comm.world_size,))
     device = rank_device(job.device)
-    model = load_model(ckpt, parse_dtype(job.dtype), device, shard=lambda m: apply_tp(m, layout, comm, mesh))
+    # A group of one needs no plan: the plain model, with no collectives on its path.
+    shard = None if comm.world_size == 1 else partial(apply_tp, layout=layout, comm=comm, device_mesh=mesh)
+    model = load_model(ckpt, parse_dtype(job.dtype), device, shard=shard)
     log.info("rank %d loaded its shard %s in %.2f s", rank, layout.describe()[rank], time.perf_counter() - t0)
 
     tokenizer, request = _prepare_request(job, path, ckpt) if rank == 0 else (None, None)
@@ -147,7 +150,7 @@ def _run(job: WorkerJob) -> None:
             raise TpOllamaError(data["error"])
         return
     options = options_from_data(data["options"])
-    sampler = partial(ShardedSampler, span=layout.vocab[rank], comm=comm)
+    sampler = Sampler if comm.world_size == 1 else partial(ShardedSampler, span=layout.vocab[rank], comm=comm)
     stats = GenerationStats()
     tokens = generate_tokens(
         model, data["ids"], options, frozenset(data["eos"]), stats, sampler, BroadcastLockstep(comm)
