@@ -50,6 +50,10 @@ def load_model(
     """Build on the meta device, let `shard` (a tensor-parallel plan) cut parameters down to this
     rank's slices, then read exactly those slices from the checkpoint."""
     device = torch.device(device)
+    if device.type == "cuda":
+        # NOTE: SDPA's cuDNN backend builds a new graph for every KV length, ~16 ms of host time
+        # per decode call on an H200 (bench/results/gpu_profile.txt); the other kernels don't.
+        torch.backends.cuda.enable_cudnn_sdp(False)
     with torch.device("meta"):
         model = build_model(ckpt.config)
     if shard is not None:
