@@ -259,5 +259,32 @@ def launch(
     run_reporting_errors(debug, body)
 
 
+@app.command(hidden=True)
+def engine(
+    socket_path: Annotated[str, typer.Option("--socket", help="Local socket for the front end (on node 0).")],
+    tp: Annotated[int, typer.Option(help="Engine ranks on this machine.")] = 1,
+    nnodes: Annotated[int, typer.Option(help="Number of machines.")] = 1,
+    node_rank: Annotated[int, typer.Option(help="This machine's index.")] = 0,
+    master_addr: Annotated[str, typer.Option(help="Address of node 0.")] = "127.0.0.1",
+    master_port: Annotated[int, typer.Option(help="Rendezvous port on node 0 (0: any, one node only).")] = 0,
+    comm: CommOpt = "auto",
+    device: DeviceOpt = "cpu",
+    tp_weights: TpWeightsOpt = None,
+    join_timeout: JoinTimeoutOpt = 120.0,
+    debug: DebugOpt = False,
+) -> None:
+    """Run an engine group that serves a front end (started by serve and launch)."""
+
+    def body() -> None:
+        from tp_ollama.launch import Cluster, run_workers
+        from tp_ollama.parallel.engine_server import EngineJob, engine_main
+
+        cluster = Cluster(nnodes, node_rank, tp, master_addr, master_port, join_timeout)
+        job = EngineJob(socket_path, comm, device, parse_weights(tp_weights), join_timeout, debug)
+        run_workers(cluster, engine_main, job)
+
+    run_reporting_errors(debug, body)
+
+
 def main() -> None:
     app()

@@ -1,0 +1,235 @@
+"""The serving loop of a tensor-parallel engine group. Every rank runs `engine_main`; rank 0 also
+listens on a local socket for the front end and decides each step: it broadcasts each command
+(load, generate, unload, stop) to the other ranks, streams generated token ids back, and turns a
+cancel from the front end into a lockstep stop, so the whole group leaves the request within one step.
+
+Wire format on the socket: one JSON object per line.
+  front end -> rank 0: {"op": "load", "path", "dtype", "num_ctx"} | {"op": "generate", "ids", "options",
+                       "eos"} | {"op": "cancel"} | {"op": "unload"} | {"op": "shutdown"}
+  rank 0 -> front end: {"ok": true, ...} | {"error": "..."} | {"token": t} ... {"done": true, stats...}
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import select
+import socket
+import sys
+import time
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from tp_ollama.engine.generate import GenerationStats, check_prompt, generate_tokens
+from tp_ollama.engine.sampler import Sampler
+from tp_ollama.errors import TpOllamaError
+from tp_ollama.parallel.worker import BroadcastLockstep, local_threads, options_from_data, rank_device
+
+log = logging.getLogger(__name__)
+
+IDLE_TICK_S = 1.0  # rank 0 tells idle ranks it is alive this often, well inside the comm timeout
+
+
+@dataclass(frozen=True)
+class EngineJob:
+    socket_path: str
+    comm: str = "auto"
+    device: str = "cpu"
+    tp_weights: tuple[float, ...] | None = None
+    timeout_s: float = 120.0
+    debug: bool = False
+
+
+class FrontEndLink:
+    """Rank 0's end of the local socket: line-delimited JSON, one front end at a time."""
+
+    def __init__(self, path: str) -> None:
+        Path(path).unlink(missing_ok=True)
+        self.server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.server.bind(path)
+        os.chmod(path, 0o600)  # the engine takes orders from this user only
+        self.server.listen(1)
+        self.conn: socket.socket | None = None
+        self.buffer = b""
+
+    def poll(self, timeout: float) -> dict[str, Any] | None:
+        """The next command, or None after `timeout` seconds without one."""
+        if b"\n" in self.buffer:
+            return self._pop()
+        if self.conn is None:
+            ready, _, _ = select.select([self.server], [], [], timeout)
+            if not ready:
+                return None
+            self.conn, _ = self.server.accept()
+            return self.poll(0)
+        ready, _, _ = select.select([self.conn], [], [], timeout)
+        if not ready:
+            return None
+        data = self.conn.recv(1 << 16)
+        if not data:  # the front end went away; a new one may connect
+            self.conn.close()
+            self.conn, self.buffer = None, b""
+            return None
+        self.buffer += data
+        return self._pop() if b"\n" in self.buffer else None
+
+    def _pop(self) -> dict[str, Any]:
+        line, _, self.buffer = self.buffer.partition(b"\n")
+        return dict(json.loads(line))
+
+    def send(self, obj: dict[str, Any]) -> None:
+        if self.conn is not None:
+            try:
+                self.conn.sendall(json.dumps(obj).encode() + b"\n")
+            except OSError:
+                self.conn = None
+
+    def close(self) -> None:
+        if self.conn is not None:
+            self.conn.close()
+        self.server.close()
+
+
+class CancellableLockstep(BroadcastLockstep):
+    """Rank 0 reads the socket before each step: a cancel (or a vanished front end) stops the group."""
+
+    def __init__(self, comm: Any, link: FrontEndLink | None) -> None:
+        super().__init__(comm)
+        self.link = link
+
+    def proceed(self) -> bool:
+        if self.comm.rank == 0 and self.link is not None:
+            msg = self.link.poll(0)
+            go = self.link.conn is not None and not (msg and msg.get("op") == "cancel")
+            self.flag.fill_(1 if go else 0)
+        return bool(self.comm.broadcast(self.flag, src=0)[0])
+
+
+class EngineState:
+    """What every rank keeps between commands: the loaded shard and its layout."""
+
+    def __init__(self, job: EngineJob, comm: Any) -> None:
+        self.job, self.comm = job, comm
+        self.model: Any = None
+        self.layout: Any = None
+        self.loaded: dict[str, Any] | None = None
+
+    def load(self, cmd: dict[str, Any]) -> dict[str, Any]:
+        from torch.distributed.device_mesh import init_device_mesh
+
+        from tp_ollama.checkpoints.loader import load_model, open_checkpoint, parse_dtype
+        from tp_ollama.parallel.layout import TPLayout
+        from tp_ollama.parallel.plans import apply_tp
+
+        key = {"path": cmd["path"], "dtype": cmd["dtype"], "num_ctx": cmd["num_ctx"]}
+        if self.loaded is not None and {k: self.loaded[k] for k in key} == key:
+            return self.loaded
+        self.unload()
+        t0 = time.perf_counter()
+        ckpt = open_checkpoint(Path(cmd["path"]))
+        world = self.comm.world_size
+        layout = TPLayout.build(ckpt.config, world, self.job.tp_weights)
+        mesh = init_device_mesh("cpu", (world,)) if world > 1 else None
+        shard = None if world == 1 else partial(apply_tp, layout=layout, comm=self.comm, device_mesh=mesh)
+        self.model = load_model(ckpt, parse_dtype(cmd["dtype"]), rank_device(self.job.device), shard=shard)
+        self.layout = layout
+        size = sum(p.numel() * p.element_size() for p in self.model.parameters())
+        self.loaded = {**key, "world_size": world, "layout": layout.describe(), "size_bytes": size * world,
+                       "load_seconds": time.perf_counter() - t0}  # fmt: skip
+        return self.loaded
+
+    def unload(self) -> None:
+        self.model, self.layout, self.loaded = None, None, None
+
+    def generate(self, cmd: dict[str, Any], link: FrontEndLink | None) -> None:
+        from tp_ollama.parallel.sampling import ShardedSampler
+
+        rank = self.comm.rank
+        options = options_from_data(cmd["options"])
+        check_prompt(len(cmd["ids"]), options)
+        sampler: Any = Sampler
+        if self.comm.world_size > 1:
+            sampler = partial(ShardedSampler, span=self.layout.vocab[rank], comm=self.comm)
+        stats = GenerationStats()
+        tokens = generate_tokens(
+            self.model, cmd["ids"], options, frozenset(cmd["eos"]), stats, sampler,
+            CancellableLockstep(self.comm, link),
+        )  # fmt: skip
+        for token in tokens:
+            if link is not None:
+                link.send({"token": token})
+        if link is not None:
+            fields = ("done_reason", "prompt_eval_count", "prompt_eval_duration", "eval_count", "eval_duration")
+            link.send({"done": True, **{f: getattr(stats, f) for f in fields}})
+
+
+def engine_main(job: EngineJob) -> None:
+    """torchrun entry point: serve commands until shutdown."""
+    from tp_ollama.parallel.comm import init_distributed, make_comm
+
+    logging.basicConfig(level=logging.DEBUG if job.debug else logging.WARNING, stream=sys.stderr)
+    torch.set_num_threads(local_threads(int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
+    init_distributed("nccl" if job.comm == "nccl" else "gloo", job.timeout_s)
+    comm = make_comm(job.comm, job.timeout_s)
+    link = FrontEndLink(job.socket_path) if comm.rank == 0 else None
+    state = EngineState(job, comm)
+    try:
+        while True:
+            cmd = link.poll(IDLE_TICK_S) if link is not None else None
+            if comm.rank == 0 and cmd is None:
+                cmd = {"op": "idle"}
+            cmd = json.loads(comm.broadcast_bytes(json.dumps(cmd).encode() if comm.rank == 0 else None, src=0))
+            op = cmd.get("op")
+            if op == "idle":
+                continue
+            if op == "shutdown":
+                return
+            _run_command(state, cmd, link)
+    finally:
+        comm.close()
+        if link is not None:
+            link.close()
+
+
+def _run_command(state: EngineState, cmd: dict[str, Any], link: FrontEndLink | None) -> None:
+    """Run one command on every rank; rank 0 answers. Errors are agreed on by all ranks first, so a
+    failure on one rank (say, a missing file on node 1) is reported instead of hanging the others."""
+    op = cmd.get("op")
+    error = ""
+    result: dict[str, Any] = {}
+    try:
+        if op == "load":
+            result = state.load(cmd)
+        elif op == "unload":
+            state.unload()
+        elif op == "generate":
+            if state.model is None:
+                raise TpOllamaError("no model is loaded")
+        elif op == "cancel":
+            return  # arrived after its request ended
+        else:
+            raise TpOllamaError(f"unknown engine command {op!r}")
+    except TpOllamaError as e:
+        error = f"rank {state.comm.rank}: {e}" if state.comm.rank else str(e)
+    errors = state.comm.all_gather(torch.tensor([1 if error else 0], dtype=torch.int64))
+    if int(errors.sum()):
+        messages = json.loads(state.comm.broadcast_bytes(json.dumps([error]).encode(), src=int(errors.argmax())))
+        if link is not None:
+            link.send({"error": messages[0]})
+        if op == "load":
+            state.unload()
+        return
+    if op == "generate":
+        try:
+            state.generate(cmd, link)
+        except TpOllamaError as e:
+            if link is not None:
+                link.send({"error": str(e)})
+        return
+    if link is not None:
+        link.send({"ok": True, **result})

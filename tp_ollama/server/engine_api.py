@@ -1,0 +1,66 @@
+"""What the HTTP front end needs from an engine: token ids in, token ids out.
+
+Two implementations: `LocalEngine` (the model in a thread of the front-end process, TP=1, used by
+in-process tests and small setups) and `RemoteEngine` (engine rank 0 of a torchrun group over a local
+socket, for `serve --tp N` and `launch`). The front end owns text: tokenization, templates, stop
+strings and detokenization happen before and after these calls.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+from tp_ollama.engine.options import GenerationOptions
+
+
+@dataclass(frozen=True)
+class LoadRequest:
+    path: Path  # a GGUF file or HF directory on node 0
+    dtype: str = "float32"
+    num_ctx: int = 4096
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    path: Path
+    dtype: str
+    num_ctx: int
+    world_size: int
+    # Per-rank shares (TPLayout.describe()) and sizes, for /api/ps and the cluster endpoints.
+    layout: list[dict[str, Any]] = field(default_factory=list)
+    size_bytes: int = 0
+
+
+@dataclass
+class TokenEvent:
+    """One generated token, or the final event (token None) with Ollama-style counts and durations."""
+
+    token: int | None
+    done: bool = False
+    done_reason: str = ""  # "stop" or "length" on the final event
+    prompt_eval_count: int = 0
+    prompt_eval_duration: int = 0  # ns
+    eval_count: int = 0
+    eval_duration: int = 0  # ns
+
+
+class Engine(Protocol):
+    async def load(self, request: LoadRequest) -> LoadedModel:
+        """Load (or keep, if already loaded with the same settings) a model; replaces any other."""
+        ...
+
+    async def unload(self) -> None: ...
+
+    def loaded(self) -> LoadedModel | None: ...
+
+    def generate(
+        self, prompt: list[int], options: GenerationOptions, eos_ids: frozenset[int]
+    ) -> AsyncIterator[TokenEvent]:
+        """Stream the tokens of one request; the last event has done=True. Closing the iterator early
+        (aclose, or a cancelled task) cancels the request and frees its engine slot within one step."""
+        ...
+
+    async def close(self) -> None: ...

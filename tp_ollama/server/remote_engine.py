@@ -1,0 +1,165 @@
+"""The front end's handle on a tensor-parallel engine group: it starts the group (torchrun's agent in
+a child process), talks to engine rank 0 over a local socket, and can restart the group while the
+HTTP server keeps running."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+from collections.abc import AsyncIterator
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from tp_ollama.engine.options import GenerationOptions
+from tp_ollama.errors import TpOllamaError
+from tp_ollama.server.engine_api import LoadedModel, LoadRequest, TokenEvent
+
+
+class EngineUnavailable(TpOllamaError):
+    """The engine group is not running or stopped answering."""
+
+
+class RemoteEngine:
+    def __init__(self, socket_path: Path, command: list[str] | None = None, connect_timeout_s: float = 120.0):
+        self.socket_path = socket_path
+        self.command = command  # how to (re)start the group; None when someone else runs it
+        self.connect_timeout_s = connect_timeout_s
+        self.process: subprocess.Popen[bytes] | None = None
+        self.reader: asyncio.StreamReader | None = None
+        self.writer: asyncio.StreamWriter | None = None
+        self.lock = asyncio.Lock()  # one request at a time on the socket
+        self._loaded: LoadedModel | None = None
+        self.active = 0  # requests in the engine right now (0 or 1)
+
+    @classmethod
+    def spawn(cls, tp: int, comm: str = "auto", device: str = "cpu", tp_weights: str | None = None,
+              join_timeout_s: float = 120.0) -> RemoteEngine:  # fmt: skip
+        """Start `tp` local ranks in a child process group serving a fresh socket."""
+        path = Path(tempfile.mkdtemp(prefix="tp-ollama-")) / "engine.sock"
+        cmd = [sys.executable, "-m", "tp_ollama", "engine", "--socket", str(path), "--tp", str(tp),
+               "--comm", comm, "--device", device, "--join-timeout", str(join_timeout_s)]  # fmt: skip
+        if tp_weights:
+            cmd += ["--tp-weights", tp_weights]
+        engine = cls(path, cmd, connect_timeout_s=join_timeout_s)
+        engine.start()
+        return engine
+
+    def start(self) -> None:
+        if self.command is not None and (self.process is None or self.process.poll() is not None):
+            # Its own session, so stopping it takes every rank with it and nothing else.
+            self.process = subprocess.Popen(self.command, start_new_session=True)
+
+    async def _connect(self) -> None:
+        if self.writer is not None:
+            return
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.connect_timeout_s
+        while True:
+            if self.process is not None and self.process.poll() is not None:
+                raise EngineUnavailable(f"the engine exited with status {self.process.returncode} while starting")
+            try:
+                self.reader, self.writer = await asyncio.open_unix_connection(str(self.socket_path))
+                return
+            except (FileNotFoundError, ConnectionRefusedError):
+                if loop.time() > deadline:
+                    raise EngineUnavailable(
+                        f"the engine did not open {self.socket_path} within {self.connect_timeout_s:g} s"
+                    ) from None
+                await asyncio.sleep(0.05)
+
+    async def _send(self, obj: dict[str, Any]) -> None:
+        assert self.writer is not None
+        self.writer.write(json.dumps(obj).encode() + b"\n")
+        await self.writer.drain()
+
+    async def _recv(self) -> dict[str, Any]:
+        assert self.reader is not None
+        line = await self.reader.readline()
+        if not line:
+            self.reader = self.writer = None
+            self._loaded = None
+            raise EngineUnavailable("the engine closed its connection (a rank may have died)")
+        return dict(json.loads(line))
+
+    async def _call(self, obj: dict[str, Any]) -> dict[str, Any]:
+        async with self.lock:
+            await self._connect()
+            await self._send(obj)
+            reply = await self._recv()
+        if "error" in reply:
+            raise TpOllamaError(reply["error"])
+        return reply
+
+    async def load(self, request: LoadRequest) -> LoadedModel:
+        reply = await self._call({"op": "load", "path": str(request.path), "dtype": request.dtype,
+                                  "num_ctx": request.num_ctx})  # fmt: skip
+        self._loaded = LoadedModel(
+            path=request.path, dtype=request.dtype, num_ctx=request.num_ctx, world_size=reply["world_size"],
+            layout=reply["layout"], size_bytes=reply["size_bytes"],
+        )  # fmt: skip
+        return self._loaded
+
+    async def unload(self) -> None:
+        await self._call({"op": "unload"})
+        self._loaded = None
+
+    def loaded(self) -> LoadedModel | None:
+        return self._loaded
+
+    async def generate(
+        self, prompt: list[int], options: GenerationOptions, eos_ids: frozenset[int]
+    ) -> AsyncIterator[TokenEvent]:
+        async with self.lock:
+            await self._connect()
+            await self._send({"op": "generate", "ids": prompt, "options": asdict(options), "eos": sorted(eos_ids)})
+            self.active += 1
+            finished = False
+            try:
+                while True:
+                    msg = await self._recv()
+                    if "error" in msg:
+                        finished = True
+                        raise TpOllamaError(msg["error"])
+                    if msg.get("done"):
+                        finished = True
+                        msg.pop("done")
+                        yield TokenEvent(token=None, done=True, **msg)
+                        return
+                    yield TokenEvent(token=int(msg["token"]))
+            finally:
+                if not finished and self.writer is not None:
+                    # The consumer left early: stop the group at its next step and drain the reply
+                    # stream so the socket is clean for the next request.
+                    await asyncio.shield(self._cancel_and_drain())
+                self.active -= 1
+
+    async def _cancel_and_drain(self) -> None:
+        try:
+            await self._send({"op": "cancel"})
+            while True:
+                msg = await self._recv()
+                if msg.get("done") or "error" in msg:
+                    return
+        except EngineUnavailable:
+            return
+
+    async def close(self) -> None:
+        if self.writer is not None:
+            try:
+                await self._send({"op": "shutdown"})
+            except OSError:
+                pass
+            self.writer.close()
+            self.reader = self.writer = None
+        if self.process is not None and self.process.poll() is None:
+            try:
+                await asyncio.wait_for(asyncio.to_thread(self.process.wait), 10)
+            except TimeoutError:
+                os.killpg(self.process.pid, signal.SIGTERM)
+                await asyncio.to_thread(self.process.wait)
