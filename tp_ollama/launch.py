@@ -106,7 +106,9 @@ def describe_failure(e: Any) -> str:
     rank, failure = e.get_first_failure()
     if failure.exitcode == REPORTED_EXIT:
         raise ReportedError(f"engine rank {rank} failed")
-    message = failure.message if isinstance(failure.message, str) else str(failure.message)
-    if not message or "To enable traceback" in message:
-        message = f"exit code {failure.exitcode}"
+    raw = failure.message
+    if isinstance(raw, dict):  # torch's error record: {"message": "...", "extraInfo": {traceback...}}
+        raw = raw.get("message", "")
+    lines = [line for line in str(raw or "").splitlines() if line.strip()]
+    message = lines[0] if lines and "To enable traceback" not in lines[0] else f"exit code {failure.exitcode}"
     return f"engine rank {rank} failed: {message}"
