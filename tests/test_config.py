@@ -1,0 +1,515 @@
+"""Settings: parsing helpers, precedence (default < file < env < flag), and the one-line errors."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tp_ollama.config import (
+    COMM_KINDS,
+    DEFAULT_ORIGINS,
+    FLAGS,
+    NOT_IMPLEMENTED,
+    OllamaHost,
+    Settings,
+    client_url,
+    format_duration,
+    format_size,
+    load_settings,
+    parse_duration,
+    parse_ollama_host,
+    parse_size,
+)
+from tp_ollama.errors import ConfigError
+
+REPO = Path(__file__).resolve().parent.parent
+DEFAULT_YAML = REPO / "configs" / "default.yaml"
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "config.yaml"
+    path.write_text(text)
+    return path
+
+
+def load_text(tmp_path: Path, text: str, env: dict[str, str] | None = None, **flags: object) -> Settings:
+    return load_settings(write(tmp_path, text), env or {}, flags)
+
+
+def leaf_keys(tree: dict, prefix: str = "") -> set[str]:
+    out: set[str] = set()
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out |= leaf_keys(value, f"{prefix}{key}.")
+        else:
+            out.add(prefix + key)
+    return out
+
+
+# ---- durations and sizes -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("text", "seconds"),
+    [
+        ("30s", 30.0),
+        ("5m", 300.0),
+        ("1h", 3600.0),
+        ("1h30m", 5400.0),
+        ("500ms", 0.5),
+        ("1.5h", 5400.0),
+        ("2m30.5s", 150.5),
+        ("250us", 0.00025),
+        ("0", 0.0),
+        ("300", 300.0),
+        (" 45 ", 45.0),
+        (300, 300.0),
+        (1.5, 1.5),
+        ("-1", -1.0),
+        ("-5m", -300.0),
+        (-1, -1.0),
+    ],
+)
+def test_durations(text, seconds):
+    assert parse_duration(text) == pytest.approx(seconds)
+
+
+@pytest.mark.parametrize("bad", ["5 minutes", "", "1d", "5m3", "m", "1h-30m", "--5m", "five", True, None, [5], ".inf"])
+def test_bad_durations_say_what_is_expected(bad):
+    with pytest.raises(ConfigError, match=r'expected a duration such as "30s", "5m", "1h30m"'):
+        parse_duration(bad)
+
+
+@pytest.mark.parametrize("seconds", [0.0, 0.5, 30.0, 300.0, 5400.0, 3600.0, 150.5, -1.0, -300.0])
+def test_formatted_durations_read_back(seconds):
+    assert parse_duration(format_duration(seconds)) == seconds
+
+
+def test_duration_spellings():
+    assert [format_duration(s) for s in (300, 5400, 0.5, 0, -1)] == ["5m", "1h30m", "500ms", "0s", "-1s"]
+
+
+@pytest.mark.parametrize(
+    ("text", "size"),
+    [
+        ("1GB", 10**9),
+        ("1G", 10**9),
+        ("1.5G", 1_500_000_000),
+        ("512MiB", 512 * 2**20),
+        ("512Mi", 512 * 2**20),
+        ("64mib", 64 * 2**20),
+        ("1KB", 1000),
+        ("1 KiB", 1024),
+        ("100B", 100),
+        ("100", 100),
+        (4096, 4096),
+        (0, 0),
+    ],
+)
+def test_sizes(text, size):
+    assert parse_size(text) == size
+
+
+@pytest.mark.parametrize("bad", ["1 gigabyte", "GB", "", "-1GB", "1.5B", "0.1KiB", "1XB", "1iB", True, None, -5, 1.5])
+def test_bad_sizes_say_what_is_expected(bad):
+    with pytest.raises(ConfigError, match=r'expected a size such as "1GB", "512MiB", "1.5G"'):
+        parse_size(bad)
+
+
+def test_size_spellings_read_back():
+    for n in (64 * 2**20, 10**9, 1000, 1024, 1500, 7):
+        assert parse_size(format_size(n)) == n
+    assert [format_size(n) for n in (64 * 2**20, 10**9, 1_500_000_000)] == ["64MiB", "1GB", "1500MB"]
+
+
+# ---- OLLAMA_HOST ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        ("", ("http", "127.0.0.1", 11434)),
+        ("1.2.3.4", ("http", "1.2.3.4", 11434)),
+        ("1.2.3.4:1234", ("http", "1.2.3.4", 1234)),
+        (":1234", ("http", "127.0.0.1", 1234)),  # NOTE: Ollama would bind every interface
+        (":0", ("http", "127.0.0.1", 0)),
+        ("example.com", ("http", "example.com", 11434)),
+        ("example.com:1234", ("http", "example.com", 1234)),
+        ("example.com/", ("http", "example.com", 11434)),
+        ("0.0.0.0", ("http", "0.0.0.0", 11434)),
+        ("[::1]", ("http", "::1", 11434)),
+        ("[::]", ("http", "::", 11434)),
+        ("::1", ("http", "::1", 11434)),
+        ("[::1]:1337", ("http", "::1", 1337)),
+        (" 1.2.3.4 ", ("http", "1.2.3.4", 11434)),
+        ('"1.2.3.4"', ("http", "1.2.3.4", 11434)),
+        (' " 1.2.3.4 " ', ("http", "1.2.3.4", 11434)),
+        ("'1.2.3.4'", ("http", "1.2.3.4", 11434)),
+        ("http://1.2.3.4", ("http", "1.2.3.4", 80)),
+        ("http://1.2.3.4:4321", ("http", "1.2.3.4", 4321)),
+        ("https://1.2.3.4", ("https", "1.2.3.4", 443)),
+        ("https://1.2.3.4:4321", ("https", "1.2.3.4", 4321)),
+    ],
+)
+def test_ollama_host(value, expected):
+    assert parse_ollama_host(value)[:3] == expected
+
+
+def test_ollama_host_keeps_a_proxy_path_for_clients():
+    host = parse_ollama_host("https://example.com/ollama")
+    assert host == OllamaHost("https", "example.com", 443, "/ollama")
+    assert host.client_url() == "https://example.com:443/ollama"
+
+
+@pytest.mark.parametrize(
+    ("value", "url"),
+    [
+        ("0.0.0.0", "http://127.0.0.1:11434"),
+        ("0.0.0.0:8080", "http://127.0.0.1:8080"),
+        ("[::]:8080", "http://[::1]:8080"),
+        ("[::1]:1337", "http://[::1]:1337"),
+        ("1.2.3.4", "http://1.2.3.4:11434"),
+    ],
+)
+def test_clients_connect_to_loopback_instead_of_a_wildcard(value, url):
+    assert parse_ollama_host(value).client_url() == url
+
+
+@pytest.mark.parametrize("value", [":66000", ":-1", "1.2.3.4:abc", "ftp://1.2.3.4", "[::1"])
+def test_bad_ollama_host(value):
+    with pytest.raises(ConfigError, match="OLLAMA_HOST"):
+        parse_ollama_host(value)
+
+
+def test_ollama_host_from_the_environment_sets_host_and_port():
+    s = load_settings(None, {"OLLAMA_HOST": "0.0.0.0:8080"}, {})
+    assert (s.api.host, s.api.port) == ("0.0.0.0", 8080)
+    assert s.api.client_url() == "http://127.0.0.1:8080"
+    assert client_url("::", 1) == "http://[::1]:1"
+
+
+# ---- precedence ----------------------------------------------------------------------------------
+
+
+def test_default_file_env_flag_precedence(tmp_path):
+    text = "api:\n  port: 1111\ninference:\n  keep_alive: 10m\n  max_concurrent: 2\n  num_ctx: 2048\n"
+    assert load_settings(None, {}, {}).api.port == 11434
+    assert load_text(tmp_path, text).api.port == 1111
+    env = {"OLLAMA_HOST": ":2222", "OLLAMA_KEEP_ALIVE": "-1", "OLLAMA_NUM_PARALLEL": "3"}
+    s = load_text(tmp_path, text, env)
+    assert (s.api.port, s.inference.keep_alive, s.inference.max_concurrent) == (2222, -1.0, 3)
+    assert s.inference.num_ctx == 2048  # no env: the file's value
+    s = load_text(tmp_path, text, env, port=3333, keep_alive="0", num_parallel=4, **{"inference.num_ctx": 1024})
+    assert (s.api.port, s.inference.keep_alive, s.inference.max_concurrent) == (3333, 0.0, 4)
+    assert s.inference.num_ctx == 1024
+
+
+def test_environment_variables():
+    env = {
+        "OLLAMA_MODELS": "/srv/models",
+        "OLLAMA_ORIGINS": "chrome-extension://*, moz-extension://*",
+        "OLLAMA_MAX_QUEUE": "8",
+        "OLLAMA_CONTEXT_LENGTH": "8192",
+        "OLLAMA_KEEP_ALIVE": "'1h30m'",
+        "UNRELATED": "x",
+    }
+    s = load_settings(None, env, {})
+    assert s.models.storage_path == Path("/srv/models")
+    assert s.api.origins == ("chrome-extension://*", "moz-extension://*")
+    assert s.api.allowed_origins == (*DEFAULT_ORIGINS, "chrome-extension://*", "moz-extension://*")
+    assert (s.inference.max_queue, s.inference.num_ctx, s.inference.keep_alive) == (8, 8192, 5400.0)
+
+
+def test_zero_means_automatic_for_num_parallel_and_context_length(tmp_path):
+    s = load_text(
+        tmp_path, "inference:\n  max_concurrent: 2\n", {"OLLAMA_NUM_PARALLEL": "0", "OLLAMA_CONTEXT_LENGTH": "0"}
+    )
+    assert (s.inference.max_concurrent, s.inference.num_ctx) == (2, 4096)
+
+
+def test_unset_flags_do_not_override(tmp_path):
+    assert load_text(tmp_path, "api:\n  port: 1111\n", port=None).api.port == 1111
+
+
+def test_cluster_flags_and_bootstrap():
+    s = load_settings(
+        None, {}, {"nnodes": 3, "node-rank": 2, "bootstrap": "/ip4/10.0.0.1/tcp/4001", "tp_weights": "2,1,1"}
+    )
+    c = s.cluster
+    assert (c.nnodes, c.node_rank, c.rendezvous_addr, c.rendezvous_port, c.world_size) == (3, 2, "10.0.0.1", 4001, 3)
+    assert s.inference.tp_weights == (2.0, 1.0, 1.0)
+    launch = c.launch_cluster()
+    assert (launch.master_addr, launch.master_port, launch.world_size) == ("10.0.0.1", 4001, 3)
+    with pytest.raises(ConfigError, match="--bootstrap"):
+        load_settings(None, {}, {"bootstrap": "10.0.0.1:4001", "master_port": 1})
+
+
+def test_unknown_flag_suggests_the_close_name():
+    with pytest.raises(ConfigError, match=r"unknown setting 'node_rnak'; did you mean node_rank\?"):
+        load_settings(None, {}, {"node_rnak": 1})
+
+
+def test_every_flag_names_a_key():
+    for name in FLAGS:
+        load_settings(None, {}, {name: None})  # no error: the alias resolves
+
+
+# ---- unknown keys and wrong values ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("apii:\n  port: 1\n", r"unknown key apii; did you mean api\?"),
+        ("api:\n  prot: 1\n", r"unknown key api\.prot; did you mean api\.port\?"),
+        ("cluster:\n  nnode: 2\n", r"unknown key cluster\.nnode; did you mean cluster\.nnodes\?"),
+        (
+            "cluster:\n  discovery:\n    enable: true\n",
+            r"cluster\.discovery\.enable; did you mean cluster\.discovery\.enabled",
+        ),
+        ("p2p:\n  prt: 4001\n", r"unknown key p2p\.prt; did you mean p2p\.port\?"),
+        ("inference:\n  max_concurent: 2\n", r"inference\.max_concurent; did you mean inference\.max_concurrent\?"),
+        (
+            "inference:\n  partitioning:\n    strategie: tensor\n",
+            r"inference\.partitioning\.strategie; did you mean inference\.partitioning\.strategy\?",
+        ),
+        ("models:\n  storage: /x\n", r"unknown key models\.storage; did you mean models\.storage_path\?"),
+        (
+            "performance:\n  caching:\n    sizes: 1GB\n",
+            r"performance\.caching\.sizes; did you mean performance\.caching\.size\?",
+        ),
+        (
+            "inference:\n  port: 1\n",
+            r"unknown key inference\.port; did you mean api\.port\?",
+        ),
+        ("models:\n  zzz: 1\n", r"unknown key models\.zzz; expected one of: replication, storage_path"),
+    ],
+)
+def test_unknown_keys_are_errors_naming_the_key(tmp_path, text, message):
+    with pytest.raises(ConfigError, match=message) as e:
+        load_text(tmp_path, text)
+    assert str(tmp_path / "config.yaml") in str(e.value)
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("api:\n  port: '80x'\n", r"api\.port = '80x' \(in .*\) is invalid: expected an integer 0\.\.65535"),
+        ("api:\n  port: 70000\n", r"api\.port = 70000 .* expected an integer 0\.\.65535"),
+        ("api:\n  port: true\n", r"api\.port = True .* expected an integer"),
+        ("api:\n  port: 8080.5\n", r"api\.port = 8080\.5 .* expected an integer"),
+        ("api:\n  origins: chrome-extension://*\n", r"api\.origins = 'chrome-extension://\*' .* expected a list"),
+        ("api:\n  max_body_bytes: lots\n", r"api\.max_body_bytes = 'lots' .* expected a size such as"),
+        ("cluster:\n  nnodes: 0\n", r"cluster\.nnodes = 0 .* expected an integer >= 1"),
+        ("cluster:\n  comm: mpi\n", r'cluster\.comm = \'mpi\' .* expected one of "auto", "shm", "tcp", "gloo", "nccl"'),
+        ("cluster:\n  join_timeout: 0\n", r"cluster\.join_timeout = 0 .* expected a duration .* > 0s"),
+        (
+            "cluster:\n  discovery:\n    enabled: 'yes'\n",
+            r"cluster\.discovery\.enabled = 'yes' .* expected true or false",
+        ),
+        ("inference:\n  timeout: 5 minutes\n", r"inference\.timeout = '5 minutes' .* expected a duration such as"),
+        ("inference:\n  timeout: -1s\n", r"inference\.timeout = '-1s' .* >= 0s"),
+        (
+            "inference:\n  dtype: fp8\n",
+            r'inference\.dtype = \'fp8\' .* expected one of "float32", "bfloat16", "float16"',
+        ),
+        ("inference:\n  tp_weights: [1, -1]\n", r"inference\.tp_weights = \[1, -1\] .* positive numbers"),
+        ("inference: 5\n", r"section inference must be a mapping of keys, got 5"),
+        ("models:\n  storage_path: 5\n", r"models\.storage_path = 5 .* expected a directory path"),
+        (
+            "performance:\n  compression:\n    algorithm: zstd\n",
+            r"compression\.algorithm = 'zstd' .* expected one of \"gzip\"",
+        ),
+        ("p2p:\n  port: 99999\n", r"cluster\.rendezvous_port = 99999 \(p2p\.port in .*\) is invalid"),
+        ("- a\n- b\n", r"the top level must be a mapping"),
+        ("api:\n  port: 1\n  port: 2\n", r"key 'port' appears twice \(line 3\)"),
+        ("api: [\n", r"is not valid YAML"),
+    ],
+)
+def test_wrong_values_name_the_key_value_and_expectation(tmp_path, text, message):
+    with pytest.raises(ConfigError, match=message):
+        load_text(tmp_path, text)
+
+
+def test_errors_from_env_and_flags_say_where_the_value_came_from():
+    with pytest.raises(ConfigError, match=r"inference\.max_concurrent = 'many' \(from OLLAMA_NUM_PARALLEL\)"):
+        load_settings(None, {"OLLAMA_NUM_PARALLEL": "many"}, {})
+    with pytest.raises(ConfigError, match=r"inference\.keep_alive = '5 min' \(from OLLAMA_KEEP_ALIVE\)"):
+        load_settings(None, {"OLLAMA_KEEP_ALIVE": "5 min"}, {})
+    with pytest.raises(ConfigError, match=r"cluster\.node_rank = 3 \(from --node-rank\) is invalid: expected 0\.\.2"):
+        load_settings(None, {}, {"nnodes": 3, "node-rank": 3})
+    with pytest.raises(ConfigError, match=r"api\.port = 'x' \(from flag api\.port\)"):
+        load_settings(None, {}, {"api.port": "x"})
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        ({"tp_weights": "2,1"}, r"inference\.tp_weights = .* one weight per rank: 3 .* got 2"),
+        ({"inference.num_ctx": 9000, "inference.max_num_ctx": 8192}, r"inference\.num_ctx = 9000 .* at most"),
+        ({"cluster.rendezvous_port": 0}, r"cluster\.rendezvous_port = 0 .* 3 nodes need a fixed port"),
+        ({"inference.partitioning.max_partitions": 2}, r"max_partitions = 2 .* the cluster has 3 ranks"),
+        ({"inference.max_num_predict": 0}, r"inference\.max_num_predict = 0 .* expected -1"),
+        ({"models.replication.min_replicas": 3}, r"min_replicas = 3 .* at most max_replicas = 1"),
+    ],
+)
+def test_rules_between_keys(flags, message):
+    with pytest.raises(ConfigError, match=message):
+        load_settings(None, {}, {"nnodes": 3, **flags})
+
+
+def test_layerwise_partitioning_is_a_clear_error(tmp_path):
+    with pytest.raises(ConfigError, match=r"inference\.partitioning\.strategy = 'layerwise' .* not implemented yet"):
+        load_text(tmp_path, "inference:\n  partitioning:\n    strategy: layerwise\n")
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(ConfigError, match=r"config file .*nope\.yaml"):
+        load_settings(tmp_path / "nope.yaml", {}, {})
+
+
+def test_settings_are_frozen():
+    s = load_settings(None, {}, {})
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        s.api.port = 1  # type: ignore[misc]
+
+
+# ---- the shipped files, notes and output ----------------------------------------------------------
+
+
+def test_default_yaml_is_the_defaults():
+    assert load_settings(DEFAULT_YAML, {}, {}) == load_settings(None, {}, {}) == Settings()
+
+
+def test_default_yaml_lists_every_key():
+    schema = set(json_leaves(Settings().to_dict()))
+    assert leaf_keys(yaml.safe_load(DEFAULT_YAML.read_text())) == schema
+
+
+def json_leaves(tree: dict, prefix: str = "") -> list[str]:
+    return [
+        k
+        for key, v in tree.items()
+        for k in (json_leaves(v, f"{prefix}{key}.") if isinstance(v, dict) else [prefix + key])
+    ]
+
+
+def test_three_node_example_loads():
+    s = load_settings(REPO / "configs" / "cluster-3-nodes.yaml", {}, {"node_rank": 1})
+    assert (s.cluster.world_size, s.cluster.node_rank, s.inference.tp_weights) == (3, 1, (2.0, 1.0, 1.0))
+    assert s.notes() == []
+
+
+def test_relative_storage_path_is_relative_to_the_file(tmp_path):
+    assert load_text(tmp_path, "models:\n  storage_path: ./models\n").models.storage_path == tmp_path / "models"
+
+
+ORIGINAL_DESIGN = """
+api:
+  port: 11434
+  host: "0.0.0.0"
+p2p:
+  port: 4001
+  discovery:
+    enabled: true
+    interval: "30s"
+inference:
+  max_concurrent: 10
+  timeout: "5m"
+  partitioning:
+    strategy: "tensor"
+    max_partitions: 10
+  aggregation:
+    strategy: "concat"
+  load_balancing:
+    enabled: true
+    algorithm: "round_robin"
+  fault_tolerance:
+    enabled: true
+    retry_attempts: 3
+models:
+  storage_path: "./models"
+  replication:
+    min_replicas: 2
+    max_replicas: 5
+    strategy: "geographic"
+performance:
+  caching:
+    enabled: true
+    size: "1GB"
+    ttl: "1h"
+  compression:
+    enabled: true
+    algorithm: "gzip"
+"""
+
+
+def test_the_original_designs_file_loads_with_notes(tmp_path):
+    s = load_text(tmp_path, ORIGINAL_DESIGN)
+    assert (s.api.host, s.cluster.rendezvous_port, s.inference.max_concurrent) == ("0.0.0.0", 4001, 10)
+    notes = s.notes()
+    assert len(notes) == 6  # all but aggregation, which is left at its default
+    text = "\n".join(notes)
+    for fragment in (
+        "cluster.discovery.enabled = true",
+        "the rendezvous is static",
+        "inference.load_balancing.enabled = true, inference.load_balancing.algorithm = 'round_robin'",
+        "inference.fault_tolerance.retry_attempts = 3",
+        "models.replication.min_replicas = 2",
+        "performance.caching.enabled = true",
+        "performance.compression.enabled = true",
+    ):
+        assert fragment in text, text
+    assert "aggregation" not in text
+
+
+NON_DEFAULT = {
+    "cluster.discovery": ("cluster.discovery.interval", "1m"),
+    "inference.aggregation": ("inference.aggregation.strategy", "sum"),
+    "inference.load_balancing": ("inference.load_balancing.algorithm", "round_robin"),
+    "inference.fault_tolerance": ("inference.fault_tolerance.enabled", "true"),
+    "models.replication": ("models.replication.max_replicas", 3),
+    "performance.caching": ("performance.caching.size", "2GB"),
+    "performance.compression": ("performance.compression.enabled", True),
+}
+
+
+def test_notes_cover_every_not_implemented_section():
+    assert Settings().notes() == []
+    assert set(NON_DEFAULT) == set(NOT_IMPLEMENTED)
+    for section, (key, value) in NON_DEFAULT.items():
+        notes = load_settings(None, {}, {key: value}).notes()
+        assert len(notes) == 1 and key in notes[0] and NOT_IMPLEMENTED[section] in notes[0], (key, notes)
+    assert "performance.caching.size = 2GB" in load_settings(None, {}, {"performance.caching.size": "2GB"}).notes()[0]
+
+
+def test_p2p_and_cluster_together_are_an_error(tmp_path):
+    with pytest.raises(ConfigError, match="p2p is another name for cluster"):
+        load_text(tmp_path, "p2p:\n  port: 1\ncluster:\n  nnodes: 1\n")
+
+
+def test_to_dict_is_json_and_describe_is_short():
+    s = load_settings(None, {"OLLAMA_HOST": "[::]:8080"}, {"nnodes": 2, "bootstrap": "10.0.0.1:4001"})
+    data = json.loads(json.dumps(s.to_dict()))
+    assert data["api"] == {
+        "host": "::",
+        "port": 8080,
+        "origins": [],
+        "max_body_bytes": 64 * 2**20,
+        "request_timeout": 60.0,
+    }
+    assert data["inference"]["keep_alive"] == 300.0 and isinstance(data["models"]["storage_path"], str)
+    text = s.describe()
+    assert "[::]:8080 (clients: http://[::1]:8080)" in text
+    assert "2 node(s) x 1 rank(s) = TP 2" in text and "rendezvous 10.0.0.1:4001" in text
+    assert len(text.splitlines()) <= 5
+
+
+def test_comm_kinds_match_the_communicators():
+    from tp_ollama.parallel.comm import COMM_KINDS as REAL
+
+    assert REAL == COMM_KINDS
