@@ -1,0 +1,104 @@
+"""Small honest test doubles for the HTTP front end's dependencies."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from tp_ollama.engine.options import GenerationOptions
+from tp_ollama.errors import RequestError
+from tp_ollama.server.app import ModelNotFound
+from tp_ollama.server.engine_api import LoadedModel, LoadRequest, TokenEvent
+from tp_ollama.store.embedded import EMBEDDED, normalize_name
+
+
+@dataclass(frozen=True)
+class Details:
+    format: str = "gguf"
+    family: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"format": self.format, "family": self.family}
+
+
+@dataclass(frozen=True)
+class EmbeddedModel:
+    name: str
+    path: Path
+    template: str | None = None
+    system: str | None = None
+    params: dict[str, Any] = field(default_factory=dict)
+    messages: list[dict[str, Any]] = field(default_factory=list)
+    digest: str = ""
+    details: Details = field(default_factory=Details)
+    modified_at: datetime = datetime(2025, 1, 1, tzinfo=UTC)
+
+
+class EmbeddedModels:
+    """Test double for the model store: knows only the models embedded in tp-ollama (gemma3:270m,
+    smollm2:135m, found by tp_ollama.store.embedded) and gives them no Modelfile layers (no TEMPLATE,
+    SYSTEM, PARAMETER or MESSAGE). `extra` adds names backed by one of them with such layers."""
+
+    def __init__(self, extra: dict[str, EmbeddedModel] | None = None) -> None:
+        self.extra = extra or {}
+
+    def resolve(self, name: str) -> EmbeddedModel:
+        key = normalize_name(name).lower()
+        if key in self.extra:
+            return self.extra[key]
+        if key not in EMBEDDED:
+            raise ModelNotFound(name)
+        path = EMBEDDED[key]()
+        family = key.split(":")[0]
+        return EmbeddedModel(key, path, details=Details("gguf", family))
+
+    def names(self) -> list[str]:
+        return sorted([*EMBEDDED, *self.extra])
+
+
+class ScriptedEngine:
+    """Test double for the engine: 'generates' a fixed list of token ids, then either ends (done_reason
+    "stop") or raises `fail_with` -- for behaviour that a real model cannot be made to show on demand."""
+
+    def __init__(self, tokens: Sequence[int], fail_with: Exception | None = None) -> None:
+        self.tokens = list(tokens)
+        self.fail_with = fail_with
+        self._loaded: LoadedModel | None = None
+        self.loads: list[Path] = []
+        self.unloaded = asyncio.Event()
+        self.release = asyncio.Event()  # generate() waits for this before its first token when hold=True
+        self.hold = False
+
+    async def load(self, request: LoadRequest) -> LoadedModel:
+        self.loads.append(request.path)
+        self._loaded = LoadedModel(request.path, request.dtype, request.num_ctx, world_size=1, size_bytes=1234)
+        self.unloaded.clear()
+        return self._loaded
+
+    async def unload(self) -> None:
+        self._loaded = None
+        self.unloaded.set()
+
+    def loaded(self) -> LoadedModel | None:
+        return self._loaded
+
+    async def generate(
+        self, prompt: list[int], options: GenerationOptions, eos_ids: frozenset[int]
+    ) -> AsyncIterator[TokenEvent]:
+        if self._loaded is None:
+            raise RequestError("no model is loaded")
+        if self.hold:
+            await self.release.wait()
+        for token in self.tokens:
+            yield TokenEvent(token)
+        if self.fail_with is not None:
+            raise self.fail_with
+        n = len(self.tokens)
+        yield TokenEvent(None, True, "stop", len(prompt), 1000, n, 2000)
+
+    async def close(self) -> None:
+        await self.unload()

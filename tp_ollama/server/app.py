@@ -1,0 +1,257 @@
+"""The HTTP front end: `create_app(engine, models, ...)` builds the whole Starlette app, with no
+globals. Routes live in ollama_routes.py and openai_routes.py, the text side in text.py and every
+wire format in schemas.py. Model management routes (/api/tags, show, create, copy, delete, pull)
+belong to the model store and are mounted by whoever builds the server from it."""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import re
+import socket
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+from typing import Any
+
+from starlette.applications import Starlette
+from starlette.datastructures import Headers, MutableHeaders
+from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
+from starlette.requests import Request
+from starlette.responses import PlainTextResponse, Response
+from starlette.routing import Route
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from tp_ollama.errors import CheckpointError, ConfigError, RequestError, TpOllamaError
+from tp_ollama.server import ollama_routes, openai_routes
+from tp_ollama.server.engine_api import Engine
+from tp_ollama.server.schemas import ApiError, ModelResolver, json_response, ollama_error, openai_error
+from tp_ollama.server.text import Limits, TextService
+
+log = logging.getLogger(__name__)
+
+
+class ModelNotFound(TpOllamaError):
+    """No installed model has this name; HTTP 404 `model 'NAME' not found`."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__(f"model '{name}' not found")
+        self.name = name
+
+
+def create_app(
+    engine: Engine,
+    models: ModelResolver,
+    *,
+    version: str,
+    allowed_origins: Sequence[str] = (),
+    max_body_bytes: int = 32 * 1024 * 1024,
+    default_num_ctx: int = 4096,
+    max_num_ctx: int = 131072,
+    max_num_predict: int = 32768,
+    keep_alive_s: float = 300.0,
+    dtype: str = "float32",
+    bind_host: str = "127.0.0.1",
+) -> Starlette:
+    """`allowed_origins`: OLLAMA_ORIGINS, added to the default local origins (wildcards allowed).
+    `bind_host`: the address the server listens on; on loopback, requests must name a local Host."""
+    service = TextService(
+        engine,
+        models,
+        Limits(
+            default_num_ctx=default_num_ctx,
+            max_num_ctx=max_num_ctx,
+            max_num_predict=max_num_predict,
+            keep_alive_s=keep_alive_s,
+            dtype=dtype,
+        ),
+    )
+
+    async def root(request: Request) -> Response:
+        return PlainTextResponse("Ollama is running")
+
+    async def api_version(request: Request) -> Response:
+        return json_response({"version": version})
+
+    async def ps(request: Request) -> Response:
+        return json_response({"models": service.scheduler.running()})
+
+    @asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        yield
+        service.scheduler.close()
+
+    app = Starlette(
+        routes=[
+            Route("/", root, methods=["GET"]),
+            Route("/api/version", api_version, methods=["GET"]),
+            Route("/api/ps", ps, methods=["GET"]),
+            *ollama_routes.routes(service, max_body_bytes),
+            *openai_routes.routes(service, max_body_bytes),
+        ],
+        middleware=[
+            Middleware(Cors, origins=[*DEFAULT_ORIGINS, *allowed_origins]),
+            Middleware(HostGuard, enabled=_is_loopback(bind_host)),
+        ],
+        exception_handlers={
+            HTTPException: _http_error,
+            ApiError: _api_error,
+            TpOllamaError: _tp_error,
+            Exception: _internal_error,
+        },
+        lifespan=lifespan,
+    )
+    app.state.service = service
+    return app
+
+
+# --- errors --------------------------------------------------------------------------------------
+
+
+def error_response(request: Request, status: int, message: str) -> Response:
+    if request.url.path.startswith("/v1/"):
+        return json_response(openai_error(status, message), status)
+    return json_response(ollama_error(message), status)
+
+
+async def _api_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, ApiError)
+    return error_response(request, exc.status, exc.message)
+
+
+async def _tp_error(request: Request, exc: Exception) -> Response:
+    if isinstance(exc, ModelNotFound):
+        status = 404
+    elif isinstance(exc, CheckpointError | ConfigError):
+        status = 500  # the installed model or the server's setup is broken, not the request
+    else:
+        status = 400  # RequestError and other problems the caller can fix
+    if status == 500 or not isinstance(exc, RequestError | ModelNotFound):
+        log.warning("%s %s: %s", request.method, request.url.path, exc)
+    return error_response(request, status, str(exc))
+
+
+async def _http_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, HTTPException)
+    if exc.status_code == 404:
+        return PlainTextResponse("404 page not found", 404)
+    if exc.status_code == 405:
+        return PlainTextResponse("405 method not allowed", 405)
+    return error_response(request, exc.status_code, str(exc.detail))
+
+
+async def _internal_error(request: Request, exc: Exception) -> Response:
+    return error_response(request, 500, f"internal error: {type(exc).__name__}: {exc}")
+
+
+# --- security ------------------------------------------------------------------------------------
+
+
+def _is_loopback(host: str) -> bool:
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def allowed_host(host_header: str) -> bool:
+    """DNS-rebinding guard (upstream's allowedHost): local names and private addresses only."""
+    host = host_header.strip().lower()
+    if host.startswith("["):
+        host = host[1:].split("]", 1)[0]
+    elif host.count(":") == 1:
+        host = host.split(":", 1)[0]
+    if host in ("", "localhost"):
+        return True
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        return host == socket.gethostname().lower() or host.endswith((".localhost", ".local", ".internal"))
+    return ip.is_loopback or ip.is_unspecified or any(ip in net for net in _PRIVATE_NETS)
+
+
+# Go's netip.Addr.IsPrivate (RFC 1918, RFC 4193); Python's is_private also counts documentation ranges.
+_PRIVATE_NETS = tuple(ipaddress.ip_network(n) for n in ("10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "fc00::/7"))
+
+
+class HostGuard:
+    """403 for a request whose Host is not local, when the server listens on loopback only."""
+
+    def __init__(self, app: ASGIApp, enabled: bool) -> None:
+        self.app = app
+        self.enabled = enabled
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if self.enabled and scope["type"] == "http":
+            host = Headers(scope=scope).get("host", "")
+            if not allowed_host(host):
+                response = json_response(ollama_error(f"host {host!r} is not allowed"), 403)
+                await response(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
+DEFAULT_ORIGINS = (
+    *(
+        f"{scheme}://{host}{port}"
+        for scheme in ("http", "https")
+        for host in ("localhost", "127.0.0.1", "0.0.0.0")
+        for port in ("", ":*")
+    ),
+    "app://*",
+    "file://*",
+    "tauri://*",
+    "vscode-webview://*",
+    "vscode-file://*",
+)
+ALLOWED_HEADERS = ("authorization", "content-type", "user-agent", "accept", "x-requested-with", "openai-beta")
+ALLOWED_METHODS = "GET, POST, PUT, PATCH, DELETE, HEAD, OPTIONS"
+
+
+class Cors:
+    """CORS with OLLAMA_ORIGINS semantics: glob patterns (`*` matches anything), a 204 preflight,
+    and 403 for an Origin that is not allowed (as gin-contrib/cors does upstream)."""
+
+    def __init__(self, app: ASGIApp, origins: Sequence[str]) -> None:
+        self.app = app
+        globs = (re.escape(o.strip()).replace(r"\*", ".*") for o in origins if o.strip())
+        self._origins = re.compile("^(?:" + "|".join(globs) + ")$", re.IGNORECASE)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        headers = Headers(scope=scope) if scope["type"] == "http" else None
+        origin = headers.get("origin") if headers is not None else None
+        if headers is None or origin is None:
+            await self.app(scope, receive, send)
+            return
+        if not self._origins.match(origin):
+            await json_response(ollama_error(f"origin {origin!r} is not allowed"), 403)(scope, receive, send)
+            return
+        if scope["method"] == "OPTIONS" and "access-control-request-method" in headers:
+            await self._preflight(origin, headers)(scope, receive, send)
+            return
+
+        async def send_with_cors(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                out = MutableHeaders(scope=message)
+                out["Access-Control-Allow-Origin"] = origin
+                out.add_vary_header("Origin")
+            await send(message)
+
+        await self.app(scope, receive, send_with_cors)
+
+    def _preflight(self, origin: str, headers: Headers) -> Response:
+        requested = [h.strip().lower() for h in headers.get("access-control-request-headers", "").split(",")]
+        requested = [h for h in requested if h]
+        refused = [h for h in requested if h not in ALLOWED_HEADERS and not h.startswith("x-stainless-")]
+        if refused:
+            return json_response(ollama_error(f"headers not allowed: {', '.join(refused)}"), 403)
+        allow: dict[str, Any] = {
+            "Access-Control-Allow-Origin": origin,
+            "Access-Control-Allow-Methods": ALLOWED_METHODS,
+            "Access-Control-Allow-Headers": ", ".join(requested or ALLOWED_HEADERS),
+            "Access-Control-Max-Age": "43200",
+            "Vary": "Origin",
+        }
+        return Response(status_code=204, headers=allow)

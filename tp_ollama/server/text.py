@@ -1,0 +1,373 @@
+"""The text side of serving, between the wire formats (schemas.py) and the token-level engine:
+tokenizers per model, prompts rendered from requests, options layered with limits, the one loaded
+model and its keep-alive, and token events turned into text pieces with stop strings cut out."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+from tp_ollama.checkpoints.tokenizer import Tokenizer
+from tp_ollama.engine.detokenize import IncrementalDetokenizer
+from tp_ollama.engine.options import GenerationOptions
+from tp_ollama.engine.stop import StopMatcher
+from tp_ollama.errors import RequestError
+from tp_ollama.server.engine_api import Engine, LoadRequest
+from tp_ollama.server.schemas import ChatRequest, GenerateRequest, Metrics, ModelResolver, ResolvedModel, ps_model
+from tp_ollama.store.embedded import normalize_name
+
+log = logging.getLogger(__name__)
+
+# Every key Ollama accepts in `options` (Modelfile PARAMETERs too), legacy ones included; others are
+# ignored with a warning, as upstream does.
+KNOWN_OPTIONS = frozenset(
+    "num_ctx num_batch num_gpu main_gpu use_mmap num_thread draft_num_predict num_keep seed num_predict top_k "
+    "top_p min_p typical_p repeat_last_n temperature repeat_penalty presence_penalty frequency_penalty stop "
+    "mirostat mirostat_tau mirostat_eta tfs_z penalize_newline numa low_vram f16_kv logits_all vocab_only "
+    "use_mlock embedding_only".split()
+)
+
+
+@dataclass(frozen=True)
+class Limits:
+    default_num_ctx: int = 4096
+    max_num_ctx: int = 131072
+    max_num_predict: int = 32768
+    keep_alive_s: float = 300.0  # negative: forever
+    dtype: str = "float32"
+
+
+@dataclass(frozen=True)
+class Job:
+    """One generation request, ready for the engine."""
+
+    model: str  # the request's spelling, echoed in responses
+    name: str  # display name for /api/ps
+    resolved: ResolvedModel
+    tokenizer: Tokenizer
+    prompt: list[int]
+    options: GenerationOptions
+    keep_alive: float | None
+    started_ns: int
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """How a generation ended: the final chunk's metrics, and prompt + generated ids (`context`)."""
+
+    metrics: Metrics
+    context: list[int]
+
+
+# --- the loaded model ------------------------------------------------------------------------------
+
+
+class Lease:
+    """A request's hold on the loaded model; `release()` is idempotent and never blocks. It returns
+    the unload task when the request's keep_alive is 0, for callers that can wait for it."""
+
+    def __init__(self, scheduler: Scheduler, keep_alive: float | None, load_ns: int) -> None:
+        self._scheduler = scheduler
+        self.keep_alive = keep_alive
+        self.load_ns = load_ns
+        self._released = False
+
+    def release(self) -> asyncio.Task[None] | None:
+        if self._released:
+            return None
+        self._released = True
+        return self._scheduler._release(self.keep_alive)
+
+
+class Scheduler:
+    """One model on the engine at a time. A request for another model waits until the current one's
+    requests have finished, then loads; an idle model unloads when its keep-alive runs out."""
+
+    def __init__(self, engine: Engine, limits: Limits) -> None:
+        self._engine = engine
+        self._limits = limits
+        self._lock = asyncio.Lock()  # loads, unloads and model switches, in arrival order
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._active = 0
+        self._epoch = 0  # bumps on every acquire, so a stale timer never unloads
+        self._name = ""
+        self._resolved: ResolvedModel | None = None
+        self._keep_alive = limits.keep_alive_s
+        self._unload_when_idle = False
+        self._expires: float | None = None
+        self._timer: asyncio.Task[None] | None = None
+
+    async def acquire(self, name: str, resolved: ResolvedModel, num_ctx: int, keep_alive: float | None) -> Lease:
+        t0 = time.perf_counter_ns()
+        async with self._lock:
+            while not self._holds(resolved.path, num_ctx):
+                if self._active == 0:
+                    self._cancel_timer()
+                    await self._engine.load(LoadRequest(resolved.path, self._limits.dtype, num_ctx))
+                    break
+                await self._idle.wait()
+            self._epoch += 1
+            self._cancel_timer()
+            self._active += 1
+            self._idle.clear()
+            self._name, self._resolved = name, resolved
+        return Lease(self, keep_alive, time.perf_counter_ns() - t0)
+
+    async def unload(self, resolved: ResolvedModel) -> None:
+        """Unload now if `resolved` is loaded and idle, else as soon as its requests finish."""
+        async with self._lock:
+            loaded = self._engine.loaded()
+            if loaded is None or loaded.path != resolved.path:
+                return
+            if self._active > 0:
+                self._unload_when_idle = True
+                return
+            self._epoch += 1
+            self._cancel_timer()
+            await self._engine.unload()
+
+    def running(self) -> list[dict[str, Any]]:
+        """/api/ps entries."""
+        loaded = self._engine.loaded()
+        if loaded is None:
+            return []
+        resolved = self._resolved if self._resolved is not None and self._resolved.path == loaded.path else None
+        if self._active > 0:
+            expires = None if self._keep_alive < 0 else time.time() + self._keep_alive
+        else:
+            expires = self._expires
+        on_gpu = any(str(rank.get("device", "")).startswith("cuda") for rank in loaded.layout)
+        details = {"format": "safetensors" if loaded.path.is_dir() else "gguf"}
+        return [
+            ps_model(
+                name=self._name or loaded.path.name,
+                size=loaded.size_bytes,
+                size_vram=loaded.size_bytes if on_gpu else 0,
+                digest=resolved.digest if resolved else "",
+                details={**details, **{k: v for k, v in (resolved.details.to_dict() if resolved else {}).items() if v}},
+                expires=expires,
+                num_ctx=loaded.num_ctx,
+            )
+        ]
+
+    def close(self) -> None:
+        self._cancel_timer()
+
+    def _holds(self, path: Path, num_ctx: int) -> bool:
+        loaded = self._engine.loaded()
+        return loaded is not None and loaded.path == path and loaded.num_ctx == num_ctx
+
+    def _release(self, keep_alive: float | None) -> asyncio.Task[None] | None:
+        # The latest request sets the model's keep-alive; the timer starts when the last one ends.
+        self._keep_alive = self._limits.keep_alive_s if keep_alive is None else keep_alive
+        self._active -= 1
+        if self._active > 0:
+            return None
+        self._idle.set()
+        seconds = 0.0 if self._unload_when_idle else self._keep_alive
+        self._unload_when_idle = False
+        if seconds < 0:
+            self._expires = None
+            return None
+        self._expires = time.time() + seconds
+        self._cancel_timer()
+        self._timer = asyncio.get_running_loop().create_task(self._expire(seconds, self._epoch))
+        return self._timer if seconds == 0 else None
+
+    async def _expire(self, seconds: float, epoch: int) -> None:
+        await asyncio.sleep(seconds)
+        async with self._lock:
+            if self._active == 0 and self._epoch == epoch and self._engine.loaded() is not None:
+                log.info("keep-alive of %s ran out: unloading", self._name)
+                await self._engine.unload()
+
+    def _cancel_timer(self) -> None:
+        if self._timer is not None and not self._timer.done():
+            self._timer.cancel()
+        self._timer = None
+
+
+# --- requests -> prompts ---------------------------------------------------------------------------
+
+
+class TextService:
+    """What the route handlers call: resolve, build a Job, hold the model, stream text."""
+
+    def __init__(self, engine: Engine, models: ModelResolver, limits: Limits) -> None:
+        self.engine = engine
+        self.models = models
+        self.limits = limits
+        self.scheduler = Scheduler(engine, limits)
+        self._tokenizers: dict[Path, Tokenizer] = {}
+        self._tokenizer_lock = asyncio.Lock()
+
+    async def resolve(self, name: str) -> ResolvedModel:
+        # A store may read files (or assemble an embedded model): off the event loop.
+        return await asyncio.to_thread(self.models.resolve, name)
+
+    def display_name(self, request_name: str, resolved: ResolvedModel) -> str:
+        return resolved.name or normalize_name(request_name)
+
+    async def tokenizer(self, path: Path) -> Tokenizer:
+        async with self._tokenizer_lock:
+            if path not in self._tokenizers:
+                self._tokenizers[path] = await asyncio.to_thread(_read_tokenizer, path)
+            return self._tokenizers[path]
+
+    def options(self, params: Mapping[str, Any], request: Mapping[str, Any]) -> GenerationOptions:
+        """Server defaults, then the model's PARAMETERs, then the request's options; then the limits."""
+        unknown = sorted(set(request) - KNOWN_OPTIONS)
+        if unknown:
+            log.warning("ignoring unknown options: %s", ", ".join(unknown))
+        merged = {"num_ctx": self.limits.default_num_ctx, **params, **request}
+        options = GenerationOptions.from_ollama(merged)
+        num_predict = options.num_predict
+        if num_predict < 0 or num_predict > self.limits.max_num_predict:
+            num_predict = self.limits.max_num_predict
+        return replace(options, num_ctx=min(options.num_ctx, self.limits.max_num_ctx), num_predict=num_predict)
+
+    async def load_only(
+        self, request_name: str, resolved: ResolvedModel, options: Mapping[str, Any], keep_alive: float | None
+    ) -> str:
+        """An empty prompt: load (done_reason "load") or, with keep_alive 0, unload ("unload")."""
+        if keep_alive == 0:
+            await self.scheduler.unload(resolved)
+            return "unload"
+        num_ctx = self.options(resolved.params, options).num_ctx
+        lease = await self.scheduler.acquire(self.display_name(request_name, resolved), resolved, num_ctx, keep_alive)
+        lease.release()
+        return "load"
+
+    async def generate_job(self, req: GenerateRequest, resolved: ResolvedModel, started_ns: int) -> Job:
+        tokenizer = await self.tokenizer(resolved.path)
+        options = self.options(resolved.params, req.options)
+        if req.raw or tokenizer.chat_template is None:
+            ids = tokenizer.encode(req.prompt, add_special_tokens=True)
+        else:
+            system = req.system if req.system is not None else resolved.system
+            messages: list[Mapping[str, Any]] = [{"role": "system", "content": system}] if system else []
+            if req.context is None:
+                messages += resolved.messages
+            messages.append({"role": "user", "content": req.prompt})
+            ids = _render(tokenizer, messages)
+        if req.context:
+            bad = [t for t in req.context if not 0 <= t < tokenizer.vocab_size]
+            if bad:
+                raise RequestError(
+                    f"context holds token ids outside the vocabulary (0..{tokenizer.vocab_size - 1}): {bad[:5]}"
+                )
+            if ids[:1] == [tokenizer.bos_id]:
+                ids = ids[1:]  # the context already starts with BOS
+            ids = list(req.context) + ids
+        return self._job(req.model, resolved, tokenizer, ids, options, req.keep_alive, started_ns)
+
+    async def chat_job(self, req: ChatRequest, resolved: ResolvedModel, started_ns: int) -> Job:
+        tokenizer = await self.tokenizer(resolved.path)
+        options = self.options(resolved.params, req.options)
+        messages: list[Mapping[str, Any]] = [*resolved.messages, *(m.for_template() for m in req.messages)]
+        if resolved.system and messages[0].get("role") != "system":
+            messages.insert(0, {"role": "system", "content": resolved.system})
+        ids = _render(tokenizer, messages)
+        return self._job(req.model, resolved, tokenizer, ids, options, req.keep_alive, started_ns)
+
+    def _job(
+        self,
+        model: str,
+        resolved: ResolvedModel,
+        tokenizer: Tokenizer,
+        ids: list[int],
+        options: GenerationOptions,
+        keep_alive: float | None,
+        started_ns: int,
+    ) -> Job:
+        if not ids:
+            raise RequestError("the prompt is empty: at least one token is needed")
+        if len(ids) >= options.num_ctx:
+            raise RequestError(
+                f"the prompt is {len(ids)} tokens long, which does not fit num_ctx={options.num_ctx}; "
+                "raise num_ctx or shorten the prompt"
+            )
+        name = self.display_name(model, resolved)
+        return Job(model, name, resolved, tokenizer, ids, options, keep_alive, started_ns)
+
+    # --- running ---------------------------------------------------------------------------------
+
+    async def start(self, job: Job) -> Lease:
+        return await self.scheduler.acquire(job.name, job.resolved, job.options.num_ctx, job.keep_alive)
+
+    async def stream(self, job: Job, lease: Lease) -> AsyncIterator[str | Outcome]:
+        """Text pieces, then one Outcome. The lease is released before the Outcome is handed on, so
+        that a keep_alive 0 unload has happened by the time a client reads the final chunk."""
+        try:
+            async for item in self._pieces(job):
+                if isinstance(item, Outcome):
+                    unload = lease.release()
+                    if unload is not None:
+                        await asyncio.wait([unload])
+                    m = item.metrics
+                    total = time.perf_counter_ns() - job.started_ns
+                    item = Outcome(replace(m, total_duration=total, load_duration=lease.load_ns), item.context)
+                yield item
+        finally:
+            lease.release()
+
+    async def _pieces(self, job: Job) -> AsyncIterator[str | Outcome]:
+        """The same detokenize + stop-string logic as tp_ollama.completion.text_pieces, over events."""
+        detok = IncrementalDetokenizer(job.tokenizer)
+        stop = StopMatcher(job.options.stop)
+        tokens: list[int] = []
+        start = time.perf_counter_ns()
+        first = start
+        events = self.engine.generate(job.prompt, job.options, job.tokenizer.eos_ids)
+        try:
+            async for event in events:
+                if event.token is not None:
+                    if not tokens:
+                        first = time.perf_counter_ns()
+                    tokens.append(event.token)
+                    text, stopped = stop.push(detok.push(event.token))
+                    if text:
+                        yield text
+                    if stopped:
+                        # Measured here: the engine is stopped early and sends no final event.
+                        now = time.perf_counter_ns()
+                        metrics = Metrics("stop", 0, 0, len(job.prompt), first - start, len(tokens), now - first)
+                        yield Outcome(metrics, job.prompt + tokens)
+                        return
+                if event.done:
+                    text, stopped = stop.push(detok.flush())
+                    tail = text if stopped else text + stop.flush()
+                    if tail:
+                        yield tail
+                    reason = "stop" if stopped else event.done_reason
+                    metrics = Metrics(
+                        reason,
+                        0,
+                        0,
+                        event.prompt_eval_count,
+                        event.prompt_eval_duration,
+                        event.eval_count,
+                        event.eval_duration,
+                    )
+                    yield Outcome(metrics, job.prompt + tokens)
+                    return
+        finally:
+            aclose = getattr(events, "aclose", None)
+            if aclose is not None:
+                await aclose()
+
+
+def _read_tokenizer(path: Path) -> Tokenizer:
+    return Tokenizer.from_hf_dir(path) if path.is_dir() else Tokenizer.from_gguf(path)
+
+
+def _render(tokenizer: Tokenizer, messages: list[Mapping[str, Any]]) -> list[int]:
+    text = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+    # The template writes BOS itself where the model wants it, as transformers assumes.
+    return tokenizer.encode(text, add_special_tokens=False)
