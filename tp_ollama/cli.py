@@ -259,6 +259,39 @@ def launch(
     run_reporting_errors(debug, body)
 
 
+@app.command()
+def serve(
+    config: Annotated[str | None, typer.Option(help="A config.yaml (see configs/default.yaml).")] = None,
+    host: Annotated[str | None, typer.Option(help="Address to listen on (OLLAMA_HOST).")] = None,
+    port: Annotated[int | None, typer.Option(help="Port to listen on.")] = None,
+    tp: Annotated[int | None, typer.Option(help="Tensor-parallel ranks on this machine.")] = None,
+    tp_weights: TpWeightsOpt = None,
+    comm: Annotated[str | None, typer.Option(help="Collectives: auto, shm, tcp, gloo, nccl.")] = None,
+    device: Annotated[str | None, typer.Option(help="cpu or cuda.")] = None,
+    dtype: Annotated[str | None, typer.Option(help="float32 or bfloat16.")] = None,
+    num_ctx: Annotated[int | None, typer.Option(help="Default context window.")] = None,
+    keep_alive: Annotated[str | None, typer.Option(help="How long an idle model stays loaded (5m, -1).")] = None,
+    models: Annotated[str | None, typer.Option(help="Model store directory (OLLAMA_MODELS).")] = None,
+    debug: DebugOpt = False,
+) -> None:
+    """Start the Ollama-compatible server with an engine group of --tp ranks."""
+
+    def body() -> None:
+        from pathlib import Path
+
+        from tp_ollama.config import load_settings
+        from tp_ollama.server.serve import run
+
+        flags = {
+            "host": host, "port": port, "tp": tp, "tp_weights": tp_weights, "comm": comm, "device": device,
+            "dtype": dtype, "num_ctx": num_ctx, "keep_alive": keep_alive, "models": models,
+        }  # fmt: skip
+        settings = load_settings(Path(config) if config else None, os.environ, flags)
+        run(settings, debug)
+
+    run_reporting_errors(debug, body)
+
+
 @app.command(hidden=True)
 def engine(
     socket_path: Annotated[str, typer.Option("--socket", help="Local socket for the front end (on node 0).")],

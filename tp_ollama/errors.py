@@ -15,3 +15,11 @@ class ConfigError(TpOllamaError):
 
 class RequestError(TpOllamaError):
     """A generation request that cannot be served as asked (prompt longer than num_ctx, bad option)."""
+
+
+class ModelNotFound(TpOllamaError):
+    """No installed model has this name; HTTP 404 `model 'NAME' not found` as upstream says it."""
+
+    def __init__(self, name: str, message: str | None = None) -> None:
+        super().__init__(message or f"model '{name}' not found")
+        self.name = name

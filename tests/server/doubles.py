@@ -10,8 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from tp_ollama.engine.options import GenerationOptions
-from tp_ollama.errors import RequestError
-from tp_ollama.server.app import ModelNotFound
+from tp_ollama.errors import ModelNotFound, RequestError
 from tp_ollama.server.engine_api import LoadedModel, LoadRequest, TokenEvent
 from tp_ollama.store.embedded import EMBEDDED, normalize_name
 

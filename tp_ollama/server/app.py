@@ -22,21 +22,13 @@ from starlette.responses import PlainTextResponse, Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from tp_ollama.errors import CheckpointError, ConfigError, RequestError, TpOllamaError
+from tp_ollama.errors import CheckpointError, ConfigError, ModelNotFound, RequestError, TpOllamaError
 from tp_ollama.server import ollama_routes, openai_routes
 from tp_ollama.server.engine_api import Engine
 from tp_ollama.server.schemas import ApiError, ModelResolver, json_response, ollama_error, openai_error
 from tp_ollama.server.text import Limits, TextService
 
 log = logging.getLogger(__name__)
-
-
-class ModelNotFound(TpOllamaError):
-    """No installed model has this name; HTTP 404 `model 'NAME' not found`."""
-
-    def __init__(self, name: str) -> None:
-        super().__init__(f"model '{name}' not found")
-        self.name = name
 
 
 def create_app(

@@ -39,11 +39,15 @@ class RemoteEngine:
 
     @classmethod
     def spawn(cls, tp: int, comm: str = "auto", device: str = "cpu", tp_weights: str | None = None,
-              join_timeout_s: float = 120.0) -> RemoteEngine:  # fmt: skip
-        """Start `tp` local ranks in a child process group serving a fresh socket."""
+              join_timeout_s: float = 120.0, nnodes: int = 1, master_addr: str = "127.0.0.1",
+              master_port: int = 0) -> RemoteEngine:  # fmt: skip
+        """Start this node's `tp` ranks (node 0 of `nnodes`) in a child process group serving a fresh
+        socket; with several nodes the others join through `tp-ollama launch --node-rank R`."""
         path = Path(tempfile.mkdtemp(prefix="tp-ollama-")) / "engine.sock"
         cmd = [sys.executable, "-m", "tp_ollama", "engine", "--socket", str(path), "--tp", str(tp),
-               "--comm", comm, "--device", device, "--join-timeout", str(join_timeout_s)]  # fmt: skip
+               "--comm", comm, "--device", device, "--join-timeout", str(join_timeout_s),
+               "--nnodes", str(nnodes), "--node-rank", "0", "--master-addr", master_addr,
+               "--master-port", str(master_port)]  # fmt: skip
         if tp_weights:
             cmd += ["--tp-weights", tp_weights]
         engine = cls(path, cmd, connect_timeout_s=join_timeout_s)

@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 from tp_ollama.errors import CheckpointError
+from tp_ollama.store.names import normalize_name  # re-exported: it used to live here
 
 DEFAULT_MODEL = "gemma3:270m"
 
@@ -50,15 +51,6 @@ def smollm2_135m() -> Path:
 
 
 EMBEDDED = {"gemma3:270m": gemma3_270m, "smollm2:135m": smollm2_135m}
-
-
-def normalize_name(name: str) -> str:
-    """Ollama's short form: `gemma3:270m`; a name without a tag gets `latest`."""
-    name = name.strip()
-    for prefix in ("registry.ollama.ai/library/", "library/"):
-        if name.startswith(prefix):
-            name = name[len(prefix) :]
-    return name if ":" in name.rsplit("/", 1)[-1] else f"{name}:latest"
 
 
 def resolve_model(model: str) -> Path:

@@ -1,0 +1,70 @@
+"""`tp-ollama serve` and node 0 of `tp-ollama launch`: the HTTP front end in this process, the engine
+group (torchrun's agent and its ranks) in a child process session it starts and stops."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+from tp_ollama import __version__
+
+log = logging.getLogger(__name__)
+
+
+class StoreModels:
+    """The model store seen through the front end's ModelResolver protocol."""
+
+    def __init__(self, store: Any) -> None:
+        self.store = store
+
+    def resolve(self, name: str) -> Any:
+        return self.store.resolve(name)
+
+    def names(self) -> list[str]:
+        return [entry.name for entry in self.store.list()]
+
+
+def build(settings: Any) -> tuple[Any, Any]:
+    """The engine handle and the Starlette app for these settings."""
+    from tp_ollama.server.app import create_app
+    from tp_ollama.server.remote_engine import RemoteEngine
+    from tp_ollama.store.registry import ModelStore
+
+    c, i, a = settings.cluster, settings.inference, settings.api
+    weights = ",".join(f"{w:g}" for w in i.tp_weights) if i.tp_weights else None
+    engine = RemoteEngine.spawn(
+        c.nproc_per_node, comm=c.comm, device=i.device, tp_weights=weights, join_timeout_s=c.join_timeout,
+        nnodes=c.nnodes, master_addr=c.rendezvous_addr, master_port=c.rendezvous_port if c.nnodes > 1 else 0,
+    )  # fmt: skip
+    app = create_app(
+        engine,
+        StoreModels(ModelStore(settings.models.storage_path)),
+        version=__version__,
+        allowed_origins=a.origins,
+        max_body_bytes=a.max_body_bytes,
+        default_num_ctx=i.num_ctx,
+        max_num_ctx=i.max_num_ctx,
+        max_num_predict=i.max_num_predict if i.max_num_predict > 0 else 1 << 30,
+        keep_alive_s=i.keep_alive,
+        dtype=i.dtype,
+        bind_host=a.host,
+    )
+    return engine, app
+
+
+async def serve(settings: Any, log_level: str = "warning") -> None:
+    import uvicorn
+
+    for note in settings.notes():
+        log.warning("%s", note)
+    engine, app = build(settings)
+    server = uvicorn.Server(uvicorn.Config(app, host=settings.api.host, port=settings.api.port, log_level=log_level))
+    try:
+        await server.serve()
+    finally:
+        await engine.close()
+
+
+def run(settings: Any, debug: bool = False) -> None:
+    asyncio.run(serve(settings, "debug" if debug else "warning"))
