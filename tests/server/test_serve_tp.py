@@ -1,0 +1,117 @@
+"""`tp-ollama serve --tp 2` as a user runs it: a real server process whose engine is a two-rank
+tensor-parallel group, driven by the official ollama and openai clients."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import httpx
+import ollama
+import openai
+import psutil
+import pytest
+import torch
+
+from tp_ollama.completion import load, prompt_tokens, stream_text
+from tp_ollama.engine.options import GenerationOptions, SamplingOptions
+from tp_ollama.launch import free_port
+
+pytestmark = pytest.mark.slow
+
+STARTUP_S = 120
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    port = free_port()
+    env = {**os.environ, "OLLAMA_MODELS": str(tmp_path_factory.mktemp("models")), "OMP_NUM_THREADS": "1"}
+    env.pop("OLLAMA_HOST", None)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "tp_ollama", "serve", "--port", str(port), "--tp", "2"],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + STARTUP_S
+    while True:  # a separate process: its socket answering is the only readiness signal there is
+        try:
+            if httpx.get(url, timeout=1).text == "Ollama is running":
+                break
+        except httpx.TransportError:
+            pass
+        assert proc.poll() is None, proc.stdout.read() if proc.stdout else ""
+        assert time.monotonic() < deadline, "the server did not answer within the startup limit"
+        time.sleep(0.1)
+    yield url, proc
+    proc.send_signal(signal.SIGINT)
+    proc.wait(timeout=60)
+
+
+def test_chat_through_two_ranks_answers_paris(server):
+    url, _ = server
+    client = ollama.Client(host=url)
+    reply = client.chat(
+        model="smollm2:135m",
+        messages=[{"role": "user", "content": "What is the capital of France?"}],
+        options={"temperature": 0, "num_predict": 32},
+    )
+    assert "Paris" in reply.message.content
+    assert reply.done_reason == "stop"
+    loaded = client.ps().models
+    assert [m.model for m in loaded] == ["smollm2:135m"]
+
+
+def test_greedy_generate_equals_the_unsharded_text(server):
+    url, _ = server
+    prompt = "def fibonacci(n):"
+    options = {"temperature": 0, "num_predict": 24}
+    streamed = "".join(
+        chunk.response
+        for chunk in ollama.Client(host=url).generate(
+            model="smollm2:135m", prompt=prompt, raw=True, options=options, stream=True
+        )
+    )
+    loaded = load("smollm2:135m", torch.float32)
+    ids = prompt_tokens(loaded.tokenizer, prompt)
+    gen = GenerationOptions(sampling=SamplingOptions(temperature=0), num_predict=24)
+    assert streamed == "".join(stream_text(loaded, ids, gen))
+
+
+def test_openai_client_through_two_ranks(server):
+    url, _ = server
+    client = openai.OpenAI(base_url=f"{url}/v1", api_key="ollama")
+    reply = client.chat.completions.create(
+        model="smollm2:135m",
+        messages=[{"role": "user", "content": "What is the capital of France?"}],
+        temperature=0,
+        max_tokens=16,
+    )
+    assert "Paris" in reply.choices[0].message.content
+    assert reply.usage.completion_tokens <= 16
+
+
+def test_stopping_the_server_stops_every_rank(tmp_path):
+    port = free_port()
+    env = {**os.environ, "OLLAMA_MODELS": str(tmp_path), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "tp_ollama", "serve", "--port", str(port), "--tp", "2"],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + STARTUP_S
+    while True:
+        try:
+            ollama.Client(host=url).generate(model="smollm2:135m", prompt="")  # loads the model on both ranks
+            break
+        except (httpx.TransportError, ConnectionError):
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+    ranks = psutil.Process(proc.pid).children(recursive=True)
+    assert len([p for p in ranks if "python" in p.name()]) >= 3  # agent + two ranks
+    proc.send_signal(signal.SIGINT)
+    proc.wait(timeout=60)
+    _, alive = psutil.wait_procs(ranks, timeout=30)
+    assert alive == []
