@@ -209,8 +209,13 @@ def generate(
 
 @app.command()
 def launch(
-    model: ModelArg,
-    prompt: Annotated[str, typer.Argument(help="The prompt, on node 0 (other nodes may pass the same).")],
+    model: Annotated[
+        str | None, typer.Argument(help="With PROMPT: the model for a one-shot generation (no server).")
+    ] = None,
+    prompt: Annotated[str | None, typer.Argument(help="Generate once instead of serving.")] = None,
+    config: Annotated[str | None, typer.Option(help="A config.yaml (see configs/default.yaml).")] = None,
+    host: Annotated[str | None, typer.Option(help="Node 0: address the server listens on.")] = None,
+    port: Annotated[int | None, typer.Option(help="Node 0: port the server listens on.")] = None,
     nnodes: Annotated[int, typer.Option(help="Number of machines.")] = 1,
     node_rank: Annotated[int, typer.Option(help="This machine's index, 0 for the first.")] = 0,
     nproc_per_node: Annotated[int, typer.Option(help="Engine ranks on this machine.")] = 1,
@@ -235,13 +240,19 @@ def launch(
     join_timeout: JoinTimeoutOpt = 120.0,
     debug: DebugOpt = False,
 ) -> None:
-    """Run one tensor-parallel group across machines: the same command on every node."""
+    """Run one tensor-parallel group across machines: the same command on every node. Node 0 serves the
+    Ollama API (or, given MODEL and PROMPT, generates once); the other nodes run engine ranks only."""
 
     def body() -> None:
         from tp_ollama.launch import Cluster, parse_bootstrap
 
-        addr, port = parse_bootstrap(bootstrap) if bootstrap else (master_addr, master_port)
-        cluster = Cluster(nnodes, node_rank, nproc_per_node, addr, port, join_timeout)
+        addr, rdzv_port = parse_bootstrap(bootstrap) if bootstrap else (master_addr, master_port)
+        cluster = Cluster(nnodes, node_rank, nproc_per_node, addr, rdzv_port, join_timeout)
+        if prompt is None:
+            serve_cluster(cluster, config, host, port, tp_weights, comm, device, dtype, num_ctx, debug)
+            return
+        if model is None:
+            raise typer.BadParameter("a PROMPT needs a MODEL")
         options = sampling_options(
             temperature=temperature,
             seed=seed,
@@ -257,6 +268,33 @@ def launch(
             sys.stdout.write("\n")
 
     run_reporting_errors(debug, body)
+
+
+def serve_cluster(
+    cluster: Any, config: str | None, host: str | None, port: int | None, tp_weights: str | None, comm: str,
+    device: str, dtype: str, num_ctx: int, debug: bool,
+) -> None:  # fmt: skip
+    """launch without a prompt: node 0 runs the front end and its ranks, the others their ranks."""
+    from pathlib import Path
+
+    from tp_ollama.config import load_settings
+
+    if cluster.node_rank > 0:
+        from tp_ollama.launch import run_workers
+        from tp_ollama.parallel.engine_server import EngineJob, engine_main
+
+        job = EngineJob("", comm, device, parse_weights(tp_weights), cluster.join_timeout_s, debug)
+        run_workers(cluster, engine_main, job)
+        return
+    from tp_ollama.server.serve import run
+
+    flags = {
+        "host": host, "port": port, "nnodes": cluster.nnodes, "node_rank": 0,
+        "nproc_per_node": cluster.nproc_per_node, "master_addr": cluster.master_addr,
+        "master_port": cluster.master_port, "join_timeout": cluster.join_timeout_s, "comm": comm,
+        "tp_weights": tp_weights, "device": device, "dtype": dtype, "num_ctx": num_ctx,
+    }  # fmt: skip
+    run(load_settings(Path(config) if config else None, os.environ, flags), debug)
 
 
 @app.command()
@@ -321,3 +359,8 @@ def engine(
 
 def main() -> None:
     app()
+
+
+from tp_ollama.client_cli import register  # TEMP (client_cli tests)
+
+register(app)

@@ -107,3 +107,47 @@ def test_a_node_that_never_joins_times_out_cleanly():
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1 and "did not form within 4 s" in lines[0] and "1/2" in lines[0], done.stderr
     assert our_processes() == set()
+
+
+def test_two_nodes_serve_the_ollama_api(tmp_path):
+    """launch without a prompt: node 0 serves HTTP over a group whose ranks span both nodes."""
+    import signal
+    import time
+
+    import httpx
+    import ollama
+
+    rdzv, http_port = str(free_port()), free_port()
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "OLLAMA_MODELS": str(tmp_path)}
+    common = [sys.executable, "-m", "tp_ollama", "launch", "--nnodes", "2", "--master-port", rdzv]
+    log1 = tmp_path / "node1.log"
+    with log1.open("w") as sink:
+        node1 = subprocess.Popen([*common, "--node-rank", "1"], env=env, stderr=sink)
+    node0 = subprocess.Popen([*common, "--node-rank", "0", "--port", str(http_port)], env=env)
+    url = f"http://127.0.0.1:{http_port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:  # another process: its socket answering is the readiness signal
+            try:
+                httpx.get(url, timeout=1)
+                break
+            except httpx.TransportError:
+                assert node0.poll() is None and time.monotonic() < deadline
+                time.sleep(0.1)
+        reply = ollama.Client(host=url).chat(
+            model="smollm2:135m",
+            messages=[{"role": "user", "content": "What is the capital of France?"}],
+            options={"temperature": 0, "num_predict": 24},
+        )
+        assert "Paris" in reply.message.content
+        everything = psutil.Process(node0.pid).children(recursive=True) + psutil.Process(node1.pid).children(
+            recursive=True
+        )
+        node0.send_signal(signal.SIGINT)
+        assert node0.wait(timeout=60) in (0, 130)
+        assert node1.wait(timeout=60) == 0, log1.read_text()
+        _, alive = psutil.wait_procs(everything, timeout=30)
+        assert alive == []
+    finally:
+        for p in (node0, node1):
+            p.kill()

@@ -153,6 +153,22 @@ class RemoteEngine:
         except EngineUnavailable:
             return
 
+    def terminate(self, grace_s: float = 5.0) -> None:
+        """Stop the engine group's whole process session, whatever state it is in (a second Ctrl-C,
+        a crashed front end): TERM, then KILL after `grace_s`."""
+        if self.process is None or self.process.poll() is not None:
+            return
+        for sig in (signal.SIGTERM, signal.SIGKILL):
+            try:
+                os.killpg(self.process.pid, sig)
+            except ProcessLookupError:
+                return
+            try:
+                self.process.wait(timeout=grace_s)
+                return
+            except subprocess.TimeoutExpired:
+                continue
+
     async def close(self) -> None:
         if self.writer is not None:
             try:
@@ -165,5 +181,4 @@ class RemoteEngine:
             try:
                 await asyncio.wait_for(asyncio.to_thread(self.process.wait), 10)
             except TimeoutError:
-                os.killpg(self.process.pid, signal.SIGTERM)
-                await asyncio.to_thread(self.process.wait)
+                await asyncio.to_thread(self.terminate)

@@ -53,12 +53,9 @@ def build(settings: Any) -> tuple[Any, Any]:
     return engine, app
 
 
-async def serve(settings: Any, log_level: str = "warning") -> None:
+async def serve(engine: Any, app: Any, settings: Any, log_level: str = "warning") -> None:
     import uvicorn
 
-    for note in settings.notes():
-        log.warning("%s", note)
-    engine, app = build(settings)
     server = uvicorn.Server(uvicorn.Config(app, host=settings.api.host, port=settings.api.port, log_level=log_level))
     try:
         await server.serve()
@@ -67,4 +64,10 @@ async def serve(settings: Any, log_level: str = "warning") -> None:
 
 
 def run(settings: Any, debug: bool = False) -> None:
-    asyncio.run(serve(settings, "debug" if debug else "warning"))
+    for note in settings.notes():
+        log.warning("%s", note)
+    engine, app = build(settings)
+    try:
+        asyncio.run(serve(engine, app, settings, "debug" if debug else "warning"))
+    finally:
+        engine.terminate()  # whatever happened above, no rank outlives the front end
