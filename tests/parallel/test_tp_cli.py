@@ -134,11 +134,12 @@ def test_two_nodes_serve_the_ollama_api(tmp_path):
             except httpx.TransportError:
                 assert node0.poll() is None and time.monotonic() < deadline
                 time.sleep(0.1)
-        reply = ollama.Client(host=url).chat(
-            model="smollm2:135m",
-            messages=[{"role": "user", "content": "What is the capital of France?"}],
-            options={"temperature": 0, "num_predict": 24},
-        )
+        with ollama.Client(host=url) as client:
+            reply = client.chat(
+                model="smollm2:135m",
+                messages=[{"role": "user", "content": "What is the capital of France?"}],
+                options={"temperature": 0, "num_predict": 24},
+            )
         assert "Paris" in reply.message.content
         everything = psutil.Process(node0.pid).children(recursive=True) + psutil.Process(node1.pid).children(
             recursive=True

@@ -52,15 +52,15 @@ def server(tmp_path_factory):
 
 def test_chat_through_two_ranks_answers_paris(server):
     url, _ = server
-    client = ollama.Client(host=url)
-    reply = client.chat(
-        model="smollm2:135m",
-        messages=[{"role": "user", "content": "What is the capital of France?"}],
-        options={"temperature": 0, "num_predict": 32},
-    )
+    with ollama.Client(host=url) as client:
+        reply = client.chat(
+            model="smollm2:135m",
+            messages=[{"role": "user", "content": "What is the capital of France?"}],
+            options={"temperature": 0, "num_predict": 32},
+        )
+        loaded = client.ps().models
     assert "Paris" in reply.message.content
     assert reply.done_reason == "stop"
-    loaded = client.ps().models
     assert [m.model for m in loaded] == ["smollm2:135m"]
 
 
@@ -68,12 +68,9 @@ def test_greedy_generate_equals_the_unsharded_text(server):
     url, _ = server
     prompt = "def fibonacci(n):"
     options = {"temperature": 0, "num_predict": 24}
-    streamed = "".join(
-        chunk.response
-        for chunk in ollama.Client(host=url).generate(
-            model="smollm2:135m", prompt=prompt, raw=True, options=options, stream=True
-        )
-    )
+    with ollama.Client(host=url) as client:
+        chunks = client.generate(model="smollm2:135m", prompt=prompt, raw=True, options=options, stream=True)
+        streamed = "".join(chunk.response for chunk in chunks)
     loaded = load("smollm2:135m", torch.float32)
     ids = prompt_tokens(loaded.tokenizer, prompt)
     gen = GenerationOptions(sampling=SamplingOptions(temperature=0), num_predict=24)
@@ -82,13 +79,13 @@ def test_greedy_generate_equals_the_unsharded_text(server):
 
 def test_openai_client_through_two_ranks(server):
     url, _ = server
-    client = openai.OpenAI(base_url=f"{url}/v1", api_key="ollama")
-    reply = client.chat.completions.create(
-        model="smollm2:135m",
-        messages=[{"role": "user", "content": "What is the capital of France?"}],
-        temperature=0,
-        max_tokens=16,
-    )
+    with openai.OpenAI(base_url=f"{url}/v1", api_key="ollama") as client:
+        reply = client.chat.completions.create(
+            model="smollm2:135m",
+            messages=[{"role": "user", "content": "What is the capital of France?"}],
+            temperature=0,
+            max_tokens=16,
+        )
     assert "Paris" in reply.choices[0].message.content
     assert reply.usage.completion_tokens <= 16
 
@@ -104,7 +101,8 @@ def test_stopping_the_server_stops_every_rank(tmp_path):
     deadline = time.monotonic() + STARTUP_S
     while True:
         try:
-            ollama.Client(host=url).generate(model="smollm2:135m", prompt="")  # loads the model on both ranks
+            with ollama.Client(host=url) as client:
+                client.generate(model="smollm2:135m", prompt="")  # loads the model on both ranks
             break
         except (httpx.TransportError, ConnectionError):
             assert time.monotonic() < deadline
