@@ -12,6 +12,7 @@ from typing import Annotated, Any, TypeVar
 import typer
 
 from tp_ollama import __version__
+from tp_ollama.client_cli import register as register_client_commands
 
 app = typer.Typer(
     name="tp-ollama",
@@ -357,10 +358,9 @@ def engine(
     run_reporting_errors(debug, body)
 
 
+# Ollama's client commands (run, list, ps, show, rm, cp, create, stop), talking to a server over HTTP.
+register_client_commands(app)
+
+
 def main() -> None:
     app()
-
-
-from tp_ollama.client_cli import register  # TEMP (client_cli tests)
-
-register(app)
