@@ -23,3 +23,7 @@ class ModelNotFound(TpOllamaError):
     def __init__(self, name: str, message: str | None = None) -> None:
         super().__init__(message or f"model '{name}' not found")
         self.name = name
+
+
+class EngineUnavailable(TpOllamaError):
+    """The engine group is not running or stopped answering (HTTP 503; the next request restarts it)."""

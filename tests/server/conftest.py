@@ -1,11 +1,12 @@
 """One real uvicorn server for the whole tests/server run: LocalEngine over the embedded models,
-on a free loopback port, in a thread."""
+on a free loopback port, in a thread. `serving` runs any other app the same way."""
 
 from __future__ import annotations
 
 import socket
 import threading
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import httpx
@@ -28,10 +29,9 @@ class LiveServer:
     app: Starlette
 
 
-@pytest.fixture(scope="session")
-def server() -> Iterator[LiveServer]:
-    engine = LocalEngine()
-    app = create_app(engine, EmbeddedModels(), version=__version__, allowed_origins=["chrome-extension://*"])
+@contextmanager
+def serving(app: Starlette) -> Iterator[str]:
+    """Run `app` under uvicorn in a thread on a free loopback port; yields its base URL."""
     # The socket listens before the server thread starts, so clients can connect at once: uvicorn
     # accepts the queued connections as soon as its startup is done. No polling, no sleeps.
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
@@ -43,11 +43,19 @@ def server() -> Iterator[LiveServer]:
     thread = threading.Thread(target=uv.run, kwargs={"sockets": [sock]}, name="uvicorn", daemon=True)
     thread.start()
     try:
-        yield LiveServer(f"http://127.0.0.1:{port}", engine, app)
+        yield f"http://127.0.0.1:{port}"
     finally:
         uv.should_exit = True
         thread.join(timeout=30)
         sock.close()
+
+
+@pytest.fixture(scope="session")
+def server() -> Iterator[LiveServer]:
+    engine = LocalEngine()
+    app = create_app(engine, EmbeddedModels(), version=__version__, allowed_origins=["chrome-extension://*"])
+    with serving(app) as url:
+        yield LiveServer(url, engine, app)
 
 
 @pytest.fixture

@@ -30,10 +30,10 @@ def server(tmp_path_factory):
     port = free_port()
     env = {**os.environ, "OLLAMA_MODELS": str(tmp_path_factory.mktemp("models")), "OMP_NUM_THREADS": "1"}
     env.pop("OLLAMA_HOST", None)
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "tp_ollama", "serve", "--port", str(port), "--tp", "2"],
-        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-    )  # fmt: skip
+    log = tmp_path_factory.mktemp("log") / "serve.log"
+    with log.open("w") as sink:  # a file, not a pipe nobody reads, which could fill and block the server
+        cmd = [sys.executable, "-m", "tp_ollama", "serve", "--port", str(port), "--tp", "2"]
+        proc = subprocess.Popen(cmd, env=env, stdout=sink, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + STARTUP_S
     while True:  # a separate process: its socket answering is the only readiness signal there is
@@ -42,12 +42,13 @@ def server(tmp_path_factory):
                 break
         except httpx.TransportError:
             pass
-        assert proc.poll() is None, proc.stdout.read() if proc.stdout else ""
+        assert proc.poll() is None, log.read_text()
         assert time.monotonic() < deadline, "the server did not answer within the startup limit"
         time.sleep(0.1)
     yield url, proc
     proc.send_signal(signal.SIGINT)
     proc.wait(timeout=60)
+    print(log.read_text()[-6000:])
 
 
 def test_chat_through_two_ranks_answers_paris(server):
@@ -113,3 +114,24 @@ def test_stopping_the_server_stops_every_rank(tmp_path):
     proc.wait(timeout=60)
     _, alive = psutil.wait_procs(ranks, timeout=30)
     assert alive == []
+
+
+def test_a_killed_engine_group_is_started_again(server):
+    """Kill every rank while the server is up: the next request gets a fresh group and an answer."""
+    url, proc = server
+    with ollama.Client(host=url) as client:
+        client.generate(model="smollm2:135m", prompt="Hi", options={"num_predict": 2})
+        agent = next(p for p in psutil.Process(proc.pid).children() if "engine" in " ".join(p.cmdline()))
+        ranks = agent.children(recursive=True)
+        for p in ranks:
+            p.kill()
+        # torchrun's agent gives up once its ranks are gone (no restarts); it stays a zombie until the
+        # server reaps it, which is what the next request does.
+        deadline = time.monotonic() + 60
+        while agent.is_running() and agent.status() != psutil.STATUS_ZOMBIE:
+            assert time.monotonic() < deadline, "the agent outlived its ranks"
+            time.sleep(0.1)
+        reply = client.generate(model="smollm2:135m", prompt="The capital of France is", raw=True,
+                                options={"temperature": 0, "num_predict": 8})  # fmt: skip
+    assert "Paris" in reply.response
+    assert psutil.Process(proc.pid).is_running()

@@ -179,21 +179,29 @@ def engine_main(job: EngineJob) -> None:
     link = FrontEndLink(job.socket_path) if comm.rank == 0 else None
     state = EngineState(job, comm)
     try:
-        while True:
-            cmd = link.poll(IDLE_TICK_S) if link is not None else None
-            if comm.rank == 0 and cmd is None:
-                cmd = {"op": "idle"}
-            cmd = json.loads(comm.broadcast_bytes(json.dumps(cmd).encode() if comm.rank == 0 else None, src=0))
-            op = cmd.get("op")
-            if op == "idle":
-                continue
-            if op == "shutdown":
-                return
-            _run_command(state, cmd, link)
+        # Everything a rank does is inference: one mode for the whole loop, so buffers that the
+        # communicator caches during a step are never updated outside inference mode later.
+        with torch.inference_mode():
+            _serve(state, link)
     finally:
         comm.close()
         if link is not None:
             link.close()
+
+
+def _serve(state: EngineState, link: FrontEndLink | None) -> None:
+    comm = state.comm
+    while True:
+        cmd = link.poll(IDLE_TICK_S) if link is not None else None
+        if comm.rank == 0 and cmd is None:
+            cmd = {"op": "idle"}
+        cmd = json.loads(comm.broadcast_bytes(json.dumps(cmd).encode() if comm.rank == 0 else None, src=0))
+        op = cmd.get("op")
+        if op == "idle":
+            continue
+        if op == "shutdown":
+            return
+        _run_command(state, cmd, link)
 
 
 def _run_command(state: EngineState, cmd: dict[str, Any], link: FrontEndLink | None) -> None:

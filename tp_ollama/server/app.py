@@ -1,7 +1,6 @@
-"""The HTTP front end: `create_app(engine, models, ...)` builds the whole Starlette app, with no
-globals. Routes live in ollama_routes.py and openai_routes.py, the text side in text.py and every
-wire format in schemas.py. Model management routes (/api/tags, show, create, copy, delete, pull)
-belong to the model store and are mounted by whoever builds the server from it."""
+"""The HTTP front end: `create_app(engine, models | store=, ...)` builds the whole Starlette app, with
+no globals. Routes live in ollama_routes.py, openai_routes.py and (given a model store) store_routes.py;
+the text side in text.py, and the wire formats in schemas.py and store_schemas.py."""
 
 from __future__ import annotations
 
@@ -11,7 +10,7 @@ import re
 import socket
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from starlette.applications import Starlette
 from starlette.datastructures import Headers, MutableHeaders
@@ -22,19 +21,30 @@ from starlette.responses import PlainTextResponse, Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from tp_ollama.errors import CheckpointError, ConfigError, ModelNotFound, RequestError, TpOllamaError
-from tp_ollama.server import ollama_routes, openai_routes
+from tp_ollama.errors import (
+    CheckpointError,
+    ConfigError,
+    EngineUnavailable,
+    ModelNotFound,
+    RequestError,
+    TpOllamaError,
+)
+from tp_ollama.server import ollama_routes, openai_routes, store_routes
 from tp_ollama.server.engine_api import Engine
 from tp_ollama.server.schemas import ApiError, ModelResolver, json_response, ollama_error, openai_error
 from tp_ollama.server.text import Limits, TextService
+
+if TYPE_CHECKING:
+    from tp_ollama.store.registry import ModelStore
 
 log = logging.getLogger(__name__)
 
 
 def create_app(
     engine: Engine,
-    models: ModelResolver,
+    models: ModelResolver | None = None,
     *,
+    store: ModelStore | None = None,
     version: str,
     allowed_origins: Sequence[str] = (),
     max_body_bytes: int = 32 * 1024 * 1024,
@@ -45,11 +55,17 @@ def create_app(
     dtype: str = "float32",
     bind_host: str = "127.0.0.1",
 ) -> Starlette:
-    """`allowed_origins`: OLLAMA_ORIGINS, added to the default local origins (wildcards allowed).
+    """`store`: the model store; with one, /api/tags, show, create, copy, delete and blobs are mounted
+    and generation resolves names through it (`models` is then unused). Without one, `models`
+    resolves names and the store routes are absent (404).
+    `allowed_origins`: OLLAMA_ORIGINS, added to the default local origins (wildcards allowed).
     `bind_host`: the address the server listens on; on loopback, requests must name a local Host."""
+    resolver = store if store is not None else models
+    if resolver is None:
+        raise TypeError("create_app needs a model store (store=) or a model resolver (models)")
     service = TextService(
         engine,
-        models,
+        resolver,
         Limits(
             default_num_ctx=default_num_ctx,
             max_num_ctx=max_num_ctx,
@@ -80,6 +96,7 @@ def create_app(
             Route("/api/ps", ps, methods=["GET"]),
             *ollama_routes.routes(service, max_body_bytes),
             *openai_routes.routes(service, max_body_bytes),
+            *(store_routes.routes(store, service.scheduler, max_body_bytes) if store is not None else []),
         ],
         middleware=[
             Middleware(Cors, origins=[*DEFAULT_ORIGINS, *allowed_origins]),
@@ -114,6 +131,8 @@ async def _api_error(request: Request, exc: Exception) -> Response:
 async def _tp_error(request: Request, exc: Exception) -> Response:
     if isinstance(exc, ModelNotFound):
         status = 404
+    elif isinstance(exc, EngineUnavailable):
+        status = 503
     elif isinstance(exc, CheckpointError | ConfigError):
         status = 500  # the installed model or the server's setup is broken, not the request
     else:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -17,12 +18,10 @@ from pathlib import Path
 from typing import Any
 
 from tp_ollama.engine.options import GenerationOptions
-from tp_ollama.errors import TpOllamaError
+from tp_ollama.errors import EngineUnavailable, TpOllamaError
 from tp_ollama.server.engine_api import LoadedModel, LoadRequest, TokenEvent
 
-
-class EngineUnavailable(TpOllamaError):
-    """The engine group is not running or stopped answering."""
+log = logging.getLogger(__name__)
 
 
 class RemoteEngine:
@@ -59,7 +58,19 @@ class RemoteEngine:
             # Its own session, so stopping it takes every rank with it and nothing else.
             self.process = subprocess.Popen(self.command, start_new_session=True)
 
+    def _exited(self) -> bool:
+        return self.process is not None and self.process.poll() is not None
+
     async def _connect(self) -> None:
+        if self.command is not None and self._exited():
+            # The group died (a rank crashed or was killed): the front end and its queue stay up,
+            # and the next request starts a fresh group, which loads the model again.
+            log.warning("the engine group exited with status %s; starting it again", self.process.returncode)  # type: ignore[union-attr]
+            if self.writer is not None:
+                self.writer.close()
+            self.reader = self.writer = None
+            self._loaded = None
+            self.start()
         if self.writer is not None:
             return
         loop = asyncio.get_running_loop()
@@ -79,12 +90,20 @@ class RemoteEngine:
 
     async def _send(self, obj: dict[str, Any]) -> None:
         assert self.writer is not None
-        self.writer.write(json.dumps(obj).encode() + b"\n")
-        await self.writer.drain()
+        try:
+            self.writer.write(json.dumps(obj).encode() + b"\n")
+            await self.writer.drain()
+        except OSError:
+            self.reader = self.writer = None
+            self._loaded = None
+            raise EngineUnavailable("the engine's socket is gone (a rank may have died)") from None
 
     async def _recv(self) -> dict[str, Any]:
         assert self.reader is not None
-        line = await self.reader.readline()
+        try:
+            line = await self.reader.readline()
+        except OSError:
+            line = b""
         if not line:
             self.reader = self.writer = None
             self._loaded = None
@@ -114,7 +133,7 @@ class RemoteEngine:
         self._loaded = None
 
     def loaded(self) -> LoadedModel | None:
-        return self._loaded
+        return None if self._exited() else self._loaded
 
     async def generate(
         self, prompt: list[int], options: GenerationOptions, eos_ids: frozenset[int]

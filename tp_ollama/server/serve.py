@@ -13,7 +13,8 @@ log = logging.getLogger(__name__)
 
 
 class StoreModels:
-    """The model store seen through the front end's ModelResolver protocol."""
+    """The model store seen through the front end's ModelResolver protocol. `create_app(store=)` no
+    longer needs it (ModelStore has `names()` itself); kept for callers that pass one as `models`."""
 
     def __init__(self, store: Any) -> None:
         self.store = store
@@ -39,7 +40,7 @@ def build(settings: Any) -> tuple[Any, Any]:
     )  # fmt: skip
     app = create_app(
         engine,
-        StoreModels(ModelStore(settings.models.storage_path)),
+        store=ModelStore(settings.models.storage_path),
         version=__version__,
         allowed_origins=a.origins,
         max_body_bytes=a.max_body_bytes,

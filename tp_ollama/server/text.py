@@ -123,14 +123,24 @@ class Scheduler:
         """Unload now if `resolved` is loaded and idle, else as soon as its requests finish."""
         async with self._lock:
             loaded = self._engine.loaded()
-            if loaded is None or loaded.path != resolved.path:
-                return
-            if self._active > 0:
-                self._unload_when_idle = True
-                return
-            self._epoch += 1
-            self._cancel_timer()
-            await self._engine.unload()
+            if loaded is not None and loaded.path == resolved.path:
+                await self._unload_locked()
+
+    async def forget(self, name: str) -> None:
+        """The model name `name` (display form) was deleted or now means another model: unload it
+        if it is what is loaded under that name, so that /api/ps never shows a model that is gone.
+        Another name for the same weights keeps them loaded."""
+        async with self._lock:
+            if self._engine.loaded() is not None and self._name.casefold() == name.casefold():
+                await self._unload_locked()
+
+    async def _unload_locked(self) -> None:
+        if self._active > 0:
+            self._unload_when_idle = True
+            return
+        self._epoch += 1
+        self._cancel_timer()
+        await self._engine.unload()
 
     def running(self) -> list[dict[str, Any]]:
         """/api/ps entries."""

@@ -712,6 +712,10 @@ class ModelStore:
 
     # --- reading ---------------------------------------------------------------------------------
 
+    def names(self) -> list[str]:
+        """Display names of the listed models (the front end's ModelResolver, for /v1/models)."""
+        return [entry.name for entry in self.list()]
+
     def list(self) -> list[ModelEntry]:
         """Installed models and the visible embedded ones, newest first (/api/tags)."""
         entries: dict[ModelName, ModelEntry] = {}
