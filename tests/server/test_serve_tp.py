@@ -1,5 +1,5 @@
-"""`tp-ollama serve --tp 2` as a user runs it: a real server process whose engine is a two-rank
-tensor-parallel group, driven by the official ollama and openai clients."""
+"""`tp-ollama serve --tp 1` and `--tp 2` as a user runs them: a real server process whose engine is a
+torchrun group of one or two ranks, driven by the official ollama and openai clients."""
 
 from __future__ import annotations
 
@@ -25,14 +25,14 @@ pytestmark = pytest.mark.slow
 STARTUP_S = 120
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
+@pytest.fixture(scope="module", params=[1, 2], ids=["tp1", "tp2"])
+def server(request, tmp_path_factory):
     port = free_port()
     env = {**os.environ, "OLLAMA_MODELS": str(tmp_path_factory.mktemp("models")), "OMP_NUM_THREADS": "1"}
     env.pop("OLLAMA_HOST", None)
     log = tmp_path_factory.mktemp("log") / "serve.log"
     with log.open("w") as sink:  # a file, not a pipe nobody reads, which could fill and block the server
-        cmd = [sys.executable, "-m", "tp_ollama", "serve", "--port", str(port), "--tp", "2"]
+        cmd = [sys.executable, "-m", "tp_ollama", "serve", "--port", str(port), "--tp", str(request.param)]
         proc = subprocess.Popen(cmd, env=env, stdout=sink, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + STARTUP_S
@@ -51,7 +51,7 @@ def server(tmp_path_factory):
     print(log.read_text()[-6000:])
 
 
-def test_chat_through_two_ranks_answers_paris(server):
+def test_chat_answers_paris(server):
     url, _ = server
     with ollama.Client(host=url) as client:
         reply = client.chat(
@@ -78,7 +78,7 @@ def test_greedy_generate_equals_the_unsharded_text(server):
     assert streamed == "".join(stream_text(loaded, ids, gen))
 
 
-def test_openai_client_through_two_ranks(server):
+def test_openai_client_chat(server):
     url, _ = server
     with openai.OpenAI(base_url=f"{url}/v1", api_key="ollama") as client:
         reply = client.chat.completions.create(
@@ -135,3 +135,46 @@ def test_a_killed_engine_group_is_started_again(server):
                                 options={"temperature": 0, "num_predict": 8})  # fmt: skip
     assert "Paris" in reply.response
     assert psutil.Process(proc.pid).is_running()
+
+
+def test_every_endpoint_through_the_engine_group(server):
+    url, _ = server
+    assert httpx.get(f"{url}/api/version").json()["version"].count(".") == 2
+    with ollama.Client(host=url) as client:
+        names = {m.model for m in client.list().models}
+        assert {"gemma3:270m", "smollm2:135m"} <= names
+        shown = client.show("smollm2:135m")
+        assert shown.modelinfo["general.architecture"] == "llama" and shown.details.family == "llama"
+        created = client.create(
+            model="pirate", from_="smollm2:135m", stream=True, system="You are a pirate.", parameters={"num_predict": 5}
+        )
+        statuses = [s.status for s in created]
+        assert statuses[-1] == "success"
+        assert client.generate(model="pirate", prompt="Hello").eval_count == 5
+        client.copy("pirate", "pirate2")
+        assert client.chat(model="pirate2", messages=[{"role": "user", "content": "Hi"}]).eval_count == 5
+        for name in ("pirate", "pirate2"):
+            client.delete(name)
+            with pytest.raises(ollama.ResponseError) as gone:
+                client.show(name)
+            assert gone.value.status_code == 404
+        assert client.generate(model="smollm2:135m", prompt="").done_reason == "load"
+        assert [m.model for m in client.ps().models] == ["smollm2:135m"]
+        assert client.generate(model="smollm2:135m", prompt="", keep_alive=0).done_reason == "unload"
+        assert client.ps().models == []
+        greedy = {"temperature": 0, "num_predict": 16}
+        served = client.generate(
+            model="gemma3:270m", prompt="Water boils at a temperature of", raw=True, options=greedy
+        )
+    loaded = load("gemma3:270m", torch.float32)
+    ids = prompt_tokens(loaded.tokenizer, "Water boils at a temperature of")
+    expected = "".join(
+        stream_text(loaded, ids, GenerationOptions(sampling=SamplingOptions(temperature=0), num_predict=16))
+    )
+    assert served.response == expected
+    with openai.OpenAI(base_url=f"{url}/v1", api_key="ollama") as oai:
+        assert "smollm2:135m" in {m.id for m in oai.models.list()}
+        done = oai.completions.create(
+            model="smollm2:135m", prompt="The capital of France is", max_tokens=8, temperature=0
+        )
+        assert done.choices[0].text and done.usage.completion_tokens <= 8

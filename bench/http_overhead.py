@@ -1,8 +1,8 @@
 """What the HTTP front end costs: time to first token and decode tok/s of the same greedy generation
 in-process and through `tp-ollama serve` (streamed /api/generate, measured at the client), alternating.
 
-    PYTHONPATH=. python bench/http.py                 # smollm2:135m, writes bench/results/http.json
-    PYTHONPATH=. python bench/http.py --model gemma3:270m --tp 1 2
+    PYTHONPATH=. python bench/http_overhead.py                 # smollm2:135m, writes bench/results/http_overhead.json
+    PYTHONPATH=. python bench/http_overhead.py --model gemma3:270m --tp 1 2
 """
 
 from __future__ import annotations
@@ -75,7 +75,7 @@ def main() -> None:
     ap.add_argument("--tp", type=int, nargs="+", default=[1])
     ap.add_argument("--tokens", type=int, default=64)
     ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "http.json"))
+    ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "http_overhead.json"))
     args = ap.parse_args()
 
     loaded = load(args.model, torch.float32)
