@@ -78,8 +78,17 @@ def test_two_nodes_through_launch(unsharded):
 
 
 def our_processes() -> set[int]:
-    me = psutil.Process()
-    return {p.pid for p in me.children(recursive=True)}
+    """tp-ollama processes this test session started and that are still alive (other children, such as
+    multiprocessing's resource tracker from earlier tests, are not ours to count)."""
+    alive = set()
+    for p in psutil.Process().children(recursive=True):
+        try:
+            cmdline = " ".join(p.cmdline())
+            if p.status() != psutil.STATUS_ZOMBIE and ("tp_ollama" in cmdline or "spawn_main" in cmdline):
+                alive.add(p.pid)
+        except psutil.NoSuchProcess:
+            continue
+    return alive
 
 
 @pytest.mark.parametrize(

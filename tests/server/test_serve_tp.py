@@ -91,7 +91,8 @@ def test_openai_client_chat(server):
     assert reply.usage.completion_tokens <= 16
 
 
-def test_stopping_the_server_stops_every_rank(tmp_path):
+@pytest.mark.parametrize("stop_signal", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_stopping_the_server_stops_every_rank(tmp_path, stop_signal):
     port = free_port()
     env = {**os.environ, "OLLAMA_MODELS": str(tmp_path), "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen(
@@ -110,7 +111,7 @@ def test_stopping_the_server_stops_every_rank(tmp_path):
             time.sleep(0.1)
     ranks = psutil.Process(proc.pid).children(recursive=True)
     assert len([p for p in ranks if "python" in p.name()]) >= 3  # agent + two ranks
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(stop_signal)
     proc.wait(timeout=60)
     _, alive = psutil.wait_procs(ranks, timeout=30)
     assert alive == []

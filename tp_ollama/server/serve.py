@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import signal
 from typing import Any
 
 from tp_ollama import __version__
@@ -64,7 +65,14 @@ async def serve(engine: Any, app: Any, settings: Any, log_level: str = "warning"
         await engine.close()
 
 
+def _exit_on_sigterm(signum: int, frame: Any) -> None:
+    raise SystemExit(128 + signum)
+
+
 def run(settings: Any, debug: bool = False) -> None:
+    # uvicorn handles SIGTERM itself, then restores the previous handler and raises the signal again;
+    # with Python's default handler that would kill this process before the engine group is stopped.
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)
     for note in settings.notes():
         log.warning("%s", note)
     engine, app = build(settings)
