@@ -14,6 +14,7 @@ import difflib
 import functools
 import math
 import re
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from decimal import Decimal, InvalidOperation
@@ -244,11 +245,11 @@ class _Given:
     base: Path | None = None  # relative paths in a file are relative to the file's directory
 
 
-class _Kind:
+class _Kind(ABC):
     expected = ""
 
-    def parse(self, g: _Given) -> Any:
-        raise NotImplementedError
+    @abstractmethod
+    def parse(self, g: _Given) -> Any: ...
 
     def show(self, value: Any) -> str:
         return repr(value)
