@@ -18,7 +18,6 @@ import platform
 import resource
 import sys
 import time
-from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -26,33 +25,22 @@ import torch
 
 
 def rank_run(model: str, dtype: str, comm_kind: str, tokens: int) -> dict[str, Any]:
-    from torch.distributed.device_mesh import init_device_mesh
-
-    from tp_ollama.checkpoints.loader import load_model, open_checkpoint, parse_dtype
     from tp_ollama.engine.generate import GenerationStats, generate_tokens
     from tp_ollama.engine.options import GenerationOptions, SamplingOptions
-    from tp_ollama.engine.sampler import Sampler
     from tp_ollama.parallel.comm import init_distributed, make_comm
-    from tp_ollama.parallel.layout import TPLayout
-    from tp_ollama.parallel.plans import apply_tp
-    from tp_ollama.parallel.sampling import ShardedSampler
-    from tp_ollama.parallel.worker import BroadcastLockstep, local_threads
+    from tp_ollama.parallel.worker import BroadcastLockstep, load_shard, local_threads, sampler_for
     from tp_ollama.store.embedded import resolve_model
 
     torch.set_num_threads(local_threads(int(os.environ["LOCAL_WORLD_SIZE"])))
     init_distributed("gloo", 300)
     comm = make_comm(comm_kind, 300)
     t0 = time.perf_counter()
-    ckpt = open_checkpoint(resolve_model(model))
-    layout = TPLayout.build(ckpt.config, comm.world_size)
-    mesh = init_device_mesh("cpu", (comm.world_size,))
-    shard = None if comm.world_size == 1 else partial(apply_tp, layout=layout, comm=comm, device_mesh=mesh)
-    m = load_model(ckpt, parse_dtype(dtype), shard=shard)
+    m, layout, _ = load_shard(resolve_model(model), comm, dtype)
     load_s = time.perf_counter() - t0
     prompt = list(range(1000, 1012))  # any 12 ids: timing does not depend on the text
     options = GenerationOptions(sampling=SamplingOptions(temperature=0), num_predict=tokens, num_ctx=512)
     stats = GenerationStats()
-    sampler = Sampler if comm.world_size == 1 else partial(ShardedSampler, span=layout.vocab[comm.rank], comm=comm)
+    sampler = sampler_for(layout, comm)
     gen = generate_tokens(m, prompt, options, frozenset(), stats, sampler, BroadcastLockstep(comm))
     next(gen)
     t1 = time.perf_counter()

@@ -96,21 +96,23 @@ def test_unsupported_gguf_tensor_type(tmp_path):
     assert_one_line_error(done, "iq2.gguf", "IQ4_NL", "Q4_K")
 
 
-def test_truncated_safetensors(tmp_path, tiny_dir):
-    bad = tmp_path / "bad"
-    bad.mkdir()
+def copy_of(tiny_dir: Path, target: Path) -> Path:
+    """A copy of the tiny checkpoint that a test may damage."""
+    target.mkdir()
     for f in tiny_dir.iterdir():
-        (bad / f.name).write_bytes(f.read_bytes())
+        (target / f.name).write_bytes(f.read_bytes())
+    return target
+
+
+def test_truncated_safetensors(tmp_path, tiny_dir):
+    bad = copy_of(tiny_dir, tmp_path / "bad")
     weights = bad / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:-1000])
     assert_one_line_error(cli("generate", str(bad), "hi"), "model.safetensors")
 
 
 def test_corrupt_safetensors_header(tmp_path, tiny_dir):
-    bad = tmp_path / "bad"
-    bad.mkdir()
-    for f in tiny_dir.iterdir():
-        (bad / f.name).write_bytes(f.read_bytes())
+    bad = copy_of(tiny_dir, tmp_path / "bad")
     weights = bad / "model.safetensors"
     data = bytearray(weights.read_bytes())
     data[8:40] = b"#" * 32  # inside the JSON header
@@ -119,10 +121,7 @@ def test_corrupt_safetensors_header(tmp_path, tiny_dir):
 
 
 def test_unsupported_model_type(tmp_path, tiny_dir):
-    bad = tmp_path / "gpt2ish"
-    bad.mkdir()
-    for f in tiny_dir.iterdir():
-        (bad / f.name).write_bytes(f.read_bytes())
+    bad = copy_of(tiny_dir, tmp_path / "gpt2ish")
     config = (bad / "config.json").read_text().replace('"model_type": "llama"', '"model_type": "gpt2"')
     (bad / "config.json").write_text(config)
     assert_one_line_error(cli("generate", str(bad), "hi"), "gpt2", "gemma3_text", "qwen3")

@@ -19,16 +19,14 @@ import socket
 import sys
 import time
 from dataclasses import dataclass
-from functools import partial
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from tp_ollama.engine.generate import GenerationStats, check_prompt, generate_tokens
-from tp_ollama.engine.sampler import Sampler
 from tp_ollama.errors import TpOllamaError
-from tp_ollama.parallel.worker import BroadcastLockstep, local_threads, options_from_data, rank_device
+from tp_ollama.parallel.worker import BroadcastLockstep, load_shard, local_threads, options_from_data, sampler_for
 
 log = logging.getLogger(__name__)
 
@@ -120,23 +118,15 @@ class EngineState:
         self.loaded: dict[str, Any] | None = None
 
     def load(self, cmd: dict[str, Any]) -> dict[str, Any]:
-        from torch.distributed.device_mesh import init_device_mesh
-
-        from tp_ollama.checkpoints.loader import load_model, open_checkpoint, parse_dtype
-        from tp_ollama.parallel.layout import TPLayout
-        from tp_ollama.parallel.plans import apply_tp
-
         key = {"path": cmd["path"], "dtype": cmd["dtype"], "num_ctx": cmd["num_ctx"]}
         if self.loaded is not None and {k: self.loaded[k] for k in key} == key:
             return self.loaded
         self.unload()
         t0 = time.perf_counter()
-        ckpt = open_checkpoint(Path(cmd["path"]))
         world = self.comm.world_size
-        layout = TPLayout.build(ckpt.config, world, self.job.tp_weights)
-        mesh = init_device_mesh("cpu", (world,)) if world > 1 else None
-        shard = None if world == 1 else partial(apply_tp, layout=layout, comm=self.comm, device_mesh=mesh)
-        self.model = load_model(ckpt, parse_dtype(cmd["dtype"]), rank_device(self.job.device), shard=shard)
+        self.model, layout, _ = load_shard(
+            Path(cmd["path"]), self.comm, cmd["dtype"], self.job.device, self.job.tp_weights
+        )
         self.layout = layout
         size = sum(p.numel() * p.element_size() for p in self.model.parameters())
         self.loaded = {**key, "world_size": world, "layout": layout.describe(), "size_bytes": size * world,
@@ -147,14 +137,9 @@ class EngineState:
         self.model, self.layout, self.loaded = None, None, None
 
     def generate(self, cmd: dict[str, Any], link: FrontEndLink | None) -> None:
-        from tp_ollama.parallel.sampling import ShardedSampler
-
-        rank = self.comm.rank
         options = options_from_data(cmd["options"])
         check_prompt(len(cmd["ids"]), options)
-        sampler: Any = Sampler
-        if self.comm.world_size > 1:
-            sampler = partial(ShardedSampler, span=self.layout.vocab[rank], comm=self.comm)
+        sampler = sampler_for(self.layout, self.comm)
         stats = GenerationStats()
         tokens = generate_tokens(
             self.model, cmd["ids"], options, frozenset(cmd["eos"]), stats, sampler,

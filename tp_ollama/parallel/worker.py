@@ -9,11 +9,14 @@ import logging
 import os
 import sys
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from functools import partial
+from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 
 from tp_ollama.completion import text_pieces
 from tp_ollama.engine.generate import GenerationStats, check_prompt, generate_tokens
@@ -101,6 +104,36 @@ def rank_device(kind: str) -> torch.device:
     return torch.device(kind)
 
 
+def load_shard(
+    path: Path, comm: Any, dtype: str, device: str = "cpu", weights: Sequence[float] | None = None
+) -> tuple[nn.Module, Any, Any]:
+    """This rank's part of the model: the layout is validated from the config first, then only this
+    rank's slices are read. A group of one loads the plain model, with no collectives on its path.
+    Returns (model, layout, checkpoint)."""
+    from tp_ollama.checkpoints.loader import load_model, open_checkpoint, parse_dtype
+    from tp_ollama.parallel.layout import TPLayout
+    from tp_ollama.parallel.plans import apply_tp
+
+    ckpt = open_checkpoint(path)
+    layout = TPLayout.build(ckpt.config, comm.world_size, weights)
+    shard = None
+    if comm.world_size > 1:
+        from torch.distributed.device_mesh import init_device_mesh
+
+        mesh = init_device_mesh("cpu", (comm.world_size,))
+        shard = partial(apply_tp, layout=layout, comm=comm, device_mesh=mesh)
+    return load_model(ckpt, parse_dtype(dtype), rank_device(device), shard=shard), layout, ckpt
+
+
+def sampler_for(layout: Any, comm: Any) -> Callable[..., Any]:
+    """The sampler factory for generate_tokens: candidates exchanged across ranks when there are several."""
+    from tp_ollama.parallel.sampling import ShardedSampler
+
+    if comm.world_size == 1:
+        return Sampler
+    return partial(ShardedSampler, span=layout.vocab[comm.rank], comm=comm)
+
+
 def worker_main(job: WorkerJob) -> None:
     """torchrun entry point for one rank."""
     logging.basicConfig(level=logging.DEBUG if job.debug else logging.WARNING, stream=sys.stderr)
@@ -118,13 +151,7 @@ def worker_main(job: WorkerJob) -> None:
 
 
 def _run(job: WorkerJob) -> None:
-    from torch.distributed.device_mesh import init_device_mesh
-
-    from tp_ollama.checkpoints.loader import load_model, open_checkpoint, parse_dtype
     from tp_ollama.parallel.comm import init_distributed, make_comm
-    from tp_ollama.parallel.layout import TPLayout
-    from tp_ollama.parallel.plans import apply_tp
-    from tp_ollama.parallel.sampling import ShardedSampler
     from tp_ollama.store.embedded import resolve_model
 
     torch.set_num_threads(local_threads(int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
@@ -134,13 +161,7 @@ def _run(job: WorkerJob) -> None:
     rank = comm.rank
     t0 = time.perf_counter()
     path = resolve_model(job.model)
-    ckpt = open_checkpoint(path)
-    layout = TPLayout.build(ckpt.config, comm.world_size, job.tp_weights)
-    mesh = init_device_mesh("cpu", (comm.world_size,))
-    device = rank_device(job.device)
-    # A group of one needs no plan: the plain model, with no collectives on its path.
-    shard = None if comm.world_size == 1 else partial(apply_tp, layout=layout, comm=comm, device_mesh=mesh)
-    model = load_model(ckpt, parse_dtype(job.dtype), device, shard=shard)
+    model, layout, ckpt = load_shard(path, comm, job.dtype, job.device, job.tp_weights)
     log.info("rank %d loaded its shard %s in %.2f s", rank, layout.describe()[rank], time.perf_counter() - t0)
 
     tokenizer, request = _prepare_request(job, path, ckpt) if rank == 0 else (None, None)
@@ -150,10 +171,9 @@ def _run(job: WorkerJob) -> None:
             raise TpOllamaError(data["error"])
         return
     options = options_from_data(data["options"])
-    sampler = Sampler if comm.world_size == 1 else partial(ShardedSampler, span=layout.vocab[rank], comm=comm)
     stats = GenerationStats()
     tokens = generate_tokens(
-        model, data["ids"], options, frozenset(data["eos"]), stats, sampler, BroadcastLockstep(comm)
+        model, data["ids"], options, frozenset(data["eos"]), stats, sampler_for(layout, comm), BroadcastLockstep(comm)
     )
     if tokenizer is not None:
         for piece in text_pieces(tokenizer, tokens, options.stop, stats):
