@@ -121,9 +121,12 @@ def _permute(w: np.ndarray, n_head: int) -> np.ndarray:
     return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def write_gguf(model: Any, path: Path, kind: str, qtype_name: str) -> dict[str, torch.Tensor]:
+def write_gguf(
+    model: Any, path: Path, kind: str, qtype_name: str, extra_metadata: Any = None
+) -> dict[str, torch.Tensor]:
     """Write `model` as a GGUF file with 2-D weights in `qtype_name` (F32, F16, Q8_0) and return the
-    dequantized HF state dict: the reference that the file really holds."""
+    dequantized HF state dict: the reference that the file really holds. `extra_metadata(writer)`
+    may add keys (a tokenizer, a chat template)."""
     import gguf
 
     arch = _GGUF_ARCH[kind]
@@ -145,6 +148,8 @@ def write_gguf(model: Any, path: Path, kind: str, qtype_name: str) -> dict[str, 
     writer.add_rope_dimension_count(cfg.head_dim)
     if gemma:
         writer.add_sliding_window(cfg.sliding_window)
+    if extra_metadata is not None:
+        extra_metadata(writer)
     reference: dict[str, torch.Tensor] = {}
     for name, tensor in model.state_dict().items():
         if name == "lm_head.weight" and cfg.tie_word_embeddings:
@@ -198,3 +203,57 @@ def save_tiny_tokenizer(directory: Path, vocab_size: int = 300) -> None:
     template += "{% if add_generation_prompt %}<|assistant|>{% endif %}"
     config = {"bos_token": "<s>", "eos_token": "</s>", "add_bos_token": True, "chat_template": template}
     (directory / "tokenizer_config.json").write_text(json.dumps(config))
+
+
+# A Llama-3.1-style template with tool support: tools are listed as JSON in the system turn, a tool
+# call is a bare JSON object {"name", "parameters"}, and tool results come back as role "tool" turns.
+TOOLS_TEMPLATE = (
+    "{{ bos_token }}{% if tools %}<|system|>You can call these functions; answer with "
+    '{"name": ..., "parameters": {...}}:\n{% for t in tools %}{{ t | tojson }}\n{% endfor %}{% endif %}'
+    "{% for m in messages %}<|{{ m['role'] }}|>"
+    "{% if m.get('tool_calls') %}{% for c in m['tool_calls'] %}"
+    '{"name": "{{ c.function.name }}", "parameters": {{ c.function.arguments | tojson }}}'
+    "{% endfor %}{% else %}{{ m['content'] }}{% endif %}\n{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
+
+
+def write_chat_gguf(path: Path, kind: str = "llama", chat_template: str = TOOLS_TEMPLATE, seed: int = 0) -> Path:
+    """A tiny random model as one self-contained GGUF file: weights (F32), the tiny byte-level BPE
+    tokenizer padded to the model's vocabulary, and `chat_template`. Loads like any real GGUF, so it
+    can be uploaded as a blob, created FROM, served and sharded."""
+    import json
+    import tempfile
+
+    import gguf
+
+    model = make_hf_model(kind, seed)
+    with tempfile.TemporaryDirectory() as tmp:
+        save_tiny_tokenizer(Path(tmp))
+        spec = json.loads((Path(tmp) / "tokenizer.json").read_text())
+    vocab: dict[str, int] = spec["model"]["vocab"]
+    for added in spec["added_tokens"]:
+        vocab[added["content"]] = added["id"]
+    tokens = [""] * model.config.vocab_size
+    types = [gguf.TokenType.UNUSED] * len(tokens)
+    for token, i in vocab.items():
+        tokens[i] = token
+        types[i] = gguf.TokenType.CONTROL if token in ("<s>", "</s>") else gguf.TokenType.NORMAL
+    for i, token in enumerate(tokens):
+        if not token:
+            tokens[i] = f"<unused{i}>"
+    merges = [m if isinstance(m, str) else " ".join(m) for m in spec["model"]["merges"]]
+
+    def tokenizer_metadata(writer: Any) -> None:
+        writer.add_tokenizer_model("gpt2")
+        writer.add_tokenizer_pre("default")
+        writer.add_token_list(tokens)
+        writer.add_token_types(types)
+        writer.add_token_merges(merges)
+        writer.add_bos_token_id(vocab["<s>"])
+        writer.add_eos_token_id(vocab["</s>"])
+        writer.add_add_bos_token(True)
+        writer.add_chat_template(chat_template)
+
+    write_gguf(model, path, kind, "F32", extra_metadata=tokenizer_metadata)
+    return path

@@ -11,7 +11,7 @@ from typing import Any
 
 from tp_ollama.engine.options import GenerationOptions
 from tp_ollama.errors import ModelNotFound, RequestError
-from tp_ollama.server.engine_api import LoadedModel, LoadRequest, TokenEvent
+from tp_ollama.server.engine_api import LoadedModel, LoadRequest, OutputFormat, TokenEvent
 from tp_ollama.store.embedded import EMBEDDED, normalize_name
 
 
@@ -61,7 +61,11 @@ class EmbeddedModels:
 
 class ScriptedEngine:
     """Test double for the engine: 'generates' a fixed list of token ids, then either ends (done_reason
-    "stop") or raises `fail_with` -- for behaviour that a real model cannot be made to show on demand."""
+    "stop") or raises `fail_with` -- for behaviour that a real model cannot be made to show on demand.
+    It is a double that emits scripted token ids and nothing else: the server decodes them with the
+    model's real tokenizer and reads them as it reads a real engine's tokens (thinking and tool calls
+    included); script text with `tokenizer.encode(text, add_special_tokens=False)`. Each request's
+    prompt ids are kept in `prompts`."""
 
     def __init__(self, tokens: Sequence[int], fail_with: Exception | None = None) -> None:
         self.tokens = list(tokens)
@@ -71,6 +75,8 @@ class ScriptedEngine:
         self.unloaded = asyncio.Event()
         self.release = asyncio.Event()  # generate() waits for this before its first token when hold=True
         self.hold = False
+        self.formats: list[OutputFormat | None] = []  # each request's output format, as received
+        self.prompts: list[list[int]] = []  # each request's prompt ids, as received
 
     async def load(self, request: LoadRequest) -> LoadedModel:
         self.loads.append(request.path)
@@ -86,8 +92,14 @@ class ScriptedEngine:
         return self._loaded
 
     async def generate(
-        self, prompt: list[int], options: GenerationOptions, eos_ids: frozenset[int]
+        self,
+        prompt: list[int],
+        options: GenerationOptions,
+        eos_ids: frozenset[int],
+        output_format: OutputFormat | None = None,
     ) -> AsyncIterator[TokenEvent]:
+        self.formats.append(output_format)
+        self.prompts.append(list(prompt))
         if self._loaded is None:
             raise RequestError("no model is loaded")
         if self.hold:
@@ -98,6 +110,16 @@ class ScriptedEngine:
             raise self.fail_with
         n = len(self.tokens)
         yield TokenEvent(None, True, "stop", len(prompt), 1000, n, 2000)
+
+    async def embed(self, inputs: list[list[int]]) -> list[list[float]]:
+        # Not a model: a vector that depends only on the input, so routes can be checked for shape.
+        return [[float(len(ids)), 1.0, float(sum(ids) % 7)] for ids in inputs]
+
+    async def cluster(self) -> dict[str, Any]:
+        rank = {"rank": 0, "host": "test-double", "pid": 0, "device": "cpu", "rss_bytes": 1,
+                "mem_total_bytes": 2, "mem_available_bytes": 1, "device_mem_used_bytes": 0,
+                "device_mem_total_bytes": 0, "alive": True}  # fmt: skip
+        return {"world_size": 1, "ranks": [rank], "as_of": 0.0}
 
     async def close(self) -> None:
         await self.unload()

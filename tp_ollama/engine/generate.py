@@ -12,6 +12,7 @@ from typing import Protocol
 import torch
 from torch import nn
 
+from tp_ollama.engine.constraint import Constraint
 from tp_ollama.engine.kv_cache import KVCache
 from tp_ollama.engine.options import GenerationOptions
 from tp_ollama.engine.sampler import Sampler
@@ -58,9 +59,11 @@ def generate_tokens(
     stats: GenerationStats | None = None,
     sampler_factory: Callable[..., Callable[[torch.Tensor, Sequence[int]], int]] = Sampler,
     lockstep: Lockstep | None = None,
+    constraint: Constraint | None = None,
 ) -> Generator[int, None, None]:
     """Yield generated token ids until an end token (not yielded), num_predict or num_ctx.
 
+    `constraint` (structured outputs) masks the logits before each choice and learns each token.
     The caller may stop iterating at any time (a stop string, a dropped client)."""
     stats = stats if stats is not None else GenerationStats()
     n_prompt = len(prompt)
@@ -84,10 +87,14 @@ def generate_tokens(
     t0 = time.perf_counter_ns()
     try:
         while stats.eval_count < limit:
+            if constraint is not None:
+                logits = constraint.restrict(logits)
             token = sampler(logits, history)
             if token in eos_ids:
                 stats.done_reason = "stop"
                 return
+            if constraint is not None:
+                constraint.accept(token)
             history.append(token)
             stats.tokens.append(token)
             stats.eval_count += 1

@@ -3,6 +3,7 @@ latency-optimised FastGroup for the small decode collectives. Chosen by name, co
 
 from __future__ import annotations
 
+import time
 from collections import Counter
 from datetime import timedelta
 from typing import Any
@@ -79,6 +80,51 @@ class HostStaged:
         self.inner.close()
 
 
+class Timed:
+    """Any communicator, with the wall time spent inside its collectives added up in `seconds`
+    (read per request: time in collectives per token, in the cluster metrics)."""
+
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+        self.rank, self.world_size = inner.rank, inner.world_size
+        self.stats = inner.stats
+        self.seconds = 0.0
+
+    def __getattr__(self, name: str) -> Any:  # transport, and whatever else the inner one offers
+        return getattr(self.inner, name)
+
+    def all_reduce(self, t: torch.Tensor) -> torch.Tensor:
+        t0 = time.perf_counter()
+        try:
+            return self.inner.all_reduce(t)
+        finally:
+            self.seconds += time.perf_counter() - t0
+
+    def all_gather(self, t: torch.Tensor) -> torch.Tensor:
+        t0 = time.perf_counter()
+        try:
+            return self.inner.all_gather(t)
+        finally:
+            self.seconds += time.perf_counter() - t0
+
+    def broadcast(self, t: torch.Tensor, src: int = 0) -> torch.Tensor:
+        t0 = time.perf_counter()
+        try:
+            return self.inner.broadcast(t, src)
+        finally:
+            self.seconds += time.perf_counter() - t0
+
+    def broadcast_bytes(self, data: bytes | None, src: int = 0) -> bytes:
+        t0 = time.perf_counter()
+        try:
+            return bytes(self.inner.broadcast_bytes(data, src))
+        finally:
+            self.seconds += time.perf_counter() - t0
+
+    def close(self) -> None:
+        self.inner.close()
+
+
 def init_distributed(backend: str, timeout_s: float) -> None:
     """Join the process group torchrun described in the environment."""
     if not dist.is_initialized():
@@ -95,10 +141,11 @@ def make_comm(kind: str, timeout_s: float) -> Any:
     bootstrapped from the process group's store; `gloo`/`nccl` use torch.distributed alone."""
     check_comm_kind(kind)
     if kind == "nccl":
-        return TorchComm()
+        return Timed(TorchComm())
     if kind == "gloo":
-        return HostStaged(TorchComm())
+        return Timed(HostStaged(TorchComm()))
     from tp_ollama.parallel.fastcomm import FastGroup
 
     store = dist.distributed_c10d._get_default_store()
-    return FastGroup.create(store, dist.get_rank(), dist.get_world_size(), transport=kind, timeout=timeout_s)
+    group = FastGroup.create(store, dist.get_rank(), dist.get_world_size(), transport=kind, timeout=timeout_s)
+    return Timed(group)

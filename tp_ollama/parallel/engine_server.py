@@ -5,8 +5,12 @@ cancel from the front end into a lockstep stop, so the whole group leaves the re
 
 Wire format on the socket: one JSON object per line.
   front end -> rank 0: {"op": "load", "path", "dtype", "num_ctx"} | {"op": "generate", "ids", "options",
-                       "eos"} | {"op": "cancel"} | {"op": "unload"} | {"op": "shutdown"}
+                       "eos", "format"} | {"op": "embed", "inputs"} | {"op": "cluster"} | {"op": "cancel"}
+                       | {"op": "unload"} | {"op": "shutdown"}
   rank 0 -> front end: {"ok": true, ...} | {"error": "..."} | {"token": t} ... {"done": true, stats...}
+
+A structured-output grammar ("format": {"kind", "schema"}) runs on rank 0 only; its bitmask of
+allowed tokens is broadcast each step and every rank masks its own vocabulary slice.
 """
 
 from __future__ import annotations
@@ -24,9 +28,19 @@ from typing import Any
 
 import torch
 
+from tp_ollama.engine.constraint import Grammar, GrammarVocabulary, LocalConstraint, ShardedConstraint, vocabulary_for
+from tp_ollama.engine.embed import embed_batch
 from tp_ollama.engine.generate import GenerationStats, check_prompt, generate_tokens
 from tp_ollama.errors import TpOllamaError
-from tp_ollama.parallel.worker import BroadcastLockstep, load_shard, local_threads, options_from_data, sampler_for
+from tp_ollama.parallel.facts import rank_facts
+from tp_ollama.parallel.worker import (
+    BroadcastLockstep,
+    load_shard,
+    local_threads,
+    options_from_data,
+    rank_device,
+    sampler_for,
+)
 
 log = logging.getLogger(__name__)
 
@@ -116,6 +130,8 @@ class EngineState:
         self.model: Any = None
         self.layout: Any = None
         self.loaded: dict[str, Any] | None = None
+        self.vocabulary: GrammarVocabulary | None = None  # rank 0, built on the first structured request
+        self.grammar: Grammar | None = None  # rank 0, the running request's
 
     def load(self, cmd: dict[str, Any]) -> dict[str, Any]:
         key = {"path": cmd["path"], "dtype": cmd["dtype"], "num_ctx": cmd["num_ctx"]}
@@ -134,23 +150,62 @@ class EngineState:
         return self.loaded
 
     def unload(self) -> None:
-        self.model, self.layout, self.loaded = None, None, None
+        self.model, self.layout, self.loaded, self.vocabulary = None, None, None, None
+
+    def prepare_generate(self, cmd: dict[str, Any]) -> None:
+        """Checks before every rank commits to a request: a bad prompt or schema fails here, on all."""
+        if self.model is None:
+            raise TpOllamaError("no model is loaded")
+        check_prompt(len(cmd["ids"]), options_from_data(cmd["options"]))
+        self.grammar = None
+        fmt = cmd.get("format")
+        if fmt and self.comm.rank == 0:
+            if self.vocabulary is None:
+                self.vocabulary = vocabulary_for(Path(self.loaded["path"]), self.vocab_size)  # type: ignore[index]
+            self.grammar = Grammar(self.vocabulary, fmt["kind"], fmt.get("schema"))
+
+    @property
+    def vocab_size(self) -> int:
+        return int(self.model.config.vocab_size)
 
     def generate(self, cmd: dict[str, Any], link: FrontEndLink | None) -> None:
         options = options_from_data(cmd["options"])
-        check_prompt(len(cmd["ids"]), options)
         sampler = sampler_for(self.layout, self.comm)
+        constraint: Any = None
+        if cmd.get("format"):
+            if self.comm.world_size == 1:
+                assert self.grammar is not None
+                constraint = LocalConstraint(self.grammar)
+            else:
+                span = self.layout.vocab[self.comm.rank]
+                constraint = ShardedConstraint(self.grammar, span, self.vocab_size, self.comm)
         stats = GenerationStats()
+        comm_before = getattr(self.comm, "seconds", 0.0)
         tokens = generate_tokens(
             self.model, cmd["ids"], options, frozenset(cmd["eos"]), stats, sampler,
-            CancellableLockstep(self.comm, link),
+            CancellableLockstep(self.comm, link), constraint,
         )  # fmt: skip
         for token in tokens:
             if link is not None:
                 link.send({"token": token})
+        self.grammar = None
         if link is not None:
             fields = ("done_reason", "prompt_eval_count", "prompt_eval_duration", "eval_count", "eval_duration")
-            link.send({"done": True, **{f: getattr(stats, f) for f in fields}})
+            comm_ns = int((getattr(self.comm, "seconds", 0.0) - comm_before) * 1e9)
+            link.send({"done": True, **{f: getattr(stats, f) for f in fields}, "comm_duration": comm_ns})
+
+    def embed(self, cmd: dict[str, Any]) -> dict[str, Any]:
+        if self.model is None:
+            raise TpOllamaError("no model is loaded")
+        vectors = embed_batch(self.model, cmd["inputs"])
+        return {"embeddings": vectors.tolist() if self.comm.rank == 0 else []}
+
+    def cluster(self) -> dict[str, Any]:
+        """Every rank's facts, collected on rank 0 (one small broadcast from each rank)."""
+        mine = json.dumps(rank_facts(self.comm.rank, rank_device(self.job.device))).encode()
+        ranks = [json.loads(self.comm.broadcast_bytes(mine if r == self.comm.rank else None, src=r))
+                 for r in range(self.comm.world_size)]  # fmt: skip
+        return {"world_size": self.comm.world_size, "ranks": ranks, "as_of": time.time()}
 
 
 def engine_main(job: EngineJob) -> None:
@@ -201,8 +256,11 @@ def _run_command(state: EngineState, cmd: dict[str, Any], link: FrontEndLink | N
         elif op == "unload":
             state.unload()
         elif op == "generate":
-            if state.model is None:
-                raise TpOllamaError("no model is loaded")
+            state.prepare_generate(cmd)
+        elif op == "embed":
+            result = state.embed(cmd)
+        elif op == "cluster":
+            result = state.cluster()
         elif op == "cancel":
             return  # arrived after its request ended
         else:

@@ -45,6 +45,19 @@ class TokenEvent:
     prompt_eval_duration: int = 0  # ns
     eval_count: int = 0
     eval_duration: int = 0  # ns
+    comm_duration: int = 0  # ns spent in collectives during this request (0 on one rank)
+
+
+@dataclass(frozen=True)
+class OutputFormat:
+    """Structured output for one request: `kind` "json" (any JSON object) or "schema" (a JSON Schema,
+    in `schema`). The engine enforces it while decoding, as a mask over each rank's vocabulary slice."""
+
+    kind: str
+    schema: dict[str, Any] | None = None
+
+    def to_data(self) -> dict[str, Any]:
+        return {"kind": self.kind, "schema": self.schema}
 
 
 class Engine(Protocol):
@@ -57,10 +70,28 @@ class Engine(Protocol):
     def loaded(self) -> LoadedModel | None: ...
 
     def generate(
-        self, prompt: list[int], options: GenerationOptions, eos_ids: frozenset[int]
+        self,
+        prompt: list[int],
+        options: GenerationOptions,
+        eos_ids: frozenset[int],
+        output_format: OutputFormat | None = None,
     ) -> AsyncIterator[TokenEvent]:
         """Stream the tokens of one request; the last event has done=True. Closing the iterator early
-        (aclose, or a cancelled task) cancels the request and frees its engine slot within one step."""
+        (aclose, or a cancelled task) cancels the request and frees its engine slot within one step.
+        With `output_format`, the generated text is constrained to it (an invalid schema raises
+        RequestError before any token)."""
+        ...
+
+    async def embed(self, inputs: list[list[int]]) -> list[list[float]]:
+        """One vector per input: the mean of the final (normed) hidden states over its tokens, not
+        normalised. All inputs run as one batch."""
+        ...
+
+    async def cluster(self) -> dict[str, Any]:
+        """The group as it is now: {"world_size", "ranks": [{"rank", "host", "pid", "device",
+        "rss_bytes", "mem_total_bytes", "mem_available_bytes", "device_mem_used_bytes",
+        "device_mem_total_bytes", "alive"}], "as_of": unix seconds}. Answers from the last snapshot
+        while a request holds the group."""
         ...
 
     async def close(self) -> None: ...

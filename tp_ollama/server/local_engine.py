@@ -13,6 +13,7 @@ import asyncio
 import gc
 import logging
 import threading
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, replace
 from typing import Any
@@ -22,10 +23,13 @@ from torch import nn
 
 from tp_ollama.checkpoints.base import Checkpoint
 from tp_ollama.checkpoints.loader import load_model, open_checkpoint, parse_dtype
+from tp_ollama.engine.constraint import Grammar, GrammarVocabulary, LocalConstraint, vocabulary_for
+from tp_ollama.engine.embed import embed_batch
 from tp_ollama.engine.generate import GenerationStats, generate_tokens
 from tp_ollama.engine.options import GenerationOptions
 from tp_ollama.errors import RequestError
-from tp_ollama.server.engine_api import LoadedModel, LoadRequest, TokenEvent
+from tp_ollama.parallel.facts import rank_facts
+from tp_ollama.server.engine_api import LoadedModel, LoadRequest, OutputFormat, TokenEvent
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +74,7 @@ class LocalEngine:
         self._model: nn.Module | None = None
         self._checkpoint: Checkpoint | None = None
         self._loaded: LoadedModel | None = None
+        self._vocabulary: GrammarVocabulary | None = None  # built on the first structured request
         self._changed = threading.Condition()  # for observers on other threads (tests)
         self.active = 0  # generating threads alive
         self.runs: list[RunRecord] = []
@@ -105,18 +110,26 @@ class LocalEngine:
         return self._loaded
 
     async def generate(
-        self, prompt: list[int], options: GenerationOptions, eos_ids: frozenset[int]
+        self,
+        prompt: list[int],
+        options: GenerationOptions,
+        eos_ids: frozenset[int],
+        output_format: OutputFormat | None = None,
     ) -> AsyncIterator[TokenEvent]:
         await self._lock.acquire()
         try:
             if self._model is None:
                 raise RequestError("no model is loaded")
+            constraint = None
+            if output_format is not None:
+                grammar = await asyncio.to_thread(self._grammar, output_format)
+                constraint = LocalConstraint(grammar)
             loop = asyncio.get_running_loop()
             queue: asyncio.Queue[TokenEvent | BaseException] = asyncio.Queue()
             run = _Run(RunRecord(prompt_tokens=len(prompt)))
             thread = threading.Thread(
                 target=self._work,
-                args=(self._model, list(prompt), options, eos_ids, run, loop, queue),
+                args=(self._model, list(prompt), options, eos_ids, constraint, run, loop, queue),
                 name="tp-ollama-generate",
                 daemon=True,
             )
@@ -139,6 +152,17 @@ class LocalEngine:
             if not done:
                 # No await here: a cancelled consumer may not be able to; the thread frees the slot.
                 run.cancel()
+
+    async def embed(self, inputs: list[list[int]]) -> list[list[float]]:
+        async with self._lock:
+            if self._model is None:
+                raise RequestError("no model is loaded")
+            vectors = await asyncio.to_thread(embed_batch, self._model, inputs)
+            return vectors.tolist()
+
+    async def cluster(self) -> dict[str, Any]:
+        facts = await asyncio.to_thread(rank_facts, 0, self._device)
+        return {"world_size": 1, "ranks": [facts], "as_of": time.time()}
 
     async def close(self) -> None:
         await self.unload()
@@ -166,9 +190,17 @@ class LocalEngine:
         log.info("loaded %s as %s on %s", request.path, request.dtype, self._device)
         return checkpoint, model
 
+    def _grammar(self, output_format: OutputFormat) -> Grammar:
+        assert self._loaded is not None and self._model is not None
+        if self._vocabulary is None:
+            vocab_size = int(self._model.config.vocab_size)  # type: ignore[union-attr,arg-type]
+            self._vocabulary = vocabulary_for(self._loaded.path, vocab_size)
+        return Grammar(self._vocabulary, output_format.kind, output_format.schema)
+
     def _drop(self) -> None:
         # The model goes before its checkpoint: some tensors may still view the checkpoint's pages.
         self._model = None
+        self._vocabulary = None
         self._loaded = None
         if self._checkpoint is not None:
             gc.collect()
@@ -183,6 +215,7 @@ class LocalEngine:
         prompt: list[int],
         options: GenerationOptions,
         eos_ids: frozenset[int],
+        constraint: LocalConstraint | None,
         run: _Run,
         loop: asyncio.AbstractEventLoop,
         queue: asyncio.Queue[Any],
@@ -197,7 +230,7 @@ class LocalEngine:
 
         stats = run.stats
         try:
-            for token in generate_tokens(model, prompt, options, eos_ids, stats, lockstep=run):
+            for token in generate_tokens(model, prompt, options, eos_ids, stats, lockstep=run, constraint=constraint):
                 put(TokenEvent(token))
             put(
                 TokenEvent(

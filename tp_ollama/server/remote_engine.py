@@ -19,9 +19,11 @@ from typing import Any
 
 from tp_ollama.engine.options import GenerationOptions
 from tp_ollama.errors import EngineUnavailable, TpOllamaError
-from tp_ollama.server.engine_api import LoadedModel, LoadRequest, TokenEvent
+from tp_ollama.server.engine_api import LoadedModel, LoadRequest, OutputFormat, TokenEvent
 
 log = logging.getLogger(__name__)
+
+CLUSTER_TIMEOUT_S = 10.0  # a group that takes longer to list its ranks is reported from the snapshot
 
 
 class RemoteEngine:
@@ -34,6 +36,7 @@ class RemoteEngine:
         self.writer: asyncio.StreamWriter | None = None
         self.lock = asyncio.Lock()  # one request at a time on the socket
         self._loaded: LoadedModel | None = None
+        self._snapshot: dict[str, Any] = {"world_size": 0, "ranks": [], "as_of": 0.0}
         self.active = 0  # requests in the engine right now (0 or 1)
 
     @classmethod
@@ -111,13 +114,19 @@ class RemoteEngine:
         return dict(json.loads(line))
 
     async def _call(self, obj: dict[str, Any]) -> dict[str, Any]:
-        async with self.lock:
-            await self._connect()
-            await self._send(obj)
-            reply = await self._recv()
+        # Shielded: a caller that gives up (a client gone, a timeout) must not leave the reply unread
+        # on the socket, where the next command would take it for its own. The command finishes and
+        # its reply is dropped; the lock keeps the next one waiting until then.
+        reply = await asyncio.shield(self._exchange(obj))
         if "error" in reply:
             raise TpOllamaError(reply["error"])
         return reply
+
+    async def _exchange(self, obj: dict[str, Any]) -> dict[str, Any]:
+        async with self.lock:
+            await self._connect()
+            await self._send(obj)
+            return await self._recv()
 
     async def load(self, request: LoadRequest) -> LoadedModel:
         reply = await self._call({"op": "load", "path": str(request.path), "dtype": request.dtype,
@@ -136,11 +145,17 @@ class RemoteEngine:
         return None if self._exited() else self._loaded
 
     async def generate(
-        self, prompt: list[int], options: GenerationOptions, eos_ids: frozenset[int]
+        self,
+        prompt: list[int],
+        options: GenerationOptions,
+        eos_ids: frozenset[int],
+        output_format: OutputFormat | None = None,
     ) -> AsyncIterator[TokenEvent]:
         async with self.lock:
             await self._connect()
-            await self._send({"op": "generate", "ids": prompt, "options": asdict(options), "eos": sorted(eos_ids)})
+            fmt = output_format.to_data() if output_format is not None else None
+            await self._send({"op": "generate", "ids": prompt, "options": asdict(options), "eos": sorted(eos_ids),
+                              "format": fmt})  # fmt: skip
             self.active += 1
             finished = False
             try:
@@ -161,6 +176,25 @@ class RemoteEngine:
                     # stream so the socket is clean for the next request.
                     await asyncio.shield(self._cancel_and_drain())
                 self.active -= 1
+
+    async def embed(self, inputs: list[list[int]]) -> list[list[float]]:
+        reply = await self._call({"op": "embed", "inputs": inputs})
+        return list(reply["embeddings"])
+
+    async def cluster(self) -> dict[str, Any]:
+        """Fresh facts from every rank when the group is free; while a request holds it (or it is
+        down), the last snapshot, with `alive` false on every rank if the group has exited."""
+        if not self.lock.locked() and not self._exited():
+            try:
+                reply = await asyncio.wait_for(self._call({"op": "cluster"}), CLUSTER_TIMEOUT_S)
+                reply.pop("ok", None)
+                self._snapshot = reply
+            except (TimeoutError, TpOllamaError) as e:
+                log.warning("the engine did not report its ranks: %s", e)
+        snapshot = dict(self._snapshot)
+        if self._exited() or self.writer is None:
+            snapshot["ranks"] = [{**r, "alive": False} for r in snapshot.get("ranks", [])]
+        return snapshot
 
     async def _cancel_and_drain(self) -> None:
         try:
