@@ -14,6 +14,7 @@ from tp_ollama.config import (
     DEFAULT_ORIGINS,
     FLAGS,
     NOT_IMPLEMENTED,
+    Compression,
     OllamaHost,
     Settings,
     client_url,
@@ -452,7 +453,7 @@ def test_the_original_designs_file_loads_with_notes(tmp_path):
     s = load_text(tmp_path, ORIGINAL_DESIGN)
     assert (s.api.host, s.cluster.rendezvous_port, s.inference.max_concurrent) == ("0.0.0.0", 4001, 10)
     notes = s.notes()
-    assert len(notes) == 6  # all but aggregation, which is left at its default
+    assert len(notes) == 5  # all but aggregation (left at its default) and compression (implemented)
     text = "\n".join(notes)
     for fragment in (
         "cluster.discovery.enabled = true",
@@ -461,10 +462,10 @@ def test_the_original_designs_file_loads_with_notes(tmp_path):
         "inference.fault_tolerance.retry_attempts = 3",
         "models.replication.min_replicas = 2",
         "performance.caching.enabled = true",
-        "performance.compression.enabled = true",
     ):
         assert fragment in text, text
-    assert "aggregation" not in text
+    assert "aggregation" not in text and "compression" not in text
+    assert s.performance.compression == Compression(enabled=True, algorithm="gzip")
 
 
 NON_DEFAULT = {
@@ -474,7 +475,6 @@ NON_DEFAULT = {
     "inference.fault_tolerance": ("inference.fault_tolerance.enabled", "true"),
     "models.replication": ("models.replication.max_replicas", 3),
     "performance.caching": ("performance.caching.size", "2GB"),
-    "performance.compression": ("performance.compression.enabled", True),
 }
 
 
@@ -485,6 +485,23 @@ def test_notes_cover_every_not_implemented_section():
         notes = load_settings(None, {}, {key: value}).notes()
         assert len(notes) == 1 and key in notes[0] and NOT_IMPLEMENTED[section] in notes[0], (key, notes)
     assert "performance.caching.size = 2GB" in load_settings(None, {}, {"performance.caching.size": "2GB"}).notes()[0]
+
+
+def test_compression_is_gzip_on_by_default_and_can_be_turned_off(tmp_path):
+    assert Settings().performance.compression == Compression(enabled=True, algorithm="gzip")
+    off = load_text(tmp_path, "performance:\n  compression:\n    enabled: false\n    algorithm: gzip\n")
+    assert off.performance.compression == Compression(enabled=False, algorithm="gzip")
+    assert off.notes() == []  # implemented: no "accepted but not implemented" warning
+    flag = load_settings(None, {}, {"performance.compression.enabled": "off"})
+    assert flag.performance.compression.enabled is False
+    for value in ("br", "deflate", ""):
+        expected = (
+            rf"performance\.compression\.algorithm = '{value}' \(from flag performance\.compression\.algorithm\) "
+        )
+        with pytest.raises(ConfigError, match=expected + r'is invalid: expected one of "gzip"$'):
+            load_settings(None, {}, {"performance.compression.algorithm": value})
+    with pytest.raises(ConfigError, match=r"performance\.compression\.enabled = 'sometimes' .* expected true or false"):
+        load_text(tmp_path, "performance:\n  compression:\n    enabled: sometimes\n")
 
 
 def test_p2p_and_cluster_together_are_an_error(tmp_path):

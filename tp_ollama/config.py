@@ -51,7 +51,6 @@ NOT_IMPLEMENTED: dict[str, str] = {
     "inference.fault_tolerance": "not implemented: a failed rank fails its requests; the group is not restarted",
     "models.replication": "not implemented: a model is sharded across the group, not replicated",
     "performance.caching": "not implemented yet: the prefix (KV) cache is planned",
-    "performance.compression": "not implemented yet: responses are sent uncompressed",
 }
 
 # Environment variables (Ollama's names) and the keys they set. OLLAMA_HOST sets host and port.
@@ -513,7 +512,10 @@ class Caching:
 
 @dataclass(frozen=True)
 class Compression:
-    enabled: bool = _opt(False, _Bool())
+    """gzip for whole JSON and text replies of 1 KiB or more (never for NDJSON or SSE streams), for
+    clients whose Accept-Encoding allows it (tp_ollama.server.compression)."""
+
+    enabled: bool = _opt(True, _Bool())
     algorithm: str = _opt("gzip", _Str(("gzip",)))
 
 

@@ -219,7 +219,7 @@ def test_greedy_generate_equals_the_cli_text(client, reference, raw):
 def test_unsupported_features_are_400_with_ollama_wording(http):
     cases = [
         ({"think": True}, f'"{SMOL}" does not support thinking'),
-        ({"format": "json"}, "format (structured outputs) is not supported yet"),
+        ({"format": "yaml"}, 'invalid format: "yaml"; expected "json" or a valid JSON Schema object'),
         ({"images": ["aGVsbG8="]}, f'"{SMOL}" does not support images (text-only model)'),
         ({"template": "{{ .Prompt }}"}, None),
         ({"think": "very"}, None),

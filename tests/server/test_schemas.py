@@ -7,6 +7,7 @@ from datetime import datetime
 
 import pytest
 
+from tp_ollama.server.openai_schemas import parse_openai_chat, parse_openai_completion
 from tp_ollama.server.schemas import (
     ApiError,
     Metrics,
@@ -16,8 +17,6 @@ from tp_ollama.server.schemas import (
     parse_chat,
     parse_generate,
     parse_keep_alive,
-    parse_openai_chat,
-    parse_openai_completion,
 )
 
 

@@ -1,8 +1,11 @@
 """`tp-ollama serve --tp 1` and `--tp 2` as a user runs them: a real server process whose engine is a
-torchrun group of one or two ranks, driven by the official ollama and openai clients."""
+torchrun group of one or two ranks, driven by the official ollama and openai clients. The second half
+runs the whole API through the group: blobs and create FROM a blob, structured outputs, tools,
+embeddings, the cluster endpoints and /metrics."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -10,12 +13,16 @@ import sys
 import time
 
 import httpx
+import jsonschema
 import ollama
 import openai
 import psutil
 import pytest
 import torch
+from prometheus_client.parser import text_string_to_metric_families
 
+from tests.engine.test_constraint import BOUNDED_SCHEMA
+from tests.tiny import write_chat_gguf
 from tp_ollama.completion import load, prompt_tokens, stream_text
 from tp_ollama.engine.options import GenerationOptions, SamplingOptions
 from tp_ollama.launch import free_port
@@ -179,3 +186,131 @@ def test_every_endpoint_through_the_engine_group(server):
             model="smollm2:135m", prompt="The capital of France is", max_tokens=8, temperature=0
         )
         assert done.choices[0].text and done.usage.completion_tokens <= 8
+
+
+# --- issue acceptance: the complete API through the engine group, at --tp 1 and --tp 2 ------------
+
+TOOL_CALL_SCHEMA = {  # what a call looks like in the tiny model's template: {"name", "parameters"}
+    "type": "object",
+    "properties": {
+        "name": {"enum": ["get_weather"]},
+        "parameters": {
+            "type": "object",
+            "properties": {"city": {"type": "string", "minLength": 1, "maxLength": 8}},
+            "required": ["city"],
+            "additionalProperties": False,
+        },
+    },
+    "required": ["name", "parameters"],
+    "additionalProperties": False,
+}
+WEATHER_TOOL = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "The weather in a city",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
+    },
+}
+
+
+@pytest.fixture(scope="module")
+def tiny_tools(server, tmp_path_factory):
+    """The tiny random model with a tool-capable template, uploaded as a blob and created FROM it."""
+    url, _ = server
+    path = write_chat_gguf(tmp_path_factory.mktemp("tiny") / "tiny-tools.gguf")
+    with ollama.Client(host=url) as client:
+        digest = client.create_blob(path)
+        assert httpx.head(f"{url}/api/blobs/{digest}").status_code == 200
+        assert client.create("tiny-tools", files={"tiny-tools.gguf": digest}).status == "success"
+        assert "tools" in client.show("tiny-tools").capabilities
+    return "tiny-tools"
+
+
+def test_structured_outputs_through_the_group_validate_every_time(server, tiny_tools):
+    url, _ = server
+    with ollama.Client(host=url) as client:
+        for seed in range(20):
+            reply = client.chat(
+                model=tiny_tools, messages=[{"role": "user", "content": "hello world"}], format=BOUNDED_SCHEMA,
+                options={"temperature": 1.0, "seed": seed, "num_predict": 160},
+            )  # fmt: skip
+            jsonschema.validate(json.loads(reply.message.content), BOUNDED_SCHEMA)
+            assert reply.done_reason == "stop"
+        # The real instruct model, format "json" and a schema, through both clients.
+        as_json = client.generate(model="smollm2:135m", prompt="Give two colors as JSON.", format="json",
+                                  options={"temperature": 0, "num_predict": 96})  # fmt: skip
+        assert isinstance(json.loads(as_json.response), dict)
+    person = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 20},
+              "age": {"type": "integer"}}, "required": ["name", "age"], "additionalProperties": False}  # fmt: skip
+    with openai.OpenAI(base_url=f"{url}/v1", api_key="ollama") as oai:
+        done = oai.chat.completions.create(
+            model="smollm2:135m", messages=[{"role": "user", "content": "Invent a person."}], temperature=0,
+            max_tokens=64, response_format={"type": "json_schema", "json_schema": {"name": "p", "schema": person}},
+        )  # fmt: skip
+    jsonschema.validate(json.loads(done.choices[0].message.content), person)
+
+
+def test_tools_call_parsed_and_result_fed_back_through_the_group(server, tiny_tools):
+    url, _ = server
+    question = {"role": "user", "content": "weather in the lazy town?"}
+    with ollama.Client(host=url) as client:
+        reply = client.chat(model=tiny_tools, messages=[question], tools=[WEATHER_TOOL], format=TOOL_CALL_SCHEMA,
+                            options={"temperature": 1.0, "seed": 7, "num_predict": 64})  # fmt: skip
+        calls = reply.message.tool_calls
+        assert calls and calls[0].function.name == "get_weather"
+        assert isinstance(calls[0].function.arguments, dict) and set(calls[0].function.arguments) == {"city"}
+        history = [question, reply.message, {"role": "tool", "content": "sunny", "tool_name": "get_weather"}]
+        after = client.chat(model=tiny_tools, messages=history, tools=[WEATHER_TOOL], options={"num_predict": 4})
+        assert after.done and after.prompt_eval_count > reply.prompt_eval_count
+        with pytest.raises(ollama.ResponseError) as refused:  # gemma3's template has no tools
+            client.chat(model="gemma3:270m", messages=[question], tools=[WEATHER_TOOL])
+        assert refused.value.status_code == 400 and "does not support tools" in str(refused.value)
+    with openai.OpenAI(base_url=f"{url}/v1", api_key="ollama") as oai:
+        done = oai.chat.completions.create(
+            model=tiny_tools, messages=[question], tools=[WEATHER_TOOL], seed=7, max_tokens=64,
+            response_format={"type": "json_schema", "json_schema": {"name": "call", "schema": TOOL_CALL_SCHEMA}},
+        )  # fmt: skip
+    call = done.choices[0].message.tool_calls[0]
+    assert done.choices[0].finish_reason == "tool_calls" and call.function.name == "get_weather"
+    assert set(json.loads(call.function.arguments)) == {"city"}
+
+
+def test_embeddings_through_the_group(server):
+    url, _ = server
+    texts = ["The cat sat on the mat.", "A stock market report", "Cats like sitting on mats."]
+    with ollama.Client(host=url) as client:
+        rows = client.embed(model="smollm2:135m", input=texts).embeddings
+        legacy = client.embeddings(model="smollm2:135m", prompt=texts[0]).embedding
+    vectors = torch.tensor(rows)
+    assert vectors.shape == (3, 576)
+    torch.testing.assert_close(vectors.norm(dim=1), torch.ones(3))
+    raw = torch.tensor(legacy)
+    torch.testing.assert_close(raw / raw.norm(), vectors[0], atol=1e-4, rtol=1e-4)
+    with openai.OpenAI(base_url=f"{url}/v1", api_key="ollama") as oai:
+        data = oai.embeddings.create(model="smollm2:135m", input=texts[1:]).data
+    torch.testing.assert_close(torch.tensor([d.embedding for d in data]), vectors[1:], atol=1e-4, rtol=1e-4)
+
+
+def test_cluster_endpoints_and_metrics_describe_the_group(server):
+    url, _ = server
+    with ollama.Client(host=url) as client:
+        reply = client.generate(model="smollm2:135m", prompt="Hi", options={"num_predict": 4})
+    status = httpx.get(f"{url}/api/distributed/status").json()
+    world = status["world_size"]
+    assert world in (1, 2) and len(status["ranks"]) == world and all(r["alive"] for r in status["ranks"])
+    assert status["healthy"] is True
+    nodes = httpx.get(f"{url}/api/distributed/nodes").json()
+    assert sum(len(node["ranks"]) for node in nodes["nodes"]) == world
+    models = httpx.get(f"{url}/api/distributed/models").json()
+    assert "smollm2" in json.dumps(models) and len(models["models"][0]["layout"]) == world
+    metrics = httpx.get(f"{url}/api/distributed/metrics").json()
+    assert metrics["requests"]["served"] >= 1 and metrics["step_time_ms"] > 0
+    if world == 2:
+        assert metrics["collective_ms_per_token"] > 0  # a sharded decode step communicates
+    assert httpx.get(f"{url}/api/distributed/requests").json() == {"requests": []}
+    text = httpx.get(f"{url}/metrics").text
+    families = {f.name: f for f in text_string_to_metric_families(text)}
+    tokens = families["tp_ollama_generation_tokens"].samples
+    assert sum(s.value for s in tokens if s.name.endswith("_total")) >= reply.eval_count
+    assert "tp_ollama_request_duration_seconds" in families

@@ -9,18 +9,23 @@ extension, a `{% generation %}` block that renders its body, `tojson` without HT
 `raise_exception`, `strftime_now`, a `dict` callable and a `namespace` that refuses dunder names; the
 messages, tools, documents and extra variables are rebuilt from plain JSON types first, `None`-valued
 message keys are dropped, and reasoning is readable under `reasoning_content` and `thinking`.
+
+`template_features` reads off a template's syntax tree whether it renders tools and thinking: the
+`tools` and `thinking` capabilities, and what a request may ask of the model.
 """
 
 from __future__ import annotations
 
 import json
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from datetime import datetime
 from functools import lru_cache
 from typing import Any
 
 import jinja2
 import jinja2.ext
+import jinja2.meta
 import jinja2.nodes
 import jinja2.parser
 import jinja2.utils
@@ -112,6 +117,26 @@ def render_chat_template(
         )
     except jinja2.TemplateError as e:
         raise RequestError(f"the chat template rejected the messages: {e}") from e
+
+
+@dataclass(frozen=True)
+class TemplateFeatures:
+    """What a chat template can render beyond plain messages: a `tools` list (the `tools` capability)
+    and reasoning (`thinking`: it reads `enable_thinking` or writes `<think>`, as Qwen3's does)."""
+
+    tools: bool = False
+    thinking: bool = False
+
+
+@lru_cache(maxsize=16)
+def template_features(template: str) -> TemplateFeatures:
+    """Read off the template's syntax tree: the variables it uses without setting them are the ones
+    transformers would pass. A template that does not parse has no features (it fails to render)."""
+    try:
+        used = jinja2.meta.find_undeclared_variables(_environment().parse(template))
+    except jinja2.TemplateSyntaxError:
+        return TemplateFeatures()
+    return TemplateFeatures(tools="tools" in used, thinking="enable_thinking" in used or "<think>" in template)
 
 
 @lru_cache(maxsize=16)

@@ -26,7 +26,12 @@ from typing import Any
 import tokenizers
 from tokenizers import processors
 
-from tp_ollama.checkpoints.chat_template import BUILTIN_CHAT_TEMPLATES, render_chat_template
+from tp_ollama.checkpoints.chat_template import (
+    BUILTIN_CHAT_TEMPLATES,
+    TemplateFeatures,
+    render_chat_template,
+    template_features,
+)
 from tp_ollama.errors import CheckpointError, RequestError
 
 log = logging.getLogger(__name__)
@@ -96,6 +101,15 @@ class Tokenizer:
         )
         self.chat_template: str | None = chat_template
         self.chat_templates: Mapping[str, str] = MappingProxyType(dict(chat_templates or {}))
+
+    def to_json(self) -> str:
+        """The backend in tokenizer.json form (for libraries that read that format)."""
+        return str(self._backend.to_str())
+
+    @classmethod
+    def for_model(cls, path: Path) -> Tokenizer:
+        """The tokenizer of a GGUF file or an HF directory."""
+        return cls.from_hf_dir(path) if path.is_dir() else cls.from_gguf(path)
 
     def __repr__(self) -> str:
         return (
@@ -186,6 +200,14 @@ class Tokenizer:
         """The id of one vocabulary entry spelled as the vocabulary spells it (`<0xE2>`, `▁the`)."""
         token_id: int | None = self._backend.token_to_id(token)
         return token_id
+
+    def chat_features(self) -> TemplateFeatures:
+        """What the chat templates can render: tools when the default or the `tool_use` template
+        reads them (apply_chat_template picks the latter for tools), thinking from the default one."""
+        default = template_features(self.chat_template) if self.chat_template is not None else TemplateFeatures()
+        tool_use = self.chat_templates.get("tool_use")
+        tools = default.tools or (tool_use is not None and template_features(tool_use).tools)
+        return TemplateFeatures(tools=tools, thinking=default.thinking)
 
     def apply_chat_template(
         self,

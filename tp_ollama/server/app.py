@@ -29,8 +29,11 @@ from tp_ollama.errors import (
     RequestError,
     TpOllamaError,
 )
-from tp_ollama.server import ollama_routes, openai_routes, store_routes
+from tp_ollama.server import cluster_routes, embed_routes, ollama_routes, openai_routes, store_routes
+from tp_ollama.server.compression import GzipMiddleware
 from tp_ollama.server.engine_api import Engine
+from tp_ollama.server.monitor import EndpointTag, Monitor
+from tp_ollama.server.openapi import openapi_route
 from tp_ollama.server.schemas import ApiError, ModelResolver, json_response, ollama_error, openai_error
 from tp_ollama.server.text import Limits, TextService
 
@@ -54,15 +57,19 @@ def create_app(
     keep_alive_s: float = 300.0,
     dtype: str = "float32",
     bind_host: str = "127.0.0.1",
+    compression: bool = True,
 ) -> Starlette:
     """`store`: the model store; with one, /api/tags, show, create, copy, delete and blobs are mounted
     and generation resolves names through it (`models` is then unused). Without one, `models`
     resolves names and the store routes are absent (404).
     `allowed_origins`: OLLAMA_ORIGINS, added to the default local origins (wildcards allowed).
-    `bind_host`: the address the server listens on; on loopback, requests must name a local Host."""
+    `bind_host`: the address the server listens on; on loopback, requests must name a local Host.
+    `compression`: gzip whole JSON and text replies of 1 KiB or more for clients that accept it."""
     resolver = store if store is not None else models
     if resolver is None:
         raise TypeError("create_app needs a model store (store=) or a model resolver (models)")
+    # The monitor asks the service (built next) which model is loaded when /metrics is scraped.
+    monitor = Monitor(loaded_model=lambda: cluster_routes.loaded_name(service))
     service = TextService(
         engine,
         resolver,
@@ -73,6 +80,7 @@ def create_app(
             keep_alive_s=keep_alive_s,
             dtype=dtype,
         ),
+        monitor=monitor,
     )
 
     async def root(request: Request) -> Response:
@@ -94,13 +102,18 @@ def create_app(
             Route("/", root, methods=["GET"]),
             Route("/api/version", api_version, methods=["GET"]),
             Route("/api/ps", ps, methods=["GET"]),
+            openapi_route(version),
             *ollama_routes.routes(service, max_body_bytes),
             *openai_routes.routes(service, max_body_bytes),
+            *embed_routes.routes(service, max_body_bytes),
+            *cluster_routes.routes(service, version),
             *(store_routes.routes(store, service.scheduler, max_body_bytes) if store is not None else []),
         ],
         middleware=[
+            *([Middleware(GzipMiddleware, minimum_size=1024)] if compression else []),
             Middleware(Cors, origins=[*DEFAULT_ORIGINS, *allowed_origins]),
             Middleware(HostGuard, enabled=_is_loopback(bind_host)),
+            Middleware(EndpointTag),
         ],
         exception_handlers={
             HTTPException: _http_error,

@@ -13,6 +13,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from tp_ollama.errors import TpOllamaError
+from tp_ollama.server.reply import Piece
 from tp_ollama.server.schemas import (
     NDJSON,
     ApiError,
@@ -59,9 +60,9 @@ async def unless_disconnected(request: Request, work: Awaitable[T]) -> T:
         watcher.cancel()
 
 
-async def collect(job: Job, service: TextService, lease: Lease) -> tuple[str, Outcome]:
-    """A whole reply, for stream:false."""
-    pieces: list[str] = []
+async def collect(job: Job, service: TextService, lease: Lease) -> tuple[Piece, Outcome]:
+    """A whole reply, for stream:false: all its text, thinking and tool calls."""
+    pieces: list[Piece] = []
     outcome: Outcome | None = None
     async for item in service.stream(job, lease):
         if isinstance(item, Outcome):
@@ -69,7 +70,7 @@ async def collect(job: Job, service: TextService, lease: Lease) -> tuple[str, Ou
         else:
             pieces.append(item)
     assert outcome is not None, "the text stream ended without an outcome"
-    return "".join(pieces), outcome
+    return Piece.join(pieces), outcome
 
 
 def error_message(e: Exception) -> str:
@@ -81,13 +82,13 @@ def error_message(e: Exception) -> str:
 
 
 async def ndjson_body(
-    service: TextService, job: Job, lease: Lease, chunk: Callable[[str, Outcome | None], dict[str, Any]]
+    service: TextService, job: Job, lease: Lease, chunk: Callable[[Piece, Outcome | None], dict[str, Any]]
 ) -> AsyncIterator[bytes]:
     """Stream chunks; an error after the 200 has gone out becomes a final {"error": ...} line."""
     try:
         async for item in service.stream(job, lease):
             if isinstance(item, Outcome):
-                yield ndjson_line(chunk("", item))
+                yield ndjson_line(chunk(Piece(), item))
             else:
                 yield ndjson_line(chunk(item, None))
     except Exception as e:
@@ -100,12 +101,12 @@ async def run(request: Request, service: TextService, job: Job, stream: bool, ch
     if stream:
         return StreamResponse(ndjson_body(service, job, lease, chunk), NDJSON, on_close=lease.release)
     try:
-        text, outcome = await unless_disconnected(request, collect(job, service, lease))
+        reply, outcome = await unless_disconnected(request, collect(job, service, lease))
     except ClientGone:
         return json_response(ollama_error("request canceled"), 499)
     finally:
         lease.release()
-    return json_response(chunk(text, outcome))
+    return json_response(chunk(reply, outcome))
 
 
 def routes(service: TextService, max_body_bytes: int) -> list[Route]:
@@ -118,10 +119,11 @@ def routes(service: TextService, max_body_bytes: int) -> list[Route]:
             return json_response(load_reply(req.model, reason, chat=False))
         job = await service.generate_job(req, resolved, started)
 
-        def chunk(text: str, outcome: Outcome | None) -> dict[str, Any]:
+        def chunk(piece: Piece, outcome: Outcome | None) -> dict[str, Any]:
             if outcome is None:
-                return generate_chunk(req.model, text)
-            return generate_chunk(req.model, text, outcome.metrics, None if req.raw else outcome.context)
+                return generate_chunk(req.model, piece.content, thinking=piece.thinking)
+            context = None if req.raw else outcome.context
+            return generate_chunk(req.model, piece.content, outcome.metrics, context, piece.thinking)
 
         return await run(request, service, job, req.stream, chunk)
 
@@ -134,8 +136,9 @@ def routes(service: TextService, max_body_bytes: int) -> list[Route]:
             return json_response(load_reply(req.model, reason, chat=True))
         job = await service.chat_job(req, resolved, started)
 
-        def chunk(text: str, outcome: Outcome | None) -> dict[str, Any]:
-            return chat_chunk(req.model, text, outcome.metrics if outcome else None)
+        def chunk(piece: Piece, outcome: Outcome | None) -> dict[str, Any]:
+            metrics = outcome.metrics if outcome else None
+            return chat_chunk(req.model, piece.content, metrics, piece.thinking, piece.tool_calls)
 
         return await run(request, service, job, req.stream, chunk)
 

@@ -1,5 +1,5 @@
 """The OpenAI-compatible layer: /v1/chat/completions, /v1/completions, /v1/models. Each request is
-translated to a native one (schemas.parse_openai_*), run like /api/chat or /api/generate, and the
+translated to a native one (openai_schemas.parse_openai_*), run like /api/chat or /api/generate, and the
 output rewritten; errors use OpenAI's shape (see app.py)."""
 
 from __future__ import annotations
@@ -15,39 +15,46 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from tp_ollama.server.ollama_routes import ClientGone, collect, error_message, unless_disconnected
+from tp_ollama.server.openai_schemas import (
+    OpenAIIds,
+    openai_chat_chunk,
+    openai_chat_completion,
+    openai_chat_deltas,
+    openai_completion,
+    openai_model,
+    parse_openai_chat,
+    parse_openai_completion,
+    usage,
+)
+from tp_ollama.server.reply import Piece
 from tp_ollama.server.schemas import (
     SSE,
     SSE_DONE,
     ApiError,
-    OpenAIIds,
     ResolvedModel,
     StreamResponse,
     json_response,
-    openai_chat_chunk,
-    openai_chat_completion,
-    openai_completion,
     openai_error,
-    openai_model,
-    parse_openai_chat,
-    parse_openai_completion,
     read_json,
     sse_event,
-    usage,
 )
 from tp_ollama.server.text import Job, Outcome, TextService
 
 log = logging.getLogger(__name__)
 
-# (text delta, first delta?) -> chunk; (finish_reason) -> finish chunk; (usage) -> usage chunk.
+# (piece of the reply, first?) -> its delta chunks (the first one is never empty);
+# (finish_reason) -> finish chunk; (usage) -> usage chunk.
 ChunkFns = tuple[
-    Callable[[str, bool], dict[str, Any]],
+    Callable[[Piece, bool], list[dict[str, Any]]],
     Callable[[str], dict[str, Any]],
     Callable[[dict[str, int]], dict[str, Any]],
 ]
 
 
-def finish_reason(outcome: Outcome) -> str:
-    return "length" if outcome.metrics.done_reason == "length" else "stop"
+def finish_reason(outcome: Outcome, tool_calls: bool = False) -> str:
+    if outcome.metrics.done_reason == "length":
+        return "length"
+    return "tool_calls" if tool_calls else "stop"
 
 
 def usage_of(outcome: Outcome) -> dict[str, int]:
@@ -59,19 +66,22 @@ async def sse_body(
 ) -> AsyncIterator[bytes]:
     """Chunk order: the first delta (with the role for chat), content deltas, a finish chunk with an
     empty delta, the usage chunk (include_usage only), then [DONE]."""
-    delta, finish, use = fns
-    first = True
+    deltas, finish, use = fns
+    first, called = True, False
     try:
         async for item in service.stream(job, lease):
             if isinstance(item, Outcome):
                 if first:
-                    yield sse_event(delta("", True))
-                yield sse_event(finish(finish_reason(item)))
+                    for chunk in deltas(Piece(), True):
+                        yield sse_event(chunk)
+                yield sse_event(finish(finish_reason(item, called)))
                 if include_usage:
                     yield sse_event(use(usage_of(item)))
-            elif item:
-                yield sse_event(delta(item, first))
-                first = False
+            else:
+                for chunk in deltas(item, first):
+                    yield sse_event(chunk)
+                    first = False
+                called = called or bool(item.tool_calls)
     except Exception as e:
         log.warning("generation failed after the stream started: %s", e)
         status = e.status if isinstance(e, ApiError) else 500
@@ -87,12 +97,12 @@ async def run(
     if stream:
         return StreamResponse(sse_body(service, job, lease, fns, include_usage), SSE, on_close=lease.release)
     try:
-        text, outcome = await unless_disconnected(request, collect(job, service, lease))
+        reply, outcome = await unless_disconnected(request, collect(job, service, lease))
     except ClientGone:
         return json_response(openai_error(499, "request canceled"), 499)
     finally:
         lease.release()
-    return json_response(whole(text, finish_reason(outcome), usage_of(outcome)))
+    return json_response(whole(reply, finish_reason(outcome, bool(reply.tool_calls)), usage_of(outcome)))
 
 
 def routes(service: TextService, max_body_bytes: int) -> list[Route]:
@@ -102,16 +112,21 @@ def routes(service: TextService, max_body_bytes: int) -> list[Route]:
         resolved = await service.resolve(req.model)
         job = await service.chat_job(req, resolved, started)
         ids = OpenAIIds.new("chatcmpl")
+
+        def deltas(piece: Piece, first: bool) -> list[dict[str, Any]]:
+            found = openai_chat_deltas(piece.content, piece.thinking, piece.tool_calls)
+            if first:
+                found = [{"role": "assistant", **(found[0] if found else {"content": ""})}, *found[1:]]
+            return [openai_chat_chunk(ids, req.model, delta) for delta in found]
+
         fns: ChunkFns = (
-            lambda text, first: openai_chat_chunk(
-                ids, req.model, {"role": "assistant", "content": text} if first else {"content": text}
-            ),
+            deltas,
             lambda reason: openai_chat_chunk(ids, req.model, {}, reason),
             lambda use: openai_chat_chunk(ids, req.model, None, use=use),
         )
 
-        def whole(text: str, reason: str, use: dict[str, int]) -> dict[str, Any]:
-            return openai_chat_completion(ids, req.model, text, reason, use)
+        def whole(reply: Piece, reason: str, use: dict[str, int]) -> dict[str, Any]:
+            return openai_chat_completion(ids, req.model, reply.content, reason, use, reply.thinking, reply.tool_calls)
 
         return await run(request, service, job, req.stream, include_usage, fns, whole)
 
@@ -123,14 +138,17 @@ def routes(service: TextService, max_body_bytes: int) -> list[Route]:
             raise ApiError(400, "prompt is required")
         job = await service.generate_job(req, resolved, started)
         ids = OpenAIIds.new("cmpl")
+        # NOTE: a thinking model's reasoning is dropped here, as upstream's completions layer does.
         fns: ChunkFns = (
-            lambda text, first: openai_completion(ids, req.model, text, None),
+            lambda piece, first: (
+                [openai_completion(ids, req.model, piece.content, None)] if piece.content or first else []
+            ),
             lambda reason: openai_completion(ids, req.model, "", reason),
             lambda use: openai_completion(ids, req.model, None, None, use),
         )
 
-        def whole(text: str, reason: str, use: dict[str, int]) -> dict[str, Any]:
-            return openai_completion(ids, req.model, text, reason, use)
+        def whole(reply: Piece, reason: str, use: dict[str, int]) -> dict[str, Any]:
+            return openai_completion(ids, req.model, reply.content, reason, use)
 
         return await run(request, service, job, req.stream, include_usage, fns, whole)
 

@@ -11,7 +11,6 @@ import json
 import math
 import re
 import time
-import uuid
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -22,18 +21,26 @@ from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 from starlette.types import Receive, Scope, Send
 
+from tp_ollama.engine.constraint import grammar_for
+from tp_ollama.errors import RequestError
+from tp_ollama.server.chat_schemas import (
+    ChatMessage,
+    Think,
+    name_tool_results,
+    ollama_tool_calls,
+    parse_message,
+    parse_think,
+    parse_tools,
+)
+from tp_ollama.server.engine_api import OutputFormat
+from tp_ollama.server.fields import ApiError
+from tp_ollama.server.fields import json_field as _field
+from tp_ollama.server.fields import json_kind as _kind
+from tp_ollama.server.tool_calls import ToolCall
+
 NDJSON = "application/x-ndjson"
 JSON = "application/json; charset=utf-8"
 SSE = "text/event-stream"
-
-
-class ApiError(Exception):
-    """A request the server refuses, with its HTTP status and the message clients show."""
-
-    def __init__(self, status: int, message: str) -> None:
-        super().__init__(message)
-        self.status = status
-        self.message = message
 
 
 # --- what the front end needs to know about a model ------------------------------------------------
@@ -98,27 +105,6 @@ def parse_body(raw: bytes) -> dict[str, Any]:
     return value
 
 
-def _kind(value: object) -> str:
-    if value is None:
-        return "null"
-    return {bool: "boolean", int: "number", float: "number", str: "string", list: "array", dict: "object"}.get(
-        type(value), type(value).__name__
-    )
-
-
-def _field(body: Mapping[str, Any], name: str, kind: type | tuple[type, ...], default: Any = None) -> Any:
-    """body[name] checked against a JSON kind; absent or null gives `default`."""
-    value = body.get(name)
-    if value is None:
-        return default
-    kinds = kind if isinstance(kind, tuple) else (kind,)
-    bad_bool = isinstance(value, bool) and bool not in kinds
-    if bad_bool or not isinstance(value, kinds):
-        wanted = " or ".join(dict.fromkeys(_kind(k()) for k in kinds))
-        raise ApiError(400, f"field {name!r} must be {wanted}, got {_kind(value)}")
-    return value
-
-
 _PART = r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,79}"
 _NAME = re.compile(
     rf"^(?:[A-Za-z0-9_][A-Za-z0-9_.:-]{{0,349}}/)?(?:[A-Za-z0-9_][A-Za-z0-9_-]{{0,79}}/)?{_PART}(?::{_PART})?$"
@@ -178,21 +164,46 @@ def _options(body: Mapping[str, Any]) -> dict[str, Any]:
     return options
 
 
-def _common_checks(body: Mapping[str, Any], model: str) -> None:
-    """Features no model supports here yet: refused with Ollama's wording rather than ignored."""
-    fmt = body.get("format")
-    if fmt not in (None, ""):
-        if fmt == "json" or isinstance(fmt, dict):
-            raise ApiError(400, "format (structured outputs) is not supported yet")
-        raise ApiError(400, f'invalid format: {json.dumps(fmt)}; expected "json" or a valid JSON Schema object')
-    think = body.get("think")
-    if think is True or think in ("low", "medium", "high", "max"):
-        raise ApiError(400, f'"{model}" does not support thinking')
-    if think not in (None, False):
+def parse_format(value: object) -> OutputFormat | None:
+    """`format`: "json", a JSON Schema object, or absent / "" for free text. A schema is checked here
+    (compiled to a grammar, about a millisecond) so that a bad one is a 400 before anything streams."""
+    if value in (None, ""):
+        return None
+    if value == "json":
+        return OutputFormat("json")
+    if not isinstance(value, dict):
+        raise ApiError(400, f'invalid format: {json.dumps(value)}; expected "json" or a valid JSON Schema object')
+    try:
+        grammar_for("schema", value)
+    except RequestError as e:
+        raise ApiError(400, str(e)) from None
+    return OutputFormat("schema", value)
+
+
+def parse_response_format(value: object) -> OutputFormat | None:
+    """OpenAI's response_format: {"type": "text"}, {"type": "json_object"} or {"type": "json_schema",
+    "json_schema": {"name", "schema", "strict"}}."""
+    if value is None:
+        return None
+    kind = value.get("type") if isinstance(value, dict) else None
+    if not isinstance(value, dict) or kind not in ("text", "json_object", "json_schema"):
         raise ApiError(
             400,
-            f'invalid think value: {json.dumps(think)} (must be "high", "medium", "low", "max", true, or false)',
+            f"invalid response_format: {json.dumps(value)}; expected an object whose type is "
+            '"text", "json_object" or "json_schema"',
         )
+    if kind == "text":
+        return None
+    if kind == "json_object":
+        return OutputFormat("json")
+    spec = value.get("json_schema")
+    if not isinstance(spec, dict) or not isinstance(spec.get("schema"), dict):
+        raise ApiError(400, "response_format json_schema needs json_schema.schema, a JSON Schema object")
+    return parse_format(spec["schema"])
+
+
+def _common_checks(body: Mapping[str, Any], model: str) -> None:
+    """Features no model supports here yet: refused with Ollama's wording rather than ignored."""
     top = _field(body, "top_logprobs", int, 0)
     if not 0 <= top <= 20:
         raise ApiError(400, "top_logprobs must be between 0 and 20")
@@ -214,19 +225,8 @@ class GenerateRequest:
     stream: bool = True
     options: dict[str, Any] = field(default_factory=dict)
     keep_alive: float | None = None  # seconds; None: the server default; negative: forever
-
-
-@dataclass(frozen=True)
-class ChatMessage:
-    role: str
-    content: str
-    tool_name: str | None = None
-
-    def for_template(self) -> dict[str, Any]:
-        message: dict[str, Any] = {"role": self.role, "content": self.content}
-        if self.tool_name:
-            message["name"] = self.tool_name
-        return message
+    format: OutputFormat | None = None  # structured output
+    think: Think = None  # whether the model may support it is checked where the model is known
 
 
 @dataclass(frozen=True)
@@ -236,6 +236,9 @@ class ChatRequest:
     stream: bool = True
     options: dict[str, Any] = field(default_factory=dict)
     keep_alive: float | None = None
+    format: OutputFormat | None = None
+    tools: tuple[dict[str, Any], ...] = ()  # handed to the chat template as they are
+    think: Think = None
 
 
 def parse_generate(body: Mapping[str, Any]) -> GenerateRequest:
@@ -268,140 +271,24 @@ def parse_generate(body: Mapping[str, Any]) -> GenerateRequest:
         stream=_field(body, "stream", bool, True),
         options=_options(body),
         keep_alive=parse_keep_alive(body.get("keep_alive")),
+        format=parse_format(body.get("format")),
+        think=parse_think(body),
     )
-
-
-_ROLES = ("system", "user", "assistant", "tool")
-
-
-def _message(model: str, value: object) -> ChatMessage:
-    if not isinstance(value, dict):
-        raise ApiError(400, f"each message must be an object with role and content, got {_kind(value)}")
-    role = _field(value, "role", str, "").lower()
-    if role not in _ROLES:
-        raise ApiError(400, f"message role {role!r} is invalid: expected one of {', '.join(_ROLES)}")
-    if _field(value, "images", list):
-        raise ApiError(400, f'"{model}" does not support images (text-only model)')
-    return ChatMessage(role, _field(value, "content", str, ""), _field(value, "tool_name", str))
 
 
 def parse_chat(body: Mapping[str, Any]) -> ChatRequest:
     model = model_field(body)
     _common_checks(body, model)
-    if _field(body, "tools", list):
-        raise ApiError(400, f'"{model}" does not support tools')
     return ChatRequest(
         model=model,
-        messages=tuple(_message(model, m) for m in _field(body, "messages", list, [])),
+        messages=name_tool_results(parse_message(model, m) for m in _field(body, "messages", list, [])),
         stream=_field(body, "stream", bool, True),
         options=_options(body),
         keep_alive=parse_keep_alive(body.get("keep_alive")),
+        format=parse_format(body.get("format")),
+        tools=parse_tools(body),
+        think=parse_think(body),
     )
-
-
-# --- OpenAI requests ------------------------------------------------------------------------------
-
-
-def _openai_options(body: Mapping[str, Any]) -> dict[str, Any]:
-    """OpenAI fields -> native options. temperature and top_p default to 1.0 (OpenAI's defaults),
-    overriding the model's own parameters, as upstream does."""
-    number = (int, float)
-    options: dict[str, Any] = {
-        "temperature": _field(body, "temperature", number, 1.0),
-        "top_p": _field(body, "top_p", number, 1.0),
-        "frequency_penalty": _field(body, "frequency_penalty", number, 0.0),
-        "presence_penalty": _field(body, "presence_penalty", number, 0.0),
-    }
-    max_tokens = _field(body, "max_tokens", int)
-    if max_tokens is None:
-        max_tokens = _field(body, "max_completion_tokens", int)
-    if max_tokens is not None:
-        options["num_predict"] = max_tokens
-    seed = _field(body, "seed", int)
-    if seed is not None:
-        options["seed"] = seed
-    stop = body.get("stop")
-    if stop is not None:
-        if isinstance(stop, str):
-            stop = [stop]
-        if not isinstance(stop, list) or not all(isinstance(s, str) for s in stop):
-            raise ApiError(400, "invalid type for 'stop' field: expected a string or an array of strings")
-        options["stop"] = stop
-    return options
-
-
-def _stream_flags(body: Mapping[str, Any]) -> tuple[bool, bool]:
-    stream = _field(body, "stream", bool, False)
-    stream_options = _field(body, "stream_options", dict, {})
-    return stream, bool(stream and _field(stream_options, "include_usage", bool, False))
-
-
-def _openai_model(body: Mapping[str, Any]) -> str:
-    model = _field(body, "model", str, "")
-    if not model:
-        raise ApiError(400, "model is required")
-    return model_field({"model": model})
-
-
-def _openai_messages(model: str, value: object) -> list[ChatMessage]:
-    """One OpenAI message -> native messages: each content part becomes its own message (upstream)."""
-    if not isinstance(value, dict):
-        raise ApiError(400, f"each message must be an object with role and content, got {_kind(value)}")
-    role = _field(value, "role", str, "").lower()
-    if role == "developer":
-        role = "system"
-    if role not in _ROLES:
-        raise ApiError(400, f"message role {role!r} is invalid: expected one of {', '.join(_ROLES)}")
-    tool_name = _field(value, "name", str) if role == "tool" else None
-    content = value.get("content")
-    if content is None or isinstance(content, str):
-        return [ChatMessage(role, content or "", tool_name)]
-    if not isinstance(content, list):
-        raise ApiError(400, f"invalid message content type: {_kind(content)}")
-    messages = []
-    for part in content:
-        kind = part.get("type") if isinstance(part, dict) else None
-        if kind == "text":
-            messages.append(ChatMessage(role, _field(part, "text", str, ""), tool_name))
-        elif kind == "image_url":
-            raise ApiError(400, f'"{model}" does not support images (text-only model)')
-        else:
-            raise ApiError(400, f"invalid message part type: {kind!r}")
-    return messages
-
-
-def parse_openai_chat(body: Mapping[str, Any]) -> tuple[ChatRequest, bool]:
-    """(native chat request, include_usage)."""
-    model = _openai_model(body)
-    raw_messages = _field(body, "messages", list, [])
-    if not raw_messages:
-        raise ApiError(400, "[] is too short - 'messages'")
-    response_format = _field(body, "response_format", dict, {})
-    if response_format.get("type") not in (None, "text"):
-        raise ApiError(400, "response_format (structured outputs) is not supported yet")
-    effort = body.get("reasoning_effort") or _field(body, "reasoning", dict, {}).get("effort")
-    if effort not in (None, "none"):
-        raise ApiError(400, f'"{model}" does not support thinking')
-    if _field(body, "tools", list):
-        raise ApiError(400, f'"{model}" does not support tools')
-    if _field(body, "logprobs", bool, False):
-        raise ApiError(400, "logprobs are not supported yet")
-    stream, include_usage = _stream_flags(body)
-    messages = tuple(m for raw in raw_messages for m in _openai_messages(model, raw))
-    return ChatRequest(model, messages, stream, _openai_options(body)), include_usage
-
-
-def parse_openai_completion(body: Mapping[str, Any]) -> tuple[GenerateRequest, bool]:
-    model = _openai_model(body)
-    prompt = body.get("prompt")
-    if not isinstance(prompt, str):
-        raise ApiError(400, "invalid prompt: only a single string is supported")
-    if _field(body, "suffix", str, ""):
-        raise ApiError(400, f'"{model}" does not support insert')
-    if _field(body, "logprobs", int, 0):
-        raise ApiError(400, "logprobs are not supported yet")
-    stream, include_usage = _stream_flags(body)
-    return GenerateRequest(model, prompt, stream=stream, options=_openai_options(body)), include_usage
 
 
 # --- JSON out -------------------------------------------------------------------------------------
@@ -467,9 +354,12 @@ class Metrics:
 
 
 def generate_chunk(
-    model: str, text: str, metrics: Metrics | None = None, context: list[int] | None = None
+    model: str, text: str, metrics: Metrics | None = None, context: list[int] | None = None, thinking: str = ""
 ) -> dict[str, Any]:
-    chunk: dict[str, Any] = {"model": model, "created_at": created_at(), "response": text, "done": metrics is not None}
+    chunk: dict[str, Any] = {"model": model, "created_at": created_at(), "response": text}
+    if thinking:
+        chunk["thinking"] = thinking
+    chunk["done"] = metrics is not None
     if metrics is not None:
         chunk.update(done_reason=metrics.done_reason)
         if context is not None:
@@ -478,11 +368,23 @@ def generate_chunk(
     return chunk
 
 
-def chat_chunk(model: str, text: str, metrics: Metrics | None = None) -> dict[str, Any]:
+def chat_chunk(
+    model: str,
+    text: str,
+    metrics: Metrics | None = None,
+    thinking: str = "",
+    tool_calls: Sequence[ToolCall] = (),
+) -> dict[str, Any]:
+    """A /api/chat chunk; `message.thinking` and `message.tool_calls` only when there are some."""
+    message: dict[str, Any] = {"role": "assistant", "content": text}
+    if thinking:
+        message["thinking"] = thinking
+    if tool_calls:
+        message["tool_calls"] = ollama_tool_calls(tool_calls)
     chunk: dict[str, Any] = {
         "model": model,
         "created_at": created_at(),
-        "message": {"role": "assistant", "content": text},
+        "message": message,
         "done": metrics is not None,
     }
     if metrics is not None:
@@ -526,81 +428,6 @@ def ps_model(
         "size_vram": size_vram,
         "context_length": num_ctx,
     }
-
-
-@dataclass(frozen=True)
-class OpenAIIds:
-    """id and created shared by every chunk of one response."""
-
-    id: str
-    created: int
-
-    @classmethod
-    def new(cls, prefix: str) -> OpenAIIds:
-        return cls(f"{prefix}-{uuid.uuid4().hex[:24]}", int(time.time()))
-
-
-def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
-    return {
-        "prompt_tokens": prompt_tokens,
-        "completion_tokens": completion_tokens,
-        "total_tokens": prompt_tokens + completion_tokens,
-    }
-
-
-def openai_chat_completion(ids: OpenAIIds, model: str, text: str, finish: str, use: dict[str, int]) -> dict[str, Any]:
-    return {
-        "id": ids.id,
-        "object": "chat.completion",
-        "created": ids.created,
-        "model": model,
-        "system_fingerprint": "fp_ollama",
-        "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish}],
-        "usage": use,
-    }
-
-
-def openai_chat_chunk(
-    ids: OpenAIIds,
-    model: str,
-    delta: dict[str, Any] | None,
-    finish: str | None = None,
-    use: dict[str, int] | None = None,
-) -> dict[str, Any]:
-    """A delta chunk, the finish chunk (empty delta + finish_reason) or, with delta None, the usage chunk."""
-    chunk: dict[str, Any] = {
-        "id": ids.id,
-        "object": "chat.completion.chunk",
-        "created": ids.created,
-        "model": model,
-        "system_fingerprint": "fp_ollama",
-        "choices": [] if delta is None else [{"index": 0, "delta": delta, "finish_reason": finish}],
-    }
-    if use is not None:
-        chunk["usage"] = use
-    return chunk
-
-
-def openai_completion(
-    ids: OpenAIIds, model: str, text: str | None, finish: str | None, use: dict[str, int] | None = None
-) -> dict[str, Any]:
-    """A whole completion, a stream chunk, or (text None) the usage-only chunk."""
-    body: dict[str, Any] = {
-        "id": ids.id,
-        "object": "text_completion",
-        "created": ids.created,
-        "model": model,
-        "system_fingerprint": "fp_ollama",
-        "choices": [] if text is None else [{"text": text, "index": 0, "logprobs": None, "finish_reason": finish}],
-    }
-    if use is not None:
-        body["usage"] = use
-    return body
-
-
-def openai_model(name: str, created: int) -> dict[str, Any]:
-    parts = name.split("/")
-    return {"id": name, "object": "model", "created": created, "owned_by": parts[-2] if len(parts) > 1 else "library"}
 
 
 # --- streaming responses --------------------------------------------------------------------------

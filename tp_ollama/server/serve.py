@@ -51,6 +51,7 @@ def build(settings: Any) -> tuple[Any, Any]:
         keep_alive_s=i.keep_alive,
         dtype=i.dtype,
         bind_host=a.host,
+        compression=settings.performance.compression.enabled,
     )
     return engine, app
 

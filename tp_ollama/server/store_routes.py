@@ -1,5 +1,5 @@
 """The model-store routes: GET /api/tags, POST /api/show, POST /api/create, POST /api/copy,
-DELETE /api/delete, HEAD and POST /api/blobs/sha256:<hex>.
+DELETE /api/delete, HEAD and POST /api/blobs/sha256:<hex>, POST /api/pull and POST /api/push.
 
 Every store call that reads or writes files runs in a worker thread. A name that is deleted or made
 to mean another model (create or copy over it) is unloaded if it is the loaded one, before the
@@ -11,22 +11,25 @@ import asyncio
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
 
-from tp_ollama.errors import RequestError
+from tp_ollama.errors import ModelNotFound, RequestError
 from tp_ollama.server.ollama_routes import error_message
 from tp_ollama.server.schemas import NDJSON, json_response, model_field, ndjson_line, ollama_error, read_json
 from tp_ollama.server.store_schemas import (
     CreateRequest,
     blob_digest,
     display_name,
+    layer_line,
     parse_copy,
     parse_create,
     parse_show,
+    parse_transfer,
+    pull_not_found,
     status_line,
     tags_body,
 )
@@ -36,6 +39,9 @@ if TYPE_CHECKING:
     from tp_ollama.store.registry import ModelStore, Progress
 
 log = logging.getLogger(__name__)
+
+# Where a route's work sends its NDJSON status objects ({"status", "digest"?, "total"?, ...}).
+Say = Callable[[dict[str, Any]], None]
 
 # Blob uploads reach the disk in pieces of about this size: a few thread hops per MiB, and never
 # more than this much of a (many GiB) upload in memory.
@@ -55,17 +61,28 @@ def routes(store: ModelStore, scheduler: Scheduler, max_body_bytes: int) -> list
     async def create(request: Request) -> Response:
         req = parse_create(await read_json(request, max_body_bytes))
 
-        def work(say: Progress) -> None:
-            _create(store, req, say)
+        def work(say: Say) -> None:
+            _create(store, req, lambda status: say(status_line(status)))
 
         async def after() -> None:
             await scheduler.forget(display_name(req.model))
 
-        if req.stream:
-            return StreamingResponse(_progress(work, after), media_type=NDJSON)
-        await asyncio.to_thread(work, lambda status: None)
-        await after()
-        return json_response(status_line("success"))
+        return await _respond(work, req.stream, after, "create")
+
+    async def pull(request: Request) -> Response:
+        """A name in the store (or a deleted embedded model, which comes back) "pulls" at once: its
+        layers are reported complete. Any other name: there is no registry client yet, so 404 (an
+        {"error"} line once streaming), with the name and the reason in the message."""
+        req = parse_transfer(await read_json(request, max_body_bytes))
+        return await _respond(lambda say: _pull(store, req.model, say), req.stream, _nothing, "pull")
+
+    async def push(request: Request) -> Response:
+        """A name not in the store: 404 `model "NAME" not found`. A name in the store: 400 `push:
+        pushing to a remote registry is not supported yet` (400 rather than upstream's 500 or a 501:
+        the request cannot succeed on this server, and nothing on it is broken). Streamed, both are
+        an {"error"} line after `retrieving manifest`."""
+        req = parse_transfer(await read_json(request, max_body_bytes))
+        return await _respond(lambda say: _push(store, req.model, say), req.stream, _nothing, "push")
 
     async def copy(request: Request) -> Response:
         source, destination = parse_copy(await read_json(request, max_body_bytes))
@@ -102,6 +119,8 @@ def routes(store: ModelStore, scheduler: Scheduler, max_body_bytes: int) -> list
         Route("/api/delete", delete, methods=["DELETE"]),
         Route("/api/blobs/{digest}", head_blob, methods=["HEAD"]),
         Route("/api/blobs/{digest}", upload_blob, methods=["POST"]),
+        Route("/api/pull", pull, methods=["POST"]),
+        Route("/api/push", push, methods=["POST"]),
     ]
 
 
@@ -121,15 +140,50 @@ def _create(store: ModelStore, req: CreateRequest, say: Progress) -> None:
     )
 
 
-async def _progress(work: Callable[[Progress], None], after: Callable[[], Awaitable[None]]) -> AsyncIterator[bytes]:
-    """`work`'s status lines as NDJSON while it runs in a thread; an error becomes a final
+def _pull(store: ModelStore, name: str, say: Say) -> None:
+    say(status_line("pulling manifest"))
+    store.restore_embedded(name)  # a deleted embedded model comes back: its weights ship with us
+    manifest = store.manifest(name, pull_not_found(name))
+    for layer in (*manifest.layers, manifest.config):  # upstream fetches the config blob last
+        say(layer_line("pulling", layer.digest, layer.size))
+    for status in ("verifying sha256 digest", "writing manifest", "success"):
+        say(status_line(status))
+
+
+def _push(store: ModelStore, name: str, say: Say) -> None:
+    say(status_line("retrieving manifest"))
+    store.manifest(name, f'model "{name}" not found')
+    raise RequestError("push: pushing to a remote registry is not supported yet")
+
+
+async def _nothing() -> None:
+    pass
+
+
+async def _respond(
+    work: Callable[[Say], None], stream: bool, after: Callable[[], Awaitable[None]], what: str
+) -> Response:
+    """`work`'s status objects as an NDJSON stream, or (stream false) its last one as the reply; an
+    error before the stream is an HTTP error (ModelNotFound 404, RequestError 400...)."""
+    if stream:
+        return StreamingResponse(_progress(work, after, what), media_type=NDJSON)
+    lines: list[dict[str, Any]] = []
+    await asyncio.to_thread(work, lines.append)
+    await after()
+    return json_response(lines[-1] if lines else status_line("success"))
+
+
+async def _progress(
+    work: Callable[[Say], None], after: Callable[[], Awaitable[None]], what: str
+) -> AsyncIterator[bytes]:
+    """`work`'s status objects as NDJSON while it runs in a thread; an error becomes a final
     {"error"} line. Its last line ("success") is held back until `after` has run, so that a client
     who sees it also sees the result everywhere (/api/ps included)."""
     loop = asyncio.get_running_loop()
-    lines: asyncio.Queue[str | None] = asyncio.Queue()  # None: the work has ended
+    lines: asyncio.Queue[dict[str, Any] | None] = asyncio.Queue()  # None: the work has ended
 
-    def say(status: str) -> None:
-        loop.call_soon_threadsafe(lines.put_nowait, status)
+    def say(line: dict[str, Any]) -> None:
+        loop.call_soon_threadsafe(lines.put_nowait, line)
 
     def run() -> None:
         try:
@@ -138,38 +192,41 @@ async def _progress(work: Callable[[Progress], None], after: Callable[[], Awaita
             loop.call_soon_threadsafe(lines.put_nowait, None)
 
     task = asyncio.ensure_future(asyncio.to_thread(run))
-    # A client that goes away does not stop the create (the store finishes or cleans up); its
+    # A client that goes away does not stop the work (the store finishes or cleans up); its
     # outcome is still logged.
-    task.add_done_callback(_log_failure)
-    held: str | None = None
+    task.add_done_callback(lambda t: _log_failure(t, what))
+    held: dict[str, Any] | None = None
     try:
-        while (status := await lines.get()) is not None:
+        while (line := await lines.get()) is not None:
             if held is not None:
-                yield ndjson_line(status_line(held))
-            held = status
+                yield ndjson_line(held)
+            held = line
         await task
     except Exception as e:
         if held is not None:
-            yield ndjson_line(status_line(held))
-        yield _error_line(e)
+            yield ndjson_line(held)
+        yield _error_line(e, what)
         return
     try:
         await after()
     except Exception as e:  # the model is in place, but the old one could not be unloaded
-        yield _error_line(e)
+        yield _error_line(e, what)
         return
     if held is not None:
-        yield ndjson_line(status_line(held))
+        yield ndjson_line(held)
 
 
-def _error_line(e: Exception) -> bytes:
-    log.warning("create failed after the stream started: %s", e)
+def _error_line(e: Exception, what: str) -> bytes:
+    if isinstance(e, ModelNotFound | RequestError):
+        log.info("%s failed after the stream started: %s", what, e)
+    else:
+        log.warning("%s failed after the stream started: %s", what, e)
     return ndjson_line(ollama_error(error_message(e)))
 
 
-def _log_failure(task: asyncio.Future[None]) -> None:
+def _log_failure(task: asyncio.Future[None], what: str) -> None:
     if not task.cancelled() and task.exception() is not None:
-        log.info("create ended with an error: %s", task.exception())
+        log.info("%s ended with an error: %s", what, task.exception())
 
 
 async def _receive_blob(store: ModelStore, digest: str, body: AsyncIterator[bytes]) -> bool:

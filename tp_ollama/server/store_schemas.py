@@ -1,4 +1,4 @@
-"""Wire formats of the model-store routes (/api/tags, show, create, copy, delete, blobs): request
+"""Wire formats of the model-store routes (/api/tags, show, create, copy, delete, blobs, pull, push): request
 bodies parsed and checked into plain dataclasses, and the response bodies. Split from schemas.py,
 which holds the generation formats; nothing here touches the disk."""
 
@@ -135,3 +135,32 @@ def tags_body(entries: Sequence[ModelEntry]) -> dict[str, Any]:
 
 def status_line(status: str) -> dict[str, Any]:
     return {"status": status}
+
+
+@dataclass(frozen=True)
+class TransferRequest:
+    """/api/pull and /api/push. `insecure` (allow a plain-http registry) is read and checked, and has
+    no effect until there is a registry client; the legacy `username` and `password` are ignored."""
+
+    model: str
+    insecure: bool = False
+    stream: bool = True
+
+
+def parse_transfer(body: Mapping[str, Any]) -> TransferRequest:
+    model = model_field(body)
+    if not is_valid_name(model):
+        raise ApiError(400, "invalid model name")
+    return TransferRequest(model, _field(body, "insecure", bool, False), _field(body, "stream", bool, True))
+
+
+def layer_line(verb: str, digest: str, size: int) -> dict[str, Any]:
+    """`{"status":"pulling <hex12>","digest","total","completed"}` for one layer (config included)."""
+    return {"status": f"{verb} {digest_hex(digest)[:12]}", "digest": digest, "total": size, "completed": size}
+
+
+def pull_not_found(name: str) -> str:
+    return (
+        f'pull model manifest: model "{name}" is not in the local store and pulling from a remote registry '
+        "is not supported yet"
+    )

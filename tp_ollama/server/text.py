@@ -1,14 +1,16 @@
 """The text side of serving, between the wire formats (schemas.py) and the token-level engine:
 tokenizers per model, prompts rendered from requests, options layered with limits, the one loaded
-model and its keep-alive, and token events turned into text pieces with stop strings cut out."""
+model and its keep-alive, and token events turned into reply pieces: text with stop strings cut out,
+read as thinking, content and tool calls (server/reply.py)."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator, Mapping
-from dataclasses import dataclass, replace
+import weakref
+from collections.abc import AsyncIterator, Mapping, Sequence
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -17,9 +19,15 @@ from tp_ollama.engine.detokenize import IncrementalDetokenizer
 from tp_ollama.engine.options import GenerationOptions
 from tp_ollama.engine.stop import StopMatcher
 from tp_ollama.errors import RequestError
-from tp_ollama.server.engine_api import Engine, LoadRequest
+from tp_ollama.server.chat_schemas import Think
+from tp_ollama.server.engine_api import Engine, LoadRequest, OutputFormat
+from tp_ollama.server.fields import ApiError
+from tp_ollama.server.monitor import Monitor, Track
+from tp_ollama.server.reply import Piece, ReplyDetokenizer, ReplyFormat, ReplyParser
 from tp_ollama.server.schemas import ChatRequest, GenerateRequest, Metrics, ModelResolver, ResolvedModel, ps_model
+from tp_ollama.server.thinking import THINK_OPEN
 from tp_ollama.store.embedded import normalize_name
+from tp_ollama.store.names import InvalidModelName, parse_name
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +62,8 @@ class Job:
     options: GenerationOptions
     keep_alive: float | None
     started_ns: int
+    output_format: OutputFormat | None = None  # structured output, enforced by the engine
+    reply: ReplyFormat = field(default_factory=ReplyFormat)  # thinking and tool calls to read out of the text
 
 
 @dataclass(frozen=True)
@@ -209,11 +219,13 @@ class Scheduler:
 class TextService:
     """What the route handlers call: resolve, build a Job, hold the model, stream text."""
 
-    def __init__(self, engine: Engine, models: ModelResolver, limits: Limits) -> None:
+    def __init__(self, engine: Engine, models: ModelResolver, limits: Limits, monitor: Monitor | None = None) -> None:
         self.engine = engine
         self.models = models
         self.limits = limits
         self.scheduler = Scheduler(engine, limits)
+        self.monitor = monitor if monitor is not None else Monitor()
+        self._tracks: weakref.WeakKeyDictionary[Lease, Track] = weakref.WeakKeyDictionary()
         self._tokenizers: dict[Path, Tokenizer] = {}
         self._tokenizer_lock = asyncio.Lock()
 
@@ -257,6 +269,7 @@ class TextService:
     async def generate_job(self, req: GenerateRequest, resolved: ResolvedModel, started_ns: int) -> Job:
         tokenizer = await self.tokenizer(resolved.path)
         options = self.options(resolved.params, req.options)
+        reply, variables = self._reply_format(tokenizer, req.model, resolved, req.think, ())
         if req.raw or tokenizer.chat_template is None:
             ids = tokenizer.encode(req.prompt, add_special_tokens=True)
         else:
@@ -265,7 +278,7 @@ class TextService:
             if req.context is None:
                 messages += resolved.messages
             messages.append({"role": "user", "content": req.prompt})
-            ids = _render(tokenizer, messages)
+            ids, reply = _render(tokenizer, messages, reply, variables)
         if req.context:
             bad = [t for t in req.context if not 0 <= t < tokenizer.vocab_size]
             if bad:
@@ -275,7 +288,8 @@ class TextService:
             if ids[:1] == [tokenizer.bos_id]:
                 ids = ids[1:]  # the context already starts with BOS
             ids = list(req.context) + ids
-        return self._job(req.model, resolved, tokenizer, ids, options, req.keep_alive, started_ns)
+        job = self._job(req.model, resolved, tokenizer, ids, options, req.keep_alive, started_ns)
+        return replace(job, output_format=req.format, reply=reply)
 
     async def chat_job(self, req: ChatRequest, resolved: ResolvedModel, started_ns: int) -> Job:
         tokenizer = await self.tokenizer(resolved.path)
@@ -283,8 +297,39 @@ class TextService:
         messages: list[Mapping[str, Any]] = [*resolved.messages, *(m.for_template() for m in req.messages)]
         if resolved.system and messages[0].get("role") != "system":
             messages.insert(0, {"role": "system", "content": resolved.system})
-        ids = _render(tokenizer, messages)
-        return self._job(req.model, resolved, tokenizer, ids, options, req.keep_alive, started_ns)
+        reply, variables = self._reply_format(tokenizer, req.model, resolved, req.think, req.tools)
+        ids, reply = _render(tokenizer, messages, reply, variables, req.tools)
+        job = self._job(req.model, resolved, tokenizer, ids, options, req.keep_alive, started_ns)
+        return replace(job, output_format=req.format, reply=reply)
+
+    def _reply_format(
+        self,
+        tokenizer: Tokenizer,
+        model: str,
+        resolved: ResolvedModel,
+        think: Think,
+        tools: Sequence[Mapping[str, Any]],
+    ) -> tuple[ReplyFormat, dict[str, Any]]:
+        """How to read the reply, and the template variables that ask for it. Tools, or thinking asked
+        for, on a model whose chat template cannot render them are refused with upstream's words.
+        A thinking model thinks unless `think` is false (upstream's default)."""
+        features = tokenizer.chat_features()
+        if tools and not features.tools:
+            raise ApiError(400, f"{self._full_name(model, resolved)} does not support tools")
+        if think not in (None, False) and not features.thinking:
+            raise ApiError(400, f'"{model}" does not support thinking')
+        thinking = features.thinking and think is not False
+        variables = {"enable_thinking": thinking} if features.thinking else {}
+        names = frozenset(t["function"]["name"] for t in tools) if tools else None
+        return ReplyFormat(thinking=thinking, tools=names), variables
+
+    def _full_name(self, model: str, resolved: ResolvedModel) -> str:
+        """`registry.ollama.ai/library/smollm2:135m`: how upstream names a model in capability errors."""
+        name = self.display_name(model, resolved)
+        try:
+            return parse_name(name).full
+        except InvalidModelName:
+            return name
 
     def _job(
         self,
@@ -309,13 +354,31 @@ class TextService:
     # --- running ---------------------------------------------------------------------------------
 
     async def start(self, job: Job) -> Lease:
-        return await self.scheduler.acquire(job.name, job.resolved, job.options.num_ctx, job.keep_alive)
-
-    async def stream(self, job: Job, lease: Lease) -> AsyncIterator[str | Outcome]:
-        """Text pieces, then one Outcome. The lease is released before the Outcome is handed on, so
-        that a keep_alive 0 unload has happened by the time a client reads the final chunk."""
+        track = self.monitor.queued(job.name, len(job.prompt), job.options.num_predict, job.started_ns)
         try:
-            async for item in self._pieces(job):
+            lease = await self.scheduler.acquire(job.name, job.resolved, job.options.num_ctx, job.keep_alive)
+        except Exception:
+            self.monitor.failed(track)
+            raise
+        except BaseException:
+            self.monitor.cancelled(track)
+            raise
+        self.monitor.running(track)
+        self._tracks[lease] = track
+        # A lease whose stream never ran (the client left before the first byte) still ends its
+        # request: when the lease goes, so does the request (a no-op once stream() has ended it).
+        weakref.finalize(lease, self.monitor.cancelled, track).atexit = False
+        return lease
+
+    async def stream(self, job: Job, lease: Lease) -> AsyncIterator[Piece | Outcome]:
+        """Pieces of the reply, then one Outcome. The lease is released before the Outcome is handed on, so
+        that a keep_alive 0 unload has happened by the time a client reads the final chunk."""
+        track = self._tracks.pop(lease, None)
+        if track is None:  # a lease taken without start()
+            track = self.monitor.queued(job.name, len(job.prompt), job.options.num_predict, job.started_ns)
+            self.monitor.running(track)
+        try:
+            async for item in self._pieces(job, track):
                 if isinstance(item, Outcome):
                     unload = lease.release()
                     if unload is not None:
@@ -324,37 +387,51 @@ class TextService:
                     total = time.perf_counter_ns() - job.started_ns
                     item = Outcome(replace(m, total_duration=total, load_duration=lease.load_ns), item.context)
                 yield item
+        except Exception:
+            self.monitor.failed(track)
+            raise
         finally:
+            # Only a stream closed early (client gone, cancelled) gets here with its request not ended.
+            self.monitor.cancelled(track)
             lease.release()
 
-    async def _pieces(self, job: Job) -> AsyncIterator[str | Outcome]:
-        """The same detokenize + stop-string logic as tp_ollama.completion.text_pieces, over events."""
-        detok = IncrementalDetokenizer(job.tokenizer)
+    async def _pieces(self, job: Job, track: Track) -> AsyncIterator[Piece | Outcome]:
+        """The same detokenize + stop-string logic as tp_ollama.completion.text_pieces, over events;
+        the text is then read as thinking, content and tool calls (job.reply)."""
+        markers = job.reply.markers()
+        detok = ReplyDetokenizer(job.tokenizer, markers) if markers else IncrementalDetokenizer(job.tokenizer)
+        reply = ReplyParser(job.reply)
         stop = StopMatcher(job.options.stop)
         tokens: list[int] = []
         start = time.perf_counter_ns()
         first = start
-        events = self.engine.generate(job.prompt, job.options, job.tokenizer.eos_ids)
+        events = self.engine.generate(job.prompt, job.options, job.tokenizer.eos_ids, job.output_format)
         try:
             async for event in events:
                 if event.token is not None:
                     if not tokens:
                         first = time.perf_counter_ns()
                     tokens.append(event.token)
+                    self.monitor.token(track)
                     text, stopped = stop.push(detok.push(event.token))
-                    if text:
-                        yield text
+                    piece = reply.push(text) if text else None
+                    if piece:
+                        yield piece
                     if stopped:
                         # Measured here: the engine is stopped early and sends no final event.
                         now = time.perf_counter_ns()
                         metrics = Metrics("stop", 0, 0, len(job.prompt), first - start, len(tokens), now - first)
+                        self.monitor.finished(track, eval_count=len(tokens), eval_duration=now - first)
+                        if piece := reply.flush():
+                            yield piece
                         yield Outcome(metrics, job.prompt + tokens)
                         return
                 if event.done:
                     text, stopped = stop.push(detok.flush())
                     tail = text if stopped else text + stop.flush()
-                    if tail:
-                        yield tail
+                    piece = Piece.join([reply.push(tail), reply.flush()])
+                    if piece:
+                        yield piece
                     reason = "stop" if stopped else event.done_reason
                     metrics = Metrics(
                         reason,
@@ -364,6 +441,12 @@ class TextService:
                         event.prompt_eval_duration,
                         event.eval_count,
                         event.eval_duration,
+                    )
+                    self.monitor.finished(
+                        track,
+                        eval_count=event.eval_count,
+                        eval_duration=event.eval_duration,
+                        comm_duration=event.comm_duration,
                     )
                     yield Outcome(metrics, job.prompt + tokens)
                     return
@@ -377,7 +460,16 @@ def _read_tokenizer(path: Path) -> Tokenizer:
     return Tokenizer.from_hf_dir(path) if path.is_dir() else Tokenizer.from_gguf(path)
 
 
-def _render(tokenizer: Tokenizer, messages: list[Mapping[str, Any]]) -> list[int]:
-    text = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+def _render(
+    tokenizer: Tokenizer,
+    messages: list[Mapping[str, Any]],
+    reply: ReplyFormat,
+    variables: Mapping[str, Any],
+    tools: Sequence[Mapping[str, Any]] = (),
+) -> tuple[list[int], ReplyFormat]:
+    """Prompt ids, and the reply format told whether the prompt opens the reasoning itself."""
+    text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tools=tools or None, **variables)
+    if reply.thinking and text.rstrip().endswith(THINK_OPEN):
+        reply = replace(reply, thinking_open=True)
     # The template writes BOS itself where the model wants it, as transformers assumes.
-    return tokenizer.encode(text, add_special_tokens=False)
+    return tokenizer.encode(text, add_special_tokens=False), reply

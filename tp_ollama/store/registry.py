@@ -483,7 +483,10 @@ def checkpoint_info(path: Path, verbose: bool = False) -> tuple[dict[str, Any], 
 
 def capabilities(template: str | None) -> list[str]:
     """`completion`, plus `tools` / `insert` when the template reads tools / a suffix (upstream looks
-    at the template's variables the same way)."""
+    at the template's variables the same way), and `thinking` when it reads `.Think` (Go) or
+    `enable_thinking`, or writes `<think>` (Jinja)."""
+    from tp_ollama.checkpoints.chat_template import template_features
+
     names: set[str] = set()
     for block in re.findall(r"\{\{.*?\}\}|\{%.*?%\}", template or "", flags=re.S):
         names.update(w.lower() for w in re.findall(r"[A-Za-z_]\w*", block))
@@ -492,6 +495,8 @@ def capabilities(template: str | None) -> list[str]:
         caps.append("tools")
     if "suffix" in names:
         caps.append("insert")
+    if "think" in names or (template is not None and template_features(template).thinking):
+        caps.append("thinking")
     return caps
 
 
@@ -774,6 +779,11 @@ class ModelStore:
             digest=found.digest,
             modified_at=found.modified_at,
         )
+
+    def manifest(self, name: str, message: str | None = None) -> Manifest:
+        """The manifest `name` resolves to (layers with digests and sizes; read-only, for /api/pull and
+        /api/push); ModelNotFound with `message` (default `model 'NAME' not found`) when it is not here."""
+        return self._lookup(name, message).manifest
 
     def show(self, name: str, verbose: bool = False) -> dict[str, Any]:
         """The /api/show body. `template` falls back to the checkpoint's own chat template when the

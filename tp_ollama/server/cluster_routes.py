@@ -1,0 +1,204 @@
+"""Observability routes: the /api/distributed/* endpoints kept from the "distributed Ollama" design
+(spec/config-and-cluster.md), mapped onto one tensor-parallel group, and Prometheus' GET /metrics.
+
+Engine facts come from Engine.cluster() (answered from a snapshot while a request holds the group,
+so these answer promptly during a generation) and Engine.loaded(); request facts from the Monitor.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Mapping
+from typing import Any
+
+from prometheus_client import CONTENT_TYPE_LATEST
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+from tp_ollama.errors import EngineUnavailable
+from tp_ollama.server.engine_api import LoadedModel
+from tp_ollama.server.schemas import json_response
+from tp_ollama.server.text import TextService
+
+log = logging.getLogger(__name__)
+
+CLUSTER_TIMEOUT_S = 2.0
+
+# TPLayout.describe() keys -> the names these endpoints use for each split.
+SHARE_NAMES = {
+    "q_heads": "attention_heads",
+    "kv_heads": "kv_heads",
+    "mlp_rows": "mlp_columns",
+    "vocab_rows": "vocab_rows",
+}
+
+
+def loaded_name(service: TextService) -> str | None:
+    """The display name of the model on the engine, or None."""
+    running = service.scheduler.running()
+    return str(running[0]["name"]) if running else None
+
+
+async def cluster_facts(service: TextService) -> dict[str, Any]:
+    """Engine.cluster(), given CLUSTER_TIMEOUT_S to answer. Shielded: a remote engine's call cut short
+    would leave its reply on the socket for the next call."""
+    try:
+        return await asyncio.wait_for(asyncio.shield(service.engine.cluster()), CLUSTER_TIMEOUT_S)
+    except TimeoutError:
+        raise EngineUnavailable(f"the engine did not answer within {CLUSTER_TIMEOUT_S:g} s") from None
+
+
+def share(entry: Mapping[str, Any] | None) -> dict[str, Any] | None:
+    """One rank's layout entry as its share of each split: spans [start, end) with their counts."""
+    if entry is None:
+        return None
+    out: dict[str, Any] = {}
+    for key, value in entry.items():
+        if key in ("rank", "device"):
+            continue
+        name = SHARE_NAMES.get(key)
+        if name is not None and isinstance(value, list | tuple) and len(value) == 2:
+            start, end = int(value[0]), int(value[1])
+            out[name] = {"start": start, "end": end, "count": end - start}
+        else:
+            out[key] = value
+    return out
+
+
+def _layout_by_rank(loaded: LoadedModel | None) -> dict[int, Mapping[str, Any]]:
+    return {int(entry["rank"]): entry for entry in loaded.layout} if loaded is not None else {}
+
+
+def _device_kind(device: object) -> str:
+    return str(device).split(":", 1)[0]
+
+
+def nodes_view(facts: Mapping[str, Any], loaded: LoadedModel | None) -> list[dict[str, Any]]:
+    """Ranks grouped by host, with each host's memory and each rank's memory and share."""
+    layout = _layout_by_rank(loaded)
+    hosts: dict[str, list[Mapping[str, Any]]] = {}
+    for rank in sorted(facts["ranks"], key=lambda r: int(r["rank"])):
+        hosts.setdefault(str(rank["host"]), []).append(rank)
+    nodes = []
+    for host, ranks in hosts.items():
+        total = int(ranks[0].get("mem_total_bytes", 0))
+        free = int(ranks[0].get("mem_available_bytes", 0))
+        memory: dict[str, int] = {"used_bytes": total - free, "free_bytes": free, "total_bytes": total}
+        on_device = [r for r in ranks if int(r.get("device_mem_total_bytes") or 0) > 0]
+        if on_device:
+            memory["device_used_bytes"] = sum(int(r["device_mem_used_bytes"]) for r in on_device)
+            memory["device_total_bytes"] = sum(int(r["device_mem_total_bytes"]) for r in on_device)
+        entries = []
+        for r in ranks:
+            rank_memory = {"rss_bytes": int(r.get("rss_bytes", 0))}
+            if r in on_device:
+                rank_memory["device_used_bytes"] = int(r["device_mem_used_bytes"])
+                rank_memory["device_total_bytes"] = int(r["device_mem_total_bytes"])
+            entries.append(
+                {
+                    "rank": int(r["rank"]),
+                    "pid": r.get("pid"),
+                    "device": r.get("device"),
+                    "alive": bool(r.get("alive")),
+                    "memory": rank_memory,
+                    "share": share(layout.get(int(r["rank"]))),
+                }
+            )
+        nodes.append(
+            {
+                "host": host,
+                "device": ",".join(sorted({_device_kind(r.get("device")) for r in ranks})),
+                "memory": memory,
+                "ranks": entries,
+            }
+        )
+    return nodes
+
+
+def model_view(service: TextService, loaded: LoadedModel, hosts: Mapping[int, str]) -> dict[str, Any]:
+    layout = _layout_by_rank(loaded)
+    ranks = [
+        {"rank": r, "host": hosts.get(r), "device": layout.get(r, {}).get("device"), **(share(layout.get(r)) or {})}
+        for r in range(loaded.world_size)
+    ]
+    return {
+        "name": loaded_name(service) or loaded.path.name,
+        "path": str(loaded.path),
+        "format": "safetensors" if loaded.path.is_dir() else "gguf",
+        "dtype": loaded.dtype,
+        "num_ctx": loaded.num_ctx,
+        "size": loaded.size_bytes,
+        "parallelism": {
+            "strategy": "tensor",
+            "degree": loaded.world_size,
+            # Relative share per rank (--tp-weights); an even split when the layout names none.
+            "weights": [float(layout.get(r, {}).get("weight", 1.0)) for r in range(loaded.world_size)],
+        },
+        "layout": ranks,
+    }
+
+
+def routes(service: TextService, version: str) -> list[Route]:
+    monitor = service.monitor
+
+    async def status(request: Request) -> Response:
+        loaded = service.engine.loaded()
+        error = None
+        try:
+            facts = await cluster_facts(service)
+        except Exception as e:  # the status route reports a broken group rather than failing
+            log.warning("engine cluster() failed: %s", e)
+            error = str(e) or type(e).__name__
+            facts = {"world_size": loaded.world_size if loaded else 0, "ranks": []}
+        ranks = [
+            {"rank": r["rank"], "host": r["host"], "pid": r["pid"], "device": r["device"], "alive": bool(r["alive"])}
+            for r in facts["ranks"]
+        ]
+        body: dict[str, Any] = {
+            "world_size": facts["world_size"],
+            "nodes": len({r["host"] for r in ranks}),
+            "ranks": ranks,
+            "healthy": error is None and len(ranks) == facts["world_size"] and all(r["alive"] for r in ranks),
+            "uptime_seconds": monitor.uptime_seconds(),
+            "version": version,
+            "model": loaded_name(service),
+        }
+        if error is not None:
+            body["error"] = error
+        return json_response(body)
+
+    async def nodes(request: Request) -> Response:
+        facts = await cluster_facts(service)
+        return json_response({"world_size": facts["world_size"], "nodes": nodes_view(facts, service.engine.loaded())})
+
+    async def models(request: Request) -> Response:
+        loaded = service.engine.loaded()
+        if loaded is None:
+            return json_response({"models": []})
+        try:
+            facts = await cluster_facts(service)
+            hosts = {int(r["rank"]): str(r["host"]) for r in facts["ranks"]}
+        except Exception as e:  # hosts are a detail here; the split is known without them
+            log.warning("engine cluster() failed: %s", e)
+            hosts = {}
+        return json_response({"models": [model_view(service, loaded, hosts)]})
+
+    async def metrics(request: Request) -> Response:
+        return json_response(monitor.snapshot())
+
+    async def requests(request: Request) -> Response:
+        return json_response({"requests": monitor.active()})
+
+    async def prometheus(request: Request) -> Response:
+        return Response(monitor.exposition(), media_type=CONTENT_TYPE_LATEST)
+
+    return [
+        Route("/api/distributed/status", status, methods=["GET"]),
+        Route("/api/distributed/nodes", nodes, methods=["GET"]),
+        Route("/api/distributed/models", models, methods=["GET"]),
+        Route("/api/distributed/metrics", metrics, methods=["GET"]),
+        Route("/api/distributed/requests", requests, methods=["GET"]),
+        Route("/metrics", prometheus, methods=["GET"]),
+    ]
