@@ -49,39 +49,43 @@ def one(url: str, model: str, fmt: Any, tokens: int) -> dict[str, float]:
 
 
 def main() -> None:
-    from tp_ollama.launch import free_port
-
     ap = argparse.ArgumentParser()
-    ap.add_argument("--model", default="smollm2:135m")
+    ap.add_argument("--model", nargs="+", default=["smollm2:135m", "gemma3:270m"])
     ap.add_argument("--tp", type=int, nargs="+", default=[1, 2])
     ap.add_argument("--tokens", type=int, default=96)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "structured_decode.json"))
     args = ap.parse_args()
-    results: dict[str, Any] = {"model": args.model, "tokens": args.tokens, "machine": platform.machine(), "tp": {}}
-    for tp in args.tp:
-        port = free_port()
-        with tempfile.TemporaryDirectory() as models:
-            proc = start_server(tp, port, models)
-            url = f"http://127.0.0.1:{port}"
-            try:
-                for fmt in FORMATS.values():  # warm: load, the grammar vocabulary, the first compile
-                    one(url, args.model, fmt, 8)
-                runs: dict[str, list[dict[str, float]]] = {name: [] for name in FORMATS}
-                for _ in range(args.rounds):
-                    for name, fmt in FORMATS.items():
-                        runs[name].append(one(url, args.model, fmt, args.tokens))
-            finally:
-                proc.terminate()
-                proc.wait(timeout=60)
-        entry = {name: {"decode_tok_s_median": statistics.median(r["decode_tok_s"] for r in rs),
-                        "eval_counts": [int(r["eval_count"]) for r in rs]} for name, rs in runs.items()}  # fmt: skip
-        base = entry["none"]["decode_tok_s_median"]
-        for name in ("json", "schema"):
-            entry[name]["vs_none"] = entry[name]["decode_tok_s_median"] / base
-        results["tp"][str(tp)] = entry
-        print(f"tp={tp}", json.dumps(entry))
+    results: dict[str, Any] = {"tokens": args.tokens, "machine": platform.machine(), "models": {}}
+    for model in args.model:
+        results["models"][model] = {str(tp): run_tp(model, tp, args.tokens, args.rounds) for tp in args.tp}
     Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
+
+
+def run_tp(model: str, tp: int, tokens: int, rounds: int) -> dict[str, Any]:
+    from tp_ollama.launch import free_port
+
+    port = free_port()
+    with tempfile.TemporaryDirectory() as models:
+        proc = start_server(tp, port, models)
+        url = f"http://127.0.0.1:{port}"
+        try:
+            for fmt in FORMATS.values():  # warm: load, the grammar vocabulary, the first compile
+                one(url, model, fmt, 8)
+            runs: dict[str, list[dict[str, float]]] = {name: [] for name in FORMATS}
+            for _ in range(rounds):
+                for name, fmt in FORMATS.items():
+                    runs[name].append(one(url, model, fmt, tokens))
+        finally:
+            proc.terminate()
+            proc.wait(timeout=60)
+    entry = {name: {"decode_tok_s_median": statistics.median(r["decode_tok_s"] for r in rs),
+                    "eval_counts": [int(r["eval_count"]) for r in rs]} for name, rs in runs.items()}  # fmt: skip
+    base = entry["none"]["decode_tok_s_median"]
+    for name in ("json", "schema"):
+        entry[name]["vs_none"] = entry[name]["decode_tok_s_median"] / base
+    print(model, f"tp={tp}", json.dumps(entry))
+    return entry
 
 
 if __name__ == "__main__":
