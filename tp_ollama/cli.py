@@ -311,9 +311,21 @@ def serve(
     num_ctx: Annotated[int | None, typer.Option(help="Default context window.")] = None,
     keep_alive: Annotated[str | None, typer.Option(help="How long an idle model stays loaded (5m, -1).")] = None,
     models: Annotated[str | None, typer.Option(help="Model store directory (OLLAMA_MODELS).")] = None,
+    replicas: Annotated[
+        int | None, typer.Option(help="Engine groups of --tp ranks each, every one holding the whole model.")
+    ] = None,
+    load_balancing: Annotated[
+        str | None, typer.Option(help="How requests are spread over replicas: least_loaded or round_robin.")
+    ] = None,
+    num_parallel: Annotated[
+        int | None, typer.Option(help="Requests generating at once per replica (OLLAMA_NUM_PARALLEL).")
+    ] = None,
+    max_queue: Annotated[
+        int | None, typer.Option(help="Requests allowed to wait; one more gets 503 (OLLAMA_MAX_QUEUE).")
+    ] = None,
     debug: DebugOpt = False,
 ) -> None:
-    """Start the Ollama-compatible server with an engine group of --tp ranks."""
+    """Start the Ollama-compatible server with --replicas engine groups (default 1) of --tp ranks."""
 
     def body() -> None:
         from pathlib import Path
@@ -323,7 +335,8 @@ def serve(
 
         flags = {
             "host": host, "port": port, "tp": tp, "tp_weights": tp_weights, "comm": comm, "device": device,
-            "dtype": dtype, "num_ctx": num_ctx, "keep_alive": keep_alive, "models": models,
+            "dtype": dtype, "num_ctx": num_ctx, "keep_alive": keep_alive, "models": models, "replicas": replicas,
+            "load_balancing": load_balancing, "num_parallel": num_parallel, "max_queue": max_queue,
         }  # fmt: skip
         settings = load_settings(Path(config) if config else None, os.environ, flags)
         run(settings, debug)
@@ -343,6 +356,9 @@ def engine(
     device: DeviceOpt = "cpu",
     tp_weights: TpWeightsOpt = None,
     join_timeout: JoinTimeoutOpt = 120.0,
+    max_running: Annotated[int, typer.Option(help="Sequences decoding together.")] = 16,
+    kv_cache_bytes: Annotated[int, typer.Option(help="KV cache per rank, in bytes.")] = 2 << 30,
+    prefix_cache: Annotated[bool, typer.Option(help="Keep finished requests' KV blocks for reuse.")] = True,
     debug: DebugOpt = False,
 ) -> None:
     """Run an engine group that serves a front end (started by serve and launch)."""
@@ -352,7 +368,8 @@ def engine(
         from tp_ollama.parallel.engine_server import EngineJob, engine_main
 
         cluster = Cluster(nnodes, node_rank, tp, master_addr, master_port, join_timeout)
-        job = EngineJob(socket_path, comm, device, parse_weights(tp_weights), join_timeout, debug)
+        job = EngineJob(socket_path, comm, device, parse_weights(tp_weights), join_timeout, debug,
+                        max_running, kv_cache_bytes, prefix_cache)  # fmt: skip
         run_workers(cluster, engine_main, job)
 
     run_reporting_errors(debug, body)

@@ -47,10 +47,10 @@ DEFAULT_ORIGINS = (
 NOT_IMPLEMENTED: dict[str, str] = {
     "cluster.discovery": "not implemented: the rendezvous is static (every node is given node 0's address)",
     "inference.aggregation": "no-op: tensor-parallel ranks all-reduce partial sums; there are no partial answers",
-    "inference.load_balancing": "not implemented: one tensor-parallel group serves every request; no replicas",
     "inference.fault_tolerance": "not implemented: a failed rank fails its requests; the group is not restarted",
-    "models.replication": "not implemented: a model is sharded across the group, not replicated",
-    "performance.caching": "not implemented yet: the prefix (KV) cache is planned",
+    "models.replication.max_replicas": "not implemented: min_replicas groups are started and none are added under load",
+    "models.replication.strategy": "not implemented: every replica runs on this node (node 0)",
+    "performance.caching.ttl": "not implemented: cached prefix blocks stay until evicted (least recently used first)",
 }
 
 # Environment variables (Ollama's names) and the keys they set. OLLAMA_HOST sets host and port.
@@ -83,6 +83,8 @@ FLAGS: dict[str, str] = {
     "comm": "cluster.comm",
     "num_parallel": "inference.max_concurrent",
     "max_queue": "inference.max_queue",
+    "load_balancing": "inference.load_balancing.algorithm",
+    "replicas": "models.replication.min_replicas",
     "keep_alive": "inference.keep_alive",
     "num_ctx": "inference.num_ctx",
     "tp_weights": "inference.tp_weights",
@@ -462,7 +464,11 @@ class Aggregation:
 
 @dataclass(frozen=True)
 class LoadBalancing:
-    enabled: bool = _opt(False, _Bool())
+    """How requests are spread over the replicas (models.replication.min_replicas engine groups):
+    least_loaded sends each to the replica with the fewest requests running (ties: the lowest index),
+    round_robin to the next one in turn that has a free slot. `enabled` false needs one replica."""
+
+    enabled: bool = _opt(True, _Bool())
     algorithm: str = _opt("least_loaded", _Str(("least_loaded", "round_robin")))
 
 
@@ -474,7 +480,12 @@ class FaultTolerance:
 
 @dataclass(frozen=True)
 class InferenceSettings:
-    max_concurrent: int = _opt(1, _Int(1))
+    # Requests generating at once per engine group (replica); the engine batches them into one
+    # decode step. 4 by default: a decode step reads every weight once whatever the batch, so a few
+    # sequences cost little more than one, and 4 full-length sequences (num_ctx 4096) of an 8B Llama
+    # in bfloat16 take 2 GiB of KV cache, the default performance.caching.size. Upstream Ollama
+    # defaults to 1 per model (4 in older versions); vLLM to 256, sized for large GPUs.
+    max_concurrent: int = _opt(4, _Int(1))
     max_queue: int = _opt(512, _Int(1))
     timeout: float = _opt(300.0, _Duration(0, note="0: no limit"))
     keep_alive: float = _opt(300.0, _Duration(note="negative: forever, 0: unload after each request"))
@@ -492,8 +503,11 @@ class InferenceSettings:
 
 @dataclass(frozen=True)
 class Replication:
+    """`min_replicas` engine groups (flag --replicas), each of cluster.nproc_per_node ranks holding
+    the whole model, on this node, under one front end."""
+
     min_replicas: int = _opt(1, _Int(1))
-    max_replicas: int = _opt(1, _Int(1))
+    max_replicas: int = _opt(0, _Int(0, note="0: the same as min_replicas"))
     strategy: str = _opt("none", _Str())
 
 
@@ -505,8 +519,13 @@ class ModelsSettings:
 
 @dataclass(frozen=True)
 class Caching:
-    enabled: bool = _opt(False, _Bool())
-    size: int = _opt(10**9, _Size())
+    """The KV cache of each engine rank: `size` bytes in fixed-size blocks shared by every running
+    sequence (a request reserves what it may need when it starts, or waits); `enabled` keeps the
+    blocks of finished requests for reuse by requests that start with the same tokens (a shared
+    system prompt, the earlier turns of a chat)."""
+
+    enabled: bool = _opt(True, _Bool())
+    size: int = _opt(2 * 1024**3, _Size(lo=1024**2))
     ttl: float = _opt(3600.0, _Duration(0, note="0: no expiry"))
 
 
@@ -541,7 +560,7 @@ class Settings:
             changed = [
                 f"{key} = {_kinds()[key].show(value)}"
                 for key, value in mine.items()
-                if key.startswith(section + ".") and value != default[key]
+                if (key == section or key.startswith(section + ".")) and value != default[key]
             ]
             if changed:
                 notes.append(f"{', '.join(changed)}: accepted but {reason}")
@@ -553,6 +572,7 @@ class Settings:
 
     def describe(self) -> str:
         a, c, i = self.api, self.cluster, self.inference
+        replicas = self.models.replication.min_replicas
         keep = "forever" if i.keep_alive < 0 else format_duration(i.keep_alive)
         weights = f", weights {','.join(f'{w:g}' for w in i.tp_weights)}" if i.tp_weights else ""
         return "\n".join(
@@ -562,8 +582,10 @@ class Settings:
                 f"cluster: {c.nnodes} node(s) x {c.nproc_per_node} rank(s) = TP {c.world_size}{weights}, "
                 f"this node {c.node_rank}, rendezvous {host_port(c.rendezvous_addr, c.rendezvous_port)}, "
                 f"comm {c.comm}",
-                f"inference: {i.max_concurrent} at once, queue {i.max_queue}, num_ctx {i.num_ctx}, "
+                f"inference: {i.max_concurrent} at once per replica, queue {i.max_queue}, num_ctx {i.num_ctx}, "
                 f"keep_alive {keep}, {i.dtype} on {i.device}",
+                f"replicas: {replicas} engine group(s) of TP {c.world_size}"
+                + (f", {i.load_balancing.algorithm}" if replicas > 1 else ""),
                 f"models: {self.models.storage_path}",
             ]
         )
@@ -755,8 +777,20 @@ def _check(s: Settings, given: Mapping[str, _Given]) -> None:
         raise bad("inference.num_ctx", f"expected at most inference.max_num_ctx = {i.max_num_ctx}")
     if i.max_num_predict == 0:
         raise bad("inference.max_num_predict", "expected -1 (no bound) or a positive number of tokens")
-    if r.min_replicas > r.max_replicas:
+    if 0 < r.max_replicas < r.min_replicas:
         raise bad("models.replication.min_replicas", f"expected at most max_replicas = {r.max_replicas}")
+    if r.min_replicas > 1 and c.nnodes > 1:
+        raise bad(
+            "models.replication.min_replicas",
+            f"replicas run on one node (each an engine group of its own), but cluster.nnodes = {c.nnodes}; "
+            "expected 1 replica, or cluster.nnodes = 1",
+        )
+    if r.min_replicas > 1 and not i.load_balancing.enabled:
+        raise bad(
+            "inference.load_balancing.enabled",
+            f"{r.min_replicas} replicas (models.replication.min_replicas) need requests spread over them: "
+            "expected true, or 1 replica",
+        )
 
 
 def load_settings(config_path: Path | None, env: Mapping[str, str], flags: Mapping[str, Any]) -> Settings:

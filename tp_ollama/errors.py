@@ -27,3 +27,11 @@ class ModelNotFound(TpOllamaError):
 
 class EngineUnavailable(TpOllamaError):
     """The engine group is not running or stopped answering (HTTP 503; the next request restarts it)."""
+
+
+class ServerBusy(TpOllamaError):
+    """More requests wait for the model than inference.max_queue (OLLAMA_MAX_QUEUE) allows: HTTP 503
+    with upstream's words, two spaces included, so clients that match on them keep working."""
+
+    def __init__(self) -> None:
+        super().__init__("server busy, please try again.  maximum pending requests exceeded")

@@ -65,7 +65,9 @@ class ScriptedEngine:
     It is a double that emits scripted token ids and nothing else: the server decodes them with the
     model's real tokenizer and reads them as it reads a real engine's tokens (thinking and tool calls
     included); script text with `tokenizer.encode(text, add_special_tokens=False)`. Each request's
-    prompt ids are kept in `prompts`."""
+    prompt ids are kept in `prompts`. With `hold`, a request waits in the engine (running, as far as
+    the server can tell) until `release` is set; `release_from_thread()` sets it from a test thread
+    while the server runs in its own."""
 
     def __init__(self, tokens: Sequence[int], fail_with: Exception | None = None) -> None:
         self.tokens = list(tokens)
@@ -77,6 +79,7 @@ class ScriptedEngine:
         self.hold = False
         self.formats: list[OutputFormat | None] = []  # each request's output format, as received
         self.prompts: list[list[int]] = []  # each request's prompt ids, as received
+        self._loop: asyncio.AbstractEventLoop | None = None  # the server's, once a request has run
 
     async def load(self, request: LoadRequest) -> LoadedModel:
         self.loads.append(request.path)
@@ -100,6 +103,7 @@ class ScriptedEngine:
     ) -> AsyncIterator[TokenEvent]:
         self.formats.append(output_format)
         self.prompts.append(list(prompt))
+        self._loop = asyncio.get_running_loop()
         if self._loaded is None:
             raise RequestError("no model is loaded")
         if self.hold:
@@ -110,6 +114,11 @@ class ScriptedEngine:
             raise self.fail_with
         n = len(self.tokens)
         yield TokenEvent(None, True, "stop", len(prompt), 1000, n, 2000)
+
+    def release_from_thread(self) -> None:
+        """Set `release` from a thread other than the server's event loop."""
+        assert self._loop is not None, "no request has reached the engine yet"
+        self._loop.call_soon_threadsafe(self.release.set)
 
     async def embed(self, inputs: list[list[int]]) -> list[list[float]]:
         # Not a model: a vector that depends only on the input, so routes can be checked for shape.

@@ -47,8 +47,11 @@ def test_status_reports_one_healthy_rank_and_the_loaded_model(http):
     load(http)
     status = http.get("/api/distributed/status").json()
     assert status["ranks"] == [
-        {"rank": 0, "host": socket.gethostname(), "pid": os.getpid(), "device": "cpu", "alive": True}
+        {"rank": 0, "replica": 0, "host": socket.gethostname(), "pid": os.getpid(), "device": "cpu", "alive": True}
     ]
+    # One engine group: one replica, with its load.
+    [replica] = status["replicas"]
+    assert replica["replica"] == 0 and replica["running"] == 0 and replica["alive"] is True
     assert status["world_size"] == 1 and status["nodes"] == 1 and status["healthy"] is True
     assert status["version"] == __version__ and status["uptime_seconds"] > 0
     assert status["model"] == SMOL

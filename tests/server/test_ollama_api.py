@@ -252,7 +252,6 @@ def test_a_dropped_stream_frees_the_engine_within_one_step(server, http):
             assert json.loads(next(lines))["done"] is False
     # leaving the block closes the connection mid-stream
     assert server.engine.wait_idle(timeout=60)
-    assert server.engine.slots_free == 1
     record = server.engine.runs[runs_before]
     assert record.cancelled and record.finished
     assert record.eval_count_at_cancel is not None

@@ -27,12 +27,14 @@ from tp_ollama.errors import (
     EngineUnavailable,
     ModelNotFound,
     RequestError,
+    ServerBusy,
     TpOllamaError,
 )
 from tp_ollama.server import cluster_routes, embed_routes, ollama_routes, openai_routes, store_routes
 from tp_ollama.server.compression import GzipMiddleware
 from tp_ollama.server.engine_api import Engine
 from tp_ollama.server.monitor import EndpointTag, Monitor
+from tp_ollama.server.ollama_routes import ClientGone
 from tp_ollama.server.openapi import openapi_route
 from tp_ollama.server.schemas import ApiError, ModelResolver, json_response, ollama_error, openai_error
 from tp_ollama.server.text import Limits, TextService
@@ -58,18 +60,22 @@ def create_app(
     dtype: str = "float32",
     bind_host: str = "127.0.0.1",
     compression: bool = True,
+    max_concurrent: int = 4,
+    max_queue: int = 512,
 ) -> Starlette:
     """`store`: the model store; with one, /api/tags, show, create, copy, delete and blobs are mounted
     and generation resolves names through it (`models` is then unused). Without one, `models`
     resolves names and the store routes are absent (404).
     `allowed_origins`: OLLAMA_ORIGINS, added to the default local origins (wildcards allowed).
     `bind_host`: the address the server listens on; on loopback, requests must name a local Host.
-    `compression`: gzip whole JSON and text replies of 1 KiB or more for clients that accept it."""
+    `compression`: gzip whole JSON and text replies of 1 KiB or more for clients that accept it.
+    `max_concurrent`: requests holding the model at once per engine group (a ReplicaSet of R groups
+    admits R times that); `max_queue`: requests allowed to wait, beyond which a request gets 503."""
     resolver = store if store is not None else models
     if resolver is None:
         raise TypeError("create_app needs a model store (store=) or a model resolver (models)")
     # The monitor asks the service (built next) which model is loaded when /metrics is scraped.
-    monitor = Monitor(loaded_model=lambda: cluster_routes.loaded_name(service))
+    monitor = Monitor(loaded_model=lambda: cluster_routes.loaded_name(service), replicas=lambda: service.engine.stats())
     service = TextService(
         engine,
         resolver,
@@ -79,6 +85,8 @@ def create_app(
             max_num_predict=max_num_predict,
             keep_alive_s=keep_alive_s,
             dtype=dtype,
+            max_concurrent=max_concurrent,
+            max_queue=max_queue,
         ),
         monitor=monitor,
     )
@@ -118,6 +126,7 @@ def create_app(
         exception_handlers={
             HTTPException: _http_error,
             ApiError: _api_error,
+            ClientGone: _client_gone,
             TpOllamaError: _tp_error,
             Exception: _internal_error,
         },
@@ -144,15 +153,20 @@ async def _api_error(request: Request, exc: Exception) -> Response:
 async def _tp_error(request: Request, exc: Exception) -> Response:
     if isinstance(exc, ModelNotFound):
         status = 404
-    elif isinstance(exc, EngineUnavailable):
+    elif isinstance(exc, EngineUnavailable | ServerBusy):
         status = 503
     elif isinstance(exc, CheckpointError | ConfigError):
         status = 500  # the installed model or the server's setup is broken, not the request
     else:
         status = 400  # RequestError and other problems the caller can fix
-    if status == 500 or not isinstance(exc, RequestError | ModelNotFound):
+    if status == 500 or not isinstance(exc, RequestError | ModelNotFound | ServerBusy):
         log.warning("%s %s: %s", request.method, request.url.path, exc)
     return error_response(request, status, str(exc))
+
+
+async def _client_gone(request: Request, exc: Exception) -> Response:
+    # Nobody reads it; upstream's status for a client that left while its request waited.
+    return error_response(request, 499, "request canceled")
 
 
 async def _http_error(request: Request, exc: Exception) -> Response:

@@ -1,5 +1,6 @@
 """Observability routes: the /api/distributed/* endpoints kept from the "distributed Ollama" design
-(spec/config-and-cluster.md), mapped onto one tensor-parallel group, and Prometheus' GET /metrics.
+(spec/config-and-cluster.md), mapped onto the engine's tensor-parallel groups (one per replica; each
+rank names its `replica`), and Prometheus' GET /metrics.
 
 Engine facts come from Engine.cluster() (answered from a snapshot while a request holds the group,
 so these answer promptly during a generation) and Engine.loaded(); request facts from the Monitor.
@@ -79,7 +80,7 @@ def nodes_view(facts: Mapping[str, Any], loaded: LoadedModel | None) -> list[dic
     """Ranks grouped by host, with each host's memory and each rank's memory and share."""
     layout = _layout_by_rank(loaded)
     hosts: dict[str, list[Mapping[str, Any]]] = {}
-    for rank in sorted(facts["ranks"], key=lambda r: int(r["rank"])):
+    for rank in sorted(facts["ranks"], key=lambda r: (int(r.get("replica", 0)), int(r["rank"]))):
         hosts.setdefault(str(rank["host"]), []).append(rank)
     nodes = []
     for host, ranks in hosts.items():
@@ -99,6 +100,7 @@ def nodes_view(facts: Mapping[str, Any], loaded: LoadedModel | None) -> list[dic
             entries.append(
                 {
                     "rank": int(r["rank"]),
+                    "replica": int(r.get("replica", 0)),
                     "pid": r.get("pid"),
                     "device": r.get("device"),
                     "alive": bool(r.get("alive")),
@@ -136,7 +138,8 @@ def model_view(service: TextService, loaded: LoadedModel, hosts: Mapping[int, st
             # Relative share per rank (--tp-weights); an even split when the layout names none.
             "weights": [float(layout.get(r, {}).get("weight", 1.0)) for r in range(loaded.world_size)],
         },
-        "layout": ranks,
+        "layout": ranks,  # the same in every replica
+        "replicas": len(service.engine),
     }
 
 
@@ -151,16 +154,31 @@ def routes(service: TextService, version: str) -> list[Route]:
         except Exception as e:  # the status route reports a broken group rather than failing
             log.warning("engine cluster() failed: %s", e)
             error = str(e) or type(e).__name__
-            facts = {"world_size": loaded.world_size if loaded else 0, "ranks": []}
+            world_size = loaded.world_size * len(service.engine) if loaded else 0
+            facts = {"world_size": world_size, "ranks": []}
         ranks = [
-            {"rank": r["rank"], "host": r["host"], "pid": r["pid"], "device": r["device"], "alive": bool(r["alive"])}
+            {"rank": r["rank"], "replica": int(r.get("replica", 0)), "host": r["host"], "pid": r["pid"],
+             "device": r["device"], "alive": bool(r["alive"])}
             for r in facts["ranks"]
-        ]
+        ]  # fmt: skip
+        # Each replica's load: requests running there now and routed there in all.
+        replicas = facts.get("replicas") or [{**s, "alive": False} for s in service.engine.stats()]
+        scheduler = service.scheduler
         body: dict[str, Any] = {
             "world_size": facts["world_size"],
             "nodes": len({r["host"] for r in ranks}),
             "ranks": ranks,
-            "healthy": error is None and len(ranks) == facts["world_size"] and all(r["alive"] for r in ranks),
+            "replicas": replicas,
+            "admission": {
+                "running": scheduler.active,
+                "capacity": scheduler.capacity,
+                "waiting": scheduler.waiting,
+                "max_queue": service.limits.max_queue,
+            },
+            "healthy": error is None
+            and len(ranks) == facts["world_size"]
+            and all(r["alive"] for r in ranks)
+            and all(r.get("alive", True) for r in replicas),
             "uptime_seconds": monitor.uptime_seconds(),
             "version": version,
             "model": loaded_name(service),

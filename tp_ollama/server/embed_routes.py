@@ -23,6 +23,7 @@ from starlette.routing import Route
 
 from tp_ollama.checkpoints.tokenizer import Tokenizer
 from tp_ollama.errors import ModelNotFound
+from tp_ollama.server.ollama_routes import ClientGone, unless_disconnected
 from tp_ollama.server.schemas import (
     ApiError,
     ResolvedModel,
@@ -164,6 +165,7 @@ def fit(inputs: list[list[int]], num_ctx: int, truncate: bool) -> list[list[int]
 
 
 async def embed(
+    request: Request,
     service: TextService,
     request_name: str,
     resolved: ResolvedModel,
@@ -182,7 +184,11 @@ async def embed(
     monitor = service.monitor
     track = monitor.queued(name, sum(len(ids) for ids in inputs), 0, started_ns)
     try:
-        lease = await service.scheduler.acquire(name, resolved, num_ctx, keep_alive)
+        # A client that goes away while waiting for the model leaves the queue.
+        lease = await unless_disconnected(request, service.scheduler.acquire(name, resolved, num_ctx, keep_alive))
+    except ClientGone:
+        monitor.cancelled(track)
+        raise
     except Exception:
         monitor.failed(track)
         raise
@@ -243,10 +249,11 @@ def routes(service: TextService, max_body_bytes: int) -> list[Route]:
         req = parse_embed(await read_json(request, max_body_bytes))
         resolved = await service.resolve(req.model)
         if not req.texts:
-            await service.load_only(req.model, resolved, req.options, req.keep_alive)
+            await unless_disconnected(request, service.load_only(req.model, resolved, req.options, req.keep_alive))
             return json_response({"model": req.model, "embeddings": []})
         ids = await _encode(await service.tokenizer(resolved.path), req.texts)
         out = await embed(
+            request,
             service,
             req.model,
             resolved,
@@ -275,10 +282,11 @@ def routes(service: TextService, max_body_bytes: int) -> list[Route]:
         except ModelNotFound:
             raise ApiError(404, f'model "{req.model}" not found, try pulling it first') from None
         if not req.texts:
-            await service.load_only(req.model, resolved, req.options, req.keep_alive)
+            await unless_disconnected(request, service.load_only(req.model, resolved, req.options, req.keep_alive))
             return json_response({"embedding": []})
         ids = await _encode(await service.tokenizer(resolved.path), req.texts)
         out = await embed(
+            request,
             service,
             req.model,
             resolved,
@@ -306,7 +314,7 @@ def routes(service: TextService, max_body_bytes: int) -> list[Route]:
                     400, f"input holds token ids outside the vocabulary (0..{tokenizer.vocab_size - 1}): {bad[:5]}"
                 )
         out = await embed(
-            service, req.model, resolved, ids, truncate=True, options={}, keep_alive=None, started_ns=started
+            request, service, req.model, resolved, ids, truncate=True, options={}, keep_alive=None, started_ns=started
         )
         rows = normalised(out.rows, req.dimensions, req.model)
         data = [

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.metrics_core import Metric
 from starlette.types import ASGIApp, Receive, Scope, Send
 
@@ -88,12 +88,17 @@ _TPOT_BUCKETS = (0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.5, 5.0)
 
 class Monitor:
     """`loaded_model` names the model on the engine now (None when there is none), for the
-    tp_ollama_model_loaded gauge. `clock` is time.perf_counter_ns unless a test drives the time."""
+    tp_ollama_model_loaded gauge; `replicas` gives each engine group's counters (ReplicaSet.stats()),
+    for the per-replica families. `clock` is time.perf_counter_ns unless a test drives the time."""
 
     def __init__(
-        self, loaded_model: Callable[[], str | None] = lambda: None, clock: Callable[[], int] = time.perf_counter_ns
+        self,
+        loaded_model: Callable[[], str | None] = lambda: None,
+        clock: Callable[[], int] = time.perf_counter_ns,
+        replicas: Callable[[], list[dict[str, Any]]] = lambda: [],
     ) -> None:
         self.loaded_model = loaded_model
+        self.replicas = replicas
         self._clock = clock
         self._ids = itertools.count(1)
         self._active: dict[str, Track] = {}
@@ -263,6 +268,8 @@ class Monitor:
             "averaged_over_requests": len(self._steps),
             "prompt_tokens_total": self.prompt_tokens,
             "generation_tokens_total": self.generated,
+            # Per engine group: requests running there now, routed there in all, failed there.
+            "replicas": self.replicas(),
         }
 
     def exposition(self) -> bytes:
@@ -283,14 +290,14 @@ class _Gauges:
         self._monitor = monitor
 
     def describe(self) -> Iterable[Metric]:
-        return self._families(0, 0, None)
+        return self._families(0, 0, None, [])
 
     def collect(self) -> Iterable[Metric]:
         running, waiting = self._monitor.counts()
-        return self._families(running, waiting, self._monitor.loaded_model())
+        return self._families(running, waiting, self._monitor.loaded_model(), self._monitor.replicas())
 
     @staticmethod
-    def _families(running: int, waiting: int, model: str | None) -> Iterator[Metric]:
+    def _families(running: int, waiting: int, model: str | None, replicas: list[dict[str, Any]]) -> Iterator[Metric]:
         yield GaugeMetricFamily("tp_ollama_num_requests_running", "Requests holding the model.", value=running)
         yield GaugeMetricFamily(
             "tp_ollama_num_requests_waiting", "Requests waiting for the model to be free or loaded.", value=waiting
@@ -299,3 +306,14 @@ class _Gauges:
         if model is not None:
             loaded.add_metric([model], 1)
         yield loaded
+        per_running = GaugeMetricFamily(
+            "tp_ollama_replica_requests_running", "Requests in each engine group now.", labels=["replica"]
+        )
+        per_total = CounterMetricFamily(
+            "tp_ollama_replica_requests", "Requests routed to each engine group.", labels=["replica"]
+        )
+        for r in replicas:
+            per_running.add_metric([str(r["replica"])], r["running"])
+            per_total.add_metric([str(r["replica"])], r["requests_total"])
+        yield per_running
+        yield per_total

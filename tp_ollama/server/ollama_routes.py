@@ -36,7 +36,8 @@ T = TypeVar("T")
 
 
 class ClientGone(Exception):
-    """The client closed the connection while a non-streamed reply was being computed."""
+    """The client closed the connection while its request waited for the model, or while a
+    non-streamed reply was being computed (app.py answers 499 `request canceled`, as upstream)."""
 
 
 async def unless_disconnected(request: Request, work: Awaitable[T]) -> T:
@@ -97,7 +98,8 @@ async def ndjson_body(
 
 
 async def run(request: Request, service: TextService, job: Job, stream: bool, chunk: Any) -> Response:
-    lease = await service.start(job)
+    # Waiting in the queue ends if the client goes away, so that it frees its place there.
+    lease = await unless_disconnected(request, service.start(job))
     if stream:
         return StreamResponse(ndjson_body(service, job, lease, chunk), NDJSON, on_close=lease.release)
     try:
@@ -115,7 +117,9 @@ def routes(service: TextService, max_body_bytes: int) -> list[Route]:
         req = parse_generate(await read_json(request, max_body_bytes))
         resolved = await service.resolve(req.model)
         if not req.prompt:
-            reason = await service.load_only(req.model, resolved, req.options, req.keep_alive)
+            reason = await unless_disconnected(
+                request, service.load_only(req.model, resolved, req.options, req.keep_alive)
+            )
             return json_response(load_reply(req.model, reason, chat=False))
         job = await service.generate_job(req, resolved, started)
 
@@ -132,7 +136,9 @@ def routes(service: TextService, max_body_bytes: int) -> list[Route]:
         req = parse_chat(await read_json(request, max_body_bytes))
         resolved = await service.resolve(req.model)
         if not req.messages:
-            reason = await service.load_only(req.model, resolved, req.options, req.keep_alive)
+            reason = await unless_disconnected(
+                request, service.load_only(req.model, resolved, req.options, req.keep_alive)
+            )
             return json_response(load_reply(req.model, reason, chat=True))
         job = await service.chat_job(req, resolved, started)
 

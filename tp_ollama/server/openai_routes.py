@@ -93,7 +93,7 @@ async def sse_body(
 async def run(
     request: Request, service: TextService, job: Job, stream: bool, include_usage: bool, fns: ChunkFns, whole: Any
 ) -> Response:
-    lease = await service.start(job)
+    lease = await unless_disconnected(request, service.start(job))  # a client gone frees its queue place
     if stream:
         return StreamResponse(sse_body(service, job, lease, fns, include_usage), SSE, on_close=lease.release)
     try:

@@ -1,14 +1,17 @@
-"""The front end's handle on a tensor-parallel engine group: it starts the group (torchrun's agent in
-a child process), talks to engine rank 0 over a local socket, and can restart the group while the
-HTTP server keeps running."""
+"""The front end's handle on an engine group: it starts the group (torchrun's agent in a child
+process), talks to engine rank 0 over a local socket, and can restart the group while the HTTP server
+keeps running. Many requests share the socket at once: every message carries its request's id, and
+one reader task hands each reply to the request waiting for it."""
 
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import logging
 import os
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -24,32 +27,49 @@ from tp_ollama.server.engine_api import LoadedModel, LoadRequest, OutputFormat, 
 log = logging.getLogger(__name__)
 
 CLUSTER_TIMEOUT_S = 10.0  # a group that takes longer to list its ranks is reported from the snapshot
+FINAL_FIELDS = ("done_reason", "prompt_eval_count", "prompt_eval_duration", "eval_count", "eval_duration",
+                "comm_duration")  # fmt: skip
 
 
 class RemoteEngine:
-    def __init__(self, socket_path: Path, command: list[str] | None = None, connect_timeout_s: float = 120.0):
+    def __init__(
+        self,
+        socket_path: Path | None = None,
+        command: list[str] | None = None,
+        connect_timeout_s: float = 120.0,
+        sock: socket.socket | None = None,
+    ) -> None:
         self.socket_path = socket_path
         self.command = command  # how to (re)start the group; None when someone else runs it
         self.connect_timeout_s = connect_timeout_s
+        self._sock = sock  # an already connected socket (an engine in this process)
         self.process: subprocess.Popen[bytes] | None = None
         self.reader: asyncio.StreamReader | None = None
         self.writer: asyncio.StreamWriter | None = None
-        self.lock = asyncio.Lock()  # one request at a time on the socket
+        self._reading: asyncio.Task[None] | None = None
+        self._connecting = asyncio.Lock()
+        self._pending: dict[str, asyncio.Queue[dict[str, Any]]] = {}
+        self._ids = itertools.count()
         self._loaded: LoadedModel | None = None
         self._snapshot: dict[str, Any] = {"world_size": 0, "ranks": [], "as_of": 0.0}
-        self.active = 0  # requests in the engine right now (0 or 1)
+        self.active = 0  # requests generating in the engine right now
 
     @classmethod
     def spawn(cls, tp: int, comm: str = "auto", device: str = "cpu", tp_weights: str | None = None,
               join_timeout_s: float = 120.0, nnodes: int = 1, master_addr: str = "127.0.0.1",
-              master_port: int = 0) -> RemoteEngine:  # fmt: skip
+              master_port: int = 0, max_running: int = 16, kv_cache_bytes: int | None = None,
+              prefix_cache: bool = True) -> RemoteEngine:  # fmt: skip
         """Start this node's `tp` ranks (node 0 of `nnodes`) in a child process group serving a fresh
         socket; with several nodes the others join through `tp-ollama launch --node-rank R`."""
         path = Path(tempfile.mkdtemp(prefix="tp-ollama-")) / "engine.sock"
         cmd = [sys.executable, "-m", "tp_ollama", "engine", "--socket", str(path), "--tp", str(tp),
                "--comm", comm, "--device", device, "--join-timeout", str(join_timeout_s),
                "--nnodes", str(nnodes), "--node-rank", "0", "--master-addr", master_addr,
-               "--master-port", str(master_port)]  # fmt: skip
+               "--master-port", str(master_port), "--max-running", str(max_running)]  # fmt: skip
+        if kv_cache_bytes is not None:
+            cmd += ["--kv-cache-bytes", str(kv_cache_bytes)]
+        if not prefix_cache:
+            cmd += ["--no-prefix-cache"]
         if tp_weights:
             cmd += ["--tp-weights", tp_weights]
         engine = cls(path, cmd, connect_timeout_s=join_timeout_s)
@@ -64,25 +84,33 @@ class RemoteEngine:
     def _exited(self) -> bool:
         return self.process is not None and self.process.poll() is not None
 
+    # --- the connection ----------------------------------------------------------------------------
+
     async def _connect(self) -> None:
-        if self.command is not None and self._exited():
-            # The group died (a rank crashed or was killed): the front end and its queue stay up,
-            # and the next request starts a fresh group, which loads the model again.
-            log.warning("the engine group exited with status %s; starting it again", self.process.returncode)  # type: ignore[union-attr]
+        async with self._connecting:
+            if self.command is not None and self._exited():
+                # The group died (a rank crashed or was killed): the front end and its queue stay up,
+                # and the next request starts a fresh group, which loads the model again.
+                log.warning("the engine group exited with status %s; starting it again", self.process.returncode)  # type: ignore[union-attr]
+                self._lost("the engine group exited (a rank may have died)")
+                self.start()
             if self.writer is not None:
-                self.writer.close()
-            self.reader = self.writer = None
-            self._loaded = None
-            self.start()
-        if self.writer is not None:
-            return
+                return
+            if self._sock is not None:
+                self.reader, self.writer = await asyncio.open_unix_connection(sock=self._sock, limit=1 << 26)
+                self._sock = None
+            else:
+                await self._open_path()
+            self._reading = asyncio.get_running_loop().create_task(self._read())
+
+    async def _open_path(self) -> None:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.connect_timeout_s
         while True:
             if self.process is not None and self.process.poll() is not None:
                 raise EngineUnavailable(f"the engine exited with status {self.process.returncode} while starting")
             try:
-                self.reader, self.writer = await asyncio.open_unix_connection(str(self.socket_path))
+                self.reader, self.writer = await asyncio.open_unix_connection(str(self.socket_path), limit=1 << 26)
                 return
             except (FileNotFoundError, ConnectionRefusedError):
                 if loop.time() > deadline:
@@ -91,42 +119,69 @@ class RemoteEngine:
                     ) from None
                 await asyncio.sleep(0.05)
 
+    async def _read(self) -> None:
+        """Hand every reply to the request it names, until the connection ends."""
+        reader = self.reader
+        assert reader is not None
+        try:
+            while True:
+                line = await reader.readline()
+                if not line:
+                    break
+                msg = json.loads(line)
+                queue = self._pending.get(str(msg.get("id")))
+                if queue is not None:
+                    queue.put_nowait(msg)
+        except (OSError, ValueError) as e:
+            log.warning("the engine's connection failed: %s", e)
+        if self.reader is reader:
+            self._lost("the engine closed its connection (a rank may have died)")
+
+    def _lost(self, why: str) -> None:
+        if self.writer is not None:
+            self.writer.close()
+        self.reader = self.writer = None
+        self._loaded = None
+        for queue in self._pending.values():
+            queue.put_nowait({"lost": why})
+        self._pending.clear()
+
     async def _send(self, obj: dict[str, Any]) -> None:
-        assert self.writer is not None
+        if self.writer is None:
+            raise EngineUnavailable("the engine's socket is gone (a rank may have died)")
         try:
             self.writer.write(json.dumps(obj).encode() + b"\n")
             await self.writer.drain()
         except OSError:
-            self.reader = self.writer = None
-            self._loaded = None
+            self._lost("the engine's socket is gone (a rank may have died)")
             raise EngineUnavailable("the engine's socket is gone (a rank may have died)") from None
 
-    async def _recv(self) -> dict[str, Any]:
-        assert self.reader is not None
-        try:
-            line = await self.reader.readline()
-        except OSError:
-            line = b""
-        if not line:
-            self.reader = self.writer = None
-            self._loaded = None
-            raise EngineUnavailable("the engine closed its connection (a rank may have died)")
-        return dict(json.loads(line))
+    def _open_request(self) -> tuple[str, asyncio.Queue[dict[str, Any]]]:
+        rid = f"r{next(self._ids)}"
+        queue: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+        self._pending[rid] = queue
+        return rid, queue
+
+    @staticmethod
+    def _check(msg: dict[str, Any]) -> dict[str, Any]:
+        if "lost" in msg:
+            raise EngineUnavailable(msg["lost"])
+        if "error" in msg:
+            raise TpOllamaError(msg["error"])
+        return msg
 
     async def _call(self, obj: dict[str, Any]) -> dict[str, Any]:
-        # Shielded: a caller that gives up (a client gone, a timeout) must not leave the reply unread
-        # on the socket, where the next command would take it for its own. The command finishes and
-        # its reply is dropped; the lock keeps the next one waiting until then.
-        reply = await asyncio.shield(self._exchange(obj))
-        if "error" in reply:
-            raise TpOllamaError(reply["error"])
-        return reply
+        """A control command and its one reply. A caller that gives up leaves nothing behind: the
+        reply, when it comes, finds no one waiting and is dropped."""
+        await self._connect()
+        rid, queue = self._open_request()
+        try:
+            await self._send({**obj, "id": rid})
+            return self._check(await queue.get())
+        finally:
+            self._pending.pop(rid, None)
 
-    async def _exchange(self, obj: dict[str, Any]) -> dict[str, Any]:
-        async with self.lock:
-            await self._connect()
-            await self._send(obj)
-            return await self._recv()
+    # --- the Engine protocol -----------------------------------------------------------------------
 
     async def load(self, request: LoadRequest) -> LoadedModel:
         reply = await self._call({"op": "load", "path": str(request.path), "dtype": request.dtype,
@@ -151,60 +206,48 @@ class RemoteEngine:
         eos_ids: frozenset[int],
         output_format: OutputFormat | None = None,
     ) -> AsyncIterator[TokenEvent]:
-        async with self.lock:
-            await self._connect()
-            fmt = output_format.to_data() if output_format is not None else None
-            await self._send({"op": "generate", "ids": prompt, "options": asdict(options), "eos": sorted(eos_ids),
-                              "format": fmt})  # fmt: skip
-            self.active += 1
-            finished = False
-            try:
-                while True:
-                    msg = await self._recv()
-                    if "error" in msg:
-                        finished = True
-                        raise TpOllamaError(msg["error"])
-                    if msg.get("done"):
-                        finished = True
-                        msg.pop("done")
-                        yield TokenEvent(token=None, done=True, **msg)
-                        return
-                    yield TokenEvent(token=int(msg["token"]))
-            finally:
-                if not finished and self.writer is not None:
-                    # The consumer left early: stop the group at its next step and drain the reply
-                    # stream so the socket is clean for the next request.
-                    await asyncio.shield(self._cancel_and_drain())
-                self.active -= 1
+        await self._connect()
+        rid, queue = self._open_request()
+        fmt = output_format.to_data() if output_format is not None else None
+        finished = False
+        self.active += 1
+        try:
+            await self._send({"op": "generate", "id": rid, "ids": prompt, "options": asdict(options),
+                              "eos": sorted(eos_ids), "format": fmt})  # fmt: skip
+            while True:
+                msg = self._check(await queue.get())
+                if msg.get("done"):
+                    finished = True
+                    yield TokenEvent(token=None, done=True, **{f: msg.get(f, 0) for f in FINAL_FIELDS})
+                    return
+                yield TokenEvent(token=int(msg["token"]))
+        finally:
+            self.active -= 1
+            self._pending.pop(rid, None)
+            if not finished and self.writer is not None:
+                # The consumer left early: the engine drops the request at its next step. Nothing to
+                # wait for; whatever it still sends for this id is dropped by the reader.
+                self.writer.write(json.dumps({"op": "cancel", "id": rid}).encode() + b"\n")
 
     async def embed(self, inputs: list[list[int]]) -> list[list[float]]:
         reply = await self._call({"op": "embed", "inputs": inputs})
         return list(reply["embeddings"])
 
     async def cluster(self) -> dict[str, Any]:
-        """Fresh facts from every rank when the group is free; while a request holds it (or it is
-        down), the last snapshot, with `alive` false on every rank if the group has exited."""
-        if not self.lock.locked() and not self._exited():
+        """Fresh facts from every rank (the group answers between two steps); the last snapshot,
+        with `alive` false on every rank, when the group is down or does not answer in time."""
+        if not self._exited():
             try:
                 reply = await asyncio.wait_for(self._call({"op": "cluster"}), CLUSTER_TIMEOUT_S)
                 reply.pop("ok", None)
+                reply.pop("id", None)
                 self._snapshot = reply
+                return dict(reply)
             except (TimeoutError, TpOllamaError) as e:
                 log.warning("the engine did not report its ranks: %s", e)
         snapshot = dict(self._snapshot)
-        if self._exited() or self.writer is None:
-            snapshot["ranks"] = [{**r, "alive": False} for r in snapshot.get("ranks", [])]
+        snapshot["ranks"] = [{**r, "alive": False} for r in snapshot.get("ranks", [])]
         return snapshot
-
-    async def _cancel_and_drain(self) -> None:
-        try:
-            await self._send({"op": "cancel"})
-            while True:
-                msg = await self._recv()
-                if msg.get("done") or "error" in msg:
-                    return
-        except EngineUnavailable:
-            return
 
     def terminate(self, grace_s: float = 5.0) -> None:
         """Stop the engine group's whole process session, whatever state it is in (a second Ctrl-C,
@@ -225,11 +268,14 @@ class RemoteEngine:
     async def close(self) -> None:
         if self.writer is not None:
             try:
-                await self._send({"op": "shutdown"})
-            except OSError:
+                await self._send({"op": "shutdown", "id": "shutdown"})
+            except (OSError, EngineUnavailable):
                 pass
-            self.writer.close()
-            self.reader = self.writer = None
+            writer, self.writer = self.writer, None
+            self.reader = None
+            writer.close()
+        if self._reading is not None:
+            self._reading.cancel()
         if self.process is not None and self.process.poll() is None:
             try:
                 await asyncio.wait_for(asyncio.to_thread(self.process.wait), 10)

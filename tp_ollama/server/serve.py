@@ -1,11 +1,12 @@
 """`tp-ollama serve` and node 0 of `tp-ollama launch`: the HTTP front end in this process, the engine
-group (torchrun's agent and its ranks) in a child process session it starts and stops."""
+groups (one per replica: torchrun's agent and its ranks) in child process sessions it starts and stops."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
 import signal
+import socket
 from typing import Any
 
 from tp_ollama import __version__
@@ -27,20 +28,25 @@ class StoreModels:
         return [entry.name for entry in self.store.list()]
 
 
-def build(settings: Any) -> tuple[Any, Any]:
-    """The engine handle and the Starlette app for these settings."""
+def build(settings: Any) -> tuple[list[Any], Any]:
+    """The engine handles (one RemoteEngine per replica) and the Starlette app for these settings."""
     from tp_ollama.server.app import create_app
     from tp_ollama.server.remote_engine import RemoteEngine
+    from tp_ollama.server.replicas import ReplicaSet
     from tp_ollama.store.registry import ModelStore
 
     c, i, a = settings.cluster, settings.inference, settings.api
     weights = ",".join(f"{w:g}" for w in i.tp_weights) if i.tp_weights else None
-    engine = RemoteEngine.spawn(
-        c.nproc_per_node, comm=c.comm, device=i.device, tp_weights=weights, join_timeout_s=c.join_timeout,
-        nnodes=c.nnodes, master_addr=c.rendezvous_addr, master_port=c.rendezvous_port if c.nnodes > 1 else 0,
-    )  # fmt: skip
+    engines = []
+    for port in master_ports(settings):
+        engine = RemoteEngine.spawn(
+            c.nproc_per_node, comm=c.comm, device=i.device, tp_weights=weights, join_timeout_s=c.join_timeout,
+            nnodes=c.nnodes, master_addr=c.rendezvous_addr, master_port=port, max_running=i.max_concurrent,
+            kv_cache_bytes=settings.performance.caching.size, prefix_cache=settings.performance.caching.enabled,
+        )  # fmt: skip
+        engines.append(engine)
     app = create_app(
-        engine,
+        ReplicaSet(engines, i.load_balancing.algorithm, slots=i.max_concurrent),
         store=ModelStore(settings.models.storage_path),
         version=__version__,
         allowed_origins=a.origins,
@@ -52,18 +58,40 @@ def build(settings: Any) -> tuple[Any, Any]:
         dtype=i.dtype,
         bind_host=a.host,
         compression=settings.performance.compression.enabled,
+        max_concurrent=i.max_concurrent,
+        max_queue=i.max_queue,
     )
-    return engine, app
+    return engines, app
 
 
-async def serve(engine: Any, app: Any, settings: Any, log_level: str = "warning") -> None:
+def master_ports(settings: Any) -> list[int]:
+    """One torchrun rendezvous port per replica. Several nodes share the configured port (one
+    replica); replicas on one node each get a free port of their own, all found while every probe
+    socket is still open so that no two are the same."""
+    c = settings.cluster
+    if c.nnodes > 1:
+        return [c.rendezvous_port]
+    replicas = settings.models.replication.min_replicas
+    if replicas == 1:
+        return [0]  # the launcher picks a free one
+    probes = [socket.socket() for _ in range(replicas)]
+    try:
+        for probe in probes:
+            probe.bind((c.rendezvous_addr, 0))
+        return [int(probe.getsockname()[1]) for probe in probes]
+    finally:
+        for probe in probes:
+            probe.close()
+
+
+async def serve(engines: list[Any], app: Any, settings: Any, log_level: str = "warning") -> None:
     import uvicorn
 
     server = uvicorn.Server(uvicorn.Config(app, host=settings.api.host, port=settings.api.port, log_level=log_level))
     try:
         await server.serve()
     finally:
-        await engine.close()
+        await asyncio.gather(*(engine.close() for engine in engines), return_exceptions=True)
 
 
 def _exit_on_sigterm(signum: int, frame: Any) -> None:
@@ -76,8 +104,9 @@ def run(settings: Any, debug: bool = False) -> None:
     signal.signal(signal.SIGTERM, _exit_on_sigterm)
     for note in settings.notes():
         log.warning("%s", note)
-    engine, app = build(settings)
+    engines, app = build(settings)
     try:
-        asyncio.run(serve(engine, app, settings, "debug" if debug else "warning"))
+        asyncio.run(serve(engines, app, settings, "debug" if debug else "warning"))
     finally:
-        engine.terminate()  # whatever happened above, no rank outlives the front end
+        for engine in engines:
+            engine.terminate()  # whatever happened above, no rank outlives the front end

@@ -1,7 +1,8 @@
 """The text side of serving, between the wire formats (schemas.py) and the token-level engine:
 tokenizers per model, prompts rendered from requests, options layered with limits, the one loaded
-model and its keep-alive, and token events turned into reply pieces: text with stop strings cut out,
-read as thinking, content and tool calls (server/reply.py)."""
+model with its admission (how many requests hold it at once, the queue) and keep-alive, and token
+events turned into reply pieces: text with stop strings cut out, read as thinking, content and tool
+calls (server/reply.py)."""
 
 from __future__ import annotations
 
@@ -18,11 +19,12 @@ from tp_ollama.checkpoints.tokenizer import Tokenizer
 from tp_ollama.engine.detokenize import IncrementalDetokenizer
 from tp_ollama.engine.options import GenerationOptions
 from tp_ollama.engine.stop import StopMatcher
-from tp_ollama.errors import RequestError
+from tp_ollama.errors import RequestError, ServerBusy
 from tp_ollama.server.chat_schemas import Think
 from tp_ollama.server.engine_api import Engine, LoadRequest, OutputFormat
 from tp_ollama.server.fields import ApiError
 from tp_ollama.server.monitor import Monitor, Track
+from tp_ollama.server.replicas import ReplicaSet
 from tp_ollama.server.reply import Piece, ReplyDetokenizer, ReplyFormat, ReplyParser
 from tp_ollama.server.schemas import ChatRequest, GenerateRequest, Metrics, ModelResolver, ResolvedModel, ps_model
 from tp_ollama.server.thinking import THINK_OPEN
@@ -48,6 +50,14 @@ class Limits:
     max_num_predict: int = 32768
     keep_alive_s: float = 300.0  # negative: forever
     dtype: str = "float32"
+    max_concurrent: int = 4  # requests holding the model at once, per engine group (OLLAMA_NUM_PARALLEL)
+    max_queue: int = 512  # requests allowed to wait for it; one more is refused (OLLAMA_MAX_QUEUE)
+
+    def __post_init__(self) -> None:
+        if self.max_concurrent < 1 or self.max_queue < 1:
+            raise ValueError(
+                f"max_concurrent = {self.max_concurrent} and max_queue = {self.max_queue}: expected both >= 1"
+            )
 
 
 @dataclass(frozen=True)
@@ -95,16 +105,27 @@ class Lease:
 
 
 class Scheduler:
-    """One model on the engine at a time. A request for another model waits until the current one's
-    requests have finished, then loads; an idle model unloads when its keep-alive runs out."""
+    """Admission to the engine, the only place requests wait for the model. One model is loaded at a
+    time; up to `limits.max_concurrent` requests per engine group hold it at once (`groups`: the
+    replicas behind `engine`, so R replicas admit R x max_concurrent). Others wait in one FIFO queue
+    of at most `limits.max_queue`; one more is refused at once with ServerBusy (HTTP 503).
 
-    def __init__(self, engine: Engine, limits: Limits) -> None:
+    The head of the queue is admitted when its model is loaded and a slot is free. A request for
+    another model (or num_ctx) waits at the head until the current model's requests have all
+    finished, then loads it; requests behind it wait too, so none can starve it. A waiter that is
+    cancelled (its client went away) leaves the queue. An idle model unloads when its keep-alive
+    runs out."""
+
+    def __init__(self, engine: Engine, limits: Limits, groups: int = 1) -> None:
         self._engine = engine
         self._limits = limits
-        self._lock = asyncio.Lock()  # loads, unloads and model switches, in arrival order
-        self._idle = asyncio.Event()
-        self._idle.set()
+        self._capacity = limits.max_concurrent * groups
+        # Held by the head of the queue while it waits for a slot or loads, and by unloads and model
+        # switches; asyncio.Lock wakes its waiters in arrival order, which makes the queue FIFO.
+        self._lock = asyncio.Lock()
+        self._freed = asyncio.Event()  # a lease ended: the head looks again
         self._active = 0
+        self._waiting = 0
         self._epoch = 0  # bumps on every acquire, so a stale timer never unloads
         self._name = ""
         self._resolved: ResolvedModel | None = None
@@ -113,20 +134,42 @@ class Scheduler:
         self._expires: float | None = None
         self._timer: asyncio.Task[None] | None = None
 
+    @property
+    def capacity(self) -> int:
+        """Requests that may hold the model at once."""
+        return self._capacity
+
+    @property
+    def active(self) -> int:
+        """Requests holding the model now."""
+        return self._active
+
+    @property
+    def waiting(self) -> int:
+        """Requests in the queue now (the length that max_queue bounds)."""
+        return self._waiting
+
     async def acquire(self, name: str, resolved: ResolvedModel, num_ctx: int, keep_alive: float | None) -> Lease:
+        if self._waiting >= self._limits.max_queue:
+            raise ServerBusy()
         t0 = time.perf_counter_ns()
-        async with self._lock:
-            while not self._holds(resolved.path, num_ctx):
-                if self._active == 0:
-                    self._cancel_timer()
-                    await self._engine.load(LoadRequest(resolved.path, self._limits.dtype, num_ctx))
-                    break
-                await self._idle.wait()
-            self._epoch += 1
-            self._cancel_timer()
-            self._active += 1
-            self._idle.clear()
-            self._name, self._resolved = name, resolved
+        self._waiting += 1
+        try:
+            async with self._lock:
+                while not (self._holds(resolved.path, num_ctx) and self._active < self._capacity):
+                    if self._active == 0:
+                        self._cancel_timer()
+                        await self._engine.load(LoadRequest(resolved.path, self._limits.dtype, num_ctx))
+                        break
+                    self._freed.clear()
+                    await self._freed.wait()
+                # No await from here to the return: a cancellation cannot lose a slot once taken.
+                self._epoch += 1
+                self._cancel_timer()
+                self._active += 1
+                self._name, self._resolved = name, resolved
+        finally:
+            self._waiting -= 1
         return Lease(self, keep_alive, time.perf_counter_ns() - t0)
 
     async def unload(self, resolved: ResolvedModel) -> None:
@@ -187,9 +230,9 @@ class Scheduler:
         # The latest request sets the model's keep-alive; the timer starts when the last one ends.
         self._keep_alive = self._limits.keep_alive_s if keep_alive is None else keep_alive
         self._active -= 1
+        self._freed.set()
         if self._active > 0:
             return None
-        self._idle.set()
         seconds = 0.0 if self._unload_when_idle else self._keep_alive
         self._unload_when_idle = False
         if seconds < 0:
@@ -220,10 +263,12 @@ class TextService:
     """What the route handlers call: resolve, build a Job, hold the model, stream text."""
 
     def __init__(self, engine: Engine, models: ModelResolver, limits: Limits, monitor: Monitor | None = None) -> None:
-        self.engine = engine
+        # One engine group is a set of one replica: routing, per-replica counters and the cluster
+        # endpoints work the same for one group or several.
+        self.engine = engine if isinstance(engine, ReplicaSet) else ReplicaSet([engine])
         self.models = models
         self.limits = limits
-        self.scheduler = Scheduler(engine, limits)
+        self.scheduler = Scheduler(self.engine, limits, groups=len(self.engine))
         self.monitor = monitor if monitor is not None else Monitor()
         self._tracks: weakref.WeakKeyDictionary[Lease, Track] = weakref.WeakKeyDictionary()
         self._tokenizers: dict[Path, Tokenizer] = {}

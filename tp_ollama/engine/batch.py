@@ -1,0 +1,335 @@
+"""Continuous batching: many sequences share each forward pass, joining and leaving at every step.
+
+Every rank of a tensor-parallel group holds the same `Batch` and applies the same `Plan` to it, so
+their states never diverge: rank 0 decides each step (which requests join, which leave, which prompt
+chunk is prefilled) and broadcasts the plan; every rank then runs the step and samples the same
+tokens (the samplers exchange per-rank candidates, see parallel/sampling.py).
+
+One step is at most two forward passes: one chunk of one prompt (so a long prompt delays the running
+sequences by one chunk at most), then one token for every sequence that is decoding. Decoding
+sequences go through the model as a batch of B rows of one token: the weights are read once for all
+of them, which is what makes a batch cheaper per token than B separate requests. Each row attends
+over its own keys and values, gathered from the shared paged pool (engine/paged_kv.py); rows of
+different lengths are padded with empty positions that the attention mask hides.
+
+Tokens are chosen per sequence with its own options, seed and history, and, for structured output,
+its own grammar mask (engine/constraint.py). A sequence's KV blocks go back to the pool the step it
+ends; full blocks stay cached for the next request that starts with the same tokens.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from tp_ollama.engine.constraint import Constraint
+from tp_ollama.engine.options import GenerationOptions
+from tp_ollama.engine.paged_kv import BlockPool, SequenceKV
+
+PREFILL_CHUNK = 256  # prompt tokens per step: bounds how long one prompt stalls the decoding rows
+
+
+@dataclass
+class Request:
+    """What a sequence needs to start; identical on every rank (it travels in the plan)."""
+
+    id: str
+    prompt: list[int]
+    options: GenerationOptions
+    eos: frozenset[int]
+    constrained: bool = False  # rank 0 holds the grammar; the others take its masks
+
+
+@dataclass
+class Running:
+    request: Request
+    kv: SequenceKV
+    sampler: Callable[[torch.Tensor, Sequence[int]], int]
+    constraint: Constraint | None
+    history: list[int]
+    written: int  # positions whose keys and values are in the pool
+    limit: int  # tokens it may still generate: num_predict and num_ctx
+    cached: int = 0  # prompt tokens taken from the prefix cache
+    generated: int = 0
+    pending: int | None = None  # the last sampled token, whose KV the next decode step writes
+    prompt_ns: int = 0
+    first_token_ns: int = 0
+    done_reason: str = ""
+    comm_s: float = 0.0
+
+    @property
+    def prefilling(self) -> bool:
+        return self.written < len(self.request.prompt)
+
+
+@dataclass
+class Plan:
+    """One step, decided by rank 0. `prefill`: (id, tokens) prompt chunks, PREFILL_CHUNK tokens in
+    all; `decode`: ids of the sequences that write their pending token and sample the next."""
+
+    add: list[Request] = field(default_factory=list)
+    drop: list[str] = field(default_factory=list)
+    prefill: list[tuple[str, int]] = field(default_factory=list)
+    decode: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Event:
+    """What a step produced for one sequence: a token, and/or its end."""
+
+    id: str
+    token: int | None = None
+    done: bool = False
+    stats: dict[str, Any] = field(default_factory=dict)
+
+
+class PagedBatchCache:
+    """The KV cache of a batch of sequences for one forward pass, as the model's attention sees it:
+    `layer(i).update(k, v, positions)` writes the new rows into each sequence's blocks and returns
+    every sequence's keys and values, padded to the longest (empty positions are -1, masked).
+
+    Both directions are one indexing op per layer for the whole batch: the new rows are scattered to
+    their (block, offset) slots, and each row's blocks are gathered through a (B, blocks) index."""
+
+    def __init__(self, pool: BlockPool, seqs: list[SequenceKV], starts: list[int], counts: list[int]) -> None:
+        self.pool = pool
+        device = pool.k[0].device
+        self.counts = counts
+        slots = [s.slots(start, n) for s, start, n in zip(seqs, starts, counts, strict=True)]
+        self.write_blocks = torch.cat([b for b, _ in slots]).to(device)
+        self.write_offsets = torch.cat([o for _, o in slots]).to(device)
+        bs = pool.block_size
+        lengths = [start + n for start, n in zip(starts, counts, strict=True)]
+        n_blocks = [(length + bs - 1) // bs for length in lengths]
+        widest = max(n_blocks)
+        index = torch.zeros(len(seqs), widest, dtype=torch.long)
+        for row, (seq, nb) in enumerate(zip(seqs, n_blocks, strict=True)):
+            index[row, :nb] = torch.tensor(seq.table[:nb], dtype=torch.long)
+        self.read_blocks = index.to(device)
+        span = torch.arange(widest * bs, device=device)
+        limit = torch.tensor(lengths, device=device)[:, None]
+        self.positions = torch.where(span[None] < limit, span[None], torch.full_like(span[None], -1))
+
+    def layer(self, index: int) -> _PagedLayer:
+        return _PagedLayer(self, index)
+
+
+class _PagedLayer:
+    def __init__(self, cache: PagedBatchCache, index: int) -> None:
+        self.cache, self.index = cache, index
+
+    def update(
+        self, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """k, v: (B, n_kv, T, D) new rows; row r's first counts[r] are real, the rest padding."""
+        c = self.cache
+        pool_k, pool_v = c.pool.k[self.index], c.pool.v[self.index]
+        if all(n == k.shape[2] for n in c.counts):
+            new_k = k.transpose(1, 2).reshape(-1, k.shape[1], k.shape[3])  # (B*T, n_kv, D)
+            new_v = v.transpose(1, 2).reshape(-1, v.shape[1], v.shape[3])
+        else:
+            new_k = torch.cat([k[r, :, :n].transpose(0, 1) for r, n in enumerate(c.counts)])
+            new_v = torch.cat([v[r, :, :n].transpose(0, 1) for r, n in enumerate(c.counts)])
+        pool_k[c.write_blocks, :, c.write_offsets] = new_k.to(pool_k.dtype)
+        pool_v[c.write_blocks, :, c.write_offsets] = new_v.to(pool_v.dtype)
+        b, nb = c.read_blocks.shape
+        _, n_kv, bs, d = pool_k.shape
+        keys = pool_k[c.read_blocks].permute(0, 2, 1, 3, 4).reshape(b, n_kv, nb * bs, d)
+        values = pool_v[c.read_blocks].permute(0, 2, 1, 3, 4).reshape(b, n_kv, nb * bs, d)
+        return keys, values, c.positions
+
+
+class Batch:
+    """The sequences of one model on one rank, advanced one plan at a time."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        pool: BlockPool,
+        sampler_factory: Callable[..., Callable[[torch.Tensor, Sequence[int]], int]],
+        constraint_factory: Callable[[Request], Constraint | None],
+        comm: Any = None,
+    ) -> None:
+        self.model, self.pool = model, pool
+        self.sampler_factory, self.constraint_factory = sampler_factory, constraint_factory
+        self.comm = comm
+        self.running: dict[str, Running] = {}
+        self.device: torch.device = next(model.parameters()).device
+        self.vocab = int(model.config.vocab_size)  # type: ignore[union-attr,arg-type]
+
+    # --- applying a plan (every rank) ------------------------------------------------------------
+
+    def step(self, plan: Plan) -> list[Event]:
+        events: list[Event] = []
+        for rid in plan.drop:
+            seq = self.running.pop(rid, None)
+            if seq is not None:
+                seq.kv.free()
+        for request in plan.add:
+            self._start(request)
+        fresh: list[tuple[Running, torch.Tensor]] = []  # sequences with logits to sample from
+        comm_before = self._comm_seconds()
+        for rid, n in plan.prefill:
+            seq = self.running[rid]
+            row = self._prefill(seq, n)
+            if row is not None:
+                fresh.append((seq, row))
+        decoding = [self.running[rid] for rid in plan.decode]
+        if decoding:
+            logits = self._decode(decoding)
+            fresh += list(zip(decoding, logits, strict=True))
+        for seq, row in fresh:
+            event = self._sample(seq, row)
+            events.append(event)
+        if fresh:
+            share = (self._comm_seconds() - comm_before) / len(fresh)
+            for seq, _ in fresh:
+                seq.comm_s += share
+        for event in events:
+            if event.done:
+                seq = self.running.pop(event.id)
+                seq.kv.free()
+        return events
+
+    def _start(self, request: Request) -> None:
+        kv, cached = self.pool.new_sequence(request.prompt)
+        opts = request.options
+        limit = opts.num_ctx - len(request.prompt)
+        if opts.num_predict >= 0:
+            limit = min(limit, opts.num_predict)
+        self.running[request.id] = Running(
+            request=request,
+            kv=kv,
+            sampler=self.sampler_factory(opts.sampling, self.vocab),
+            constraint=self.constraint_factory(request) if request.constrained else None,
+            history=list(request.prompt),
+            written=cached,
+            cached=cached,
+            limit=limit,
+        )
+
+    def _prefill(self, seq: Running, n: int) -> torch.Tensor | None:
+        """Write the next `n` prompt tokens; the last position's logits once the prompt is in."""
+        t0 = time.perf_counter_ns()
+        prompt = seq.request.prompt
+        start = seq.written
+        n = min(n, len(prompt) - start)
+        if not seq.kv.reserve(n):
+            raise RuntimeError(f"the KV pool could not hold {n} more tokens of request {seq.request.id}")
+        ids = torch.tensor([prompt[start : start + n]], dtype=torch.long, device=self.device)
+        positions = torch.arange(start, start + n, dtype=torch.long, device=self.device)[None]
+        cache = PagedBatchCache(self.pool, [seq.kv], [start], [n])
+        hidden = self.model.hidden_states(ids, positions, cache)  # type: ignore[operator]
+        seq.kv.commit(prompt[start : start + n])
+        seq.written += n
+        row = None
+        if not seq.prefilling:
+            row = self.model.logits(hidden[:, -1]).float()[0]  # type: ignore[operator]
+        seq.prompt_ns += time.perf_counter_ns() - t0
+        return row
+
+    def _decode(self, seqs: list[Running]) -> torch.Tensor:
+        """One token for each sequence, as one batch: (B, vocab slice) logits."""
+        for seq in seqs:
+            if not seq.kv.reserve(1):
+                raise RuntimeError(f"the KV pool could not hold one more token of request {seq.request.id}")
+        tokens = [seq.pending for seq in seqs]
+        ids = torch.tensor([[t] for t in tokens], dtype=torch.long, device=self.device)
+        positions = torch.tensor([[seq.written] for seq in seqs], dtype=torch.long, device=self.device)
+        cache = PagedBatchCache(self.pool, [s.kv for s in seqs], [s.written for s in seqs], [1] * len(seqs))
+        hidden = self.model.hidden_states(ids, positions, cache)  # type: ignore[operator]  # (B, 1, H)
+        for seq, token in zip(seqs, tokens, strict=True):
+            seq.kv.commit([int(token)])  # type: ignore[arg-type]
+            seq.written += 1
+        return self.model.logits(hidden[:, -1]).float()  # type: ignore[operator]
+
+    def _sample(self, seq: Running, logits: torch.Tensor) -> Event:
+        rid = seq.request.id
+        if seq.constraint is not None:
+            logits = seq.constraint.restrict(logits)
+        token = seq.sampler(logits, seq.history)
+        now = time.perf_counter_ns()
+        if seq.generated == 0:
+            seq.first_token_ns = now
+        if token in seq.request.eos:
+            return self._finish(seq, "stop", now)
+        if seq.constraint is not None:
+            seq.constraint.accept(token)
+        seq.history.append(token)
+        seq.generated += 1
+        seq.pending = token
+        if seq.generated >= seq.limit:
+            event = self._finish(seq, "length", now)
+            event.token = token
+            return event
+        return Event(rid, token)
+
+    def _finish(self, seq: Running, reason: str, now: int) -> Event:
+        seq.done_reason = reason
+        stats = {
+            "done_reason": reason,
+            "prompt_eval_count": len(seq.request.prompt),
+            "prompt_eval_duration": seq.prompt_ns,
+            "eval_count": seq.generated,
+            "eval_duration": now - seq.first_token_ns if seq.generated else 0,
+            "comm_duration": int(seq.comm_s * 1e9),
+            "cached_tokens": seq.cached,
+        }
+        return Event(seq.request.id, None, done=True, stats=stats)
+
+    def _comm_seconds(self) -> float:
+        return float(getattr(self.comm, "seconds", 0.0)) if self.comm is not None else 0.0
+
+
+class Planner:
+    """Rank 0's side: requests waiting to join, and the next step's plan. Admission reserves the KV
+    blocks a request may need at most (prompt + what it may generate), so a running sequence never
+    finds the pool full; a request that could never fit is refused up front."""
+
+    def __init__(self, pool: BlockPool, max_running: int, chunk: int = PREFILL_CHUNK) -> None:
+        self.pool, self.max_running, self.chunk = pool, max_running, chunk
+        self.waiting: list[Request] = []
+        self.reserved: dict[str, int] = {}  # blocks promised to each running request
+
+    def need(self, request: Request) -> int:
+        opts = request.options
+        most = opts.num_ctx if opts.num_predict < 0 else min(opts.num_ctx, len(request.prompt) + opts.num_predict)
+        return int(self.pool.blocks_for(most))
+
+    def plan(self, batch: Batch, cancelled: set[str]) -> Plan:
+        plan = Plan()
+        for rid in cancelled:
+            if rid in batch.running:
+                plan.drop.append(rid)
+                self.reserved.pop(rid, None)
+        self.waiting = [r for r in self.waiting if r.id not in cancelled]
+        free = self.pool.num_blocks - sum(self.reserved.values())
+        running = len(batch.running) - len(plan.drop)
+        while self.waiting and running < self.max_running and self.need(self.waiting[0]) <= free:
+            request = self.waiting.pop(0)
+            self.reserved[request.id] = self.need(request)
+            free -= self.reserved[request.id]
+            plan.add.append(request)
+            running += 1
+        dropped = set(plan.drop)
+        live = [s for rid, s in batch.running.items() if rid not in dropped]
+        # Prompt chunks, oldest request first, up to `chunk` tokens in all (at least one chunk).
+        budget = self.chunk
+        todo = [(s.request.id, len(s.request.prompt) - s.written) for s in live if s.prefilling]
+        todo += [(r.id, len(r.prompt) - self.pool.cached_prefix(r.prompt)) for r in plan.add]
+        for rid, left in todo:
+            if budget <= 0:
+                break
+            n = min(left, budget)
+            plan.prefill.append((rid, n))
+            budget -= n
+        plan.decode = [s.request.id for s in live if not s.prefilling and s.pending is not None]
+        return plan
+
+    def finished(self, rid: str) -> None:
+        self.reserved.pop(rid, None)
