@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import jsonschema
@@ -35,7 +36,8 @@ STARTUP_S = 120
 @pytest.fixture(scope="module", params=[1, 2], ids=["tp1", "tp2"])
 def server(request, tmp_path_factory):
     port = free_port()
-    env = {**os.environ, "OLLAMA_MODELS": str(tmp_path_factory.mktemp("models")), "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "OLLAMA_MODELS": str(tmp_path_factory.mktemp("models")), "OMP_NUM_THREADS": "1",
+           "OLLAMA_NUM_PARALLEL": "8"}  # fmt: skip
     env.pop("OLLAMA_HOST", None)
     log = tmp_path_factory.mktemp("log") / "serve.log"
     with log.open("w") as sink:  # a file, not a pipe nobody reads, which could fill and block the server
@@ -314,3 +316,49 @@ def test_cluster_endpoints_and_metrics_describe_the_group(server):
     tokens = families["tp_ollama_generation_tokens"].samples
     assert sum(s.value for s in tokens if s.name.endswith("_total")) >= reply.eval_count
     assert "tp_ollama_request_duration_seconds" in families
+
+
+# --- many users at once: continuous batching through the group ----------------------------------
+
+
+def test_eight_concurrent_requests_give_the_tokens_they_give_alone(server):
+    url, _ = server
+    prompts = ["Once upon a time", "def fibonacci(n):", "The capital of France is", "Water boils at",
+               "List three fruits:", "In 1492, Columbus", "The quick brown fox jumps over the lazy dog and then",
+               "Photosynthesis is the process by which plants"]  # fmt: skip
+    options = [{"temperature": 0, "num_predict": 10 + i} if i % 2 == 0 else
+               {"temperature": 0.8, "seed": i, "top_k": 20, "num_predict": 10 + i} for i in range(8)]  # fmt: skip
+
+    def one(i: int) -> str:
+        with ollama.Client(host=url) as client:
+            return client.generate(model="smollm2:135m", prompt=prompts[i], raw=True, options=options[i]).response
+
+    alone = [one(i) for i in range(8)]
+    with ThreadPoolExecutor(8) as pool:
+        together = list(pool.map(one, range(8)))
+    assert together == alone
+    assert httpx.get(f"{url}/api/distributed/requests").json() == {"requests": []}
+
+
+def test_the_second_chat_turn_reuses_the_first_turns_blocks(server):
+    url, _ = server
+    system = {"role": "system", "content": "You are a patient teacher who answers in plain words. " * 6}
+    first = [system, {"role": "user", "content": "What is a prime number?"}]
+    greedy = {"temperature": 0, "num_predict": 24}
+
+    def hits() -> int:
+        return int(httpx.get(f"{url}/api/distributed/metrics").json()["kv_cache"].get("prefix_hit_tokens", 0))
+
+    with ollama.Client(host=url) as client:
+        turn1 = client.chat(model="smollm2:135m", messages=first, options=greedy)
+        before = hits()
+        second = [*first, {"role": "assistant", "content": turn1.message.content},
+                  {"role": "user", "content": "And a composite number?"}]  # fmt: skip
+        turn2 = client.chat(model="smollm2:135m", messages=second, options=greedy)
+    reused = hits() - before
+    assert reused >= turn1.prompt_eval_count - 16  # every full block of the first turn's prompt
+    loaded = load("smollm2:135m", torch.float32)
+    text = loaded.tokenizer.apply_chat_template(second, add_generation_prompt=True)
+    ids = loaded.tokenizer.encode(text, add_special_tokens=False)
+    gen = GenerationOptions(sampling=SamplingOptions(temperature=0), num_predict=24)
+    assert turn2.message.content == "".join(stream_text(loaded, ids, gen))

@@ -203,13 +203,21 @@ def routes(service: TextService, version: str) -> list[Route]:
             hosts = {}
         return json_response({"models": [model_view(service, loaded, hosts)]})
 
+    async def refresh_engine_facts() -> None:
+        try:
+            monitor.engine_facts(await cluster_facts(service))
+        except Exception as e:  # the request counters are worth answering with on their own
+            log.warning("engine cluster() failed: %s", e)
+
     async def metrics(request: Request) -> Response:
+        await refresh_engine_facts()
         return json_response(monitor.snapshot())
 
     async def requests(request: Request) -> Response:
         return json_response({"requests": monitor.active()})
 
     async def prometheus(request: Request) -> Response:
+        await refresh_engine_facts()
         return Response(monitor.exposition(), media_type=CONTENT_TYPE_LATEST)
 
     return [

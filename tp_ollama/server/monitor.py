@@ -12,7 +12,7 @@ from __future__ import annotations
 import itertools
 import time
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any
@@ -108,6 +108,7 @@ class Monitor:
         self.generated = 0
         self.prompt_tokens = 0
         self.served = {"success": 0, "error": 0, "cancelled": 0}
+        self.kv_cache: dict[str, int] = {}  # the engines' KV caches, as last reported
 
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
@@ -270,7 +271,18 @@ class Monitor:
             "generation_tokens_total": self.generated,
             # Per engine group: requests running there now, routed there in all, failed there.
             "replicas": self.replicas(),
+            # The engines' paged KV caches, summed over replicas: blocks by state, prefix reuse.
+            "kv_cache": self.kv_cache,
         }
+
+    def engine_facts(self, facts: Mapping[str, Any]) -> None:
+        """Remember the engines' KV cache counters from Engine.cluster() (one group, or every replica)."""
+        caches = [r["kv_cache"] for r in facts.get("replicas", []) if r.get("kv_cache")]
+        if not caches and facts.get("kv_cache"):
+            caches = [facts["kv_cache"]]
+        keys = ("blocks", "blocks_used", "blocks_free", "blocks_cached", "prefix_hits", "prefix_misses",
+                "prefix_hit_tokens", "evictions")  # fmt: skip
+        self.kv_cache = {k: sum(int(c.get(k, 0)) for c in caches) for k in keys} if caches else {}
 
     def exposition(self) -> bytes:
         """Prometheus text format of this monitor's registry."""
@@ -281,6 +293,25 @@ class Monitor:
         times = self._token_times
         while times and times[0] < horizon:
             times.popleft()
+
+
+def _kv_families(kv: Mapping[str, int]) -> Iterator[Metric]:
+    """The engines' KV caches, summed over replicas, as last reported (see Monitor.engine_facts)."""
+    blocks = GaugeMetricFamily("tp_ollama_kv_cache_blocks", "KV cache blocks by state.", labels=["state"])
+    for state in ("used", "free", "cached"):
+        blocks.add_metric([state], kv.get(f"blocks_{state}", 0))
+    yield blocks
+    yield CounterMetricFamily(
+        "tp_ollama_prefix_cache_hits", "Prompt blocks taken from the prefix cache.", value=kv.get("prefix_hits", 0)
+    )
+    yield CounterMetricFamily(
+        "tp_ollama_prefix_cache_misses", "Full prompt blocks not found in the prefix cache.",
+        value=kv.get("prefix_misses", 0),
+    )  # fmt: skip
+    yield CounterMetricFamily(
+        "tp_ollama_prefix_cache_hit_tokens", "Prompt tokens whose prefill the prefix cache saved.",
+        value=kv.get("prefix_hit_tokens", 0),
+    )  # fmt: skip
 
 
 class _Gauges:
@@ -294,7 +325,8 @@ class _Gauges:
 
     def collect(self) -> Iterable[Metric]:
         running, waiting = self._monitor.counts()
-        return self._families(running, waiting, self._monitor.loaded_model(), self._monitor.replicas())
+        yield from self._families(running, waiting, self._monitor.loaded_model(), self._monitor.replicas())
+        yield from _kv_families(self._monitor.kv_cache)
 
     @staticmethod
     def _families(running: int, waiting: int, model: str | None, replicas: list[dict[str, Any]]) -> Iterator[Metric]:

@@ -160,6 +160,8 @@ class ReplicaSet:
                 as_of = max(as_of, float(answer.get("as_of", 0.0)))
                 alive = len(mine) == int(answer.get("world_size", len(mine))) and all(r.get("alive") for r in mine)
                 entry.update(world_size=int(answer.get("world_size", len(mine))), alive=alive)
+                if answer.get("kv_cache"):
+                    entry["kv_cache"] = answer["kv_cache"]
             replicas.append(entry)
         return {"world_size": world_size, "ranks": ranks, "as_of": as_of, "replicas": replicas}
 
