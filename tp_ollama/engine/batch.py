@@ -94,26 +94,42 @@ class PagedBatchCache:
     every sequence's keys and values, padded to the longest (empty positions are -1, masked).
 
     Both directions are one indexing op per layer for the whole batch: the new rows are scattered to
-    their (block, offset) slots, and each row's blocks are gathered through a (B, blocks) index."""
+    their (block, offset) slots, and each row's blocks are gathered through a (B, blocks) index. A
+    sliding-window layer gathers only the blocks its queries can still see."""
 
-    def __init__(self, pool: BlockPool, seqs: list[SequenceKV], starts: list[int], counts: list[int]) -> None:
-        self.pool = pool
+    def __init__(
+        self,
+        pool: BlockPool,
+        seqs: list[SequenceKV],
+        starts: list[int],
+        counts: list[int],
+        windows: list[int | None],
+    ) -> None:
+        self.pool, self.counts, self.windows = pool, counts, windows
         device = pool.k[0].device
-        self.counts = counts
         slots = [s.slots(start, n) for s, start, n in zip(seqs, starts, counts, strict=True)]
         self.write_blocks = torch.cat([b for b, _ in slots]).to(device)
         self.write_offsets = torch.cat([o for _, o in slots]).to(device)
-        bs = pool.block_size
-        lengths = [start + n for start, n in zip(starts, counts, strict=True)]
-        n_blocks = [(length + bs - 1) // bs for length in lengths]
-        widest = max(n_blocks)
-        index = torch.zeros(len(seqs), widest, dtype=torch.long)
-        for row, (seq, nb) in enumerate(zip(seqs, n_blocks, strict=True)):
-            index[row, :nb] = torch.tensor(seq.table[:nb], dtype=torch.long)
-        self.read_blocks = index.to(device)
-        span = torch.arange(widest * bs, device=device)
-        limit = torch.tensor(lengths, device=device)[:, None]
-        self.positions = torch.where(span[None] < limit, span[None], torch.full_like(span[None], -1))
+        self._reads: dict[int | None, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._seqs, self._starts = seqs, starts
+        self._lengths = [start + n for start, n in zip(starts, counts, strict=True)]
+
+    def reads(self, window: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, blocks) block ids to gather and (B, blocks * block_size) their positions (-1: padding)."""
+        if window not in self._reads:
+            bs = self.pool.block_size
+            device = self.pool.k[0].device
+            firsts = [0 if window is None else max(0, start - window + 1) // bs for start in self._starts]
+            lasts = [(length + bs - 1) // bs for length in self._lengths]
+            widest = max(last - first for first, last in zip(firsts, lasts, strict=True))
+            index = torch.zeros(len(self._seqs), widest, dtype=torch.long)
+            positions = torch.full((len(self._seqs), widest * bs), -1, dtype=torch.long)
+            for row, (seq, first, last) in enumerate(zip(self._seqs, firsts, lasts, strict=True)):
+                index[row, : last - first] = torch.tensor(seq.table[first:last], dtype=torch.long)
+                span = torch.arange(first * bs, min(last * bs, self._lengths[row]))
+                positions[row, : span.numel()] = span
+            self._reads[window] = (index.to(device), positions.to(device))
+        return self._reads[window]
 
     def layer(self, index: int) -> _PagedLayer:
         return _PagedLayer(self, index)
@@ -137,11 +153,12 @@ class _PagedLayer:
             new_v = torch.cat([v[r, :, :n].transpose(0, 1) for r, n in enumerate(c.counts)])
         pool_k[c.write_blocks, :, c.write_offsets] = new_k.to(pool_k.dtype)
         pool_v[c.write_blocks, :, c.write_offsets] = new_v.to(pool_v.dtype)
-        b, nb = c.read_blocks.shape
+        blocks, seen = c.reads(c.windows[self.index])
+        b, nb = blocks.shape
         _, n_kv, bs, d = pool_k.shape
-        keys = pool_k[c.read_blocks].permute(0, 2, 1, 3, 4).reshape(b, n_kv, nb * bs, d)
-        values = pool_v[c.read_blocks].permute(0, 2, 1, 3, 4).reshape(b, n_kv, nb * bs, d)
-        return keys, values, c.positions
+        keys = pool_k[blocks].permute(0, 2, 1, 3, 4).reshape(b, n_kv, nb * bs, d)
+        values = pool_v[blocks].permute(0, 2, 1, 3, 4).reshape(b, n_kv, nb * bs, d)
+        return keys, values, seen
 
 
 class Batch:
@@ -161,6 +178,7 @@ class Batch:
         self.running: dict[str, Running] = {}
         self.device: torch.device = next(model.parameters()).device
         self.vocab = int(model.config.vocab_size)  # type: ignore[union-attr,arg-type]
+        self.windows: list[int | None] = [block.self_attn.window for block in model.model.layers]  # type: ignore[union-attr]
 
     # --- applying a plan (every rank) ------------------------------------------------------------
 
@@ -223,7 +241,7 @@ class Batch:
             raise RuntimeError(f"the KV pool could not hold {n} more tokens of request {seq.request.id}")
         ids = torch.tensor([prompt[start : start + n]], dtype=torch.long, device=self.device)
         positions = torch.arange(start, start + n, dtype=torch.long, device=self.device)[None]
-        cache = PagedBatchCache(self.pool, [seq.kv], [start], [n])
+        cache = PagedBatchCache(self.pool, [seq.kv], [start], [n], self.windows)
         hidden = self.model.hidden_states(ids, positions, cache)  # type: ignore[operator]
         seq.kv.commit(prompt[start : start + n])
         seq.written += n
@@ -241,7 +259,8 @@ class Batch:
         tokens = [seq.pending for seq in seqs]
         ids = torch.tensor([[t] for t in tokens], dtype=torch.long, device=self.device)
         positions = torch.tensor([[seq.written] for seq in seqs], dtype=torch.long, device=self.device)
-        cache = PagedBatchCache(self.pool, [s.kv for s in seqs], [s.written for s in seqs], [1] * len(seqs))
+        starts = [s.written for s in seqs]
+        cache = PagedBatchCache(self.pool, [s.kv for s in seqs], starts, [1] * len(seqs), self.windows)
         hidden = self.model.hidden_states(ids, positions, cache)  # type: ignore[operator]  # (B, 1, H)
         for seq, token in zip(seqs, tokens, strict=True):
             seq.kv.commit([int(token)])  # type: ignore[arg-type]
