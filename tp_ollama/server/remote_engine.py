@@ -53,6 +53,7 @@ class RemoteEngine:
         self._loaded: LoadedModel | None = None
         self._snapshot: dict[str, Any] = {"world_size": 0, "ranks": [], "as_of": 0.0}
         self.active = 0  # requests generating in the engine right now
+        self.shutdown_sent = False
 
     @classmethod
     def spawn(cls, tp: int, comm: str = "auto", device: str = "cpu", tp_weights: str | None = None,
@@ -99,6 +100,8 @@ class RemoteEngine:
             if self._sock is not None:
                 self.reader, self.writer = await asyncio.open_unix_connection(sock=self._sock, limit=1 << 26)
                 self._sock = None
+            elif self.socket_path is None:
+                raise EngineUnavailable("the in-process engine has stopped; restart the server")
             else:
                 await self._open_path()
             self._reading = asyncio.get_running_loop().create_task(self._read())
@@ -251,9 +254,16 @@ class RemoteEngine:
 
     def terminate(self, grace_s: float = 5.0) -> None:
         """Stop the engine group's whole process session, whatever state it is in (a second Ctrl-C,
-        a crashed front end): TERM, then KILL after `grace_s`."""
+        a crashed front end): TERM, then KILL after `grace_s`. A group already told to shut down
+        first gets `grace_s` to leave by itself, so that ranks on other nodes are told too."""
         if self.process is None or self.process.poll() is not None:
             return
+        if self.shutdown_sent:
+            try:
+                self.process.wait(timeout=grace_s)
+                return
+            except subprocess.TimeoutExpired:
+                pass
         for sig in (signal.SIGTERM, signal.SIGKILL):
             try:
                 os.killpg(self.process.pid, sig)
@@ -265,17 +275,22 @@ class RemoteEngine:
             except subprocess.TimeoutExpired:
                 continue
 
-    async def close(self) -> None:
-        if self.writer is not None:
-            try:
-                await self._send({"op": "shutdown", "id": "shutdown"})
-            except (OSError, EngineUnavailable):
-                pass
-            writer, self.writer = self.writer, None
-            self.reader = None
-            writer.close()
+    def request_shutdown(self) -> None:
+        """Tell the group to stop, without awaiting anything: safe from a task being cancelled (the
+        server's Ctrl-C), so that rank 0 can pass the word to ranks on other nodes."""
+        writer, self.reader, self.writer = self.writer, None, None
         if self._reading is not None:
             self._reading.cancel()
+        if writer is not None:
+            try:
+                writer.write(json.dumps({"op": "shutdown", "id": "shutdown"}).encode() + b"\n")
+                self.shutdown_sent = True
+            except OSError:
+                pass
+            writer.close()
+
+    async def close(self) -> None:
+        self.request_shutdown()
         if self.process is not None and self.process.poll() is None:
             try:
                 await asyncio.wait_for(asyncio.to_thread(self.process.wait), 10)

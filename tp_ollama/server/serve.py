@@ -91,6 +91,8 @@ async def serve(engines: list[Any], app: Any, settings: Any, log_level: str = "w
     try:
         await server.serve()
     finally:
+        for engine in engines:
+            engine.request_shutdown()  # before any await: uvicorn re-raises Ctrl-C, cancelling this task
         await asyncio.gather(*(engine.close() for engine in engines), return_exceptions=True)
 
 
@@ -109,4 +111,4 @@ def run(settings: Any, debug: bool = False) -> None:
         asyncio.run(serve(engines, app, settings, "debug" if debug else "warning"))
     finally:
         for engine in engines:
-            engine.terminate()  # whatever happened above, no rank outlives the front end
+            engine.terminate(grace_s=20)  # whatever happened above, no rank outlives the front end
