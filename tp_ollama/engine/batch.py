@@ -5,8 +5,9 @@ their states never diverge: rank 0 decides each step (which requests join, which
 chunk is prefilled) and broadcasts the plan; every rank then runs the step and samples the same
 tokens (the samplers exchange per-rank candidates, see parallel/sampling.py).
 
-One step is at most two forward passes: one chunk of one prompt (so a long prompt delays the running
-sequences by one chunk at most), then one token for every sequence that is decoding. Decoding
+One step prefills prompt chunks of PREFILL_CHUNK tokens in all (one forward pass per prompt, oldest
+request first, so a long prompt delays the running sequences by one chunk at most), then runs one
+token for every sequence that is decoding, in one forward pass. Decoding
 sequences go through the model as a batch of B rows of one token: the weights are read once for all
 of them, which is what makes a batch cheaper per token than B separate requests. Each row attends
 over its own keys and values, gathered from the shared paged pool (engine/paged_kv.py); rows of
