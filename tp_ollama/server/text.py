@@ -284,7 +284,7 @@ class TextService:
     async def tokenizer(self, path: Path) -> Tokenizer:
         async with self._tokenizer_lock:
             if path not in self._tokenizers:
-                self._tokenizers[path] = await asyncio.to_thread(_read_tokenizer, path)
+                self._tokenizers[path] = await asyncio.to_thread(Tokenizer.for_model, path)
             return self._tokenizers[path]
 
     def options(self, params: Mapping[str, Any], request: Mapping[str, Any]) -> GenerationOptions:
@@ -499,10 +499,6 @@ class TextService:
             aclose = getattr(events, "aclose", None)
             if aclose is not None:
                 await aclose()
-
-
-def _read_tokenizer(path: Path) -> Tokenizer:
-    return Tokenizer.from_hf_dir(path) if path.is_dir() else Tokenizer.from_gguf(path)
 
 
 def _render(
