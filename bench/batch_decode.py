@@ -2,7 +2,7 @@
 length decoded together (engine/batch.py over the paged KV pool), for B in 1, 4, 8, 16, next to the
 one-request generate loop. What batching buys per step, before any front-end overhead.
 
-    PYTHONPATH=. python bench/batch_decode.py [--model gemma3:270m] [--threads 2]
+    PYTHONPATH=. python bench/batch_decode.py [--model gemma3:270m] [--threads 2] [--quant int8 --dtype auto]
 """
 
 from __future__ import annotations
@@ -46,7 +46,7 @@ def run_batch(model: Any, batch_size: int, prompt: list[int], tokens: int) -> di
 
 
 def main() -> None:
-    from tp_ollama.checkpoints.loader import load_model, open_checkpoint
+    from tp_ollama.checkpoints.loader import load_model, open_checkpoint, resolve_dtype
     from tp_ollama.engine.generate import generate_tokens
     from tp_ollama.engine.options import GenerationOptions
     from tp_ollama.store.embedded import resolve_model
@@ -56,12 +56,16 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--tokens", type=int, default=64)
     ap.add_argument("--sizes", type=int, nargs="+", default=[1, 4, 8, 16])
+    ap.add_argument("--dtype", default="float32")
+    ap.add_argument("--quant", default="none")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "batch_decode.json"))
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    model = load_model(open_checkpoint(resolve_model(args.model)), torch.float32, torch.device("cpu"))
+    ckpt = open_checkpoint(resolve_model(args.model))
+    model = load_model(ckpt, resolve_dtype(args.dtype), torch.device("cpu"), quant=args.quant)
     prompt = list(range(100, 132))
     results: dict[str, Any] = {"model": args.model, "threads": args.threads, "tokens": args.tokens,
+                               "dtype": args.dtype, "quant": args.quant,
                                "prompt_tokens": len(prompt), "machine": platform.machine(), "batch": {}}  # fmt: skip
     with torch.inference_mode():
         options = GenerationOptions.from_ollama({"temperature": 0, "num_predict": args.tokens, "num_ctx": 512})

@@ -316,7 +316,11 @@ def test_unknown_keys_are_errors_naming_the_key(tmp_path, text, message):
         ("inference:\n  timeout: -1s\n", r"inference\.timeout = '-1s' .* >= 0s"),
         (
             "inference:\n  dtype: fp8\n",
-            r'inference\.dtype = \'fp8\' .* expected one of "float32", "bfloat16", "float16"',
+            r'inference\.dtype = \'fp8\' .* expected one of "auto", "float32", "bfloat16", "float16"',
+        ),
+        (
+            "inference:\n  quant: int3\n",
+            r'inference\.quant = \'int3\' .* expected one of "none", "int8", "int4", "auto"',
         ),
         ("inference:\n  tp_weights: [1, -1]\n", r"inference\.tp_weights = \[1, -1\] .* positive numbers"),
         ("inference: 5\n", r"section inference must be a mapping of keys, got 5"),

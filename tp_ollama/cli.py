@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Annotated, Any, TypeVar
@@ -80,7 +81,8 @@ RepeatPenaltyOpt = Annotated[float, typer.Option(help="Penalty for recent tokens
 RepeatLastNOpt = Annotated[int, typer.Option(help="How many recent tokens the penalties see.")]
 StopOpt = Annotated[list[str] | None, typer.Option(help="Stop string; repeat for several.")]
 NumCtxOpt = Annotated[int, typer.Option(help="Context window in tokens.")]
-DtypeOpt = Annotated[str, typer.Option(help="float32 or bfloat16.")]
+DtypeOpt = Annotated[str, typer.Option(help="Activations: auto (bfloat16 if the hardware has it), float32, bfloat16.")]
+QuantOpt = Annotated[str, typer.Option(help="Weights: none, int8, int4, auto (a GGUF's own precision).")]
 DeviceOpt = Annotated[str, typer.Option(help="cpu or cuda (ranks share GPUs round-robin).")]
 TpWeightsOpt = Annotated[
     str | None, typer.Option(help="Relative speed of each rank, e.g. 2,1,1: a bigger share for faster ranks.")
@@ -100,6 +102,8 @@ class Prompting:
     options: Any  # GenerationOptions
     dtype: str
     device: str = "cpu"
+    quant: str = "none"
+    verbose: bool = False  # timings on stderr afterwards, as `ollama run --verbose` prints them
 
 
 def sampling_options(**kw: Any) -> Any:
@@ -122,14 +126,19 @@ def parse_weights(text: str | None) -> tuple[float, ...] | None:
 
 
 def generate_in_process(req: Prompting) -> None:
-    from tp_ollama.checkpoints.loader import parse_dtype
-    from tp_ollama.completion import load, prompt_tokens, stream_text
+    from tp_ollama.checkpoints.loader import resolve_dtype
+    from tp_ollama.completion import load, prompt_tokens, stream_text, verbose_report
+    from tp_ollama.engine.generate import GenerationStats
 
-    loaded = load(req.model, parse_dtype(req.dtype), req.device)
+    t0 = time.perf_counter()
+    loaded = load(req.model, resolve_dtype(req.dtype, req.device), req.device, quant=req.quant)
     ids = prompt_tokens(loaded.tokenizer, req.prompt, chat=req.chat, system=req.system)
-    for piece in stream_text(loaded, ids, req.options):
+    stats = GenerationStats()
+    for piece in stream_text(loaded, ids, req.options, stats):
         sys.stdout.write(piece)
         sys.stdout.flush()
+    if req.verbose:
+        sys.stderr.write("\n" + verbose_report(stats, loaded.load_seconds, time.perf_counter() - t0))
 
 
 def generate_on_ranks(req: Prompting, cluster: Any, weights: str | None, comm: str, debug: bool) -> None:
@@ -142,6 +151,7 @@ def generate_on_ranks(req: Prompting, cluster: Any, weights: str | None, comm: s
     job = WorkerJob(
         model=req.model,
         dtype=req.dtype,
+        quant=req.quant,
         device=req.device,
         tp_weights=parse_weights(weights),
         comm=comm,
@@ -151,6 +161,7 @@ def generate_on_ranks(req: Prompting, cluster: Any, weights: str | None, comm: s
         system=req.system,
         options=asdict(req.options),
         debug=debug,
+        verbose=req.verbose,
     )
     run_workers(cluster, worker_main, job)
 
@@ -172,7 +183,9 @@ def generate(
     stop: StopOpt = None,
     num_ctx: NumCtxOpt = 4096,
     dtype: DtypeOpt = "float32",
+    quant: QuantOpt = "none",
     device: DeviceOpt = "cpu",
+    verbose: Annotated[bool, typer.Option("--verbose", help="Print timings and token rates afterwards.")] = False,
     tp: Annotated[int, typer.Option(help="Tensor-parallel ranks on this machine.")] = 1,
     tp_weights: TpWeightsOpt = None,
     comm: CommOpt = "auto",
@@ -196,7 +209,7 @@ def generate(
             num_ctx=num_ctx,
             stop=stop,
         )
-        req = Prompting(model, prompt, chat, system, options, dtype, device)
+        req = Prompting(model, prompt, chat, system, options, dtype, device, quant, verbose)
         if tp == 1 and not tp_weights:
             generate_in_process(req)
         else:
@@ -235,6 +248,7 @@ def launch(
     num_ctx: NumCtxOpt = 4096,
     stop: StopOpt = None,
     dtype: DtypeOpt = "float32",
+    quant: QuantOpt = "none",
     device: DeviceOpt = "cpu",
     tp_weights: TpWeightsOpt = None,
     comm: CommOpt = "auto",
@@ -250,7 +264,7 @@ def launch(
         addr, rdzv_port = parse_bootstrap(bootstrap) if bootstrap else (master_addr, master_port)
         cluster = Cluster(nnodes, node_rank, nproc_per_node, addr, rdzv_port, join_timeout)
         if prompt is None:
-            serve_cluster(cluster, config, host, port, tp_weights, comm, device, dtype, num_ctx, debug)
+            serve_cluster(cluster, config, host, port, tp_weights, comm, device, dtype, quant, num_ctx, debug)
             return
         if model is None:
             raise typer.BadParameter("a PROMPT needs a MODEL")
@@ -263,7 +277,7 @@ def launch(
             num_ctx=num_ctx,
             stop=stop,
         )
-        req = Prompting(model, prompt, chat, system, options, dtype, device)
+        req = Prompting(model, prompt, chat, system, options, dtype, device, quant)
         generate_on_ranks(req, cluster, tp_weights, comm, debug)
         if node_rank == 0 and sys.stdout.isatty():
             sys.stdout.write("\n")
@@ -273,7 +287,7 @@ def launch(
 
 def serve_cluster(
     cluster: Any, config: str | None, host: str | None, port: int | None, tp_weights: str | None, comm: str,
-    device: str, dtype: str, num_ctx: int, debug: bool,
+    device: str, dtype: str, quant: str, num_ctx: int, debug: bool,
 ) -> None:  # fmt: skip
     """launch without a prompt: node 0 runs the front end and its ranks, the others their ranks."""
     from pathlib import Path
@@ -293,7 +307,7 @@ def serve_cluster(
         "host": host, "port": port, "nnodes": cluster.nnodes, "node_rank": 0,
         "nproc_per_node": cluster.nproc_per_node, "master_addr": cluster.master_addr,
         "master_port": cluster.master_port, "join_timeout": cluster.join_timeout_s, "comm": comm,
-        "tp_weights": tp_weights, "device": device, "dtype": dtype, "num_ctx": num_ctx,
+        "tp_weights": tp_weights, "device": device, "dtype": dtype, "quant": quant, "num_ctx": num_ctx,
     }  # fmt: skip
     run(load_settings(Path(config) if config else None, os.environ, flags), debug)
 
@@ -307,7 +321,8 @@ def serve(
     tp_weights: TpWeightsOpt = None,
     comm: Annotated[str | None, typer.Option(help="Collectives: auto, shm, tcp, gloo, nccl.")] = None,
     device: Annotated[str | None, typer.Option(help="cpu or cuda.")] = None,
-    dtype: Annotated[str | None, typer.Option(help="float32 or bfloat16.")] = None,
+    dtype: Annotated[str | None, typer.Option(help="Activations: auto, float32, bfloat16.")] = None,
+    quant: Annotated[str | None, typer.Option(help="Weights: none, int8, int4, auto (a GGUF's own precision).")] = None,
     num_ctx: Annotated[int | None, typer.Option(help="Default context window.")] = None,
     keep_alive: Annotated[str | None, typer.Option(help="How long an idle model stays loaded (5m, -1).")] = None,
     models: Annotated[str | None, typer.Option(help="Model store directory (OLLAMA_MODELS).")] = None,
@@ -335,8 +350,9 @@ def serve(
 
         flags = {
             "host": host, "port": port, "tp": tp, "tp_weights": tp_weights, "comm": comm, "device": device,
-            "dtype": dtype, "num_ctx": num_ctx, "keep_alive": keep_alive, "models": models, "replicas": replicas,
-            "load_balancing": load_balancing, "num_parallel": num_parallel, "max_queue": max_queue,
+            "dtype": dtype, "quant": quant, "num_ctx": num_ctx, "keep_alive": keep_alive, "models": models,
+            "replicas": replicas, "load_balancing": load_balancing, "num_parallel": num_parallel,
+            "max_queue": max_queue,
         }  # fmt: skip
         settings = load_settings(Path(config) if config else None, os.environ, flags)
         run(settings, debug)

@@ -42,13 +42,13 @@ def load_tokenizer(path: Path, checkpoint: Checkpoint) -> Tokenizer:
     return Tokenizer.from_hf_dir(path)
 
 
-def load(model: str, dtype: torch.dtype, device: torch.device | str = "cpu") -> LoadedModel:
+def load(model: str, dtype: torch.dtype, device: torch.device | str = "cpu", quant: str = "none") -> LoadedModel:
     """Resolve a model name or path, read its checkpoint and tokenizer."""
     t0 = time.perf_counter()
     path = resolve_model(model)
     checkpoint = open_checkpoint(path)
     tokenizer = load_tokenizer(path, checkpoint)
-    module = load_model(checkpoint, dtype, device)
+    module = load_model(checkpoint, dtype, device, quant=quant)
     seconds = time.perf_counter() - t0
     log.info("loaded %s (%s) as %s in %.2f s", model, path, dtype, seconds)
     return LoadedModel(model, path, checkpoint, module, tokenizer, dtype, seconds)
@@ -75,6 +75,25 @@ def stream_text(
     stats = stats if stats is not None else GenerationStats()
     tokens = generate_tokens(loaded.model, prompt, options, loaded.tokenizer.eos_ids, stats)
     return text_pieces(loaded.tokenizer, tokens, options.stop, stats)
+
+
+def verbose_report(stats: GenerationStats, load_s: float, total_s: float) -> str:
+    """The timing block `ollama run --verbose` prints after an answer."""
+
+    def rate(count: int, ns: int) -> str:
+        return f"{count / (ns / 1e9):.2f} tokens/s" if ns > 0 else "n/a"
+
+    lines = [
+        ("total duration", f"{total_s:.3f}s"),
+        ("load duration", f"{load_s:.3f}s"),
+        ("prompt eval count", f"{stats.prompt_eval_count} token(s)"),
+        ("prompt eval duration", f"{stats.prompt_eval_duration / 1e9:.3f}s"),
+        ("prompt eval rate", rate(stats.prompt_eval_count, stats.prompt_eval_duration)),
+        ("eval count", f"{stats.eval_count} token(s)"),
+        ("eval duration", f"{stats.eval_duration / 1e9:.3f}s"),
+        ("eval rate", rate(stats.eval_count, stats.eval_duration)),
+    ]
+    return "".join(f"{name + ':':<22}{value}\n" for name, value in lines)
 
 
 def text_pieces(

@@ -31,7 +31,8 @@ DEFAULT_PORT = 11434
 # Kept in step with tp_ollama.parallel.comm.COMM_KINDS (a test compares them); importing it here
 # would import torch just to read a config file.
 COMM_KINDS = ("auto", "shm", "tcp", "gloo", "nccl")
-DTYPES = ("float32", "bfloat16", "float16")
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+QUANT_MODES = ("none", "int8", "int4", "auto")
 # Ollama's built-in CORS origins; OLLAMA_ORIGINS / api.origins are appended to these.
 DEFAULT_ORIGINS = (
     *(
@@ -89,6 +90,7 @@ FLAGS: dict[str, str] = {
     "num_ctx": "inference.num_ctx",
     "tp_weights": "inference.tp_weights",
     "dtype": "inference.dtype",
+    "quant": "inference.quant",
     "device": "inference.device",
     "models": "models.storage_path",
 }
@@ -495,6 +497,7 @@ class InferenceSettings:
     partitioning: Partitioning = field(default_factory=Partitioning)
     tp_weights: tuple[float, ...] = _opt((), _List(_weight, "a list of positive numbers, one per rank, e.g. [2, 1, 1]"))
     dtype: str = _opt("float32", _Str(DTYPES))
+    quant: str = _opt("none", _Str(QUANT_MODES))
     device: str = _opt("cpu", _Str(("cpu", "cuda")))
     aggregation: Aggregation = field(default_factory=Aggregation)
     load_balancing: LoadBalancing = field(default_factory=LoadBalancing)
@@ -583,7 +586,7 @@ class Settings:
                 f"this node {c.node_rank}, rendezvous {host_port(c.rendezvous_addr, c.rendezvous_port)}, "
                 f"comm {c.comm}",
                 f"inference: {i.max_concurrent} at once per replica, queue {i.max_queue}, num_ctx {i.num_ctx}, "
-                f"keep_alive {keep}, {i.dtype} on {i.device}",
+                f"keep_alive {keep}, {i.dtype} (quant {i.quant}) on {i.device}",
                 f"replicas: {replicas} engine group(s) of TP {c.world_size}"
                 + (f", {i.load_balancing.algorithm}" if replicas > 1 else ""),
                 f"models: {self.models.storage_path}",

@@ -396,12 +396,14 @@ class _Layer(nn.Module):
 
 
 class _Model(nn.Module):
-    """Just the attribute path for_model reads: model.model.layers[i].self_attn.k_proj."""
+    """Just the attribute paths for_model reads: model.model.layers[i].self_attn.k_proj for the KV
+    heads, model.model.norm for the activation dtype and device."""
 
     def __init__(self, shapes: list[tuple[int, int]]) -> None:
         super().__init__()
         self.model = nn.Module()
         self.model.layers = nn.ModuleList(_Layer(n, d) for n, d in shapes)
+        self.model.norm = nn.RMSNorm(8, dtype=torch.bfloat16)
 
 
 def test_for_model_sizes_the_pool_from_local_weights_and_the_budget() -> None:

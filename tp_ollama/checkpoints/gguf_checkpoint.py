@@ -14,6 +14,8 @@ from tp_ollama.checkpoints.base import Range, check_range
 from tp_ollama.checkpoints.gguf_file import GGUFFile
 from tp_ollama.checkpoints.gguf_quants import block_layout
 from tp_ollama.errors import CheckpointError
+from tp_ollama.kernels.gguf_pack import GROUP, INT4_TYPES, int4_parts
+from tp_ollama.kernels.quant import Int4Weight, int4_fits, pack_int4_weight
 from tp_ollama.models import config_from_hf
 
 # GGUF architecture -> HF model_type
@@ -132,6 +134,10 @@ class GGUFCheckpoint:
             raise CheckpointError(f"{self.path}: tensor {name} is missing from the GGUF file")
         return self._to_gguf[name]
 
+    def stored_type(self, name: str) -> str:
+        """The GGML type the file stores the tensor in (F32, Q8_0, Q4_K...)."""
+        return str(self.file.tensors[self._gguf(name)].ggml_type)
+
     def shape(self, name: str) -> tuple[int, ...]:
         return tuple(self.file.tensors[self._gguf(name)].shape)
 
@@ -145,6 +151,31 @@ class GGUFCheckpoint:
         if self.arch == "gemma3" and name.endswith("norm.weight"):
             t = t - 1.0  # stored as 1 + w; our RMSNorm multiplies by (1 + w) like transformers
         return t.to(dtype)
+
+    def read_int4(self, name: str, rows: Range | None = None, cols: Range | None = None) -> Int4Weight | None:
+        """A Q4_0 / Q4_1 / Q4_K weight (or its rows / columns) packed as int4 of group 32 straight from
+        its blocks, never dequantized: `read(name, ...)` up to bfloat16 rounding of scale and zero.
+        None when it cannot be: another type, a 1-D tensor, columns not on block boundaries, or a
+        selected shape the int4 kernel does not take; the caller then reads floats."""
+        gname = self._gguf(name)
+        info = self.file.tensors[gname]
+        if info.ggml_type not in INT4_TYPES or len(info.shape) != 2:
+            return None
+        check_range(self.path, name, info.shape[0], rows, "rows")
+        if cols is not None:
+            check_range(self.path, gname, info.shape[1], cols, "columns")
+        block, _ = block_layout(info.ggml_type)
+        r0, r1 = rows if rows is not None else (0, info.shape[0])
+        c0, c1 = cols if cols is not None else (0, info.shape[1])
+        if c0 % block or c1 % block or not int4_fits((r1 - r0, c1 - c0), GROUP):
+            return None
+        codes, scale, zero = int4_parts(self.file.read_raw(gname, rows=rows, cols=cols), info.ggml_type)
+        if self.arch == "llama" and re.search(r"self_attn\.[qk]_proj\.", name):
+            # The same per-head row order as `read`: rows of the codes, columns of the (G, N) scales.
+            codes = self._unpermute(name, codes)
+            scale = self._unpermute(name, scale.t()).t()
+            zero = self._unpermute(name, zero.t()).t()
+        return pack_int4_weight(codes, scale, zero, GROUP)
 
     def _read_cols(self, gname: str, rows: Range | None, cols: Range | None) -> torch.Tensor:
         """Quantized rows can only be cut at block boundaries: read the enclosing blocks, then narrow."""

@@ -318,6 +318,24 @@ class GGUFFile:
         self._release(info.offset, info.nbytes)
         return out
 
+    def read_raw(
+        self, name: str, rows: tuple[int, int] | None = None, cols: tuple[int, int] | None = None
+    ) -> torch.Tensor:
+        """The blocks of rows a..b-1 and (block-aligned) columns a..b-1 of a 2-D tensor, undecoded:
+        a uint8 copy of shape (rows, blocks, type_size) of only the selected bytes, of any ggml type."""
+        info = self.info(name)
+        shape = info.shape
+        if len(shape) != 2:
+            raise CheckpointError(f"{self.path}: raw blocks of tensor {name} of shape {shape}; only 2-D")
+        block_size, type_size = gguf_quants.block_layout(info.ggml_type)
+        a, b = self._checked(name, "rows", rows, shape[0], 1)
+        c0, c1 = self._checked(name, "cols", cols, shape[1], block_size)
+        blocks = self._mapped_bytes()[info.offset : info.offset + info.nbytes]
+        blocks = blocks.reshape(shape[0], shape[1] // block_size, type_size)
+        out = torch.from_numpy(np.array(blocks[a:b, c0 // block_size : c1 // block_size]))
+        self._release(info.offset, info.nbytes)
+        return out
+
     def _release(self, offset: int, nbytes: int) -> None:
         """Drop the file pages just read from this process's resident set. They stay in the page
         cache, so a warm reload is still fast, but a rank's RSS holds its weights, not the file."""

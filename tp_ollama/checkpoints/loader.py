@@ -18,8 +18,27 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 def parse_dtype(name: str) -> torch.dtype:
     if name not in DTYPES:
-        raise CheckpointError(f"dtype {name!r} is not supported; supported: {', '.join(DTYPES)}")
+        raise CheckpointError(f"dtype {name!r} is not supported; supported: auto, {', '.join(DTYPES)}")
     return DTYPES[name]
+
+
+def resolve_dtype(name: str, device: torch.device | str = "cpu") -> torch.dtype:
+    """`auto`: bfloat16 where the hardware computes it natively (CPUs with AVX512-BF16 or AMX, GPUs
+    that support it), float32 elsewhere; any other name as parse_dtype."""
+    if name != "auto":
+        return parse_dtype(name)
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.bfloat16 if cpu_has_bf16() else torch.float32
+
+
+def cpu_has_bf16() -> bool:
+    try:
+        flags = Path("/proc/cpuinfo").read_text().split()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
 def open_checkpoint(path: Path) -> Checkpoint:
@@ -46,9 +65,14 @@ def load_model(
     dtype: torch.dtype,
     device: torch.device | str = "cpu",
     shard: Callable[[nn.Module], nn.Module] | None = None,
+    quant: str = "none",
 ) -> nn.Module:
     """Build on the meta device, let `shard` (a tensor-parallel plan) cut parameters down to this
-    rank's slices, then read exactly those slices from the checkpoint."""
+    rank's slices, then read exactly those slices from the checkpoint. `quant` (none, int8, int4,
+    auto) packs linear layers and the embedding as they are read (tp_ollama.kernels.loading)."""
+    from tp_ollama.kernels.loading import check_quant_mode, param_slices, quantize_modules
+
+    check_quant_mode(quant)
     device = torch.device(device)
     if device.type == "cuda":
         # NOTE: SDPA's cuDNN backend builds a new graph for every KV length, ~16 ms of host time
@@ -62,16 +86,10 @@ def load_model(
     missing = [n for n, _ in model.named_parameters() if n not in available]
     if missing:
         raise CheckpointError(f"{ckpt.path}: missing tensors {', '.join(missing[:5])} (of {len(missing)})")
+    quantize_modules(model, ckpt, quant, dtype, device)
     state = {}
     for name, param in model.named_parameters():
-        rows = cols = None
-        tp_slice = getattr(param, "tp_slice", None)  # (dim, start, end) set by a TP plan
-        if tp_slice is not None:
-            dim, start, end = tp_slice
-            if dim == 0:
-                rows = (start, end)
-            else:
-                cols = (start, end)
+        rows, cols = param_slices(param)
         t = ckpt.read(name, dtype, rows=rows, cols=cols)
         if tuple(t.shape) != tuple(param.shape):
             raise CheckpointError(

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import torch
 
+from tp_ollama.kernels.linear import out_features
+
 
 class LayerKV:
     """One layer's keys and values: (B, n_kv, capacity, D), plus the absolute position held in each
@@ -61,8 +63,8 @@ class KVCache:
         layers = []
         for block in model.model.layers:  # type: ignore[union-attr]
             attn = block.self_attn
-            w = attn.k_proj.weight
-            n_kv = w.shape[0] // attn.head_dim  # local KV heads: derived from the (maybe sharded) weight
+            n_kv = out_features(attn.k_proj) // attn.head_dim  # local KV heads, from the (maybe sharded) weight
             capacity = max_len if attn.window is None else min(max_len, attn.window)
-            layers.append(LayerKV(batch, n_kv, capacity, attn.head_dim, dtype or w.dtype, w.device))
+            norm = block.input_layernorm.weight  # norms keep the model's dtype and device
+            layers.append(LayerKV(batch, n_kv, capacity, attn.head_dim, dtype or norm.dtype, norm.device))
         return cls(layers)

@@ -46,6 +46,7 @@ import torch
 from torch import nn
 
 from tp_ollama.errors import ConfigError
+from tp_ollama.kernels.linear import activation_dtype, out_features
 
 ROOT_HASH = 0  # parent hash of a sequence's first block; an int so it hashes the same in every process
 
@@ -182,14 +183,13 @@ class BlockPool:
     ) -> BlockPool:
         """As many blocks as budget_bytes holds for this model's (maybe sharded) attention layers."""
         shapes = []
-        w = None
         for block in model.model.layers:  # type: ignore[union-attr]
             attn = block.self_attn
-            w = attn.k_proj.weight
-            shapes.append((w.shape[0] // attn.head_dim, attn.head_dim))  # local KV heads, from the shard
-        if w is None:
+            # local KV heads, from the (maybe sharded, maybe quantized) projection
+            shapes.append((out_features(attn.k_proj) // attn.head_dim, attn.head_dim))
+        if not shapes:
             raise ConfigError("the model has no attention layers to size a KV cache for")
-        dtype = dtype or w.dtype
+        dtype = dtype or activation_dtype(model)
         per_block = _bytes_per_block(shapes, block_size, dtype)
         num_blocks = budget_bytes // per_block
         if num_blocks < 1:
@@ -197,7 +197,9 @@ class BlockPool:
                 f"KV cache budget of {budget_bytes} bytes holds no block: one block of {block_size} tokens "
                 f"needs {per_block} bytes ({len(shapes)} layers, k and v, {dtype})"
             )
-        return cls(shapes, num_blocks, block_size, dtype, w.device, prefix_cache)
+        norm: torch.Tensor = model.model.norm.weight  # type: ignore[union-attr, assignment]
+        device = norm.device
+        return cls(shapes, num_blocks, block_size, dtype, device, prefix_cache)
 
     def bytes_per_block(self) -> int:
         return _bytes_per_block(self.layer_shapes, self.block_size, self.dtype)

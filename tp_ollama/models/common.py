@@ -114,6 +114,10 @@ class Embedding(nn.Module):
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         return F.embedding(ids, self.weight)
 
+    def project(self, x: torch.Tensor) -> torch.Tensor:
+        """The tied LM head: hidden states (*, D) -> logits (*, V) over this table's rows."""
+        return F.linear(x, self.weight)
+
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
     half = x.shape[-1] // 2
@@ -137,11 +141,11 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.empty(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xf = x.float()
-        normed = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        # One fused kernel: x * rsqrt(mean(x^2) + eps) [* scale], the same float32 arithmetic.
+        shape = (x.shape[-1],)
         if self.unit_offset:
-            return (normed * (1.0 + self.weight.float())).type_as(x)
-        return self.weight * normed.to(x.dtype)
+            return F.rms_norm(x.float(), shape, 1.0 + self.weight.float(), self.eps).type_as(x)
+        return self.weight * F.rms_norm(x.float(), shape, None, self.eps).to(x.dtype)
 
 
 def attention(

@@ -172,8 +172,8 @@ class Gemma3ForCausalLM(nn.Module):
         return m.norm(x)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        weight = self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-        logits = F.linear(hidden, weight)
+        head = self.model.embed_tokens.project if self.lm_head is None else self.lm_head
+        logits = head(hidden)
         cap = self.config.final_logit_softcapping
         if cap is not None:
             logits = torch.tanh(logits / cap) * cap

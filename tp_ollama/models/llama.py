@@ -217,8 +217,8 @@ class LlamaForCausalLM(nn.Module):
         return m.norm(x)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        weight = self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-        return F.linear(hidden, weight)
+        head = self.model.embed_tokens.project if self.lm_head is None else self.lm_head
+        return head(hidden)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, cache: ModelCache) -> torch.Tensor:
         return self.logits(self.hidden_states(input_ids, positions, cache))

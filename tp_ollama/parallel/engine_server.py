@@ -35,6 +35,7 @@ from tp_ollama.engine.embed import embed_batch
 from tp_ollama.engine.generate import check_prompt
 from tp_ollama.engine.paged_kv import BlockPool
 from tp_ollama.errors import TpOllamaError
+from tp_ollama.kernels.loading import describe_precision, precision_line
 from tp_ollama.parallel.facts import rank_facts
 from tp_ollama.parallel.worker import load_shard, local_threads, options_from_data, rank_device, sampler_for
 
@@ -182,13 +183,15 @@ class EngineState:
     # --- control commands (every rank) -------------------------------------------------------------
 
     def load(self, cmd: dict[str, Any]) -> dict[str, Any]:
-        key = {"path": cmd["path"], "dtype": cmd["dtype"], "num_ctx": cmd["num_ctx"]}
+        key = {"path": cmd["path"], "dtype": cmd["dtype"], "num_ctx": cmd["num_ctx"], "quant": cmd.get("quant", "none")}
         if self.loaded is not None and {k: self.loaded[k] for k in key} == key:
             return self.loaded
         self.unload()
         t0 = time.perf_counter()
         world = self.comm.world_size
-        model, layout, _ = load_shard(Path(cmd["path"]), self.comm, cmd["dtype"], self.job.device, self.job.tp_weights)
+        model, layout, _ = load_shard(
+            Path(cmd["path"]), self.comm, cmd["dtype"], self.job.device, self.job.tp_weights, key["quant"]
+        )
         pool = BlockPool.for_model(model, self.job.kv_cache_bytes, prefix_cache=self.job.prefix_cache)
         # Block ids are shared by every rank's plan: each rank's pool must have as many as the smallest.
         fewest = int(self.comm.all_gather(torch.tensor([pool.num_blocks], dtype=torch.int64)).min())
@@ -199,9 +202,14 @@ class EngineState:
         self.batch = Batch(model, pool, sampler_for(layout, self.comm), self._constraint, self.comm)
         if self.comm.rank == 0:
             self.planner = Planner(pool, self.job.max_running)
-        size = sum(p.numel() * p.element_size() for p in model.parameters())
+        tensors = [*model.parameters(), *model.buffers()]
+        size = sum(t.numel() * t.element_size() for t in tensors)
         described = [{**entry, "device": self.job.device} for entry in layout.describe()]
+        precision = describe_precision(model)
+        if self.comm.rank == 0:
+            log.warning("loaded %s: %s", cmd["path"], precision_line(precision))
         self.loaded = {**key, "world_size": world, "layout": described, "size_bytes": size * world,
+                       "precision": precision,
                        "load_seconds": time.perf_counter() - t0, "kv_blocks": pool.num_blocks,
                        "kv_block_size": pool.block_size}  # fmt: skip
         return self.loaded

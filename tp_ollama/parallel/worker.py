@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from tp_ollama.completion import text_pieces
+from tp_ollama.completion import text_pieces, verbose_report
 from tp_ollama.engine.generate import GenerationStats, check_prompt, generate_tokens
 from tp_ollama.engine.options import GenerationOptions, SamplingOptions
 from tp_ollama.engine.sampler import Sampler
@@ -34,6 +34,7 @@ class WorkerJob:
 
     model: str
     dtype: str = "float32"
+    quant: str = "none"
     tp_weights: tuple[float, ...] | None = None
     comm: str = "auto"
     device: str = "cpu"  # "cpu" or "cuda" (rank r uses GPU r % count; ranks may share one)
@@ -43,6 +44,7 @@ class WorkerJob:
     system: str | None = None
     options: dict[str, Any] = field(default_factory=dict)  # GenerationOptions as plain data
     debug: bool = False
+    verbose: bool = False
 
 
 class BroadcastLockstep:
@@ -105,12 +107,17 @@ def rank_device(kind: str) -> torch.device:
 
 
 def load_shard(
-    path: Path, comm: Any, dtype: str, device: str = "cpu", weights: Sequence[float] | None = None
+    path: Path,
+    comm: Any,
+    dtype: str,
+    device: str = "cpu",
+    weights: Sequence[float] | None = None,
+    quant: str = "none",
 ) -> tuple[nn.Module, Any, Any]:
     """This rank's part of the model: the layout is validated from the config first, then only this
     rank's slices are read. A group of one loads the plain model, with no collectives on its path.
     Returns (model, layout, checkpoint)."""
-    from tp_ollama.checkpoints.loader import load_model, open_checkpoint, parse_dtype
+    from tp_ollama.checkpoints.loader import load_model, open_checkpoint, resolve_dtype
     from tp_ollama.parallel.layout import TPLayout
     from tp_ollama.parallel.plans import apply_tp
 
@@ -122,7 +129,8 @@ def load_shard(
 
         mesh = init_device_mesh("cpu", (comm.world_size,))
         shard = partial(apply_tp, layout=layout, comm=comm, device_mesh=mesh)
-    return load_model(ckpt, parse_dtype(dtype), rank_device(device), shard=shard), layout, ckpt
+    where = rank_device(device)
+    return load_model(ckpt, resolve_dtype(dtype, where), where, shard=shard, quant=quant), layout, ckpt
 
 
 def sampler_for(layout: Any, comm: Any) -> Callable[..., Any]:
@@ -161,8 +169,9 @@ def _run(job: WorkerJob) -> None:
     rank = comm.rank
     t0 = time.perf_counter()
     path = resolve_model(job.model)
-    model, layout, ckpt = load_shard(path, comm, job.dtype, job.device, job.tp_weights)
-    log.info("rank %d loaded its shard %s in %.2f s", rank, layout.describe()[rank], time.perf_counter() - t0)
+    model, layout, ckpt = load_shard(path, comm, job.dtype, job.device, job.tp_weights, job.quant)
+    load_s = time.perf_counter() - t0
+    log.info("rank %d loaded its shard %s in %.2f s", rank, layout.describe()[rank], load_s)
 
     tokenizer, request = _prepare_request(job, path, ckpt) if rank == 0 else (None, None)
     data = json.loads(comm.broadcast_bytes(json.dumps(request).encode() if rank == 0 else None, src=0))
@@ -179,6 +188,8 @@ def _run(job: WorkerJob) -> None:
         for piece in text_pieces(tokenizer, tokens, options.stop, stats):
             sys.stdout.write(piece)
             sys.stdout.flush()
+        if job.verbose:
+            sys.stderr.write("\n" + verbose_report(stats, load_s, time.perf_counter() - t0))
     else:
         for _ in tokens:
             pass

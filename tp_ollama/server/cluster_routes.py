@@ -130,6 +130,8 @@ def model_view(service: TextService, loaded: LoadedModel, hosts: Mapping[int, st
         "path": str(loaded.path),
         "format": "safetensors" if loaded.path.is_dir() else "gguf",
         "dtype": loaded.dtype,
+        "quant": loaded.quant,
+        "precision": loaded.precision,
         "num_ctx": loaded.num_ctx,
         "size": loaded.size_bytes,
         "parallelism": {

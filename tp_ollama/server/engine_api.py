@@ -21,6 +21,7 @@ class LoadRequest:
     path: Path  # a GGUF file or HF directory on node 0
     dtype: str = "float32"
     num_ctx: int = 4096
+    quant: str = "none"
 
 
 @dataclass(frozen=True)
@@ -32,6 +33,9 @@ class LoadedModel:
     # Per-rank shares (TPLayout.describe()) and sizes, for /api/ps and the cluster endpoints.
     layout: list[dict[str, Any]] = field(default_factory=list)
     size_bytes: int = 0
+    quant: str = "none"
+    # What the engine made of dtype and quant: {"dtype": "bfloat16", "weights": {"int8": 126, ...}}.
+    precision: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass

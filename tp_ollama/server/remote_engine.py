@@ -188,10 +188,11 @@ class RemoteEngine:
 
     async def load(self, request: LoadRequest) -> LoadedModel:
         reply = await self._call({"op": "load", "path": str(request.path), "dtype": request.dtype,
-                                  "num_ctx": request.num_ctx})  # fmt: skip
+                                  "num_ctx": request.num_ctx, "quant": request.quant})  # fmt: skip
         self._loaded = LoadedModel(
             path=request.path, dtype=request.dtype, num_ctx=request.num_ctx, world_size=reply["world_size"],
-            layout=reply["layout"], size_bytes=reply["size_bytes"],
+            layout=reply["layout"], size_bytes=reply["size_bytes"], quant=request.quant,
+            precision=reply.get("precision", {}),
         )  # fmt: skip
         return self._loaded
 

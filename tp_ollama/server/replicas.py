@@ -194,4 +194,4 @@ class ReplicaSet:
 
 
 def _same(a: LoadedModel, b: LoadedModel) -> bool:
-    return a.path == b.path and a.num_ctx == b.num_ctx and a.dtype == b.dtype
+    return a.path == b.path and a.num_ctx == b.num_ctx and a.dtype == b.dtype and a.quant == b.quant

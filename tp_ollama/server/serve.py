@@ -56,6 +56,7 @@ def build(settings: Any) -> tuple[list[Any], Any]:
         max_num_predict=i.max_num_predict if i.max_num_predict > 0 else 1 << 30,
         keep_alive_s=i.keep_alive,
         dtype=i.dtype,
+        quant=i.quant,
         bind_host=a.host,
         compression=settings.performance.compression.enabled,
         max_concurrent=i.max_concurrent,

@@ -50,6 +50,7 @@ class Limits:
     max_num_predict: int = 32768
     keep_alive_s: float = 300.0  # negative: forever
     dtype: str = "float32"
+    quant: str = "none"
     max_concurrent: int = 4  # requests holding the model at once, per engine group (OLLAMA_NUM_PARALLEL)
     max_queue: int = 512  # requests allowed to wait for it; one more is refused (OLLAMA_MAX_QUEUE)
 
@@ -159,7 +160,8 @@ class Scheduler:
                 while not (self._holds(resolved.path, num_ctx) and self._active < self._capacity):
                     if self._active == 0:
                         self._cancel_timer()
-                        await self._engine.load(LoadRequest(resolved.path, self._limits.dtype, num_ctx))
+                        load = LoadRequest(resolved.path, self._limits.dtype, num_ctx, self._limits.quant)
+                        await self._engine.load(load)
                         break
                     self._freed.clear()
                     await self._freed.wait()

@@ -1,0 +1,110 @@
+"""Quantized loading of whole models: which tensors get which packing, and that the quantized model
+still computes what the float one does (within what int8 / int4 rounding allows)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from tests.tiny import make_hf_model, prompt_ids, save_hf, write_gguf
+from tp_ollama.checkpoints.loader import load_model, open_checkpoint, resolve_dtype
+from tp_ollama.engine.kv_cache import KVCache
+from tp_ollama.errors import ConfigError
+from tp_ollama.kernels.linear import QuantEmbedding, QuantLinear
+from tp_ollama.kernels.loading import describe_precision, packing_for
+
+N_PROMPT = 12
+
+
+def logits_of(model: nn.Module, tokens: list[int]) -> torch.Tensor:
+    """(T, V) float32 logits: a prefill of N_PROMPT tokens, then one token a step."""
+    cache = KVCache.for_model(model, batch=1, max_len=len(tokens) + 1)
+    with torch.inference_mode():
+        rows = [model(torch.tensor([tokens[:N_PROMPT]]), torch.arange(N_PROMPT)[None], cache)[0]]
+        for i in range(N_PROMPT, len(tokens)):
+            rows.append(model(torch.tensor([[tokens[i]]]), torch.tensor([[i]]), cache)[0])
+    return torch.cat(rows).float()
+
+
+def cosine(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Worst per-position cosine similarity of two (T, V) logit tables."""
+    return float(torch.nn.functional.cosine_similarity(a, b, dim=-1).min())
+
+
+def with_weights_of(model: nn.Module, quantized: nn.Module) -> nn.Module:
+    """`model` (float) with every weight replaced by what the quantized model's packing holds."""
+    for path, module in quantized.named_modules():
+        if isinstance(module, QuantLinear | QuantEmbedding):
+            model.get_submodule(path).weight.data = module.qweight.dequantize(torch.float32)
+    return model
+
+
+@pytest.mark.parametrize("kind", ["llama", "gemma3_text"])
+@pytest.mark.parametrize("quant", ["int8", "int4"])
+def test_quantized_model_computes_its_weights(tmp_path, kind, quant):
+    """The packed kernels compute what the packed weights say: against a float model holding the
+    dequantized weights, only bfloat16 activation rounding inside the kernels differs."""
+    model = make_hf_model(kind)
+    if kind == "gemma3_text":
+        model.config.tie_word_embeddings = True
+    ckpt = open_checkpoint(save_hf(model, tmp_path))
+    tokens = prompt_ids(N_PROMPT + 6)
+    quantized = load_model(ckpt, torch.float32, quant=quant)
+    linears = [m for m in quantized.modules() if isinstance(m, nn.Linear)]
+    assert not linears, f"{len(linears)} linear layers left in float"
+    assert isinstance(quantized.model.embed_tokens, QuantEmbedding)
+    got = logits_of(quantized, tokens)
+    ref = logits_of(with_weights_of(load_model(ckpt, torch.float32), quantized), tokens)
+    assert got.shape == ref.shape
+    assert cosine(got, ref) > 0.995, f"{kind} {quant}: worst cosine {cosine(got, ref):.4f}"
+    if quant == "int8":
+        # Per-channel int8 barely moves even these random (chaotic, 0.15-std) weights.
+        plain = logits_of(load_model(ckpt, torch.float32), tokens)
+        assert cosine(got, plain) > 0.995, f"{kind}: worst cosine against float {cosine(got, plain):.4f}"
+    bf16 = logits_of(load_model(ckpt, torch.bfloat16, quant=quant), tokens)
+    assert cosine(bf16, ref) > 0.99, f"{kind} {quant} bfloat16: worst cosine {cosine(bf16, ref):.4f}"
+
+
+@pytest.mark.parametrize(("qtype", "expected"), [("Q4_0", "int4"), ("Q8_0", "int8"), ("F32", "float32")])
+def test_auto_follows_the_file(tmp_path, qtype, expected):
+    model = make_hf_model("qwen2")  # q/k/v biases: quantized linears keep them
+    write_gguf(model, tmp_path / "m.gguf", "qwen2", qtype)
+    ckpt = open_checkpoint(tmp_path / "m.gguf")
+    loaded = load_model(ckpt, torch.float32, quant="auto")
+    weights = describe_precision(loaded)["weights"]
+    assert set(weights) == {expected}, weights
+    assert sum(weights.values()) == 3 * 7 + 1  # seven linears per layer and the tied embedding
+    tokens = prompt_ids(N_PROMPT + 4)
+    assert cosine(logits_of(loaded, tokens), logits_of(load_model(ckpt, torch.float32), tokens)) > 0.97
+
+
+def test_biases_and_shapes_survive(tmp_path):
+    model = make_hf_model("qwen2")
+    ckpt = open_checkpoint(save_hf(model, tmp_path))
+    loaded = load_model(ckpt, torch.float32, quant="int8")
+    q_proj = loaded.model.layers[0].self_attn.q_proj
+    assert isinstance(q_proj, QuantLinear) and q_proj.bias is not None
+    assert torch.equal(q_proj.bias, model.model.layers[0].self_attn.q_proj.bias.detach())
+    assert q_proj.qweight.shape == (128, 64)
+
+
+def test_packing_rules():
+    assert packing_for("none", "Q4_K") is None
+    assert packing_for("int8", "F32") == "int8"
+    assert packing_for("int4", "Q8_0") == "int4"
+    assert packing_for("auto", "Q4_K") == "int4"
+    assert packing_for("auto", "Q6_K") == "int8"
+    assert packing_for("auto", "F16") is None
+    assert packing_for("auto", None) is None  # safetensors: float stays float
+
+
+def test_unknown_quant_mode_is_refused(tmp_path):
+    ckpt = open_checkpoint(save_hf(make_hf_model("llama"), tmp_path))
+    with pytest.raises(ConfigError, match=r"quant 'int3' is not supported; expected one of none, int8, int4, auto"):
+        load_model(ckpt, torch.float32, quant="int3")
+
+
+def test_auto_dtype_resolves_to_a_real_dtype():
+    assert resolve_dtype("auto", "cpu") in (torch.bfloat16, torch.float32)
+    assert resolve_dtype("float32", "cpu") is torch.float32

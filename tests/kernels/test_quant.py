@@ -1,0 +1,234 @@
+"""tp_ollama.kernels.quant: packing layout, quantization error, the packed and dense matmul paths, row lookups."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from tp_ollama.kernels import quant
+from tp_ollama.kernels.quant import (
+    INT4_TILE,
+    SMALL_BATCH,
+    Int4Weight,
+    Int8Weight,
+    int4_fits,
+    pack_int4,
+    quant_matmul,
+    quantize_int4,
+    quantize_int8,
+    unpack_int4,
+)
+
+BF16_EPS = 2.0**-8  # unit roundoff of bfloat16 (8 significant bits): |bf16(v) - v| <= |v| * 2**-8
+
+
+def _close(got: torch.Tensor, want: torch.Tensor, rtol: float, atol: float) -> bool:
+    # (torch.testing.assert_close costs ~0.5 s of imports on first use.)
+    return bool(((got - want).abs() <= atol + rtol * want.abs()).all())
+
+
+def _int8(n: int = 96, k: int = 256) -> Int8Weight:
+    return quantize_int8(torch.randn(n, k))
+
+
+def _int4(n: int = 3 * INT4_TILE, k: int = 256, group: int = 32) -> Int4Weight:
+    return quantize_int4(torch.randn(n, k), group)
+
+
+# --- 1. int4 packing layout -------------------------------------------------------------------------
+
+
+# One tile, and several tiles (torch packs rows in blocks of 32 or 64 depending on the CPU capability).
+@pytest.mark.parametrize("n", [INT4_TILE, 3 * INT4_TILE])
+def test_pack_int4_matches_torch_layout_and_round_trips(n):
+    torch.manual_seed(0)
+    codes = torch.randint(0, 16, (n, 128), dtype=torch.uint8)
+    packed = pack_int4(codes)
+    expected = torch._convert_weight_to_int4pack_for_cpu(codes.to(torch.int32), 1)
+    assert packed.dtype == torch.uint8 and packed.shape == (n, 64)
+    assert torch.equal(unpack_int4(packed), codes)
+    assert torch.equal(packed, expected), (
+        f"pack_int4 differs from torch's layout (cpu capability {torch.backends.cpu.get_cpu_capability()}) "
+        f"at {(packed != expected).sum().item()} of {packed.numel()} bytes"
+    )
+
+
+# --- 2. quantization error ----------------------------------------------------------------------------
+
+
+def test_quantize_int8_error_bounded():
+    torch.manual_seed(0)
+    w = torch.randn(64, 256) * torch.logspace(-3, 1, 64)[:, None]  # rows of very different magnitude
+    w[5] = 0.0  # an all-zero row must not divide by zero
+    qw = quantize_int8(w)
+    assert qw.q.dtype == torch.int8 and qw.scale.dtype == torch.bfloat16
+    assert qw.q.abs().max() <= 127
+    scale = qw.scale.float()[:, None]
+    err = (qw.dequantize() - w).abs()
+    # Rounding to the nearest multiple of the stored scale costs at most scale/2. The stored scale is
+    # max|w|/127 rounded to bfloat16, so it can be up to 2**-8 too small; the largest |w| of a row then
+    # lands past 127 * scale, gets clamped to 127, and is off by up to |w| * 2**-8. 1e-6 * scale covers
+    # float32 rounding of q * scale.
+    tol = 0.5 * scale + w.abs() * BF16_EPS + 1e-6 * scale
+    assert (err <= tol).all(), f"worst excess {(err - tol).max().item()}"
+    assert torch.equal(qw.dequantize()[5], torch.zeros(256))
+    # The scale is the per-row max / 127 up to bf16 rounding (a smaller one would pass the bound above but
+    # clamp the row); the all-zero row gets the smallest normal float instead of 0 (atol).
+    assert _close(qw.scale.float(), w.abs().amax(dim=1) / 127, rtol=BF16_EPS, atol=2.0**-125)
+
+
+@pytest.mark.parametrize("group", [32, 64])
+def test_quantize_int4_error_bounded(group):
+    torch.manual_seed(0)
+    n, k = 2 * INT4_TILE, 256
+    w = torch.randn(n, k) + torch.linspace(-3, 3, n)[:, None]  # groups not centred on 0
+    w[3, :group] = 0.7  # a constant group (zero spread)
+    qw = quantize_int4(w, group)
+    assert qw.packed.shape == (n, k // 2) and qw.scale_zero.shape == (k // group, n, 2)
+    assert qw.scale_zero.dtype == torch.bfloat16
+    assert int(qw.codes().max()) <= 15
+    wg = w.view(n, k // group, group)
+    spread = (wg.amax(dim=2) - wg.amin(dim=2))[..., None]  # (N, G, 1)
+    scale = qw.scale_zero[..., 0].t().float()[..., None]  # (N, G, 1), as stored
+    zero = qw.scale_zero[..., 1].t().float()[..., None]
+    err = (qw.dequantize() - w).view(n, k // group, group).abs()
+    # Inside the grid zero + (0..15 - 8) * scale rounding costs at most scale/2. The grid's ends are off
+    # the group's min and max by the bf16 rounding of zero (|zero| * 2**-8) and of scale (15 * scale
+    # differs from the spread by up to spread * 2**-8); values clamped at the ends are off by at most that.
+    tol = 0.5 * scale + BF16_EPS * (zero.abs() + spread) + 1e-6 * (zero.abs() + spread)
+    assert (err <= tol).all(), f"worst excess {(err - tol).max().item()}"
+    assert (err[3, 0] <= 0.7 * BF16_EPS).all()
+    # The scale spreads each group's min..max over 16 codes.
+    assert _close(scale, spread / 15, rtol=BF16_EPS, atol=2.0**-125)  # atol: the constant group's clamped scale
+
+
+# --- 3. quant_matmul: packed kernel for small batches, dense path above ---------------------------------
+
+
+@pytest.mark.parametrize("lead", [(1, 1), (2, SMALL_BATCH // 2), (1, SMALL_BATCH + 1), (5, 8)], ids=str)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("make", [_int8, _int4], ids=["int8", "int4"])
+def test_quant_matmul_matches_dequantized_reference(make, dtype, lead, monkeypatch):
+    torch.manual_seed(0)
+    n = 3 * INT4_TILE
+    w = make(n, 256)
+    x = torch.randn(*lead, 256).to(dtype)
+    dense_calls = []
+    dense = quant._dense_matmul
+    monkeypatch.setattr(quant, "_dense_matmul", lambda *a: dense_calls.append(1) or dense(*a))
+    y = quant_matmul(x, w)
+    m = lead[0] * lead[1]
+    assert bool(dense_calls) == (m > SMALL_BATCH), "wrong path for this batch size"
+    assert y.dtype == dtype and y.shape == (*lead, n)
+    ref = x.float() @ w.dequantize().T
+    # Both paths round the activations (and on the dense path the dequantized weight) to bfloat16 and
+    # return bfloat16: ~2**-8 relative per product, averaging out over K; 2e-2 of the output's scale is
+    # a wide margin that a wrong layout, scale or zero still exceeds by far.
+    diff = (y.float() - ref).abs().max().item()
+    assert diff <= 2e-2 * ref.abs().max().item(), f"max diff {diff} vs max |ref| {ref.abs().max().item()}"
+
+
+# --- 4. the chunk loop of the dense path -------------------------------------------------------------
+
+
+# Chunks must end on int4 tiles; 3 tiles per chunk over 4 tiles of rows leaves a partial last chunk.
+@pytest.mark.parametrize("tiles_per_chunk", [1, 3])
+@pytest.mark.parametrize("make", [_int8, _int4], ids=["int8", "int4"])
+def test_dense_path_chunked_equals_unchunked(make, tiles_per_chunk, monkeypatch):
+    torch.manual_seed(0)
+    n, chunk = 4 * INT4_TILE, tiles_per_chunk * INT4_TILE
+    w = make(n, 128)
+    x = torch.randn(2, 8, 128)  # 16 rows: dense path
+    whole = quant_matmul(x, w)
+    monkeypatch.setattr(quant, "CHUNK_ROWS", chunk)
+    calls = []
+    chunk_fn = quant._dense_chunk
+    monkeypatch.setattr(quant, "_dense_chunk", lambda x, w, rows: calls.append(rows) or chunk_fn(x, w, rows))
+    chunked = quant_matmul(x, w)
+    assert len(calls) == -(-n // chunk), "the chunk loop did not run"
+    assert chunked.shape == whole.shape == (2, 8, n)
+    # Chunking changes only how the bf16 matmul is blocked; allow a few bf16 ulps of the output's scale.
+    assert _close(chunked.float(), whole.float(), rtol=0, atol=1e-2 * whole.abs().max().item())
+
+
+# --- 5. embedding lookups ----------------------------------------------------------------------------
+
+
+# Both tiles of a 2-tile weight; even and odd rows, first and second half of a tile (whichever rows share a byte).
+T = INT4_TILE
+IDS = torch.tensor([[0, 1, T // 2 + 1], [2 * T - 1, T + T // 2, T - 2]])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("make", [_int8, _int4], ids=["int8", "int4"])
+def test_rows_equals_dequantized_rows(make, dtype):
+    torch.manual_seed(0)
+    w = make(2 * INT4_TILE, 128)
+    got = w.rows(IDS, dtype)
+    assert got.shape == (2, 3, 128) and got.dtype == dtype
+    assert torch.equal(got, w.dequantize(dtype)[IDS])
+
+
+# --- 6. shape checks ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("shape", [(INT4_TILE + 16, 64), (INT4_TILE, 48)])
+def test_quantize_int4_rejects_shape(shape):
+    with pytest.raises(ValueError, match=f"{shape[0]}x{shape[1]}"):
+        quantize_int4(torch.randn(*shape), group=32)
+
+
+@pytest.mark.parametrize(
+    ("shape", "group", "fits"),
+    [
+        ((T, 64), 32, True),
+        ((3 * T, 256), 64, True),
+        ((T + 16, 64), 32, False),  # rows not whole tiles
+        ((T // 2, 64), 32, False),
+        ((T, 96), 64, False),  # columns not whole groups
+        ((T, 4), 1, True),
+        ((T, 3), 1, False),  # an odd number of columns cannot be packed two per byte
+        ((T, 64, 1), 32, False),
+        ((T,), 32, False),
+    ],
+)
+def test_int4_fits(shape, group, fits):
+    assert int4_fits(shape, group) is fits
+
+
+# --- the packed int4 layout depends on torch's CPU capability -----------------------------------------
+
+_CAPABILITY_CHECK = """
+import torch
+from tp_ollama.kernels import quant
+torch.manual_seed(0)
+n = 3 * quant.INT4_TILE
+codes = torch.randint(0, 16, (n, 128), dtype=torch.uint8)
+same = torch.equal(quant.pack_int4(codes), torch._convert_weight_to_int4pack_for_cpu(codes.to(torch.int32), 1))
+w = quant.quantize_int4(torch.randn(n, 128))
+x = torch.randn(1, 128)
+ref = x @ w.dequantize().T
+rel = ((quant.quant_matmul(x, w).float() - ref).abs().max() / ref.abs().max()).item()
+print(torch.backends.cpu.get_cpu_capability(), same, rel)
+"""
+# ATEN_CPU_CAPABILITY can only lower the capability; AVX2 is the common x86 one without AVX512.
+_LOWER_CAPABILITY = {"AVX512": "avx2", "AVX2": "default"}
+
+
+def test_int4_packed_path_under_a_lower_cpu_capability():
+    """torch packs int4 differently per CPU capability (DEFAULT, AVX2 and AVX512 all differ) and the same
+    weights may run on any CPU: rerun the layout and packed-matmul checks under a lower x86 capability."""
+    cap = _LOWER_CAPABILITY.get(torch.backends.cpu.get_cpu_capability())
+    if cap is None:
+        pytest.skip(f"no lower capability to try from {torch.backends.cpu.get_cpu_capability()}")
+    env = {**os.environ, "ATEN_CPU_CAPABILITY": cap}
+    proc = subprocess.run([sys.executable, "-c", _CAPABILITY_CHECK], env=env, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    got, same, rel = proc.stdout.split()
+    assert got.lower() == cap
+    assert same == "True", f"{got}: pack_int4 differs from torch's layout"
+    assert float(rel) <= 2e-2, f"{got}: packed int4 matmul off by {float(rel):.2f} of the output scale"

@@ -1,0 +1,96 @@
+"""Modules that hold quantized weights: a linear layer and an embedding that doubles as the tied LM
+head. They replace nn.Linear / Embedding after a tensor-parallel plan has cut the shapes, and take
+over the replaced module's hooks, so the plan's collectives still run."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from tp_ollama.kernels.quant import Int4Weight, Int8Weight, QuantWeight, quant_matmul
+
+
+class _QuantHolder(nn.Module):
+    """Registers a QuantWeight's tensors as buffers (so .to() and memory accounting see them) and
+    rebuilds the weight object from them on use."""
+
+    q: torch.Tensor
+    scale: torch.Tensor
+    packed: torch.Tensor
+    scale_zero: torch.Tensor
+
+    def _hold(self, weight: QuantWeight) -> None:
+        self.kind = weight.kind
+        if isinstance(weight, Int8Weight):
+            self.register_buffer("q", weight.q, persistent=False)
+            self.register_buffer("scale", weight.scale, persistent=False)
+        else:
+            self.group = weight.group
+            self.register_buffer("packed", weight.packed, persistent=False)
+            self.register_buffer("scale_zero", weight.scale_zero, persistent=False)
+
+    @property
+    def qweight(self) -> QuantWeight:
+        if self.kind == "int8":
+            return Int8Weight(self.q, self.scale)
+        return Int4Weight(self.packed, self.scale_zero, self.group)
+
+    def extra_repr(self) -> str:
+        n, k = self.qweight.shape
+        return f"{k} -> {n}, {self.kind}"
+
+
+class QuantLinear(_QuantHolder):
+    def __init__(self, weight: QuantWeight, bias: torch.Tensor | None) -> None:
+        super().__init__()
+        self._hold(weight)
+        self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = quant_matmul(x, self.qweight)
+        return y if self.bias is None else y + self.bias.to(y.dtype)
+
+
+class QuantEmbedding(_QuantHolder):
+    """Lookups dequantize only the rows asked for; `project` is the tied LM head on the packed kernel."""
+
+    def __init__(self, weight: QuantWeight, dtype: torch.dtype) -> None:
+        super().__init__()
+        self._hold(weight)
+        self.dtype = dtype
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.qweight.rows(ids, self.dtype)
+
+    def project(self, x: torch.Tensor) -> torch.Tensor:
+        return quant_matmul(x, self.qweight)
+
+
+_HOOK_DICTS = (
+    "_forward_pre_hooks",
+    "_forward_pre_hooks_with_kwargs",
+    "_forward_hooks",
+    "_forward_hooks_with_kwargs",
+    "_forward_hooks_always_called",
+)
+
+
+def take_over(old: nn.Module, new: nn.Module) -> nn.Module:
+    """Give `new` the hooks a tensor-parallel plan registered on `old`."""
+    for attr in _HOOK_DICTS:
+        setattr(new, attr, getattr(old, attr))
+    return new
+
+
+def out_features(linear: nn.Module) -> int:
+    """Local output size of a (maybe sharded, maybe quantized) linear layer, from its tensors."""
+    if isinstance(linear, _QuantHolder):
+        return linear.qweight.shape[0]
+    weight: torch.Tensor = linear.weight  # type: ignore[assignment]
+    return int(weight.shape[0])
+
+
+def activation_dtype(model: nn.Module) -> torch.dtype:
+    """The dtype activations (and the KV cache) use: the final norm's, which is never quantized."""
+    norm: torch.Tensor = model.model.norm.weight  # type: ignore[union-attr, assignment]
+    return norm.dtype

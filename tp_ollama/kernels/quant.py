@@ -1,0 +1,237 @@
+"""Weight-only quantized weights: int8 per output channel and int4 in groups along the input.
+
+Each packing has a plain reference (`dequantize`) and a fast path on torch's packed CPU kernels
+(`torch._weight_int8pack_mm`, `torch._weight_int4pack_mm_for_cpu`). Those kernels read one activation
+row at a time and want bfloat16 activations (float32 ones take a scalar path 15x slower), so:
+  - up to SMALL_BATCH rows (decode) go through the packed kernel in bfloat16;
+  - more rows (prefill, big batches) dequantize the weight in bfloat16 chunks that stay in cache and
+    use the dense matmul, which wins from ~16 rows on;
+  - other devices (CUDA) dequantize and use the dense matmul.
+The result comes back in the caller's dtype.
+
+int8:  w[n, k] = q[n, k] * scale[n]                          q in -127..127
+int4:  w[n, k] = (q[n, k] - 8) * scale[g, n] + zero[g, n]    q in 0..15, g = k // group
+Scales (and zeros) are bfloat16: that is what the kernels read, so the reference uses them too.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+SMALL_BATCH = 8  # rows up to which the packed GEMV kernels beat dequantize + dense matmul
+CHUNK_ROWS = 8192  # weight rows dequantized at a time on the dense path (~10 MB of bfloat16)
+INT4_TILE = 64  # int4 weights need rows in multiples of this: whole tiles of every CPU layout (see int4_layout)
+SCALE_DTYPE = torch.bfloat16
+
+
+@dataclass
+class Int8Weight:
+    q: torch.Tensor  # (N, K) int8
+    scale: torch.Tensor  # (N,) bfloat16
+
+    kind = "int8"
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (self.q.shape[0], self.q.shape[1])
+
+    def nbytes(self) -> int:
+        return self.q.numel() + self.scale.numel() * self.scale.element_size()
+
+    def dequantize(self, dtype: torch.dtype = torch.float32, rows: slice = slice(None)) -> torch.Tensor:
+        return (self.q[rows].to(torch.float32) * self.scale[rows, None].to(torch.float32)).to(dtype)
+
+    def rows(self, ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """Dequantized rows ids (*S) -> (*S, K): an embedding lookup."""
+        return (self.q[ids].to(torch.float32) * self.scale[ids, None].to(torch.float32)).to(dtype)
+
+    def to(self, device: torch.device) -> Int8Weight:
+        return Int8Weight(self.q.to(device), self.scale.to(device))
+
+
+@dataclass
+class Int4Weight:
+    packed: torch.Tensor  # (N, K/2) uint8 in torch's CPU int4 layout (see pack_int4)
+    scale_zero: torch.Tensor  # (K/group, N, 2) bfloat16: scale, zero
+    group: int
+
+    kind = "int4"
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (self.packed.shape[0], self.packed.shape[1] * 2)
+
+    def nbytes(self) -> int:
+        return self.packed.numel() + self.scale_zero.numel() * self.scale_zero.element_size()
+
+    def codes(self, rows: slice = slice(None)) -> torch.Tensor:
+        """(n, K) uint8 codes 0..15 of a row range whose ends are multiples of INT4_TILE."""
+        return unpack_int4(self.packed[rows])
+
+    def dequantize(self, dtype: torch.dtype = torch.float32, rows: slice = slice(None)) -> torch.Tensor:
+        q = self.codes(rows).to(torch.float32)  # (n, K)
+        sz = self.scale_zero[:, rows].to(torch.float32)  # (G, n, 2)
+        scale = sz[..., 0].t().repeat_interleave(self.group, dim=1)  # (n, K)
+        zero = sz[..., 1].t().repeat_interleave(self.group, dim=1)
+        return ((q - 8.0) * scale + zero).to(dtype)
+
+    def rows(self, ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """Dequantized rows ids (*S) -> (*S, K), read straight from the packed layout."""
+        n, k = self.shape
+        flat = ids.reshape(-1)
+        tile, halves = require_int4_layout()
+        tiles = self.packed.view(n // tile, k, tile // 2)  # (N/tile, K, tile/2)
+        within = flat % tile
+        byte = tiles[flat // tile, :, within % (tile // 2) if halves else within // 2]  # (S, K)
+        high = within >= tile // 2 if halves else within % 2 == 1
+        q = torch.where(high[:, None], byte >> 4, byte & 0x0F).to(torch.float32)
+        sz = self.scale_zero[:, flat].to(torch.float32)  # (G, S, 2)
+        scale = sz[..., 0].t().repeat_interleave(self.group, dim=1)  # (S, K)
+        zero = sz[..., 1].t().repeat_interleave(self.group, dim=1)
+        return ((q - 8.0) * scale + zero).to(dtype).view(*ids.shape, k)
+
+    def to(self, device: torch.device) -> Int4Weight:
+        return Int4Weight(self.packed.to(device), self.scale_zero.to(device), self.group)
+
+
+QuantWeight = Int8Weight | Int4Weight
+
+
+def int8_scale(w: torch.Tensor) -> torch.Tensor:
+    """(N,) per-row scales of a (N, K) weight for int8: max|w| / 127, in SCALE_DTYPE."""
+    return (w.to(torch.float32).abs().amax(dim=1) / 127.0).clamp_min(torch.finfo(torch.float32).tiny).to(SCALE_DTYPE)
+
+
+def quantize_int8(w: torch.Tensor, scale: torch.Tensor | None = None) -> Int8Weight:
+    """Symmetric per-output-channel int8 of a (N, K) weight: scale = max|w| / 127 per row, unless
+    `scale` is given (a column slice quantized with its whole rows' scales)."""
+    wf = w.to(torch.float32)
+    scale = int8_scale(wf) if scale is None else scale.to(SCALE_DTYPE)
+    q = torch.round(wf / scale.to(torch.float32)[:, None]).clamp_(-127, 127).to(torch.int8)
+    return Int8Weight(q.contiguous(), scale.contiguous())
+
+
+def int4_fits(shape: tuple[int, ...], group: int) -> bool:
+    """Whether torch's CPU int4 kernel takes this (N, K): N in whole tiles, K in whole groups."""
+    return (
+        len(shape) == 2
+        and shape[0] % INT4_TILE == 0
+        and shape[1] % group == 0
+        and shape[1] % 2 == 0
+        and int4_layout() is not None
+    )
+
+
+def quantize_int4(w: torch.Tensor, group: int = 32) -> Int4Weight:
+    """Asymmetric int4 per group of `group` inputs: each group's min..max spread over 0..15."""
+    n, k = w.shape
+    if not int4_fits((n, k), group):
+        raise ValueError(f"int4 needs rows in multiples of {INT4_TILE} and columns in groups of {group}; got {n}x{k}")
+    wg = w.to(torch.float32).view(n, k // group, group)
+    lo, hi = wg.amin(dim=2), wg.amax(dim=2)  # (N, G)
+    scale = ((hi - lo) / 15.0).clamp_min(torch.finfo(torch.float32).tiny).to(SCALE_DTYPE).to(torch.float32)
+    # Choose the zero so that code 0 lands on the group minimum: w = (q - 8) * scale + zero.
+    zero = (lo + 8.0 * scale).to(SCALE_DTYPE).to(torch.float32)
+    q = torch.round((wg - zero[..., None]) / scale[..., None] + 8.0).clamp_(0, 15).to(torch.uint8)
+    return pack_int4_weight(q.view(n, k), scale.t(), zero.t(), group)
+
+
+def pack_int4_weight(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, group: int) -> Int4Weight:
+    """codes (N, K) 0..15, scale and zero (K/group, N) -> an Int4Weight in the kernel's layout."""
+    scale_zero = torch.stack([scale, zero], dim=-1).to(SCALE_DTYPE).contiguous()  # (G, N, 2)
+    return Int4Weight(pack_int4(codes), scale_zero, group)
+
+
+@functools.cache
+def int4_layout() -> tuple[int, bool] | None:
+    """How torch._convert_weight_to_int4pack_for_cpu lays out codes on this CPU, found by packing a
+    probe: (rows per tile, halves). In each tile, every input k has tile/2 bytes; byte d holds rows d
+    and d + tile/2 (halves) or rows 2d and 2d + 1 (not halves), low nibble first. torch picks the
+    layout by CPU capability (AVX512: 64 halves, AVX2: 32 halves, otherwise 32 pairs). None: no
+    known layout matches, and int4 is not offered."""
+    if not hasattr(torch, "_convert_weight_to_int4pack_for_cpu"):
+        return None
+    probe = torch.randint(0, 16, (3 * INT4_TILE, 64), generator=torch.Generator().manual_seed(0), dtype=torch.int32)
+    torch_packed = torch._convert_weight_to_int4pack_for_cpu(probe, 1)
+    for layout in ((64, True), (32, True), (32, False)):
+        if torch.equal(_pack(probe, *layout), torch_packed):
+            return layout
+    return None
+
+
+def require_int4_layout() -> tuple[int, bool]:
+    layout = int4_layout()
+    if layout is None:
+        raise RuntimeError("this torch build packs int4 weights in a layout tp-ollama does not know")
+    return layout
+
+
+def pack_int4(codes: torch.Tensor) -> torch.Tensor:
+    """(N, K) codes 0..15 -> (N, K/2) uint8 in the layout of torch._convert_weight_to_int4pack_for_cpu
+    on this CPU (see int4_layout). Built here so that unpack_int4 is its exact inverse; a test holds
+    the two packings equal."""
+    return _pack(codes, *require_int4_layout())
+
+
+def _pack(codes: torch.Tensor, tile: int, halves: bool) -> torch.Tensor:
+    n, k = codes.shape
+    t = codes.to(torch.uint8).view(n // tile, tile, k).transpose(1, 2)  # (N/tile, K, tile)
+    low, high = (t[..., : tile // 2], t[..., tile // 2 :]) if halves else (t[..., 0::2], t[..., 1::2])
+    return (low | (high << 4)).reshape(n, k // 2).contiguous()
+
+
+def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
+    """The inverse of pack_int4: (N, K/2) uint8 -> (N, K) uint8 codes."""
+    tile, halves = require_int4_layout()
+    n, k = packed.shape[0], packed.shape[1] * 2
+    t = packed.view(n // tile, k, tile // 2)  # (N/tile, K, tile/2)
+    low, high = t & 0x0F, t >> 4
+    if halves:
+        rows = torch.cat([low, high], dim=-1)  # (N/tile, K, tile)
+    else:
+        rows = torch.stack([low, high], dim=-1).view(n // tile, k, tile)
+    return rows.transpose(1, 2).reshape(n, k)
+
+
+def packed_kernels_available(device: torch.device) -> bool:
+    return device.type == "cpu" and hasattr(torch, "_weight_int4pack_mm_for_cpu")
+
+
+def quant_matmul(x: torch.Tensor, w: QuantWeight) -> torch.Tensor:
+    """x (*, K) @ w.T -> (*, N) in x's dtype."""
+    lead, k = x.shape[:-1], x.shape[-1]
+    x2 = x.reshape(-1, k)
+    if x2.shape[0] <= SMALL_BATCH and packed_kernels_available(x.device):
+        xb = x2 if x2.dtype == torch.bfloat16 else x2.to(torch.bfloat16)
+        if isinstance(w, Int8Weight):
+            y = torch._weight_int8pack_mm(xb, w.q, w.scale)
+        else:
+            y = torch._weight_int4pack_mm_for_cpu(xb, w.packed, w.group, w.scale_zero)
+    else:
+        y = _dense_matmul(x2, w)
+    y = y if y.dtype == x.dtype else y.to(x.dtype)
+    return y.reshape(*lead, w.shape[0])
+
+
+def _dense_matmul(x: torch.Tensor, w: QuantWeight) -> torch.Tensor:
+    """Dequantize CHUNK_ROWS weight rows at a time (in cache), multiply densely."""
+    compute = torch.bfloat16 if x.device.type == "cpu" else x.dtype
+    xc = x.to(compute)
+    n = w.shape[0]
+    if n <= CHUNK_ROWS:
+        return _dense_chunk(xc, w, slice(None))
+    out = torch.empty(x.shape[0], n, dtype=compute, device=x.device)
+    for a in range(0, n, CHUNK_ROWS):
+        out[:, a : a + CHUNK_ROWS] = _dense_chunk(xc, w, slice(a, a + CHUNK_ROWS))
+    return out
+
+
+def _dense_chunk(x: torch.Tensor, w: QuantWeight, rows: slice) -> torch.Tensor:
+    if isinstance(w, Int8Weight):
+        # The per-row scale commutes with the matmul: scale the (M, n) result, not the weight.
+        return F.linear(x, w.q[rows].to(x.dtype)) * w.scale[rows].to(x.dtype)
+    return F.linear(x, w.dequantize(x.dtype, rows))
