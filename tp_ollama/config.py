@@ -13,6 +13,7 @@ import dataclasses
 import difflib
 import functools
 import math
+import os
 import re
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator, Mapping
@@ -393,6 +394,13 @@ class _Path(_Kind):
 
 def _opt(default: Any, kind: _Kind) -> Any:
     return field(default=default, metadata={"kind": kind})
+
+
+def default_cache_dir() -> Path:
+    """Where converted tokenizers and packed weights are kept: `$TP_OLLAMA_CACHE`, else
+    `~/.cache/tp-ollama`."""
+    configured = os.environ.get("TP_OLLAMA_CACHE")
+    return Path(configured) if configured else Path.home() / ".cache" / "tp-ollama"
 
 
 def _default_models_dir() -> Path:

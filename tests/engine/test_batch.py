@@ -89,6 +89,22 @@ def test_eight_concurrent_requests_give_the_tokens_they_give_alone(tiny):
     batch.pool.check()
 
 
+@pytest.mark.parametrize("quant", ["int8", "int4"])
+def test_quantized_weights_inside_a_batch_give_the_tokens_they_give_alone(tiny, quant):
+    # The packed kernels compute each activation row on its own, so sharing a step changes nothing.
+    path, _ = tiny
+    model = load_model(open_checkpoint(path), torch.float32, torch.device("cpu"), quant=quant)
+    rng = random.Random(1)
+    prompts = [[rng.randrange(2, 300) for _ in range(2 + 7 * i)] for i in range(6)]
+    requests = [Request(f"q{i}", p, options(i, 10 + 3 * i), frozenset()) for i, p in enumerate(prompts)]
+    batch, planner = make(model)
+    got, plans = run(batch, planner, requests)
+    for r in requests:
+        assert got[r.id] == alone(model, r.prompt, r.options), r.id
+    assert max(len(p.decode) for p in plans) == 6
+    batch.pool.check()
+
+
 def test_a_long_prompt_is_prefilled_in_chunks_while_the_others_decode(tiny):
     _, model = tiny
     short = [Request(f"s{i}", [5 + i, 6, 7], options(0, 40), frozenset()) for i in range(3)]

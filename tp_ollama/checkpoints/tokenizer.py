@@ -14,7 +14,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import shutil
 import tempfile
 from collections.abc import Iterable, Mapping, Sequence
@@ -32,6 +31,7 @@ from tp_ollama.checkpoints.chat_template import (
     render_chat_template,
     template_features,
 )
+from tp_ollama.config import default_cache_dir
 from tp_ollama.errors import CheckpointError, RequestError
 
 log = logging.getLogger(__name__)
@@ -56,12 +56,6 @@ END_OF_TURN_TOKENS = (
 )
 # GGUF keys that name further end-of-generation tokens, as llama.cpp reads them.
 _GGUF_EOG_KEYS = ("tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id", "tokenizer.ggml.eom_token_id")
-
-
-def default_cache_dir() -> Path:
-    """`$TP_OLLAMA_CACHE`, else `~/.cache/tp-ollama`."""
-    configured = os.environ.get("TP_OLLAMA_CACHE")
-    return Path(configured) if configured else Path.home() / ".cache" / "tp-ollama"
 
 
 class Tokenizer:

@@ -4,6 +4,8 @@ over the replaced module's hooks, so the plan's collectives still run."""
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import nn
 
@@ -11,8 +13,8 @@ from tp_ollama.kernels.quant import Int4Weight, Int8Weight, QuantWeight, quant_m
 
 
 class _QuantHolder(nn.Module):
-    """Registers a QuantWeight's tensors as buffers (so .to() and memory accounting see them) and
-    rebuilds the weight object from them on use."""
+    """Registers a QuantWeight's tensors as buffers (so .to() and memory accounting see them); the
+    weight object over them is rebuilt only when they move (it is read every step)."""
 
     q: torch.Tensor
     scale: torch.Tensor
@@ -28,12 +30,18 @@ class _QuantHolder(nn.Module):
             self.group = weight.group
             self.register_buffer("packed", weight.packed, persistent=False)
             self.register_buffer("scale_zero", weight.scale_zero, persistent=False)
+        self._rebuild()
 
-    @property
-    def qweight(self) -> QuantWeight:
+    def _rebuild(self) -> None:
         if self.kind == "int8":
-            return Int8Weight(self.q, self.scale)
-        return Int4Weight(self.packed, self.scale_zero, self.group)
+            self.qweight: QuantWeight = Int8Weight(self.q, self.scale)
+        else:
+            self.qweight = Int4Weight(self.packed, self.scale_zero, self.group)
+
+    def _apply(self, fn: Any, recurse: bool = True) -> Any:
+        out = super()._apply(fn, recurse)
+        self._rebuild()
+        return out
 
     def extra_repr(self) -> str:
         n, k = self.qweight.shape

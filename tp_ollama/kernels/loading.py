@@ -9,21 +9,32 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
 from tp_ollama.checkpoints.base import Checkpoint, Range
-from tp_ollama.config import QUANT_MODES
+from tp_ollama.config import QUANT_MODES, default_cache_dir
 from tp_ollama.errors import ConfigError
 from tp_ollama.kernels.linear import QuantEmbedding, QuantLinear, activation_dtype, take_over
-from tp_ollama.kernels.quant import QuantWeight, int4_fits, int8_scale, quantize_int4, quantize_int8
+from tp_ollama.kernels.packed_cache import PackedCache, cache_key
+from tp_ollama.kernels.quant import (
+    Int4Weight,
+    Int8Weight,
+    QuantWeight,
+    int4_fits,
+    int8_scale,
+    quantize_int4,
+    quantize_int8,
+)
 from tp_ollama.models.common import Embedding
 
 log = logging.getLogger(__name__)
 
 INT4_GROUP = 32
+READ_CHUNK_ELEMENTS = 1 << 24  # float32 values of one weight read and packed at a time (64 MiB)
 # GGUF block types whose 4-bit codes the int4 packing keeps; other quantized types become int8.
 INT4_SOURCE_TYPES = frozenset({"Q4_0", "Q4_1", "Q4_K"})
 FLOAT_TYPES = frozenset({"F32", "F16", "BF16", "F64"})
@@ -57,14 +68,28 @@ def param_slices(param: torch.Tensor) -> tuple[Range | None, Range | None]:
 
 
 def read_packed(ckpt: Checkpoint, name: str, param: torch.Tensor, packing: str) -> QuantWeight:
+    """This rank's slice of a weight in `packing`: 4-bit GGUF blocks directly, anything else read
+    as float32 a band of rows at a time and packed, so no more than READ_CHUNK_ELEMENTS floats of it
+    exist at once (a 262k-token embedding would otherwise take 0.7 GB of float32 and more in temporaries)."""
     rows, cols = param_slices(param)
     if packing == "int4":
         read_int4 = getattr(ckpt, "read_int4", None)
         direct = read_int4(name, rows, cols) if read_int4 is not None else None
         if direct is not None:
             return direct
-    w = ckpt.read(name, torch.float32, rows=rows, cols=cols)  # this tensor's slice only
-    if packing == "int4" and int4_fits(tuple(w.shape), INT4_GROUP):
+    n_rows, n_cols = ckpt.shape(name)
+    r0, r1 = rows if rows is not None else (0, n_rows)
+    width = cols[1] - cols[0] if cols is not None else n_cols
+    int4 = packing == "int4" and int4_fits((r1 - r0, width), INT4_GROUP)
+    # Bands of whole 256-row units: whole int4 tiles, and whole heads for the Q/K row permutation.
+    step = max(256, READ_CHUNK_ELEMENTS // max(n_cols, 1) // 256 * 256)
+    parts = [_pack_band(ckpt, name, (a, min(a + step, r1)), cols, int4) for a in range(r0, r1, step)]
+    return parts[0] if len(parts) == 1 else concat(parts)
+
+
+def _pack_band(ckpt: Checkpoint, name: str, rows: Range, cols: Range | None, int4: bool) -> QuantWeight:
+    w = ckpt.read(name, torch.float32, rows=rows, cols=cols)
+    if int4:
         return quantize_int4(w, INT4_GROUP)
     if cols is not None:
         # A row-parallel shard takes its scales from whole rows, so every degree of parallelism
@@ -73,24 +98,47 @@ def read_packed(ckpt: Checkpoint, name: str, param: torch.Tensor, packing: str) 
     return quantize_int8(w)
 
 
+def concat(parts: list[QuantWeight]) -> QuantWeight:
+    """Bands of rows, top to bottom, as one weight (int4 bands are whole tiles)."""
+    if all(isinstance(p, Int8Weight) for p in parts):
+        return Int8Weight(torch.cat([p.q for p in parts]), torch.cat([p.scale for p in parts]))  # type: ignore[union-attr]
+    int4 = [p for p in parts if isinstance(p, Int4Weight)]
+    if len(int4) != len(parts):
+        raise ValueError("cannot join int8 and int4 bands into one weight")
+    return Int4Weight(
+        torch.cat([p.packed for p in int4]), torch.cat([p.scale_zero for p in int4], dim=1), int4[0].group
+    )
+
+
 def quantize_modules(
-    model: nn.Module, ckpt: Checkpoint, mode: str, dtype: torch.dtype, device: torch.device
+    model: nn.Module,
+    ckpt: Checkpoint,
+    mode: str,
+    dtype: torch.dtype,
+    device: torch.device,
+    cache_root: Path | None = None,
 ) -> dict[str, int]:
-    """Swap every linear layer and the embedding for a quantized one where `mode` says so.
-    Returns how many tensors went to each packing."""
+    """Swap every linear layer and the embedding for a quantized one where `mode` says so, from the
+    packed-weights cache when it has this exact shard. Returns how many tensors went to each packing."""
     check_quant_mode(mode)
-    counts: Counter[str] = Counter()
     if mode == "none":
-        return dict(counts)
+        return {}
     stored_type = getattr(ckpt, "stored_type", None)
-    for path, module in list(model.named_modules()):
-        if not isinstance(module, nn.Linear | Embedding):
-            continue
-        name = f"{path}.weight"
-        packing = packing_for(mode, stored_type(name) if stored_type is not None else None)
-        if packing is None:
-            continue
-        weight = read_packed(ckpt, name, module.weight, packing).to(device)
+    plan: list[tuple[str, nn.Module, str]] = []
+    for path, module in model.named_modules():
+        if isinstance(module, nn.Linear | Embedding):
+            packing = packing_for(mode, stored_type(f"{path}.weight") if stored_type is not None else None)
+            if packing is not None:
+                plan.append((path, module, packing))
+    key = cache_key(ckpt.path, [(p, k, getattr(m.weight, "tp_slice", None)) for p, m, k in plan], mode, dtype)
+    cache = PackedCache(cache_root if cache_root is not None else default_cache_dir(), key)
+    cached = cache.load() or {}
+    weights: dict[str, QuantWeight] = {}
+    counts: Counter[str] = Counter()
+    for path, module, packing in plan:
+        weight = cached.get(path) or read_packed(ckpt, f"{path}.weight", module.weight, packing)  # type: ignore[arg-type]
+        weights[path] = weight
+        weight = weight.to(device)
         new: nn.Module
         if isinstance(module, Embedding):
             new = QuantEmbedding(weight, dtype)
@@ -98,6 +146,8 @@ def quantize_modules(
             new = QuantLinear(weight, _read_bias(ckpt, path, module, dtype, device))
         model.set_submodule(path, take_over(module, new))
         counts[weight.kind] += 1
+    if weights and len(cached) != len(weights):
+        cache.save(weights)
     log.info("quantized %s", ", ".join(f"{n} tensors to {k}" for k, n in sorted(counts.items())) or "nothing")
     return dict(counts)
 

@@ -139,13 +139,21 @@ class RMSNorm(nn.Module):
         self.eps = eps
         self.unit_offset = unit_offset
         self.weight = nn.Parameter(torch.empty(dim))
+        self._scale_cache: tuple[tuple[int, torch.device], torch.Tensor] | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # One fused kernel: x * rsqrt(mean(x^2) + eps) [* scale], the same float32 arithmetic.
+        # torch's rms_norm: x * rsqrt(mean(x^2) + eps) [* scale], the same float32 arithmetic.
         shape = (x.shape[-1],)
         if self.unit_offset:
-            return F.rms_norm(x.float(), shape, 1.0 + self.weight.float(), self.eps).type_as(x)
+            return F.rms_norm(x.float(), shape, self._unit_scale(), self.eps).type_as(x)
         return self.weight * F.rms_norm(x.float(), shape, None, self.eps).to(x.dtype)
+
+    def _unit_scale(self) -> torch.Tensor:
+        """(1 + w) in float32, computed once per weight tensor (norms run ~100 times a step)."""
+        key = (self.weight.data_ptr(), self.weight.device)
+        if self._scale_cache is None or self._scale_cache[0] != key:
+            self._scale_cache = (key, 1.0 + self.weight.float())
+        return self._scale_cache[1]
 
 
 def attention(
@@ -173,11 +181,8 @@ def attention(
         visible = visible & (qp - kp < window)
     if kv_map is not None:
         k, v = k.index_select(1, kv_map), v.index_select(1, kv_map)  # (B, Hq, S, D)
-    elif q.shape[1] != k.shape[1]:
-        groups = q.shape[1] // k.shape[1]
-        k = k.repeat_interleave(groups, dim=1)
-        v = v.repeat_interleave(groups, dim=1)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=visible, scale=scale)
+    # Even groups: SDPA reads each KV head for its query heads without copying K and V.
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=visible, scale=scale, enable_gqa=q.shape[1] != k.shape[1])
 
 
 def split_heads(x: torch.Tensor, head_dim: int) -> torch.Tensor:

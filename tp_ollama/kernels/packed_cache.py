@@ -1,0 +1,96 @@
+"""Packed weights saved after the first quantized load, so later loads skip reading, dequantizing
+and packing: one safetensors file per (checkpoint file, quant, dtype, this rank's slices, CPU int4
+layout) under `$TP_OLLAMA_CACHE/packed/` (default ~/.cache/tp-ollama). The checkpoint is named by
+path, size and modification time: a changed file gets a new entry, never a stale one."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from tp_ollama.kernels.quant import Int4Weight, Int8Weight, QuantWeight, int4_layout
+
+log = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+KEEP_ENTRIES = 8  # most recently used entries kept; older ones are deleted when a new one is saved
+
+
+def cache_key(checkpoint: Path, plan: list[tuple[str, str, Any]], quant: str, dtype: torch.dtype) -> str:
+    """plan: (module path, packing, tp_slice) of every weight to pack, in load order."""
+    files = sorted(checkpoint.iterdir()) if checkpoint.is_dir() else [checkpoint]
+    ident = {
+        "version": FORMAT_VERSION,
+        "files": [[str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns] for f in files if f.is_file()],
+        "quant": quant,
+        "dtype": str(dtype),
+        "int4_layout": int4_layout(),
+        "plan": [[path, packing, list(s) if s is not None else None] for path, packing, s in plan],
+    }
+    return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:32]
+
+
+class PackedCache:
+    def __init__(self, root: Path, key: str) -> None:
+        self.path = root / "packed" / f"{key}.safetensors"
+
+    def load(self) -> dict[str, QuantWeight] | None:
+        """The cached weights by module path, or None when there is no (readable) entry."""
+        if not self.path.exists():
+            return None
+        try:
+            with safe_open(str(self.path), framework="pt") as f:
+                groups = json.loads((f.metadata() or {})["groups"])
+                tensors = {name: f.get_tensor(name) for name in f.keys()}
+        except Exception as e:  # a truncated or foreign file: rebuild it
+            log.warning("ignoring unreadable packed-weights cache %s: %s", self.path, e)
+            return None
+        os.utime(self.path)  # recently used: kept when older entries are pruned
+        weights: dict[str, QuantWeight] = {}
+        for path, group in groups.items():
+            if group == 0:
+                weights[path] = Int8Weight(tensors[f"{path}.q"], tensors[f"{path}.scale"])
+            else:
+                weights[path] = Int4Weight(tensors[f"{path}.packed"], tensors[f"{path}.scale_zero"], group)
+        return weights
+
+    def save(self, weights: dict[str, QuantWeight]) -> None:
+        tensors: dict[str, torch.Tensor] = {}
+        groups: dict[str, int] = {}
+        for path, w in weights.items():
+            if isinstance(w, Int8Weight):
+                tensors[f"{path}.q"], tensors[f"{path}.scale"] = w.q.cpu(), w.scale.cpu()
+                groups[path] = 0
+            else:
+                tensors[f"{path}.packed"], tensors[f"{path}.scale_zero"] = w.packed.cpu(), w.scale_zero.cpu()
+                groups[path] = w.group
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_suffix(f".{os.getpid()}.tmp")
+        try:
+            save_file(tensors, str(tmp), metadata={"groups": json.dumps(groups)})
+            os.replace(tmp, self.path)  # atomic: a reader sees the whole file or none
+        except OSError as e:  # a read-only or full cache directory costs speed, not the load
+            log.warning("could not save packed weights to %s: %s", self.path, e)
+            tmp.unlink(missing_ok=True)
+            return
+        self._prune()
+
+    def _prune(self) -> None:
+        entries = sorted(self.path.parent.glob("*.safetensors"), key=_mtime, reverse=True)
+        for old in entries[KEEP_ENTRIES:]:
+            old.unlink(missing_ok=True)
+
+
+def _mtime(path: Path) -> float:
+    try:
+        return path.stat().st_mtime
+    except FileNotFoundError:  # removed by another process meanwhile
+        return 0.0
