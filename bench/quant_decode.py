@@ -136,17 +136,15 @@ def read_bandwidth_gb_s(threads: int) -> float:
 
 def weight_bytes(name: str) -> int:
     """Bytes of weights one decode step reads for a tp-ollama packing (all ranks together)."""
-    import torch
-
     from tp_ollama.checkpoints.loader import load_model, open_checkpoint, resolve_dtype
+    from tp_ollama.kernels.linear import model_bytes
     from tp_ollama.store.embedded import resolve_model
 
     flags = OURS[name]
     quant, dtype = flags[flags.index("--quant") + 1], flags[flags.index("--dtype") + 1]
     model = load_model(open_checkpoint(resolve_model(MODEL)), resolve_dtype(dtype), quant=quant)
     # gemma3's embedding table is also its LM head, so every step reads all of it.
-    tensors = [*model.parameters(), *model.buffers()]
-    return sum(t.numel() * t.element_size() for t in tensors if t.dtype != torch.int64)
+    return model_bytes(model)
 
 
 def gguf_bytes(path: str) -> int:
@@ -168,7 +166,7 @@ def main() -> None:
 
     gguf = str(resolve_model(MODEL))
     targets = args.targets.split(",")
-    env = {**os.environ, "OMP_NUM_THREADS": str(THREADS)}
+    env = dict(os.environ)  # tp-ollama gives each rank its share of the cores itself
     bandwidth = read_bandwidth_gb_s(THREADS)
     step_bytes = {t: weight_bytes(t) for t in targets if t in OURS}
     if "llama.cpp" in targets:

@@ -35,7 +35,8 @@ def cosine(a: torch.Tensor, b: torch.Tensor) -> float:
 def with_weights_of(model: nn.Module, quantized: nn.Module) -> nn.Module:
     """`model` (float) with every weight replaced by what the quantized model's packing holds."""
     for path, module in quantized.named_modules():
-        if isinstance(module, QuantLinear | QuantEmbedding):
+        # A fused layer is only its parts (q/k/v, gate/up) stacked; the parts are views into it.
+        if isinstance(module, QuantLinear | QuantEmbedding) and not path.endswith(".fused"):
             model.get_submodule(path).weight.data = module.qweight.dequantize(torch.float32)
     return model
 

@@ -52,7 +52,9 @@ class QuantLinear(_QuantHolder):
     def __init__(self, weight: QuantWeight, bias: torch.Tensor | None) -> None:
         super().__init__()
         self._hold(weight)
-        self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
+        # A buffer, not a parameter: it was read with the weight and is not read again.
+        self.bias: torch.Tensor | None
+        self.register_buffer("bias", bias, persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = quant_matmul(x, self.qweight)
@@ -96,6 +98,16 @@ def out_features(linear: nn.Module) -> int:
         return linear.qweight.shape[0]
     weight: torch.Tensor = linear.weight  # type: ignore[assignment]
     return int(weight.shape[0])
+
+
+def model_bytes(model: nn.Module) -> int:
+    """Bytes of weights held: parameters and buffers, each storage once (fused layers and their
+    parts share storage)."""
+    storages = {}
+    for t in [*model.parameters(), *model.buffers()]:
+        s = t.untyped_storage()
+        storages[s.data_ptr()] = s.nbytes()
+    return sum(storages.values())
 
 
 def activation_dtype(model: nn.Module) -> torch.dtype:

@@ -49,7 +49,9 @@ class PackedCache:
         try:
             with safe_open(str(self.path), framework="pt") as f:
                 groups = json.loads((f.metadata() or {})["groups"])
-                tensors = {name: f.get_tensor(name) for name in f.keys()}
+                # NOTE: get_tensor may map the file, where data is only 8-byte aligned; the packed
+                # kernels' vector loads fault on that (from 4 rows on), so each gets its own copy.
+                tensors = {name: f.get_tensor(name).clone() for name in f.keys()}
         except Exception as e:  # a truncated or foreign file: rebuild it
             log.warning("ignoring unreadable packed-weights cache %s: %s", self.path, e)
             return None

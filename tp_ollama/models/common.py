@@ -185,6 +185,15 @@ def attention(
     return F.scaled_dot_product_attention(q, k, v, attn_mask=visible, scale=scale, enable_gqa=q.shape[1] != k.shape[1])
 
 
+def project(module: nn.Module, x: torch.Tensor, names: tuple[str, ...]) -> tuple[torch.Tensor, ...]:
+    """module.<name>(x) for each name. A loader may have fused those layers into `module.fused`,
+    one matmul whose output splits into their outputs (sizes `module.fused_sizes`), in order."""
+    fused = module._modules.get("fused")
+    if fused is not None:
+        return fused(x).split(module.fused_sizes, dim=-1)
+    return tuple(getattr(module, name)(x) for name in names)
+
+
 def split_heads(x: torch.Tensor, head_dim: int) -> torch.Tensor:
     """(B, T, H*D) -> (B, H, T, D); H comes from the tensor, so a sharded projection just works."""
     b, t, _ = x.shape

@@ -20,6 +20,7 @@ from tp_ollama.models.common import (
     apply_rotary,
     attention,
     merge_heads,
+    project,
     split_heads,
 )
 from tp_ollama.models.llama import FULL, SLIDING
@@ -104,9 +105,10 @@ class Gemma3Attention(nn.Module):
     def forward(
         self, x: torch.Tensor, positions: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], cache: Any
     ) -> torch.Tensor:
-        q = self.q_norm(split_heads(self.q_proj(x), self.head_dim))  # (B, Hq_local, T, D)
-        k = self.k_norm(split_heads(self.k_proj(x), self.head_dim))  # (B, Hkv_local, T, D)
-        v = split_heads(self.v_proj(x), self.head_dim)
+        q, k, v = project(self, x, ("q_proj", "k_proj", "v_proj"))
+        q = self.q_norm(split_heads(q, self.head_dim))  # (B, Hq_local, T, D)
+        k = self.k_norm(split_heads(k, self.head_dim))  # (B, Hkv_local, T, D)
+        v = split_heads(v, self.head_dim)
         q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
         k_all, v_all, k_pos = cache.update(k, v, positions)
         out = attention(q, k_all, v_all, positions, k_pos, self.scale, self.window, self.kv_map)
@@ -121,7 +123,8 @@ class Gemma3MLP(nn.Module):
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.gelu(self.gate_proj(x), approximate="tanh") * self.up_proj(x))
+        gate, up = project(self, x, ("gate_proj", "up_proj"))
+        return self.down_proj(F.gelu(gate, approximate="tanh") * up)
 
 
 class Gemma3Block(nn.Module):

@@ -19,6 +19,7 @@ from tp_ollama.models.common import (
     apply_rotary,
     attention,
     merge_heads,
+    project,
     split_heads,
 )
 
@@ -152,9 +153,10 @@ class LlamaAttention(nn.Module):
         rope: tuple[torch.Tensor, torch.Tensor],
         cache: Any,
     ) -> torch.Tensor:
-        q = split_heads(self.q_proj(x), self.head_dim)  # (B, Hq_local, T, D)
-        k = split_heads(self.k_proj(x), self.head_dim)  # (B, Hkv_local, T, D)
-        v = split_heads(self.v_proj(x), self.head_dim)
+        q, k, v = project(self, x, ("q_proj", "k_proj", "v_proj"))
+        q = split_heads(q, self.head_dim)  # (B, Hq_local, T, D)
+        k = split_heads(k, self.head_dim)  # (B, Hkv_local, T, D)
+        v = split_heads(v, self.head_dim)
         if self.q_norm is not None and self.k_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
@@ -171,7 +173,8 @@ class LlamaMLP(nn.Module):
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=cfg.mlp_bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = project(self, x, ("gate_proj", "up_proj"))
+        return self.down_proj(F.silu(gate) * up)
 
 
 class LlamaBlock(nn.Module):

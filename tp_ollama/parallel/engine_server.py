@@ -35,6 +35,7 @@ from tp_ollama.engine.embed import embed_batch
 from tp_ollama.engine.generate import check_prompt
 from tp_ollama.engine.paged_kv import BlockPool
 from tp_ollama.errors import TpOllamaError
+from tp_ollama.kernels.linear import model_bytes
 from tp_ollama.kernels.loading import describe_precision, precision_line
 from tp_ollama.parallel.facts import rank_facts
 from tp_ollama.parallel.worker import load_shard, local_threads, options_from_data, rank_device, sampler_for
@@ -202,8 +203,7 @@ class EngineState:
         self.batch = Batch(model, pool, sampler_for(layout, self.comm), self._constraint, self.comm)
         if self.comm.rank == 0:
             self.planner = Planner(pool, self.job.max_running)
-        tensors = [*model.parameters(), *model.buffers()]
-        size = sum(t.numel() * t.element_size() for t in tensors)
+        size = model_bytes(model)
         described = [{**entry, "device": self.job.device} for entry in layout.describe()]
         precision = describe_precision(model)
         if self.comm.rank == 0:
