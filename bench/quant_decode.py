@@ -39,9 +39,10 @@ OURS = {
     "auto": ["--quant", "auto", "--dtype", "auto"],
     "int4": ["--quant", "int4", "--dtype", "auto"],
     "int4-tp2": ["--quant", "int4", "--dtype", "auto", "--tp", "2"],
+    "auto-tp2": ["--quant", "auto", "--dtype", "auto", "--tp", "2"],
     "float32": ["--quant", "none", "--dtype", "float32"],
 }
-DEFAULT_TARGETS = "int8,auto,int4,int4-tp2,llama.cpp"
+DEFAULT_TARGETS = "int8,auto,int4,int4-tp2,auto-tp2,llama.cpp"
 
 
 def run_measured(cmd: list[str], env: dict[str, str], timeout: float) -> tuple[Any, float, float]:

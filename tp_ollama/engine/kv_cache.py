@@ -23,8 +23,10 @@ class LayerKV:
 
     def update(
         self, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """k, v: (B, n_kv, T, D); positions: (B, T). Returns what attention should see."""
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """k, v: (B, n_kv, T, D); positions: (B, T). Returns what attention should see; for one new
+        token, positions None: every kept slot is visible (filled from position 0 on, and a ring
+        holds exactly the window), so decode attends without building a mask."""
         t = k.shape[2]
         if t > 1 and self.used + t > self.capacity:
             # Only a ring (sliding-window) cache gets here: writing this chunk first would overwrite
@@ -38,7 +40,7 @@ class LayerKV:
             self._write(k[:, :, -keep:], v[:, :, -keep:], positions[:, -keep:])
             return k_all, v_all, pos_all
         self._write(k, v, positions)
-        return self.k[:, :, : self.used], self.v[:, :, : self.used], self.pos[:, : self.used]
+        return self.k[:, :, : self.used], self.v[:, :, : self.used], None if t == 1 else self.pos[:, : self.used]
 
     def _write(self, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor) -> None:
         # Every row of a batch here advances in lockstep, so row 0's positions pick the slots.

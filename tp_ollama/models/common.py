@@ -20,9 +20,10 @@ class LayerCache(Protocol):
 
     def update(
         self, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """Store k, v (B, n_kv, T, D) at positions (B, T); return keys, values and their positions
-        (B, n_kv, S, D), (B, n_kv, S, D), (B, S) to attend over (-1 marks an empty slot)."""
+        (B, n_kv, S, D), (B, n_kv, S, D), (B, S) to attend over (-1 marks an empty slot). Positions
+        may be None when every returned key is visible to every query (no mask needed)."""
         ...
 
 
@@ -161,7 +162,7 @@ def attention(
     k: torch.Tensor,
     v: torch.Tensor,
     q_pos: torch.Tensor,
-    k_pos: torch.Tensor,
+    k_pos: torch.Tensor | None,
     scale: float,
     window: int | None,
     kv_map: torch.Tensor | None = None,
@@ -170,15 +171,18 @@ def attention(
 
     q: (B, Hq, T, D); k, v: (B, Hkv, S, D); q_pos: (B, T); k_pos: (B, S) with -1 for empty slots.
     Returns (B, Hq, T, D). A key is visible when 0 <= k_pos <= q_pos and, for sliding layers,
-    q_pos - k_pos < window (the window counts the query itself, as in transformers).
+    q_pos - k_pos < window (the window counts the query itself, as in transformers); k_pos None:
+    the cache vouches that every key is visible.
     kv_map (Hq,) names the KV head of each query head when groups are uneven (a tensor-parallel
     shard whose heads straddle KV groups); without it every Hq/Hkv query heads share one KV head.
     """
-    qp = q_pos[:, None, :, None]  # (B, 1, T, 1)
-    kp = k_pos[:, None, None, :]  # (B, 1, 1, S)
-    visible = (kp >= 0) & (kp <= qp)
-    if window is not None:
-        visible = visible & (qp - kp < window)
+    visible = None
+    if k_pos is not None:
+        qp = q_pos[:, None, :, None]  # (B, 1, T, 1)
+        kp = k_pos[:, None, None, :]  # (B, 1, 1, S)
+        visible = (kp >= 0) & (kp <= qp)
+        if window is not None:
+            visible = visible & (qp - kp < window)
     if kv_map is not None:
         k, v = k.index_select(1, kv_map), v.index_select(1, kv_map)  # (B, Hq, S, D)
     # Even groups: SDPA reads each KV head for its query heads without copying K and V.
