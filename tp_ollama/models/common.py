@@ -99,8 +99,9 @@ class Rotary(nn.Module):
         self.inv_freq = self.spec.inv_freq(freq_factors).to(device)
 
     def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        freqs = positions[..., None].float() * self.inv_freq.float()  # (B, T, dim/2)
-        emb = torch.cat((freqs, freqs), dim=-1)  # (B, T, dim)
+        """cos, sin (B, 1, T, dim): ready to broadcast over the heads of (B, H, T, dim)."""
+        freqs = positions[:, None, :, None].float() * self.inv_freq.float()  # (B, 1, T, dim/2)
+        emb = torch.cat((freqs, freqs), dim=-1)  # (B, 1, T, dim)
         return emb.cos().to(dtype), emb.sin().to(dtype)
 
 
@@ -126,8 +127,7 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x: (B, H, T, D); cos, sin: (B, T, D)."""
-    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+    """x: (B, H, T, D); cos, sin: (B, 1, T, D) from Rotary."""
     return x * cos + rotate_half(x) * sin
 
 
