@@ -24,7 +24,7 @@ import pytest
 from tests.server.conftest import SMOL, serving
 from tests.server.doubles import EmbeddedModel, EmbeddedModels, ScriptedEngine
 from tp_ollama import __version__
-from tp_ollama.errors import ServerBusy
+from tp_ollama.errors import EngineUnavailable, ServerBusy
 from tp_ollama.server.app import create_app
 from tp_ollama.server.text import Lease, Limits, Scheduler
 
@@ -39,6 +39,27 @@ def models() -> Iterator[EmbeddedModels]:
 
 
 # --- the scheduler ---------------------------------------------------------------------------------
+
+
+def test_a_wait_past_inference_timeout_is_a_503_that_says_so_and_frees_its_place(models):
+    async def scenario() -> None:
+        engine = ScriptedEngine(HELLO)
+        scheduler = Scheduler(engine, Limits(max_concurrent=1, max_queue=3, timeout_s=0.2))
+        smol = models.resolve(SMOL)
+        first = await scheduler.acquire(SMOL, smol, 4096, None)
+        started = time.monotonic()
+        expected = r"timed out after 0\.2 s waiting for model '.*' .*inference\.timeout"
+        with pytest.raises(EngineUnavailable, match=expected):
+            await scheduler.acquire(SMOL, smol, 4096, None)
+        assert time.monotonic() - started < WAIT_S
+        assert (scheduler.active, scheduler.waiting) == (1, 0)  # the timed-out request left the queue
+        first.release()
+        second = await asyncio.wait_for(scheduler.acquire(SMOL, smol, 4096, None), WAIT_S)
+        assert scheduler.active == 1  # the lock was given back: later requests still get in
+        second.release()
+        scheduler.close()
+
+    asyncio.run(scenario())
 
 
 def test_requests_for_the_loaded_model_run_together_and_the_queue_is_fifo(models):

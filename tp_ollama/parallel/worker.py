@@ -37,7 +37,7 @@ class WorkerJob:
     quant: str = "none"
     tp_weights: tuple[float, ...] | None = None
     comm: str = "auto"
-    device: str = "cpu"  # "cpu" or "cuda" (rank r uses GPU r % count; ranks may share one)
+    device: str = "cpu"  # "cpu" or "cuda[:FIRST]" (see rank_device)
     timeout_s: float = 120.0
     prompt: str = ""
     chat: bool = False
@@ -100,9 +100,12 @@ def preflight(model: str, world_size: int, weights: tuple[float, ...] | None, co
 
 
 def rank_device(kind: str) -> torch.device:
-    if kind == "cuda":
+    """cpu; or for `cuda[:FIRST]` GPU (FIRST + LOCAL_RANK) % count: a node's ranks take consecutive
+    GPUs from FIRST (replicas start where the one before ended), sharing them round-robin."""
+    if kind == "cuda" or kind.startswith("cuda:"):
+        first = int(kind.partition(":")[2] or 0)
         local = int(os.environ.get("LOCAL_RANK", "0"))
-        return torch.device("cuda", local % torch.cuda.device_count())
+        return torch.device("cuda", (first + local) % torch.cuda.device_count())
     return torch.device(kind)
 
 

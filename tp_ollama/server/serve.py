@@ -38,9 +38,10 @@ def build(settings: Any) -> tuple[list[Any], Any]:
     c, i, a = settings.cluster, settings.inference, settings.api
     weights = ",".join(f"{w:g}" for w in i.tp_weights) if i.tp_weights else None
     engines = []
-    for port in master_ports(settings):
+    for index, port in enumerate(master_ports(settings)):
         engine = RemoteEngine.spawn(
-            c.nproc_per_node, comm=c.comm, device=i.device, tp_weights=weights, join_timeout_s=c.join_timeout,
+            c.nproc_per_node, comm=c.comm, device=replica_device(i.device, index, c.nproc_per_node),
+            tp_weights=weights, join_timeout_s=c.join_timeout,
             nnodes=c.nnodes, master_addr=c.rendezvous_addr, master_port=port, max_running=i.max_concurrent,
             kv_cache_bytes=settings.performance.caching.size, prefix_cache=settings.performance.caching.enabled,
         )  # fmt: skip
@@ -57,12 +58,19 @@ def build(settings: Any) -> tuple[list[Any], Any]:
         keep_alive_s=i.keep_alive,
         dtype=i.dtype,
         quant=i.quant,
+        timeout_s=i.timeout,
         bind_host=a.host,
         compression=settings.performance.compression.enabled,
         max_concurrent=i.max_concurrent,
         max_queue=i.max_queue,
     )
     return engines, app
+
+
+def replica_device(device: str, replica: int, ranks_per_replica: int) -> str:
+    """Replica r's ranks start at GPU r x ranks (cuda:FIRST), so replicas fill the GPUs in turn
+    instead of all starting at GPU 0; CPU stays cpu."""
+    return f"cuda:{replica * ranks_per_replica}" if device == "cuda" and replica > 0 else device
 
 
 def master_ports(settings: Any) -> list[int]:

@@ -10,16 +10,16 @@ import asyncio
 import logging
 import time
 import weakref
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from tp_ollama.checkpoints.tokenizer import Tokenizer
 from tp_ollama.engine.detokenize import IncrementalDetokenizer
 from tp_ollama.engine.options import GenerationOptions
 from tp_ollama.engine.stop import StopMatcher
-from tp_ollama.errors import RequestError, ServerBusy
+from tp_ollama.errors import EngineUnavailable, RequestError, ServerBusy
 from tp_ollama.server.chat_schemas import Think
 from tp_ollama.server.engine_api import Engine, LoadRequest, OutputFormat
 from tp_ollama.server.fields import ApiError
@@ -32,6 +32,7 @@ from tp_ollama.store.embedded import normalize_name
 from tp_ollama.store.names import InvalidModelName, parse_name
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 # Every key Ollama accepts in `options` (Modelfile PARAMETERs too), legacy ones included; others are
 # ignored with a warning, as upstream does.
@@ -53,6 +54,7 @@ class Limits:
     quant: str = "none"
     max_concurrent: int = 4  # requests holding the model at once, per engine group (OLLAMA_NUM_PARALLEL)
     max_queue: int = 512  # requests allowed to wait for it; one more is refused (OLLAMA_MAX_QUEUE)
+    timeout_s: float = 300.0  # longest wait in the queue and for the model to load; 0: none (inference.timeout)
 
     def __post_init__(self) -> None:
         if self.max_concurrent < 1 or self.max_queue < 1:
@@ -105,6 +107,27 @@ class Lease:
         return self._scheduler._release(self.keep_alive)
 
 
+class Deadline:
+    """inference.timeout for one request's wait (queue, lock, model load): each awaited step gets
+    what is left, and running out is a 503 that says so; 0 s: no limit."""
+
+    def __init__(self, seconds: float, name: str) -> None:
+        self.seconds, self.name = seconds, name
+        self.at = time.monotonic() + seconds if seconds > 0 else None
+
+    async def bound(self, step: Awaitable[T]) -> T:
+        if self.at is None:
+            return await step
+        try:
+            # wait_for runs the step as its own task: on time-out only that step is cancelled.
+            return await asyncio.wait_for(step, max(0.0, self.at - time.monotonic()))
+        except TimeoutError:
+            raise EngineUnavailable(
+                f"timed out after {self.seconds:g} s waiting for model '{self.name}' to be free and loaded "
+                "(inference.timeout)"
+            ) from None
+
+
 class Scheduler:
     """Admission to the engine, the only place requests wait for the model. One model is loaded at a
     time; up to `limits.max_concurrent` requests per engine group hold it at once (`groups`: the
@@ -154,22 +177,26 @@ class Scheduler:
         if self._waiting >= self._limits.max_queue:
             raise ServerBusy()
         t0 = time.perf_counter_ns()
+        deadline = Deadline(self._limits.timeout_s, name)
         self._waiting += 1
         try:
-            async with self._lock:
+            await deadline.bound(self._lock.acquire())
+            try:
                 while not (self._holds(resolved.path, num_ctx) and self._active < self._capacity):
                     if self._active == 0:
                         self._cancel_timer()
                         load = LoadRequest(resolved.path, self._limits.dtype, num_ctx, self._limits.quant)
-                        await self._engine.load(load)
+                        await deadline.bound(self._engine.load(load))
                         break
                     self._freed.clear()
-                    await self._freed.wait()
+                    await deadline.bound(self._freed.wait())
                 # No await from here to the return: a cancellation cannot lose a slot once taken.
                 self._epoch += 1
                 self._cancel_timer()
                 self._active += 1
                 self._name, self._resolved = name, resolved
+            finally:
+                self._lock.release()
         finally:
             self._waiting -= 1
         return Lease(self, keep_alive, time.perf_counter_ns() - t0)
