@@ -16,7 +16,7 @@ from tp_ollama.engine.options import GenerationOptions, SamplingOptions
 from tp_ollama.store.embedded import resolve_model
 
 pytestmark = pytest.mark.slow
-N_TOKENS = 32
+N_TOKENS = 16
 
 
 @pytest.fixture(scope="module")
@@ -44,13 +44,13 @@ def test_int8_follows_float32(gemma):
     reference = load_model(ckpt, torch.float32)
     expected = {p: greedy(reference, tokenizer, p) for p in GEMMA_PROMPTS}
     del reference
-    for dtype in (torch.float32, torch.bfloat16):
-        model = load_model(ckpt, dtype, quant="int8")
-        got = {p: greedy(model, tokenizer, p) for p in GEMMA_PROMPTS}
-        agree = [p for p in GEMMA_PROMPTS if got[p][:8] == expected[p][:8]]
-        texts = {p: tokenizer.decode(got[p]) for p in GEMMA_PROMPTS}
-        assert len(agree) >= 2, f"{dtype}: first 8 tokens agree with float32 only for {agree}: {texts}"
-        assert not [p for p in GEMMA_PROMPTS if degenerate(got[p])], texts
+    # bfloat16 activations: the packed kernels compute in bfloat16 whatever the model dtype.
+    model = load_model(ckpt, torch.bfloat16, quant="int8")
+    got = {p: greedy(model, tokenizer, p) for p in GEMMA_PROMPTS}
+    agree = [p for p in GEMMA_PROMPTS if got[p][:8] == expected[p][:8]]
+    texts = {p: tokenizer.decode(got[p]) for p in GEMMA_PROMPTS}
+    assert len(agree) >= 2, f"first 8 tokens agree with float32 only for {agree}: {texts}"
+    assert not [p for p in GEMMA_PROMPTS if degenerate(got[p])], texts
 
 
 @pytest.mark.parametrize("quant", ["int4", "auto"])

@@ -12,7 +12,6 @@ import torch
 from tp_ollama.kernels import quant
 from tp_ollama.kernels.quant import (
     INT4_TILE,
-    SMALL_BATCH,
     Int4Weight,
     Int8Weight,
     int4_fits,
@@ -109,7 +108,10 @@ def test_quantize_int4_error_bounded(group):
 # --- 3. quant_matmul: packed kernel for small batches, dense path above ---------------------------------
 
 
-@pytest.mark.parametrize("lead", [(1, 1), (2, SMALL_BATCH // 2), (1, SMALL_BATCH + 1), (5, 8)], ids=str)
+SMALL = 8  # the packed-kernel threshold these cases are built around (patched in for every kind)
+
+
+@pytest.mark.parametrize("lead", [(1, 1), (2, SMALL // 2), (1, SMALL + 1), (5, 8)], ids=str)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("make", [_int8, _int4], ids=["int8", "int4"])
 def test_quant_matmul_matches_dequantized_reference(make, dtype, lead, monkeypatch):
@@ -120,9 +122,10 @@ def test_quant_matmul_matches_dequantized_reference(make, dtype, lead, monkeypat
     dense_calls = []
     dense = quant._dense_matmul
     monkeypatch.setattr(quant, "_dense_matmul", lambda *a: dense_calls.append(1) or dense(*a))
+    monkeypatch.setattr(quant, "SMALL_BATCH", {"int8": SMALL, "int4": SMALL})
     y = quant_matmul(x, w)
     m = lead[0] * lead[1]
-    assert bool(dense_calls) == (m > SMALL_BATCH), "wrong path for this batch size"
+    assert bool(dense_calls) == (m > SMALL), "wrong path for this batch size"
     assert y.dtype == dtype and y.shape == (*lead, n)
     ref = x.float() @ w.dequantize().T
     # Both paths round the activations (and on the dense path the dequantized weight) to bfloat16 and
@@ -142,7 +145,8 @@ def test_dense_path_chunked_equals_unchunked(make, tiles_per_chunk, monkeypatch)
     torch.manual_seed(0)
     n, chunk = 4 * INT4_TILE, tiles_per_chunk * INT4_TILE
     w = make(n, 128)
-    x = torch.randn(2, 8, 128)  # 16 rows: dense path
+    x = torch.randn(2, 8, 128)
+    monkeypatch.setattr(quant, "SMALL_BATCH", {"int8": 8, "int4": 8})  # 16 rows: the dense path
     whole = quant_matmul(x, w)
     monkeypatch.setattr(quant, "CHUNK_ROWS", chunk)
     calls = []

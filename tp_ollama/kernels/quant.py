@@ -3,9 +3,9 @@
 Each packing has a plain reference (`dequantize`) and a fast path on torch's packed CPU kernels
 (`torch._weight_int8pack_mm`, `torch._weight_int4pack_mm_for_cpu`). Those kernels read one activation
 row at a time and want bfloat16 activations (float32 ones take a scalar path 15x slower), so:
-  - up to SMALL_BATCH rows (decode) go through the packed kernel in bfloat16;
-  - more rows (prefill, big batches) dequantize the weight in bfloat16 chunks that stay in cache and
-    use the dense matmul, which wins from ~16 rows on;
+  - up to SMALL_BATCH rows (decode, batches of decodes) go through the packed kernel in bfloat16;
+  - more rows (prefill) dequantize the weight in bfloat16 chunks that stay in cache and use the
+    dense matmul;
   - other devices (CUDA) dequantize and use the dense matmul.
 The result comes back in the caller's dtype.
 
@@ -22,7 +22,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-SMALL_BATCH = 8  # rows up to which the packed GEMV kernels beat dequantize + dense matmul
+# Rows up to which the packed kernels beat dequantizing the weight for a dense matmul (measured on
+# gemma3 shapes, 2 cores: int8 from ~16 rows on, int4 from ~128, its unpacking being dearer).
+SMALL_BATCH = {"int8": 16, "int4": 128}
 CHUNK_ROWS = 8192  # weight rows dequantized at a time on the dense path (~10 MB of bfloat16)
 INT4_TILE = 64  # int4 weights need rows in multiples of this: whole tiles of every CPU layout (see int4_layout)
 SCALE_DTYPE = torch.bfloat16
@@ -73,11 +75,12 @@ class Int4Weight:
         return unpack_int4(self.packed[rows])
 
     def dequantize(self, dtype: torch.dtype = torch.float32, rows: slice = slice(None)) -> torch.Tensor:
-        q = self.codes(rows).to(torch.float32)  # (n, K)
-        sz = self.scale_zero[:, rows].to(torch.float32)  # (G, n, 2)
-        scale = sz[..., 0].t().repeat_interleave(self.group, dim=1)  # (n, K)
-        zero = sz[..., 1].t().repeat_interleave(self.group, dim=1)
-        return ((q - 8.0) * scale + zero).to(dtype)
+        codes = self.codes(rows)  # (n, K)
+        n, k = codes.shape
+        q = codes.view(n, k // self.group, self.group).to(torch.float32)  # (n, G, group)
+        sz = self.scale_zero[:, rows].to(torch.float32).transpose(0, 1)  # (n, G, 2)
+        w = (q - 8.0) * sz[..., 0:1] + sz[..., 1:2]  # broadcast over each group
+        return w.view(n, k).to(dtype)
 
     def rows(self, ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """Dequantized rows ids (*S) -> (*S, K), read straight from the packed layout."""
@@ -205,7 +208,7 @@ def quant_matmul(x: torch.Tensor, w: QuantWeight) -> torch.Tensor:
     """x (*, K) @ w.T -> (*, N) in x's dtype."""
     lead, k = x.shape[:-1], x.shape[-1]
     x2 = x.reshape(-1, k)
-    if x2.shape[0] <= SMALL_BATCH and packed_kernels_available(x.device):
+    if x2.shape[0] <= SMALL_BATCH[w.kind] and packed_kernels_available(x.device):
         xb = x2 if x2.dtype == torch.bfloat16 else x2.to(torch.bfloat16)
         if isinstance(w, Int8Weight):
             y = torch._weight_int8pack_mm(xb, w.q, w.scale)
