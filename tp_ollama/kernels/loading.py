@@ -161,7 +161,7 @@ def fuse_projections(model: nn.Module) -> int:
     """Give every module whose q/k/v (or gate/up) layers are quantized alike a `fused` layer holding
     them stacked; the parts become views into it, so no weight is held twice. Returns fusions made."""
     made = 0
-    for module in model.modules():
+    for module in list(model.modules()):  # a snapshot: fusing adds modules
         for names in FUSED_GROUPS:
             parts = [module._modules.get(n) for n in names]
             if not all(isinstance(p, QuantLinear) for p in parts):
