@@ -127,7 +127,8 @@ def parse_weights(text: str | None) -> tuple[float, ...] | None:
 
 def generate_in_process(req: Prompting) -> None:
     from tp_ollama.checkpoints.loader import resolve_dtype
-    from tp_ollama.completion import load, prompt_tokens, stream_text, verbose_report
+    from tp_ollama.client_cli import stats as verbose_stats
+    from tp_ollama.completion import final_metrics, load, prompt_tokens, stream_text
     from tp_ollama.engine.generate import GenerationStats
 
     t0 = time.perf_counter()
@@ -138,7 +139,8 @@ def generate_in_process(req: Prompting) -> None:
         sys.stdout.write(piece)
         sys.stdout.flush()
     if req.verbose:
-        sys.stderr.write("\n" + verbose_report(stats, loaded.load_seconds, time.perf_counter() - t0))
+        metrics = final_metrics(stats, loaded.load_seconds, time.perf_counter() - t0)
+        sys.stderr.write("\n" + verbose_stats(metrics) + "\n")
 
 
 def generate_on_ranks(req: Prompting, cluster: Any, weights: str | None, comm: str, debug: bool) -> None:

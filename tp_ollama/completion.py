@@ -77,23 +77,16 @@ def stream_text(
     return text_pieces(loaded.tokenizer, tokens, options.stop, stats)
 
 
-def verbose_report(stats: GenerationStats, load_s: float, total_s: float) -> str:
-    """The timing block `ollama run --verbose` prints after an answer."""
-
-    def rate(count: int, ns: int) -> str:
-        return f"{count / (ns / 1e9):.2f} tokens/s" if ns > 0 else "n/a"
-
-    lines = [
-        ("total duration", f"{total_s:.3f}s"),
-        ("load duration", f"{load_s:.3f}s"),
-        ("prompt eval count", f"{stats.prompt_eval_count} token(s)"),
-        ("prompt eval duration", f"{stats.prompt_eval_duration / 1e9:.3f}s"),
-        ("prompt eval rate", rate(stats.prompt_eval_count, stats.prompt_eval_duration)),
-        ("eval count", f"{stats.eval_count} token(s)"),
-        ("eval duration", f"{stats.eval_duration / 1e9:.3f}s"),
-        ("eval rate", rate(stats.eval_count, stats.eval_duration)),
-    ]
-    return "".join(f"{name + ':':<22}{value}\n" for name, value in lines)
+def final_metrics(stats: GenerationStats, load_s: float, total_s: float) -> dict[str, int]:
+    """A generation's figures as Ollama's final chunk names them (client_cli.stats prints them)."""
+    return {
+        "total_duration": int(total_s * 1e9),
+        "load_duration": int(load_s * 1e9),
+        "prompt_eval_count": stats.prompt_eval_count,
+        "prompt_eval_duration": stats.prompt_eval_duration,
+        "eval_count": stats.eval_count,
+        "eval_duration": stats.eval_duration,
+    }
 
 
 def text_pieces(

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from tp_ollama.kernels.linear import out_features
+from tp_ollama.kernels.linear import activation_like, out_features
 
 
 class LayerKV:
@@ -63,10 +63,10 @@ class KVCache:
     @classmethod
     def for_model(cls, model: torch.nn.Module, batch: int, max_len: int, dtype: torch.dtype | None = None) -> KVCache:
         layers = []
+        like = activation_like(model)
         for block in model.model.layers:  # type: ignore[union-attr]
             attn = block.self_attn
             n_kv = out_features(attn.k_proj) // attn.head_dim  # local KV heads, from the (maybe sharded) weight
             capacity = max_len if attn.window is None else min(max_len, attn.window)
-            norm = block.input_layernorm.weight  # norms keep the model's dtype and device
-            layers.append(LayerKV(batch, n_kv, capacity, attn.head_dim, dtype or norm.dtype, norm.device))
+            layers.append(LayerKV(batch, n_kv, capacity, attn.head_dim, dtype or like.dtype, like.device))
         return cls(layers)

@@ -46,7 +46,7 @@ import torch
 from torch import nn
 
 from tp_ollama.errors import ConfigError
-from tp_ollama.kernels.linear import activation_dtype, out_features
+from tp_ollama.kernels.linear import activation_like, out_features
 
 ROOT_HASH = 0  # parent hash of a sequence's first block; an int so it hashes the same in every process
 
@@ -189,7 +189,8 @@ class BlockPool:
             shapes.append((out_features(attn.k_proj) // attn.head_dim, attn.head_dim))
         if not shapes:
             raise ConfigError("the model has no attention layers to size a KV cache for")
-        dtype = dtype or activation_dtype(model)
+        like = activation_like(model)
+        dtype = dtype or like.dtype
         per_block = _bytes_per_block(shapes, block_size, dtype)
         num_blocks = budget_bytes // per_block
         if num_blocks < 1:
@@ -197,9 +198,7 @@ class BlockPool:
                 f"KV cache budget of {budget_bytes} bytes holds no block: one block of {block_size} tokens "
                 f"needs {per_block} bytes ({len(shapes)} layers, k and v, {dtype})"
             )
-        norm: torch.Tensor = model.model.norm.weight  # type: ignore[union-attr, assignment]
-        device = norm.device
-        return cls(shapes, num_blocks, block_size, dtype, device, prefix_cache)
+        return cls(shapes, num_blocks, block_size, dtype, like.device, prefix_cache)
 
     def bytes_per_block(self) -> int:
         return _bytes_per_block(self.layer_shapes, self.block_size, self.dtype)

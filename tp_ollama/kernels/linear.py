@@ -110,7 +110,8 @@ def model_bytes(model: nn.Module) -> int:
     return sum(storages.values())
 
 
-def activation_dtype(model: nn.Module) -> torch.dtype:
-    """The dtype activations (and the KV cache) use: the final norm's, which is never quantized."""
+def activation_like(model: nn.Module) -> torch.Tensor:
+    """A tensor with the dtype and device activations (and the KV cache) use: the final norm's
+    weight, which is never quantized."""
     norm: torch.Tensor = model.model.norm.weight  # type: ignore[union-attr, assignment]
-    return norm.dtype
+    return norm

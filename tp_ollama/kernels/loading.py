@@ -18,7 +18,7 @@ from torch import nn
 from tp_ollama.checkpoints.base import Checkpoint, Range
 from tp_ollama.config import QUANT_MODES, default_cache_dir
 from tp_ollama.errors import ConfigError
-from tp_ollama.kernels.linear import QuantEmbedding, QuantLinear, activation_dtype, take_over
+from tp_ollama.kernels.linear import QuantEmbedding, QuantLinear, activation_like, take_over
 from tp_ollama.kernels.packed_cache import PackedCache, cache_key
 from tp_ollama.kernels.quant import (
     Int4Weight,
@@ -204,7 +204,7 @@ def describe_precision(model: nn.Module) -> dict[str, Any]:
             kinds[module.kind] += 1
         elif isinstance(module, nn.Linear | Embedding):
             kinds[str(module.weight.dtype).removeprefix("torch.")] += 1
-    return {"dtype": str(activation_dtype(model)).removeprefix("torch."), "weights": dict(sorted(kinds.items()))}
+    return {"dtype": str(activation_like(model).dtype).removeprefix("torch."), "weights": dict(sorted(kinds.items()))}
 
 
 def precision_line(precision: dict[str, Any]) -> str:

@@ -41,15 +41,12 @@ class Int8Weight:
     def shape(self) -> tuple[int, int]:
         return (self.q.shape[0], self.q.shape[1])
 
-    def nbytes(self) -> int:
-        return self.q.numel() + self.scale.numel() * self.scale.element_size()
-
-    def dequantize(self, dtype: torch.dtype = torch.float32, rows: slice = slice(None)) -> torch.Tensor:
+    def dequantize(self, dtype: torch.dtype = torch.float32, rows: slice | torch.Tensor = slice(None)) -> torch.Tensor:
         return (self.q[rows].to(torch.float32) * self.scale[rows, None].to(torch.float32)).to(dtype)
 
     def rows(self, ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """Dequantized rows ids (*S) -> (*S, K): an embedding lookup."""
-        return (self.q[ids].to(torch.float32) * self.scale[ids, None].to(torch.float32)).to(dtype)
+        return self.dequantize(dtype, ids)
 
     def to(self, device: torch.device) -> Int8Weight:
         return Int8Weight(self.q.to(device), self.scale.to(device))
@@ -67,18 +64,18 @@ class Int4Weight:
     def shape(self) -> tuple[int, int]:
         return (self.packed.shape[0], self.packed.shape[1] * 2)
 
-    def nbytes(self) -> int:
-        return self.packed.numel() + self.scale_zero.numel() * self.scale_zero.element_size()
-
     def codes(self, rows: slice = slice(None)) -> torch.Tensor:
         """(n, K) uint8 codes 0..15 of a row range whose ends are multiples of INT4_TILE."""
         return unpack_int4(self.packed[rows])
 
     def dequantize(self, dtype: torch.dtype = torch.float32, rows: slice = slice(None)) -> torch.Tensor:
-        codes = self.codes(rows)  # (n, K)
+        return self._scaled(self.codes(rows), self.scale_zero[:, rows], dtype)
+
+    def _scaled(self, codes: torch.Tensor, scale_zero: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """codes (n, K) with their (G, n, 2) scales and zeros -> (n, K) weights."""
         n, k = codes.shape
         q = codes.view(n, k // self.group, self.group).to(torch.float32)  # (n, G, group)
-        sz = self.scale_zero[:, rows].to(torch.float32).transpose(0, 1)  # (n, G, 2)
+        sz = scale_zero.to(torch.float32).transpose(0, 1)  # (n, G, 2)
         w = (q - 8.0) * sz[..., 0:1] + sz[..., 1:2]  # broadcast over each group
         return w.view(n, k).to(dtype)
 
@@ -91,11 +88,8 @@ class Int4Weight:
         within = flat % tile
         byte = tiles[flat // tile, :, within % (tile // 2) if halves else within // 2]  # (S, K)
         high = within >= tile // 2 if halves else within % 2 == 1
-        q = torch.where(high[:, None], byte >> 4, byte & 0x0F).to(torch.float32)
-        sz = self.scale_zero[:, flat].to(torch.float32)  # (G, S, 2)
-        scale = sz[..., 0].t().repeat_interleave(self.group, dim=1)  # (S, K)
-        zero = sz[..., 1].t().repeat_interleave(self.group, dim=1)
-        return ((q - 8.0) * scale + zero).to(dtype).view(*ids.shape, k)
+        codes = torch.where(high[:, None], byte >> 4, byte & 0x0F)  # (S, K)
+        return self._scaled(codes, self.scale_zero[:, flat], dtype).view(*ids.shape, k)
 
     def to(self, device: torch.device) -> Int4Weight:
         return Int4Weight(self.packed.to(device), self.scale_zero.to(device), self.group)

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from tp_ollama.completion import text_pieces, verbose_report
+from tp_ollama.completion import final_metrics, text_pieces
 from tp_ollama.engine.generate import GenerationStats, check_prompt, generate_tokens
 from tp_ollama.engine.options import GenerationOptions, SamplingOptions
 from tp_ollama.engine.sampler import Sampler
@@ -192,7 +192,9 @@ def _run(job: WorkerJob) -> None:
             sys.stdout.write(piece)
             sys.stdout.flush()
         if job.verbose:
-            sys.stderr.write("\n" + verbose_report(stats, load_s, time.perf_counter() - t0))
+            from tp_ollama.client_cli import stats as verbose_stats
+
+            sys.stderr.write("\n" + verbose_stats(final_metrics(stats, load_s, time.perf_counter() - t0)) + "\n")
     else:
         for _ in tokens:
             pass
