@@ -13,6 +13,7 @@ from typing import Annotated, Any, TypeVar
 import typer
 
 from tp_ollama import __version__
+from tp_ollama.bench.cli import bench_app
 from tp_ollama.client_cli import register as register_client_commands
 
 app = typer.Typer(
@@ -395,6 +396,7 @@ def engine(
 
 # Ollama's client commands (run, list, ps, show, rm, cp, create, stop), talking to a server over HTTP.
 register_client_commands(app)
+app.add_typer(bench_app, name="bench")
 
 
 def main() -> None:

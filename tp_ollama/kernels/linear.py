@@ -101,13 +101,25 @@ def out_features(linear: nn.Module) -> int:
 
 
 def model_bytes(model: nn.Module) -> int:
-    """Bytes of weights held: parameters and buffers, each storage once (fused layers and their
-    parts share storage)."""
-    storages = {}
+    """Bytes of weights held, each byte once: fused layers and their parts share storage, and a shard
+    read from a mapped file is a slice of the whole tensor's storage, of which only the slice counts."""
+    spans: dict[int, list[tuple[int, int]]] = {}
+    strided = 0
     for t in [*model.parameters(), *model.buffers()]:
-        s = t.untyped_storage()
-        storages[s.data_ptr()] = s.nbytes()
-    return sum(storages.values())
+        nbytes = t.numel() * t.element_size()
+        if not t.is_contiguous():  # a column slice: its own elements, never shared with another tensor
+            strided += nbytes
+            continue
+        start = int(t.storage_offset()) * t.element_size()
+        spans.setdefault(t.untyped_storage().data_ptr(), []).append((start, start + int(nbytes)))
+    total = strided
+    for ranges in spans.values():
+        end = 0
+        for lo, hi in sorted(ranges):
+            if hi > end:
+                total += hi - max(lo, end)
+                end = hi
+    return total
 
 
 def activation_like(model: nn.Module) -> torch.Tensor:

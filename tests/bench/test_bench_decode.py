@@ -1,0 +1,113 @@
+"""`tp-ollama bench decode` and `bench compare` on a tiny random llama, with real torchrun ranks and
+the transformers peer in its own process: the figures are the runs' own and the report holds them."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests import tiny
+from tp_ollama.bench import report as rpt
+from tp_ollama.bench.compare import parse_engine_target, run_compare
+from tp_ollama.bench.decode import DecodeConfig, prompt_ids, run_decode
+from tp_ollama.errors import ConfigError
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    directory = tmp_path_factory.mktemp("tiny-llama")
+    tiny.save_hf(tiny.make_hf_model("llama"), directory)
+    tiny.save_tiny_tokenizer(directory)
+    return directory
+
+
+@pytest.fixture(scope="module")
+def decode_report(checkpoint: Path) -> dict[str, Any]:
+    report = run_decode(str(checkpoint), tp=[1, 2], dtypes=["float32"], prompt_tokens=[8], gen_tokens=[6],
+                        read_bandwidth=False, progress=False)  # fmt: skip
+    assert report is not None
+    return report
+
+
+def test_decode_report_holds_each_tp_degree(decode_report: dict[str, Any]) -> None:
+    rpt.validate(decode_report)
+    by_tp = {r["config"]["tp"]: r for r in decode_report["results"]}
+    assert sorted(by_tp) == [1, 2]
+    for tp, r in by_tp.items():
+        assert r["decode_tok_s"] > 0 and r["prompt_tok_s"] > 0
+        assert len(r["peak_rss_mb"]) == tp and all(m > 50 for m in r["peak_rss_mb"])
+        assert len(r["bandwidth"]["bytes_per_token"]) == tp
+        ms = r["per_token_ms"]
+        assert ms["total"] == pytest.approx(ms["compute"] + ms["communication"])
+    # One rank alone has only its own step broadcast; two ranks spend time in collectives every token.
+    assert by_tp[1]["per_token_ms"]["communication"] < 0.05 * by_tp[1]["per_token_ms"]["total"]
+    assert by_tp[2]["per_token_ms"]["communication"] > by_tp[1]["per_token_ms"]["communication"]
+    assert by_tp[2]["extra"]["collectives_per_token"]["all_reduce"] >= 2 * 3  # two per layer, 3 layers
+    assert by_tp[2]["extra"]["link"]["latency_us"] > 0
+
+
+def test_decode_shards_hold_less_than_the_whole(decode_report: dict[str, Any]) -> None:
+    by_tp = {r["config"]["tp"]: r for r in decode_report["results"]}
+    whole = by_tp[1]["bandwidth"]["bytes_per_token"][0]
+    shards = by_tp[2]["bandwidth"]["bytes_per_token"]
+    assert all(s < 0.75 * whole for s in shards)
+    assert whole <= sum(shards) < 1.1 * whole  # only norms are held twice
+
+
+def test_decode_config_refuses_bad_values() -> None:
+    with pytest.raises(ConfigError, match="tp 0 is invalid"):
+        DecodeConfig(tp=0, dtype="float32", quant="none", prompt_tokens=8, gen_tokens=4)
+    with pytest.raises(ConfigError, match="generation length 1"):
+        DecodeConfig(tp=1, dtype="float32", quant="none", prompt_tokens=8, gen_tokens=1)
+
+
+def test_prompt_ids_are_ordinary_tokens() -> None:
+    ids = prompt_ids(64, 320)
+    assert len(ids) == 64 and min(ids) >= 80 and max(ids) < 320
+    assert prompt_ids(64, 320) == ids  # the same prompt for every target
+
+
+def test_compare_targets_parse_and_refuse() -> None:
+    t = parse_engine_target("fast@tp-ollama:tp=2,quant=int8")
+    assert (t.label, t.kind, t.options) == ("fast", "tp-ollama", {"tp": 2, "quant": "int8"})
+    assert parse_engine_target("transformers").label == "transformers"
+    with pytest.raises(ConfigError, match="'vllm' is invalid"):
+        parse_engine_target("vllm")
+    with pytest.raises(ConfigError, match="option 'threads=2' is invalid; tp-ollama takes: tp, quant"):
+        parse_engine_target("tp-ollama:threads=2")
+    with pytest.raises(ConfigError, match="tp='two' is not a valid tp"):
+        parse_engine_target("tp-ollama:tp=two")
+    with pytest.raises(ConfigError, match="at least two targets"):
+        run_compare("x", ["tp-ollama"])
+    with pytest.raises(ConfigError, match="distinct labels"):
+        run_compare("x", ["tp-ollama", "tp-ollama"])
+
+
+def test_compare_end_to_end_through_the_cli(checkpoint: Path, tmp_path: Path) -> None:
+    out = tmp_path / "compare.json"
+    targets = ["tp-ollama:dtype=float32", "tp2@tp-ollama:tp=2,dtype=float32", "transformers"]
+    cmd = [sys.executable, "-m", "tp_ollama", "bench", "compare", str(checkpoint), "--prompt-tokens", "8",
+           "--gen-tokens", "6", "--rounds", "1", "--cold-start", "--no-progress", "--out", str(out)]  # fmt: skip
+    cmd += [arg for t in targets for arg in ("--target", t)]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr
+    report = json.loads(out.read_text())
+    rpt.validate(report)
+    labels = [r["target"] for r in report["results"]]
+    assert labels == ["tp-ollama dtype=float32", "tp2", "transformers"]
+    for r in report["results"]:
+        assert r["decode_tok_s"] > 0 and r["cold_start_s"] > r["load_s"] > 0
+    pairs = {(q["numerator"], q["denominator"]) for q in report["ratios"] if q["metric"] == "decode_tok_s"}
+    assert pairs == {(labels[0], labels[1]), (labels[0], labels[2]), (labels[1], labels[2])}
+    first = next(q for q in report["ratios"] if q["metric"] == "decode_tok_s")
+    num, den = (next(r for r in report["results"] if r["target"] == first[k]) for k in ("numerator", "denominator"))
+    assert first["ratio"] == pytest.approx(num["decode_tok_s"] / den["decode_tok_s"])
+    assert out.with_suffix(".md").read_text().count("|") > 10
+    assert list(tmp_path.glob("compare-*.png"))
+    assert "| tp2 |" in done.stdout

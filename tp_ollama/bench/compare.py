@@ -1,0 +1,248 @@
+"""`tp-ollama bench compare`: several targets on the same model in one run, alternating target by
+target every round so that the machine's drift hits all alike, with ratios pair by pair.
+
+Targets (each optionally labelled `LABEL@TARGET`):
+
+    tp-ollama[:tp=N,quant=Q,dtype=D,comm=C]   the engine (fresh ranks each round, as `bench decode`)
+    transformers[:dtype=D]                    transformers on the same checkpoint (optional extra)
+    llama.cpp                                 llama.cpp through llama-cpp-python on the same GGUF (optional extra)
+    ollama=URL | llamacpp=URL | openai=URL    a running server under HTTP load (as `bench serve`);
+                                              a run compares either engines or servers, not both
+
+Engines share one workload (prompt and generation lengths, total threads), so every pair of targets
+gets a ratio for each figure both measured. `--cold-start` adds process start to first token:
+`tp-ollama generate --num-predict 1` for the engine, the peer's own process for the others.
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from tp_ollama.bench import report as rpt
+from tp_ollama.bench.decode import DecodeConfig, Nodes, run_once, summarize_runs
+from tp_ollama.errors import ConfigError, TpOllamaError
+
+ENGINE = "tp-ollama"
+ENGINE_KEYS: dict[str, type] = {"tp": int, "quant": str, "dtype": str, "comm": str}
+PEER_KEYS: dict[str, dict[str, type]] = {"transformers": {"dtype": str}, "llama.cpp": {}}
+URL_KINDS = ("ollama", "llamacpp", "openai")
+HEADLINE = ("decode_tok_s", "prompt_tok_s", "ttft_s", "cold_start_s", "load_s")
+COLD_PROMPT = "Hello"
+
+
+@dataclass(frozen=True)
+class EngineTarget:
+    label: str
+    kind: str  # "tp-ollama", "transformers" or "llama.cpp"
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+def is_url_target(spec: str) -> bool:
+    body = spec.partition("@")[2] if "@" in spec else spec
+    return body.partition("=")[0] in URL_KINDS and "://" in body
+
+
+def parse_engine_target(spec: str) -> EngineTarget:
+    """`[LABEL@]KIND[:k=v,...]` for the engine and the in-process peers."""
+    label, _, body = spec.rpartition("@")
+    kind, _, opts = body.partition(":")
+    known: dict[str, dict[str, type]] = {ENGINE: ENGINE_KEYS, **PEER_KEYS}
+    if kind not in known:
+        raise ConfigError(
+            f"compare target {spec!r} is invalid: expected one of {', '.join(known)} (with :key=value options) "
+            f"or {'|'.join(URL_KINDS)}=URL"
+        )
+    options: dict[str, Any] = {}
+    for item in filter(None, opts.split(",")):
+        key, eq, value = item.partition("=")
+        if not eq or key not in known[kind]:
+            allowed = ", ".join(known[kind]) or "none"
+            raise ConfigError(f"compare target {spec!r}: option {item!r} is invalid; {kind} takes: {allowed}")
+        try:
+            options[key] = known[kind][key](value)
+        except ValueError:
+            raise ConfigError(f"compare target {spec!r}: {key}={value!r} is not a valid {key}") from None
+    if not label:
+        label = kind + ("" if not options else " " + " ".join(f"{k}={v}" for k, v in options.items()))
+    return EngineTarget(label, kind, options)
+
+
+def _cold_start(model: str, cfg: DecodeConfig, timeout_s: float) -> float:
+    cmd = [sys.executable, "-m", "tp_ollama", "generate", model, COLD_PROMPT, "--num-predict", "1", "--temperature",
+           "0", "--quant", cfg.quant, "--dtype", cfg.dtype, "--tp", str(cfg.tp)]  # fmt: skip
+    t = time.perf_counter()
+    try:
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        raise TpOllamaError(f"cold start of {model} did not finish within {timeout_s:g} s") from None
+    if done.returncode != 0:
+        raise TpOllamaError(f"cold start of {model} failed: {(done.stderr.strip().splitlines() or ['?'])[-1]}")
+    return time.perf_counter() - t
+
+
+def _peer_bytes(target: EngineTarget, path: Path, measured: dict[str, Any]) -> int | None:
+    if target.kind == "llama.cpp":
+        from tp_ollama.checkpoints.gguf_file import GGUFFile
+
+        with GGUFFile(path) as f:
+            return sum(t.nbytes for t in f.tensors.values())
+    return measured.get("weight_bytes")
+
+
+def run_compare(
+    model: str,
+    targets: Sequence[str],
+    prompt_tokens: int = 32,
+    gen_tokens: int = 64,
+    threads: int | None = None,
+    rounds: int = 3,
+    cold_start: bool = False,
+    progress: bool = True,
+    argv: Sequence[str] | None = None,
+    timeout_s: float = 600.0,
+) -> dict[str, Any]:
+    """Engines and peers on one workload, alternating; see the module docstring."""
+    from tp_ollama.bench.bandwidth import read_bandwidth_gbs
+    from tp_ollama.bench.peers import run_peer
+    from tp_ollama.store.embedded import resolve_model
+
+    if len(targets) < 2:
+        raise ConfigError(f"compare needs at least two targets, got {len(targets)}")
+    if any(is_url_target(t) for t in targets):
+        raise ConfigError("servers (KIND=URL targets) are compared with `bench compare --serve`; do not mix them")
+    if rounds < 1:
+        raise ConfigError(f"rounds {rounds} is invalid: expected at least 1")
+    parsed = [parse_engine_target(t) for t in targets]
+    labels = [t.label for t in parsed]
+    if len(set(labels)) != len(labels):
+        raise ConfigError(f"compare targets need distinct labels, got {labels}; name them LABEL@TARGET")
+    threads = threads or os.cpu_count() or 1
+    path = resolve_model(model)
+    bandwidth = read_bandwidth_gbs(threads)
+    workload = {"prompt_tokens": prompt_tokens, "gen_tokens": gen_tokens, "threads": threads}
+    report = rpt.new_report("compare", {"model": model, "rounds": rounds, "cold_start": cold_start, **workload}, argv)
+    report["machine"] = rpt.machine_info(bandwidth)
+    engine_cfg = {t.label: _engine_config(t, prompt_tokens, gen_tokens) for t in parsed if t.kind == ENGINE}
+    runs: dict[str, list[dict[str, Any]]] = {t.label: [] for t in parsed}
+    colds: dict[str, list[float]] = {t.label: [] for t in parsed}
+    with rpt.Progress(rounds * len(parsed), "compare", enabled=progress) as bar:
+        for r in range(rounds):
+            for t in parsed:
+                bar.advance(f"round {r + 1}/{rounds}: {t.label}")
+                if t.kind == ENGINE:
+                    cfg = engine_cfg[t.label]
+                    with _threads_per_rank(threads, cfg.tp):
+                        out = run_once(model, cfg, Nodes(), measure_link=False)
+                        if cold_start:
+                            colds[t.label].append(_cold_start(model, cfg, timeout_s))
+                    assert out is not None
+                    runs[t.label].append(out)
+                else:
+                    dtype = t.options.get("dtype", "float32")
+                    out = run_peer(t.kind, path, prompt_tokens, gen_tokens, threads, dtype, timeout_s)
+                    runs[t.label].append(out)
+                    colds[t.label].append(out["cold_start_s"])
+    for t in parsed:
+        extra = {"kind": t.kind, "options": t.options}
+        if t.kind == ENGINE:
+            metrics = summarize_runs(engine_cfg[t.label], runs[t.label], bandwidth)
+            metrics["extra"] = {**metrics["extra"], **extra}
+        else:
+            metrics = _peer_metrics(runs[t.label], _peer_bytes(t, path, runs[t.label][0]), bandwidth)
+            metrics["extra"] = extra
+        if cold_start:
+            metrics["cold_start_s"] = statistics.median(colds[t.label])
+            metrics["extra"]["cold_start_s_rounds"] = colds[t.label]
+        rpt.add_result(report, t.label, workload, rounds=rounds, **metrics)
+    rpt.pairwise_ratios(report, HEADLINE)
+    return report
+
+
+def _engine_config(t: EngineTarget, prompt_tokens: int, gen_tokens: int) -> DecodeConfig:
+    base = DecodeConfig(tp=1, dtype="auto", quant="none", prompt_tokens=prompt_tokens, gen_tokens=gen_tokens)
+    return replace(base, **t.options)
+
+
+class _threads_per_rank:
+    """OMP_NUM_THREADS = threads / tp for the engine's ranks while a run lasts (unset: ranks split the host)."""
+
+    def __init__(self, threads: int, tp: int) -> None:
+        self.value = str(max(1, threads // tp)) if threads != (os.cpu_count() or 1) else None
+        self.saved = os.environ.get("OMP_NUM_THREADS")
+
+    def __enter__(self) -> None:
+        if self.value is not None:
+            os.environ["OMP_NUM_THREADS"] = self.value
+
+    def __exit__(self, *exc: object) -> None:
+        if self.value is None:
+            return
+        if self.saved is None:
+            os.environ.pop("OMP_NUM_THREADS", None)
+        else:
+            os.environ["OMP_NUM_THREADS"] = self.saved
+
+
+def _peer_metrics(runs: list[dict[str, Any]], weight_bytes: int | None, bandwidth: float) -> dict[str, Any]:
+    decode = statistics.median(r["decode_tok_s"] for r in runs)
+    metrics: dict[str, Any] = {
+        "decode_tok_s": decode,
+        "decode_tok_s_rounds": [r["decode_tok_s"] for r in runs],
+        "prompt_tok_s": statistics.median(r["prompt_tok_s"] for r in runs),
+        "ttft_s": rpt.summarize([r["ttft_s"] for r in runs]),
+        "load_s": statistics.median(r["load_s"] for r in runs),
+        "peak_rss_mb": [max(r["peak_rss_mb"] for r in runs)],
+        "per_token_ms": {"compute": 1e3 / decode, "communication": 0.0, "total": 1e3 / decode},
+    }
+    if weight_bytes:
+        achieved = weight_bytes * decode / 1e9
+        metrics["bandwidth"] = {
+            "bytes_per_token": [weight_bytes],
+            "achieved_gbs": [achieved],
+            "fraction": [achieved / bandwidth] if bandwidth else [],
+        }
+    return metrics
+
+
+def run_compare_serve(
+    model: str,
+    targets: Sequence[str],
+    concurrency: Sequence[int],
+    duration_s: float,
+    num_predict: int,
+    rounds: int = 1,
+    prompts: list[str] | None = None,
+    request_timeout_s: float = 120.0,
+    progress: bool = True,
+    argv: Sequence[str] | None = None,
+) -> dict[str, Any]:
+    """Running servers under the same HTTP load, levels alternating between them, with ratios."""
+    from tp_ollama.bench.serve import parse_target, run_serve
+
+    if len(targets) < 2:
+        raise ConfigError(f"compare needs at least two targets, got {len(targets)}")
+    bad = [t for t in targets if not is_url_target(t)]
+    if bad:
+        raise ConfigError(f"compare --serve takes KIND=URL targets ({'|'.join(URL_KINDS)}), got {bad}")
+    report = run_serve(
+        [parse_target(t, model) for t in targets],
+        list(concurrency),
+        duration_s,
+        num_predict,
+        prompts=prompts,
+        request_timeout_s=request_timeout_s,
+        rounds=rounds,
+        progress=progress,
+        argv=argv,
+    )
+    report["kind"] = "compare"
+    rpt.pairwise_ratios(report, ("aggregate_tok_s", "ttft_s", "itl_s"))
+    return report

@@ -1,0 +1,236 @@
+"""`tp-ollama bench decode`: the engine in its own processes, over TP degrees, dtypes, weight
+packings, prompt and generation lengths.
+
+Every configuration and round starts fresh ranks through the same launcher as `generate --tp N`
+(so peak RSS and load time are that run's own), and the configurations alternate round by round so
+that the machine's drift hits all alike. Per run, on every rank:
+
+    load_s          reading (or unpacking from the packed cache) this rank's shard
+    ttft_s          prefill of `prompt_tokens` prompt ids and the first token
+    decode          `gen_tokens` - 1 further tokens, greedy, end-of-text ignored (every run decodes
+                    exactly that many); tok/s = those tokens / their wall time on rank 0
+    communication   time inside collectives during decode (the communicator's own clock), per token;
+                    compute is the rest of the token's time
+    bytes_per_token weights the rank holds, each storage once: what one decode step reads
+    peak_rss_mb     the rank's peak resident set
+
+The prompt is fixed token ids: timing does not depend on the text, and no tokenizer is loaded.
+With several ranks the link between them is measured too (all-reduce of a small and a large message),
+so that the cost model can say what it predicts for the same shape and link.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import statistics
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from tp_ollama.bench import report as rpt
+from tp_ollama.bench.bandwidth import peak_rss_mb
+from tp_ollama.errors import ConfigError
+
+TIMEOUT_S = 600.0
+
+
+@dataclass(frozen=True)
+class DecodeConfig:
+    tp: int
+    dtype: str
+    quant: str
+    prompt_tokens: int
+    gen_tokens: int
+    comm: str = "auto"
+
+    def __post_init__(self) -> None:
+        if self.tp < 1:
+            raise ConfigError(f"tp {self.tp} is invalid: expected at least 1")
+        if self.prompt_tokens < 1:
+            raise ConfigError(f"prompt length {self.prompt_tokens} is invalid: expected at least 1 token")
+        if self.gen_tokens < 2:
+            raise ConfigError(f"generation length {self.gen_tokens} is invalid: expected at least 2 tokens")
+
+    @property
+    def label(self) -> str:
+        return f"tp-ollama tp={self.tp} {self.quant}/{self.dtype}"
+
+
+@dataclass(frozen=True)
+class Nodes:
+    """Where the ranks run: this machine alone, or node `node_rank` of `nnodes` (each runs the same command)."""
+
+    nnodes: int = 1
+    node_rank: int = 0
+    master_addr: str = "127.0.0.1"
+    master_port: int = 0
+
+
+def prompt_ids(n: int, vocab: int) -> list[int]:
+    """n ordinary token ids spread over the vocabulary, away from the special ids at its start."""
+    low = min(1000, vocab // 4)
+    return [low + (i * 7919) % (vocab - low) for i in range(n)]
+
+
+def rank_decode(model: str, config: dict[str, Any], measure_link: bool) -> dict[str, Any] | None:
+    """One rank of one run (torchrun entry point). Rank 0 returns every rank's figures."""
+    import torch
+
+    from tp_ollama.engine.generate import GenerationStats, generate_tokens
+    from tp_ollama.engine.options import GenerationOptions, SamplingOptions
+    from tp_ollama.kernels.linear import model_bytes
+    from tp_ollama.parallel.comm import init_distributed, make_comm
+    from tp_ollama.parallel.worker import BroadcastLockstep, load_shard, local_threads, sampler_for
+    from tp_ollama.store.embedded import resolve_model
+
+    cfg = DecodeConfig(**config)
+    torch.set_num_threads(local_threads(int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
+    init_distributed("gloo", TIMEOUT_S)
+    comm = make_comm(cfg.comm, TIMEOUT_S)
+    t0 = time.perf_counter()
+    m, layout, ckpt = load_shard(resolve_model(model), comm, cfg.dtype, quant=cfg.quant)
+    ckpt.close()
+    load_s = time.perf_counter() - t0
+    link = None
+    if measure_link and comm.world_size > 1:
+        from tp_ollama.bench.collectives import measure_link as measure
+
+        link = measure(comm)
+    vocab = int(m.config.vocab_size)  # type: ignore[union-attr, arg-type]
+    prompt = prompt_ids(cfg.prompt_tokens, vocab)
+    options = GenerationOptions(
+        sampling=SamplingOptions(temperature=0), num_predict=cfg.gen_tokens, num_ctx=cfg.prompt_tokens + cfg.gen_tokens
+    )
+    stats = GenerationStats()
+    gen = generate_tokens(m, prompt, options, frozenset(), stats, sampler_for(layout, comm), BroadcastLockstep(comm))
+    t1 = time.perf_counter()
+    next(gen)
+    ttft_s = time.perf_counter() - t1
+    counts_before, comm_before = dict(comm.stats), comm.seconds
+    t2 = time.perf_counter()
+    tokens = sum(1 for _ in gen)
+    decode_s = time.perf_counter() - t2
+    row = {
+        "rank": comm.rank,
+        "load_s": load_s,
+        "ttft_s": ttft_s,
+        "decode_s": decode_s,
+        "tokens": tokens,
+        "comm_s": comm.seconds - comm_before,
+        "bytes": model_bytes(m),
+        "peak_rss_mb": peak_rss_mb(),
+        "threads": torch.get_num_threads(),
+        "collectives_per_token": {k: (v - counts_before.get(k, 0)) / max(tokens, 1) for k, v in comm.stats.items()},
+    }
+    # Every rank's row reaches rank 0 (ranks on other nodes return to their own launcher only).
+    rows = [json.loads(comm.broadcast_bytes(json.dumps(row).encode() if r == comm.rank else None, src=r))
+            for r in range(comm.world_size)]  # fmt: skip
+    comm.close()
+    if comm.rank != 0:
+        return None
+    return {"ranks": rows, "link": link}
+
+
+def run_once(model: str, cfg: DecodeConfig, nodes: Nodes, measure_link: bool) -> dict[str, Any] | None:
+    from tp_ollama.launch import Cluster, run_workers
+
+    if cfg.tp % nodes.nnodes:
+        raise ConfigError(f"tp {cfg.tp} is invalid across {nodes.nnodes} nodes: expected a multiple of the node count")
+    cluster = Cluster(
+        nnodes=nodes.nnodes,
+        node_rank=nodes.node_rank,
+        nproc_per_node=cfg.tp // nodes.nnodes,
+        master_addr=nodes.master_addr,
+        master_port=nodes.master_port,
+    )
+    out = run_workers(cluster, rank_decode, model, asdict(cfg), measure_link)
+    return out.get(0) if nodes.node_rank == 0 else None
+
+
+def summarize_runs(cfg: DecodeConfig, runs: list[dict[str, Any]], read_bw_gbs: float | None) -> dict[str, Any]:
+    """The figures of one configuration over its rounds: medians, the rounds kept in full."""
+    tok_s = [r["ranks"][0]["tokens"] / r["ranks"][0]["decode_s"] for r in runs]
+    median_run = sorted(runs, key=lambda r: r["ranks"][0]["tokens"] / r["ranks"][0]["decode_s"])[len(runs) // 2]
+    ranks = median_run["ranks"]
+    head = ranks[0]
+    per_token_s = head["decode_s"] / head["tokens"]
+    comm_s = head["comm_s"] / head["tokens"]
+    decode = statistics.median(tok_s)
+    bytes_per_token = [int(r["bytes"]) for r in ranks]
+    achieved = [b * decode / 1e9 for b in bytes_per_token]
+    metrics: dict[str, Any] = {
+        "decode_tok_s": decode,
+        "decode_tok_s_rounds": tok_s,
+        "prompt_tok_s": statistics.median(cfg.prompt_tokens / r["ranks"][0]["ttft_s"] for r in runs),
+        "ttft_s": rpt.summarize([r["ranks"][0]["ttft_s"] for r in runs]),
+        "load_s": statistics.median(r["ranks"][0]["load_s"] for r in runs),
+        "peak_rss_mb": [max(run["ranks"][i]["peak_rss_mb"] for run in runs) for i in range(len(ranks))],
+        "bandwidth": {
+            "bytes_per_token": bytes_per_token,
+            "achieved_gbs": achieved,
+            "fraction": [a / read_bw_gbs for a in achieved] if read_bw_gbs else [],
+        },
+        "per_token_ms": {
+            "compute": 1e3 * (per_token_s - comm_s),
+            "communication": 1e3 * comm_s,
+            "total": 1e3 * per_token_s,
+        },
+        "extra": {
+            "threads_per_rank": [r["threads"] for r in ranks],
+            "collectives_per_token": head["collectives_per_token"],
+            "link": median_run["link"],
+        },
+    }
+    return metrics
+
+
+def run_decode(
+    model: str,
+    tp: Sequence[int] = (1,),
+    dtypes: Sequence[str] = ("auto",),
+    quants: Sequence[str] = ("none",),
+    prompt_tokens: Sequence[int] = (32,),
+    gen_tokens: Sequence[int] = (64,),
+    rounds: int = 1,
+    comm: str = "auto",
+    nodes: Nodes | None = None,
+    read_bandwidth: bool = True,
+    progress: bool = True,
+    argv: Sequence[str] | None = None,
+) -> dict[str, Any] | None:
+    """Measure every combination; returns the report on node 0 (None on the others)."""
+    from tp_ollama.parallel.comm import check_comm_kind
+
+    nodes = nodes or Nodes()
+    check_comm_kind(comm)
+    if rounds < 1:
+        raise ConfigError(f"rounds {rounds} is invalid: expected at least 1")
+    configs = [DecodeConfig(t, d, q, p, g, comm)
+               for t, d, q, p, g in itertools.product(tp, dtypes, quants, prompt_tokens, gen_tokens)]  # fmt: skip
+    if not configs:
+        raise ConfigError("nothing to measure: give at least one value for every axis")
+    bandwidth = None
+    if read_bandwidth and nodes.node_rank == 0:
+        from tp_ollama.bench.bandwidth import read_bandwidth_gbs
+
+        bandwidth = read_bandwidth_gbs()
+    settings = {"model": model, "rounds": rounds, "comm": comm, "nodes": asdict(nodes)}
+    report = rpt.new_report("decode", settings, argv)
+    report["machine"] = rpt.machine_info(bandwidth)
+    runs: dict[DecodeConfig, list[dict[str, Any]]] = {c: [] for c in configs}
+    with rpt.Progress(len(configs) * rounds, "decode", enabled=progress and nodes.node_rank == 0) as bar:
+        for r in range(rounds):
+            for cfg in configs:
+                bar.advance(f"round {r + 1}/{rounds}: {cfg.label}, {cfg.prompt_tokens}+{cfg.gen_tokens} tokens")
+                out = run_once(model, cfg, nodes, measure_link=cfg.tp > 1)
+                if out is not None:
+                    runs[cfg].append(out)
+    if nodes.node_rank != 0:
+        return None
+    for cfg in configs:
+        config = {k: v for k, v in asdict(cfg).items() if k != "comm" or cfg.tp > 1}
+        rpt.add_result(report, cfg.label, config, rounds=rounds, **summarize_runs(cfg, runs[cfg], bandwidth))
+    return report

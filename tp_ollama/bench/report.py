@@ -1,0 +1,718 @@
+"""The bench report: one JSON-able dict per run, its JSON Schema (which doubles as the documentation of every
+field and unit), statistics, pairwise ratios, markdown, and the files a run leaves behind.
+
+A report is built with `new_report` + `add_result`, checked by `validate`, and written by `write` as
+`<out>.json`, `<out>.md` and the PNG plots of `tp_ollama.bench.plots`. `Progress` is the progress bar the
+bench commands show while they measure.
+"""
+
+from __future__ import annotations
+
+import datetime
+import importlib.metadata
+import json
+import math
+import os
+import platform
+import sys
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from types import ModuleType, TracebackType
+from typing import Any, TextIO
+
+from tp_ollama.errors import ConfigError, TpOllamaError
+
+SCHEMA_ID = "tp-ollama-bench/1"
+KINDS = ("decode", "serve", "compare", "collectives")
+
+
+class ReportError(TpOllamaError):
+    """A report that does not follow SCHEMA; the message names the JSON path and what was expected."""
+
+
+# ---------------------------------------------------------------------------------------------------- schema
+
+
+def _field(types: str | list[str], description: str, **more: Any) -> dict[str, Any]:
+    return {"type": types, "description": description, **more}
+
+
+def _metric(types: str, description: str, **more: Any) -> dict[str, Any]:
+    # Every metric may be null: "not measured" (a peer that has no such figure, a run that failed).
+    return _field([types, "null"], description + "; null when not measured", **more)
+
+
+def _numbers(description: str) -> dict[str, Any]:
+    return _metric("array", description, items={"type": "number", "minimum": 0})
+
+
+def _summary(description: str) -> dict[str, Any]:
+    return {"$ref": "#/$defs/Summary", "description": description}
+
+
+def _record(description: str, properties: dict[str, Any]) -> dict[str, Any]:
+    return _metric("object", description, required=list(properties), additionalProperties=False, properties=properties)
+
+
+_SUMMARY = {
+    "type": ["object", "null"],
+    "description": "A distribution of samples; p50 and p99 interpolate linearly between order statistics "
+    "(numpy.percentile's default); all figures are in the unit the metric's name ends with; null when not measured",
+    "required": ["p50", "p99", "mean", "n"],
+    "additionalProperties": False,
+    "properties": {
+        "p50": _field(["number", "null"], "median; null when n is 0"),
+        "p99": _field(["number", "null"], "99th percentile; null when n is 0"),
+        "mean": _field(["number", "null"], "arithmetic mean; null when n is 0"),
+        "n": _field("integer", "number of samples", minimum=0),
+    },
+}
+
+_METRICS: dict[str, dict[str, Any]] = {
+    "decode_tok_s": _metric("number", "decode throughput of one sequence, generated tokens per second", minimum=0),
+    "decode_tok_s_rounds": _numbers("decode_tok_s of each round, tokens per second, in the order they ran"),
+    "prompt_tok_s": _metric("number", "prefill throughput, prompt tokens per second", minimum=0),
+    "ttft_s": _summary("time to first token per request, seconds"),
+    "itl_s": _summary("inter-token latency: gaps between streamed tokens of a request, seconds"),
+    "request_s": _summary("whole request latency, from sending to the last token, seconds"),
+    "aggregate_tok_s": _metric(
+        "number", "generated tokens of all successful requests per second of wall time", minimum=0
+    ),
+    "requests": _record(
+        "outcome of the requests sent",
+        {
+            "ok": _field("integer", "requests that completed", minimum=0),
+            "errors": _field("integer", "requests that failed (HTTP error, broken stream)", minimum=0),
+            "timeouts": _field("integer", "requests cut off by the client's timeout", minimum=0),
+        },
+    ),
+    "error_samples": _metric("array", "a few error messages, verbatim", items={"type": "string"}),
+    "load_s": _metric("number", "time to load the model once the processes run, seconds", minimum=0),
+    "cold_start_s": _metric("number", "time from launch to the first token served, seconds", minimum=0),
+    "peak_rss_mb": _numbers("peak resident memory of each rank, MiB, rank 0 first"),
+    "bandwidth": _record(
+        "memory traffic of decoding, per rank (rank 0 first)",
+        {
+            "bytes_per_token": _field("array", "bytes read per generated token", items={"type": "integer"}),
+            "achieved_gbs": _field(
+                "array", "bytes_per_token x tokens per second, GB/s (1e9 bytes)", items={"type": "number", "minimum": 0}
+            ),
+            "fraction": _field(
+                "array",
+                "achieved_gbs / machine.read_bandwidth_gbs (1.0 = the machine's limit)",
+                items={"type": "number", "minimum": 0},
+            ),
+        },
+    ),
+    "per_token_ms": _record(
+        "where the time of one decoded token goes, milliseconds",
+        {
+            "compute": _field("number", "matmuls, attention and the rest of the local work, ms", minimum=0),
+            "communication": _field("number", "collectives between ranks, ms", minimum=0),
+            "total": _field("number", "wall time per token, ms", minimum=0),
+        },
+    ),
+    "latency_us": _summary("latency of one collective call, microseconds"),
+    "bandwidth_gbs": _metric("number", "payload bytes / median latency of a collective, GB/s (1e9 bytes)", minimum=0),
+    "predicted_ms_per_token": _metric("number", "decode time per token the cost model predicts, ms", minimum=0),
+    "measured_ms_per_token": _metric("number", "decode time per token measured, ms", minimum=0),
+    "prediction_error": _metric("number", "predicted_ms_per_token / measured_ms_per_token - 1 (0.1 = 10% slow)"),
+    "extra": _metric("object", "anything else a target reports, free-form"),
+}
+METRICS = tuple(_METRICS)
+SUMMARY_METRICS = tuple(name for name, schema in _METRICS.items() if schema.get("$ref") == "#/$defs/Summary")
+
+_RESULT = {
+    "type": "object",
+    "description": "What one target measured under one configuration",
+    "required": ["target", "config", "rounds"],
+    "additionalProperties": False,
+    "properties": {
+        "target": _field("string", "what was measured: an engine, a server, a transport", minLength=1),
+        "config": _field(
+            "object",
+            "the configuration measured, free-form: tp, dtype, quant, prompt_tokens, "
+            "gen_tokens, concurrency, backend, op, bytes, ranks...",
+        ),
+        "rounds": _field("integer", "measured repetitions behind the figures (warm-up excluded)", minimum=0),
+        **_METRICS,
+    },
+}
+
+SCHEMA: dict[str, Any] = {
+    "$schema": "https://json-schema.org/draft/2020-12/schema",
+    "title": f"tp-ollama bench report ({SCHEMA_ID})",
+    "description": "What `tp-ollama bench` measured: the machine, what was asked, one result per target and "
+    "configuration, and ratios between targets. Rates use 1e9 bytes per GB.",
+    "type": "object",
+    "required": ["schema", "kind", "date", "command", "machine", "settings", "results", "ratios", "notes"],
+    "additionalProperties": False,
+    "properties": {
+        "schema": {"const": SCHEMA_ID, "description": "version of this format"},
+        "kind": {"enum": list(KINDS), "description": "the bench subcommand that wrote the report"},
+        "date": _field("string", "when the run started, ISO-8601 with UTC offset", format="date-time"),
+        "command": _field("array", "the command line (argv)", items={"type": "string"}),
+        "machine": {
+            "type": "object",
+            "description": "the machine the run happened on",
+            "required": ["cpus", "platform", "python", "torch", "cpu_model", "read_bandwidth_gbs"],
+            "additionalProperties": False,
+            "properties": {
+                "cpus": _field("integer", "logical CPUs (os.cpu_count)", minimum=1),
+                "platform": _field("string", "platform.platform()"),
+                "python": _field("string", "Python version"),
+                "torch": _field(["string", "null"], "PyTorch version; null when not installed"),
+                "cpu_model": _field(["string", "null"], "/proc/cpuinfo model name; null when unknown"),
+                "read_bandwidth_gbs": _field(
+                    ["number", "null"], "measured memory read bandwidth, GB/s; null when not measured", minimum=0
+                ),
+            },
+        },
+        "settings": _field("object", "what the run was asked to do, free-form"),
+        "link": {
+            "type": "object",
+            "description": "the link between hosts as measured (not as configured); absent when not measured",
+            "required": ["latency_us", "bandwidth_gbs", "method", "configured"],
+            "additionalProperties": False,
+            "properties": {
+                "latency_us": _field("number", "one-way latency of a small message, microseconds", minimum=0),
+                "bandwidth_gbs": _field("number", "throughput of large messages, GB/s", minimum=0),
+                "method": _field("string", "how it was measured"),
+                "configured": _field("object", "the link as configured (simulated delay, rate...), free-form"),
+            },
+        },
+        "results": _field("array", "one entry per target and configuration", items={"$ref": "#/$defs/Result"}),
+        "ratios": _field(
+            "array",
+            "numerator / denominator of one metric for two targets measured under the same "
+            "configuration; raw quotients, so for latencies lower is better",
+            items={"$ref": "#/$defs/Ratio"},
+        ),
+        "notes": _field("array", "remarks for the reader: caveats, skipped targets", items={"type": "string"}),
+    },
+    "$defs": {
+        "Summary": _SUMMARY,
+        "Result": _RESULT,
+        "Ratio": {
+            "type": "object",
+            "description": "one metric of two targets under one configuration",
+            "required": ["metric", "config", "numerator", "denominator", "ratio"],
+            "additionalProperties": False,
+            "properties": {
+                "metric": {"enum": list(METRICS), "description": "the metric compared; p50 for distributions"},
+                "config": _field("object", "the configuration both results share"),
+                "numerator": _field("string", "target whose figure is divided"),
+                "denominator": _field("string", "target whose figure divides"),
+                "ratio": _field("number", "numerator's figure / denominator's figure"),
+            },
+        },
+    },
+}
+
+
+# ---------------------------------------------------------------------------------------------------- validation
+
+
+def _path(parts: Sequence[str | int]) -> str:
+    text = ""
+    for part in parts:
+        if isinstance(part, int):
+            text += f"[{part}]"
+        elif part.isidentifier():
+            text += f".{part}" if text else part
+        else:
+            text += f"[{json.dumps(part)}]"
+    return text or "report"
+
+
+def _show(value: Any) -> str:
+    text = json.dumps(value) if _is_json(value) else repr(value)
+    text = text if len(text) <= 60 else text[:57] + "..."
+    return f"{text} ({type(value).__name__})"
+
+
+def _is_json(value: Any) -> bool:
+    try:
+        json.dumps(value, allow_nan=False)
+    except (TypeError, ValueError):
+        return False
+    return True
+
+
+_TYPES: dict[str, Callable[[Any], bool]] = {
+    "object": lambda v: isinstance(v, dict),
+    "array": lambda v: isinstance(v, list),
+    "string": lambda v: isinstance(v, str),
+    "number": lambda v: isinstance(v, int | float) and not isinstance(v, bool),
+    # JSON Schema counts 2.0 as an integer; jsonschema agrees.
+    "integer": lambda v: (isinstance(v, int) and not isinstance(v, bool)) or (isinstance(v, float) and v.is_integer()),
+    "null": lambda v: v is None,
+    "boolean": lambda v: isinstance(v, bool),
+}
+
+
+def _problem(keyword: str, expected: Any, instance: Any, schema: dict[str, Any]) -> tuple[str | None, str]:
+    """(key to append to the path, what is wrong) for a failed keyword; the same words with or without jsonschema."""
+    if keyword == "type":
+        names = [expected] if isinstance(expected, str) else expected
+        return None, f"expected {' or '.join(names)}, got {_show(instance)}"
+    if keyword == "required":
+        missing = [key for key in expected if key not in instance]
+        return missing[0], "missing; required here: " + ", ".join(expected)
+    if keyword == "additionalProperties":
+        known = list(schema.get("properties", {}))
+        unknown = [key for key in instance if key not in known]
+        return unknown[0], "unknown key; expected one of: " + ", ".join(known)
+    if keyword == "enum":
+        return None, f"expected one of {', '.join(map(str, expected))}, got {_show(instance)}"
+    if keyword == "const":
+        return None, f"expected {json.dumps(expected)}, got {_show(instance)}"
+    if keyword == "minimum":
+        return None, f"expected a number >= {expected}, got {_show(instance)}"
+    if keyword == "minLength":
+        return None, f"expected a string of at least {expected} characters, got {_show(instance)}"
+    return None, f"fails {keyword}={expected!r}"
+
+
+def _hand_errors(instance: Any, schema: dict[str, Any], path: list[str | int]) -> Iterator[tuple[str, str]]:
+    """(path, problem) for each failure, for the subset of JSON Schema that SCHEMA uses, keyword by keyword in
+    schema order as jsonschema goes, so both name the same first problem."""
+    for keyword, expected in schema.items():
+        if keyword == "$ref":
+            yield from _hand_errors(instance, SCHEMA["$defs"][expected.rsplit("/", 1)[-1]], path)
+            continue
+        if keyword == "properties" and isinstance(instance, dict):
+            for key, sub in expected.items():
+                if key in instance:
+                    yield from _hand_errors(instance[key], sub, [*path, key])
+            continue
+        if keyword == "items" and isinstance(instance, list):
+            for index, item in enumerate(instance):
+                yield from _hand_errors(item, expected, [*path, index])
+            continue
+        if _hand_fails(keyword, expected, instance, schema):
+            key, problem = _problem(keyword, expected, instance, schema)
+            yield _path([*path, key] if key is not None else path), problem
+
+
+def _hand_fails(keyword: str, expected: Any, instance: Any, schema: dict[str, Any]) -> bool:
+    if keyword == "type":
+        return not any(_TYPES[name](instance) for name in ([expected] if isinstance(expected, str) else expected))
+    if keyword == "required":
+        return isinstance(instance, dict) and any(key not in instance for key in expected)
+    if keyword == "additionalProperties":
+        return isinstance(instance, dict) and any(key not in schema.get("properties", {}) for key in instance)
+    if keyword == "enum":
+        return instance not in expected
+    if keyword == "const":
+        return bool(instance != expected)
+    if keyword == "minimum":
+        return _TYPES["number"](instance) and instance < expected
+    if keyword == "minLength":
+        return isinstance(instance, str) and len(instance) < expected
+    return False
+
+
+def _load_jsonschema() -> ModuleType | None:
+    try:
+        import jsonschema
+    except ImportError:
+        return None
+    return jsonschema
+
+
+def _schema_errors(report: Any) -> list[tuple[str, str]]:
+    jsonschema = _load_jsonschema()
+    if jsonschema is None:
+        return list(_hand_errors(report, SCHEMA, []))
+    errors = []
+    for error in jsonschema.Draft202012Validator(SCHEMA).iter_errors(report):
+        key, problem = _problem(str(error.validator), error.validator_value, error.instance, error.schema)
+        parts = list(error.absolute_path)
+        errors.append((_path([*parts, key] if key is not None else parts), problem))
+    return errors
+
+
+def _nonfinite(value: Any, path: list[str | int]) -> Iterator[tuple[str, str]]:
+    if isinstance(value, float) and not math.isfinite(value):
+        yield _path(path), f"expected a finite number (JSON has no NaN or infinity), got {value}"
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            yield from _nonfinite(item, [*path, str(key)])
+    elif isinstance(value, list | tuple):
+        for index, item in enumerate(value):
+            yield from _nonfinite(item, [*path, index])
+
+
+def _summary_errors(report: dict[str, Any]) -> Iterator[tuple[str, str]]:
+    # What the schema cannot say: an empty sample has no figures, and the median never exceeds p99.
+    for index, result in enumerate(report["results"]):
+        for metric in SUMMARY_METRICS:
+            summary = result.get(metric)
+            if summary is None:
+                continue
+            where = _path(["results", index, metric])
+            figures = (summary["p50"], summary["p99"], summary["mean"])
+            if summary["n"] == 0 and any(figure is not None for figure in figures):
+                yield where, f"n is 0 but p50/p99/mean are not all null: {_show(summary)}"
+            elif summary["p50"] is not None and summary["p99"] is not None and summary["p50"] > summary["p99"]:
+                yield where, f"p50 {summary['p50']} exceeds p99 {summary['p99']}"
+
+
+def validate(report: dict[str, Any]) -> None:
+    """Raise ReportError unless the report follows SCHEMA (with jsonschema when installed, else by hand) and
+    holds only finite numbers; the message names the first problem's JSON path, e.g. `results[2].ttft_s.p50`."""
+    errors = list(_nonfinite(report, [])) or _schema_errors(report) or list(_summary_errors(report))
+    if errors:
+        path, problem = errors[0]
+        more = f" (and {len(errors) - 1} more problems)" if len(errors) > 1 else ""
+        raise ReportError(f"invalid bench report at {path}: {problem}{more}")
+
+
+# ---------------------------------------------------------------------------------------------------- building
+
+
+def summarize(samples: Sequence[float]) -> dict[str, Any]:
+    """A Summary: p50 and p99 interpolated linearly between order statistics (numpy.percentile's default),
+    the mean, and n; an empty sample gives nulls with n 0."""
+    values = sorted(float(sample) for sample in samples)
+    bad = [value for value in values if not math.isfinite(value)]
+    if bad:
+        raise ConfigError(f"cannot summarize samples holding {bad[0]}: expected finite numbers")
+    if not values:
+        return {"p50": None, "p99": None, "mean": None, "n": 0}
+    return {
+        "p50": _percentile(values, 50),
+        "p99": _percentile(values, 99),
+        "mean": math.fsum(values) / len(values),
+        "n": len(values),
+    }
+
+
+def _percentile(ordered: list[float], q: float) -> float:
+    position = (len(ordered) - 1) * q / 100
+    low = math.floor(position)
+    high = min(low + 1, len(ordered) - 1)
+    return ordered[low] + (position - low) * (ordered[high] - ordered[low])
+
+
+def machine_info(read_bandwidth_gbs: float | None = None, cpuinfo: Path = Path("/proc/cpuinfo")) -> dict[str, Any]:
+    """The `machine` object of a report; read_bandwidth_gbs is whatever the caller measured (or None)."""
+    return {
+        "cpus": os.cpu_count() or 1,
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "torch": _torch_version(),
+        "cpu_model": _cpu_model(cpuinfo),
+        "read_bandwidth_gbs": read_bandwidth_gbs,
+    }
+
+
+def _torch_version() -> str | None:
+    # Importing torch costs seconds; its installed metadata says the same unless torch is loaded already.
+    torch = sys.modules.get("torch")
+    if torch is not None:
+        return str(torch.__version__)
+    try:
+        return importlib.metadata.version("torch")
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def _cpu_model(cpuinfo: Path) -> str | None:
+    try:
+        text = cpuinfo.read_text(errors="replace")
+    except OSError:
+        return None
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() == "model name" and value.strip():
+            return value.strip()
+    return None
+
+
+def new_report(kind: str, settings: dict[str, Any], argv: Sequence[str] | None = None) -> dict[str, Any]:
+    """An empty report of this kind, dated now, describing this machine; argv defaults to sys.argv."""
+    if kind not in KINDS:
+        raise ConfigError(f"unknown bench report kind {kind!r}: expected one of {', '.join(KINDS)}")
+    return {
+        "schema": SCHEMA_ID,
+        "kind": kind,
+        "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+        "command": [str(arg) for arg in (sys.argv if argv is None else argv)],
+        "machine": machine_info(),
+        "settings": _plain(settings),
+        "results": [],
+        "ratios": [],
+        "notes": [],
+    }
+
+
+def add_result(
+    report: dict[str, Any], target: str, config: dict[str, Any], rounds: int = 1, **metrics: Any
+) -> dict[str, Any]:
+    """Append one Result and return it; metric names must be in METRICS (checked here, values at validate)."""
+    unknown = sorted(set(metrics) - set(METRICS))
+    if unknown:
+        raise ConfigError(
+            f"unknown bench metric {unknown[0]!r} for target {target!r}: expected one of " + ", ".join(METRICS)
+        )
+    result = {"target": target, "config": _plain(config), "rounds": rounds, **_plain(metrics)}
+    report["results"].append(result)
+    return result
+
+
+def _plain(value: Any) -> Any:
+    """A copy made of JSON types: tuples become lists, numpy scalars and arrays Python numbers and lists."""
+    if isinstance(value, dict):
+        return {str(key): _plain(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [_plain(item) for item in value]
+    if not isinstance(value, str | int | float | bool) and value is not None and hasattr(value, "tolist"):
+        return _plain(value.tolist())
+    return value
+
+
+def _figure(result: dict[str, Any], metric: str) -> float | None:
+    value = result.get(metric)
+    if metric in SUMMARY_METRICS and isinstance(value, dict):
+        value = value.get("p50")
+    return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else None
+
+
+def pairwise_ratios(report: dict[str, Any], metrics: Sequence[str]) -> list[dict[str, Any]]:
+    """Ratios between targets measured under the same config (compared as canonical JSON): for every ordered
+    pair of distinct targets, the one seen first is the numerator, and for every metric both hold a number
+    (p50 for distributions; a zero denominator is skipped) one entry. Ratios are raw quotients: for
+    throughput higher is better, for latencies (ttft_s, itl_s, latency_us...) lower is better. A target seen
+    twice under one config counts once, its first result. Replaces report["ratios"] and returns it."""
+    unknown = [metric for metric in metrics if metric not in METRICS]
+    if unknown:
+        raise ConfigError(
+            f"cannot compute ratios of unknown metric {unknown[0]!r}: expected one of " + ", ".join(METRICS)
+        )
+    groups: dict[str, dict[str, dict[str, Any]]] = {}
+    for result in report["results"]:
+        group = groups.setdefault(json.dumps(result["config"], sort_keys=True), {})
+        group.setdefault(result["target"], result)
+    ratios = []
+    for group in groups.values():
+        targets = list(group.values())
+        for i, a in enumerate(targets):
+            for b in targets[i + 1 :]:
+                for metric in metrics:
+                    numerator, denominator = _figure(a, metric), _figure(b, metric)
+                    if numerator is None or not denominator:
+                        continue
+                    ratios.append(
+                        {
+                            "metric": metric,
+                            "config": _plain(a["config"]),
+                            "numerator": a["target"],
+                            "denominator": b["target"],
+                            "ratio": numerator / denominator,
+                        }
+                    )
+    report["ratios"] = ratios
+    return ratios
+
+
+# ---------------------------------------------------------------------------------------------------- markdown
+
+
+def _num(digits: int, scale: float = 1.0) -> Callable[[Any], str]:
+    return lambda value: "-" if value is None else f"{value * scale:.{digits}f}"
+
+
+def _pair(digits: int, scale: float = 1.0) -> Callable[[Any], str]:
+    one = _num(digits, scale)
+    return lambda summary: f"{one(summary['p50'])} / {one(summary['p99'])}"
+
+
+def _per_rank(digits: int) -> Callable[[Any], str]:
+    one = _num(digits)
+    return lambda values: " / ".join(one(value) for value in values)
+
+
+def _bandwidth(value: dict[str, Any]) -> str:
+    achieved = _per_rank(1)(value["achieved_gbs"])
+    fraction = " / ".join(f"{share:.0%}" for share in value["fraction"])
+    return f"{achieved} ({fraction})" if fraction else achieved
+
+
+# Table columns in this order: header (with unit) and how a present (non-null) value reads.
+_COLUMNS: dict[str, tuple[str, Callable[[Any], str]]] = {
+    "decode_tok_s": ("decode tok/s", _num(1)),
+    "prompt_tok_s": ("prompt tok/s", _num(1)),
+    "aggregate_tok_s": ("aggregate tok/s", _num(1)),
+    "ttft_s": ("TTFT ms p50 / p99", _pair(1, 1e3)),
+    "itl_s": ("ITL ms p50 / p99", _pair(1, 1e3)),
+    "request_s": ("request s p50 / p99", _pair(2)),
+    "requests": ("ok / errors / timeouts", lambda r: f"{r['ok']} / {r['errors']} / {r['timeouts']}"),
+    "load_s": ("load s", _num(2)),
+    "cold_start_s": ("cold start s", _num(2)),
+    "peak_rss_mb": ("peak RSS MiB per rank", _per_rank(0)),
+    "bandwidth": ("read GB/s per rank (of machine)", _bandwidth),
+    "per_token_ms": (
+        "ms/token compute / comm / total",
+        lambda t: f"{t['compute']:.2f} / {t['communication']:.2f} / {t['total']:.2f}",
+    ),
+    "latency_us": ("latency µs p50 / p99", _pair(1)),
+    "bandwidth_gbs": ("GB/s", _num(2)),
+    "predicted_ms_per_token": ("predicted ms/token", _num(2)),
+    "measured_ms_per_token": ("measured ms/token", _num(2)),
+    "prediction_error": ("prediction error", lambda e: f"{e:+.1%}"),
+}
+
+
+def _cell(value: Any) -> str:
+    text = value if isinstance(value, str) else json.dumps(value, ensure_ascii=False)
+    return text.replace("|", "\\|").replace("\n", " ")
+
+
+def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def _config_text(config: dict[str, Any]) -> str:
+    return ", ".join(f"{key}={_cell(value)}" for key, value in config.items()) or "-"
+
+
+def _results_table(results: list[dict[str, Any]]) -> str:
+    keys = list(dict.fromkeys(key for result in results for key in result["config"]))
+    metrics = [m for m in _COLUMNS if any(result.get(m) is not None for result in results)]
+    header = ["target", *keys, *(_COLUMNS[m][0] for m in metrics)]
+    rows = [
+        [_cell(result["target"]), *(_cell(result["config"][key]) for key in keys),
+         *("-" if result.get(m) is None else _cell(_COLUMNS[m][1](result[m])) for m in metrics)]
+        for result in results
+    ]  # fmt: skip
+    return _table(header, rows)
+
+
+def _machine_text(machine: dict[str, Any]) -> str:
+    parts = [f"{machine['cpus']} CPUs", machine["cpu_model"], machine["platform"], f"Python {machine['python']}"]
+    parts.append(f"torch {machine['torch']}" if machine["torch"] else "no torch")
+    if machine["read_bandwidth_gbs"] is not None:
+        parts.append(f"read {machine['read_bandwidth_gbs']:.1f} GB/s")
+    return ", ".join(part for part in parts if part)
+
+
+def to_markdown(report: dict[str, Any]) -> str:
+    """A valid report as GitHub markdown: title, settings, link, one table per set of config keys, ratios,
+    error samples, notes."""
+    blocks = [
+        f"# tp-ollama bench {report['kind']}: {report['date']}, {_machine_text(report['machine'])}",
+        f"**Settings:** {_config_text(report['settings'])}",
+    ]
+    link = report.get("link")
+    if link:
+        blocks.append(
+            f"**Link (measured, {link['method']}):** latency {link['latency_us']:.1f} µs, "
+            f"bandwidth {link['bandwidth_gbs']:.2f} GB/s; configured: {_config_text(link['configured'])}"
+        )
+    tables: dict[tuple[str, ...], list[dict[str, Any]]] = {}
+    for result in report["results"]:
+        tables.setdefault(tuple(sorted(result["config"])), []).append(result)
+    blocks += [_results_table(results) for results in tables.values()]
+    if report["ratios"]:
+        rows = [[r["metric"], _config_text(r["config"]), _cell(r["numerator"]), _cell(r["denominator"]),
+                 f"{r['ratio']:.3f}"] for r in report["ratios"]]  # fmt: skip
+        blocks.append(
+            "**Ratios** (numerator / denominator; for latencies lower is better)\n\n"
+            + _table(["metric", "config", "numerator", "denominator", "ratio"], rows)
+        )
+    samples = [f"- {_cell(r['target'])}: {_cell(s)}" for r in report["results"] for s in r.get("error_samples") or []]
+    if samples:
+        blocks.append("**Error samples**\n\n" + "\n".join(samples))
+    if report["notes"]:
+        blocks.append("**Notes**\n\n" + "\n".join(f"- {note}" for note in report["notes"]))
+    return "\n\n".join(blocks) + "\n"
+
+
+# ---------------------------------------------------------------------------------------------------- files
+
+
+def plot(report: dict[str, Any], stem: Path) -> list[Path]:
+    """PNG charts `<stem>-<chart>.png` for what the results hold; ConfigError when matplotlib is missing."""
+    from tp_ollama.bench.plots import plot_report
+
+    return plot_report(report, Path(stem))
+
+
+def write(report: dict[str, Any], out: Path) -> list[Path]:
+    """Validate, then write out (JSON; `.json` is appended unless out ends with it), the markdown beside it
+    and the plots; returns the paths written, JSON first."""
+    validate(report)
+    out = Path(out)
+    json_path = out if out.suffix == ".json" else out.with_name(out.name + ".json")
+    stem = json_path.with_suffix("")
+    json_path.parent.mkdir(parents=True, exist_ok=True)
+    json_path.write_text(json.dumps(report, indent=2, ensure_ascii=False, allow_nan=False) + "\n", encoding="utf-8")
+    md_path = stem.with_name(stem.name + ".md")
+    md_path.write_text(to_markdown(report), encoding="utf-8")
+    return [json_path, md_path, *plot(report, stem)]
+
+
+# ---------------------------------------------------------------------------------------------------- progress
+
+
+class Progress:
+    """`with Progress(total, description) as progress: ... progress.advance()`: a rich bar on stderr when it is
+    a terminal (description, bar, M/N, elapsed), else one line per step, `[3/10] description`. With
+    enabled=False it shows nothing (ranks other than 0, --no-progress); stream defaults to sys.stderr."""
+
+    def __init__(self, total: int, description: str, stream: TextIO | None = None, enabled: bool = True) -> None:
+        if isinstance(total, bool) or not isinstance(total, int) or total < 0:
+            raise ConfigError(f"progress total must be a whole number >= 0, got {total!r}")
+        self.total = total
+        self.description = description
+        self.done = 0
+        self.enabled = enabled
+        self._stream = stream
+        self._bar: Any = None
+        self._task: Any = None
+
+    @property
+    def stream(self) -> TextIO:
+        # Looked up late: tests and redirections replace sys.stderr after this object is built.
+        return self._stream if self._stream is not None else sys.stderr
+
+    def __enter__(self) -> Progress:
+        isatty = getattr(self.stream, "isatty", None)
+        if self.enabled and callable(isatty) and isatty():
+            self._start_rich()
+        return self
+
+    def _start_rich(self) -> None:
+        try:
+            from rich.console import Console
+            from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn
+            from rich.progress import Progress as RichProgress
+        except ImportError:
+            return  # plain lines instead
+        columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+        self._bar = RichProgress(*columns, console=Console(file=self.stream), transient=False)
+        self._bar.start()
+        self._task = self._bar.add_task(self.description, total=self.total)
+
+    def advance(self, description: str | None = None) -> None:
+        """One step done; description, when given, replaces the text shown from now on."""
+        self.done += 1
+        if description is not None:
+            self.description = description
+        if self._bar is not None:
+            self._bar.update(self._task, advance=1, description=self.description)
+        elif self.enabled:
+            print(f"[{self.done}/{self.total}] {self.description}", file=self.stream, flush=True)
+
+    def __exit__(self, kind: type[BaseException] | None, error: BaseException | None, tb: TracebackType | None) -> None:
+        bar, self._bar = self._bar, None
+        if bar is None:
+            return
+        try:
+            bar.stop()
+        except Exception:
+            pass  # a broken terminal must not hide the outcome of the work itself
