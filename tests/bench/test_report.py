@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 
 from tp_ollama.bench import report as rp
+from tp_ollama.bench import schema
 from tp_ollama.errors import ConfigError, TpOllamaError
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -88,7 +89,7 @@ REPORTS = {"decode": decode_report, "serve": serve_report, "compare": compare_re
 def by_hand(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> bool:
     """Run a validation test with jsonschema and again with the checks validate does without it."""
     if request.param:
-        monkeypatch.setattr(rp, "_load_jsonschema", lambda: None)
+        monkeypatch.setattr(schema, "_load_jsonschema", lambda: None)
     return bool(request.param)
 
 
