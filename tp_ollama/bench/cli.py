@@ -40,6 +40,21 @@ def split_list(value: str, what: str, kind: Callable[[str], Any] = str) -> list[
         raise typer.BadParameter(f"{what} {value!r} is invalid: expected a comma-separated list of numbers") from None
 
 
+def load_report(path: Path, kind: str) -> dict[str, Any]:
+    """An earlier report of this kind, checked."""
+    from tp_ollama.bench import report as rpt
+    from tp_ollama.errors import ConfigError
+
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"{path}: not a readable bench report ({e})") from None
+    rpt.validate(data)
+    if data["kind"] != kind:
+        raise ConfigError(f"{path}: a {data['kind']} report, expected a {kind} report")
+    return data
+
+
 def emit(report: dict[str, Any] | None, out: Path | None) -> None:
     from tp_ollama.bench import report as rpt
 
@@ -72,6 +87,12 @@ def decode(
     node_rank: NodeRankOpt = 0,
     master_addr: MasterAddrOpt = "127.0.0.1",
     master_port: MasterPortOpt = 0,
+    calibration: Annotated[
+        Path | None, typer.Option(help="A decode report whose TP=1 runs calibrate the cost model's predictions.")
+    ] = None,
+    ranks_per_host: Annotated[
+        int | None, typer.Option(help="Ranks sharing one memory bus, for the predictions (default: per node).")
+    ] = None,
     out: OutOpt = None,
     progress: ProgressOpt = True,
     debug: DebugOpt = False,
@@ -92,6 +113,8 @@ def decode(
             rounds=rounds,
             comm=comm,
             nodes=Nodes(nnodes, node_rank, master_addr, master_port),
+            calibration=load_report(calibration, "decode") if calibration else None,
+            ranks_per_host=ranks_per_host,
             progress=progress,
             argv=sys.argv,
         )

@@ -16,7 +16,9 @@ that the machine's drift hits all alike. Per run, on every rank:
 
 The prompt is fixed token ids: timing does not depend on the text, and no tokenizer is loaded.
 With several ranks the link between them is measured too (all-reduce of a small and a large message),
-so that the cost model can say what it predicts for the same shape and link.
+and the cost model (tp_ollama.bench.costmodel), calibrated on the TP=1 run of the same dtype, packing
+and lengths (this report's, or a `--calibration` report's), predicts each TP>1 run from its shape and
+that measured link: predicted_ms_per_token next to measured_ms_per_token in the report.
 """
 
 from __future__ import annotations
@@ -198,10 +200,14 @@ def run_decode(
     comm: str = "auto",
     nodes: Nodes | None = None,
     read_bandwidth: bool = True,
+    calibration: dict[str, Any] | None = None,
+    ranks_per_host: int | None = None,
     progress: bool = True,
     argv: Sequence[str] | None = None,
 ) -> dict[str, Any] | None:
-    """Measure every combination; returns the report on node 0 (None on the others)."""
+    """Measure every combination; returns the report on node 0 (None on the others). `calibration`: an
+    earlier decode report whose TP=1 runs calibrate the cost model; `ranks_per_host`: ranks sharing one
+    memory bus, for the prediction (default: the ranks each node runs)."""
     from tp_ollama.parallel.comm import check_comm_kind
 
     nodes = nodes or Nodes()
@@ -233,4 +239,52 @@ def run_decode(
     for cfg in configs:
         config = {k: v for k, v in asdict(cfg).items() if k != "comm" or cfg.tp > 1}
         rpt.add_result(report, cfg.label, config, rounds=rounds, **summarize_runs(cfg, runs[cfg], bandwidth))
+    add_predictions(report, model, calibration or report, ranks_per_host)
     return report
+
+
+def _workload(config: dict[str, Any]) -> tuple[Any, ...]:
+    return config["dtype"], config["quant"], config["prompt_tokens"], config["gen_tokens"]
+
+
+def add_predictions(
+    report: dict[str, Any], model: str, calibration: dict[str, Any], ranks_per_host: int | None = None
+) -> None:
+    """Fill predicted/measured ms per token into every TP>1 result that has a measured link and a TP=1
+    run of the same workload in `calibration` (a decode report); the rest are left as measured, with
+    the reason in the report's notes."""
+    from tp_ollama.bench.costmodel import Link, calibrate, predict
+    from tp_ollama.bench.shapes import shape_of
+    from tp_ollama.checkpoints.loader import open_checkpoint, resolve_dtype
+    from tp_ollama.store.embedded import resolve_model
+
+    tp1 = {_workload(r["config"]): r for r in calibration["results"] if r["config"]["tp"] == 1}
+    read_gbs = calibration["machine"].get("read_bandwidth_gbs")
+    targets = [r for r in report["results"] if r["config"]["tp"] > 1]
+    if not targets:
+        return
+    ckpt = open_checkpoint(resolve_model(model))
+    shape = shape_of(ckpt.config)
+    ckpt.close()
+    nnodes = report["settings"]["nodes"]["nnodes"]
+    for r in targets:
+        cfg, link, base = r["config"], r["extra"].get("link"), tp1.get(_workload(r["config"]))
+        why = None if base and link and read_gbs else "no TP=1 run of the same workload, link or read bandwidth"
+        if cfg["quant"] == "auto":
+            why = "quant auto packs per tensor; the cost model takes none, int8 or int4"
+        if why is not None:
+            report["notes"].append(f"{r['target']}: no prediction ({why})")
+            continue
+        assert base is not None and read_gbs is not None
+        dtype = str(resolve_dtype(cfg["dtype"])).removeprefix("torch.")
+        context = cfg["prompt_tokens"] + cfg["gen_tokens"] // 2  # positions read, on average over decode
+        cal = calibrate(shape, cfg["quant"], dtype, base["per_token_ms"]["total"] / 1e3, read_gbs * 1e9,
+                        cores=os.cpu_count(), context=context)  # fmt: skip
+        hosts_ranks = ranks_per_host or max(1, cfg["tp"] // nnodes)
+        p = predict(shape, cfg["tp"], Link.from_us_gbs(link["latency_us"], link["bandwidth_gbs"]), cal, cfg["quant"],
+                    dtype, ranks_per_host=hosts_ranks, context=context)  # fmt: skip
+        r["predicted_ms_per_token"] = p.total_s * 1e3
+        r["measured_ms_per_token"] = r["per_token_ms"]["total"]
+        r["prediction_error"] = r["predicted_ms_per_token"] / r["measured_ms_per_token"] - 1
+        r["extra"]["predicted_per_token_ms"] = p.per_token_ms()
+        r["extra"]["prediction_notes"] = list(p.notes)

@@ -29,6 +29,7 @@ from typing import Any
 
 import torch
 
+from tp_ollama.bench.preflight import link_preflight
 from tp_ollama.engine.batch import Batch, Plan, Planner, Request
 from tp_ollama.engine.constraint import Grammar, GrammarVocabulary, LocalConstraint, ShardedConstraint, vocabulary_for
 from tp_ollama.engine.embed import embed_batch
@@ -206,8 +207,11 @@ class EngineState:
         size = model_bytes(model)
         described = [{**entry, "device": self.job.device} for entry in layout.describe()]
         precision = describe_precision(model)
+        warning = link_preflight(self.comm, model)
         if self.comm.rank == 0:
             log.warning("loaded %s: %s", cmd["path"], precision_line(precision))
+        if warning is not None:
+            log.warning("%s", warning)
         self.loaded = {**key, "world_size": world, "layout": described, "size_bytes": size * world,
                        "precision": precision,
                        "load_seconds": time.perf_counter() - t0, "kv_blocks": pool.num_blocks,

@@ -162,6 +162,7 @@ def worker_main(job: WorkerJob) -> None:
 
 
 def _run(job: WorkerJob) -> None:
+    from tp_ollama.bench.preflight import link_preflight
     from tp_ollama.parallel.comm import init_distributed, make_comm
     from tp_ollama.store.embedded import resolve_model
 
@@ -175,6 +176,9 @@ def _run(job: WorkerJob) -> None:
     model, layout, ckpt = load_shard(path, comm, job.dtype, job.device, job.tp_weights, job.quant)
     load_s = time.perf_counter() - t0
     log.info("rank %d loaded its shard %s in %.2f s", rank, layout.describe()[rank], load_s)
+    warning = link_preflight(comm, model)
+    if warning is not None:
+        print(f"Warning: {warning}", file=sys.stderr, flush=True)
 
     tokenizer, request = _prepare_request(job, path, ckpt) if rank == 0 else (None, None)
     data = json.loads(comm.broadcast_bytes(json.dumps(request).encode() if rank == 0 else None, src=0))

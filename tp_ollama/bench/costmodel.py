@@ -1,0 +1,401 @@
+"""A cost model of one decode step (one token) on a tensor-parallel group, to predict tok/s for a
+model shape, a group size and a link before running it, and to say when TP would be slower than
+one node.
+
+Units: bytes, seconds, bytes per second (GB/s = 1e9 bytes/s, as `bench bandwidth` reports).
+
+    step_s  = compute_s + communication_s                                 tok_s = 1 / step_s
+
+Compute: a decode step is memory-bandwidth bound: each rank reads its shard of the weights once
+(plus its part of the KV cache), and pays a fixed dispatch cost per layer for the Python/torch op
+calls. The ranks of one host share its memory bus, so a host is done when the bus has carried the
+bytes of all its ranks; when a host runs more ranks than it has cores, they also take turns on them:
+
+    host_s[h]  = sum(bytes[r] for r on h) / (efficiency * read_bandwidth_bytes_s)
+                 + num_hidden_layers * layer_overhead_s * max(1, ranks_on_h / cores)
+    compute_s  = max over hosts of host_s        (the collectives make every rank wait for the slowest)
+
+    bytes[r]   = weight_bytes_per_rank(...)[r] + kv_bytes_per_rank(...)[r]
+
+Weight bytes of rank r follow TPLayout.build's split (uneven head / row / vocab spans for any N):
+  per layer  q (q_heads_r * head_dim, hidden), k and v (kv_heads_r * head_dim, hidden),
+             o (hidden, q_heads_r * head_dim), gate and up (mlp_rows_r, hidden), down (hidden, mlp_rows_r);
+             Qwen2's q/k/v biases; RMSNorm weights (every rank holds them whole)
+  head       the LM head's vocabulary rows (vocab_rows_r, hidden) — the embedding itself when tied;
+             an untied embedding costs one looked-up row
+  rest       the final norm, rotary inverse frequencies (head_dim / 2 float32 per table), and
+             when sharded the plan's kv_map (one int64 per local query head and layer)
+A (rows, cols) matrix costs, as tp_ollama.kernels.quant packs it:
+  none       rows * cols * dtype bytes
+  int8       rows * cols + 2 * rows                          (int8 codes, one bf16 scale per row)
+  int4       rows * cols / 2 + 4 * rows * cols / 32          (4-bit codes, bf16 scale + zero per
+             group of 32 inputs per row) when rows % 64 == 0 and cols % 32 == 0, else int8
+             (what the loader falls back to for shards the CPU int4 kernel does not take)
+Norms, biases, rotary tables and activations stay in the activation dtype (tables: float32).
+KV cache read per step: layers * 2 * kv_heads_r * head_dim * context * dtype bytes.
+
+Communication: the collectives of one step (collectives_per_token), each through fastcomm:
+
+    communication_s = sum(per_token * collective_s(link, op, nbytes, world))
+    collective_s    = latency_s + (world - 1) * (HEADER_BYTES + nbytes) / bandwidth_bytes_s   (world > 1)
+
+fastcomm's TCP mesh moves every collective as one exchange of 16-byte-header messages: all_reduce
+and all_gather send the whole tensor to each of the world - 1 peers and receive one from each
+(sends and receives overlap: the link is full duplex, bandwidth is per rank and direction);
+broadcast and broadcast_bytes send world - 1 copies from the source, which the last receiver waits
+for. `latency_s` is therefore one one-way message delay plus the software cost of one collective
+(what a tiny all-reduce costs, as `bench collectives` measures it), not a ping round trip. The
+shared-memory transport fits the same formula with its own (smaller) latency and bandwidth. A group
+of one moves nothing. Tensors over fastcomm's max_bytes (1 MiB) go through gloo instead; decode's
+never do.
+
+Per decode step, the real engine does (checked against comm.stats by tests/bench/test_costmodel.py):
+  all_reduce   2 * layers + 1 of hidden * dtype bytes (after attention, after the MLP, the embedding)
+  broadcast    1 of 8 bytes (BroadcastLockstep's int64 go-on flag from rank 0)
+  all_gather   1 of 16 * candidates bytes (the sampler's per-rank (value, id) float64 candidates:
+               1 for greedy and unrestricted sampling, top_k with top_k, 1024 for top_p alone)
+
+Calibration: `calibrate` fits `efficiency` from a TP=1 measurement of the same shape, packing and
+dtype, given the host's read bandwidth and the per-layer overhead, so that predicting TP=1 gives
+the measured time back.
+
+Limits: every host is taken to be like the calibrated one (--tp-weights shape the split, not the
+speeds); one efficiency stands for both bandwidth and the packed kernels' arithmetic, which is what
+bounds int8/int4 on few cores (bench/results/quant_decode.json: int4 TP=2 on one 2-core host ran at
+28.9 tok/s where this model, calibrated on int4 TP=1 at 47.3, says 45.7); sliding-window layers are
+charged the whole context (an upper bound).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import NamedTuple
+
+from tp_ollama.bench.shapes import ModelShape
+from tp_ollama.errors import ConfigError
+from tp_ollama.parallel.layout import TPLayout
+
+QUANTS = ("none", "int8", "int4")
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+OPS = ("all_reduce", "all_gather", "broadcast", "broadcast_bytes", "barrier")
+# Kept equal to the real modules by tests: fastcomm_tcp.HEADER.size, kernels.quant.INT4_TILE and
+# SCALE_DTYPE's size, kernels.loading.INT4_GROUP.
+HEADER_BYTES = 16
+INT4_TILE = 64
+INT4_GROUP = 32
+SCALE_BYTES = 2
+ROTARY_BYTES = 4  # inverse frequencies are float32 whatever the dtype
+KV_MAP_BYTES = 8  # one int64 per local query head and layer, read by attention's index_select
+LOCKSTEP_BYTES = 8  # BroadcastLockstep's flag: one int64
+CANDIDATE_BYTES = 16  # the sampler's (logit, id) pair: two float64
+# Fixed cost of one layer in one decode step (Python/torch op dispatch), from the decode time of
+# random models of hidden size 64 (weight reads negligible) at 2 and 18 layers, one thread, on the
+# shared 2-core development machine (load average 3-4 meanwhile): 235-350 µs a Llama block and
+# 340-410 µs a Gemma 3 block in float32, 1.5-2x that in bfloat16. Measure it per machine where it
+# matters: write_random_model(ModelShape(family, 64, 256, L, 4, 2, 16, 320, True)) at two L.
+DEFAULT_LAYER_OVERHEAD_S = 300e-6
+
+
+class Collective(NamedTuple):
+    op: str
+    nbytes: int
+    per_token: int
+
+
+@dataclass(frozen=True)
+class Link:
+    """What one collective costs on the network between ranks: a fixed latency, then bandwidth."""
+
+    latency_s: float
+    bandwidth_bytes_s: float
+
+    def __post_init__(self) -> None:
+        if not math.isfinite(self.latency_s) or self.latency_s < 0:
+            raise ConfigError(f"link latency {self.latency_s!r} s is invalid: expected a finite value >= 0")
+        if not math.isfinite(self.bandwidth_bytes_s) or self.bandwidth_bytes_s <= 0:
+            raise ConfigError(
+                f"link bandwidth {self.bandwidth_bytes_s!r} bytes/s is invalid: expected a finite value > 0"
+            )
+
+    @classmethod
+    def from_us_gbs(cls, latency_us: float, bandwidth_gbs: float) -> Link:
+        return cls(latency_s=float(latency_us) * 1e-6, bandwidth_bytes_s=float(bandwidth_gbs) * 1e9)
+
+    def describe(self) -> str:
+        return f"{self.latency_s * 1e6:.4g} µs latency and {self.bandwidth_bytes_s / 1e9:.3g} GB/s"
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """What a host reads per second and what share of it a decode step achieves.
+
+    read_bandwidth_bytes_s: the host's STREAM-like read bandwidth (shared by all its ranks);
+    efficiency: the fraction of it that decode's weight reads achieve (fitted by `calibrate`);
+    layer_overhead_s: fixed seconds per layer per step (op dispatch), whatever the shard size;
+    cores: the host's cores, None when unknown (then ranks are assumed to have a core each)."""
+
+    read_bandwidth_bytes_s: float
+    efficiency: float
+    layer_overhead_s: float = DEFAULT_LAYER_OVERHEAD_S
+    cores: int | None = None
+
+    def __post_init__(self) -> None:
+        if not math.isfinite(self.read_bandwidth_bytes_s) or self.read_bandwidth_bytes_s <= 0:
+            raise ConfigError(
+                f"read bandwidth {self.read_bandwidth_bytes_s!r} bytes/s is invalid: expected a finite value > 0"
+            )
+        if not math.isfinite(self.efficiency) or self.efficiency <= 0:
+            raise ConfigError(f"bandwidth efficiency {self.efficiency!r} is invalid: expected a finite value > 0")
+        if not math.isfinite(self.layer_overhead_s) or self.layer_overhead_s < 0:
+            raise ConfigError(f"layer overhead {self.layer_overhead_s!r} s is invalid: expected a finite value >= 0")
+        if self.cores is not None and self.cores < 1:
+            raise ConfigError(f"cores={self.cores!r} is invalid: expected at least 1 (or None: unknown)")
+
+
+@dataclass(frozen=True)
+class RankCost:
+    rank: int
+    host: int
+    weight_bytes: int
+    kv_bytes: int
+    compute_s: float  # its host's: the ranks of a host finish together, sharing the bus
+
+
+@dataclass(frozen=True)
+class Prediction:
+    world: int
+    link: Link
+    compute_s: float
+    communication_s: float
+    total_s: float
+    tok_s: float
+    ranks: tuple[RankCost, ...]
+    collectives: tuple[Collective, ...]
+    notes: tuple[str, ...] = ()
+
+    def per_token_ms(self) -> dict[str, float]:
+        """The report's per_token_ms."""
+        return {
+            "compute": self.compute_s * 1e3,
+            "communication": self.communication_s * 1e3,
+            "total": self.total_s * 1e3,
+        }
+
+    def bytes_per_token(self) -> list[int]:
+        """Bytes each rank reads per step (weights and KV cache): the report's bandwidth.bytes_per_token."""
+        return [r.weight_bytes + r.kv_bytes for r in self.ranks]
+
+
+def check_quant(quant: str) -> str:
+    if quant not in QUANTS:
+        raise ConfigError(
+            f"quant {quant!r} is not supported by the cost model; expected one of {', '.join(QUANTS)} "
+            "(resolve `auto` per tensor from the checkpoint first)"
+        )
+    return quant
+
+
+def dtype_bytes(dtype: str) -> int:
+    if dtype not in DTYPE_BYTES:
+        raise ConfigError(
+            f"dtype {dtype!r} is not supported by the cost model; expected one of {', '.join(DTYPE_BYTES)} "
+            "(resolve `auto` with tp_ollama.checkpoints.loader.resolve_dtype first)"
+        )
+    return DTYPE_BYTES[dtype]
+
+
+def check_world(world: int) -> int:
+    if not isinstance(world, int) or isinstance(world, bool) or world < 1:
+        raise ConfigError(f"world size {world!r} is invalid: expected an integer >= 1")
+    return world
+
+
+def matrix_bytes(rows: int, cols: int, quant: str, itemsize: int) -> int:
+    """Bytes of a (rows, cols) weight as the loader packs it (see the module docstring)."""
+    if quant == "none":
+        return rows * cols * itemsize
+    if quant == "int4" and rows % INT4_TILE == 0 and cols % INT4_GROUP == 0:
+        return rows * cols // 2 + (cols // INT4_GROUP) * rows * 2 * SCALE_BYTES
+    return rows * cols + rows * SCALE_BYTES
+
+
+def layout_of(shape: ModelShape, world: int, weights: Sequence[float] | None = None) -> TPLayout:
+    return TPLayout.build(shape, check_world(world), weights)
+
+
+def weight_bytes_per_rank(
+    shape: ModelShape, world: int, quant: str, dtype: str, weights: Sequence[float] | None = None
+) -> list[int]:
+    """Bytes of weights each rank reads in one decode step, in rank order."""
+    check_quant(quant)
+    item = dtype_bytes(dtype)
+    layout = layout_of(shape, world, weights)
+    d, hd = shape.hidden_size, shape.head_dim
+    out = []
+    for r in range(world):
+        q = (layout.q_heads[r][1] - layout.q_heads[r][0]) * hd
+        kv = (layout.kv_heads[r][1] - layout.kv_heads[r][0]) * hd
+        mlp = layout.mlp[r][1] - layout.mlp[r][0]
+        vocab = layout.vocab[r][1] - layout.vocab[r][0]
+        layer = (
+            matrix_bytes(q, d, quant, item)
+            + 2 * matrix_bytes(kv, d, quant, item)
+            + matrix_bytes(d, q, quant, item)
+            + 2 * matrix_bytes(mlp, d, quant, item)
+            + matrix_bytes(d, mlp, quant, item)
+        )
+        layer += ((q + 2 * kv) if shape.qkv_bias else 0) * item
+        layer += (shape.hidden_norms_per_layer * d + (2 * hd if shape.qk_norm else 0)) * item
+        head = matrix_bytes(vocab, d, quant, item)
+        if not shape.tie_word_embeddings:
+            head += head // vocab  # the embedding lookup reads one row of this rank's table
+        # The plan's kv_map (which KV head each local query head reads) only exists when sharded.
+        layer += (q // hd) * KV_MAP_BYTES if world > 1 else 0
+        rest = d * item + shape.rotary_tables * (hd // 2) * ROTARY_BYTES
+        out.append(shape.num_hidden_layers * layer + head + rest)
+    return out
+
+
+def kv_bytes_per_rank(
+    shape: ModelShape, world: int, dtype: str, context: int, weights: Sequence[float] | None = None
+) -> list[int]:
+    """Bytes of keys and values each rank reads in one decode step attending over `context` positions
+    (sliding-window layers read at most their window: this is the full-attention upper bound)."""
+    if not isinstance(context, int) or context < 0:
+        raise ConfigError(f"context {context!r} is invalid: expected a number of positions >= 0")
+    item = dtype_bytes(dtype)
+    layout = layout_of(shape, world, weights)
+    return [shape.num_hidden_layers * 2 * (b - a) * shape.head_dim * context * item for a, b in layout.kv_heads]
+
+
+def collectives_per_token(
+    shape: ModelShape, world: int, dtype: str = "float32", candidates: int = 1
+) -> list[Collective]:
+    """The collectives of one decode step as the engine calls them (see the module docstring). A
+    group of one still calls the lockstep broadcast (comm.stats counts it); it moves nothing."""
+    check_world(world)
+    if not isinstance(candidates, int) or candidates < 1:
+        raise ConfigError(f"candidates={candidates!r} is invalid: expected at least 1 (1 for greedy)")
+    lockstep = Collective("broadcast", LOCKSTEP_BYTES, 1)
+    if world == 1:
+        return [lockstep]
+    activation = shape.hidden_size * dtype_bytes(dtype)
+    return [
+        Collective("all_reduce", activation, 2 * shape.num_hidden_layers + 1),
+        lockstep,
+        Collective("all_gather", CANDIDATE_BYTES * candidates, 1),
+    ]
+
+
+def collective_s(link: Link, op: str, nbytes: int, world: int) -> float:
+    """Seconds of one collective of an `nbytes` tensor over the group (see the module docstring)."""
+    if op not in OPS:
+        raise ConfigError(f"collective {op!r} is not known; expected one of {', '.join(OPS)}")
+    if nbytes < 0:
+        raise ConfigError(f"collective size {nbytes!r} bytes is invalid: expected >= 0")
+    if check_world(world) == 1:
+        return 0.0
+    return link.latency_s + (world - 1) * (HEADER_BYTES + nbytes) / link.bandwidth_bytes_s
+
+
+def calibrate(
+    shape: ModelShape,
+    quant: str,
+    dtype: str,
+    measured_tp1_s_per_token: float,
+    read_bandwidth_bytes_s: float,
+    layer_overhead_s: float = DEFAULT_LAYER_OVERHEAD_S,
+    cores: int | None = None,
+    context: int = 0,
+) -> Calibration:
+    """Fit the bandwidth efficiency from one TP=1 decode measurement of this shape, packing and
+    dtype (with `context` positions in the KV cache on average)."""
+    if not math.isfinite(measured_tp1_s_per_token) or measured_tp1_s_per_token <= 0:
+        raise ConfigError(f"measured time {measured_tp1_s_per_token!r} s per token is invalid: expected > 0")
+    probe = Calibration(read_bandwidth_bytes_s, 1.0, layer_overhead_s, cores)  # validates the inputs
+    step_bytes = weight_bytes_per_rank(shape, 1, quant, dtype)[0] + kv_bytes_per_rank(shape, 1, dtype, context)[0]
+    fixed = _overhead_s(shape, probe, 1)
+    if measured_tp1_s_per_token <= fixed:
+        raise ConfigError(
+            f"measured {measured_tp1_s_per_token * 1e3:.3f} ms per token is not more than the fixed overhead "
+            f"{shape.num_hidden_layers} layers x {layer_overhead_s * 1e6:g} µs = {fixed * 1e3:.3f} ms: "
+            "give a smaller layer_overhead_s"
+        )
+    efficiency = step_bytes / ((measured_tp1_s_per_token - fixed) * read_bandwidth_bytes_s)
+    return Calibration(read_bandwidth_bytes_s, efficiency, layer_overhead_s, cores)
+
+
+def predict(
+    shape: ModelShape,
+    world: int,
+    link: Link,
+    calibration: Calibration,
+    quant: str,
+    dtype: str,
+    ranks_per_host: int = 1,
+    weights: Sequence[float] | None = None,
+    context: int = 0,
+    candidates: int = 1,
+) -> Prediction:
+    """Seconds per token and tok/s of decode on `world` ranks, `ranks_per_host` to a host (the last
+    host takes what is left), over `link`; `weights` as --tp-weights."""
+    check_world(world)
+    if not isinstance(ranks_per_host, int) or ranks_per_host < 1:
+        raise ConfigError(f"ranks_per_host={ranks_per_host!r} is invalid: expected at least 1")
+    weight_bytes = weight_bytes_per_rank(shape, world, quant, dtype, weights)
+    kv_bytes = kv_bytes_per_rank(shape, world, dtype, context, weights)
+    hosts = [r // ranks_per_host for r in range(world)]
+    host_s = {}
+    for h in sorted(set(hosts)):
+        members = [r for r in range(world) if hosts[r] == h]
+        host_bytes = sum(weight_bytes[r] + kv_bytes[r] for r in members)
+        bus = calibration.efficiency * calibration.read_bandwidth_bytes_s
+        host_s[h] = host_bytes / bus + _overhead_s(shape, calibration, len(members))
+    ranks = tuple(RankCost(r, hosts[r], weight_bytes[r], kv_bytes[r], host_s[hosts[r]]) for r in range(world))
+    collectives = tuple(collectives_per_token(shape, world, dtype, candidates))
+    communication = sum(c.per_token * collective_s(link, c.op, c.nbytes, world) for c in collectives)
+    compute = max(host_s.values())
+    total = compute + communication
+    return Prediction(
+        world=world,
+        link=link,
+        compute_s=compute,
+        communication_s=communication,
+        total_s=total,
+        tok_s=1.0 / total,
+        ranks=ranks,
+        collectives=collectives,
+        notes=tuple(_notes(calibration, min(ranks_per_host, world))),
+    )
+
+
+def preflight_warning(prediction_tp1: Prediction, prediction_tpn: Prediction) -> str | None:
+    """One line when the group is predicted slower than one node, else None."""
+    if prediction_tpn.world <= 1 or prediction_tpn.tok_s >= prediction_tp1.tok_s:
+        return None
+    p = prediction_tpn
+    return (
+        f"TP={p.world} is predicted at {p.tok_s:.1f} tok/s, slower than one node at {prediction_tp1.tok_s:.1f} tok/s: "
+        f"over a link of {p.link.describe()}, {sum(c.per_token for c in p.collectives)} collectives per token take "
+        f"{p.communication_s * 1e3:.1f} ms of the {p.total_s * 1e3:.1f} ms a token would take"
+    )
+
+
+def _overhead_s(shape: ModelShape, calibration: Calibration, ranks_on_host: int) -> float:
+    """Dispatch time of one step: per layer, stretched when the host's ranks outnumber its cores."""
+    share = 1.0 if calibration.cores is None else max(1.0, ranks_on_host / calibration.cores)
+    return shape.num_hidden_layers * calibration.layer_overhead_s * share
+
+
+def _notes(calibration: Calibration, ranks_per_host: int) -> list[str]:
+    notes = []
+    if ranks_per_host > 1:
+        notes.append(f"{ranks_per_host} ranks share each host's memory bus: TP on one host adds no read bandwidth")
+    if calibration.cores is not None and ranks_per_host > calibration.cores:
+        notes.append(
+            f"{ranks_per_host} ranks per host on {calibration.cores} cores: ranks take turns on the cores, "
+            "the per-layer overhead is stretched accordingly"
+        )
+    return notes
