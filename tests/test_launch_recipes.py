@@ -5,9 +5,10 @@
   operators' variables (LWS_*, MASTER_ADDR/RANK/PET_*) onto `tp-ollama launch` flags, checked by running
   each command with a stand-in tp-ollama that reports its arguments.
 - Real two-node generations: the ssh script (with a stand-in ssh that runs the "remote" command here),
-  the Slurm script (stand-in srun/scontrol) and, as root with iproute2, the network-namespace script,
-  after which nothing it created may remain. Traffic goes only to the loopback and to the addresses
-  of the namespaces the script creates.
+  the Slurm script (stand-in srun/scontrol) and, as root with iproute2, the two-node network-namespace
+  script (a wrapper of netns-cluster.sh, tested in depth in tests/parallel/test_netns_cluster.py), after
+  which nothing it created may remain. Traffic goes only to the loopback and to the addresses of the
+  namespaces the script creates.
 """
 
 from __future__ import annotations
@@ -92,6 +93,7 @@ def test_the_recipes_are_all_there():
         "k8s-pytorchjob.yaml",
         "Dockerfile",
         "netns-two-nodes.sh",
+        "netns-cluster.sh",
     } <= names
 
 
@@ -115,6 +117,21 @@ def test_scripts_answer_help(script: Path):
     assert done.returncode == 0, done.stderr
     assert done.stdout.startswith("Usage:") and "MODEL PROMPT" in done.stdout
     assert "one-shot" in done.stdout  # says what launch does today
+
+
+def test_netns_scripts_document_their_options():
+    cluster = subprocess.run([str(LAUNCH / "netns-cluster.sh"), "--help"], capture_output=True, text=True, timeout=30)
+    assert cluster.returncode == 0, cluster.stderr
+    for word in ("--nodes K", "--rate RATE", "--delay-us US", "--exec", "TP_OLLAMA_LINK_DELAY_US", "NODE_RANK",
+                 "NODE_ADDR", "MASTER_ADDR", "MASTER_PORT", "--timeout", "10.78.0.1"):  # fmt: skip
+        assert word in cluster.stdout, word
+    two = subprocess.run([str(LAUNCH / "netns-two-nodes.sh"), "--help"], capture_output=True, text=True, timeout=30)
+    assert two.returncode == 0, two.stderr
+    assert two.stdout.startswith("Usage: netns-two-nodes.sh") and "netns-cluster.sh --nodes 2" in two.stdout
+    refused = subprocess.run(
+        [str(LAUNCH / "netns-two-nodes.sh"), "--nodes", "3", "m", "p"], capture_output=True, text=True, timeout=30
+    )
+    assert refused.returncode == 2 and "--nodes is always 2 here" in refused.stderr
 
 
 def test_scripts_reject_a_misplaced_tp_ollama_flag():
@@ -445,17 +462,17 @@ def test_netns_two_nodes_generate_and_leave_nothing_behind():
         out, err = proc.communicate(timeout=60)
         pytest.fail(f"netns-two-nodes.sh ran past 120 s; stderr: {err[-2000:]}")
     elapsed = time.monotonic() - t0
-    ns_made = {f"tpo-{proc.pid}-n0", f"tpo-{proc.pid}-n1"}
-    links_made = {f"tpo{proc.pid}a", f"tpo{proc.pid}b"}
+    # the wrapper execs netns-cluster.sh, so the names carry the pid started here
+    ns_made = {f"tpo-{proc.pid}-n0", f"tpo-{proc.pid}-n1", f"tpo-{proc.pid}-br"}
+    node_links = {f"tpo{proc.pid}n0", f"tpo{proc.pid}n1"}
     assert proc.returncode == 0, err
     assert "Paris" in out, (out, err)
     assert elapsed < 120
-    # nothing new named like the script's namespaces (tpo-<pid>-n0) and veths (tpo<pid>a) is left
+    # nothing new named like the script's namespaces (tpo-<pid>-n0) and interfaces (tpo<pid>n0) is left
     netns_after, links_after = ip_names("netns", "list"), ip_names("-o", "link", "show")
     assert {n for n in netns_after - netns_before if n.startswith("tpo")} == set()
     assert not ns_made & netns_after
     assert {n for n in links_after - links_before if n.startswith("tpo")} == set()
-    assert not links_made & links_after
-    # every process of the run carried GLOO_SOCKET_IFNAME=<its veth>: none may be left
-    for link in links_made:
+    # every process of the run carried GLOO_SOCKET_IFNAME=<its node's interface>: none may be left
+    for link in node_links:
         assert marked_processes("GLOO_SOCKET_IFNAME", link) == []

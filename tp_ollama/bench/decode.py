@@ -11,6 +11,8 @@ that the machine's drift hits all alike. Per run, on every rank:
                     exactly that many); tok/s = those tokens / their wall time on rank 0
     communication   time inside collectives during decode (the communicator's own clock), per token;
                     compute is the rest of the token's time
+    step_ms_p50     the median token's time (extra): what the cost model is checked against, since a
+                    mean also carries the steps the OS descheduled
     bytes_per_token weights the rank holds, each storage once: what one decode step reads
     peak_rss_mb     the rank's peak resident set
 
@@ -37,6 +39,7 @@ from tp_ollama.bench.bandwidth import peak_rss_mb
 from tp_ollama.errors import ConfigError
 
 TIMEOUT_S = 600.0
+LINK_BUDGET_S = 1.0  # a bench can spend a second on the link: many calls, a steady median
 
 
 @dataclass(frozen=True)
@@ -100,7 +103,7 @@ def rank_decode(model: str, config: dict[str, Any], measure_link: bool) -> dict[
     if measure_link and comm.world_size > 1:
         from tp_ollama.bench.collectives import measure_link as measure
 
-        link = measure(comm)
+        link = measure(comm, budget_s=LINK_BUDGET_S)
     vocab = int(m.config.vocab_size)  # type: ignore[union-attr, arg-type]
     prompt = prompt_ids(cfg.prompt_tokens, vocab)
     options = GenerationOptions(
@@ -112,10 +115,21 @@ def rank_decode(model: str, config: dict[str, Any], measure_link: bool) -> dict[
     next(gen)
     ttft_s = time.perf_counter() - t1
     counts_before, comm_before = dict(comm.stats), comm.seconds
-    t2 = time.perf_counter()
-    tokens = sum(1 for _ in gen)
+    t2 = last = time.perf_counter()
+    last_comm = comm_before
+    steps_s: list[float] = []  # every token's own time: medians shrug off a descheduled step
+    steps_comm_s: list[float] = []
+    for _ in gen:
+        now, in_comm = time.perf_counter(), comm.seconds
+        steps_s.append(now - last)
+        steps_comm_s.append(in_comm - last_comm)
+        last, last_comm = now, in_comm
+    tokens = len(steps_s)
     decode_s = time.perf_counter() - t2
     row = {
+        "step_s_p50": statistics.median(steps_s),
+        "step_comm_s_p50": statistics.median(steps_comm_s),
+        "step_s": rpt.summarize(steps_s),
         "rank": comm.rank,
         "load_s": load_s,
         "ttft_s": ttft_s,
@@ -136,7 +150,9 @@ def rank_decode(model: str, config: dict[str, Any], measure_link: bool) -> dict[
     return {"ranks": rows, "link": link}
 
 
-def run_once(model: str, cfg: DecodeConfig, nodes: Nodes, measure_link: bool) -> dict[str, Any] | None:
+def run_once(model: str, cfg: DecodeConfig, nodes: Nodes, measure_link: bool, index: int = 0) -> dict[str, Any] | None:
+    """One run in fresh ranks. Across nodes the k-th run of a bench meets at master_port + k: every node
+    counts runs alike, and no node can reach the rendezvous store of the run before, still lingering."""
     from tp_ollama.launch import Cluster, run_workers
 
     if cfg.tp % nodes.nnodes:
@@ -146,7 +162,7 @@ def run_once(model: str, cfg: DecodeConfig, nodes: Nodes, measure_link: bool) ->
         node_rank=nodes.node_rank,
         nproc_per_node=cfg.tp // nodes.nnodes,
         master_addr=nodes.master_addr,
-        master_port=nodes.master_port,
+        master_port=nodes.master_port + index if nodes.nnodes > 1 else nodes.master_port,
     )
     out = run_workers(cluster, rank_decode, model, asdict(cfg), measure_link)
     return out.get(0) if nodes.node_rank == 0 else None
@@ -181,6 +197,10 @@ def summarize_runs(cfg: DecodeConfig, runs: list[dict[str, Any]], read_bw_gbs: f
             "total": 1e3 * per_token_s,
         },
         "extra": {
+            # The typical token: medians of the per-token times over every round (the cost model's figure).
+            "step_ms_p50": 1e3 * statistics.median(r["ranks"][0]["step_s_p50"] for r in runs),
+            "step_comm_ms_p50": 1e3 * statistics.median(r["ranks"][0]["step_comm_s_p50"] for r in runs),
+            "step_s_rounds": [r["ranks"][0]["step_s"] for r in runs],
             "threads_per_rank": [r["threads"] for r in ranks],
             "collectives_per_token": head["collectives_per_token"],
             "link": median_run["link"],
@@ -231,7 +251,7 @@ def run_decode(
         for r in range(rounds):
             for cfg in configs:
                 bar.advance(f"round {r + 1}/{rounds}: {cfg.label}, {cfg.prompt_tokens}+{cfg.gen_tokens} tokens")
-                out = run_once(model, cfg, nodes, measure_link=cfg.tp > 1)
+                out = run_once(model, cfg, nodes, measure_link=cfg.tp > 1, index=r * len(configs) + configs.index(cfg))
                 if out is not None:
                     runs[cfg].append(out)
     if nodes.node_rank != 0:
@@ -278,13 +298,13 @@ def add_predictions(
         assert base is not None and read_gbs is not None
         dtype = str(resolve_dtype(cfg["dtype"])).removeprefix("torch.")
         context = cfg["prompt_tokens"] + cfg["gen_tokens"] // 2  # positions read, on average over decode
-        cal = calibrate(shape, cfg["quant"], dtype, base["per_token_ms"]["total"] / 1e3, read_gbs * 1e9,
+        cal = calibrate(shape, cfg["quant"], dtype, base["extra"]["step_ms_p50"] / 1e3, read_gbs * 1e9,
                         cores=os.cpu_count(), context=context)  # fmt: skip
         hosts_ranks = ranks_per_host or max(1, cfg["tp"] // nnodes)
         p = predict(shape, cfg["tp"], Link.from_us_gbs(link["latency_us"], link["bandwidth_gbs"]), cal, cfg["quant"],
                     dtype, ranks_per_host=hosts_ranks, context=context)  # fmt: skip
         r["predicted_ms_per_token"] = p.total_s * 1e3
-        r["measured_ms_per_token"] = r["per_token_ms"]["total"]
+        r["measured_ms_per_token"] = r["extra"]["step_ms_p50"]
         r["prediction_error"] = r["predicted_ms_per_token"] / r["measured_ms_per_token"] - 1
         r["extra"]["predicted_per_token_ms"] = p.per_token_ms()
         r["extra"]["prediction_notes"] = list(p.notes)

@@ -7,20 +7,31 @@ the header still lets a rank whose peer called a different collective fail at on
 all_reduce is one exchange: every rank sends its tensor to every peer and sums what it receives in rank order.
 Sends and receives make progress together on non-blocking sockets, so messages larger than the socket
 buffers cannot deadlock two ranks that both send first.
+
+Emulated latency: with TP_OLLAMA_LINK_DELAY_US=N in the environment, every message this rank sends waits N µs
+before it goes on the wire: a one-way propagation delay, as synchronous collectives see it (an all-reduce
+costs N µs more, a request-reply 2N). The simulated cluster (launch/netns-cluster.sh) needs a link slower
+than a veth pair, and the kernel's own tool for that, `tc qdisc ... netem delay`, is missing on the kernels
+we run on ("Specified qdisc kind is unknown") while tbf, which only limits the rate, works; holding the
+message here gives the same latency on any kernel. It covers this mesh only, not gloo or the rendezvous
+store. The variable is read once when the transport is created; unset or 0 adds nothing to the hot path.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import os
 import select
 import socket
 import struct
 import time
+from collections.abc import Mapping
 
 import torch
 import torch.distributed as dist
 
+from tp_ollama.errors import ConfigError
 from tp_ollama.parallel.fastcomm import (
     OPS,
     CommError,
@@ -37,16 +48,54 @@ MAGIC = b"TPFC"
 
 AR, BC, AG, BB, BAR = (OPS[k] for k in ("all_reduce", "broadcast", "all_gather", "broadcast_bytes", "barrier"))
 
+LINK_DELAY_ENV = "TP_OLLAMA_LINK_DELAY_US"
+MAX_LINK_DELAY_US = 10_000_000  # 10 s: longer than any real link, short of every collective's timeout
+# A held message spins, yielding the core to anything else runnable, up to this long; a longer delay sleeps
+# the rest first. Sleeping through short holds would add the wake-up latency of an idle core (100-300 µs
+# on the VMs measured, more than the delays emulated) and cool the caches the next layer needs.
+SPIN_HOLD_S = 2e-3
+
+
+def link_delay_s(environ: Mapping[str, str]) -> float:
+    """The emulated one-way delay in seconds from TP_OLLAMA_LINK_DELAY_US (whole µs; unset or empty: 0)."""
+    raw = environ.get(LINK_DELAY_ENV, "").strip()
+    if not raw:
+        return 0.0
+    if not raw.isdecimal() or int(raw) > MAX_LINK_DELAY_US:
+        raise ConfigError(
+            f"{LINK_DELAY_ENV}={raw!r} is invalid: expected a whole number of microseconds from 0 to "
+            f"{MAX_LINK_DELAY_US}, e.g. 200"
+        )
+    return int(raw) * 1e-6
+
+
+def hold(seconds: float) -> None:
+    """Return `seconds` from now, to within a few µs: sleep what exceeds SPIN_HOLD_S, then spin with
+    sched_yield, which keeps the core awake yet lets other runnable threads (ranks sharing it) go first."""
+    end = time.perf_counter() + seconds
+    if seconds > SPIN_HOLD_S:
+        time.sleep(seconds - SPIN_HOLD_S)
+    while time.perf_counter() < end:
+        os.sched_yield()
+
 
 class TcpTransport:
     name = "tcp"
 
     def __init__(
-        self, socks: dict[int, socket.socket], rank: int, world_size: int, max_bytes: int, timeout: float, spin_s: float
+        self,
+        socks: dict[int, socket.socket],
+        rank: int,
+        world_size: int,
+        max_bytes: int,
+        timeout: float,
+        spin_s: float,
+        delay_s: float = 0.0,
     ) -> None:
         self.rank = rank
         self.world_size = world_size
         self.max_bytes = max_bytes
+        self.delay_s = delay_s  # emulated one-way link delay (see the module docstring)
         self._timeout = timeout
         self._spin_s = spin_s
         self._peers = [p for p in range(world_size) if p != rank]
@@ -80,7 +129,9 @@ class TcpTransport:
         spin_s: float,
     ) -> TcpTransport:
         """Collective: listen, publish host:port through the store, connect to every lower rank and accept
-        every higher one. `token` (the same on all ranks) rejects stray connections."""
+        every higher one. `token` (the same on all ranks) rejects stray connections. The emulated link delay
+        is read from the environment here, before any socket is opened."""
+        delay_s = link_delay_s(os.environ)
         family, ip = _local_address(store)
         listener = socket.socket(family, socket.SOCK_STREAM)
         socks: dict[int, socket.socket] = {}
@@ -122,7 +173,7 @@ class TcpTransport:
             raise
         finally:
             listener.close()
-        return cls(socks, rank, world_size, max_bytes, timeout, spin_s)
+        return cls(socks, rank, world_size, max_bytes, timeout, spin_s, delay_s)
 
     def all_reduce(self, flat: torch.Tensor) -> None:
         seq = self._next()
@@ -213,6 +264,8 @@ class TcpTransport:
         socks, smv, rmv = self._socks, self._send_mv[:nsend], self._recv_mv
         sends = [[p, 0] for p in to if nsend]  # rank, bytes sent
         recvs = [[p, rstart] for p in frm if rstart < rstop]  # rank, bytes in its buffer
+        if self.delay_s and sends:
+            hold(self.delay_s)  # the emulated link: what this rank sends reaches its peers delay_s later
         spin_end = deadline = 0.0
         while sends or recvs:
             progress = False
