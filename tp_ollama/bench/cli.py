@@ -246,3 +246,77 @@ def schema() -> None:
     from tp_ollama.bench.report import SCHEMA
 
     typer.echo(json.dumps(SCHEMA, indent=2))
+
+
+@bench_app.command("random-model")
+def random_model(
+    shape: Annotated[str, typer.Argument(help="A known shape: gemma3-270m, smollm2-135m, llama3.2-1b, llama3-8b.")],
+    directory: Annotated[Path, typer.Argument(help="Where to write config.json and model.safetensors.")],
+    layers: Annotated[int | None, typer.Option(help="Keep this many layers (a big shape on a small machine).")] = None,
+    dtype: Annotated[str, typer.Option(help="float32, bfloat16 or float16.")] = "bfloat16",
+    seed: Annotated[int, typer.Option(help="Seed of the random weights.")] = 0,
+    debug: DebugOpt = False,
+) -> None:
+    """Write a checkpoint of random weights in the shape of a real model, for timing (no download)."""
+
+    def body() -> None:
+        from tp_ollama.bench.random_model import write_random_model
+        from tp_ollama.bench.shapes import shape_named
+
+        typer.echo(write_random_model(shape_named(shape), directory, dtype=dtype, layers=layers, seed=seed))
+
+    run(debug, body)
+
+
+@bench_app.command()
+def predict(
+    model: Annotated[str, typer.Argument(help="A known shape (llama3-8b, ...), a model name or a path.")],
+    tp: Annotated[str, typer.Option(help="TP degrees to predict, e.g. 1,2,4.")] = "1,2,4",
+    latency_us: Annotated[float, typer.Option(help="Link latency per collective, µs.")] = 100.0,
+    bandwidth_gbs: Annotated[float, typer.Option(help="The link's bandwidth, GB/s (1 Gbit/s = 0.125).")] = 0.125,
+    read_bandwidth_gbs: Annotated[float, typer.Option(help="Each host's read bandwidth, GB/s.")] = 25.0,
+    efficiency: Annotated[float, typer.Option(help="Share of it decode reaches (bench decode).")] = 0.5,
+    quant: Annotated[str, typer.Option(help="none, int8 or int4.")] = "int4",
+    dtype: Annotated[str, typer.Option(help="Activations: float32 or bfloat16.")] = "bfloat16",
+    ranks_per_host: Annotated[int, typer.Option(help="Ranks sharing one host's memory bus.")] = 1,
+    debug: DebugOpt = False,
+) -> None:
+    """The cost model's decode tok/s for a shape over a link at several TP degrees: when more nodes help."""
+
+    def body() -> None:
+        from tp_ollama.bench.costmodel import Calibration, Link, preflight_warning
+        from tp_ollama.bench.costmodel import predict as predict_tp
+        from tp_ollama.bench.shapes import SHAPES, shape_named, shape_of
+
+        if model in SHAPES:
+            shape = shape_named(model)
+        else:
+            from tp_ollama.checkpoints.loader import open_checkpoint
+            from tp_ollama.errors import ConfigError, TpOllamaError
+            from tp_ollama.store.embedded import resolve_model
+
+            try:
+                path = resolve_model(model)
+            except TpOllamaError as e:
+                raise ConfigError(f"{model!r} is not a known shape ({', '.join(SHAPES)}) and {e}") from None
+            ckpt = open_checkpoint(path)
+            shape = shape_of(ckpt.config)
+            ckpt.close()
+        link = Link.from_us_gbs(latency_us, bandwidth_gbs)
+        calibration = Calibration(read_bandwidth_gbs * 1e9, efficiency)
+        degrees = split_list(tp, "--tp", int)
+        one = predict_tp(shape, 1, link, calibration, quant, dtype)
+        typer.echo(f"{model}: {shape.parameters() / 1e9:.2f} B parameters, {quant} weights, {dtype} activations, "
+                   f"link {link.describe()}, {read_bandwidth_gbs:g} GB/s x {efficiency:g} per host\n")  # fmt: skip
+        typer.echo("| TP | tok/s | vs TP=1 | compute ms | communication ms | MB read per rank |")
+        typer.echo("|---|---|---|---|---|---|")
+        for n in degrees:
+            p = predict_tp(shape, n, link, calibration, quant, dtype, ranks_per_host=min(ranks_per_host, n))
+            mb = " / ".join(f"{b / 1e6:.0f}" for b in p.bytes_per_token())
+            typer.echo(f"| {n} | {p.tok_s:.1f} | {p.tok_s / one.tok_s:.2f}x | {p.compute_s * 1e3:.2f} | "
+                       f"{p.communication_s * 1e3:.2f} | {mb} |")  # fmt: skip
+            warning = preflight_warning(one, p)
+            if warning:
+                typer.echo(f"\nWarning: {warning}", err=True)
+
+    run(debug, body)
