@@ -12,6 +12,7 @@ import pytest
 
 from tp_ollama.bench import costmodel
 from tp_ollama.bench.costmodel import (
+    DEFAULT_COLLECTIVE_OVERHEAD_S,
     Calibration,
     Collective,
     Link,
@@ -146,18 +147,19 @@ def test_calibration_round_trip_and_prediction_parts():
     expected_comm = 5 * (50e-6 + (16 + 256) / 1e9) + (50e-6 + 24 / 1e9) + (50e-6 + 32 / 1e9)
     assert tp2.communication_s == pytest.approx(expected_comm)
     per_rank = weight_bytes_per_rank(TINY, 2, "none", "float32")[0]  # rank 0 has the larger shard
-    assert tp2.compute_s == pytest.approx(per_rank / (cal.efficiency * 10e9) + 2e-3)
+    sharding = 7 * DEFAULT_COLLECTIVE_OVERHEAD_S  # the sharded step's own work around its 7 collectives
+    assert tp2.compute_s == pytest.approx(per_rank / (cal.efficiency * 10e9) + 2e-3 + sharding)
     assert tp2.bytes_per_token() == weight_bytes_per_rank(TINY, 2, "none", "float32")
     assert tp2.per_token_ms()["total"] == pytest.approx(1e3 * (tp2.compute_s + expected_comm))
     # Two ranks on one host share its bus: the host carries both shards' bytes.
     shared = predict(TINY, 2, link, cal, "none", "float32", ranks_per_host=2)
     both = sum(weight_bytes_per_rank(TINY, 2, "none", "float32"))
-    assert shared.compute_s == pytest.approx(both / (cal.efficiency * 10e9) + 2e-3)
+    assert shared.compute_s == pytest.approx(both / (cal.efficiency * 10e9) + 2e-3 + sharding)
     assert any("share" in n for n in shared.notes)
     # Three ranks on two cores take turns: the per-layer overhead stretches by 3/2.
     crowded = predict(TINY, 3, link, cal, "none", "float32", ranks_per_host=3)
     assert crowded.compute_s == pytest.approx(
-        sum(weight_bytes_per_rank(TINY, 3, "none", "float32")) / (cal.efficiency * 10e9) + 2e-3 * 1.5
+        sum(weight_bytes_per_rank(TINY, 3, "none", "float32")) / (cal.efficiency * 10e9) + 2e-3 * 1.5 + sharding
     )
     assert any("2 cores" in n for n in crowded.notes)
 

@@ -7,8 +7,8 @@ with --ranks-per-host 2 (the bus), while the link is the emulated one. A small r
 weights in cache, so compute is steady and the link carries most of a token's time (at 0.2 ms the
 model reads ~14% low: every collective also waits for the slower rank's jitter, which it leaves out). Measured and
 predicted are the median token's time (bench decode's step_ms_p50). The two cores are shared with
-whatever else the machine runs, and one TP=1 run can land 15% off the next: a miss is measured once
-more (calibration and group again) before it fails, so a model that is wrong fails both times."""
+whatever else the machine runs, and one TP=1 run can land 15% off the next: a miss is measured again
+(calibration and group) up to ATTEMPTS times, so a model that is wrong fails every time."""
 
 from __future__ import annotations
 
@@ -29,7 +29,7 @@ SHAPE = ModelShape(
     model_type="llama", hidden_size=256, intermediate_size=768, num_hidden_layers=2, num_attention_heads=4,
     num_key_value_heads=2, head_dim=64, vocab_size=2048, tie_word_embeddings=True,
 )  # fmt: skip
-DECODE = ["--dtype", "float32", "--prompt-tokens", "16", "--gen-tokens", "96", "--no-progress"]
+DECODE = ["--dtype", "float32", "--prompt-tokens", "16", "--gen-tokens", "64", "--no-progress"]
 TOLERANCE = 0.20
 RUN_TIMEOUT = 240.0
 
@@ -65,7 +65,7 @@ def across_namespaces(model: Path, delay_us: int, calibration: Path, out: Path) 
     return result
 
 
-ATTEMPTS = 2
+ATTEMPTS = 3
 
 
 @pytest.mark.parametrize("delay_us", [500, 2000])

@@ -18,11 +18,10 @@ from tp_ollama.launch import free_port
 
 pytestmark = pytest.mark.slow
 
-CASES = (
-    [("gemma3:270m", p, False) for p in GEMMA_PROMPTS]
-    + [("smollm2:135m", p, False) for p in SMOL_PROMPTS]
-    + [("smollm2:135m", p, True) for p in SMOL_CHATS]
-)
+# One prompt of each kind: every reference prompt's sharded logits are checked position by position on
+# tiny checkpoints (test_tp_parity); here the real models run through the real command at TP=2 and 3.
+CASES = [("gemma3:270m", GEMMA_PROMPTS[0], False), ("smollm2:135m", SMOL_PROMPTS[0], False),
+         ("smollm2:135m", SMOL_CHATS[0], True)]  # fmt: skip
 GREEDY = ["--temperature", "0", "--num-predict", "32", "--dtype", "float32"]
 
 

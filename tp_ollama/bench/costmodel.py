@@ -14,6 +14,8 @@ bytes of all its ranks; when a host runs more ranks than it has cores, they also
     host_s[h]  = sum(bytes[r] for r on h) / (efficiency * read_bandwidth_bytes_s)
                  + num_hidden_layers * layer_overhead_s * max(1, ranks_on_h / cores)
     compute_s  = max over hosts of host_s        (the collectives make every rank wait for the slowest)
+                 + collectives per token * collective_overhead_s    (world > 1: the sharded step's own
+                 work around each collective, hooks and the sharded sampler, ~50 µs on the reference CPU)
 
     bytes[r]   = weight_bytes_per_rank(...)[r] + kv_bytes_per_rank(...)[r]
 
@@ -96,6 +98,11 @@ CANDIDATE_BYTES = 16  # the sampler's (logit, id) pair: two float64
 # 340-410 µs a Gemma 3 block in float32, 1.5-2x that in bfloat16. Measure it per machine where it
 # matters: write_random_model(ModelShape(family, 64, 256, L, 4, 2, 16, 320, True)) at two L.
 DEFAULT_LAYER_OVERHEAD_S = 300e-6
+# What a sharded step does that a whole one does not, per collective: the plan's hooks around each
+# all-reduce, the vocabulary-parallel embedding's masking, the sharded sampler's candidates. Measured on
+# the 2-core reference machine as TP=2 rank 0's time outside collectives minus TP=1's time per token,
+# over the step's collectives (a 2-layer llama, bench/results/netns_costmodel_*.json): ~50 µs.
+DEFAULT_COLLECTIVE_OVERHEAD_S = 50e-6
 
 
 class Collective(NamedTuple):
@@ -140,6 +147,7 @@ class Calibration:
     efficiency: float
     layer_overhead_s: float = DEFAULT_LAYER_OVERHEAD_S
     cores: int | None = None
+    collective_overhead_s: float = DEFAULT_COLLECTIVE_OVERHEAD_S
 
     def __post_init__(self) -> None:
         if not math.isfinite(self.read_bandwidth_bytes_s) or self.read_bandwidth_bytes_s <= 0:
@@ -150,6 +158,10 @@ class Calibration:
             raise ConfigError(f"bandwidth efficiency {self.efficiency!r} is invalid: expected a finite value > 0")
         if not math.isfinite(self.layer_overhead_s) or self.layer_overhead_s < 0:
             raise ConfigError(f"layer overhead {self.layer_overhead_s!r} s is invalid: expected a finite value >= 0")
+        if not math.isfinite(self.collective_overhead_s) or self.collective_overhead_s < 0:
+            raise ConfigError(
+                f"collective overhead {self.collective_overhead_s!r} s is invalid: expected a finite value >= 0"
+            )
         if self.cores is not None and self.cores < 1:
             raise ConfigError(f"cores={self.cores!r} is invalid: expected at least 1 (or None: unknown)")
 
@@ -356,7 +368,8 @@ def predict(
     ranks = tuple(RankCost(r, hosts[r], weight_bytes[r], kv_bytes[r], host_s[hosts[r]]) for r in range(world))
     collectives = tuple(collectives_per_token(shape, world, dtype, candidates))
     communication = sum(c.per_token * collective_s(link, c.op, c.nbytes, world) for c in collectives)
-    compute = max(host_s.values())
+    sharding = sum(c.per_token for c in collectives) * calibration.collective_overhead_s if world > 1 else 0.0
+    compute = max(host_s.values()) + sharding
     total = compute + communication
     return Prediction(
         world=world,
