@@ -180,6 +180,8 @@ if [ -z "${OMP_NUM_THREADS:-}" ]; then
 fi
 export OMP_NUM_THREADS
 [ -z "$DELAY_US" ] || export TP_OLLAMA_LINK_DELAY_US="$DELAY_US"
+# What the link was set to, for the bench reports (which measure it): informational only.
+[ -z "$RATE" ] || export TP_OLLAMA_LINK_RATE="$RATE"
 
 # Names carry this shell's pid, so two runs at once do not collide (interface names: 15 chars at most,
 # "tpo" + 7-digit pid + "n31" is 13).

@@ -151,16 +151,21 @@ def test_calibration_round_trip_and_prediction_parts():
     assert tp2.compute_s == pytest.approx(per_rank / (cal.efficiency * 10e9) + 2e-3 + sharding)
     assert tp2.bytes_per_token() == weight_bytes_per_rank(TINY, 2, "none", "float32")
     assert tp2.per_token_ms()["total"] == pytest.approx(1e3 * (tp2.compute_s + expected_comm))
-    # Two ranks on one host share its bus: the host carries both shards' bytes.
+    # Two ranks on one host: each reads at one rank's rate, and the bus carries both shards' bytes.
     shared = predict(TINY, 2, link, cal, "none", "float32", ranks_per_host=2)
-    both = sum(weight_bytes_per_rank(TINY, 2, "none", "float32"))
-    assert shared.compute_s == pytest.approx(both / (cal.efficiency * 10e9) + 2e-3 + sharding)
+    shards = weight_bytes_per_rank(TINY, 2, "none", "float32")
+    roofline = max(max(shards) / (cal.efficiency * 10e9), sum(shards) / 10e9)
+    assert shared.compute_s == pytest.approx(roofline + 2e-3 + sharding)
+    # A rank that reads near the bus's rate (efficiency 1) leaves the second rank nothing: bus-bound.
+    fast = Calibration(read_bandwidth_bytes_s=10e9, efficiency=1.0, layer_overhead_s=1e-3, cores=2)
+    bound = predict(TINY, 2, link, fast, "none", "float32", ranks_per_host=2)
+    assert bound.compute_s == pytest.approx(sum(shards) / 10e9 + 2e-3 + sharding)
     assert any("share" in n for n in shared.notes)
     # Three ranks on two cores take turns: the per-layer overhead stretches by 3/2.
     crowded = predict(TINY, 3, link, cal, "none", "float32", ranks_per_host=3)
-    assert crowded.compute_s == pytest.approx(
-        sum(weight_bytes_per_rank(TINY, 3, "none", "float32")) / (cal.efficiency * 10e9) + 2e-3 * 1.5 + sharding
-    )
+    thirds = weight_bytes_per_rank(TINY, 3, "none", "float32")
+    roofline3 = max(max(thirds) / (cal.efficiency * 10e9), sum(thirds) / 10e9)
+    assert crowded.compute_s == pytest.approx(roofline3 + 2e-3 * 1.5 + sharding)
     assert any("2 cores" in n for n in crowded.notes)
 
 

@@ -22,10 +22,11 @@ measured, else on the first backend that opened.
 from __future__ import annotations
 
 import contextlib
+import os
 import socket
 import statistics
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -39,6 +40,7 @@ CELL_BUDGET_S = 0.25
 MIN_ITERS, MAX_ITERS = 20, 2000
 # measure_link's whole measurement, warm-up included, on any link fast enough for one pair of calls.
 LINK_BUDGET_S = 0.1
+LINK_BENCH_BUDGET_S = 1.0  # a bench can spend a second on the link: many calls, a steady median
 MAX_LINK_ITERS = 50
 TIMEOUT_S = 60.0
 
@@ -62,6 +64,17 @@ def _timed(call: Any) -> float:
     t0 = time.perf_counter()
     call()
     return time.perf_counter() - t0
+
+
+def configured_link(environ: Mapping[str, str] = os.environ) -> dict[str, Any]:
+    """What an emulated link was set to (launch/netns-cluster.sh exports it), to show beside what was
+    measured: the delay the TCP transport adds, the tbf rate."""
+    configured: dict[str, Any] = {}
+    if environ.get("TP_OLLAMA_LINK_DELAY_US", "").strip():
+        configured["delay_us"] = environ["TP_OLLAMA_LINK_DELAY_US"].strip()
+    if environ.get("TP_OLLAMA_LINK_RATE", "").strip():
+        configured["rate"] = environ["TP_OLLAMA_LINK_RATE"].strip()
+    return configured
 
 
 def measure_link(
@@ -220,7 +233,7 @@ def rank_main(job: CollectivesJob) -> dict[str, Any] | None:
                         if bar is not None:
                             bar.advance(f"{backend} {op} {nbytes} B")
                 if link is None and (link_backend or backend) == backend:
-                    link = measure_link(comm)
+                    link = measure_link(comm, budget_s=LINK_BENCH_BUDGET_S)
             finally:
                 comm.close()
     medians = [statistics.median(r["times_s"]) for r in rows]
@@ -298,7 +311,7 @@ def run_collectives(
             out, row["backend"], config, latency_us=latency, bandwidth_gbs=row["bytes"] / p50 / 1e9, extra=extra
         )
     if got["link"] is not None:
-        out["link"] = {**got["link"], "configured": {}}
+        out["link"] = {**got["link"], "configured": configured_link()}
     out["notes"].extend(got["notes"])
     out["notes"].append(
         f"latency: rank 0's wall time per call, back to back, {cluster.world_size} ranks on "

@@ -6,12 +6,15 @@ Units: bytes, seconds, bytes per second (GB/s = 1e9 bytes/s, as `bench bandwidth
 
     step_s  = compute_s + communication_s                                 tok_s = 1 / step_s
 
-Compute: a decode step is memory-bandwidth bound: each rank reads its shard of the weights once
-(plus its part of the KV cache), and pays a fixed dispatch cost per layer for the Python/torch op
-calls. The ranks of one host share its memory bus, so a host is done when the bus has carried the
-bytes of all its ranks; when a host runs more ranks than it has cores, they also take turns on them:
+Compute: each rank reads its shard of the weights once per step (plus its part of the KV cache) at
+the rate one rank reaches, efficiency x read bandwidth (fitted on a TP=1 run: memory-bound kernels
+reach much of the bus, compute-bound ones like the packed int4 kernels on few cores much less), and
+pays a fixed dispatch cost per layer for the Python/torch op calls. The ranks of one host share its
+memory bus: a host is done when its slowest rank is, but no sooner than the bus can carry the bytes
+of all its ranks (a roofline); when a host runs more ranks than cores, they take turns on them:
 
-    host_s[h]  = sum(bytes[r] for r on h) / (efficiency * read_bandwidth_bytes_s)
+    host_s[h]  = max(max(bytes[r] for r on h) / (efficiency * read_bandwidth_bytes_s),
+                     sum(bytes[r] for r on h) / read_bandwidth_bytes_s)
                  + num_hidden_layers * layer_overhead_s * max(1, ranks_on_h / cores)
     compute_s  = max over hosts of host_s        (the collectives make every rank wait for the slowest)
                  + collectives per token * collective_overhead_s    (world > 1: the sharded step's own
@@ -362,9 +365,10 @@ def predict(
     host_s = {}
     for h in sorted(set(hosts)):
         members = [r for r in range(world) if hosts[r] == h]
-        host_bytes = sum(weight_bytes[r] + kv_bytes[r] for r in members)
-        bus = calibration.efficiency * calibration.read_bandwidth_bytes_s
-        host_s[h] = host_bytes / bus + _overhead_s(shape, calibration, len(members))
+        per_rank = [weight_bytes[r] + kv_bytes[r] for r in members]
+        one_rank = max(per_rank) / (calibration.efficiency * calibration.read_bandwidth_bytes_s)
+        bus = sum(per_rank) / calibration.read_bandwidth_bytes_s
+        host_s[h] = max(one_rank, bus) + _overhead_s(shape, calibration, len(members))
     ranks = tuple(RankCost(r, hosts[r], weight_bytes[r], kv_bytes[r], host_s[hosts[r]]) for r in range(world))
     collectives = tuple(collectives_per_token(shape, world, dtype, candidates))
     communication = sum(c.per_token * collective_s(link, c.op, c.nbytes, world) for c in collectives)

@@ -39,7 +39,6 @@ from tp_ollama.bench.bandwidth import peak_rss_mb
 from tp_ollama.errors import ConfigError
 
 TIMEOUT_S = 600.0
-LINK_BUDGET_S = 1.0  # a bench can spend a second on the link: many calls, a steady median
 
 
 @dataclass(frozen=True)
@@ -101,9 +100,10 @@ def rank_decode(model: str, config: dict[str, Any], measure_link: bool) -> dict[
     load_s = time.perf_counter() - t0
     link = None
     if measure_link and comm.world_size > 1:
+        from tp_ollama.bench.collectives import LINK_BENCH_BUDGET_S, configured_link
         from tp_ollama.bench.collectives import measure_link as measure
 
-        link = measure(comm, budget_s=LINK_BUDGET_S)
+        link = {**measure(comm, budget_s=LINK_BENCH_BUDGET_S), "configured": configured_link()}
     vocab = int(m.config.vocab_size)  # type: ignore[union-attr, arg-type]
     prompt = prompt_ids(cfg.prompt_tokens, vocab)
     options = GenerationOptions(
