@@ -44,7 +44,7 @@ def model(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def calibrate(model: Path, out: Path) -> None:
     """TP=1 with one thread, as each emulated host has one core (the script gives every node 1 thread)."""
-    cmd = [sys.executable, "-m", "tp_ollama", "bench", "decode", str(model), "--tp", "1", "--rounds", "3", *DECODE,
+    cmd = [sys.executable, "-m", "tp_ollama", "bench", "decode", str(model), "--tp", "1", "--rounds", "2", *DECODE,
            "--out", str(out)]  # fmt: skip
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=RUN_TIMEOUT, env=script_env("calibrate"))
     assert done.returncode == 0, done.stderr
@@ -52,7 +52,7 @@ def calibrate(model: Path, out: Path) -> None:
 
 def across_namespaces(model: Path, delay_us: int, calibration: Path, out: Path) -> dict[str, Any]:
     decode = " ".join([
-        "tp-ollama bench decode", str(model), "--tp 2", *DECODE, "--rounds 2", "--calibration", str(calibration),
+        "tp-ollama bench decode", str(model), "--tp 2", *DECODE, "--rounds 1", "--calibration", str(calibration),
         "--ranks-per-host 2", "--out", str(out), '--nnodes "$NNODES" --node-rank "$NODE_RANK"',
         '--master-addr "$MASTER_ADDR" --master-port "$MASTER_PORT"',
     ])  # fmt: skip
