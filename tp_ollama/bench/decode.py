@@ -29,6 +29,7 @@ import itertools
 import json
 import os
 import statistics
+import sys
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
@@ -98,6 +99,11 @@ def rank_decode(model: str, config: dict[str, Any], measure_link: bool) -> dict[
     m, layout, ckpt = load_shard(resolve_model(model), comm, cfg.dtype, quant=cfg.quant)
     ckpt.close()
     load_s = time.perf_counter() - t0
+    from tp_ollama.bench.preflight import link_preflight
+
+    warning = link_preflight(comm, m)  # across hosts only: what launch would say before this run
+    if warning is not None:
+        print(f"Warning: {warning}", file=sys.stderr, flush=True)
     link = None
     if measure_link and comm.world_size > 1:
         from tp_ollama.bench.collectives import LINK_BENCH_BUDGET_S, configured_link
