@@ -16,12 +16,13 @@ gets a ratio for each figure both measured. `--cold-start` adds process start to
 
 from __future__ import annotations
 
+import contextlib
 import os
 import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -171,24 +172,22 @@ def _engine_config(t: EngineTarget, prompt_tokens: int, gen_tokens: int) -> Deco
     return replace(base, **t.options)
 
 
-class _threads_per_rank:
-    """OMP_NUM_THREADS = threads / tp for the engine's ranks while a run lasts (unset: ranks split the host)."""
-
-    def __init__(self, threads: int, tp: int) -> None:
-        self.value = str(max(1, threads // tp)) if threads != (os.cpu_count() or 1) else None
-        self.saved = os.environ.get("OMP_NUM_THREADS")
-
-    def __enter__(self) -> None:
-        if self.value is not None:
-            os.environ["OMP_NUM_THREADS"] = self.value
-
-    def __exit__(self, *exc: object) -> None:
-        if self.value is None:
-            return
-        if self.saved is None:
+@contextlib.contextmanager
+def _threads_per_rank(threads: int, tp: int) -> Iterator[None]:
+    """OMP_NUM_THREADS = threads / tp for the engine's ranks while a run lasts; left alone when the
+    run may use every CPU (the ranks split the host themselves)."""
+    if threads == (os.cpu_count() or 1):
+        yield
+        return
+    saved = os.environ.get("OMP_NUM_THREADS")
+    os.environ["OMP_NUM_THREADS"] = str(max(1, threads // tp))
+    try:
+        yield
+    finally:
+        if saved is None:
             os.environ.pop("OMP_NUM_THREADS", None)
         else:
-            os.environ["OMP_NUM_THREADS"] = self.saved
+            os.environ["OMP_NUM_THREADS"] = saved
 
 
 def _peer_metrics(runs: list[dict[str, Any]], weight_bytes: int | None, bandwidth: float) -> dict[str, Any]:
