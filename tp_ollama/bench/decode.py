@@ -84,6 +84,7 @@ def rank_decode(model: str, config: dict[str, Any], measure_link: bool) -> dict[
     """One rank of one run (torchrun entry point). Rank 0 returns every rank's figures."""
     import torch
 
+    from tp_ollama.bench.preflight import link_preflight
     from tp_ollama.engine.generate import GenerationStats, generate_tokens
     from tp_ollama.engine.options import GenerationOptions, SamplingOptions
     from tp_ollama.kernels.linear import model_bytes
@@ -99,8 +100,6 @@ def rank_decode(model: str, config: dict[str, Any], measure_link: bool) -> dict[
     m, layout, ckpt = load_shard(resolve_model(model), comm, cfg.dtype, quant=cfg.quant)
     ckpt.close()
     load_s = time.perf_counter() - t0
-    from tp_ollama.bench.preflight import link_preflight
-
     warning = link_preflight(comm, m)  # across hosts only: what launch would say before this run
     if warning is not None:
         print(f"Warning: {warning}", file=sys.stderr, flush=True)
