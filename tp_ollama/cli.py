@@ -399,5 +399,18 @@ register_client_commands(app)
 app.add_typer(bench_app, name="bench")
 
 
+# One-shot commands whose process has nothing left to release once their output is written: the
+# interpreter's own teardown with torch loaded takes ~0.5 s, a sixth of generate's cold start.
+EXIT_WITHOUT_TEARDOWN = frozenset({"generate"})
+
+
 def main() -> None:
-    app()
+    try:
+        app()
+    except SystemExit as e:
+        if e.code in (0, None) and sys.argv[1:2] and sys.argv[1] in EXIT_WITHOUT_TEARDOWN:
+            logging.shutdown()
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(0)
+        raise
