@@ -26,7 +26,6 @@ import re
 import statistics
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -120,20 +119,6 @@ def llama_cpp(gguf: str, args: argparse.Namespace, env: dict[str, str]) -> dict[
     }
 
 
-def read_bandwidth_gb_s(threads: int) -> float:
-    """STREAM-like: the best of 5 sums over 1 GiB of float32, in GB/s (10^9 bytes)."""
-    import torch
-
-    torch.set_num_threads(threads)
-    a = torch.ones(1 << 28)
-    best = float("inf")
-    for _ in range(5):
-        t = time.perf_counter()
-        a.sum()
-        best = min(best, time.perf_counter() - t)
-    return a.numel() * 4 / best / 1e9
-
-
 def weight_bytes(name: str) -> int:
     """Bytes of weights one decode step reads for a tp-ollama packing (all ranks together)."""
     from tp_ollama.checkpoints.loader import load_model, open_checkpoint, resolve_dtype
@@ -167,7 +152,9 @@ def main() -> None:
     gguf = str(resolve_model(MODEL))
     targets = args.targets.split(",")
     env = dict(os.environ)  # tp-ollama gives each rank its share of the cores itself
-    bandwidth = read_bandwidth_gb_s(THREADS)
+    from tp_ollama.bench.bandwidth import read_bandwidth_gbs
+
+    bandwidth = read_bandwidth_gbs(THREADS)
     step_bytes = {t: weight_bytes(t) for t in targets if t in OURS}
     if "llama.cpp" in targets:
         step_bytes["llama.cpp"] = gguf_bytes(gguf)

@@ -12,19 +12,10 @@ from typing import Any
 
 import pytest
 
-from tests import tiny
 from tp_ollama.bench import report as rpt
 from tp_ollama.bench.compare import parse_engine_target, run_compare
 from tp_ollama.bench.decode import DecodeConfig, prompt_ids, run_decode
 from tp_ollama.errors import ConfigError
-
-
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    directory = tmp_path_factory.mktemp("tiny-llama")
-    tiny.save_hf(tiny.make_hf_model("llama"), directory)
-    tiny.save_tiny_tokenizer(directory)
-    return directory
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,6 @@ from pathlib import Path
 
 import pytest
 
-from tests import tiny
 from tp_ollama.bench.preflight import cost_model_quant, spans_hosts
 from tp_ollama.launch import free_port
 
@@ -26,14 +25,6 @@ def test_spans_hosts_reads_torchruns_environment(monkeypatch: pytest.MonkeyPatch
 def test_cost_model_quant_is_the_most_common_packing() -> None:
     assert cost_model_quant({"dtype": "bfloat16", "weights": {"int4": 126, "int8": 1}}) == "int4"
     assert cost_model_quant({"dtype": "float32", "weights": {"float32": 10}}) == "none"
-
-
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    directory = tmp_path_factory.mktemp("tiny-llama")
-    tiny.save_hf(tiny.make_hf_model("llama"), directory)
-    tiny.save_tiny_tokenizer(directory)
-    return directory
 
 
 def launch_two_nodes(checkpoint: Path, delay_us: int) -> tuple[str, str]:

@@ -100,15 +100,15 @@ def rank_decode(model: str, config: dict[str, Any], measure_link: bool) -> dict[
     m, layout, ckpt = load_shard(resolve_model(model), comm, cfg.dtype, quant=cfg.quant)
     ckpt.close()
     load_s = time.perf_counter() - t0
-    warning = link_preflight(comm, m)  # across hosts only: what launch would say before this run
-    if warning is not None:
-        print(f"Warning: {warning}", file=sys.stderr, flush=True)
     link = None
     if measure_link and comm.world_size > 1:
         from tp_ollama.bench.collectives import LINK_BENCH_BUDGET_S, configured_link
         from tp_ollama.bench.collectives import measure_link as measure
 
         link = {**measure(comm, budget_s=LINK_BENCH_BUDGET_S), "configured": configured_link()}
+    warning = link_preflight(comm, m, link)  # across hosts only: what launch would say before this run
+    if warning is not None:
+        print(f"Warning: {warning}", file=sys.stderr, flush=True)
     vocab = int(m.config.vocab_size)  # type: ignore[union-attr, arg-type]
     prompt = prompt_ids(cfg.prompt_tokens, vocab)
     options = GenerationOptions(

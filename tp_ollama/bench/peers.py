@@ -51,7 +51,7 @@ def run_peer(
     return out
 
 
-def _transformers(model: Path, prompt: list[int] | None, n_prompt: int, gen: int, dtype: str) -> dict[str, Any]:
+def _transformers(model: Path, n_prompt: int, gen: int, dtype: str) -> dict[str, Any]:
     import torch
 
     try:
@@ -67,7 +67,7 @@ def _transformers(model: Path, prompt: list[int] | None, n_prompt: int, gen: int
     load_s = time.perf_counter() - t0
     from tp_ollama.bench.decode import prompt_ids
 
-    ids = torch.tensor([prompt or prompt_ids(n_prompt, m.config.vocab_size)])
+    ids = torch.tensor([prompt_ids(n_prompt, m.config.vocab_size)])
     with torch.inference_mode():
         t1 = time.perf_counter()
         out = m(ids, use_cache=True)
@@ -124,7 +124,7 @@ def main(argv: list[str] | None = None) -> None:
 
     torch.set_num_threads(a.threads)
     if a.kind == "transformers":
-        out = _transformers(a.model, None, a.prompt_tokens, a.gen_tokens, a.dtype)
+        out = _transformers(a.model, a.prompt_tokens, a.gen_tokens, a.dtype)
     else:
         out = _llama_cpp(a.model, a.prompt_tokens, a.gen_tokens, a.threads)
     out["decode_tok_s"] = (a.gen_tokens - 1) / out["decode_s"]

@@ -27,14 +27,16 @@ def cost_model_quant(precision: dict[str, Any]) -> str:
     return kinds.most_common(1)[0][0] if kinds else "none"
 
 
-def link_preflight(comm: Any, model: nn.Module) -> str | None:
-    """Run on every rank of the group (the link measurement is collective); rank 0 gets the warning
-    line, or None when TP over this link is predicted at least as fast as one node."""
+def link_preflight(comm: Any, model: nn.Module, measured: dict[str, Any] | None = None) -> str | None:
+    """Run on every rank of the group (the link measurement is collective; `measured`: a link that
+    measure_link already gave); rank 0 gets the warning line, or None when TP over this link is
+    predicted at least as fast as one node."""
     if comm.world_size == 1 or not spans_hosts():
         return None
-    from tp_ollama.bench.collectives import measure_link
+    if measured is None:
+        from tp_ollama.bench.collectives import measure_link
 
-    measured = measure_link(comm)
+        measured = measure_link(comm)
     if comm.rank != 0:
         return None
     from tp_ollama.bench.bandwidth import read_bandwidth_gbs
