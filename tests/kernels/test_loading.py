@@ -13,6 +13,7 @@ from tp_ollama.engine.kv_cache import KVCache
 from tp_ollama.errors import ConfigError
 from tp_ollama.kernels.linear import QuantEmbedding, QuantLinear
 from tp_ollama.kernels.loading import describe_precision, packing_for
+from tp_ollama.kernels.quant import native_int4
 
 N_PROMPT = 12
 
@@ -45,7 +46,8 @@ def with_weights_of(model: nn.Module, quantized: nn.Module) -> nn.Module:
 @pytest.mark.parametrize("quant", ["int8", "int4"])
 def test_quantized_model_computes_its_weights(tmp_path, kind, quant):
     """The packed kernels compute what the packed weights say: against a float model holding the
-    dequantized weights, only bfloat16 activation rounding inside the kernels differs."""
+    dequantized weights, only the kernels' activation rounding differs: bfloat16 in torch's, int8 per
+    group of 32 in the native int4 kernel (coarser: steps of max|x| / 127 of each group)."""
     model = make_hf_model(kind)
     if kind == "gemma3_text":
         model.config.tie_word_embeddings = True
@@ -58,7 +60,8 @@ def test_quantized_model_computes_its_weights(tmp_path, kind, quant):
     got = logits_of(quantized, tokens)
     ref = logits_of(with_weights_of(load_model(ckpt, torch.float32), quantized), tokens)
     assert got.shape == ref.shape
-    assert cosine(got, ref) > 0.995, f"{kind} {quant}: worst cosine {cosine(got, ref):.4f}"
+    floor = 0.985 if quant == "int4" and native_int4() else 0.995
+    assert cosine(got, ref) > floor, f"{kind} {quant}: worst cosine {cosine(got, ref):.4f}"
     if quant == "int8":
         # Per-channel int8 barely moves even these random (chaotic, 0.15-std) weights.
         plain = logits_of(load_model(ckpt, torch.float32), tokens)

@@ -9,7 +9,7 @@ import sys
 import pytest
 import torch
 
-from tp_ollama.kernels import quant
+from tp_ollama.kernels import native, quant
 from tp_ollama.kernels.quant import (
     INT4_TILE,
     Int4Weight,
@@ -30,6 +30,19 @@ def _close(got: torch.Tensor, want: torch.Tensor, rtol: float, atol: float) -> b
     return bool(((got - want).abs() <= atol + rtol * want.abs()).all())
 
 
+@pytest.fixture(params=["native", "torch"])
+def layout(request, monkeypatch):
+    """Run a test under each int4 layout this machine has: the native kernel's and torch's."""
+    if request.param == "native":
+        if not native.available():
+            pytest.skip("the native int4 kernel does not run here")
+        chosen = (native.BLOCK_ROWS, quant.NATIVE)
+    else:
+        chosen = quant.torch_int4_layout()
+    monkeypatch.setattr(quant, "int4_layout", lambda: chosen)
+    return request.param
+
+
 def _int8(n: int = 96, k: int = 256) -> Int8Weight:
     return quantize_int8(torch.randn(n, k))
 
@@ -43,7 +56,8 @@ def _int4(n: int = 3 * INT4_TILE, k: int = 256, group: int = 32) -> Int4Weight:
 
 # One tile, and several tiles (torch packs rows in blocks of 32 or 64 depending on the CPU capability).
 @pytest.mark.parametrize("n", [INT4_TILE, 3 * INT4_TILE])
-def test_pack_int4_matches_torch_layout_and_round_trips(n):
+def test_pack_int4_matches_torch_layout_and_round_trips(n, monkeypatch):
+    monkeypatch.setattr(quant, "int4_layout", quant.torch_int4_layout)
     torch.manual_seed(0)
     codes = torch.randint(0, 16, (n, 128), dtype=torch.uint8)
     packed = pack_int4(codes)
@@ -54,6 +68,22 @@ def test_pack_int4_matches_torch_layout_and_round_trips(n):
         f"pack_int4 differs from torch's layout (cpu capability {torch.backends.cpu.get_cpu_capability()}) "
         f"at {(packed != expected).sum().item()} of {packed.numel()} bytes"
     )
+
+
+def test_native_layout_places_each_code_where_the_kernel_reads_it(monkeypatch):
+    """Block b, chunk c, byte 4r + i: row 16b + r, input 8c + i (low nibble) and 8c + 4 + i (high)."""
+    monkeypatch.setattr(quant, "int4_layout", lambda: (16, quant.NATIVE))
+    torch.manual_seed(0)
+    n, k = 2 * INT4_TILE, 64
+    codes = torch.randint(0, 16, (n, k), dtype=torch.uint8)
+    packed = pack_int4(codes)
+    assert packed.shape == (n, k // 2) and torch.equal(unpack_int4(packed), codes)
+    flat = packed.reshape(-1)
+    for row, col in [(0, 0), (0, 5), (17, 9), (n - 1, k - 1), (33, 44)]:
+        b, r, c, i = row // 16, row % 16, col // 8, col % 4
+        byte = int(flat[b * 16 * k // 2 + c * 64 + 4 * r + i])
+        want = byte & 0x0F if col % 8 < 4 else byte >> 4
+        assert want == int(codes[row, col]), (row, col)
 
 
 # --- 2. quantization error ----------------------------------------------------------------------------
@@ -114,7 +144,9 @@ SMALL = 8  # the packed-kernel threshold these cases are built around (patched i
 @pytest.mark.parametrize("lead", [(1, 1), (2, SMALL // 2), (1, SMALL + 1), (5, 8)], ids=str)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("make", [_int8, _int4], ids=["int8", "int4"])
-def test_quant_matmul_matches_dequantized_reference(make, dtype, lead, monkeypatch):
+def test_quant_matmul_matches_dequantized_reference(make, dtype, lead, layout, monkeypatch):
+    if make is _int8 and layout == "native":
+        pytest.skip("int8 has one layout")
     torch.manual_seed(0)
     n = 3 * INT4_TILE
     w = make(n, 256)
@@ -125,14 +157,69 @@ def test_quant_matmul_matches_dequantized_reference(make, dtype, lead, monkeypat
     monkeypatch.setattr(quant, "SMALL_BATCH", {"int8": SMALL, "int4": SMALL})
     y = quant_matmul(x, w)
     m = lead[0] * lead[1]
-    assert bool(dense_calls) == (m > SMALL), "wrong path for this batch size"
+    # The native int4 kernel takes every batch size; torch's packed kernels only small ones.
+    assert bool(dense_calls) == (m > SMALL and layout == "torch"), "wrong path for this batch size"
     assert y.dtype == dtype and y.shape == (*lead, n)
     ref = x.float() @ w.dequantize().T
-    # Both paths round the activations (and on the dense path the dequantized weight) to bfloat16 and
-    # return bfloat16: ~2**-8 relative per product, averaging out over K; 2e-2 of the output's scale is
-    # a wide margin that a wrong layout, scale or zero still exceeds by far.
+    # torch's paths round the activations (and on the dense path the dequantized weight) to bfloat16
+    # and return bfloat16: ~2**-8 relative per product, averaging out over K. The native kernel rounds
+    # activations to int8 per group of 32 (steps of max|x| / 127 in the group), as llama.cpp's Q8_0
+    # does. 2e-2 of the output's scale is a wide margin for both that a wrong layout, scale or zero
+    # still exceeds by far.
     diff = (y.float() - ref).abs().max().item()
     assert diff <= 2e-2 * ref.abs().max().item(), f"max diff {diff} vs max |ref| {ref.abs().max().item()}"
+
+
+def test_native_int4_error_is_that_of_int8_activations():
+    """The native kernel against the same sums computed from the activations rounded as it rounds
+    them: all that is left is float32 summation order. Per group it computes
+    scale * sum(q * x_rounded) + (zero - 8 * scale) * sum(x), the second sum of the unrounded x."""
+    if not native.available():
+        pytest.skip("the native int4 kernel does not run here")
+    torch.manual_seed(0)
+    m, n, k, group = 7, 2 * INT4_TILE, 256, 32
+    packed, sz, _ = _native_parts(n, k, group)
+    w = Int4Weight(packed, sz, group)
+    x = torch.randn(m, k) * torch.logspace(-2, 1, k)  # groups of very different magnitudes
+    y = native.int4_mm(x, packed, sz, group)
+    xg = x.view(m, k // group, group)
+    amax = xg.abs().amax(dim=2, keepdim=True)
+    x_rounded = (torch.round(xg * (127 / amax)) * (amax / 127)).view(m, k)  # what the kernel multiplies
+    scale, zero = sz[..., 0].float(), sz[..., 1].float()  # (G, N)
+    codes_scaled = (w.codes().float().view(n, k // group, group) * scale.t()[..., None]).view(n, k)
+    ref = x_rounded @ codes_scaled.T + xg.sum(dim=2) @ (zero - 8 * scale)
+    diff = (y - ref).abs().max().item()
+    assert diff <= 1e-5 * ref.abs().max().item(), f"max diff {diff} vs max |ref| {ref.abs().max().item()}"
+
+
+def _native_parts(n: int, k: int, group: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+    codes = torch.randint(0, 16, (n, k), dtype=torch.uint8)
+    scale = torch.rand(k // group, n) * 0.1
+    zero = torch.randn(k // group, n) * 0.1
+    sz = torch.stack([scale, zero], dim=-1).to(torch.bfloat16).contiguous()
+    return quant._pack(codes, native.BLOCK_ROWS, quant.NATIVE), sz, group
+
+
+def test_native_int4_reads_a_view_of_some_rows():
+    """Fused q/k/v parts are row views: their scales are strided, which the kernel follows."""
+    if not native.available():
+        pytest.skip("the native int4 kernel does not run here")
+    torch.manual_seed(0)
+    packed, sz, group = _native_parts(4 * INT4_TILE, 128, 32)
+    x = torch.randn(3, 128)
+    whole = native.int4_mm(x, packed, sz, group)
+    part = native.int4_mm(x, packed[INT4_TILE : 3 * INT4_TILE], sz[:, INT4_TILE : 3 * INT4_TILE], group)
+    assert torch.equal(part, whole[:, INT4_TILE : 3 * INT4_TILE])
+
+
+def test_native_int4_refuses_shapes_it_cannot_take():
+    if not native.available():
+        pytest.skip("the native int4 kernel does not run here")
+    packed, sz, _ = _native_parts(INT4_TILE, 64, 32)
+    with pytest.raises(ValueError, match="groups of 24"):
+        native.int4_mm(torch.randn(1, 64), packed, sz, 24)
+    with pytest.raises(ValueError, match="does not fit activations 1x32"):
+        native.int4_mm(torch.randn(1, 32), packed, sz, 32)
 
 
 # --- 4. the chunk loop of the dense path -------------------------------------------------------------
@@ -142,6 +229,7 @@ def test_quant_matmul_matches_dequantized_reference(make, dtype, lead, monkeypat
 @pytest.mark.parametrize("tiles_per_chunk", [1, 3])
 @pytest.mark.parametrize("make", [_int8, _int4], ids=["int8", "int4"])
 def test_dense_path_chunked_equals_unchunked(make, tiles_per_chunk, monkeypatch):
+    monkeypatch.setattr(quant, "int4_layout", quant.torch_int4_layout)  # the native kernel has no dense path
     torch.manual_seed(0)
     n, chunk = 4 * INT4_TILE, tiles_per_chunk * INT4_TILE
     w = make(n, 128)
@@ -169,7 +257,7 @@ IDS = torch.tensor([[0, 1, T // 2 + 1], [2 * T - 1, T + T // 2, T - 2]])
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("make", [_int8, _int4], ids=["int8", "int4"])
-def test_rows_equals_dequantized_rows(make, dtype):
+def test_rows_equals_dequantized_rows(make, dtype, layout):
     torch.manual_seed(0)
     w = make(2 * INT4_TILE, 128)
     got = w.rows(IDS, dtype)
@@ -194,7 +282,7 @@ def test_quantize_int4_rejects_shape(shape):
         ((T + 16, 64), 32, False),  # rows not whole tiles
         ((T // 2, 64), 32, False),
         ((T, 96), 64, False),  # columns not whole groups
-        ((T, 4), 1, True),
+        ((T, 32), 16, True),
         ((T, 3), 1, False),  # an odd number of columns cannot be packed two per byte
         ((T, 64, 1), 32, False),
         ((T,), 32, False),
@@ -229,7 +317,7 @@ def test_int4_packed_path_under_a_lower_cpu_capability():
     cap = _LOWER_CAPABILITY.get(torch.backends.cpu.get_cpu_capability())
     if cap is None:
         pytest.skip(f"no lower capability to try from {torch.backends.cpu.get_cpu_capability()}")
-    env = {**os.environ, "ATEN_CPU_CAPABILITY": cap}
+    env = {**os.environ, "ATEN_CPU_CAPABILITY": cap, native.ENV_SWITCH: "0"}
     proc = subprocess.run([sys.executable, "-c", _CAPABILITY_CHECK], env=env, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
     got, same, rel = proc.stdout.split()

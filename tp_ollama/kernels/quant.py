@@ -1,11 +1,12 @@
 """Weight-only quantized weights: int8 per output channel and int4 in groups along the input.
 
-Each packing has a plain reference (`dequantize`) and a fast path on torch's packed CPU kernels
-(`torch._weight_int8pack_mm`, `torch._weight_int4pack_mm_for_cpu`). Those kernels read one activation
-row at a time and want bfloat16 activations (float32 ones take a scalar path 15x slower), so:
-  - up to SMALL_BATCH rows (decode, batches of decodes) go through the packed kernel in bfloat16;
-  - more rows (prefill) dequantize the weight in bfloat16 chunks that stay in cache and use the
-    dense matmul;
+Each packing has a plain reference (`dequantize`) and a fast path:
+  - int4 on CPUs with AVX-512 VNNI: the native kernel (tp_ollama.kernels.native) in its own layout,
+    for decode, batches of decodes and prefill alike;
+  - otherwise torch's packed CPU kernels (`torch._weight_int8pack_mm`, `torch._weight_int4pack_mm_for_cpu`),
+    which read one activation row at a time and want bfloat16 activations (float32 ones take a scalar
+    path 15x slower): up to SMALL_BATCH rows go through them in bfloat16; more rows (prefill)
+    dequantize the weight in bfloat16 chunks that stay in cache and use the dense matmul;
   - other devices (CUDA) dequantize and use the dense matmul.
 The result comes back in the caller's dtype.
 
@@ -22,11 +23,13 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from tp_ollama.kernels import native
+
 # Rows up to which the packed kernels beat dequantizing the weight for a dense matmul (measured on
 # gemma3 shapes, 2 cores: int8 from ~16 rows on, int4 from ~128, its unpacking being dearer).
 SMALL_BATCH = {"int8": 16, "int4": 128}
 CHUNK_ROWS = 8192  # weight rows dequantized at a time on the dense path (~10 MB of bfloat16)
-INT4_TILE = 64  # int4 weights need rows in multiples of this: whole tiles of every CPU layout (see int4_layout)
+INT4_TILE = 64  # int4 weights need rows in multiples of this: whole tiles of every layout (see int4_layout)
 SCALE_DTYPE = torch.bfloat16
 
 
@@ -54,7 +57,7 @@ class Int8Weight:
 
 @dataclass
 class Int4Weight:
-    packed: torch.Tensor  # (N, K/2) uint8 in torch's CPU int4 layout (see pack_int4)
+    packed: torch.Tensor  # (N, K/2) uint8 in this machine's int4 layout (see int4_layout)
     scale_zero: torch.Tensor  # (K/group, N, 2) bfloat16: scale, zero
     group: int
 
@@ -83,12 +86,18 @@ class Int4Weight:
         """Dequantized rows ids (*S) -> (*S, K), read straight from the packed layout."""
         n, k = self.shape
         flat = ids.reshape(-1)
-        tile, halves = require_int4_layout()
-        tiles = self.packed.view(n // tile, k, tile // 2)  # (N/tile, K, tile/2)
-        within = flat % tile
-        byte = tiles[flat // tile, :, within % (tile // 2) if halves else within // 2]  # (S, K)
-        high = within >= tile // 2 if halves else within % 2 == 1
-        codes = torch.where(high[:, None], byte >> 4, byte & 0x0F)  # (S, K)
+        tile, arrangement = require_int4_layout()
+        if arrangement == NATIVE:
+            blocks = self.packed.view(n // tile, k // 8, tile, 4)  # (N/16, K/8, 16, 4)
+            byte = blocks[flat // tile, :, flat % tile]  # (S, K/8, 4)
+            codes = torch.cat([byte & 0x0F, byte >> 4], dim=-1).view(-1, k)  # (S, K)
+        else:
+            tiles = self.packed.view(n // tile, k, tile // 2)  # (N/tile, K, tile/2)
+            within = flat % tile
+            halves = arrangement == HALVES
+            byte = tiles[flat // tile, :, within % (tile // 2) if halves else within // 2]  # (S, K)
+            high = within >= tile // 2 if halves else within % 2 == 1
+            codes = torch.where(high[:, None], byte >> 4, byte & 0x0F)  # (S, K)
         return self._scaled(codes, self.scale_zero[:, flat], dtype).view(*ids.shape, k)
 
     def to(self, device: torch.device) -> Int4Weight:
@@ -113,13 +122,16 @@ def quantize_int8(w: torch.Tensor, scale: torch.Tensor | None = None) -> Int8Wei
 
 
 def int4_fits(shape: tuple[int, ...], group: int) -> bool:
-    """Whether torch's CPU int4 kernel takes this (N, K): N in whole tiles, K in whole groups."""
+    """Whether the int4 kernels take this (N, K): N in whole tiles, K in whole groups (the native
+    kernel's groups being whole 16-float vectors)."""
+    layout = int4_layout()
     return (
         len(shape) == 2
         and shape[0] % INT4_TILE == 0
         and shape[1] % group == 0
         and shape[1] % 2 == 0
-        and int4_layout() is not None
+        and layout is not None
+        and (layout[1] != NATIVE or group % native.GROUP_MULTIPLE == 0)
     )
 
 
@@ -143,24 +155,38 @@ def pack_int4_weight(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tenso
     return Int4Weight(pack_int4(codes), scale_zero, group)
 
 
+# How 4-bit codes sit in Int4Weight.packed: (rows per tile, arrangement).
+NATIVE = "native"  # the native kernel's: 16-row blocks of 8-input chunks (see kernels/native/int4_vnni.c)
+HALVES = "halves"  # torch's: byte d of an input's tile holds rows d and d + tile/2
+PAIRS = "pairs"  # torch's: byte d of an input's tile holds rows 2d and 2d + 1
+
+
 @functools.cache
-def int4_layout() -> tuple[int, bool] | None:
+def int4_layout() -> tuple[int, str] | None:
+    """The int4 layout of this process: the native kernel's where it runs, else torch's (see
+    torch_int4_layout); None when neither is to be had, and int4 is not offered."""
+    if native.available():
+        return (native.BLOCK_ROWS, NATIVE)
+    return torch_int4_layout()
+
+
+@functools.cache
+def torch_int4_layout() -> tuple[int, str] | None:
     """How torch._convert_weight_to_int4pack_for_cpu lays out codes on this CPU, found by packing a
-    probe: (rows per tile, halves). In each tile, every input k has tile/2 bytes; byte d holds rows d
-    and d + tile/2 (halves) or rows 2d and 2d + 1 (not halves), low nibble first. torch picks the
-    layout by CPU capability (AVX512: 64 halves, AVX2: 32 halves, otherwise 32 pairs). None: no
-    known layout matches, and int4 is not offered."""
+    probe. In each tile, every input k has tile/2 bytes; byte d holds rows d and d + tile/2 (halves)
+    or rows 2d and 2d + 1 (pairs), low nibble first. torch picks the layout by CPU capability
+    (AVX512: 64 halves, AVX2: 32 halves, otherwise 32 pairs). None: no known layout matches."""
     if not hasattr(torch, "_convert_weight_to_int4pack_for_cpu"):
         return None
     probe = torch.randint(0, 16, (3 * INT4_TILE, 64), generator=torch.Generator().manual_seed(0), dtype=torch.int32)
     torch_packed = torch._convert_weight_to_int4pack_for_cpu(probe, 1)
-    for layout in ((64, True), (32, True), (32, False)):
+    for layout in ((64, HALVES), (32, HALVES), (32, PAIRS)):
         if torch.equal(_pack(probe, *layout), torch_packed):
             return layout
     return None
 
 
-def require_int4_layout() -> tuple[int, bool]:
+def require_int4_layout() -> tuple[int, str]:
     layout = int4_layout()
     if layout is None:
         raise RuntimeError("this torch build packs int4 weights in a layout tp-ollama does not know")
@@ -168,26 +194,35 @@ def require_int4_layout() -> tuple[int, bool]:
 
 
 def pack_int4(codes: torch.Tensor) -> torch.Tensor:
-    """(N, K) codes 0..15 -> (N, K/2) uint8 in the layout of torch._convert_weight_to_int4pack_for_cpu
-    on this CPU (see int4_layout). Built here so that unpack_int4 is its exact inverse; a test holds
-    the two packings equal."""
+    """(N, K) codes 0..15 -> (N, K/2) uint8 in this process's layout (see int4_layout). For torch's
+    layouts this is what torch._convert_weight_to_int4pack_for_cpu gives (a test holds them equal),
+    built here so that unpack_int4 is its exact inverse."""
     return _pack(codes, *require_int4_layout())
 
 
-def _pack(codes: torch.Tensor, tile: int, halves: bool) -> torch.Tensor:
+def _pack(codes: torch.Tensor, tile: int, arrangement: str) -> torch.Tensor:
     n, k = codes.shape
-    t = codes.to(torch.uint8).view(n // tile, tile, k).transpose(1, 2)  # (N/tile, K, tile)
+    c = codes.to(torch.uint8)
+    if arrangement == NATIVE:
+        t = c.view(n // tile, tile, k // 8, 2, 4).permute(0, 2, 1, 3, 4)  # (N/16, K/8, 16, half, 4)
+        return (t[..., 0, :] | (t[..., 1, :] << 4)).reshape(n, k // 2).contiguous()
+    t = c.view(n // tile, tile, k).transpose(1, 2)  # (N/tile, K, tile)
+    halves = arrangement == HALVES
     low, high = (t[..., : tile // 2], t[..., tile // 2 :]) if halves else (t[..., 0::2], t[..., 1::2])
     return (low | (high << 4)).reshape(n, k // 2).contiguous()
 
 
-def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
+def unpack_int4(packed: torch.Tensor, layout: tuple[int, str] | None = None) -> torch.Tensor:
     """The inverse of pack_int4: (N, K/2) uint8 -> (N, K) uint8 codes."""
-    tile, halves = require_int4_layout()
+    tile, arrangement = layout if layout is not None else require_int4_layout()
     n, k = packed.shape[0], packed.shape[1] * 2
+    if arrangement == NATIVE:
+        t = packed.view(n // tile, k // 8, tile, 1, 4)
+        both = torch.cat([t & 0x0F, t >> 4], dim=3)  # (N/16, K/8, 16, half, 4)
+        return both.permute(0, 2, 1, 3, 4).reshape(n, k)
     t = packed.view(n // tile, k, tile // 2)  # (N/tile, K, tile/2)
     low, high = t & 0x0F, t >> 4
-    if halves:
+    if arrangement == HALVES:
         rows = torch.cat([low, high], dim=-1)  # (N/tile, K, tile)
     else:
         rows = torch.stack([low, high], dim=-1).view(n // tile, k, tile)
@@ -202,7 +237,11 @@ def quant_matmul(x: torch.Tensor, w: QuantWeight) -> torch.Tensor:
     """x (*, K) @ w.T -> (*, N) in x's dtype."""
     lead, k = x.shape[:-1], x.shape[-1]
     x2 = x.reshape(-1, k)
-    if x2.shape[0] <= SMALL_BATCH[w.kind] and packed_kernels_available(x.device):
+    rows = x2.shape[0]
+    # The native int4 kernel beats dequantizing for a dense matmul at every batch measured (1-512 rows).
+    if isinstance(w, Int4Weight) and x.device.type == "cpu" and native_int4():
+        y = native.int4_mm(x2, w.packed, w.scale_zero, w.group)
+    elif rows <= SMALL_BATCH[w.kind] and packed_kernels_available(x.device):
         xb = x2 if x2.dtype == torch.bfloat16 else x2.to(torch.bfloat16)
         if isinstance(w, Int8Weight):
             y = torch._weight_int8pack_mm(xb, w.q, w.scale)
@@ -212,6 +251,12 @@ def quant_matmul(x: torch.Tensor, w: QuantWeight) -> torch.Tensor:
         y = _dense_matmul(x2, w)
     y = y if y.dtype == x.dtype else y.to(x.dtype)
     return y.reshape(*lead, w.shape[0])
+
+
+def native_int4() -> bool:
+    """Whether int4 weights here are in the native kernel's layout."""
+    layout = int4_layout()
+    return layout is not None and layout[1] == NATIVE
 
 
 def _dense_matmul(x: torch.Tensor, w: QuantWeight) -> torch.Tensor:

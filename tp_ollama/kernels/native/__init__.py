@@ -1,0 +1,139 @@
+"""The int4 matmul of int4_vnni.c: weights in 16-row blocks of 4-bit codes, activations quantized to
+int8 per group, dot products on AVX-512 VNNI (vpdpbusd). On gemma3 shapes with 2 threads it reads
+weights 2-3x faster than torch's packed int4 kernel at one row, and runs 16 rows at once in less than
+half the time torch needs, which reads one activation row at a time.
+
+The library is compiled with the system C compiler on first use, into
+`$TP_OLLAMA_CACHE/kernels/` (about a second), named by the digest of the source and flags, and
+loaded with ctypes. Where it cannot be had (no AVX-512 VNNI, no compiler, TP_OLLAMA_NATIVE_KERNELS=0)
+`library()` is None and int4 weights keep torch's own packing and kernel.
+
+The library links OpenMP; torch's libgomp (soname libgomp.so.1) is loaded first, so both share one
+runtime and one thread pool.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import logging
+import os
+import subprocess
+import tempfile
+from pathlib import Path
+
+import torch
+
+from tp_ollama.config import default_cache_dir
+
+log = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).with_name("int4_vnni.c")
+CPU_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512_vnni")
+COMPILE_FLAGS = ("-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni", "-fopenmp", "-shared", "-fPIC")
+COMPILE_TIMEOUT_S = 120.0
+BLOCK_ROWS = 16  # weight rows per block of the layout
+GROUP_MULTIPLE = 16  # a group is a whole number of 16-float vectors
+ENV_SWITCH = "TP_OLLAMA_NATIVE_KERNELS"
+
+
+def cpu_supports() -> bool:
+    """Whether this CPU has every instruction set the kernel is compiled for (Linux /proc/cpuinfo)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    for line in text.splitlines():
+        if line.startswith("flags"):
+            flags = set(line.partition(":")[2].split())
+            return all(f in flags for f in CPU_FLAGS)
+    return False
+
+
+def _compiler() -> str:
+    return os.environ.get("CC", "cc")
+
+
+def _library_path() -> Path:
+    digest = hashlib.sha256(SOURCE.read_bytes() + " ".join(COMPILE_FLAGS).encode()).hexdigest()
+    return default_cache_dir() / "kernels" / f"int4_vnni-{digest[:16]}.so"
+
+
+def build(path: Path, cc: str) -> None:
+    """Compile the kernel to `path`, atomically: a concurrent rank sees the whole file or none."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=path.parent)
+    os.close(fd)
+    try:
+        done = subprocess.run(
+            [cc, *COMPILE_FLAGS, "-o", tmp, str(SOURCE)], capture_output=True, text=True, timeout=COMPILE_TIMEOUT_S
+        )
+        if done.returncode != 0:
+            raise OSError(f"{cc} failed: {done.stderr.strip()[-2000:]}")
+        os.replace(tmp, path)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+
+
+@functools.cache
+def library() -> ctypes.CDLL | None:
+    """The compiled kernel, or None where it cannot run here (the reason is logged)."""
+    if os.environ.get(ENV_SWITCH, "1") == "0":
+        return None
+    if not cpu_supports():
+        log.info("native int4 kernel off: the CPU lacks one of %s", ", ".join(CPU_FLAGS))
+        return None
+    cc = _compiler()
+    try:
+        path = _library_path()
+        if not path.exists():
+            build(path, cc)
+        lib = ctypes.CDLL(str(path))
+    except (OSError, subprocess.SubprocessError) as e:
+        log.warning("native int4 kernel unavailable (%s); using torch's int4 kernel", e)
+        return None
+    fn = lib.tpo_int4_mm
+    fn.restype = ctypes.c_int
+    i64 = ctypes.c_int64
+    ptr = ctypes.c_void_p
+    fn.argtypes = [ptr, i64, i64, ptr, ptr, i64, i64, i64, ptr, ctypes.c_int]
+    return lib
+
+
+def available() -> bool:
+    return library() is not None
+
+
+def int4_mm(x: torch.Tensor, packed: torch.Tensor, scale_zero: torch.Tensor, group: int) -> torch.Tensor:
+    """x (M, K) @ w.T -> (M, N) float32, w in the native layout: packed (N, K/2) uint8, scale_zero
+    (K/group, N, 2) bfloat16, maybe a view of some rows of a larger one. CPU tensors; the library
+    must be available."""
+    lib = library()
+    if lib is None:
+        raise RuntimeError("the native int4 kernel is not available on this machine")
+    xf = x.to(torch.float32).contiguous()
+    m, k = xf.shape
+    n = packed.shape[0]
+    pairs_contiguous = scale_zero.stride(2) == 1 and scale_zero.stride(1) == 2
+    if packed.shape[1] * 2 != k or not packed.is_contiguous() or not pairs_contiguous:
+        raise ValueError(f"int4 weight of {n}x{packed.shape[1] * 2} (contiguous) does not fit activations {m}x{k}")
+    y = torch.empty(m, n, dtype=torch.float32)
+    rc = lib.tpo_int4_mm(
+        xf.data_ptr(),
+        m,
+        k,
+        packed.data_ptr(),
+        scale_zero.data_ptr(),
+        scale_zero.stride(0) // 2,
+        n,
+        group,
+        y.data_ptr(),
+        torch.get_num_threads(),
+    )
+    if rc != 0:
+        raise ValueError(
+            f"the native int4 kernel refused {m}x{k} @ {n}x{k} in groups of {group} (code {rc}): rows must "
+            f"come in blocks of {BLOCK_ROWS} and groups be multiples of {GROUP_MULTIPLE}"
+        )
+    return y
