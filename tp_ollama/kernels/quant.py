@@ -18,7 +18,7 @@ Scales (and zeros) are bfloat16: that is what the kernels read, so the reference
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -60,6 +60,7 @@ class Int4Weight:
     packed: torch.Tensor  # (N, K/2) uint8 in this machine's int4 layout (see int4_layout)
     scale_zero: torch.Tensor  # (K/group, N, 2) bfloat16: scale, zero
     group: int
+    _native: native.Int4Matmul | None = field(default=None, repr=False, compare=False)
 
     kind = "int4"
 
@@ -102,6 +103,12 @@ class Int4Weight:
 
     def to(self, device: torch.device) -> Int4Weight:
         return Int4Weight(self.packed.to(device), self.scale_zero.to(device), self.group)
+
+    def native_matmul(self) -> native.Int4Matmul:
+        """The native kernel bound to these tensors (made once: a decode step calls it ~70 times)."""
+        if self._native is None:
+            self._native = native.Int4Matmul(self.packed, self.scale_zero, self.group)
+        return self._native
 
 
 QuantWeight = Int8Weight | Int4Weight
@@ -240,7 +247,7 @@ def quant_matmul(x: torch.Tensor, w: QuantWeight) -> torch.Tensor:
     rows = x2.shape[0]
     # The native int4 kernel beats dequantizing for a dense matmul at every batch measured (1-512 rows).
     if isinstance(w, Int4Weight) and x.device.type == "cpu" and native_int4():
-        y = native.int4_mm(x2, w.packed, w.scale_zero, w.group)
+        y = w.native_matmul()(x2)
     elif rows <= SMALL_BATCH[w.kind] and packed_kernels_available(x.device):
         xb = x2 if x2.dtype == torch.bfloat16 else x2.to(torch.bfloat16)
         if isinstance(w, Int8Weight):

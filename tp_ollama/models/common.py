@@ -14,6 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from tp_ollama.kernels import native
+
 
 class LayerCache(Protocol):
     """What attention needs from one layer's KV cache (implemented in tp_ollama.engine.kv_cache)."""
@@ -140,9 +142,16 @@ class RMSNorm(nn.Module):
         self.eps = eps
         self.unit_offset = unit_offset
         self.weight = nn.Parameter(torch.empty(dim))
-        self._scale_cache: tuple[tuple[int, torch.device], torch.Tensor] | None = None
+        self._scale_cache: tuple[tuple[int, torch.device, bool], torch.Tensor] | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype == torch.bfloat16 and x.device.type == "cpu" and x.is_contiguous() and native.available():
+            # One native call where torch runs a dozen operators; the same float32 arithmetic, in
+            # transformers' order (bfloat16 results, so summation order is below their rounding).
+            if self.unit_offset:
+                return native.rms_norm_bf16(x, self._unit_scale(), self.eps, scale_after_cast=False)
+            if self.weight.dtype == torch.bfloat16:
+                return native.rms_norm_bf16(x, self._float_scale(), self.eps, scale_after_cast=True)
         # torch's rms_norm: x * rsqrt(mean(x^2) + eps) [* scale], the same float32 arithmetic.
         shape = (x.shape[-1],)
         if self.unit_offset:
@@ -151,9 +160,15 @@ class RMSNorm(nn.Module):
 
     def _unit_scale(self) -> torch.Tensor:
         """(1 + w) in float32, computed once per weight tensor (norms run ~100 times a step)."""
-        key = (self.weight.data_ptr(), self.weight.device)
+        return self._cached_scale(lambda w: 1.0 + w.float())
+
+    def _float_scale(self) -> torch.Tensor:
+        return self._cached_scale(lambda w: w.float())
+
+    def _cached_scale(self, make: Any) -> torch.Tensor:
+        key = (self.weight.data_ptr(), self.weight.device, self.unit_offset)
         if self._scale_cache is None or self._scale_cache[0] != key:
-            self._scale_cache = (key, 1.0 + self.weight.float())
+            self._scale_cache = (key, make(self.weight).contiguous())
         return self._scale_cache[1]
 
 

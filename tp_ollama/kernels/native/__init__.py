@@ -1,7 +1,8 @@
-"""The int4 matmul of int4_vnni.c: weights in 16-row blocks of 4-bit codes, activations quantized to
-int8 per group, dot products on AVX-512 VNNI (vpdpbusd). On gemma3 shapes with 2 threads it reads
-weights 2-3x faster than torch's packed int4 kernel at one row, and runs 16 rows at once in less than
-half the time torch needs, which reads one activation row at a time.
+"""The kernels of cpu_kernels.c. An int4 matmul: weights in 16-row blocks of 4-bit codes, activations
+quantized to int8 per group, dot products on AVX-512 VNNI (vpdpbusd). On gemma3 shapes with 2 threads
+it reads weights 2-3x faster than torch's packed int4 kernel at one row, and runs 16 rows at once in
+less than half the time torch needs, which reads one activation row at a time. An RMSNorm of bfloat16
+rows: one call where torch runs a dozen operators (a decode step of gemma3 runs 109 norms).
 
 The library is compiled with the system C compiler on first use, into
 `$TP_OLLAMA_CACHE/kernels/` (about a second), named by the digest of the source and flags, and
@@ -29,9 +30,9 @@ from tp_ollama.config import default_cache_dir
 
 log = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).with_name("int4_vnni.c")
+SOURCE = Path(__file__).with_name("cpu_kernels.c")
 CPU_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512_vnni")
-COMPILE_FLAGS = ("-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni", "-fopenmp", "-shared", "-fPIC")
+COMPILE_FLAGS = ("-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni", "-fopenmp", "-shared", "-fPIC", "-lm")
 COMPILE_TIMEOUT_S = 120.0
 BLOCK_ROWS = 16  # weight rows per block of the layout
 GROUP_MULTIPLE = 16  # a group is a whole number of 16-float vectors
@@ -57,7 +58,7 @@ def _compiler() -> str:
 
 def _library_path() -> Path:
     digest = hashlib.sha256(SOURCE.read_bytes() + " ".join(COMPILE_FLAGS).encode()).hexdigest()
-    return default_cache_dir() / "kernels" / f"int4_vnni-{digest[:16]}.so"
+    return default_cache_dir() / "kernels" / f"cpu_kernels-{digest[:16]}.so"
 
 
 def build(path: Path, cc: str) -> None:
@@ -93,11 +94,11 @@ def library() -> ctypes.CDLL | None:
     except (OSError, subprocess.SubprocessError) as e:
         log.warning("native int4 kernel unavailable (%s); using torch's int4 kernel", e)
         return None
-    fn = lib.tpo_int4_mm
-    fn.restype = ctypes.c_int
-    i64 = ctypes.c_int64
-    ptr = ctypes.c_void_p
-    fn.argtypes = [ptr, i64, i64, ptr, ptr, i64, i64, i64, ptr, ctypes.c_int]
+    i64, ptr = ctypes.c_int64, ctypes.c_void_p
+    lib.tpo_int4_mm.restype = ctypes.c_int
+    lib.tpo_int4_mm.argtypes = [ptr, i64, i64, ptr, ptr, i64, i64, i64, ptr, ctypes.c_int]
+    lib.tpo_rms_norm_bf16.restype = None
+    lib.tpo_rms_norm_bf16.argtypes = [ptr, i64, i64, i64, ptr, ctypes.c_int, ctypes.c_float, ptr, i64]
     return lib
 
 
@@ -105,35 +106,55 @@ def available() -> bool:
     return library() is not None
 
 
+class Int4Matmul:
+    """The native int4 matmul bound to one weight: its shapes checked and its pointers taken once (the
+    tensors must outlive it and not move), so each call costs a ctypes call and an output tensor.
+    packed (N, K/2) uint8 in the native layout, scale_zero (K/group, N, 2) bfloat16, maybe a view of
+    some rows of a larger one."""
+
+    def __init__(self, packed: torch.Tensor, scale_zero: torch.Tensor, group: int) -> None:
+        lib = library()
+        if lib is None:
+            raise RuntimeError("the native int4 kernel is not available on this machine")
+        n, k = packed.shape[0], packed.shape[1] * 2
+        pairs_contiguous = scale_zero.stride(2) == 1 and scale_zero.stride(1) == 2
+        if not packed.is_contiguous() or not pairs_contiguous or tuple(scale_zero.shape) != (k // group, n, 2):
+            raise ValueError(f"an int4 weight of {n}x{k} needs contiguous codes and (scale, zero) pairs")
+        if n % BLOCK_ROWS or group % GROUP_MULTIPLE or k % group:
+            raise ValueError(
+                f"the native int4 kernel cannot take {n}x{k} in groups of {group}: rows must come in blocks "
+                f"of {BLOCK_ROWS} and groups be multiples of {GROUP_MULTIPLE} dividing {k}"
+            )
+        self.n, self.k, self.group = n, k, group
+        self._fn = lib.tpo_int4_mm
+        self._weight = (packed.data_ptr(), scale_zero.data_ptr(), scale_zero.stride(0) // 2, n, group)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        """x (M, K) on the CPU -> (M, N) float32."""
+        if x.dtype != torch.float32 or not x.is_contiguous():
+            x = x.to(torch.float32).contiguous()
+        m = x.shape[0]
+        if x.shape[1] != self.k:
+            raise ValueError(f"activations {m}x{x.shape[1]} do not fit an int4 weight of {self.n}x{self.k}")
+        y = torch.empty(m, self.n, dtype=torch.float32)
+        if self._fn(x.data_ptr(), m, self.k, *self._weight, y.data_ptr(), torch.get_num_threads()) != 0:
+            raise MemoryError(f"the native int4 kernel could not allocate {m}x{self.k} quantized activations")
+        return y
+
+
 def int4_mm(x: torch.Tensor, packed: torch.Tensor, scale_zero: torch.Tensor, group: int) -> torch.Tensor:
-    """x (M, K) @ w.T -> (M, N) float32, w in the native layout: packed (N, K/2) uint8, scale_zero
-    (K/group, N, 2) bfloat16, maybe a view of some rows of a larger one. CPU tensors; the library
-    must be available."""
+    """x (M, K) @ w.T -> (M, N) float32 for a weight in the native layout (see Int4Matmul)."""
+    return Int4Matmul(packed, scale_zero, group)(x)
+
+
+def rms_norm_bf16(x: torch.Tensor, scale: torch.Tensor, eps: float, scale_after_cast: bool) -> torch.Tensor:
+    """RMSNorm over the last dim of a contiguous bfloat16 CPU tensor, in float32, times `scale` (float32,
+    (D,)) before the cast back (scale_after_cast False: Gemma) or after it (True: Llama)."""
     lib = library()
     if lib is None:
-        raise RuntimeError("the native int4 kernel is not available on this machine")
-    xf = x.to(torch.float32).contiguous()
-    m, k = xf.shape
-    n = packed.shape[0]
-    pairs_contiguous = scale_zero.stride(2) == 1 and scale_zero.stride(1) == 2
-    if packed.shape[1] * 2 != k or not packed.is_contiguous() or not pairs_contiguous:
-        raise ValueError(f"int4 weight of {n}x{packed.shape[1] * 2} (contiguous) does not fit activations {m}x{k}")
-    y = torch.empty(m, n, dtype=torch.float32)
-    rc = lib.tpo_int4_mm(
-        xf.data_ptr(),
-        m,
-        k,
-        packed.data_ptr(),
-        scale_zero.data_ptr(),
-        scale_zero.stride(0) // 2,
-        n,
-        group,
-        y.data_ptr(),
-        torch.get_num_threads(),
-    )
-    if rc != 0:
-        raise ValueError(
-            f"the native int4 kernel refused {m}x{k} @ {n}x{k} in groups of {group} (code {rc}): rows must "
-            f"come in blocks of {BLOCK_ROWS} and groups be multiples of {GROUP_MULTIPLE}"
-        )
+        raise RuntimeError("the native kernels are not available on this machine")
+    d = x.shape[-1]
+    y = torch.empty_like(x)
+    rows = x.numel() // d if d else 0
+    lib.tpo_rms_norm_bf16(x.data_ptr(), rows, d, d, scale.data_ptr(), int(scale_after_cast), eps, y.data_ptr(), d)
     return y

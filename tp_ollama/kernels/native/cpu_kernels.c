@@ -1,4 +1,8 @@
-/* Weight-only int4 matmul on AVX-512 VNNI: y (M, N) = x (M, K) @ w.T, float32 in and out.
+/* CPU kernels of tp-ollama's decode step, loaded by tp_ollama.kernels.native:
+  tpo_int4_mm        weight-only int4 matmul on AVX-512 VNNI
+  tpo_rms_norm_bf16  RMSNorm of bfloat16 rows in one call instead of a dozen torch operators
+
+tpo_int4_mm: y (M, N) = x (M, K) @ w.T, float32 in and out.
 
 Weights (the "native" int4 layout of tp_ollama.kernels.quant): rows in blocks of 16; a block holds
 K/8 chunks of 64 bytes; in chunk c, byte 4r + i holds row r's code for input 8c + i in its low nibble
@@ -20,6 +24,7 @@ rows are done per pass over a block, each reusing the unpacked codes. */
 #include <immintrin.h>
 #include <stdint.h>
 #include <stdlib.h>
+#include <math.h>
 #include <string.h>
 
 #define BLOCK_ROWS 16
@@ -125,4 +130,41 @@ int tpo_int4_mm(const float *x, int64_t m_rows, int64_t k, const uint8_t *packed
     }
     free(xq), free(sx), free(sumx);
     return 0;
+}
+
+/* RMSNorm of bfloat16 rows, computed in float32: y = x * rsqrt(mean(x^2) + eps), then scaled by a
+float32 vector either before the cast back to bfloat16 (Gemma's (1 + w), scale_after_cast 0) or after
+it, the product rounded again (Llama's w * bf16(...), scale_after_cast 1), as transformers orders them.
+Rows are d values each, ld_x / ld_y elements apart. */
+static inline float bf16_to_f32(uint16_t v) {
+    uint32_t bits = (uint32_t)v << 16;
+    float f;
+    memcpy(&f, &bits, 4);
+    return f;
+}
+
+static inline uint16_t f32_to_bf16(float f) { /* round to nearest even, as torch converts */
+    uint32_t bits;
+    memcpy(&bits, &f, 4);
+    if ((bits & 0x7F800000u) == 0x7F800000u && (bits & 0x007FFFFFu)) return (uint16_t)((bits >> 16) | 0x40);
+    return (uint16_t)((bits + 0x7FFFu + ((bits >> 16) & 1u)) >> 16);
+}
+
+void tpo_rms_norm_bf16(const uint16_t *x, int64_t rows, int64_t d, int64_t ld_x, const float *scale,
+                       int scale_after_cast, float eps, uint16_t *y, int64_t ld_y) {
+    for (int64_t r = 0; r < rows; r++) {
+        const uint16_t *xr = x + r * ld_x;
+        uint16_t *yr = y + r * ld_y;
+        float sum = 0.0f;
+        for (int64_t j = 0; j < d; j++) {
+            const float v = bf16_to_f32(xr[j]);
+            sum += v * v;
+        }
+        const float inv = 1.0f / sqrtf(sum / (float)d + eps);
+        if (scale_after_cast) {
+            for (int64_t j = 0; j < d; j++) yr[j] = f32_to_bf16(bf16_to_f32(f32_to_bf16(bf16_to_f32(xr[j]) * inv)) * scale[j]);
+        } else {
+            for (int64_t j = 0; j < d; j++) yr[j] = f32_to_bf16(bf16_to_f32(xr[j]) * inv * scale[j]);
+        }
+    }
 }
