@@ -127,21 +127,35 @@ def parse_weights(text: str | None) -> tuple[float, ...] | None:
 
 
 def generate_in_process(req: Prompting) -> None:
-    from tp_ollama.checkpoints.loader import resolve_dtype
-    from tp_ollama.client_cli import stats as verbose_stats
-    from tp_ollama.completion import final_metrics, load, prompt_tokens, stream_text
-    from tp_ollama.engine.generate import GenerationStats
+    """Tokenizer and text in a helper process started first, model and tokens here: the tokenizer's
+    load overlaps torch's import (see tp_ollama.text_process)."""
+    from tp_ollama.store.embedded import resolve_model
+    from tp_ollama.text_process import TextProcess
 
     t0 = time.perf_counter()
-    loaded = load(req.model, resolve_dtype(req.dtype, req.device), req.device, quant=req.quant)
-    ids = prompt_tokens(loaded.tokenizer, req.prompt, chat=req.chat, system=req.system)
-    stats = GenerationStats()
-    for piece in stream_text(loaded, ids, req.options, stats):
-        sys.stdout.write(piece)
-        sys.stdout.flush()
+    path = resolve_model(req.model)
+    text = TextProcess(path, req.prompt, req.chat, req.system, req.options.stop)
+    try:
+        from tp_ollama.checkpoints.loader import load_model, open_checkpoint, resolve_dtype
+        from tp_ollama.client_cli import stats as verbose_stats
+        from tp_ollama.completion import final_metrics
+        from tp_ollama.engine.generate import GenerationStats, generate_tokens
+
+        model = load_model(open_checkpoint(path), resolve_dtype(req.dtype, req.device), req.device, quant=req.quant)
+        load_s = time.perf_counter() - t0
+        ids, eos_ids = text.prompt()
+        stats = GenerationStats()
+        tokens = generate_tokens(model, ids, req.options, eos_ids, stats)
+        for token in tokens:
+            if not text.push(token):
+                stats.done_reason = "stop"
+                tokens.close()
+                break
+        text.finish()
+    finally:
+        text.close()
     if req.verbose:
-        metrics = final_metrics(stats, loaded.load_seconds, time.perf_counter() - t0)
-        sys.stderr.write("\n" + verbose_stats(metrics) + "\n")
+        sys.stderr.write("\n" + verbose_stats(final_metrics(stats, load_s, time.perf_counter() - t0)) + "\n")
 
 
 def generate_on_ranks(req: Prompting, cluster: Any, weights: str | None, comm: str, debug: bool) -> None:

@@ -8,7 +8,6 @@ import time
 from collections.abc import Generator, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
 from torch import nn
@@ -21,6 +20,9 @@ from tp_ollama.engine.generate import GenerationStats, generate_tokens
 from tp_ollama.engine.options import GenerationOptions
 from tp_ollama.engine.stop import StopMatcher
 from tp_ollama.store.embedded import resolve_model
+from tp_ollama.text_process import prompt_tokens
+
+__all__ = ["LoadedModel", "final_metrics", "load", "load_tokenizer", "prompt_tokens", "stream_text", "text_pieces"]
 
 log = logging.getLogger(__name__)
 
@@ -52,20 +54,6 @@ def load(model: str, dtype: torch.dtype, device: torch.device | str = "cpu", qua
     seconds = time.perf_counter() - t0
     log.info("loaded %s (%s) as %s in %.2f s", model, path, dtype, seconds)
     return LoadedModel(model, path, checkpoint, module, tokenizer, dtype, seconds)
-
-
-def prompt_tokens(
-    tokenizer: Tokenizer, prompt: str, chat: bool = False, system: str | None = None, **template_kwargs: Any
-) -> list[int]:
-    """Raw completion: the prompt with BOS when the tokenizer's settings say so. Chat: one user
-    message (after an optional system one) rendered with the model's template and generation prompt."""
-    if not chat:
-        return tokenizer.encode(prompt, add_special_tokens=True)
-    messages = [{"role": "system", "content": system}] if system else []
-    messages.append({"role": "user", "content": prompt})
-    text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, **template_kwargs)
-    # The template writes BOS itself where the model wants it, as transformers assumes.
-    return tokenizer.encode(text, add_special_tokens=False)
 
 
 def stream_text(
