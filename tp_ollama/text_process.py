@@ -65,6 +65,7 @@ class TextProcess:
         self._process.start()
         child_conn.close()
         self.stopped = False
+        self._finished = False
 
     def prompt(self) -> tuple[list[int], frozenset[int]]:
         """The encoded prompt and the end-of-sequence ids; a tokenizer or template error is raised here."""
@@ -87,15 +88,18 @@ class TextProcess:
         if not self.stopped:
             self._send(None, "print the end of the text")
             self._receive(STEP_TIMEOUT_S, "print the end of the text")
+        self._finished = True
         self.close()
 
     def close(self) -> None:
-        """End the helper (it exits when its pipe closes) and reap it; it is killed if it does not go."""
+        """Reap the helper: after finish() it is exiting by itself; otherwise (an error here, Ctrl-C)
+        it is killed at once, as it may still be loading the tokenizer."""
         self._conn.close()
-        self._process.join(EXIT_TIMEOUT_S)
+        if self._finished:
+            self._process.join(EXIT_TIMEOUT_S)
         if self._process.is_alive():
             self._process.kill()
-            self._process.join(EXIT_TIMEOUT_S)
+        self._process.join(EXIT_TIMEOUT_S)
 
     def _send(self, message: int | None, what: str) -> None:
         try:

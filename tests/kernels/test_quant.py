@@ -200,6 +200,19 @@ def _native_parts(n: int, k: int, group: int) -> tuple[torch.Tensor, torch.Tenso
     return quant._pack(codes, native.BLOCK_ROWS, quant.NATIVE), sz, group
 
 
+def test_native_int4_computes_each_row_on_its_own():
+    """Rows of a batch (passes of 4 rows and the rest one by one) equal each row alone, bit for bit:
+    sharing a step with other sequences changes nothing in the kernel."""
+    if not native.available():
+        pytest.skip("the native int4 kernel does not run here")
+    torch.manual_seed(0)
+    packed, sz, group = _native_parts(2 * INT4_TILE, 128, 32)
+    x = torch.randn(7, 128)
+    together = native.int4_mm(x, packed, sz, group)
+    alone = torch.cat([native.int4_mm(x[i : i + 1], packed, sz, group) for i in range(7)])
+    assert torch.equal(together, alone)
+
+
 def test_native_int4_reads_a_view_of_some_rows():
     """Fused q/k/v parts are row views: their scales are strided, which the kernel follows."""
     if not native.available():

@@ -16,11 +16,12 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from tp_ollama.kernels.quant import Int4Weight, Int8Weight, QuantWeight, int4_layout
+from tp_ollama.kernels import quant as quant_module
+from tp_ollama.kernels.quant import Int4Weight, Int8Weight, QuantWeight
 
 log = logging.getLogger(__name__)
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: int4 layouts named (tile, arrangement), the native one among them
 KEEP_ENTRIES = 8  # most recently used entries kept; older ones are deleted when a new one is saved
 
 
@@ -32,7 +33,7 @@ def cache_key(checkpoint: Path, plan: list[tuple[str, str, Any]], quant: str, dt
         "files": [[str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns] for f in files if f.is_file()],
         "quant": quant,
         "dtype": str(dtype),
-        "int4_layout": int4_layout(),
+        "int4_layout": quant_module.int4_layout(),  # looked up at call time: the layout is the process's choice
         "plan": [[path, packing, list(s) if s is not None else None] for path, packing, s in plan],
     }
     return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:32]
