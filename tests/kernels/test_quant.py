@@ -141,12 +141,22 @@ def test_quantize_int4_error_bounded(group):
 SMALL = 8  # the packed-kernel threshold these cases are built around (patched in for every kind)
 
 
-@pytest.mark.parametrize("lead", [(1, 1), (2, SMALL // 2), (1, SMALL + 1), (5, 8)], ids=str)
+LEADS = [(1, 1), (2, SMALL // 2), (1, SMALL + 1), (5, 8)]
+
+
+@pytest.mark.parametrize("lead", LEADS, ids=str)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-@pytest.mark.parametrize("make", [_int8, _int4], ids=["int8", "int4"])
-def test_quant_matmul_matches_dequantized_reference(make, dtype, lead, layout, monkeypatch):
-    if make is _int8 and layout == "native":
-        pytest.skip("int8 has one layout")
+def test_int8_matmul_matches_dequantized_reference(dtype, lead, monkeypatch):
+    _check_matmul(_int8, dtype, lead, "torch", monkeypatch)
+
+
+@pytest.mark.parametrize("lead", LEADS, ids=str)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_int4_matmul_matches_dequantized_reference(dtype, lead, layout, monkeypatch):
+    _check_matmul(_int4, dtype, lead, layout, monkeypatch)
+
+
+def _check_matmul(make, dtype, lead, layout, monkeypatch):
     torch.manual_seed(0)
     n = 3 * INT4_TILE
     w = make(n, 256)
@@ -270,7 +280,20 @@ IDS = torch.tensor([[0, 1, T // 2 + 1], [2 * T - 1, T + T // 2, T - 2]])
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("make", [_int8, _int4], ids=["int8", "int4"])
-def test_rows_equals_dequantized_rows(make, dtype, layout):
+def test_rows_equals_dequantized_rows(make, dtype, monkeypatch):
+    monkeypatch.setattr(quant, "int4_layout", quant.torch_int4_layout)
+    _check_rows(make, dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_native_int4_rows_equal_dequantized_rows(dtype, monkeypatch):
+    if not native.available():
+        pytest.skip("the native int4 kernel does not run here")
+    monkeypatch.setattr(quant, "int4_layout", lambda: (native.BLOCK_ROWS, quant.NATIVE))
+    _check_rows(_int4, dtype)
+
+
+def _check_rows(make, dtype):
     torch.manual_seed(0)
     w = make(2 * INT4_TILE, 128)
     got = w.rows(IDS, dtype)
