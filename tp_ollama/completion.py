@@ -18,11 +18,11 @@ from tp_ollama.checkpoints.tokenizer import Tokenizer
 from tp_ollama.engine.detokenize import IncrementalDetokenizer
 from tp_ollama.engine.generate import GenerationStats, generate_tokens
 from tp_ollama.engine.options import GenerationOptions
-from tp_ollama.engine.stop import StopMatcher
+from tp_ollama.engine.stop import StoppedText
 from tp_ollama.store.embedded import resolve_model
-from tp_ollama.text_process import prompt_tokens
+from tp_ollama.text_process import prompt_tokens, tokenizer_at
 
-__all__ = ["LoadedModel", "final_metrics", "load", "load_tokenizer", "prompt_tokens", "stream_text", "text_pieces"]
+__all__ = ["LoadedModel", "final_metrics", "load", "prompt_tokens", "stream_text", "text_pieces"]
 
 log = logging.getLogger(__name__)
 
@@ -38,18 +38,12 @@ class LoadedModel:
     load_seconds: float
 
 
-def load_tokenizer(path: Path, checkpoint: Checkpoint) -> Tokenizer:
-    if checkpoint.format == "gguf":
-        return Tokenizer.from_gguf(path)
-    return Tokenizer.from_hf_dir(path)
-
-
 def load(model: str, dtype: torch.dtype, device: torch.device | str = "cpu", quant: str = "none") -> LoadedModel:
     """Resolve a model name or path, read its checkpoint and tokenizer."""
     t0 = time.perf_counter()
     path = resolve_model(model)
     checkpoint = open_checkpoint(path)
-    tokenizer = load_tokenizer(path, checkpoint)
+    tokenizer = tokenizer_at(path)
     module = load_model(checkpoint, dtype, device, quant=quant)
     seconds = time.perf_counter() - t0
     log.info("loaded %s (%s) as %s in %.2f s", model, path, dtype, seconds)
@@ -81,18 +75,16 @@ def text_pieces(
     tokenizer: Tokenizer, tokens: Generator[int, None, None], stops: Sequence[str], stats: GenerationStats
 ) -> Iterator[str]:
     """Turn a token stream into text pieces, cutting at the first stop string (never emitted)."""
-    detok = IncrementalDetokenizer(tokenizer)
-    stop = StopMatcher(stops)
+    text = StoppedText(IncrementalDetokenizer(tokenizer), stops)
     try:
         for token in tokens:
-            text, stopped = stop.push(detok.push(token))
-            if text:
-                yield text
+            piece, stopped = text.push(token)
+            if piece:
+                yield piece
             if stopped:
                 stats.done_reason = "stop"
                 return
-        text, stopped = stop.push(detok.flush())
-        tail = text if stopped else text + stop.flush()
+        tail, _ = text.finish()
         if tail:
             yield tail
     finally:

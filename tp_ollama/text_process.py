@@ -25,7 +25,7 @@ from typing import Any
 
 from tp_ollama.checkpoints.tokenizer import Tokenizer
 from tp_ollama.engine.detokenize import IncrementalDetokenizer
-from tp_ollama.engine.stop import StopMatcher
+from tp_ollama.engine.stop import StoppedText
 from tp_ollama.errors import TpOllamaError
 
 START_TIMEOUT_S = 300.0  # tokenizer load (a first one converts it: tens of seconds) and prompt encoding
@@ -125,17 +125,15 @@ def _serve(conn: Connection, path: Path, prompt: str, chat: bool, system: str | 
             conn.send(("error", str(e)))
             return
         conn.send(("ids", ids, sorted(tokenizer.eos_ids)))
-        detok = IncrementalDetokenizer(tokenizer)
-        stop = StopMatcher(stops)
+        text = StoppedText(IncrementalDetokenizer(tokenizer), stops)
         while True:
             token = conn.recv()
             if token is None:
-                text, stopped = stop.push(detok.flush())
-                _write(text if stopped else text + stop.flush())
+                _write(text.finish()[0])
                 conn.send(("done", False))
                 return
-            text, stopped = stop.push(detok.push(token))
-            _write(text)
+            piece, stopped = text.push(token)
+            _write(piece)
             conn.send(("done", True) if stopped else ("more",))
             if stopped:
                 return

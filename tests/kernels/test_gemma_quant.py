@@ -10,10 +10,10 @@ import torch
 
 from tests.test_embedded_models import GEMMA_PROMPTS, cli_generate
 from tp_ollama.checkpoints.loader import load_model, open_checkpoint
-from tp_ollama.completion import load_tokenizer
 from tp_ollama.engine.generate import generate_tokens
 from tp_ollama.engine.options import GenerationOptions, SamplingOptions
 from tp_ollama.store.embedded import resolve_model
+from tp_ollama.text_process import tokenizer_at
 
 pytestmark = pytest.mark.slow
 N_TOKENS = 16
@@ -23,7 +23,7 @@ N_TOKENS = 16
 def gemma():
     path = resolve_model("gemma3:270m")
     ckpt = open_checkpoint(path)
-    tokenizer = load_tokenizer(path, ckpt)
+    tokenizer = tokenizer_at(path)
     yield ckpt, tokenizer
     ckpt.close()
 

@@ -22,6 +22,7 @@ from tp_ollama.kernels.quant import (
     unpack_int4,
 )
 
+needs_native = pytest.mark.skipif(not native.available(), reason="the native kernels do not run here")
 BF16_EPS = 2.0**-8  # unit roundoff of bfloat16 (8 significant bits): |bf16(v) - v| <= |v| * 2**-8
 
 
@@ -180,12 +181,11 @@ def _check_matmul(make, dtype, lead, layout, monkeypatch):
     assert diff <= 2e-2 * ref.abs().max().item(), f"max diff {diff} vs max |ref| {ref.abs().max().item()}"
 
 
+@needs_native
 def test_native_int4_error_is_that_of_int8_activations():
     """The native kernel against the same sums computed from the activations rounded as it rounds
     them: all that is left is float32 summation order. Per group it computes
     scale * sum(q * x_rounded) + (zero - 8 * scale) * sum(x), the second sum of the unrounded x."""
-    if not native.available():
-        pytest.skip("the native int4 kernel does not run here")
     torch.manual_seed(0)
     m, n, k, group = 7, 2 * INT4_TILE, 256, 32
     packed, sz, _ = _native_parts(n, k, group)
@@ -210,11 +210,10 @@ def _native_parts(n: int, k: int, group: int) -> tuple[torch.Tensor, torch.Tenso
     return quant._pack(codes, native.BLOCK_ROWS, quant.NATIVE), sz, group
 
 
+@needs_native
 def test_native_int4_computes_each_row_on_its_own():
     """Rows of a batch (passes of 4 rows and the rest one by one) equal each row alone, bit for bit:
     sharing a step with other sequences changes nothing in the kernel."""
-    if not native.available():
-        pytest.skip("the native int4 kernel does not run here")
     torch.manual_seed(0)
     packed, sz, group = _native_parts(2 * INT4_TILE, 128, 32)
     x = torch.randn(7, 128)
@@ -223,10 +222,9 @@ def test_native_int4_computes_each_row_on_its_own():
     assert torch.equal(together, alone)
 
 
+@needs_native
 def test_native_int4_reads_a_view_of_some_rows():
     """Fused q/k/v parts are row views: their scales are strided, which the kernel follows."""
-    if not native.available():
-        pytest.skip("the native int4 kernel does not run here")
     torch.manual_seed(0)
     packed, sz, group = _native_parts(4 * INT4_TILE, 128, 32)
     x = torch.randn(3, 128)
@@ -235,9 +233,8 @@ def test_native_int4_reads_a_view_of_some_rows():
     assert torch.equal(part, whole[:, INT4_TILE : 3 * INT4_TILE])
 
 
+@needs_native
 def test_native_int4_refuses_shapes_it_cannot_take():
-    if not native.available():
-        pytest.skip("the native int4 kernel does not run here")
     packed, sz, _ = _native_parts(INT4_TILE, 64, 32)
     with pytest.raises(ValueError, match="groups of 24"):
         native.int4_mm(torch.randn(1, 64), packed, sz, 24)
@@ -286,9 +283,8 @@ def test_rows_equals_dequantized_rows(make, dtype, monkeypatch):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@needs_native
 def test_native_int4_rows_equal_dequantized_rows(dtype, monkeypatch):
-    if not native.available():
-        pytest.skip("the native int4 kernel does not run here")
     monkeypatch.setattr(quant, "int4_layout", lambda: (native.BLOCK_ROWS, quant.NATIVE))
     _check_rows(_int4, dtype)
 

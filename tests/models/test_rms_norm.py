@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from tests.kernels.test_quant import needs_native
 from tp_ollama.kernels import native
 from tp_ollama.models.common import RMSNorm
 
@@ -23,11 +24,10 @@ def _torch_path(norm: RMSNorm, x: torch.Tensor) -> torch.Tensor:
     return norm.weight * torch.nn.functional.rms_norm(x.float(), shape, None, norm.eps).to(x.dtype)
 
 
+@needs_native
 @pytest.mark.parametrize("unit_offset", [True, False], ids=["gemma", "llama"])
 @pytest.mark.parametrize("shape", [(1, 1, 640), (3, 5, 640), (1, 4, 1, 256)], ids=str)
 def test_native_norm_equals_torch_within_one_bf16_step(unit_offset, shape):
-    if not native.available():
-        pytest.skip("the native kernels do not run here")
     torch.manual_seed(0)
     norm = _norm(unit_offset, shape[-1])
     x = (torch.randn(*shape) * torch.logspace(-2, 2, shape[-1])).to(torch.bfloat16)  # outlier channels
@@ -42,10 +42,9 @@ def test_native_norm_equals_torch_within_one_bf16_step(unit_offset, shape):
     assert (got == want).float().mean() > 0.99
 
 
+@needs_native
 def test_the_native_norm_is_not_the_identity():
     """A wrong scale or a missing normalisation would still be 'close' to a copy of x: rule it out."""
-    if not native.available():
-        pytest.skip("the native kernels do not run here")
     torch.manual_seed(0)
     norm = _norm(True)
     norm.weight.data.zero_()  # Gemma's scale (1 + w) = 1: the output is x / rms(x)

@@ -21,9 +21,9 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
-import psutil
 import pytest
 
+from tests.test_launch_recipes import marked_processes
 from tests.tiny import write_chat_gguf
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -118,21 +118,10 @@ def ip_names(*args: str) -> set[str]:
     return {line.split(":")[1].strip().split("@")[0] for line in out.splitlines() if ":" in line}
 
 
-def marked_processes(mark: str) -> list[psutil.Process]:
-    found = []
-    for p in psutil.process_iter():
-        try:
-            if p.environ().get(MARK) == mark:
-                found.append(p)
-        except (psutil.AccessDenied, psutil.NoSuchProcess, psutil.ZombieProcess):
-            continue
-    return found
-
-
 def assert_nothing_left(done: Run) -> None:
     assert {n for n in ip_names("netns", "list") if n.startswith(f"tpo-{done.pid}-")} == set()
     assert {n for n in ip_names("-o", "link", "show") if n.startswith(f"tpo{done.pid}")} == set()
-    assert marked_processes(done.mark) == []
+    assert marked_processes(MARK, done.mark) == []
 
 
 # ---- generation across the emulated hosts -----------------------------------------------------------------

@@ -173,14 +173,14 @@ def _run(job: WorkerJob) -> None:
     rank = comm.rank
     t0 = time.perf_counter()
     path = resolve_model(job.model)
-    model, layout, ckpt = load_shard(path, comm, job.dtype, job.device, job.tp_weights, job.quant)
+    model, layout, _ = load_shard(path, comm, job.dtype, job.device, job.tp_weights, job.quant)
     load_s = time.perf_counter() - t0
     log.info("rank %d loaded its shard %s in %.2f s", rank, layout.describe()[rank], load_s)
     warning = link_preflight(comm, model)
     if warning is not None:
         print(f"Warning: {warning}", file=sys.stderr, flush=True)
 
-    tokenizer, request = _prepare_request(job, path, ckpt) if rank == 0 else (None, None)
+    tokenizer, request = _prepare_request(job, path) if rank == 0 else (None, None)
     data = json.loads(comm.broadcast_bytes(json.dumps(request).encode() if rank == 0 else None, src=0))
     if "error" in data:
         if rank == 0:
@@ -205,12 +205,12 @@ def _run(job: WorkerJob) -> None:
     comm.close()
 
 
-def _prepare_request(job: WorkerJob, path: Any, ckpt: Any) -> tuple[Any, dict[str, Any]]:
+def _prepare_request(job: WorkerJob, path: Any) -> tuple[Any, dict[str, Any]]:
     """Rank 0: tokenize and validate; an error travels to the other ranks instead of the prompt."""
-    from tp_ollama.completion import load_tokenizer, prompt_tokens
+    from tp_ollama.text_process import prompt_tokens, tokenizer_at
 
     try:
-        tokenizer = load_tokenizer(path, ckpt)
+        tokenizer = tokenizer_at(path)
         options = options_from_data(job.options)
         ids = prompt_tokens(tokenizer, job.prompt, chat=job.chat, system=job.system)
         check_prompt(len(ids), options)

@@ -18,7 +18,7 @@ from typing import Any, TypeVar
 from tp_ollama.checkpoints.tokenizer import Tokenizer
 from tp_ollama.engine.detokenize import IncrementalDetokenizer
 from tp_ollama.engine.options import GenerationOptions
-from tp_ollama.engine.stop import StopMatcher
+from tp_ollama.engine.stop import StoppedText
 from tp_ollama.errors import EngineUnavailable, RequestError, ServerBusy
 from tp_ollama.server.chat_schemas import Think
 from tp_ollama.server.engine_api import Engine, LoadRequest, OutputFormat
@@ -470,12 +470,12 @@ class TextService:
             lease.release()
 
     async def _pieces(self, job: Job, track: Track) -> AsyncIterator[Piece | Outcome]:
-        """The same detokenize + stop-string logic as tp_ollama.completion.text_pieces, over events;
-        the text is then read as thinking, content and tool calls (job.reply)."""
+        """Token events to text cut at stop strings (StoppedText, as every text stream), then read as
+        thinking, content and tool calls (job.reply)."""
         markers = job.reply.markers()
         detok = ReplyDetokenizer(job.tokenizer, markers) if markers else IncrementalDetokenizer(job.tokenizer)
         reply = ReplyParser(job.reply)
-        stop = StopMatcher(job.options.stop)
+        cut = StoppedText(detok, job.options.stop)
         tokens: list[int] = []
         start = time.perf_counter_ns()
         first = start
@@ -487,7 +487,7 @@ class TextService:
                         first = time.perf_counter_ns()
                     tokens.append(event.token)
                     self.monitor.token(track)
-                    text, stopped = stop.push(detok.push(event.token))
+                    text, stopped = cut.push(event.token)
                     piece = reply.push(text) if text else None
                     if piece:
                         yield piece
@@ -501,8 +501,7 @@ class TextService:
                         yield Outcome(metrics, job.prompt + tokens)
                         return
                 if event.done:
-                    text, stopped = stop.push(detok.flush())
-                    tail = text if stopped else text + stop.flush()
+                    tail, stopped = cut.finish()
                     piece = Piece.join([reply.push(tail), reply.flush()])
                     if piece:
                         yield piece
