@@ -17,6 +17,7 @@ from tp_ollama.engine.kv_cache import KVCache
 from tp_ollama.engine.options import GenerationOptions
 from tp_ollama.engine.sampler import Sampler
 from tp_ollama.errors import RequestError
+from tp_ollama.models.native_decode import native_decoder
 
 
 @dataclass
@@ -116,5 +117,9 @@ def generate_tokens(
 
 
 def _last_logits(model: nn.Module, ids: torch.Tensor, positions: torch.Tensor, cache: KVCache) -> torch.Tensor:
-    hidden = model.hidden_states(ids, positions, cache)  # type: ignore[operator]  # (1, T, hidden)
+    decoder = native_decoder(model) if ids.shape[1] == 1 else None
+    if decoder is not None and decoder.fits(ids, positions, cache):
+        hidden = decoder.hidden_states(ids, positions, cache)  # all layers in one native call
+    else:
+        hidden = model.hidden_states(ids, positions, cache)  # type: ignore[operator]  # (1, T, hidden)
     return model.logits(hidden[:, -1]).float()[0]  # type: ignore[operator]  # (vocab,)

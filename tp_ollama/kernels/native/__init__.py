@@ -99,6 +99,8 @@ def library() -> ctypes.CDLL | None:
     lib.tpo_int4_mm.argtypes = [ptr, i64, i64, ptr, ptr, i64, i64, i64, ptr, ctypes.c_int]
     lib.tpo_rms_norm_bf16.restype = None
     lib.tpo_rms_norm_bf16.argtypes = [ptr, i64, i64, i64, ptr, ctypes.c_int, ctypes.c_float, ptr, i64]
+    lib.tpo_decode.restype = ctypes.c_int
+    lib.tpo_decode.argtypes = [ptr, ptr, i64, ctypes.c_int]  # see tp_ollama.models.native_decode
     return lib
 
 

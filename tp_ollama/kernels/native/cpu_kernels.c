@@ -1,6 +1,7 @@
 /* CPU kernels of tp-ollama's decode step, loaded by tp_ollama.kernels.native:
   tpo_int4_mm        weight-only int4 matmul on AVX-512 VNNI
   tpo_rms_norm_bf16  RMSNorm of bfloat16 rows in one call instead of a dozen torch operators
+  tpo_decode         one token through every layer of a Llama-family or Gemma 3 decoder (see below)
 
 tpo_int4_mm: y (M, N) = x (M, K) @ w.T, float32 in and out.
 
@@ -29,6 +30,9 @@ rows are done per pass over a block, each reusing the unpacked codes. */
 
 #define BLOCK_ROWS 16
 #define CHUNK 8 /* inputs per 64-byte chunk */
+/* How far ahead of its reads a thread asks for weight bytes: the hardware prefetcher alone leaves a
+   core at ~8 GB/s on a stream that does not fit its caches; 4 KiB ahead keeps enough lines in flight. */
+#define PREFETCH_BYTES 4096
 
 static inline __m512i broadcast4(const int8_t *p) {
     int32_t v;
@@ -79,6 +83,7 @@ static void quantize_rows(const float *x, int64_t m_rows, int64_t k, int64_t gro
             const uint8_t *wg = w + g * chunks * 64;                                                         \
             for (int64_t c = 0; c < chunks; c++) {                                                           \
                 const __m512i v = _mm512_loadu_si512(wg + c * 64);                                           \
+                _mm_prefetch((const char *)(wg + c * 64 + PREFETCH_BYTES), _MM_HINT_T0);                    \
                 const __m512i lo = _mm512_and_si512(v, low);                                                 \
                 const __m512i hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), low);                           \
                 const int64_t at = g * group + c * CHUNK;                                                    \
@@ -167,4 +172,290 @@ void tpo_rms_norm_bf16(const uint16_t *x, int64_t rows, int64_t d, int64_t ld_x,
             for (int64_t j = 0; j < d; j++) yr[j] = f32_to_bf16(bf16_to_f32(xr[j]) * inv * scale[j]);
         }
     }
+}
+
+/* tpo_decode: one token of one sequence through every layer of a decoder whose linear layers are all
+int4 in the native layout, in one call: norms, the q/k/v matmul, per-head q/k norms, rotary, the KV
+cache write, attention over the cache, the output projection, the MLP and the residuals. What costs a
+thousand torch operators and ctypes calls a step (several microseconds each) costs one call.
+
+It follows the torch modules of tp_ollama.models operation by operation. With bfloat16 activations
+(bf16 = 1) every value is rounded to bfloat16 where torch's bfloat16 operator would round it, so
+both paths agree to within summation order; with float32 nothing is rounded.
+
+Layer order (Llama family; Gemma 3 adds the norms in brackets and scales its norms by (1 + w)):
+    h = attention(input_norm(x))          [h = post_attn_norm(h)]    x = x + h
+    h = mlp(pre_ffn_norm(x))              [h = post_ffn_norm(h)]     x = x + h
+The caches hold (n_kv, capacity, head_dim) keys and values in the activation dtype; position p goes
+to slot p % capacity and the first min(p + 1, capacity) slots are attended over: the cache was filled
+from position 0 on, and a sliding layer's ring holds exactly its window. */
+
+typedef struct {
+    const uint8_t *packed;       /* (n, k/2) native layout */
+    const uint16_t *scale_zero;  /* (k/group, ld_sz, 2) bfloat16 */
+    int64_t ld_sz, n, k, group;
+    const float *bias;           /* (n), already in the activation dtype's values; NULL: none */
+} tpo_linear;
+
+typedef struct {
+    tpo_linear qkv, o, gate_up, down;  /* qkv: q, k, v rows stacked; gate_up: gate, up */
+    const float *input_norm, *pre_ffn_norm;
+    const float *post_attn_norm, *post_ffn_norm;  /* Gemma 3; NULL for the Llama family */
+    const float *q_norm, *k_norm;                 /* per-head norms (Gemma 3, Qwen3); NULL: none */
+    const float *inv_freq;                        /* (head_dim / 2) rotary inverse frequencies */
+    void *k_cache, *v_cache;                      /* (n_kv, capacity, head_dim) */
+    int64_t *cache_pos;                           /* (capacity): the position each slot holds */
+    int64_t capacity;
+} tpo_layer;
+
+typedef struct {
+    int64_t n_layers, hidden, n_q, n_kv, head_dim, intermediate;
+    float eps, attn_scale;
+    int bf16;              /* activations (and caches) in bfloat16, else float32 */
+    int norm_unit_offset;  /* norms scale by a (1 + w) vector before rounding (Gemma), else by w after */
+    int gelu;              /* MLP activation: GELU (tanh) for Gemma, else SiLU */
+    const tpo_layer *layers;
+} tpo_decoder;
+
+static inline float round_bf16(float v) { return bf16_to_f32(f32_to_bf16(v)); }
+
+/* round_bf16 of 16 lanes: round to nearest even, NaNs kept quiet, as f32_to_bf16. */
+static inline __m512 round_bf16_16(__m512 v) {
+    const __m512i bits = _mm512_castps_si512(v), high = _mm512_set1_epi32((int32_t)0xFFFF0000u);
+    const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
+    __m512i r = _mm512_and_si512(_mm512_add_epi32(bits, _mm512_add_epi32(_mm512_set1_epi32(0x7FFF), lsb)), high);
+    const __m512i quiet = _mm512_and_si512(_mm512_or_si512(bits, _mm512_set1_epi32(0x00400000)), high);
+    r = _mm512_mask_mov_epi32(r, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), quiet);
+    return _mm512_castsi512_ps(r);
+}
+
+static inline void round_all(float *v, int64_t n, int bf16) {
+    if (!bf16) return;
+    int64_t i = 0;
+    for (; i + 16 <= n; i += 16) _mm512_storeu_ps(v + i, round_bf16_16(_mm512_loadu_ps(v + i)));
+    for (; i < n; i++) v[i] = round_bf16(v[i]);
+}
+
+/* e^x for 16 lanes (Cephes' expf: range reduction by ln 2, a degree-6 polynomial), within ~2 ulp. */
+static inline __m512 exp_16(__m512 x) {
+    x = _mm512_max_ps(_mm512_min_ps(x, _mm512_set1_ps(88.3762626647949f)), _mm512_set1_ps(-103.0f));
+    const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                          _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+    __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+    p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
+    return _mm512_scalef_ps(p, n);
+}
+
+/* y = norm(x) over n values (y may be x): as RMSNorm.forward in tp_ollama.models.common. */
+static void norm(const float *x, int64_t n, const float *scale, const tpo_decoder *m, float *y) {
+    float sum = 0.0f; /* in order, as tpo_rms_norm_bf16 (torch's path here) sums */
+    for (int64_t j = 0; j < n; j++) sum += x[j] * x[j];
+    int64_t i;
+    const float inv = 1.0f / sqrtf(sum / (float)n + m->eps);
+    const int after = m->bf16 && !m->norm_unit_offset;
+    const __m512 vinv = _mm512_set1_ps(inv);
+    for (i = 0; i + 16 <= n; i += 16) {
+        __m512 v = _mm512_mul_ps(_mm512_loadu_ps(x + i), vinv);
+        if (after) v = round_bf16_16(v);
+        _mm512_storeu_ps(y + i, _mm512_mul_ps(v, _mm512_loadu_ps(scale + i)));
+    }
+    for (; i < n; i++) y[i] = (after ? round_bf16(x[i] * inv) : x[i] * inv) * scale[i];
+    round_all(y, n, m->bf16);
+}
+
+typedef struct {
+    int8_t *xq;
+    float *sx, *sumx;
+} act_buffers;
+
+/* y (n) = x (k) @ w.T, rounded as quant_matmul's output and bias add are. */
+static void linear(const tpo_linear *w, const float *x, float *y, act_buffers *a, const tpo_decoder *m,
+                   int threads) {
+    const int64_t blocks = w->n / BLOCK_ROWS, block_bytes = BLOCK_ROWS * w->k / 2;
+    quantize_rows(x, 1, w->k, w->group, a->xq, a->sx, a->sumx);
+    const uint32_t *sz = (const uint32_t *)w->scale_zero;
+#pragma omp parallel for schedule(static) num_threads(threads)
+    for (int64_t b = 0; b < blocks; b++)
+        block_1(w->packed + b * block_bytes, sz + b * BLOCK_ROWS, w->ld_sz, w->k, w->group, a->xq, a->sx, a->sumx,
+                y + b * BLOCK_ROWS, w->n);
+    round_all(y, w->n, m->bf16);
+    if (w->bias)
+        for (int64_t i = 0; i < w->n; i++) y[i] = m->bf16 ? round_bf16(y[i] + w->bias[i]) : y[i] + w->bias[i];
+}
+
+/* x * cos + rotate_half(x) * sin over one head, as apply_rotary computes it. */
+static void rotary(float *x, int64_t d, const float *cos_, const float *sin_, int bf16) {
+    const int64_t half = d / 2;
+    float tmp[1024];
+    for (int64_t j = 0; j < d; j++) {
+        const float rot = j < half ? -x[j + half] : x[j - half];
+        const float a = x[j] * cos_[j % half], b = rot * sin_[j % half];
+        tmp[j] = bf16 ? round_bf16(round_bf16(a) + round_bf16(b)) : a + b;
+    }
+    memcpy(x, tmp, sizeof(float) * (size_t)d);
+}
+
+/* x += h, rounded as a bfloat16 add rounds. */
+static void add_into(float *x, const float *h, int64_t n, int bf16) {
+    for (int64_t i = 0; i < n; i++) x[i] += h[i];
+    round_all(x, n, bf16);
+}
+
+static inline float cache_get(const void *cache, int64_t i, int bf16) {
+    return bf16 ? bf16_to_f32(((const uint16_t *)cache)[i]) : ((const float *)cache)[i];
+}
+
+static inline void cache_put(void *cache, int64_t i, float v, int bf16) {
+    if (bf16) ((uint16_t *)cache)[i] = f32_to_bf16(v);
+    else ((float *)cache)[i] = v;
+}
+
+/* One query head over `len` cached positions of its KV head, into out (head_dim). Scores and
+softmax in float32; with bfloat16 the weights are rounded before they multiply the values, as
+torch's CPU flash attention does, and the output is rounded once. */
+static void attend(const float *q, const void *kc, const void *vc, int64_t len, int64_t d, float scale, int bf16,
+                   float *scores, float *out) {
+    float top = -INFINITY;
+    for (int64_t s = 0; s < len; s++) {
+        float dot = 0.0f;
+        if (bf16) {
+            const uint16_t *k = (const uint16_t *)kc + s * d;
+            __m512 acc = _mm512_setzero_ps();
+            int64_t j = 0;
+            for (; j + 16 <= d; j += 16) {
+                const __m512i raw = _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(k + j)));
+                acc = _mm512_fmadd_ps(_mm512_loadu_ps(q + j), _mm512_castsi512_ps(_mm512_slli_epi32(raw, 16)), acc);
+            }
+            dot = _mm512_reduce_add_ps(acc);
+            for (; j < d; j++) dot += q[j] * bf16_to_f32(k[j]);
+        } else {
+            const float *k = (const float *)kc + s * d;
+            for (int64_t j = 0; j < d; j++) dot += q[j] * k[j];
+        }
+        scores[s] = dot * scale;
+        if (scores[s] > top) top = scores[s];
+    }
+    float total = 0.0f;
+    for (int64_t j = 0; j < d; j++) out[j] = 0.0f;
+    for (int64_t s = 0; s < len; s++) {
+        const float p = expf(scores[s] - top);
+        total += p;
+        const float w = bf16 ? round_bf16(p) : p;
+        int64_t j = 0;
+        if (bf16) {
+            const uint16_t *v = (const uint16_t *)vc + s * d;
+            for (; j + 16 <= d; j += 16) {
+                const __m512i raw = _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(v + j)));
+                const __m512 vv = _mm512_castsi512_ps(_mm512_slli_epi32(raw, 16));
+                _mm512_storeu_ps(out + j, _mm512_fmadd_ps(_mm512_set1_ps(w), vv, _mm512_loadu_ps(out + j)));
+            }
+        } else {
+            const float *v = (const float *)vc + s * d;
+            for (; j + 16 <= d; j += 16)
+                _mm512_storeu_ps(out + j, _mm512_fmadd_ps(_mm512_set1_ps(w), _mm512_loadu_ps(v + j), _mm512_loadu_ps(out + j)));
+        }
+        for (; j < d; j++) out[j] += w * cache_get(vc, s * d + j, bf16);
+    }
+    for (int64_t j = 0; j < d; j++) out[j] = out[j] / total;
+    round_all(out, d, bf16);
+}
+
+/* gate (n) = act(gate) * up, rounded as torch rounds each. Both activations are v / (1 + e^-z):
+SiLU with z = v, GELU (tanh) with z = 2u, since 0.5 (1 + tanh u) = 1 / (1 + e^-2u), u = sqrt(2/pi) (v + 0.044715 v^3). */
+static void gated_act(float *gate, const float *up, int64_t n, int gelu, int bf16) {
+    int64_t i = 0;
+    for (; i + 16 <= n; i += 16) {
+        const __m512 v = _mm512_loadu_ps(gate + i);
+        __m512 z = v;
+        if (gelu) {
+            const __m512 cube = _mm512_mul_ps(_mm512_mul_ps(v, v), v);
+            z = _mm512_mul_ps(_mm512_set1_ps(2.0f * 0.7978845608028654f), _mm512_fmadd_ps(_mm512_set1_ps(0.044715f), cube, v));
+        }
+        __m512 act = _mm512_div_ps(v, _mm512_add_ps(_mm512_set1_ps(1.0f), exp_16(_mm512_sub_ps(_mm512_setzero_ps(), z))));
+        if (bf16) act = round_bf16_16(_mm512_mul_ps(round_bf16_16(act), _mm512_loadu_ps(up + i)));
+        else act = _mm512_mul_ps(act, _mm512_loadu_ps(up + i));
+        _mm512_storeu_ps(gate + i, act);
+    }
+    for (; i < n; i++) {
+        const float v = gate[i];
+        const float z = gelu ? 2.0f * 0.7978845608028654f * (v + 0.044715f * v * v * v) : v;
+        const float act = v / (1.0f + expf(-z));
+        gate[i] = bf16 ? round_bf16(round_bf16(act) * up[i]) : act * up[i];
+    }
+}
+
+/* x (hidden) is the embedded token on entry and the last layer's output on return (before the final
+norm). Returns 0, -1 on shapes the step does not take, -2 when out of memory. */
+int tpo_decode(const tpo_decoder *m, float *x, int64_t pos, int threads) {
+    const int64_t d = m->hidden, hd = m->head_dim, nq = m->n_q, nkv = m->n_kv, inter = m->intermediate;
+    if (hd > 1024 || hd % 2 || nq % nkv || pos < 0) return -1;
+    int64_t max_k = d > nq * hd ? d : nq * hd, max_cap = 0;
+    if (inter > max_k) max_k = inter;
+    for (int64_t l = 0; l < m->n_layers; l++)
+        if (m->layers[l].capacity > max_cap) max_cap = m->layers[l].capacity;
+    const int64_t qkv_n = (nq + 2 * nkv) * hd;
+    float *h = malloc(sizeof(float) * (size_t)d), *qkv = malloc(sizeof(float) * (size_t)qkv_n);
+    float *attn = malloc(sizeof(float) * (size_t)(nq * hd)), *gu = malloc(sizeof(float) * (size_t)(2 * inter));
+    float *scores = malloc(sizeof(float) * (size_t)(nq * max_cap)), *trig = malloc(sizeof(float) * (size_t)hd);
+    act_buffers a = {malloc((size_t)max_k + 64), malloc(sizeof(float) * (size_t)max_k), malloc(sizeof(float) * (size_t)max_k)};
+    int rc = 0;
+    if (!h || !qkv || !attn || !gu || !scores || !trig || !a.xq || !a.sx || !a.sumx) {
+        rc = -2;
+        goto done;
+    }
+    const int64_t group_size = nq / nkv;
+    for (int64_t l = 0; l < m->n_layers; l++) {
+        const tpo_layer *L = &m->layers[l];
+        /* attention */
+        norm(x, d, L->input_norm, m, h);
+        linear(&L->qkv, h, qkv, &a, m, threads);
+        float *q = qkv, *k = qkv + nq * hd, *v = qkv + (nq + nkv) * hd;
+        if (L->q_norm)
+            for (int64_t i = 0; i < nq; i++) norm(q + i * hd, hd, L->q_norm, m, q + i * hd);
+        if (L->k_norm)
+            for (int64_t i = 0; i < nkv; i++) norm(k + i * hd, hd, L->k_norm, m, k + i * hd);
+        float *cos_ = trig, *sin_ = trig + hd / 2;
+        for (int64_t i = 0; i < hd / 2; i++) {
+            const float f = (float)pos * L->inv_freq[i];
+            cos_[i] = m->bf16 ? round_bf16(cosf(f)) : cosf(f);
+            sin_[i] = m->bf16 ? round_bf16(sinf(f)) : sinf(f);
+        }
+        for (int64_t i = 0; i < nq; i++) rotary(q + i * hd, hd, cos_, sin_, m->bf16);
+        for (int64_t i = 0; i < nkv; i++) rotary(k + i * hd, hd, cos_, sin_, m->bf16);
+        const int64_t slot = pos % L->capacity, len = pos + 1 < L->capacity ? pos + 1 : L->capacity;
+        for (int64_t i = 0; i < nkv; i++)
+            for (int64_t j = 0; j < hd; j++) {
+                cache_put(L->k_cache, (i * L->capacity + slot) * hd + j, k[i * hd + j], m->bf16);
+                cache_put(L->v_cache, (i * L->capacity + slot) * hd + j, v[i * hd + j], m->bf16);
+            }
+        L->cache_pos[slot] = pos;
+        const size_t elt = m->bf16 ? 2 : 4;
+#pragma omp parallel for schedule(static) num_threads(threads)
+        for (int64_t i = 0; i < nq; i++) {
+            const int64_t kv = i / group_size;
+            const char *kc = (const char *)L->k_cache + (size_t)(kv * L->capacity * hd) * elt;
+            const char *vc = (const char *)L->v_cache + (size_t)(kv * L->capacity * hd) * elt;
+            attend(q + i * hd, kc, vc, len, hd, m->attn_scale, m->bf16, scores + i * max_cap, attn + i * hd);
+        }
+        linear(&L->o, attn, h, &a, m, threads);
+        if (L->post_attn_norm) norm(h, d, L->post_attn_norm, m, h);
+        add_into(x, h, d, m->bf16);
+        /* MLP */
+        norm(x, d, L->pre_ffn_norm, m, h);
+        linear(&L->gate_up, h, gu, &a, m, threads);
+        gated_act(gu, gu + inter, inter, m->gelu, m->bf16);
+        linear(&L->down, gu, h, &a, m, threads);
+        if (L->post_ffn_norm) norm(h, d, L->post_ffn_norm, m, h);
+        add_into(x, h, d, m->bf16);
+    }
+done:
+    free(h), free(qkv), free(attn), free(gu), free(scores), free(trig), free(a.xq), free(a.sx), free(a.sumx);
+    return rc;
 }

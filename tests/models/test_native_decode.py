@@ -1,0 +1,128 @@
+"""The native decode step (tp_ollama.models.native_decode) against the torch modules it replaces, on
+tiny random models of every family: the same token through both, each with its own KV cache.
+
+Both paths quantize activations to int8 per group inside the int4 kernel, which turns a last-bit
+difference before a matmul (a GELU computed by another formula, attention summed in another order)
+into a difference of one int8 step after it. So the two agree to within such steps, not bit for bit:
+the bounds below are what a few of those allow, and far below what any wrong operation gives."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tests.kernels.test_quant import needs_native
+from tests.tiny import MODEL_TYPES, make_hf_model, prompt_ids, save_hf
+from tp_ollama.checkpoints.loader import load_model, open_checkpoint
+from tp_ollama.engine.generate import generate_tokens
+from tp_ollama.engine.kv_cache import KVCache
+from tp_ollama.engine.options import GenerationOptions
+from tp_ollama.models import native_decode
+from tp_ollama.models.native_decode import native_decoder
+
+pytestmark = needs_native
+
+N_PROMPT = 12  # past the tiny models' sliding window of 8: decode writes into a full ring
+N_DECODE = 20
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    """One saved tiny checkpoint per family."""
+    out = {}
+    for kind in MODEL_TYPES:
+        model = make_hf_model(kind)
+        if kind == "gemma3_text":
+            model.config.tie_word_embeddings = True
+        out[kind] = save_hf(model, tmp_path_factory.mktemp(kind))
+    return out
+
+
+def load(path, dtype: torch.dtype, quant: str = "int4"):
+    torch.set_num_threads(2)
+    return load_model(open_checkpoint(path), dtype, torch.device("cpu"), quant=quant)
+
+
+def both_paths(model, tokens: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(N_DECODE, hidden) final hidden states of each decode step, native and torch, fed the same
+    tokens after the same prefill."""
+    decoder = native_decoder(model)
+    assert decoder is not None
+    caches = [KVCache.for_model(model, batch=1, max_len=64) for _ in range(2)]
+    native_rows, torch_rows = [], []
+    with torch.inference_mode():
+        prompt = torch.tensor([tokens[:N_PROMPT]])
+        for cache in caches:
+            model.hidden_states(prompt, torch.arange(N_PROMPT)[None], cache)
+        for i in range(N_PROMPT, N_PROMPT + N_DECODE):
+            ids, pos = torch.tensor([[tokens[i]]]), torch.tensor([[i]])
+            assert decoder.fits(ids, pos, caches[0])
+            native_rows.append(decoder.hidden_states(ids, pos, caches[0])[0, -1].float())
+            torch_rows.append(model.hidden_states(ids, pos, caches[1])[0, -1].float())
+            for mine, theirs in zip(caches[0].layers, caches[1].layers, strict=True):
+                assert mine.used == theirs.used
+                assert torch.equal(mine.pos, theirs.pos), "the native step wrote other positions into the cache"
+                # Each step starts from the same cache: what is compared is one step's difference.
+                theirs.k.copy_(mine.k), theirs.v.copy_(mine.v)
+    return torch.stack(native_rows), torch.stack(torch_rows)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "f32"])
+@pytest.mark.parametrize("kind", MODEL_TYPES)
+def test_native_step_computes_what_the_modules_do(checkpoints, kind, dtype):
+    """Every decode step, from the same cache: within a few int8 steps of the modules (a wrong
+    rotary, a missed bias or norm, a key left out of attention gives 0.5-1.5 here)."""
+    model = load(checkpoints[kind], dtype)
+    got, want = both_paths(model, prompt_ids(N_PROMPT + N_DECODE))
+    rel = ((got - want).norm(dim=-1) / want.norm(dim=-1)).max().item()
+    cos = torch.nn.functional.cosine_similarity(got, want, dim=-1).min().item()
+    assert rel < 0.15 and cos > 0.99, f"{kind}: hidden states differ by {rel:.3g} of their norm (cosine {cos:.4f})"
+
+
+@pytest.mark.parametrize("kind", MODEL_TYPES)
+def test_first_token_is_bit_exact_in_bfloat16(checkpoints, kind):
+    """At position 0 attention is the token's own value and rotary the identity, so in bfloat16 every
+    rounding of the two paths meets: equal to the last bit."""
+    model = load(checkpoints[kind], torch.bfloat16)
+    decoder = native_decoder(model)
+    assert decoder is not None
+    ids, pos = torch.tensor([[7]]), torch.tensor([[0]])
+    with torch.inference_mode():
+        got = decoder.hidden_states(ids, pos, KVCache.for_model(model, batch=1, max_len=16))
+        want = model.hidden_states(ids, pos, KVCache.for_model(model, batch=1, max_len=16))
+    assert torch.equal(got, want)
+
+
+def test_generation_takes_the_native_step(checkpoints, monkeypatch):
+    model = load(checkpoints["gemma3_text"], torch.bfloat16)
+    calls = []
+    step = native_decode.NativeDecoder.hidden_states
+    monkeypatch.setattr(native_decode.NativeDecoder, "hidden_states", lambda *a: calls.append(1) or step(*a))
+    options = GenerationOptions.from_ollama({"temperature": 0, "num_predict": 6, "num_ctx": 64})
+    tokens = list(generate_tokens(model, prompt_ids(N_PROMPT), options, frozenset()))
+    assert len(tokens) == 6 and len(calls) == 5  # the prefill and nothing else on the modules
+
+
+@pytest.mark.parametrize("quant", ["int8", "none"])
+def test_other_weights_keep_the_modules(checkpoints, quant):
+    assert native_decoder(load(checkpoints["llama"], torch.bfloat16, quant)) is None
+
+
+def test_switched_off(checkpoints, monkeypatch):
+    monkeypatch.setenv(native_decode.ENV_SWITCH, "0")
+    assert native_decoder(load(checkpoints["llama"], torch.bfloat16)) is None
+
+
+def test_fits_only_one_token_of_one_sequence_in_order(checkpoints):
+    model = load(checkpoints["llama"], torch.bfloat16)
+    decoder = native_decoder(model)
+    assert decoder is not None
+    cache = KVCache.for_model(model, batch=1, max_len=32)
+    with torch.inference_mode():
+        model.hidden_states(torch.tensor([prompt_ids(4)]), torch.arange(4)[None], cache)
+    one = torch.tensor([[5]])
+    assert decoder.fits(one, torch.tensor([[4]]), cache)
+    assert not decoder.fits(one, torch.tensor([[6]]), cache)  # positions 4 and 5 are not in the cache
+    assert not decoder.fits(torch.tensor([[5, 6]]), torch.tensor([[4, 5]]), cache)
+    pair = KVCache.for_model(model, batch=2, max_len=32)
+    assert not decoder.fits(torch.tensor([[5], [6]]), torch.tensor([[0], [0]]), pair)
