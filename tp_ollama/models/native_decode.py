@@ -243,7 +243,7 @@ def _make(model: nn.Module) -> NativeDecoder | None:
         q, k, v = attn.fused_sizes
         gate, up = mlp.fused_sizes
         shapes = (q % attn.head_dim, k % attn.head_dim, q % max(k, 1), k - v, gate - up)
-        if any(w is None for w in weights) or attn.head_dim > 1024 or any(shapes) or k == 0:
+        if any(w is None for w in weights) or attn.head_dim > 1024 or attn.head_dim % 16 or any(shapes) or k == 0:
             return None
         norms = [block.input_layernorm, attn.q_norm, attn.k_norm]
         if any(n is not None and n.weight.dtype != dtype for n in norms):

@@ -27,6 +27,7 @@ rows are done per pass over a block, each reusing the unpacked codes. */
 #include <stdlib.h>
 #include <math.h>
 #include <string.h>
+#include <omp.h>
 
 #define BLOCK_ROWS 16
 #define CHUNK 8 /* inputs per 64-byte chunk */
@@ -308,63 +309,101 @@ static void add_into(float *x, const float *h, int64_t n, int bf16) {
     round_all(x, n, bf16);
 }
 
-static inline float cache_get(const void *cache, int64_t i, int bf16) {
-    return bf16 ? bf16_to_f32(((const uint16_t *)cache)[i]) : ((const float *)cache)[i];
-}
-
 static inline void cache_put(void *cache, int64_t i, float v, int bf16) {
     if (bf16) ((uint16_t *)cache)[i] = f32_to_bf16(v);
     else ((float *)cache)[i] = v;
 }
 
-/* One query head over `len` cached positions of its KV head, into out (head_dim). Scores and
-softmax in float32; with bfloat16 the weights are rounded before they multiply the values, as
-torch's CPU flash attention does, and the output is rounded once. */
-static void attend(const float *q, const void *kc, const void *vc, int64_t len, int64_t d, float scale, int bf16,
-                   float *scores, float *out) {
-    float top = -INFINITY;
-    for (int64_t s = 0; s < len; s++) {
-        float dot = 0.0f;
-        if (bf16) {
-            const uint16_t *k = (const uint16_t *)kc + s * d;
-            __m512 acc = _mm512_setzero_ps();
-            int64_t j = 0;
-            for (; j + 16 <= d; j += 16) {
-                const __m512i raw = _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(k + j)));
-                acc = _mm512_fmadd_ps(_mm512_loadu_ps(q + j), _mm512_castsi512_ps(_mm512_slli_epi32(raw, 16)), acc);
+/* 16 cached values of row `s` from column j, as float32. */
+static inline __m512 cache_16(const void *cache, int64_t at, int bf16) {
+    if (!bf16) return _mm512_loadu_ps((const float *)cache + at);
+    const __m512i raw = _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)((const uint16_t *)cache + at)));
+    return _mm512_castsi512_ps(_mm512_slli_epi32(raw, 16));
+}
+
+#define MAX_THREADS 64
+#define HEADS_AT_ONCE 8
+
+/* Every query head over the first `len` slots of its KV head, into out (n_q, head_dim).
+
+The positions are split among the threads (each reads its share of K and V once for all the query
+heads of a KV head, which GQA models share). Scores and softmax are float32 with one maximum per
+head; with bfloat16 the exponentials are rounded before they weight the values, as torch's CPU flash
+attention does, and the output is rounded once. scores: (n_q, len); part: (threads, n_q, head_dim);
+psum, pmax: (threads, n_q). head_dim is a multiple of 16. */
+static void attention(const float *q, const tpo_layer *L, int64_t len, const tpo_decoder *m, float *scores,
+                      float *part, float *psum, float *pmax, float *out, int threads) {
+    const int64_t nq = m->n_q, nkv = m->n_kv, d = m->head_dim, group = nq / nkv, cap = L->capacity;
+    const int bf16 = m->bf16;
+    const float scale = m->attn_scale;
+#pragma omp parallel num_threads(threads)
+    {
+        const int t = omp_get_thread_num(), nt = omp_get_num_threads();
+        const int64_t a = len * t / nt, b = len * (t + 1) / nt;
+        for (int64_t h = 0; h < nq; h++) pmax[t * nq + h] = -INFINITY;
+        /* scores of this thread's positions, up to HEADS_AT_ONCE heads per read of a key */
+        for (int64_t kv = 0; kv < nkv; kv++)
+            for (int64_t h0 = kv * group; h0 < (kv + 1) * group; h0 += HEADS_AT_ONCE) {
+                const int64_t hn = (kv + 1) * group - h0 < HEADS_AT_ONCE ? (kv + 1) * group - h0 : HEADS_AT_ONCE;
+                for (int64_t s = a; s < b; s++) {
+                    __m512 acc[HEADS_AT_ONCE];
+                    for (int64_t g = 0; g < hn; g++) acc[g] = _mm512_setzero_ps();
+                    const int64_t row = (kv * cap + s) * d;
+                    for (int64_t j = 0; j < d; j += 16) {
+                        const __m512 kk = cache_16(L->k_cache, row + j, bf16);
+                        for (int64_t g = 0; g < hn; g++)
+                            acc[g] = _mm512_fmadd_ps(_mm512_loadu_ps(q + (h0 + g) * d + j), kk, acc[g]);
+                    }
+                    for (int64_t g = 0; g < hn; g++) {
+                        const float sc = _mm512_reduce_add_ps(acc[g]) * scale;
+                        scores[(h0 + g) * len + s] = sc;
+                        if (sc > pmax[t * nq + h0 + g]) pmax[t * nq + h0 + g] = sc;
+                    }
+                }
             }
-            dot = _mm512_reduce_add_ps(acc);
-            for (; j < d; j++) dot += q[j] * bf16_to_f32(k[j]);
-        } else {
-            const float *k = (const float *)kc + s * d;
-            for (int64_t j = 0; j < d; j++) dot += q[j] * k[j];
-        }
-        scores[s] = dot * scale;
-        if (scores[s] > top) top = scores[s];
-    }
-    float total = 0.0f;
-    for (int64_t j = 0; j < d; j++) out[j] = 0.0f;
-    for (int64_t s = 0; s < len; s++) {
-        const float p = expf(scores[s] - top);
-        total += p;
-        const float w = bf16 ? round_bf16(p) : p;
-        int64_t j = 0;
-        if (bf16) {
-            const uint16_t *v = (const uint16_t *)vc + s * d;
-            for (; j + 16 <= d; j += 16) {
-                const __m512i raw = _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(v + j)));
-                const __m512 vv = _mm512_castsi512_ps(_mm512_slli_epi32(raw, 16));
-                _mm512_storeu_ps(out + j, _mm512_fmadd_ps(_mm512_set1_ps(w), vv, _mm512_loadu_ps(out + j)));
+#pragma omp barrier
+        /* weights e^(score - max) over this thread's positions, and their sum */
+        for (int64_t h = 0; h < nq; h++) {
+            float top = -INFINITY;
+            for (int i = 0; i < nt; i++)
+                if (pmax[i * nq + h] > top) top = pmax[i * nq + h];
+            float sum = 0.0f;
+            float *sc = scores + h * len;
+            for (int64_t s = a; s < b; s += 16) {
+                const __mmask16 k = b - s >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (b - s)) - 1u);
+                const __m512 e = exp_16(_mm512_sub_ps(_mm512_maskz_loadu_ps(k, sc + s), _mm512_set1_ps(top)));
+                sum += _mm512_mask_reduce_add_ps(k, e);
+                _mm512_mask_storeu_ps(sc + s, k, bf16 ? round_bf16_16(e) : e);
             }
-        } else {
-            const float *v = (const float *)vc + s * d;
-            for (; j + 16 <= d; j += 16)
-                _mm512_storeu_ps(out + j, _mm512_fmadd_ps(_mm512_set1_ps(w), _mm512_loadu_ps(v + j), _mm512_loadu_ps(out + j)));
+            psum[t * nq + h] = sum;
         }
-        for (; j < d; j++) out[j] += w * cache_get(vc, s * d + j, bf16);
+        /* this thread's share of the weighted values */
+        float *mine = part + (int64_t)t * nq * d;
+        memset(mine, 0, sizeof(float) * (size_t)(nq * d));
+        for (int64_t kv = 0; kv < nkv; kv++)
+            for (int64_t s = a; s < b; s++) {
+                const int64_t row = (kv * cap + s) * d;
+                for (int64_t j = 0; j < d; j += 16) {
+                    const __m512 vv = cache_16(L->v_cache, row + j, bf16);
+                    for (int64_t h = kv * group; h < (kv + 1) * group; h++) {
+                        float *o = mine + h * d + j;
+                        _mm512_storeu_ps(o, _mm512_fmadd_ps(_mm512_set1_ps(scores[h * len + s]), vv, _mm512_loadu_ps(o)));
+                    }
+                }
+            }
+#pragma omp barrier
+        /* sum the shares: heads split among the threads */
+        for (int64_t h = t; h < nq; h += nt) {
+            float total = 0.0f;
+            for (int i = 0; i < nt; i++) total += psum[i * nq + h];
+            for (int64_t j = 0; j < d; j++) {
+                float acc = 0.0f;
+                for (int i = 0; i < nt; i++) acc += part[((int64_t)i * nq + h) * d + j];
+                out[h * d + j] = acc / total;
+            }
+            round_all(out + h * d, d, bf16);
+        }
     }
-    for (int64_t j = 0; j < d; j++) out[j] = out[j] / total;
-    round_all(out, d, bf16);
 }
 
 /* gate (n) = act(gate) * up, rounded as torch rounds each. Both activations are v / (1 + e^-z):
@@ -395,7 +434,9 @@ static void gated_act(float *gate, const float *up, int64_t n, int gelu, int bf1
 norm). Returns 0, -1 on shapes the step does not take, -2 when out of memory. */
 int tpo_decode(const tpo_decoder *m, float *x, int64_t pos, int threads) {
     const int64_t d = m->hidden, hd = m->head_dim, nq = m->n_q, nkv = m->n_kv, inter = m->intermediate;
-    if (hd > 1024 || hd % 2 || nq % nkv || pos < 0) return -1;
+    if (hd > 1024 || hd % 16 || nq % nkv || pos < 0) return -1;
+    if (threads < 1) threads = 1;
+    if (threads > MAX_THREADS) threads = MAX_THREADS;
     int64_t max_k = d > nq * hd ? d : nq * hd, max_cap = 0;
     if (inter > max_k) max_k = inter;
     for (int64_t l = 0; l < m->n_layers; l++)
@@ -405,12 +446,13 @@ int tpo_decode(const tpo_decoder *m, float *x, int64_t pos, int threads) {
     float *attn = malloc(sizeof(float) * (size_t)(nq * hd)), *gu = malloc(sizeof(float) * (size_t)(2 * inter));
     float *scores = malloc(sizeof(float) * (size_t)(nq * max_cap)), *trig = malloc(sizeof(float) * (size_t)hd);
     act_buffers a = {malloc((size_t)max_k + 64), malloc(sizeof(float) * (size_t)max_k), malloc(sizeof(float) * (size_t)max_k)};
+    float *part = malloc(sizeof(float) * (size_t)(threads * nq * hd)), *psum = malloc(sizeof(float) * (size_t)(threads * nq));
+    float *pmax = malloc(sizeof(float) * (size_t)(threads * nq));
     int rc = 0;
-    if (!h || !qkv || !attn || !gu || !scores || !trig || !a.xq || !a.sx || !a.sumx) {
+    if (!h || !qkv || !attn || !gu || !scores || !trig || !a.xq || !a.sx || !a.sumx || !part || !psum || !pmax) {
         rc = -2;
         goto done;
     }
-    const int64_t group_size = nq / nkv;
     for (int64_t l = 0; l < m->n_layers; l++) {
         const tpo_layer *L = &m->layers[l];
         /* attention */
@@ -436,14 +478,7 @@ int tpo_decode(const tpo_decoder *m, float *x, int64_t pos, int threads) {
                 cache_put(L->v_cache, (i * L->capacity + slot) * hd + j, v[i * hd + j], m->bf16);
             }
         L->cache_pos[slot] = pos;
-        const size_t elt = m->bf16 ? 2 : 4;
-#pragma omp parallel for schedule(static) num_threads(threads)
-        for (int64_t i = 0; i < nq; i++) {
-            const int64_t kv = i / group_size;
-            const char *kc = (const char *)L->k_cache + (size_t)(kv * L->capacity * hd) * elt;
-            const char *vc = (const char *)L->v_cache + (size_t)(kv * L->capacity * hd) * elt;
-            attend(q + i * hd, kc, vc, len, hd, m->attn_scale, m->bf16, scores + i * max_cap, attn + i * hd);
-        }
+        attention(q, L, len, m, scores, part, psum, pmax, attn, threads);
         linear(&L->o, attn, h, &a, m, threads);
         if (L->post_attn_norm) norm(h, d, L->post_attn_norm, m, h);
         add_into(x, h, d, m->bf16);
@@ -457,5 +492,6 @@ int tpo_decode(const tpo_decoder *m, float *x, int64_t pos, int threads) {
     }
 done:
     free(h), free(qkv), free(attn), free(gu), free(scores), free(trig), free(a.xq), free(a.sx), free(a.sumx);
+    free(part), free(psum), free(pmax);
     return rc;
 }
