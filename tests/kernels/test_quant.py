@@ -145,9 +145,19 @@ SMALL = 8  # the packed-kernel threshold these cases are built around (patched i
 LEADS = [(1, 1), (2, SMALL // 2), (1, SMALL + 1), (5, 8)]
 
 
+@pytest.fixture(params=["native", "torch"])
+def int8_kernel(request, monkeypatch):
+    """Run a test on the native int8 kernel and on torch's (the native one switched off)."""
+    if request.param == "native" and not native.available():
+        pytest.skip("the native kernels do not run here")
+    if request.param == "torch":
+        monkeypatch.setattr(quant.Int8Weight, "native_matmul", lambda self: None)
+    return request.param
+
+
 @pytest.mark.parametrize("lead", LEADS, ids=str)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-def test_int8_matmul_matches_dequantized_reference(dtype, lead, monkeypatch):
+def test_int8_matmul_matches_dequantized_reference(dtype, lead, int8_kernel, monkeypatch):
     _check_matmul(_int8, dtype, lead, "torch", monkeypatch)
 
 
@@ -193,13 +203,53 @@ def test_native_int4_error_is_that_of_int8_activations():
     x = torch.randn(m, k) * torch.logspace(-2, 1, k)  # groups of very different magnitudes
     y = native.int4_mm(x, packed, sz, group)
     xg = x.view(m, k // group, group)
-    amax = xg.abs().amax(dim=2, keepdim=True)
-    x_rounded = (torch.round(xg * (127 / amax)) * (amax / 127)).view(m, k)  # what the kernel multiplies
+    x_rounded = _rounded_activations(x, group)  # what the kernel multiplies
     scale, zero = sz[..., 0].float(), sz[..., 1].float()  # (G, N)
     codes_scaled = (w.codes().float().view(n, k // group, group) * scale.t()[..., None]).view(n, k)
     ref = x_rounded @ codes_scaled.T + xg.sum(dim=2) @ (zero - 8 * scale)
     diff = (y - ref).abs().max().item()
     assert diff <= 1e-5 * ref.abs().max().item(), f"max diff {diff} vs max |ref| {ref.abs().max().item()}"
+
+
+def _rounded_activations(x: torch.Tensor, group: int = 32) -> torch.Tensor:
+    """x with each group of `group` inputs rounded to int8 steps of its max|x| / 127, as the native
+    kernels round activations."""
+    m, k = x.shape
+    xg = x.view(m, k // group, group)
+    amax = xg.abs().amax(dim=2, keepdim=True)
+    return (torch.round(xg * (127 / amax)) * (amax / 127)).view(m, k)
+
+
+@needs_native
+@pytest.mark.parametrize("n, k", [(2 * INT4_TILE, 256), (40, 96)], ids=["whole-chunks", "partial-block-half-chunk"])
+def test_native_int8_error_is_that_of_int8_activations(n, k):
+    """The native int8 kernel against the same products with the activations rounded as it rounds
+    them: all that is left is float32 summation order. 40 rows end in a partial 16-row block, 96
+    inputs in a half 64-byte chunk (read masked)."""
+    torch.manual_seed(0)
+    w = _int8(n, k)
+    x = torch.randn(7, k) * torch.logspace(-2, 1, k)  # groups of very different magnitudes
+    kernel = w.native_matmul()
+    assert kernel is not None
+    y = kernel(x)
+    ref = _rounded_activations(x) @ w.dequantize().T
+    diff = (y - ref).abs().max().item()
+    assert diff <= 1e-5 * ref.abs().max().item(), f"max diff {diff} vs max |ref| {ref.abs().max().item()}"
+    alone = torch.cat([kernel(x[i : i + 1]) for i in range(7)])
+    assert torch.equal(y, alone), "a row of a batch differs from the row alone"
+
+
+@needs_native
+def test_native_int8_declines_what_it_cannot_take():
+    """Inputs not in groups of 32, or rows that are not contiguous (a column slice), stay on torch's
+    kernel, which still gives the right product."""
+    torch.manual_seed(0)
+    odd = _int8(32, 80)
+    assert odd.native_matmul() is None
+    x = torch.randn(2, 80)
+    assert _close(quant_matmul(x, odd), x @ odd.dequantize().T, rtol=0, atol=2e-2 * 80**0.5)
+    whole = _int8(32, 128)
+    assert Int8Weight(whole.q[:, :64], whole.scale).native_matmul() is None
 
 
 def _native_parts(n: int, k: int, group: int) -> tuple[torch.Tensor, torch.Tensor, int]:

@@ -67,23 +67,25 @@ def both_paths(model, tokens: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.stack(native_rows), torch.stack(torch_rows)
 
 
+@pytest.mark.parametrize("quant", ["int4", "int8"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "f32"])
 @pytest.mark.parametrize("kind", MODEL_TYPES)
-def test_native_step_computes_what_the_modules_do(checkpoints, kind, dtype):
+def test_native_step_computes_what_the_modules_do(checkpoints, kind, dtype, quant):
     """Every decode step, from the same cache: within a few int8 steps of the modules (a wrong
     rotary, a missed bias or norm, a key left out of attention gives 0.5-1.5 here)."""
-    model = load(checkpoints[kind], dtype)
+    model = load(checkpoints[kind], dtype, quant)
     got, want = both_paths(model, prompt_ids(N_PROMPT + N_DECODE))
     rel = ((got - want).norm(dim=-1) / want.norm(dim=-1)).max().item()
     cos = torch.nn.functional.cosine_similarity(got, want, dim=-1).min().item()
     assert rel < 0.15 and cos > 0.99, f"{kind}: hidden states differ by {rel:.3g} of their norm (cosine {cos:.4f})"
 
 
+@pytest.mark.parametrize("quant", ["int4", "int8"])
 @pytest.mark.parametrize("kind", MODEL_TYPES)
-def test_first_token_is_bit_exact_in_bfloat16(checkpoints, kind):
+def test_first_token_is_bit_exact_in_bfloat16(checkpoints, kind, quant):
     """At position 0 attention is the token's own value and rotary the identity, so in bfloat16 every
     rounding of the two paths meets: equal to the last bit."""
-    model = load(checkpoints[kind], torch.bfloat16)
+    model = load(checkpoints[kind], torch.bfloat16, quant)
     decoder = native_decoder(model)
     assert decoder is not None
     ids, pos = torch.tensor([[7]]), torch.tensor([[0]])
@@ -103,9 +105,8 @@ def test_generation_takes_the_native_step(checkpoints, monkeypatch):
     assert len(tokens) == 6 and len(calls) == 5  # the prefill and nothing else on the modules
 
 
-@pytest.mark.parametrize("quant", ["int8", "none"])
-def test_other_weights_keep_the_modules(checkpoints, quant):
-    assert native_decoder(load(checkpoints["llama"], torch.bfloat16, quant)) is None
+def test_float_weights_keep_the_modules(checkpoints):
+    assert native_decoder(load(checkpoints["llama"], torch.bfloat16, "none")) is None
 
 
 def test_switched_off(checkpoints, monkeypatch):

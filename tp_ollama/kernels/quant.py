@@ -2,7 +2,8 @@
 
 Each packing has a plain reference (`dequantize`) and a fast path:
   - int4 on CPUs with AVX-512 VNNI: the native kernel (tp_ollama.kernels.native) in its own layout,
-    for decode, batches of decodes and prefill alike;
+    for decode, batches of decodes and prefill alike; int8 on the same CPUs: a native kernel on the
+    plain layout up to SMALL_BATCH rows (more go to the dense path below);
   - otherwise torch's packed CPU kernels (`torch._weight_int8pack_mm`, `torch._weight_int4pack_mm_for_cpu`),
     which read one activation row at a time and want bfloat16 activations (float32 ones take a scalar
     path 15x slower): up to SMALL_BATCH rows go through them in bfloat16; more rows (prefill)
@@ -37,6 +38,7 @@ SCALE_DTYPE = torch.bfloat16
 class Int8Weight:
     q: torch.Tensor  # (N, K) int8
     scale: torch.Tensor  # (N,) bfloat16
+    _native: native.Int8Matmul | None = field(default=None, repr=False, compare=False)
 
     kind = "int8"
 
@@ -53,6 +55,18 @@ class Int8Weight:
 
     def to(self, device: torch.device) -> Int8Weight:
         return Int8Weight(self.q.to(device), self.scale.to(device))
+
+    def native_matmul(self) -> native.Int8Matmul | None:
+        """The native kernel bound to these tensors, or None where it cannot take them (a shape, a
+        row-strided view) or does not run here."""
+        if self._native is None:
+            if not native.available() or self.q.device.type != "cpu":
+                return None
+            try:
+                self._native = native.Int8Matmul(self.q, self.scale)
+            except ValueError:
+                return None
+        return self._native
 
 
 @dataclass
@@ -246,8 +260,11 @@ def quant_matmul(x: torch.Tensor, w: QuantWeight) -> torch.Tensor:
     x2 = x.reshape(-1, k)
     rows = x2.shape[0]
     # The native int4 kernel beats dequantizing for a dense matmul at every batch measured (1-512 rows).
+    native_int8 = w.native_matmul() if isinstance(w, Int8Weight) and x.device.type == "cpu" else None
     if isinstance(w, Int4Weight) and x.device.type == "cpu" and native_int4():
         y = w.native_matmul()(x2)
+    elif native_int8 is not None and rows <= SMALL_BATCH["int8"]:
+        y = native_int8(x2)
     elif rows <= SMALL_BATCH[w.kind] and packed_kernels_available(x.device):
         xb = x2 if x2.dtype == torch.bfloat16 else x2.to(torch.bfloat16)
         if isinstance(w, Int8Weight):

@@ -22,15 +22,17 @@ import torch
 from torch import nn
 
 from tp_ollama.kernels import native
-from tp_ollama.kernels.linear import QuantLinear
-from tp_ollama.kernels.quant import Int4Weight, native_int4
+from tp_ollama.kernels.linear import QuantLinear, out_features
+from tp_ollama.kernels.quant import Int8Weight, QuantWeight
 
 ENV_SWITCH = "TP_OLLAMA_NATIVE_DECODE"
+QKV, GATE_UP = ("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj")
 _ptr, _i64, _f32, _int = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float, ctypes.c_int
 
 
 class _Linear(ctypes.Structure):
     _fields_ = [
+        ("int8", _int),
         ("packed", _ptr),
         ("scale_zero", _ptr),
         ("ld_sz", _i64),
@@ -43,9 +45,12 @@ class _Linear(ctypes.Structure):
 
 class _Layer(ctypes.Structure):
     _fields_ = [
-        ("qkv", _Linear),
+        ("q", _Linear),
+        ("k", _Linear),
+        ("v", _Linear),
         ("o", _Linear),
-        ("gate_up", _Linear),
+        ("gate", _Linear),
+        ("up", _Linear),
         ("down", _Linear),
         ("input_norm", _ptr),
         ("pre_ffn_norm", _ptr),
@@ -78,10 +83,35 @@ class _Decoder(ctypes.Structure):
     ]
 
 
-def _int4(module: nn.Module | None) -> Int4Weight | None:
-    if isinstance(module, QuantLinear) and isinstance(module.qweight, Int4Weight):
-        return module.qweight
-    return None
+def _weight(module: nn.Module | None) -> QuantWeight | None:
+    """The quantized weight of a linear layer where a native kernel takes it, else None."""
+    if not isinstance(module, QuantLinear):
+        return None
+    w = module.qweight
+    if isinstance(w, Int8Weight):
+        return w if w.native_matmul() is not None else None
+    try:
+        w.native_matmul()  # checks the shapes the kernel takes
+    except ValueError:
+        return None
+    return w
+
+
+def _parts(module: nn.Module, names: tuple[str, ...]) -> list[nn.Module] | None:
+    """The layers that compute `names`' outputs in order: the fused one alone, or each."""
+    fused = module._modules.get("fused")
+    if fused is not None:
+        return [fused]
+    parts = [module._modules.get(n) for n in names]
+    return None if any(p is None for p in parts) else parts  # type: ignore[return-value]
+
+
+def _sizes(module: nn.Module, names: tuple[str, ...]) -> tuple[int, ...]:
+    """Output sizes of `names` (a fused layer records them)."""
+    fused_sizes = getattr(module, "fused_sizes", None)
+    if module._modules.get("fused") is not None and fused_sizes is not None:
+        return tuple(fused_sizes)
+    return tuple(out_features(module._modules[n]) for n in names)  # type: ignore[arg-type]
 
 
 def _has_hooks(model: nn.Module) -> bool:
@@ -106,7 +136,7 @@ class NativeDecoder:
         layers = list(body.layers)
         attn0 = layers[0].self_attn
         hd = attn0.head_dim
-        sizes = attn0.fused_sizes
+        q_size, k_size, _ = _sizes(attn0, QKV)
         self.hidden = int(cfg.hidden_size)
         self.layers = (_Layer * len(layers))()
         for i, block in enumerate(layers):
@@ -114,10 +144,10 @@ class NativeDecoder:
         self.decoder = _Decoder(
             n_layers=len(layers),
             hidden=self.hidden,
-            n_q=sizes[0] // hd,
-            n_kv=sizes[1] // hd,
+            n_q=q_size // hd,
+            n_kv=k_size // hd,
             head_dim=hd,
-            intermediate=layers[0].mlp.fused_sizes[0],
+            intermediate=_sizes(layers[0].mlp, GATE_UP)[0],
             eps=float(layers[0].input_layernorm.eps),
             attn_scale=float(attn0.scale),
             bf16=int(self.dtype == torch.bfloat16),
@@ -138,7 +168,16 @@ class NativeDecoder:
         self._keep.append(v)
         return v.data_ptr()
 
-    def _linear(self, w: Int4Weight, bias: torch.Tensor | None) -> _Linear:
+    def _linear(self, module: nn.Module | None) -> _Linear:
+        if module is None:
+            return _Linear(n=0)
+        w = _weight(module)
+        assert w is not None
+        bias = self._vector(module.bias)  # type: ignore[arg-type]
+        if isinstance(w, Int8Weight):
+            self._keep += [w.q, w.scale]
+            n, k = w.shape
+            return _Linear(int8=1, packed=w.q.data_ptr(), scale_zero=w.scale.data_ptr(), n=n, k=k, group=32, bias=bias)
         self._keep += [w.packed, w.scale_zero]
         n, k = w.shape
         return _Linear(
@@ -148,7 +187,7 @@ class NativeDecoder:
             n=n,
             k=k,
             group=w.group,
-            bias=self._vector(bias),
+            bias=bias,
         )
 
     def _norm(self, norm: nn.Module | None) -> int | None:
@@ -156,10 +195,11 @@ class NativeDecoder:
 
     def _describe(self, block: Any, out: _Layer, body: Any) -> None:
         attn, mlp = block.self_attn, block.mlp
-        out.qkv = self._linear(attn.fused.qweight, attn.fused.bias)
-        out.o = self._linear(attn.o_proj.qweight, attn.o_proj.bias)
-        out.gate_up = self._linear(mlp.fused.qweight, mlp.fused.bias)
-        out.down = self._linear(mlp.down_proj.qweight, mlp.down_proj.bias)
+        qkv, gate_up = _parts(attn, QKV) or [], _parts(mlp, GATE_UP) or []
+        out.q, out.k, out.v = (self._linear(m) for m in [*qkv, None, None][:3])
+        out.gate, out.up = (self._linear(m) for m in [*gate_up, None][:2])
+        out.o = self._linear(attn.o_proj)
+        out.down = self._linear(mlp.down_proj)
         out.input_norm = self._norm(block.input_layernorm)
         if self.gemma:
             out.pre_ffn_norm = self._norm(block.pre_feedforward_layernorm)
@@ -224,7 +264,7 @@ def native_decoder(model: nn.Module) -> NativeDecoder | None:
 
 
 def _make(model: nn.Module) -> NativeDecoder | None:
-    if os.environ.get(ENV_SWITCH, "1") == "0" or not native_int4():
+    if os.environ.get(ENV_SWITCH, "1") == "0":
         return None
     lib = native.library()
     cfg: Any = getattr(model, "config", None)
@@ -234,23 +274,23 @@ def _make(model: nn.Module) -> NativeDecoder | None:
     dtype = body.norm.weight.dtype
     if dtype not in (torch.bfloat16, torch.float32) or body.norm.weight.device.type != "cpu" or _has_hooks(model):
         return None
+    shapes = set()
     for block in body.layers:
         attn, mlp = block.self_attn, block.mlp
-        unfused = getattr(attn, "fused_sizes", None) is None or getattr(mlp, "fused_sizes", None) is None
-        if attn.kv_map is not None or unfused:
+        qkv, gate_up = _parts(attn, QKV), _parts(mlp, GATE_UP)
+        if attn.kv_map is not None or qkv is None or gate_up is None:
             return None
-        weights = [_int4(attn.fused), _int4(attn.o_proj), _int4(mlp.fused), _int4(mlp.down_proj)]
-        q, k, v = attn.fused_sizes
-        gate, up = mlp.fused_sizes
-        shapes = (q % attn.head_dim, k % attn.head_dim, q % max(k, 1), k - v, gate - up)
-        if any(w is None for w in weights) or attn.head_dim > 1024 or attn.head_dim % 16 or any(shapes) or k == 0:
+        if any(_weight(m) is None for m in [*qkv, *gate_up, attn.o_proj, mlp.down_proj]):
+            return None
+        q, k, v = _sizes(attn, QKV)
+        gate, up = _sizes(mlp, GATE_UP)
+        hd = attn.head_dim
+        if hd > 1024 or hd % 32 or q % hd or k % hd or k != v or k == 0 or q % k or gate != up:
             return None
         norms = [block.input_layernorm, attn.q_norm, attn.k_norm]
         if any(n is not None and n.weight.dtype != dtype for n in norms):
             return None
-        try:
-            for w in weights:
-                w.native_matmul()  # type: ignore[union-attr]  # checks the shapes the kernel takes
-        except ValueError:
-            return None
+        shapes.add((q, k, gate, hd))
+    if len(shapes) != 1:  # the step takes one set of head counts and sizes for every layer
+        return None
     return NativeDecoder(model, lib)

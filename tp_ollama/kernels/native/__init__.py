@@ -1,4 +1,5 @@
-"""The kernels of cpu_kernels.c. An int4 matmul: weights in 16-row blocks of 4-bit codes, activations
+"""The kernels of cpu_kernels.c. An int8 matmul on the plain int8 layout (one scale per row) for
+decode and small batches. An int4 matmul: weights in 16-row blocks of 4-bit codes, activations
 quantized to int8 per group, dot products on AVX-512 VNNI (vpdpbusd). On gemma3 shapes with 2 threads
 it reads weights 2-3x faster than torch's packed int4 kernel at one row, and runs 16 rows at once in
 less than half the time torch needs, which reads one activation row at a time. An RMSNorm of bfloat16
@@ -97,6 +98,8 @@ def library() -> ctypes.CDLL | None:
     i64, ptr = ctypes.c_int64, ctypes.c_void_p
     lib.tpo_int4_mm.restype = ctypes.c_int
     lib.tpo_int4_mm.argtypes = [ptr, i64, i64, ptr, ptr, i64, i64, i64, ptr, ctypes.c_int]
+    lib.tpo_int8_mm.restype = ctypes.c_int
+    lib.tpo_int8_mm.argtypes = [ptr, i64, i64, ptr, ptr, i64, ptr, ctypes.c_int]
     lib.tpo_rms_norm_bf16.restype = None
     lib.tpo_rms_norm_bf16.argtypes = [ptr, i64, i64, i64, ptr, ctypes.c_int, ctypes.c_float, ptr, i64]
     lib.tpo_decode.restype = ctypes.c_int
@@ -141,6 +144,44 @@ class Int4Matmul:
         y = torch.empty(m, self.n, dtype=torch.float32)
         if self._fn(x.data_ptr(), m, self.k, *self._weight, y.data_ptr(), torch.get_num_threads()) != 0:
             raise MemoryError(f"the native int4 kernel could not allocate {m}x{self.k} quantized activations")
+        return y
+
+
+INT8_GROUP = 32  # activations are quantized per this many inputs; K must be a multiple
+
+
+class Int8Matmul:
+    """The native int8 matmul bound to one weight (see Int4Matmul): q (N, K) int8 with contiguous rows
+    and a (N,) bfloat16 scale per row, K a multiple of INT8_GROUP."""
+
+    def __init__(self, q: torch.Tensor, scale: torch.Tensor) -> None:
+        lib = library()
+        if lib is None:
+            raise RuntimeError("the native int8 kernel is not available on this machine")
+        n, k = q.shape
+        if (
+            not q.is_contiguous()
+            or q.dtype != torch.int8
+            or scale.dtype != torch.bfloat16
+            or tuple(scale.shape) != (n,)
+        ):
+            raise ValueError(f"an int8 weight of {n}x{k} needs contiguous int8 rows and a bfloat16 scale per row")
+        if k % INT8_GROUP or not scale.is_contiguous():
+            raise ValueError(f"the native int8 kernel cannot take {n}x{k}: inputs must come in groups of {INT8_GROUP}")
+        self.n, self.k = n, k
+        self._fn = lib.tpo_int8_mm
+        self._weight = (q.data_ptr(), scale.data_ptr(), n)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        """x (M, K) on the CPU -> (M, N) float32."""
+        if x.dtype != torch.float32 or not x.is_contiguous():
+            x = x.to(torch.float32).contiguous()
+        m = x.shape[0]
+        if x.shape[1] != self.k:
+            raise ValueError(f"activations {m}x{x.shape[1]} do not fit an int8 weight of {self.n}x{self.k}")
+        y = torch.empty(m, self.n, dtype=torch.float32)
+        if self._fn(x.data_ptr(), m, self.k, *self._weight, y.data_ptr(), torch.get_num_threads()) != 0:
+            raise MemoryError(f"the native int8 kernel could not allocate {m}x{self.k} quantized activations")
         return y
 
 

@@ -1,5 +1,6 @@
 /* CPU kernels of tp-ollama's decode step, loaded by tp_ollama.kernels.native:
   tpo_int4_mm        weight-only int4 matmul on AVX-512 VNNI
+  tpo_int8_mm        weight-only int8 matmul on AVX-512 VNNI, weights in their plain row-major layout
   tpo_rms_norm_bf16  RMSNorm of bfloat16 rows in one call instead of a dozen torch operators
   tpo_decode         one token through every layer of a Llama-family or Gemma 3 decoder (see below)
 
@@ -34,6 +35,20 @@ rows are done per pass over a block, each reusing the unpacked codes. */
 /* How far ahead of its reads a thread asks for weight bytes: the hardware prefetcher alone leaves a
    core at ~8 GB/s on a stream that does not fit its caches; 4 KiB ahead keeps enough lines in flight. */
 #define PREFETCH_BYTES 4096
+
+static inline float bf16_to_f32(uint16_t v) {
+    uint32_t bits = (uint32_t)v << 16;
+    float f;
+    memcpy(&f, &bits, 4);
+    return f;
+}
+
+static inline uint16_t f32_to_bf16(float f) { /* round to nearest even, as torch converts */
+    uint32_t bits;
+    memcpy(&bits, &f, 4);
+    if ((bits & 0x7F800000u) == 0x7F800000u && (bits & 0x007FFFFFu)) return (uint16_t)((bits >> 16) | 0x40);
+    return (uint16_t)((bits + 0x7FFFu + ((bits >> 16) & 1u)) >> 16);
+}
 
 static inline __m512i broadcast4(const int8_t *p) {
     int32_t v;
@@ -138,24 +153,111 @@ int tpo_int4_mm(const float *x, int64_t m_rows, int64_t k, const uint8_t *packed
     return 0;
 }
 
+/* tpo_int8_mm: y (M, N) = x (M, K) @ w.T for int8 weights in their plain layout: q (N, K) int8
+rows and a bfloat16 scale per row (tp_ollama.kernels.quant.Int8Weight; w = q * scale).
+
+Activations are quantized to int8 per group of 32 as for int4. vpdpbusd multiplies unsigned by
+signed bytes, so the weights are offset to unsigned (+128, an xor of the sign bit) and each lane's
+accumulator starts at -128 times the sum of its 4 activations, which the offset adds: the lane then
+holds the exact int32 dot product of 4 inputs.
+A 64-byte chunk is two groups: lanes 0-7 the first, 8-15 the second, each scaled by its group's
+activation scale. K must be a multiple of 32 (a last half chunk is read masked). */
+
+#define I8_CHUNK 64
+
+typedef struct {
+    int8_t *xs;      /* (M, chunks * 64) activations, zero past K */
+    int32_t *start;  /* (M, chunks * 16) each lane's -128 * sum of its 4 activations */
+    float *sxl;      /* (M, chunks * 16) each lane's activation scale */
+} i8_acts;
+
+static void quantize_rows_i8(const float *x, int64_t m_rows, int64_t k, int8_t *xq, float *sx, float *sumx, i8_acts *a) {
+    const int64_t chunks = (k + I8_CHUNK - 1) / I8_CHUNK, groups = k / 32;
+    quantize_rows(x, m_rows, k, 32, xq, sx, sumx);
+    for (int64_t m = 0; m < m_rows; m++) {
+        int8_t *xs = a->xs + m * chunks * I8_CHUNK;
+        for (int64_t j = 0; j < chunks * I8_CHUNK; j++) xs[j] = j < k ? xq[m * k + j] : 0;
+        for (int64_t c = 0; c < chunks; c++)
+            for (int lane = 0; lane < 16; lane++) {
+                const int64_t g = 2 * c + lane / 8, at = c * I8_CHUNK + 4 * lane;
+                a->sxl[(m * chunks + c) * 16 + lane] = g < groups ? sx[m * groups + g] : 0.0f;
+                a->start[(m * chunks + c) * 16 + lane] = -128 * (xs[at] + xs[at + 1] + xs[at + 2] + xs[at + 3]);
+            }
+    }
+}
+
+/* Rows [0, rows) of a stretch of weights against MB activation rows. */
+#define DEFINE_I8_ROWS(MB)                                                                                   \
+    static inline void i8rows_##MB(const int8_t *w, const uint16_t *scale, int64_t rows, int64_t k,          \
+                                   const i8_acts *a, float *y, int64_t ldy) {                                \
+        const int64_t chunks = (k + I8_CHUNK - 1) / I8_CHUNK;                                                \
+        const __mmask64 last = k % I8_CHUNK ? (((__mmask64)1 << (k % I8_CHUNK)) - 1) : ~(__mmask64)0;        \
+        const __m512i sign = _mm512_set1_epi8((char)0x80);                                                   \
+        for (int64_t r = 0; r < rows; r++) {                                                                 \
+            const int8_t *wr = w + r * k;                                                                    \
+            __m512 f[MB];                                                                                    \
+            for (int m = 0; m < MB; m++) f[m] = _mm512_setzero_ps();                                         \
+            for (int64_t c = 0; c < chunks; c++) {                                                           \
+                const __m512i wv = _mm512_maskz_loadu_epi8(c == chunks - 1 ? last : ~(__mmask64)0, wr + c * I8_CHUNK); \
+                _mm_prefetch((const char *)(wr + c * I8_CHUNK + PREFETCH_BYTES), _MM_HINT_T0);              \
+                const __m512i wu = _mm512_xor_si512(wv, sign);                                               \
+                for (int m = 0; m < MB; m++) {                                                               \
+                    const int64_t at = m * chunks + c;                                                       \
+                    const __m512i dot = _mm512_dpbusd_epi32(_mm512_loadu_si512(a->start + at * 16), wu,     \
+                                                            _mm512_loadu_si512(a->xs + at * I8_CHUNK));      \
+                    f[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_loadu_ps(a->sxl + at * 16), f[m]); \
+                }                                                                                            \
+            }                                                                                                \
+            const float sc = bf16_to_f32(scale[r]);                                                          \
+            for (int m = 0; m < MB; m++) y[m * ldy + r] = _mm512_reduce_add_ps(f[m]) * sc;                   \
+        }                                                                                                    \
+    }
+
+DEFINE_I8_ROWS(1)
+DEFINE_I8_ROWS(4)
+
+/* The rows of y (m_rows, n) from quantized activations `a`, 16 weight rows a task. */
+static void i8_matmul(const int8_t *q, const uint16_t *scale, int64_t n, int64_t k, int64_t m_rows, const i8_acts *a,
+                      float *y, int threads) {
+    const int64_t chunks = (k + I8_CHUNK - 1) / I8_CHUNK, blocks = (n + BLOCK_ROWS - 1) / BLOCK_ROWS;
+#pragma omp parallel for schedule(static) num_threads(threads)
+    for (int64_t b = 0; b < blocks; b++) {
+        const int64_t r0 = b * BLOCK_ROWS, rows = n - r0 < BLOCK_ROWS ? n - r0 : BLOCK_ROWS;
+        int64_t m = 0;
+        for (; m + 4 <= m_rows; m += 4) {
+            const i8_acts part = {a->xs + m * chunks * I8_CHUNK, a->start + m * chunks * 16, a->sxl + m * chunks * 16};
+            i8rows_4(q + r0 * k, scale + r0, rows, k, &part, y + m * n + r0, n);
+        }
+        for (; m < m_rows; m++) {
+            const i8_acts part = {a->xs + m * chunks * I8_CHUNK, a->start + m * chunks * 16, a->sxl + m * chunks * 16};
+            i8rows_1(q + r0 * k, scale + r0, rows, k, &part, y + m * n + r0, n);
+        }
+    }
+}
+
+/* Returns 0, -1 when K is not a multiple of 32, -2 when out of memory. */
+int tpo_int8_mm(const float *x, int64_t m_rows, int64_t k, const int8_t *q, const uint16_t *scale, int64_t n, float *y,
+                int threads) {
+    if (k % 32 || k <= 0 || m_rows < 0 || n < 0) return -1;
+    const int64_t chunks = (k + I8_CHUNK - 1) / I8_CHUNK, groups = k / 32;
+    int8_t *xq = malloc((size_t)(m_rows * k) + 64);
+    float *sx = malloc(sizeof(float) * (size_t)(m_rows * groups) + 64), *sumx = malloc(sizeof(float) * (size_t)(m_rows * groups) + 64);
+    const size_t lanes = (size_t)(m_rows * chunks * 16);
+    i8_acts a = {malloc(lanes * 4 + 64), malloc(sizeof(int32_t) * lanes + 64), malloc(sizeof(float) * lanes + 64)};
+    int rc = 0;
+    if (!xq || !sx || !sumx || !a.xs || !a.start || !a.sxl) rc = -2;
+    else {
+        quantize_rows_i8(x, m_rows, k, xq, sx, sumx, &a);
+        i8_matmul(q, scale, n, k, m_rows, &a, y, threads);
+    }
+    free(xq), free(sx), free(sumx), free(a.xs), free(a.start), free(a.sxl);
+    return rc;
+}
+
 /* RMSNorm of bfloat16 rows, computed in float32: y = x * rsqrt(mean(x^2) + eps), then scaled by a
 float32 vector either before the cast back to bfloat16 (Gemma's (1 + w), scale_after_cast 0) or after
 it, the product rounded again (Llama's w * bf16(...), scale_after_cast 1), as transformers orders them.
 Rows are d values each, ld_x / ld_y elements apart. */
-static inline float bf16_to_f32(uint16_t v) {
-    uint32_t bits = (uint32_t)v << 16;
-    float f;
-    memcpy(&f, &bits, 4);
-    return f;
-}
-
-static inline uint16_t f32_to_bf16(float f) { /* round to nearest even, as torch converts */
-    uint32_t bits;
-    memcpy(&bits, &f, 4);
-    if ((bits & 0x7F800000u) == 0x7F800000u && (bits & 0x007FFFFFu)) return (uint16_t)((bits >> 16) | 0x40);
-    return (uint16_t)((bits + 0x7FFFu + ((bits >> 16) & 1u)) >> 16);
-}
-
 void tpo_rms_norm_bf16(const uint16_t *x, int64_t rows, int64_t d, int64_t ld_x, const float *scale,
                        int scale_after_cast, float eps, uint16_t *y, int64_t ld_y) {
     for (int64_t r = 0; r < rows; r++) {
@@ -192,14 +294,16 @@ to slot p % capacity and the first min(p + 1, capacity) slots are attended over:
 from position 0 on, and a sliding layer's ring holds exactly its window. */
 
 typedef struct {
-    const uint8_t *packed;       /* (n, k/2) native layout */
-    const uint16_t *scale_zero;  /* (k/group, ld_sz, 2) bfloat16 */
-    int64_t ld_sz, n, k, group;
+    int int8;                    /* 0: int4 in the native layout; 1: int8 rows (tpo_int8_mm) */
+    const uint8_t *packed;       /* int4: (n, k/2) native layout; int8: q (n, k) */
+    const uint16_t *scale_zero;  /* int4: (k/group, ld_sz, 2) bfloat16; int8: (n) bfloat16 scales */
+    int64_t ld_sz, n, k, group;  /* n = 0: no layer (the part of a fused one) */
     const float *bias;           /* (n), already in the activation dtype's values; NULL: none */
 } tpo_linear;
 
 typedef struct {
-    tpo_linear qkv, o, gate_up, down;  /* qkv: q, k, v rows stacked; gate_up: gate, up */
+    /* q, k, v write consecutive outputs (q alone when fused: its n covers all three); so do gate, up */
+    tpo_linear q, k, v, o, gate, up, down;
     const float *input_norm, *pre_ffn_norm;
     const float *post_attn_norm, *post_ffn_norm;  /* Gemma 3; NULL for the Llama family */
     const float *q_norm, *k_norm;                 /* per-head norms (Gemma 3, Qwen3); NULL: none */
@@ -274,18 +378,25 @@ static void norm(const float *x, int64_t n, const float *scale, const tpo_decode
 typedef struct {
     int8_t *xq;
     float *sx, *sumx;
+    i8_acts i8;
 } act_buffers;
 
 /* y (n) = x (k) @ w.T, rounded as quant_matmul's output and bias add are. */
 static void linear(const tpo_linear *w, const float *x, float *y, act_buffers *a, const tpo_decoder *m,
                    int threads) {
-    const int64_t blocks = w->n / BLOCK_ROWS, block_bytes = BLOCK_ROWS * w->k / 2;
-    quantize_rows(x, 1, w->k, w->group, a->xq, a->sx, a->sumx);
-    const uint32_t *sz = (const uint32_t *)w->scale_zero;
+    if (w->n == 0) return;
+    if (w->int8) {
+        quantize_rows_i8(x, 1, w->k, a->xq, a->sx, a->sumx, &a->i8);
+        i8_matmul((const int8_t *)w->packed, w->scale_zero, w->n, w->k, 1, &a->i8, y, threads);
+    } else {
+        const int64_t blocks = w->n / BLOCK_ROWS, block_bytes = BLOCK_ROWS * w->k / 2;
+        quantize_rows(x, 1, w->k, w->group, a->xq, a->sx, a->sumx);
+        const uint32_t *sz = (const uint32_t *)w->scale_zero;
 #pragma omp parallel for schedule(static) num_threads(threads)
-    for (int64_t b = 0; b < blocks; b++)
-        block_1(w->packed + b * block_bytes, sz + b * BLOCK_ROWS, w->ld_sz, w->k, w->group, a->xq, a->sx, a->sumx,
-                y + b * BLOCK_ROWS, w->n);
+        for (int64_t b = 0; b < blocks; b++)
+            block_1(w->packed + b * block_bytes, sz + b * BLOCK_ROWS, w->ld_sz, w->k, w->group, a->xq, a->sx,
+                    a->sumx, y + b * BLOCK_ROWS, w->n);
+    }
     round_all(y, w->n, m->bf16);
     if (w->bias)
         for (int64_t i = 0; i < w->n; i++) y[i] = m->bf16 ? round_bf16(y[i] + w->bias[i]) : y[i] + w->bias[i];
@@ -322,45 +433,92 @@ static inline __m512 cache_16(const void *cache, int64_t at, int bf16) {
 }
 
 #define MAX_THREADS 64
-#define HEADS_AT_ONCE 8
+
+/* Scores of G query heads (q: G rows of d) against the keys of slots [s0, s1): each key read and
+converted once for all G. scores: row g at g * len; pmax: each head's running maximum. */
+#define DEFINE_QK(G)                                                                                         \
+    static void qk_##G(const float *q, const void *kc, int64_t s0, int64_t s1, int64_t d, int bf16, float scale, \
+                       float *scores, int64_t len, float *pmax) {                                            \
+        for (int64_t s = s0; s < s1; s++) {                                                                  \
+            __m512 acc[G];                                                                                   \
+            for (int g = 0; g < G; g++) acc[g] = _mm512_setzero_ps();                                        \
+            for (int64_t j = 0; j < d; j += 16) {                                                            \
+                const __m512 kk = cache_16(kc, s * d + j, bf16);                                             \
+                for (int g = 0; g < G; g++) acc[g] = _mm512_fmadd_ps(_mm512_loadu_ps(q + g * d + j), kk, acc[g]); \
+            }                                                                                                \
+            for (int g = 0; g < G; g++) {                                                                    \
+                const float sc = _mm512_reduce_add_ps(acc[g]) * scale;                                       \
+                scores[g * len + s] = sc;                                                                    \
+                if (sc > pmax[g]) pmax[g] = sc;                                                              \
+            }                                                                                                \
+        }                                                                                                    \
+    }
+
+/* out (G rows of d) += the values of slots [s0, s1) weighted by w (row g at g * len): 32 columns at a
+time, their sums in registers across all the slots. d is a multiple of 32. */
+#define DEFINE_PV(G)                                                                                         \
+    static void pv_##G(const float *w, int64_t len, const void *vc, int64_t s0, int64_t s1, int64_t d, int bf16, \
+                       float *out) {                                                                         \
+        for (int64_t j = 0; j < d; j += 32) {                                                                \
+            __m512 lo[G], hi[G];                                                                             \
+            for (int g = 0; g < G; g++) lo[g] = hi[g] = _mm512_setzero_ps();                                 \
+            for (int64_t s = s0; s < s1; s++) {                                                              \
+                const __m512 v0 = cache_16(vc, s * d + j, bf16), v1 = cache_16(vc, s * d + j + 16, bf16);    \
+                for (int g = 0; g < G; g++) {                                                                \
+                    const __m512 wg = _mm512_set1_ps(w[g * len + s]);                                        \
+                    lo[g] = _mm512_fmadd_ps(wg, v0, lo[g]);                                                  \
+                    hi[g] = _mm512_fmadd_ps(wg, v1, hi[g]);                                                  \
+                }                                                                                            \
+            }                                                                                                \
+            for (int g = 0; g < G; g++) {                                                                    \
+                _mm512_storeu_ps(out + g * d + j, _mm512_add_ps(_mm512_loadu_ps(out + g * d + j), lo[g]));   \
+                _mm512_storeu_ps(out + g * d + j + 16, _mm512_add_ps(_mm512_loadu_ps(out + g * d + j + 16), hi[g])); \
+            }                                                                                                \
+        }                                                                                                    \
+    }
+
+DEFINE_QK(1)
+DEFINE_QK(2)
+DEFINE_QK(4)
+DEFINE_QK(8)
+DEFINE_PV(1)
+DEFINE_PV(2)
+DEFINE_PV(4)
+DEFINE_PV(8)
+
+/* How many of `left` query heads to take together: 8, 4, 2 or 1. */
+static inline int64_t heads_at_once(int64_t left) { return left >= 8 ? 8 : left >= 4 ? 4 : left >= 2 ? 2 : 1; }
 
 /* Every query head over the first `len` slots of its KV head, into out (n_q, head_dim).
 
-The positions are split among the threads (each reads its share of K and V once for all the query
-heads of a KV head, which GQA models share). Scores and softmax are float32 with one maximum per
-head; with bfloat16 the exponentials are rounded before they weight the values, as torch's CPU flash
-attention does, and the output is rounded once. scores: (n_q, len); part: (threads, n_q, head_dim);
-psum, pmax: (threads, n_q). head_dim is a multiple of 16. */
+The positions are split among the threads; each reads its share of K and V once for all the query
+heads of a KV head (GQA models share one among several). Scores and softmax are float32 with one
+maximum per head; with bfloat16 the exponentials are rounded before they weight the values, as
+torch's CPU flash attention does, and the output is rounded once. scores: (n_q, len); part:
+(threads, n_q, head_dim); psum, pmax: (threads, n_q). head_dim is a multiple of 32. */
 static void attention(const float *q, const tpo_layer *L, int64_t len, const tpo_decoder *m, float *scores,
                       float *part, float *psum, float *pmax, float *out, int threads) {
     const int64_t nq = m->n_q, nkv = m->n_kv, d = m->head_dim, group = nq / nkv, cap = L->capacity;
     const int bf16 = m->bf16;
-    const float scale = m->attn_scale;
+    const size_t elt = bf16 ? 2 : 4;
 #pragma omp parallel num_threads(threads)
     {
         const int t = omp_get_thread_num(), nt = omp_get_num_threads();
         const int64_t a = len * t / nt, b = len * (t + 1) / nt;
-        for (int64_t h = 0; h < nq; h++) pmax[t * nq + h] = -INFINITY;
-        /* scores of this thread's positions, up to HEADS_AT_ONCE heads per read of a key */
-        for (int64_t kv = 0; kv < nkv; kv++)
-            for (int64_t h0 = kv * group; h0 < (kv + 1) * group; h0 += HEADS_AT_ONCE) {
-                const int64_t hn = (kv + 1) * group - h0 < HEADS_AT_ONCE ? (kv + 1) * group - h0 : HEADS_AT_ONCE;
-                for (int64_t s = a; s < b; s++) {
-                    __m512 acc[HEADS_AT_ONCE];
-                    for (int64_t g = 0; g < hn; g++) acc[g] = _mm512_setzero_ps();
-                    const int64_t row = (kv * cap + s) * d;
-                    for (int64_t j = 0; j < d; j += 16) {
-                        const __m512 kk = cache_16(L->k_cache, row + j, bf16);
-                        for (int64_t g = 0; g < hn; g++)
-                            acc[g] = _mm512_fmadd_ps(_mm512_loadu_ps(q + (h0 + g) * d + j), kk, acc[g]);
-                    }
-                    for (int64_t g = 0; g < hn; g++) {
-                        const float sc = _mm512_reduce_add_ps(acc[g]) * scale;
-                        scores[(h0 + g) * len + s] = sc;
-                        if (sc > pmax[t * nq + h0 + g]) pmax[t * nq + h0 + g] = sc;
-                    }
-                }
+        float *tmax = pmax + t * nq, *mine = part + (int64_t)t * nq * d;
+        for (int64_t h = 0; h < nq; h++) tmax[h] = -INFINITY;
+        for (int64_t kv = 0; kv < nkv; kv++) {
+            const void *kc = (const char *)L->k_cache + (size_t)(kv * cap * d) * elt;
+            for (int64_t h = kv * group; h < (kv + 1) * group;) {
+                const int64_t g = heads_at_once((kv + 1) * group - h);
+                float *sc = scores + h * len;
+                if (g == 8) qk_8(q + h * d, kc, a, b, d, bf16, m->attn_scale, sc, len, tmax + h);
+                else if (g == 4) qk_4(q + h * d, kc, a, b, d, bf16, m->attn_scale, sc, len, tmax + h);
+                else if (g == 2) qk_2(q + h * d, kc, a, b, d, bf16, m->attn_scale, sc, len, tmax + h);
+                else qk_1(q + h * d, kc, a, b, d, bf16, m->attn_scale, sc, len, tmax + h);
+                h += g;
             }
+        }
 #pragma omp barrier
         /* weights e^(score - max) over this thread's positions, and their sum */
         for (int64_t h = 0; h < nq; h++) {
@@ -378,19 +536,18 @@ static void attention(const float *q, const tpo_layer *L, int64_t len, const tpo
             psum[t * nq + h] = sum;
         }
         /* this thread's share of the weighted values */
-        float *mine = part + (int64_t)t * nq * d;
         memset(mine, 0, sizeof(float) * (size_t)(nq * d));
-        for (int64_t kv = 0; kv < nkv; kv++)
-            for (int64_t s = a; s < b; s++) {
-                const int64_t row = (kv * cap + s) * d;
-                for (int64_t j = 0; j < d; j += 16) {
-                    const __m512 vv = cache_16(L->v_cache, row + j, bf16);
-                    for (int64_t h = kv * group; h < (kv + 1) * group; h++) {
-                        float *o = mine + h * d + j;
-                        _mm512_storeu_ps(o, _mm512_fmadd_ps(_mm512_set1_ps(scores[h * len + s]), vv, _mm512_loadu_ps(o)));
-                    }
-                }
+        for (int64_t kv = 0; kv < nkv; kv++) {
+            const void *vc = (const char *)L->v_cache + (size_t)(kv * cap * d) * elt;
+            for (int64_t h = kv * group; h < (kv + 1) * group;) {
+                const int64_t g = heads_at_once((kv + 1) * group - h);
+                if (g == 8) pv_8(scores + h * len, len, vc, a, b, d, bf16, mine + h * d);
+                else if (g == 4) pv_4(scores + h * len, len, vc, a, b, d, bf16, mine + h * d);
+                else if (g == 2) pv_2(scores + h * len, len, vc, a, b, d, bf16, mine + h * d);
+                else pv_1(scores + h * len, len, vc, a, b, d, bf16, mine + h * d);
+                h += g;
             }
+        }
 #pragma omp barrier
         /* sum the shares: heads split among the threads */
         for (int64_t h = t; h < nq; h += nt) {
@@ -434,7 +591,7 @@ static void gated_act(float *gate, const float *up, int64_t n, int gelu, int bf1
 norm). Returns 0, -1 on shapes the step does not take, -2 when out of memory. */
 int tpo_decode(const tpo_decoder *m, float *x, int64_t pos, int threads) {
     const int64_t d = m->hidden, hd = m->head_dim, nq = m->n_q, nkv = m->n_kv, inter = m->intermediate;
-    if (hd > 1024 || hd % 16 || nq % nkv || pos < 0) return -1;
+    if (hd > 1024 || hd % 32 || nq % nkv || pos < 0) return -1;
     if (threads < 1) threads = 1;
     if (threads > MAX_THREADS) threads = MAX_THREADS;
     int64_t max_k = d > nq * hd ? d : nq * hd, max_cap = 0;
@@ -445,11 +602,14 @@ int tpo_decode(const tpo_decoder *m, float *x, int64_t pos, int threads) {
     float *h = malloc(sizeof(float) * (size_t)d), *qkv = malloc(sizeof(float) * (size_t)qkv_n);
     float *attn = malloc(sizeof(float) * (size_t)(nq * hd)), *gu = malloc(sizeof(float) * (size_t)(2 * inter));
     float *scores = malloc(sizeof(float) * (size_t)(nq * max_cap)), *trig = malloc(sizeof(float) * (size_t)hd);
-    act_buffers a = {malloc((size_t)max_k + 64), malloc(sizeof(float) * (size_t)max_k), malloc(sizeof(float) * (size_t)max_k)};
+    const int64_t max_chunks = max_k / I8_CHUNK + 1;
+    act_buffers a = {malloc((size_t)max_k + 64), malloc(sizeof(float) * (size_t)max_k), malloc(sizeof(float) * (size_t)max_k),
+                     {malloc((size_t)(max_chunks * I8_CHUNK) + 64), malloc(sizeof(int32_t) * (size_t)(max_chunks * 16)),
+                      malloc(sizeof(float) * (size_t)(max_chunks * 16))}};
     float *part = malloc(sizeof(float) * (size_t)(threads * nq * hd)), *psum = malloc(sizeof(float) * (size_t)(threads * nq));
     float *pmax = malloc(sizeof(float) * (size_t)(threads * nq));
     int rc = 0;
-    if (!h || !qkv || !attn || !gu || !scores || !trig || !a.xq || !a.sx || !a.sumx || !part || !psum || !pmax) {
+    if (!h || !qkv || !attn || !gu || !scores || !trig || !a.xq || !a.sx || !a.sumx || !a.i8.xs || !a.i8.start || !a.i8.sxl || !part || !psum || !pmax) {
         rc = -2;
         goto done;
     }
@@ -457,7 +617,9 @@ int tpo_decode(const tpo_decoder *m, float *x, int64_t pos, int threads) {
         const tpo_layer *L = &m->layers[l];
         /* attention */
         norm(x, d, L->input_norm, m, h);
-        linear(&L->qkv, h, qkv, &a, m, threads);
+        linear(&L->q, h, qkv, &a, m, threads);
+        linear(&L->k, h, qkv + L->q.n, &a, m, threads);
+        linear(&L->v, h, qkv + L->q.n + L->k.n, &a, m, threads);
         float *q = qkv, *k = qkv + nq * hd, *v = qkv + (nq + nkv) * hd;
         if (L->q_norm)
             for (int64_t i = 0; i < nq; i++) norm(q + i * hd, hd, L->q_norm, m, q + i * hd);
@@ -484,14 +646,15 @@ int tpo_decode(const tpo_decoder *m, float *x, int64_t pos, int threads) {
         add_into(x, h, d, m->bf16);
         /* MLP */
         norm(x, d, L->pre_ffn_norm, m, h);
-        linear(&L->gate_up, h, gu, &a, m, threads);
+        linear(&L->gate, h, gu, &a, m, threads);
+        linear(&L->up, h, gu + L->gate.n, &a, m, threads);
         gated_act(gu, gu + inter, inter, m->gelu, m->bf16);
         linear(&L->down, gu, h, &a, m, threads);
         if (L->post_ffn_norm) norm(h, d, L->post_ffn_norm, m, h);
         add_into(x, h, d, m->bf16);
     }
 done:
-    free(h), free(qkv), free(attn), free(gu), free(scores), free(trig), free(a.xq), free(a.sx), free(a.sumx);
+    free(h), free(qkv), free(attn), free(gu), free(scores), free(trig), free(a.xq), free(a.sx), free(a.sumx), free(a.i8.xs), free(a.i8.start), free(a.i8.sxl);
     free(part), free(psum), free(pmax);
     return rc;
 }
