@@ -17,6 +17,7 @@ from tp_ollama.checkpoints.loader import load_model, open_checkpoint
 from tp_ollama.engine.generate import generate_tokens
 from tp_ollama.engine.kv_cache import KVCache
 from tp_ollama.engine.options import GenerationOptions
+from tp_ollama.kernels import quant
 from tp_ollama.models import native_decode
 from tp_ollama.models.native_decode import native_decoder
 
@@ -107,6 +108,12 @@ def test_generation_takes_the_native_step(checkpoints, monkeypatch):
 
 def test_float_weights_keep_the_modules(checkpoints):
     assert native_decoder(load(checkpoints["llama"], torch.bfloat16, "none")) is None
+
+
+def test_int4_in_torchs_layout_keeps_the_modules(checkpoints, monkeypatch):
+    """Where int4 codes are packed for torch's kernel (no native kernel), the step cannot read them."""
+    monkeypatch.setattr(quant, "int4_layout", quant.torch_int4_layout)
+    assert native_decoder(load(checkpoints["llama"], torch.bfloat16, "int4")) is None
 
 
 def test_switched_off(checkpoints, monkeypatch):

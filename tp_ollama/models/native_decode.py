@@ -23,7 +23,7 @@ from torch import nn
 
 from tp_ollama.kernels import native
 from tp_ollama.kernels.linear import QuantLinear, out_features
-from tp_ollama.kernels.quant import Int8Weight, QuantWeight
+from tp_ollama.kernels.quant import Int8Weight, QuantWeight, native_int4
 
 ENV_SWITCH = "TP_OLLAMA_NATIVE_DECODE"
 QKV, GATE_UP = ("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj")
@@ -90,6 +90,8 @@ def _weight(module: nn.Module | None) -> QuantWeight | None:
     w = module.qweight
     if isinstance(w, Int8Weight):
         return w if w.native_matmul() is not None else None
+    if not native_int4():  # int4 codes in torch's layout, which the native kernel does not read
+        return None
     try:
         w.native_matmul()  # checks the shapes the kernel takes
     except ValueError:
