@@ -102,6 +102,8 @@ def library() -> ctypes.CDLL | None:
     lib.tpo_int8_mm.argtypes = [ptr, i64, i64, ptr, ptr, i64, ptr, ctypes.c_int]
     lib.tpo_rms_norm_bf16.restype = None
     lib.tpo_rms_norm_bf16.argtypes = [ptr, i64, i64, i64, ptr, ctypes.c_int, ctypes.c_float, ptr, i64]
+    lib.tpo_read_sum.restype = ctypes.c_float
+    lib.tpo_read_sum.argtypes = [ptr, i64, ctypes.c_int]
     lib.tpo_decode.restype = ctypes.c_int
     lib.tpo_decode.argtypes = [ptr, ptr, i64, ctypes.c_int]  # see tp_ollama.models.native_decode
     return lib
@@ -188,6 +190,17 @@ class Int8Matmul:
 def int4_mm(x: torch.Tensor, packed: torch.Tensor, scale_zero: torch.Tensor, group: int) -> torch.Tensor:
     """x (M, K) @ w.T -> (M, N) float32 for a weight in the native layout (see Int4Matmul)."""
     return Int4Matmul(packed, scale_zero, group)(x)
+
+
+def read_sum(x: torch.Tensor) -> float:
+    """The sum of a contiguous float32 CPU tensor whose size is a multiple of 64 and whose data is
+    64-byte aligned, read with every thread as fast as the memory allows."""
+    lib = library()
+    if lib is None:
+        raise RuntimeError("the native kernels are not available on this machine")
+    if x.dtype != torch.float32 or not x.is_contiguous() or x.numel() % 64 or x.data_ptr() % 64:
+        raise ValueError("read_sum takes a 64-byte aligned contiguous float32 tensor of a multiple of 64 values")
+    return float(lib.tpo_read_sum(x.data_ptr(), x.numel(), torch.get_num_threads()))
 
 
 def rms_norm_bf16(x: torch.Tensor, scale: torch.Tensor, eps: float, scale_after_cast: bool) -> torch.Tensor:

@@ -2,6 +2,7 @@
   tpo_int4_mm        weight-only int4 matmul on AVX-512 VNNI
   tpo_int8_mm        weight-only int8 matmul on AVX-512 VNNI, weights in their plain row-major layout
   tpo_rms_norm_bf16  RMSNorm of bfloat16 rows in one call instead of a dozen torch operators
+  tpo_read_sum       a sum that reads memory as fast as a core can: the bandwidth roofline's probe
   tpo_decode         one token through every layer of a Llama-family or Gemma 3 decoder (see below)
 
 tpo_int4_mm: y (M, N) = x (M, K) @ w.T, float32 in and out.
@@ -657,4 +658,24 @@ done:
     free(h), free(qkv), free(attn), free(gu), free(scores), free(trig), free(a.xq), free(a.sx), free(a.sumx), free(a.i8.xs), free(a.i8.start), free(a.i8.sxl);
     free(part), free(psum), free(pmax);
     return rc;
+}
+
+/* The sum of n float32 values (n a multiple of 64, p 64-byte aligned), four independent accumulators
+per thread: a read of memory limited by the memory, not by a dependency chain, to measure the read
+bandwidth that decode is held against. */
+float tpo_read_sum(const float *p, int64_t n, int threads) {
+    float total = 0.0f;
+#pragma omp parallel num_threads(threads) reduction(+ : total)
+    {
+        __m512 s0 = _mm512_setzero_ps(), s1 = s0, s2 = s0, s3 = s0;
+#pragma omp for schedule(static)
+        for (int64_t i = 0; i < n; i += 64) {
+            s0 = _mm512_add_ps(s0, _mm512_load_ps(p + i));
+            s1 = _mm512_add_ps(s1, _mm512_load_ps(p + i + 16));
+            s2 = _mm512_add_ps(s2, _mm512_load_ps(p + i + 32));
+            s3 = _mm512_add_ps(s3, _mm512_load_ps(p + i + 48));
+        }
+        total += _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(s0, s1), _mm512_add_ps(s2, s3)));
+    }
+    return total;
 }
