@@ -21,8 +21,9 @@ product is exact in int32:
     sum_k w_k x_k ~= scale * sx * sum_k q_k xq_k + (zero - 8 * scale) * sum_k x_k
 where the second sum is the float sum of the group's activations.
 
-Rows of blocks are shared among OpenMP threads (the runtime torch itself uses); up to 4 activation
-rows are done per pass over a block, each reusing the unpacked codes. */
+Rows of blocks are shared among OpenMP threads (the runtime torch itself uses), guided: on a shared
+host one core is often slower than the other, and a static split leaves the faster one waiting. Up
+to 4 activation rows are done per pass over a block, each reusing the unpacked codes. */
 
 #include <immintrin.h>
 #include <stdint.h>
@@ -140,7 +141,7 @@ int tpo_int4_mm(const float *x, int64_t m_rows, int64_t k, const uint8_t *packed
     quantize_rows(x, m_rows, k, group, xq, sx, sumx);
     const uint32_t *sz = (const uint32_t *)scale_zero;
     const int64_t blocks = n / BLOCK_ROWS, block_bytes = BLOCK_ROWS * k / 2;
-#pragma omp parallel for schedule(static) num_threads(threads)
+#pragma omp parallel for schedule(guided, 4) num_threads(threads)
     for (int64_t b = 0; b < blocks; b++) {
         const uint8_t *w = packed + b * block_bytes;
         const uint32_t *s = sz + b * BLOCK_ROWS;
@@ -221,7 +222,7 @@ DEFINE_I8_ROWS(4)
 static void i8_matmul(const int8_t *q, const uint16_t *scale, int64_t n, int64_t k, int64_t m_rows, const i8_acts *a,
                       float *y, int threads) {
     const int64_t chunks = (k + I8_CHUNK - 1) / I8_CHUNK, blocks = (n + BLOCK_ROWS - 1) / BLOCK_ROWS;
-#pragma omp parallel for schedule(static) num_threads(threads)
+#pragma omp parallel for schedule(guided, 4) num_threads(threads)
     for (int64_t b = 0; b < blocks; b++) {
         const int64_t r0 = b * BLOCK_ROWS, rows = n - r0 < BLOCK_ROWS ? n - r0 : BLOCK_ROWS;
         int64_t m = 0;
@@ -393,7 +394,7 @@ static void linear(const tpo_linear *w, const float *x, float *y, act_buffers *a
         const int64_t blocks = w->n / BLOCK_ROWS, block_bytes = BLOCK_ROWS * w->k / 2;
         quantize_rows(x, 1, w->k, w->group, a->xq, a->sx, a->sumx);
         const uint32_t *sz = (const uint32_t *)w->scale_zero;
-#pragma omp parallel for schedule(static) num_threads(threads)
+#pragma omp parallel for schedule(guided, 4) num_threads(threads)
         for (int64_t b = 0; b < blocks; b++)
             block_1(w->packed + b * block_bytes, sz + b * BLOCK_ROWS, w->ld_sz, w->k, w->group, a->xq, a->sx,
                     a->sumx, y + b * BLOCK_ROWS, w->n);
