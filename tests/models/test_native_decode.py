@@ -14,9 +14,11 @@ import torch
 from tests.kernels.test_quant import needs_native
 from tests.tiny import MODEL_TYPES, make_hf_model, prompt_ids, save_hf
 from tp_ollama.checkpoints.loader import load_model, open_checkpoint
+from tp_ollama.engine.batch import PagedBatchCache
 from tp_ollama.engine.generate import generate_tokens
 from tp_ollama.engine.kv_cache import KVCache
 from tp_ollama.engine.options import GenerationOptions
+from tp_ollama.engine.paged_kv import BlockPool
 from tp_ollama.kernels import quant
 from tp_ollama.models import native_decode
 from tp_ollama.models.native_decode import native_decoder
@@ -79,6 +81,63 @@ def test_native_step_computes_what_the_modules_do(checkpoints, kind, dtype, quan
     rel = ((got - want).norm(dim=-1) / want.norm(dim=-1)).max().item()
     cos = torch.nn.functional.cosine_similarity(got, want, dim=-1).min().item()
     assert rel < 0.15 and cos > 0.99, f"{kind}: hidden states differ by {rel:.3g} of their norm (cosine {cos:.4f})"
+
+
+def paged_both_paths(model, prompts: list[list[int]], steps: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(steps, B, hidden) hidden states of a batch decoding together on paged KV pools, native and
+    torch: sequences of different lengths, blocks of 4 positions (so attention crosses many), each
+    step starting from the same pool contents."""
+    decoder = native_decoder(model)
+    assert decoder is not None
+    pools = [BlockPool.for_model(model, 1 << 20, block_size=4, prefix_cache=False) for _ in range(2)]
+    windows = [block.self_attn.window for block in model.model.layers]
+    seqs = [[pool.new_sequence(p)[0] for p in prompts] for pool in pools]
+    native_rows, torch_rows = [], []
+    with torch.inference_mode():
+        for pool_seqs in seqs:
+            for seq, prompt in zip(pool_seqs, prompts, strict=True):
+                assert seq.reserve(len(prompt))
+                cache = PagedBatchCache(seq.pool, [seq], [0], [len(prompt)], windows)
+                model.hidden_states(torch.tensor([prompt]), torch.arange(len(prompt))[None], cache)
+                seq.commit(prompt)
+        for step in range(steps):
+            ids = torch.tensor([[(7 * step + 3 * i) % 300 + 3] for i in range(len(prompts))])
+            positions = [len(p) + step for p in prompts]
+            for seq in seqs[0] + seqs[1]:
+                assert seq.reserve(1)
+            native_rows.append(decoder.decode_paged(ids, positions, seqs[0], pools[0])[:, -1].float())
+            cache = PagedBatchCache(pools[1], seqs[1], positions, [1] * len(prompts), windows)
+            torch_rows.append(model.hidden_states(ids, torch.tensor(positions)[:, None], cache)[:, -1].float())
+            for mine, theirs in zip(pools[0].k + pools[0].v, pools[1].k + pools[1].v, strict=True):
+                theirs.copy_(mine)  # each step starts from the same pool: one step's difference
+            for pool_seqs in seqs:
+                for seq, token in zip(pool_seqs, ids[:, 0].tolist(), strict=True):
+                    seq.commit([token])
+    return torch.stack(native_rows), torch.stack(torch_rows)
+
+
+@pytest.mark.parametrize("quant", ["int4", "int8"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "f32"])
+@pytest.mark.parametrize("kind", ["llama", "mistral", "qwen2", "gemma3_text"])
+def test_paged_batch_step_computes_what_the_modules_do(checkpoints, kind, dtype, quant):
+    """The server's batch: rows at positions 3..21 (past the sliding window of 8) in blocks of 4."""
+    model = load(checkpoints[kind], dtype, quant)
+    prompts = [prompt_ids(n, seed=n) for n in (3, 9, 14)]
+    got, want = paged_both_paths(model, prompts, steps=8)
+    rel = ((got - want).norm(dim=-1) / want.norm(dim=-1)).max().item()
+    cos = torch.nn.functional.cosine_similarity(got, want, dim=-1).min().item()
+    assert rel < 0.15 and cos > 0.99, f"{kind}: hidden states differ by {rel:.3g} of their norm (cosine {cos:.4f})"
+
+
+def test_paged_step_refuses_a_position_not_reserved(checkpoints):
+    model = load(checkpoints["llama"], torch.bfloat16)
+    decoder = native_decoder(model)
+    assert decoder is not None
+    pool = BlockPool.for_model(model, 1 << 20, block_size=4, prefix_cache=False)
+    seq, _ = pool.new_sequence([5, 6])
+    assert seq.reserve(2)
+    with pytest.raises(ValueError, match="cannot write position 4"):
+        decoder.decode_paged(torch.tensor([[7]]), [4], [seq], pool)
 
 
 @pytest.mark.parametrize("quant", ["int4", "int8"])

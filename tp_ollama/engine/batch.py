@@ -31,6 +31,7 @@ from torch import nn
 from tp_ollama.engine.constraint import Constraint
 from tp_ollama.engine.options import GenerationOptions
 from tp_ollama.engine.paged_kv import BlockPool, SequenceKV
+from tp_ollama.models.native_decode import native_decoder
 
 PREFILL_CHUNK = 256  # prompt tokens per step: bounds how long one prompt stalls the decoding rows
 
@@ -259,10 +260,14 @@ class Batch:
                 raise RuntimeError(f"the KV pool could not hold one more token of request {seq.request.id}")
         tokens = [seq.pending for seq in seqs]
         ids = torch.tensor([[t] for t in tokens], dtype=torch.long, device=self.device)
-        positions = torch.tensor([[seq.written] for seq in seqs], dtype=torch.long, device=self.device)
-        starts = [s.written for s in seqs]
-        cache = PagedBatchCache(self.pool, [s.kv for s in seqs], starts, [1] * len(seqs), self.windows)
-        hidden = self.model.hidden_states(ids, positions, cache)  # type: ignore[operator]  # (B, 1, H)
+        decoder = native_decoder(self.model)
+        if decoder is not None and decoder.fits_pool(self.pool):
+            hidden = decoder.decode_paged(ids, [s.written for s in seqs], [s.kv for s in seqs], self.pool)
+        else:
+            positions = torch.tensor([[seq.written] for seq in seqs], dtype=torch.long, device=self.device)
+            starts = [s.written for s in seqs]
+            cache = PagedBatchCache(self.pool, [s.kv for s in seqs], starts, [1] * len(seqs), self.windows)
+            hidden = self.model.hidden_states(ids, positions, cache)  # type: ignore[operator]  # (B, 1, H)
         for seq, token in zip(seqs, tokens, strict=True):
             seq.kv.commit([int(token)])  # type: ignore[arg-type]
             seq.written += 1

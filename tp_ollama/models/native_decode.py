@@ -1,15 +1,18 @@
-"""The decode step of a whole model in one native call (`tpo_decode` in kernels/native/cpu_kernels.c).
+"""The decode step of a whole model in one native call (`tpo_decode` and `tpo_decode_paged` in
+kernels/native/cpu_kernels.c).
 
 A decode step of gemma3:270m runs ~1000 torch operators and kernel calls of a few microseconds each:
 on two cores that dispatch costs about as much as reading the weights. Where every linear layer of a
-Llama-family or Gemma 3 model is int4 in the native layout, one token of one sequence over a
-contiguous KV cache (tp_ollama.engine.kv_cache) goes through all layers in one call; the embedding,
-the final norm and the LM head stay torch modules.
+Llama-family or Gemma 3 model is on a native kernel (int4 in the native layout, int8), a decode step
+goes through all layers in one call: one sequence over its contiguous KV cache
+(tp_ollama.engine.kv_cache: `generate`, the benchmarks) or the server's batch of sequences over the
+paged KV pools (tp_ollama.engine.paged_kv). The embedding, the final norm and the LM head stay torch
+modules.
 
 The native step computes what the torch modules compute, operation by operation, rounding to bfloat16
-where they round (tests/models/test_native_decode.py holds the two paths together). It does not
-apply to batches, paged caches, sharded models (their collectives run in module hooks), int8 or
-float weights: those take the modules as before. TP_OLLAMA_NATIVE_DECODE=0 turns it off.
+where they round (tests/models/test_native_decode.py holds the two paths together). Prefill, sharded
+models (their collectives run in module hooks) and float weights take the modules as before.
+TP_OLLAMA_NATIVE_DECODE=0 turns it off.
 """
 
 from __future__ import annotations
@@ -63,6 +66,7 @@ class _Layer(ctypes.Structure):
         ("v_cache", _ptr),
         ("cache_pos", _ptr),
         ("capacity", _i64),
+        ("window", _i64),
     ]
 
 
@@ -134,13 +138,14 @@ class NativeDecoder:
         self.gemma = cfg.family == "gemma3"
         self.dtype: torch.dtype = body.norm.weight.dtype
         self._keep: list[torch.Tensor] = []
-        self._fn = lib.tpo_decode
+        self._fn, self._paged = lib.tpo_decode, lib.tpo_decode_paged
         layers = list(body.layers)
         attn0 = layers[0].self_attn
         hd = attn0.head_dim
         q_size, k_size, _ = _sizes(attn0, QKV)
         self.hidden = int(cfg.hidden_size)
         self.layers = (_Layer * len(layers))()
+        self.windows = [block.self_attn.window or 0 for block in layers]
         for i, block in enumerate(layers):
             self._describe(block, self.layers[i], body)
         self.decoder = _Decoder(
@@ -221,7 +226,7 @@ class NativeDecoder:
         """Point the layers at this cache's tensors (a new cache comes with each generation)."""
         for layer, kv in zip(self.layers, cache.layers, strict=True):
             layer.k_cache, layer.v_cache = kv.k.data_ptr(), kv.v.data_ptr()
-            layer.cache_pos, layer.capacity = kv.pos.data_ptr(), kv.capacity
+            layer.cache_pos, layer.capacity, layer.window = kv.pos.data_ptr(), kv.capacity, 0
         self._cache = cache
 
     def fits(self, ids: torch.Tensor, positions: torch.Tensor, cache: Any) -> bool:
@@ -242,17 +247,58 @@ class NativeDecoder:
         pos = int(positions[0, 0])
         if cache is not self._cache:
             self._bind(cache)
-        body: Any = self.model.model
-        x = body.embed_tokens(ids)
-        if self._embed_scale is not None:
-            x = x * self._embed_scale
-        x = x.float().contiguous()
+        x = self._embed(ids)
         rc = self._fn(ctypes.byref(self.decoder), x.data_ptr(), pos, torch.get_num_threads())
         if rc != 0:
             raise MemoryError(f"the native decode step failed (code {rc}) at position {pos}")
         for kv in cache.layers:
             kv.used = max(kv.used, pos % kv.capacity + 1)
+        return self._final_norm(x)
+
+    def fits_pool(self, pool: Any) -> bool:
+        """Whether the step reads this paged KV pool (tp_ollama.engine.paged_kv.BlockPool)."""
+        if pool is self._cache:
+            return True
+        return len(pool.k) == len(self.layers) and all(
+            k.dtype == self.dtype and k.device.type == "cpu" and k.is_contiguous() and v.is_contiguous()
+            for k, v in zip(pool.k, pool.v, strict=True)
+        )
+
+    def decode_paged(self, ids: torch.Tensor, positions: list[int], seqs: list[Any], pool: Any) -> torch.Tensor:
+        """As model.hidden_states over a PagedBatchCache for one new token of each sequence where
+        `fits_pool`: ids (B, 1) at `positions` (each past its sequence's committed ones, reserved)
+        -> (B, 1, hidden). Keys and values go to the sequences' blocks; committing them is the caller's."""
+        for seq, p in zip(seqs, positions, strict=True):
+            if not seq.length <= p < seq.capacity:
+                raise ValueError(f"cannot write position {p}: {seq.length} are committed and {seq.capacity} reserved")
+        if pool is not self._cache:
+            for layer, k, v, window in zip(self.layers, pool.k, pool.v, self.windows, strict=True):
+                layer.k_cache, layer.v_cache, layer.window = k.data_ptr(), v.data_ptr(), window
+            self._cache = pool
+        widest = max(len(seq.table) for seq in seqs)
+        tables = torch.tensor([seq.table + [0] * (widest - len(seq.table)) for seq in seqs], dtype=torch.int64)
+        pos = torch.tensor(positions, dtype=torch.int64)
+        x = self._embed(ids)
+        rc = self._paged(
+            ctypes.byref(self.decoder), x.data_ptr(), len(seqs), pos.data_ptr(), tables.data_ptr(), widest,
+            pool.block_size, torch.get_num_threads(),
+        )  # fmt: skip
+        if rc != 0:
+            raise MemoryError(f"the native decode step failed (code {rc}) at positions {positions}")
+        return self._final_norm(x)
+
+    def _final_norm(self, x: torch.Tensor) -> torch.Tensor:
+        body: Any = self.model.model
         return body.norm(x.to(self.dtype))
+
+    def _embed(self, ids: torch.Tensor) -> torch.Tensor:
+        """(B, 1) ids -> (B, 1, hidden) float32 rows in the activation dtype's values, as the model
+        embeds them (Gemma scales by sqrt(hidden) in that dtype)."""
+        body: Any = self.model.model
+        x = body.embed_tokens(ids)
+        if self._embed_scale is not None:
+            x = x * self._embed_scale
+        return x.float().contiguous()
 
 
 def native_decoder(model: nn.Module) -> NativeDecoder | None:

@@ -106,6 +106,8 @@ def library() -> ctypes.CDLL | None:
     lib.tpo_read_sum.argtypes = [ptr, i64, ctypes.c_int]
     lib.tpo_decode.restype = ctypes.c_int
     lib.tpo_decode.argtypes = [ptr, ptr, i64, ctypes.c_int]  # see tp_ollama.models.native_decode
+    lib.tpo_decode_paged.restype = ctypes.c_int
+    lib.tpo_decode_paged.argtypes = [ptr, ptr, i64, ptr, ptr, i64, i64, ctypes.c_int]
     return lib
 
 

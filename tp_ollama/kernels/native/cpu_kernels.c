@@ -4,6 +4,7 @@
   tpo_rms_norm_bf16  RMSNorm of bfloat16 rows in one call instead of a dozen torch operators
   tpo_read_sum       a sum that reads memory as fast as a core can: the bandwidth roofline's probe
   tpo_decode         one token through every layer of a Llama-family or Gemma 3 decoder (see below)
+  tpo_decode_paged   the same for a batch of sequences on paged KV pools (the server's decode step)
 
 tpo_int4_mm: y (M, N) = x (M, K) @ w.T, float32 in and out.
 
@@ -220,7 +221,7 @@ DEFINE_I8_ROWS(4)
 
 /* The rows of y (m_rows, n) from quantized activations `a`, 16 weight rows a task. */
 static void i8_matmul(const int8_t *q, const uint16_t *scale, int64_t n, int64_t k, int64_t m_rows, const i8_acts *a,
-                      float *y, int threads) {
+                      float *y, int64_t ldy, int threads) {
     const int64_t chunks = (k + I8_CHUNK - 1) / I8_CHUNK, blocks = (n + BLOCK_ROWS - 1) / BLOCK_ROWS;
 #pragma omp parallel for schedule(guided, 4) num_threads(threads)
     for (int64_t b = 0; b < blocks; b++) {
@@ -228,11 +229,11 @@ static void i8_matmul(const int8_t *q, const uint16_t *scale, int64_t n, int64_t
         int64_t m = 0;
         for (; m + 4 <= m_rows; m += 4) {
             const i8_acts part = {a->xs + m * chunks * I8_CHUNK, a->start + m * chunks * 16, a->sxl + m * chunks * 16};
-            i8rows_4(q + r0 * k, scale + r0, rows, k, &part, y + m * n + r0, n);
+            i8rows_4(q + r0 * k, scale + r0, rows, k, &part, y + m * ldy + r0, ldy);
         }
         for (; m < m_rows; m++) {
             const i8_acts part = {a->xs + m * chunks * I8_CHUNK, a->start + m * chunks * 16, a->sxl + m * chunks * 16};
-            i8rows_1(q + r0 * k, scale + r0, rows, k, &part, y + m * n + r0, n);
+            i8rows_1(q + r0 * k, scale + r0, rows, k, &part, y + m * ldy + r0, ldy);
         }
     }
 }
@@ -250,7 +251,7 @@ int tpo_int8_mm(const float *x, int64_t m_rows, int64_t k, const int8_t *q, cons
     if (!xq || !sx || !sumx || !a.xs || !a.start || !a.sxl) rc = -2;
     else {
         quantize_rows_i8(x, m_rows, k, xq, sx, sumx, &a);
-        i8_matmul(q, scale, n, k, m_rows, &a, y, threads);
+        i8_matmul(q, scale, n, k, m_rows, &a, y, n, threads);
     }
     free(xq), free(sx), free(sumx), free(a.xs), free(a.start), free(a.sxl);
     return rc;
@@ -291,9 +292,12 @@ both paths agree to within summation order; with float32 nothing is rounded.
 Layer order (Llama family; Gemma 3 adds the norms in brackets and scales its norms by (1 + w)):
     h = attention(input_norm(x))          [h = post_attn_norm(h)]    x = x + h
     h = mlp(pre_ffn_norm(x))              [h = post_ffn_norm(h)]     x = x + h
-The caches hold (n_kv, capacity, head_dim) keys and values in the activation dtype; position p goes
-to slot p % capacity and the first min(p + 1, capacity) slots are attended over: the cache was filled
-from position 0 on, and a sliding layer's ring holds exactly its window. */
+Caches hold keys and values in the activation dtype. tpo_decode: one sequence's (n_kv, capacity,
+head_dim) cache; position p goes to slot p % capacity and the first min(p + 1, capacity) slots are
+attended over: the cache was filled from position 0 on, and a sliding layer's ring holds exactly its
+window. tpo_decode_paged: the layer's pool of (blocks, n_kv, block_size, head_dim); position p of a
+sequence is in block table[p / block_size] at offset p % block_size, and a sliding layer attends
+over the positions within its window. */
 
 typedef struct {
     int int8;                    /* 0: int4 in the native layout; 1: int8 rows (tpo_int8_mm) */
@@ -310,9 +314,12 @@ typedef struct {
     const float *post_attn_norm, *post_ffn_norm;  /* Gemma 3; NULL for the Llama family */
     const float *q_norm, *k_norm;                 /* per-head norms (Gemma 3, Qwen3); NULL: none */
     const float *inv_freq;                        /* (head_dim / 2) rotary inverse frequencies */
-    void *k_cache, *v_cache;                      /* (n_kv, capacity, head_dim) */
-    int64_t *cache_pos;                           /* (capacity): the position each slot holds */
-    int64_t capacity;
+    /* tpo_decode: one sequence's (n_kv, capacity, head_dim) cache; tpo_decode_paged: the layer's pool
+       of (blocks, n_kv, block_size, head_dim) */
+    void *k_cache, *v_cache;
+    int64_t *cache_pos;                           /* tpo_decode: (capacity) the position each slot holds */
+    int64_t capacity;                             /* tpo_decode */
+    int64_t window;                               /* tpo_decode_paged: sliding window, 0: none */
 } tpo_layer;
 
 typedef struct {
@@ -383,25 +390,36 @@ typedef struct {
     i8_acts i8;
 } act_buffers;
 
-/* y (n) = x (k) @ w.T, rounded as quant_matmul's output and bias add are. */
-static void linear(const tpo_linear *w, const float *x, float *y, act_buffers *a, const tpo_decoder *m,
-                   int threads) {
+/* y (rows, n; rows ldy apart) = x (rows, k) @ w.T, rounded as quant_matmul's output and bias add are. */
+static void linear(const tpo_linear *w, const float *x, int64_t rows, float *y, int64_t ldy, act_buffers *a,
+                   const tpo_decoder *m, int threads) {
     if (w->n == 0) return;
     if (w->int8) {
-        quantize_rows_i8(x, 1, w->k, a->xq, a->sx, a->sumx, &a->i8);
-        i8_matmul((const int8_t *)w->packed, w->scale_zero, w->n, w->k, 1, &a->i8, y, threads);
+        quantize_rows_i8(x, rows, w->k, a->xq, a->sx, a->sumx, &a->i8);
+        i8_matmul((const int8_t *)w->packed, w->scale_zero, w->n, w->k, rows, &a->i8, y, ldy, threads);
     } else {
-        const int64_t blocks = w->n / BLOCK_ROWS, block_bytes = BLOCK_ROWS * w->k / 2;
-        quantize_rows(x, 1, w->k, w->group, a->xq, a->sx, a->sumx);
+        const int64_t blocks = w->n / BLOCK_ROWS, block_bytes = BLOCK_ROWS * w->k / 2, groups = w->k / w->group;
+        quantize_rows(x, rows, w->k, w->group, a->xq, a->sx, a->sumx);
         const uint32_t *sz = (const uint32_t *)w->scale_zero;
 #pragma omp parallel for schedule(guided, 4) num_threads(threads)
-        for (int64_t b = 0; b < blocks; b++)
-            block_1(w->packed + b * block_bytes, sz + b * BLOCK_ROWS, w->ld_sz, w->k, w->group, a->xq, a->sx,
-                    a->sumx, y + b * BLOCK_ROWS, w->n);
+        for (int64_t b = 0; b < blocks; b++) {
+            const uint8_t *wb = w->packed + b * block_bytes;
+            const uint32_t *sb = sz + b * BLOCK_ROWS;
+            int64_t r = 0;
+            for (; r + 4 <= rows; r += 4)
+                block_4(wb, sb, w->ld_sz, w->k, w->group, a->xq + r * w->k, a->sx + r * groups, a->sumx + r * groups,
+                        y + r * ldy + b * BLOCK_ROWS, ldy);
+            for (; r < rows; r++)
+                block_1(wb, sb, w->ld_sz, w->k, w->group, a->xq + r * w->k, a->sx + r * groups, a->sumx + r * groups,
+                        y + r * ldy + b * BLOCK_ROWS, ldy);
+        }
     }
-    round_all(y, w->n, m->bf16);
-    if (w->bias)
-        for (int64_t i = 0; i < w->n; i++) y[i] = m->bf16 ? round_bf16(y[i] + w->bias[i]) : y[i] + w->bias[i];
+    for (int64_t r = 0; r < rows; r++) {
+        float *yr = y + r * ldy;
+        round_all(yr, w->n, m->bf16);
+        if (w->bias)
+            for (int64_t i = 0; i < w->n; i++) yr[i] = m->bf16 ? round_bf16(yr[i] + w->bias[i]) : yr[i] + w->bias[i];
+    }
 }
 
 /* x * cos + rotate_half(x) * sin over one head, as apply_rotary computes it. */
@@ -491,16 +509,23 @@ DEFINE_PV(8)
 /* How many of `left` query heads to take together: 8, 4, 2 or 1. */
 static inline int64_t heads_at_once(int64_t left) { return left >= 8 ? 8 : left >= 4 ? 4 : left >= 2 ? 2 : 1; }
 
-/* Every query head over the first `len` slots of its KV head, into out (n_q, head_dim).
+/* A run of cached rows that lie one after another in memory: `count` of them from element offset `at`
+(KV head 0; head h is kv_stride elements further), holding score indices start..start+count-1. */
+typedef struct {
+    int64_t at, start, count;
+} kv_run;
 
-The positions are split among the threads; each reads its share of K and V once for all the query
-heads of a KV head (GQA models share one among several). Scores and softmax are float32 with one
-maximum per head; with bfloat16 the exponentials are rounded before they weight the values, as
-torch's CPU flash attention does, and the output is rounded once. scores: (n_q, len); part:
-(threads, n_q, head_dim); psum, pmax: (threads, n_q). head_dim is a multiple of 32. */
-static void attention(const float *q, const tpo_layer *L, int64_t len, const tpo_decoder *m, float *scores,
-                      float *part, float *psum, float *pmax, float *out, int threads) {
-    const int64_t nq = m->n_q, nkv = m->n_kv, d = m->head_dim, group = nq / nkv, cap = L->capacity;
+/* Every query head over `len` cached rows of its KV head (the runs), into out (n_q, head_dim).
+
+The rows are split among the threads; each reads its share of K and V once for all the query heads
+of a KV head (GQA models share one among several). Scores and softmax are float32 with one maximum
+per head; with bfloat16 the exponentials are rounded before they weight the values, as torch's CPU
+flash attention does, and the output is rounded once. scores: (n_q, len); part: (threads, n_q,
+head_dim); psum, pmax: (threads, n_q). head_dim is a multiple of 32. */
+static void attention(const float *q, const void *k_base, const void *v_base, int64_t kv_stride, const kv_run *runs,
+                      int64_t n_runs, int64_t len, const tpo_decoder *m, float *scores, float *part, float *psum,
+                      float *pmax, float *out, int threads) {
+    const int64_t nq = m->n_q, nkv = m->n_kv, d = m->head_dim, group = nq / nkv;
     const int bf16 = m->bf16;
     const size_t elt = bf16 ? 2 : 4;
 #pragma omp parallel num_threads(threads)
@@ -509,20 +534,25 @@ static void attention(const float *q, const tpo_layer *L, int64_t len, const tpo
         const int64_t a = len * t / nt, b = len * (t + 1) / nt;
         float *tmax = pmax + t * nq, *mine = part + (int64_t)t * nq * d;
         for (int64_t h = 0; h < nq; h++) tmax[h] = -INFINITY;
-        for (int64_t kv = 0; kv < nkv; kv++) {
-            const void *kc = (const char *)L->k_cache + (size_t)(kv * cap * d) * elt;
-            for (int64_t h = kv * group; h < (kv + 1) * group;) {
-                const int64_t g = heads_at_once((kv + 1) * group - h);
-                float *sc = scores + h * len;
-                if (g == 8) qk_8(q + h * d, kc, a, b, d, bf16, m->attn_scale, sc, len, tmax + h);
-                else if (g == 4) qk_4(q + h * d, kc, a, b, d, bf16, m->attn_scale, sc, len, tmax + h);
-                else if (g == 2) qk_2(q + h * d, kc, a, b, d, bf16, m->attn_scale, sc, len, tmax + h);
-                else qk_1(q + h * d, kc, a, b, d, bf16, m->attn_scale, sc, len, tmax + h);
-                h += g;
+        for (int64_t r = 0; r < n_runs; r++) {
+            const int64_t s0 = (a > runs[r].start ? a : runs[r].start) - runs[r].start;
+            const int64_t s1 = (b < runs[r].start + runs[r].count ? b : runs[r].start + runs[r].count) - runs[r].start;
+            if (s1 <= s0) continue;
+            for (int64_t kv = 0; kv < nkv; kv++) {
+                const void *kc = (const char *)k_base + (size_t)(runs[r].at + kv * kv_stride) * elt;
+                for (int64_t h = kv * group; h < (kv + 1) * group;) {
+                    const int64_t g = heads_at_once((kv + 1) * group - h);
+                    float *sc = scores + h * len + runs[r].start;
+                    if (g == 8) qk_8(q + h * d, kc, s0, s1, d, bf16, m->attn_scale, sc, len, tmax + h);
+                    else if (g == 4) qk_4(q + h * d, kc, s0, s1, d, bf16, m->attn_scale, sc, len, tmax + h);
+                    else if (g == 2) qk_2(q + h * d, kc, s0, s1, d, bf16, m->attn_scale, sc, len, tmax + h);
+                    else qk_1(q + h * d, kc, s0, s1, d, bf16, m->attn_scale, sc, len, tmax + h);
+                    h += g;
+                }
             }
         }
 #pragma omp barrier
-        /* weights e^(score - max) over this thread's positions, and their sum */
+        /* weights e^(score - max) over this thread's rows, and their sum */
         for (int64_t h = 0; h < nq; h++) {
             float top = -INFINITY;
             for (int i = 0; i < nt; i++)
@@ -539,15 +569,21 @@ static void attention(const float *q, const tpo_layer *L, int64_t len, const tpo
         }
         /* this thread's share of the weighted values */
         memset(mine, 0, sizeof(float) * (size_t)(nq * d));
-        for (int64_t kv = 0; kv < nkv; kv++) {
-            const void *vc = (const char *)L->v_cache + (size_t)(kv * cap * d) * elt;
-            for (int64_t h = kv * group; h < (kv + 1) * group;) {
-                const int64_t g = heads_at_once((kv + 1) * group - h);
-                if (g == 8) pv_8(scores + h * len, len, vc, a, b, d, bf16, mine + h * d);
-                else if (g == 4) pv_4(scores + h * len, len, vc, a, b, d, bf16, mine + h * d);
-                else if (g == 2) pv_2(scores + h * len, len, vc, a, b, d, bf16, mine + h * d);
-                else pv_1(scores + h * len, len, vc, a, b, d, bf16, mine + h * d);
-                h += g;
+        for (int64_t r = 0; r < n_runs; r++) {
+            const int64_t s0 = (a > runs[r].start ? a : runs[r].start) - runs[r].start;
+            const int64_t s1 = (b < runs[r].start + runs[r].count ? b : runs[r].start + runs[r].count) - runs[r].start;
+            if (s1 <= s0) continue;
+            for (int64_t kv = 0; kv < nkv; kv++) {
+                const void *vc = (const char *)v_base + (size_t)(runs[r].at + kv * kv_stride) * elt;
+                for (int64_t h = kv * group; h < (kv + 1) * group;) {
+                    const int64_t g = heads_at_once((kv + 1) * group - h);
+                    const float *w = scores + h * len + runs[r].start;
+                    if (g == 8) pv_8(w, len, vc, s0, s1, d, bf16, mine + h * d);
+                    else if (g == 4) pv_4(w, len, vc, s0, s1, d, bf16, mine + h * d);
+                    else if (g == 2) pv_2(w, len, vc, s0, s1, d, bf16, mine + h * d);
+                    else pv_1(w, len, vc, s0, s1, d, bf16, mine + h * d);
+                    h += g;
+                }
             }
         }
 #pragma omp barrier
@@ -589,76 +625,149 @@ static void gated_act(float *gate, const float *up, int64_t n, int gelu, int bf1
     }
 }
 
-/* x (hidden) is the embedded token on entry and the last layer's output on return (before the final
-norm). Returns 0, -1 on shapes the step does not take, -2 when out of memory. */
-int tpo_decode(const tpo_decoder *m, float *x, int64_t pos, int threads) {
+/* Where one row's cache is: a sequence's own contiguous cache (tpo_decode) or block tables into the
+layers' pools (tpo_decode_paged). */
+typedef struct {
+    const int64_t *tables;  /* (rows, max_blocks) block ids; NULL: contiguous */
+    int64_t max_blocks, block_size;
+} kv_pages;
+
+/* The runs of cached rows position `pos` attends over in layer L, and where its own key goes
+(element offset, KV head 0). Returns the number of runs; *len the rows, *stride KV heads apart. */
+static int64_t cache_runs(const tpo_layer *L, const tpo_decoder *m, const kv_pages *pages, int64_t row, int64_t pos,
+                          kv_run *runs, int64_t *len, int64_t *stride, int64_t *write_at) {
+    const int64_t d = m->head_dim;
+    if (!pages->tables) {
+        /* slot p % capacity; the first min(pos + 1, capacity) slots are every position still seen */
+        *len = pos + 1 < L->capacity ? pos + 1 : L->capacity;
+        *stride = L->capacity * d;
+        *write_at = (pos % L->capacity) * d;
+        runs[0] = (kv_run){0, 0, *len};
+        return 1;
+    }
+    const int64_t bs = pages->block_size, *table = pages->tables + row * pages->max_blocks;
+    const int64_t first = L->window > 0 && pos - L->window + 1 > 0 ? pos - L->window + 1 : 0;
+    *len = pos - first + 1;
+    *stride = bs * d;
+    *write_at = (table[pos / bs] * m->n_kv * bs + pos % bs) * d;
+    int64_t n = 0;
+    for (int64_t p = first; p <= pos; n++) {
+        const int64_t off = p % bs, count = (bs - off < pos + 1 - p) ? bs - off : pos + 1 - p;
+        runs[n] = (kv_run){(table[p / bs] * m->n_kv * bs + off) * d, p - first, count};
+        p += count;
+    }
+    return n;
+}
+
+/* x (rows, hidden) holds the embedded tokens on entry and the last layer's outputs on return (before
+the final norm); row r is at position pos[r]. Returns 0, -1 on shapes the step does not take, -2
+when out of memory. */
+static int decode(const tpo_decoder *m, float *x, int64_t rows, const int64_t *pos, const kv_pages *pages, int threads) {
     const int64_t d = m->hidden, hd = m->head_dim, nq = m->n_q, nkv = m->n_kv, inter = m->intermediate;
-    if (hd > 1024 || hd % 32 || nq % nkv || pos < 0) return -1;
+    if (hd > 1024 || hd % 32 || nq % nkv || rows < 1) return -1;
     if (threads < 1) threads = 1;
     if (threads > MAX_THREADS) threads = MAX_THREADS;
-    int64_t max_k = d > nq * hd ? d : nq * hd, max_cap = 0;
+    int64_t max_k = d > nq * hd ? d : nq * hd, max_len = 0;
     if (inter > max_k) max_k = inter;
-    for (int64_t l = 0; l < m->n_layers; l++)
-        if (m->layers[l].capacity > max_cap) max_cap = m->layers[l].capacity;
-    const int64_t qkv_n = (nq + 2 * nkv) * hd;
-    float *h = malloc(sizeof(float) * (size_t)d), *qkv = malloc(sizeof(float) * (size_t)qkv_n);
-    float *attn = malloc(sizeof(float) * (size_t)(nq * hd)), *gu = malloc(sizeof(float) * (size_t)(2 * inter));
-    float *scores = malloc(sizeof(float) * (size_t)(nq * max_cap)), *trig = malloc(sizeof(float) * (size_t)hd);
-    const int64_t max_chunks = max_k / I8_CHUNK + 1;
-    act_buffers a = {malloc((size_t)max_k + 64), malloc(sizeof(float) * (size_t)max_k), malloc(sizeof(float) * (size_t)max_k),
-                     {malloc((size_t)(max_chunks * I8_CHUNK) + 64), malloc(sizeof(int32_t) * (size_t)(max_chunks * 16)),
-                      malloc(sizeof(float) * (size_t)(max_chunks * 16))}};
-    float *part = malloc(sizeof(float) * (size_t)(threads * nq * hd)), *psum = malloc(sizeof(float) * (size_t)(threads * nq));
-    float *pmax = malloc(sizeof(float) * (size_t)(threads * nq));
+    for (int64_t r = 0; r < rows; r++) {
+        if (pos[r] < 0) return -1;
+        for (int64_t l = 0; l < m->n_layers; l++) {
+            const int64_t cap = pages->tables ? pos[r] + 1 : m->layers[l].capacity;
+            if (cap > max_len) max_len = cap;
+        }
+    }
+    const int64_t max_runs = pages->tables ? max_len / pages->block_size + 2 : 1;
+    const int64_t qkv_n = (nq + 2 * nkv) * hd, max_chunks = max_k / I8_CHUNK + 1;
+    const size_t f = sizeof(float), R = (size_t)rows;
+    float *h = malloc(f * R * (size_t)d), *qkv = malloc(f * R * (size_t)qkv_n);
+    float *attn = malloc(f * R * (size_t)(nq * hd)), *gu = malloc(f * R * (size_t)(2 * inter));
+    float *act = malloc(f * R * (size_t)inter), *scores = malloc(f * (size_t)(nq * max_len));
+    float *trig = malloc(f * (size_t)hd);
+    kv_run *runs = malloc(sizeof(kv_run) * (size_t)max_runs);
+    act_buffers a = {malloc(R * (size_t)max_k + 64), malloc(f * R * (size_t)max_k), malloc(f * R * (size_t)max_k),
+                     {malloc(R * (size_t)(max_chunks * I8_CHUNK) + 64), malloc(sizeof(int32_t) * R * (size_t)(max_chunks * 16)),
+                      malloc(f * R * (size_t)(max_chunks * 16))}};
+    float *part = malloc(f * (size_t)(threads * nq * hd)), *psum = malloc(f * (size_t)(threads * nq));
+    float *pmax = malloc(f * (size_t)(threads * nq));
     int rc = 0;
-    if (!h || !qkv || !attn || !gu || !scores || !trig || !a.xq || !a.sx || !a.sumx || !a.i8.xs || !a.i8.start || !a.i8.sxl || !part || !psum || !pmax) {
+    if (!h || !qkv || !attn || !gu || !act || !scores || !trig || !runs || !a.xq || !a.sx || !a.sumx || !a.i8.xs ||
+        !a.i8.start || !a.i8.sxl || !part || !psum || !pmax) {
         rc = -2;
         goto done;
     }
     for (int64_t l = 0; l < m->n_layers; l++) {
         const tpo_layer *L = &m->layers[l];
         /* attention */
-        norm(x, d, L->input_norm, m, h);
-        linear(&L->q, h, qkv, &a, m, threads);
-        linear(&L->k, h, qkv + L->q.n, &a, m, threads);
-        linear(&L->v, h, qkv + L->q.n + L->k.n, &a, m, threads);
-        float *q = qkv, *k = qkv + nq * hd, *v = qkv + (nq + nkv) * hd;
-        if (L->q_norm)
-            for (int64_t i = 0; i < nq; i++) norm(q + i * hd, hd, L->q_norm, m, q + i * hd);
-        if (L->k_norm)
-            for (int64_t i = 0; i < nkv; i++) norm(k + i * hd, hd, L->k_norm, m, k + i * hd);
-        float *cos_ = trig, *sin_ = trig + hd / 2;
-        for (int64_t i = 0; i < hd / 2; i++) {
-            const float f = (float)pos * L->inv_freq[i];
-            cos_[i] = m->bf16 ? round_bf16(cosf(f)) : cosf(f);
-            sin_[i] = m->bf16 ? round_bf16(sinf(f)) : sinf(f);
-        }
-        for (int64_t i = 0; i < nq; i++) rotary(q + i * hd, hd, cos_, sin_, m->bf16);
-        for (int64_t i = 0; i < nkv; i++) rotary(k + i * hd, hd, cos_, sin_, m->bf16);
-        const int64_t slot = pos % L->capacity, len = pos + 1 < L->capacity ? pos + 1 : L->capacity;
-        for (int64_t i = 0; i < nkv; i++)
-            for (int64_t j = 0; j < hd; j++) {
-                cache_put(L->k_cache, (i * L->capacity + slot) * hd + j, k[i * hd + j], m->bf16);
-                cache_put(L->v_cache, (i * L->capacity + slot) * hd + j, v[i * hd + j], m->bf16);
+        for (int64_t r = 0; r < rows; r++) norm(x + r * d, d, L->input_norm, m, h + r * d);
+        linear(&L->q, h, rows, qkv, qkv_n, &a, m, threads);
+        linear(&L->k, h, rows, qkv + L->q.n, qkv_n, &a, m, threads);
+        linear(&L->v, h, rows, qkv + L->q.n + L->k.n, qkv_n, &a, m, threads);
+        for (int64_t r = 0; r < rows; r++) {
+            float *q = qkv + r * qkv_n, *k = q + nq * hd, *v = q + (nq + nkv) * hd;
+            if (L->q_norm)
+                for (int64_t i = 0; i < nq; i++) norm(q + i * hd, hd, L->q_norm, m, q + i * hd);
+            if (L->k_norm)
+                for (int64_t i = 0; i < nkv; i++) norm(k + i * hd, hd, L->k_norm, m, k + i * hd);
+            float *cos_ = trig, *sin_ = trig + hd / 2;
+            for (int64_t i = 0; i < hd / 2; i++) {
+                const float fr = (float)pos[r] * L->inv_freq[i];
+                cos_[i] = m->bf16 ? round_bf16(cosf(fr)) : cosf(fr);
+                sin_[i] = m->bf16 ? round_bf16(sinf(fr)) : sinf(fr);
             }
-        L->cache_pos[slot] = pos;
-        attention(q, L, len, m, scores, part, psum, pmax, attn, threads);
-        linear(&L->o, attn, h, &a, m, threads);
-        if (L->post_attn_norm) norm(h, d, L->post_attn_norm, m, h);
-        add_into(x, h, d, m->bf16);
+            for (int64_t i = 0; i < nq; i++) rotary(q + i * hd, hd, cos_, sin_, m->bf16);
+            for (int64_t i = 0; i < nkv; i++) rotary(k + i * hd, hd, cos_, sin_, m->bf16);
+            int64_t len, stride, write_at;
+            const int64_t n_runs = cache_runs(L, m, pages, r, pos[r], runs, &len, &stride, &write_at);
+            for (int64_t i = 0; i < nkv; i++)
+                for (int64_t j = 0; j < hd; j++) {
+                    cache_put(L->k_cache, write_at + i * stride + j, k[i * hd + j], m->bf16);
+                    cache_put(L->v_cache, write_at + i * stride + j, v[i * hd + j], m->bf16);
+                }
+            if (!pages->tables) L->cache_pos[pos[r] % L->capacity] = pos[r];
+            attention(q, L->k_cache, L->v_cache, stride, runs, n_runs, len, m, scores, part, psum, pmax,
+                      attn + r * nq * hd, threads);
+        }
+        linear(&L->o, attn, rows, h, d, &a, m, threads);
+        for (int64_t r = 0; r < rows; r++)
+            if (L->post_attn_norm) norm(h + r * d, d, L->post_attn_norm, m, h + r * d);
+        add_into(x, h, rows * d, m->bf16);
         /* MLP */
-        norm(x, d, L->pre_ffn_norm, m, h);
-        linear(&L->gate, h, gu, &a, m, threads);
-        linear(&L->up, h, gu + L->gate.n, &a, m, threads);
-        gated_act(gu, gu + inter, inter, m->gelu, m->bf16);
-        linear(&L->down, gu, h, &a, m, threads);
-        if (L->post_ffn_norm) norm(h, d, L->post_ffn_norm, m, h);
-        add_into(x, h, d, m->bf16);
+        for (int64_t r = 0; r < rows; r++) norm(x + r * d, d, L->pre_ffn_norm, m, h + r * d);
+        linear(&L->gate, h, rows, gu, 2 * inter, &a, m, threads);
+        linear(&L->up, h, rows, gu + L->gate.n, 2 * inter, &a, m, threads);
+        for (int64_t r = 0; r < rows; r++) {
+            gated_act(gu + r * 2 * inter, gu + r * 2 * inter + inter, inter, m->gelu, m->bf16);
+            memcpy(act + r * inter, gu + r * 2 * inter, f * (size_t)inter);
+        }
+        linear(&L->down, act, rows, h, d, &a, m, threads);
+        for (int64_t r = 0; r < rows; r++)
+            if (L->post_ffn_norm) norm(h + r * d, d, L->post_ffn_norm, m, h + r * d);
+        add_into(x, h, rows * d, m->bf16);
     }
 done:
-    free(h), free(qkv), free(attn), free(gu), free(scores), free(trig), free(a.xq), free(a.sx), free(a.sumx), free(a.i8.xs), free(a.i8.start), free(a.i8.sxl);
+    free(h), free(qkv), free(attn), free(gu), free(act), free(scores), free(trig), free(runs);
+    free(a.xq), free(a.sx), free(a.sumx), free(a.i8.xs), free(a.i8.start), free(a.i8.sxl);
     free(part), free(psum), free(pmax);
     return rc;
+}
+
+/* One token of one sequence, x (hidden), on its own contiguous caches (the layers' k_cache, v_cache,
+cache_pos, capacity): the cache holds positions 0..pos-1 as generation fills it. */
+int tpo_decode(const tpo_decoder *m, float *x, int64_t pos, int threads) {
+    const kv_pages contiguous = {NULL, 0, 0};
+    return decode(m, x, 1, &pos, &contiguous, threads);
+}
+
+/* One token of each of `rows` sequences, x (rows, hidden), at positions pos (rows), on the layers'
+KV pools (k_cache, v_cache: (blocks, n_kv, block_size, head_dim); window) through block tables
+(rows, max_blocks): the server's batch. Each sequence's slot for pos is reserved in its table. */
+int tpo_decode_paged(const tpo_decoder *m, float *x, int64_t rows, const int64_t *pos, const int64_t *tables,
+                     int64_t max_blocks, int64_t block_size, int threads) {
+    if (block_size < 1 || max_blocks < 1) return -1;
+    for (int64_t r = 0; r < rows; r++)
+        if (pos[r] < 0 || pos[r] / block_size >= max_blocks) return -1;
+    const kv_pages pages = {tables, max_blocks, block_size};
+    return decode(m, x, rows, pos, &pages, threads);
 }
 
 /* The sum of n float32 values (n a multiple of 64, p 64-byte aligned), four independent accumulators
