@@ -3,7 +3,8 @@ decode and small batches. An int4 matmul: weights in 16-row blocks of 4-bit code
 quantized to int8 per group, dot products on AVX-512 VNNI (vpdpbusd). On gemma3 shapes with 2 threads
 it reads weights 2-3x faster than torch's packed int4 kernel at one row, and runs 16 rows at once in
 less than half the time torch needs, which reads one activation row at a time. An RMSNorm of bfloat16
-rows: one call where torch runs a dozen operators (a decode step of gemma3 runs 109 norms).
+rows: one call where torch runs a dozen operators. The decode step of whole models
+(tp_ollama.models.native_decode) and the read loop of the bandwidth probe.
 
 The library is compiled with the system C compiler on first use, into
 `$TP_OLLAMA_CACHE/kernels/` (about a second), named by the digest of the source and flags, and
@@ -24,6 +25,7 @@ import os
 import subprocess
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -115,11 +117,33 @@ def available() -> bool:
     return library() is not None
 
 
-class Int4Matmul:
-    """The native int4 matmul bound to one weight: its shapes checked and its pointers taken once (the
-    tensors must outlive it and not move), so each call costs a ctypes call and an output tensor.
-    packed (N, K/2) uint8 in the native layout, scale_zero (K/group, N, 2) bfloat16, maybe a view of
-    some rows of a larger one."""
+class _BoundMatmul:
+    """A native matmul bound to one weight: its shapes checked and its pointers taken once (the
+    tensors must outlive it and not move), so each call costs a ctypes call and an output tensor."""
+
+    kind = ""
+    n = k = 0
+    _fn: Any
+    _weight: tuple[int, ...]
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        """x (M, K) on the CPU -> (M, N) float32."""
+        if x.dtype != torch.float32 or not x.is_contiguous():
+            x = x.to(torch.float32).contiguous()
+        m = x.shape[0]
+        if x.shape[1] != self.k:
+            raise ValueError(f"activations {m}x{x.shape[1]} do not fit an {self.kind} weight of {self.n}x{self.k}")
+        y = torch.empty(m, self.n, dtype=torch.float32)
+        if self._fn(x.data_ptr(), m, self.k, *self._weight, y.data_ptr(), torch.get_num_threads()) != 0:
+            raise MemoryError(f"the native {self.kind} kernel could not allocate {m}x{self.k} quantized activations")
+        return y
+
+
+class Int4Matmul(_BoundMatmul):
+    """The native int4 matmul bound to one weight: packed (N, K/2) uint8 in the native layout,
+    scale_zero (K/group, N, 2) bfloat16, maybe a view of some rows of a larger one."""
+
+    kind = "int4"
 
     def __init__(self, packed: torch.Tensor, scale_zero: torch.Tensor, group: int) -> None:
         lib = library()
@@ -138,25 +162,15 @@ class Int4Matmul:
         self._fn = lib.tpo_int4_mm
         self._weight = (packed.data_ptr(), scale_zero.data_ptr(), scale_zero.stride(0) // 2, n, group)
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        """x (M, K) on the CPU -> (M, N) float32."""
-        if x.dtype != torch.float32 or not x.is_contiguous():
-            x = x.to(torch.float32).contiguous()
-        m = x.shape[0]
-        if x.shape[1] != self.k:
-            raise ValueError(f"activations {m}x{x.shape[1]} do not fit an int4 weight of {self.n}x{self.k}")
-        y = torch.empty(m, self.n, dtype=torch.float32)
-        if self._fn(x.data_ptr(), m, self.k, *self._weight, y.data_ptr(), torch.get_num_threads()) != 0:
-            raise MemoryError(f"the native int4 kernel could not allocate {m}x{self.k} quantized activations")
-        return y
-
 
 INT8_GROUP = 32  # activations are quantized per this many inputs; K must be a multiple
 
 
-class Int8Matmul:
-    """The native int8 matmul bound to one weight (see Int4Matmul): q (N, K) int8 with contiguous rows
-    and a (N,) bfloat16 scale per row, K a multiple of INT8_GROUP."""
+class Int8Matmul(_BoundMatmul):
+    """The native int8 matmul bound to one weight: q (N, K) int8 with contiguous rows and a (N,)
+    bfloat16 scale per row, K a multiple of INT8_GROUP."""
+
+    kind = "int8"
 
     def __init__(self, q: torch.Tensor, scale: torch.Tensor) -> None:
         lib = library()
@@ -175,18 +189,6 @@ class Int8Matmul:
         self.n, self.k = n, k
         self._fn = lib.tpo_int8_mm
         self._weight = (q.data_ptr(), scale.data_ptr(), n)
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        """x (M, K) on the CPU -> (M, N) float32."""
-        if x.dtype != torch.float32 or not x.is_contiguous():
-            x = x.to(torch.float32).contiguous()
-        m = x.shape[0]
-        if x.shape[1] != self.k:
-            raise ValueError(f"activations {m}x{x.shape[1]} do not fit an int8 weight of {self.n}x{self.k}")
-        y = torch.empty(m, self.n, dtype=torch.float32)
-        if self._fn(x.data_ptr(), m, self.k, *self._weight, y.data_ptr(), torch.get_num_threads()) != 0:
-            raise MemoryError(f"the native int8 kernel could not allocate {m}x{self.k} quantized activations")
-        return y
 
 
 def int4_mm(x: torch.Tensor, packed: torch.Tensor, scale_zero: torch.Tensor, group: int) -> torch.Tensor:
