@@ -18,6 +18,7 @@ from torch import nn
 from tp_ollama.checkpoints.base import Checkpoint, Range
 from tp_ollama.config import QUANT_MODES, default_cache_dir
 from tp_ollama.errors import ConfigError
+from tp_ollama.kernels import hugepages
 from tp_ollama.kernels.linear import QuantEmbedding, QuantLinear, activation_like, take_over
 from tp_ollama.kernels.packed_cache import PackedCache, cache_key
 from tp_ollama.kernels.quant import (
@@ -101,13 +102,27 @@ def _pack_band(ckpt: Checkpoint, name: str, rows: Range, cols: Range | None, int
 def concat(parts: list[QuantWeight]) -> QuantWeight:
     """Bands of rows, top to bottom, as one weight (int4 bands are whole tiles)."""
     if all(isinstance(p, Int8Weight) for p in parts):
-        return Int8Weight(torch.cat([p.q for p in parts]), torch.cat([p.scale for p in parts]))  # type: ignore[union-attr]
+        return Int8Weight(_cat([p.q for p in parts]), _cat([p.scale for p in parts]))  # type: ignore[union-attr]
     int4 = [p for p in parts if isinstance(p, Int4Weight)]
     if len(int4) != len(parts):
         raise ValueError("cannot join int8 and int4 bands into one weight")
-    return Int4Weight(
-        torch.cat([p.packed for p in int4]), torch.cat([p.scale_zero for p in int4], dim=1), int4[0].group
-    )
+    return Int4Weight(_cat([p.packed for p in int4]), _cat([p.scale_zero for p in int4], dim=1), int4[0].group)
+
+
+def _cat(tensors: list[torch.Tensor], dim: int = 0) -> torch.Tensor:
+    """torch.cat, into 2 MiB pages on the CPU (tp_ollama.kernels.hugepages)."""
+    if tensors[0].device.type != "cpu":
+        return torch.cat(tensors, dim=dim)
+    shape = list(tensors[0].shape)
+    shape[dim] = sum(t.shape[dim] for t in tensors)
+    return torch.cat(tensors, dim=dim, out=hugepages.empty(tuple(shape), tensors[0].dtype))
+
+
+def in_huge_pages(w: QuantWeight) -> QuantWeight:
+    """A CPU weight's tensors copied into 2 MiB pages (a freshly packed one; cached ones load there)."""
+    if isinstance(w, Int8Weight):
+        return Int8Weight(hugepages.copy_of(w.q), hugepages.copy_of(w.scale))
+    return Int4Weight(hugepages.copy_of(w.packed), hugepages.copy_of(w.scale_zero), w.group)
 
 
 def quantize_modules(
@@ -136,7 +151,10 @@ def quantize_modules(
     weights: dict[str, QuantWeight] = {}
     counts: Counter[str] = Counter()
     for path, module, packing in plan:
-        weight = cached.get(path) or read_packed(ckpt, f"{path}.weight", module.weight, packing)  # type: ignore[arg-type]
+        weight = cached.get(path)
+        if weight is None:
+            weight = read_packed(ckpt, f"{path}.weight", module.weight, packing)  # type: ignore[arg-type]
+            weight = in_huge_pages(weight) if device.type == "cpu" else weight
         weights[path] = weight
         weight = weight.to(device)
         new: nn.Module

@@ -16,6 +16,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from tp_ollama.kernels import hugepages
 from tp_ollama.kernels import quant as quant_module
 from tp_ollama.kernels.quant import Int4Weight, Int8Weight, QuantWeight
 
@@ -51,8 +52,9 @@ class PackedCache:
             with safe_open(str(self.path), framework="pt") as f:
                 groups = json.loads((f.metadata() or {})["groups"])
                 # NOTE: get_tensor may map the file, where data is only 8-byte aligned; the packed
-                # kernels' vector loads fault on that (from 4 rows on), so each gets its own copy.
-                tensors = {name: f.get_tensor(name).clone() for name in f.keys()}
+                # kernels' vector loads fault on that (from 4 rows on), so each gets its own copy
+                # (in 2 MiB pages: decode streams these every step).
+                tensors = {name: hugepages.copy_of(f.get_tensor(name)) for name in f.keys()}
         except Exception as e:  # a truncated or foreign file: rebuild it
             log.warning("ignoring unreadable packed-weights cache %s: %s", self.path, e)
             return None
