@@ -8,6 +8,9 @@ the bounds below are what a few of those allow, and far below what any wrong ope
 
 from __future__ import annotations
 
+import gc
+import weakref
+
 import pytest
 import torch
 
@@ -193,3 +196,17 @@ def test_fits_only_one_token_of_one_sequence_in_order(checkpoints):
     assert not decoder.fits(torch.tensor([[5, 6]]), torch.tensor([[4, 5]]), cache)
     pair = KVCache.for_model(model, batch=2, max_len=32)
     assert not decoder.fits(torch.tensor([[5], [6]]), torch.tensor([[0], [0]]), pair)
+
+
+def test_a_dropped_model_is_freed_at_once(checkpoints):
+    """The model holds its decoder; the decoder must not hold the model, or every weight would wait
+    for the cycle collector after a server unloads it."""
+    model = load(checkpoints["llama"], torch.bfloat16)
+    assert native_decoder(model) is not None
+    ref = weakref.ref(model)
+    gc.disable()
+    try:
+        del model
+        assert ref() is None
+    finally:
+        gc.enable()

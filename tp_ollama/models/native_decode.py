@@ -134,7 +134,10 @@ class NativeDecoder:
     def __init__(self, model: nn.Module, lib: ctypes.CDLL) -> None:
         cfg: Any = model.config
         body: Any = model.model
-        self.model = model
+        # The embedding and final norm, not the model: the model holds this decoder, and a cycle
+        # would keep every weight alive after the model is dropped until the cycle collector runs.
+        self._embedding: nn.Module = body.embed_tokens
+        self._final: nn.Module = body.norm
         self.gemma = cfg.family == "gemma3"
         self.dtype: torch.dtype = body.norm.weight.dtype
         self._keep: list[torch.Tensor] = []
@@ -288,14 +291,13 @@ class NativeDecoder:
         return self._final_norm(x)
 
     def _final_norm(self, x: torch.Tensor) -> torch.Tensor:
-        body: Any = self.model.model
-        return body.norm(x.to(self.dtype))
+        out: torch.Tensor = self._final(x.to(self.dtype))
+        return out
 
     def _embed(self, ids: torch.Tensor) -> torch.Tensor:
         """(B, 1) ids -> (B, 1, hidden) float32 rows in the activation dtype's values, as the model
         embeds them (Gemma scales by sqrt(hidden) in that dtype)."""
-        body: Any = self.model.model
-        x = body.embed_tokens(ids)
+        x = self._embedding(ids)
         if self._embed_scale is not None:
             x = x * self._embed_scale
         return x.float().contiguous()
