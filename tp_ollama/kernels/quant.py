@@ -39,6 +39,7 @@ class Int8Weight:
     q: torch.Tensor  # (N, K) int8
     scale: torch.Tensor  # (N,) bfloat16
     _native: native.Int8Matmul | None = field(default=None, repr=False, compare=False)
+    _refused: bool = field(default=False, repr=False, compare=False)  # the kernel cannot take these
 
     kind = "int8"
 
@@ -59,13 +60,13 @@ class Int8Weight:
     def native_matmul(self) -> native.Int8Matmul | None:
         """The native kernel bound to these tensors, or None where it cannot take them (a shape, a
         row-strided view) or does not run here."""
-        if self._native is None:
+        if self._native is None and not self._refused:
             if not native.available() or self.q.device.type != "cpu":
                 return None
             try:
                 self._native = native.Int8Matmul(self.q, self.scale)
             except ValueError:
-                return None
+                self._refused = True  # asked once: matmuls of this weight run every step
         return self._native
 
 

@@ -133,6 +133,25 @@ static void quantize_rows(const float *x, int64_t m_rows, int64_t k, int64_t gro
 DEFINE_BLOCK(1)
 DEFINE_BLOCK(4)
 
+/* The rows of y (m_rows, n; rows ldy apart) from activations quantized by quantize_rows, 16 weight
+rows a task, 4 activation rows a pass. */
+static void i4_matmul(const uint8_t *packed, const uint16_t *scale_zero, int64_t ld_sz, int64_t n, int64_t k,
+                      int64_t group, int64_t m_rows, const int8_t *xq, const float *sx, const float *sumx, float *y,
+                      int64_t ldy, int threads) {
+    const uint32_t *sz = (const uint32_t *)scale_zero;
+    const int64_t blocks = n / BLOCK_ROWS, block_bytes = BLOCK_ROWS * k / 2, groups = k / group;
+#pragma omp parallel for schedule(guided, 4) num_threads(threads)
+    for (int64_t b = 0; b < blocks; b++) {
+        const uint8_t *w = packed + b * block_bytes;
+        const uint32_t *s = sz + b * BLOCK_ROWS;
+        int64_t m = 0;
+        for (; m + 4 <= m_rows; m += 4)
+            block_4(w, s, ld_sz, k, group, xq + m * k, sx + m * groups, sumx + m * groups, y + m * ldy + b * BLOCK_ROWS, ldy);
+        for (; m < m_rows; m++)
+            block_1(w, s, ld_sz, k, group, xq + m * k, sx + m * groups, sumx + m * groups, y + m * ldy + b * BLOCK_ROWS, ldy);
+    }
+}
+
 /* Returns 0, or -1 when the shapes do not fit the layout (nothing is written then). */
 int tpo_int4_mm(const float *x, int64_t m_rows, int64_t k, const uint8_t *packed, const uint16_t *scale_zero,
                 int64_t ld_sz, int64_t n, int64_t group, float *y, int threads) {
@@ -146,18 +165,7 @@ int tpo_int4_mm(const float *x, int64_t m_rows, int64_t k, const uint8_t *packed
         return -2;
     }
     quantize_rows(x, m_rows, k, group, xq, sx, sumx);
-    const uint32_t *sz = (const uint32_t *)scale_zero;
-    const int64_t blocks = n / BLOCK_ROWS, block_bytes = BLOCK_ROWS * k / 2;
-#pragma omp parallel for schedule(guided, 4) num_threads(threads)
-    for (int64_t b = 0; b < blocks; b++) {
-        const uint8_t *w = packed + b * block_bytes;
-        const uint32_t *s = sz + b * BLOCK_ROWS;
-        int64_t m = 0;
-        for (; m + 4 <= m_rows; m += 4)
-            block_4(w, s, ld_sz, k, group, xq + m * k, sx + m * groups, sumx + m * groups, y + m * n + b * BLOCK_ROWS, n);
-        for (; m < m_rows; m++)
-            block_1(w, s, ld_sz, k, group, xq + m * k, sx + m * groups, sumx + m * groups, y + m * n + b * BLOCK_ROWS, n);
-    }
+    i4_matmul(packed, scale_zero, ld_sz, n, k, group, m_rows, xq, sx, sumx, y, n, threads);
     free(xq), free(sx), free(sumx);
     return 0;
 }
@@ -405,21 +413,8 @@ static void linear(const tpo_linear *w, const float *x, int64_t rows, float *y, 
         quantize_rows_i8(x, rows, w->k, a->xq, a->sx, a->sumx, &a->i8);
         i8_matmul((const int8_t *)w->packed, w->scale_zero, w->n, w->k, rows, &a->i8, y, ldy, threads);
     } else {
-        const int64_t blocks = w->n / BLOCK_ROWS, block_bytes = BLOCK_ROWS * w->k / 2, groups = w->k / w->group;
         quantize_rows(x, rows, w->k, w->group, a->xq, a->sx, a->sumx);
-        const uint32_t *sz = (const uint32_t *)w->scale_zero;
-#pragma omp parallel for schedule(guided, 4) num_threads(threads)
-        for (int64_t b = 0; b < blocks; b++) {
-            const uint8_t *wb = w->packed + b * block_bytes;
-            const uint32_t *sb = sz + b * BLOCK_ROWS;
-            int64_t r = 0;
-            for (; r + 4 <= rows; r += 4)
-                block_4(wb, sb, w->ld_sz, w->k, w->group, a->xq + r * w->k, a->sx + r * groups, a->sumx + r * groups,
-                        y + r * ldy + b * BLOCK_ROWS, ldy);
-            for (; r < rows; r++)
-                block_1(wb, sb, w->ld_sz, w->k, w->group, a->xq + r * w->k, a->sx + r * groups, a->sumx + r * groups,
-                        y + r * ldy + b * BLOCK_ROWS, ldy);
-        }
+        i4_matmul(w->packed, w->scale_zero, w->ld_sz, w->n, w->k, w->group, rows, a->xq, a->sx, a->sumx, y, ldy, threads);
     }
     for (int64_t r = 0; r < rows; r++) {
         float *yr = y + r * ldy;
@@ -522,6 +517,13 @@ typedef struct {
     int64_t at, start, count;
 } kv_run;
 
+/* The rows of `run` (as its own indices s0..s1-1) whose score indices fall in [a, b); 0 if none. */
+static inline int run_share(const kv_run *run, int64_t a, int64_t b, int64_t *s0, int64_t *s1) {
+    *s0 = (a > run->start ? a : run->start) - run->start;
+    *s1 = (b < run->start + run->count ? b : run->start + run->count) - run->start;
+    return *s1 > *s0;
+}
+
 /* Every query head over `len` cached rows of its KV head (the runs), into out (n_q, head_dim).
 
 The rows are split among the threads; each reads its share of K and V once for all the query heads
@@ -542,9 +544,8 @@ static void attention(const float *q, const void *k_base, const void *v_base, in
         float *tmax = pmax + t * nq, *mine = part + (int64_t)t * nq * d;
         for (int64_t h = 0; h < nq; h++) tmax[h] = -INFINITY;
         for (int64_t r = 0; r < n_runs; r++) {
-            const int64_t s0 = (a > runs[r].start ? a : runs[r].start) - runs[r].start;
-            const int64_t s1 = (b < runs[r].start + runs[r].count ? b : runs[r].start + runs[r].count) - runs[r].start;
-            if (s1 <= s0) continue;
+            int64_t s0, s1;
+            if (!run_share(&runs[r], a, b, &s0, &s1)) continue;
             for (int64_t kv = 0; kv < nkv; kv++) {
                 const void *kc = (const char *)k_base + (size_t)(runs[r].at + kv * kv_stride) * elt;
                 for (int64_t h = kv * group; h < (kv + 1) * group;) {
@@ -577,9 +578,8 @@ static void attention(const float *q, const void *k_base, const void *v_base, in
         /* this thread's share of the weighted values */
         memset(mine, 0, sizeof(float) * (size_t)(nq * d));
         for (int64_t r = 0; r < n_runs; r++) {
-            const int64_t s0 = (a > runs[r].start ? a : runs[r].start) - runs[r].start;
-            const int64_t s1 = (b < runs[r].start + runs[r].count ? b : runs[r].start + runs[r].count) - runs[r].start;
-            if (s1 <= s0) continue;
+            int64_t s0, s1;
+            if (!run_share(&runs[r], a, b, &s0, &s1)) continue;
             for (int64_t kv = 0; kv < nkv; kv++) {
                 const void *vc = (const char *)v_base + (size_t)(runs[r].at + kv * kv_stride) * elt;
                 for (int64_t h = kv * group; h < (kv + 1) * group;) {
