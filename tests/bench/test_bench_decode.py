@@ -14,8 +14,10 @@ import pytest
 
 from tp_ollama.bench import report as rpt
 from tp_ollama.bench.compare import parse_engine_target, run_compare
-from tp_ollama.bench.decode import DecodeConfig, prompt_ids, run_decode
+from tp_ollama.bench.decode import DecodeConfig, kv_read_bytes, prompt_ids, run_decode
 from tp_ollama.errors import ConfigError
+from tp_ollama.models.gemma3 import Gemma3TextConfig
+from tp_ollama.models.llama import FULL, SLIDING
 
 
 @pytest.fixture(scope="module")
@@ -49,6 +51,31 @@ def test_decode_shards_hold_less_than_the_whole(decode_report: dict[str, Any]) -
     shards = by_tp[2]["bandwidth"]["bytes_per_token"]
     assert all(s < 0.75 * whole for s in shards)
     assert whole <= sum(shards) < 1.1 * whole  # only norms are held twice
+
+
+def test_decode_bytes_hold_the_kv_cache_each_rank_reads(decode_report: dict[str, Any], checkpoint: Path) -> None:
+    from tp_ollama.checkpoints.loader import open_checkpoint
+
+    ckpt = open_checkpoint(checkpoint)
+    config = ckpt.config
+    ckpt.close()
+    by_tp = {r["config"]["tp"]: r for r in decode_report["results"]}
+    # 8 prompt positions, 5 decode steps (6 tokens, the first from the prefill), float32 keys and values
+    whole = kv_read_bytes(config, config.num_key_value_heads, 4, 8, 5)
+    assert by_tp[1]["extra"]["kv_bytes_per_token"] == [whole]
+    assert sum(by_tp[2]["extra"]["kv_bytes_per_token"]) == whole  # each rank reads its own KV heads
+    assert by_tp[1]["bandwidth"]["bytes_per_token"][0] > whole > 0
+
+
+def test_kv_read_bytes_by_hand_with_sliding_layers() -> None:
+    config = Gemma3TextConfig(
+        num_hidden_layers=3, num_attention_heads=2, num_key_value_heads=1, head_dim=4, sliding_window=2,
+        layer_types=(SLIDING, SLIDING, FULL),
+    )  # fmt: skip
+    # steps at positions 3 and 4: the sliding layers see 2 positions each, the full one 4, then 5
+    assert kv_read_bytes(config, 1, 2, 3, 2) == round((2 + 2 + 4 + 2 + 2 + 5) / 2 * 2 * 4 * 2)
+    assert kv_read_bytes(config, 3, 2, 3, 2) == 3 * kv_read_bytes(config, 1, 2, 3, 2)
+    assert kv_read_bytes(config, 1, 2, 3, 0) == 0
 
 
 def test_decode_config_refuses_bad_values() -> None:
@@ -102,3 +129,6 @@ def test_compare_end_to_end_through_the_cli(checkpoint: Path, tmp_path: Path) ->
     assert out.with_suffix(".md").read_text().count("|") > 10
     assert list(tmp_path.glob("compare-*.png"))
     assert "| tp2 |" in done.stdout
+    # every target's bytes per token count the same float32 keys and values of the same workload
+    kv = {r["target"]: r["extra"]["kv_bytes_per_token"] for r in report["results"]}
+    assert kv[labels[0]] == kv[labels[2]] and sum(kv[labels[1]]) == kv[labels[0]][0] > 0

@@ -89,13 +89,32 @@ def _cold_start(model: str, cfg: DecodeConfig, timeout_s: float) -> float:
     return time.perf_counter() - t
 
 
-def _peer_bytes(target: EngineTarget, path: Path, measured: dict[str, Any]) -> int | None:
+def _peer_bytes(
+    target: EngineTarget, path: Path, measured: dict[str, Any], prompt: int, gen: int
+) -> tuple[int, int] | None:
+    """What one decode step of a peer reads, (weights, keys and values): its weights, and the keys and
+    values of the model's attention over the run's decode steps (llama.cpp keeps them in float16,
+    transformers in the weights' dtype), counted as for the engine (bench.decode.kv_read_bytes)."""
+    from tp_ollama.bench.decode import kv_read_bytes
+    from tp_ollama.checkpoints.loader import open_checkpoint
+
+    weights: int | None
     if target.kind == "llama.cpp":
         from tp_ollama.checkpoints.gguf_file import GGUFFile
 
         with GGUFFile(path) as f:
-            return sum(t.nbytes for t in f.tensors.values())
-    return measured.get("weight_bytes")
+            weights, item = sum(t.nbytes for t in f.tensors.values()), 2
+    else:
+        weights = measured.get("weight_bytes")
+        item = 2 if target.options.get("dtype", "float32") in ("bfloat16", "float16") else 4
+    if not weights:
+        return None
+    ckpt = open_checkpoint(path)
+    try:
+        config = ckpt.config
+    finally:
+        ckpt.close()
+    return weights, kv_read_bytes(config, config.num_key_value_heads, item, prompt, gen - 1)
 
 
 def run_compare(
@@ -157,8 +176,9 @@ def run_compare(
             metrics = summarize_runs(engine_cfg[t.label], runs[t.label], bandwidth)
             metrics["extra"] = {**metrics["extra"], **extra}
         else:
-            metrics = _peer_metrics(runs[t.label], _peer_bytes(t, path, runs[t.label][0]), bandwidth)
-            metrics["extra"] = extra
+            step_bytes = _peer_bytes(t, path, runs[t.label][0], prompt_tokens, gen_tokens)
+            metrics = _peer_metrics(runs[t.label], step_bytes, bandwidth)
+            metrics["extra"] = {**extra, "kv_bytes_per_token": metrics.pop("kv_bytes_per_token", [])}
         if cold_start:
             metrics["cold_start_s"] = statistics.median(colds[t.label])
             metrics["extra"]["cold_start_s_rounds"] = colds[t.label]
@@ -190,7 +210,7 @@ def _threads_per_rank(threads: int, tp: int) -> Iterator[None]:
             os.environ["OMP_NUM_THREADS"] = saved
 
 
-def _peer_metrics(runs: list[dict[str, Any]], weight_bytes: int | None, bandwidth: float) -> dict[str, Any]:
+def _peer_metrics(runs: list[dict[str, Any]], step_bytes: tuple[int, int] | None, bandwidth: float) -> dict[str, Any]:
     decode = statistics.median(r["decode_tok_s"] for r in runs)
     metrics: dict[str, Any] = {
         "decode_tok_s": decode,
@@ -201,10 +221,12 @@ def _peer_metrics(runs: list[dict[str, Any]], weight_bytes: int | None, bandwidt
         "peak_rss_mb": [max(r["peak_rss_mb"] for r in runs)],
         "per_token_ms": {"compute": 1e3 / decode, "communication": 0.0, "total": 1e3 / decode},
     }
-    if weight_bytes:
-        achieved = weight_bytes * decode / 1e9
+    if step_bytes:
+        total = sum(step_bytes)
+        achieved = total * decode / 1e9
+        metrics["kv_bytes_per_token"] = [step_bytes[1]]
         metrics["bandwidth"] = {
-            "bytes_per_token": [weight_bytes],
+            "bytes_per_token": [total],
             "achieved_gbs": [achieved],
             "fraction": [achieved / bandwidth] if bandwidth else [],
         }

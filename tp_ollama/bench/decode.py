@@ -13,7 +13,9 @@ that the machine's drift hits all alike. Per run, on every rank:
                     compute is the rest of the token's time
     step_ms_p50     the median token's time (extra): what the cost model is checked against, since a
                     mean also carries the steps the OS descheduled
-    bytes_per_token weights the rank holds, each storage once: what one decode step reads
+    bytes_per_token what one decode step reads on the rank: the weights it holds, each storage once,
+                    and the keys and values its attention reads, averaged over the run's steps
+                    (kv_read_bytes; extra.kv_bytes_per_token)
     peak_rss_mb     the rank's peak resident set
 
 The prompt is fixed token ids: timing does not depend on the text, and no tokenizer is loaded.
@@ -80,6 +82,24 @@ def prompt_ids(n: int, vocab: int) -> list[int]:
     return [low + (i * 7919) % (vocab - low) for i in range(n)]
 
 
+def kv_read_bytes(config: Any, kv_heads: int, item_bytes: int, first_pos: int, steps: int) -> int:
+    """Bytes of keys and values one decode step reads, averaged over `steps` steps from position
+    `first_pos`: the step at position p attends p + 1 positions in each layer, a sliding-window layer
+    at most its window, over `kv_heads` heads of head_dim (keys and values) of `item_bytes` each."""
+    from tp_ollama.models.llama import SLIDING
+
+    n_layers = int(config.num_hidden_layers)
+    head_dim = int(config.head_dim or config.hidden_size // config.num_attention_heads)
+    window = getattr(config, "sliding_window", None)
+    kinds = tuple(getattr(config, "layer_types", ()) or ()) or ("full",) * n_layers
+    if steps < 1:
+        return 0
+    seen = 0
+    for p in range(first_pos, first_pos + steps):
+        seen += sum(min(p + 1, window) if kind == SLIDING and window else p + 1 for kind in kinds)
+    return round(seen * 2 * kv_heads * head_dim * item_bytes / steps)
+
+
 def rank_decode(model: str, config: dict[str, Any], measure_link: bool) -> dict[str, Any] | None:
     """One rank of one run (torchrun entry point). Rank 0 returns every rank's figures."""
     import torch
@@ -87,7 +107,7 @@ def rank_decode(model: str, config: dict[str, Any], measure_link: bool) -> dict[
     from tp_ollama.bench.preflight import link_preflight
     from tp_ollama.engine.generate import GenerationStats, generate_tokens
     from tp_ollama.engine.options import GenerationOptions, SamplingOptions
-    from tp_ollama.kernels.linear import model_bytes
+    from tp_ollama.kernels.linear import activation_like, model_bytes, out_features
     from tp_ollama.parallel.comm import init_distributed, make_comm
     from tp_ollama.parallel.worker import BroadcastLockstep, load_shard, local_threads, sampler_for
     from tp_ollama.store.embedded import resolve_model
@@ -131,6 +151,9 @@ def rank_decode(model: str, config: dict[str, Any], measure_link: bool) -> dict[
         last, last_comm = now, in_comm
     tokens = len(steps_s)
     decode_s = time.perf_counter() - t2
+    attn = m.model.layers[0].self_attn  # type: ignore[union-attr, index]
+    kv_heads, item = out_features(attn.k_proj) // attn.head_dim, activation_like(m).element_size()
+    kv_bytes = kv_read_bytes(m.config, kv_heads, item, cfg.prompt_tokens, tokens)
     row = {
         "step_s_p50": statistics.median(steps_s),
         "step_comm_s_p50": statistics.median(steps_comm_s),
@@ -141,7 +164,8 @@ def rank_decode(model: str, config: dict[str, Any], measure_link: bool) -> dict[
         "decode_s": decode_s,
         "tokens": tokens,
         "comm_s": comm.seconds - comm_before,
-        "bytes": model_bytes(m),
+        "bytes": model_bytes(m) + kv_bytes,
+        "kv_bytes": kv_bytes,
         "peak_rss_mb": peak_rss_mb(),
         "threads": torch.get_num_threads(),
         "collectives_per_token": {k: (v - counts_before.get(k, 0)) / max(tokens, 1) for k, v in comm.stats.items()},
@@ -207,6 +231,7 @@ def summarize_runs(cfg: DecodeConfig, runs: list[dict[str, Any]], read_bw_gbs: f
             "step_comm_ms_p50": 1e3 * statistics.median(r["ranks"][0]["step_comm_s_p50"] for r in runs),
             "step_s_rounds": [r["ranks"][0]["step_s"] for r in runs],
             "threads_per_rank": [r["threads"] for r in ranks],
+            "kv_bytes_per_token": [int(r.get("kv_bytes", 0)) for r in ranks],
             "collectives_per_token": head["collectives_per_token"],
             "link": median_run["link"],
         },
