@@ -274,6 +274,29 @@ int tpo_int8_mm(const float *x, int64_t m_rows, int64_t k, const int8_t *q, cons
     return rc;
 }
 
+/* Sums of squares in 16 float32 lanes, then across them: the one order both RMSNorms below use (so
+the decode step's norms and the torch modules' agree bit for bit). */
+static inline float sum_squares(const float *x, int64_t n) {
+    __m512 acc = _mm512_setzero_ps();
+    for (int64_t j = 0; j < n; j += 16) {
+        const __mmask16 k = n - j >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (n - j)) - 1u);
+        const __m512 v = _mm512_maskz_loadu_ps(k, x + j);
+        acc = _mm512_fmadd_ps(v, v, acc);
+    }
+    return _mm512_reduce_add_ps(acc);
+}
+
+static inline float sum_squares_bf16(const uint16_t *x, int64_t n) {
+    __m512 acc = _mm512_setzero_ps();
+    for (int64_t j = 0; j < n; j += 16) {
+        const __mmask16 k = n - j >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (n - j)) - 1u);
+        const __m512i raw = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(k, x + j));
+        const __m512 v = _mm512_castsi512_ps(_mm512_slli_epi32(raw, 16));
+        acc = _mm512_fmadd_ps(v, v, acc);
+    }
+    return _mm512_reduce_add_ps(acc);
+}
+
 /* RMSNorm of bfloat16 rows, computed in float32: y = x * rsqrt(mean(x^2) + eps), then scaled by a
 float32 vector either before the cast back to bfloat16 (Gemma's (1 + w), scale_after_cast 0) or after
 it, the product rounded again (Llama's w * bf16(...), scale_after_cast 1), as transformers orders them.
@@ -283,12 +306,7 @@ void tpo_rms_norm_bf16(const uint16_t *x, int64_t rows, int64_t d, int64_t ld_x,
     for (int64_t r = 0; r < rows; r++) {
         const uint16_t *xr = x + r * ld_x;
         uint16_t *yr = y + r * ld_y;
-        float sum = 0.0f;
-        for (int64_t j = 0; j < d; j++) {
-            const float v = bf16_to_f32(xr[j]);
-            sum += v * v;
-        }
-        const float inv = 1.0f / sqrtf(sum / (float)d + eps);
+        const float inv = 1.0f / sqrtf(sum_squares_bf16(xr, d) / (float)d + eps);
         if (scale_after_cast) {
             for (int64_t j = 0; j < d; j++) yr[j] = f32_to_bf16(bf16_to_f32(f32_to_bf16(bf16_to_f32(xr[j]) * inv)) * scale[j]);
         } else {
@@ -386,10 +404,8 @@ static inline __m512 exp_16(__m512 x) {
 
 /* y = norm(x) over n values (y may be x): as RMSNorm.forward in tp_ollama.models.common. */
 static void norm(const float *x, int64_t n, const float *scale, const tpo_decoder *m, float *y) {
-    float sum = 0.0f; /* in order, as tpo_rms_norm_bf16 (torch's path here) sums */
-    for (int64_t j = 0; j < n; j++) sum += x[j] * x[j];
     int64_t i;
-    const float inv = 1.0f / sqrtf(sum / (float)n + m->eps);
+    const float inv = 1.0f / sqrtf(sum_squares(x, n) / (float)n + m->eps); /* as tpo_rms_norm_bf16 sums */
     const int after = m->bf16 && !m->norm_unit_offset;
     const __m512 vinv = _mm512_set1_ps(inv);
     for (i = 0; i + 16 <= n; i += 16) {
@@ -426,16 +442,24 @@ static void linear(const tpo_linear *w, const float *x, int64_t rows, float *y, 
     }
 }
 
-/* x * cos + rotate_half(x) * sin over one head, as apply_rotary computes it. */
+/* x * cos + rotate_half(x) * sin over one head, as apply_rotary computes it: the first half of x
+becomes x1 cos - x2 sin, the second x2 cos + x1 sin (d / 2 a multiple of 16). */
 static void rotary(float *x, int64_t d, const float *cos_, const float *sin_, int bf16) {
     const int64_t half = d / 2;
-    float tmp[1024];
-    for (int64_t j = 0; j < d; j++) {
-        const float rot = j < half ? -x[j + half] : x[j - half];
-        const float a = x[j] * cos_[j % half], b = rot * sin_[j % half];
-        tmp[j] = bf16 ? round_bf16(round_bf16(a) + round_bf16(b)) : a + b;
+    for (int64_t j = 0; j < half; j += 16) {
+        const __m512 x1 = _mm512_loadu_ps(x + j), x2 = _mm512_loadu_ps(x + half + j);
+        const __m512 c = _mm512_loadu_ps(cos_ + j), sn = _mm512_loadu_ps(sin_ + j);
+        __m512 a1 = _mm512_mul_ps(x1, c), b1 = _mm512_mul_ps(_mm512_sub_ps(_mm512_setzero_ps(), x2), sn);
+        __m512 a2 = _mm512_mul_ps(x2, c), b2 = _mm512_mul_ps(x1, sn);
+        if (bf16) {
+            a1 = round_bf16_16(a1), b1 = round_bf16_16(b1), a2 = round_bf16_16(a2), b2 = round_bf16_16(b2);
+            _mm512_storeu_ps(x + j, round_bf16_16(_mm512_add_ps(a1, b1)));
+            _mm512_storeu_ps(x + half + j, round_bf16_16(_mm512_add_ps(a2, b2)));
+        } else {
+            _mm512_storeu_ps(x + j, _mm512_add_ps(a1, b1));
+            _mm512_storeu_ps(x + half + j, _mm512_add_ps(a2, b2));
+        }
     }
-    memcpy(x, tmp, sizeof(float) * (size_t)d);
 }
 
 /* x += h, rounded as a bfloat16 add rounds. */
@@ -458,6 +482,17 @@ static inline __m512 cache_16(const void *cache, int64_t at, int bf16) {
 
 #define MAX_THREADS 64
 
+/* The cache is read ahead as the weights are: a core's hardware prefetcher alone streams it at ~5 GB/s.
+Keys are read a row after another, KV_AHEAD rows ahead; values a tile of KV_TILE rows at a time, 32
+columns of every row of the tile per pass (so all but the first pass read the tile from L1), the next
+tile's rows asked for during this one. */
+#define KV_AHEAD 4
+#define KV_TILE 16
+
+static inline void prefetch_row_part(const void *cache, int64_t at, int bf16) {
+    _mm_prefetch((const char *)cache + at * (bf16 ? 2 : 4), _MM_HINT_T0);
+}
+
 /* Scores of G query heads (q: G rows of d) against the keys of slots [s0, s1): each key read and
 converted once for all G. scores: row g at g * len; pmax: each head's running maximum. */
 #define DEFINE_QK(G)                                                                                         \
@@ -467,6 +502,7 @@ converted once for all G. scores: row g at g * len; pmax: each head's running ma
             __m512 acc[G];                                                                                   \
             for (int g = 0; g < G; g++) acc[g] = _mm512_setzero_ps();                                        \
             for (int64_t j = 0; j < d; j += 16) {                                                            \
+                if (!bf16 || j % 32 == 0) prefetch_row_part(kc, (s + KV_AHEAD) * d + j, bf16);               \
                 const __m512 kk = cache_16(kc, s * d + j, bf16);                                             \
                 for (int g = 0; g < G; g++) acc[g] = _mm512_fmadd_ps(_mm512_loadu_ps(q + g * d + j), kk, acc[g]); \
             }                                                                                                \
@@ -478,25 +514,31 @@ converted once for all G. scores: row g at g * len; pmax: each head's running ma
         }                                                                                                    \
     }
 
-/* out (G rows of d) += the values of slots [s0, s1) weighted by w (row g at g * len): 32 columns at a
-time, their sums in registers across all the slots. d is a multiple of 32. */
+/* out (G rows of d) += the values of slots [s0, s1) weighted by w (row g at g * len), a tile of rows
+at a time: 32 columns per pass, their sums in registers across the tile. d is a multiple of 32. */
 #define DEFINE_PV(G)                                                                                         \
     static void pv_##G(const float *w, int64_t len, const void *vc, int64_t s0, int64_t s1, int64_t d, int bf16, \
                        float *out) {                                                                         \
-        for (int64_t j = 0; j < d; j += 32) {                                                                \
-            __m512 lo[G], hi[G];                                                                             \
-            for (int g = 0; g < G; g++) lo[g] = hi[g] = _mm512_setzero_ps();                                 \
-            for (int64_t s = s0; s < s1; s++) {                                                              \
-                const __m512 v0 = cache_16(vc, s * d + j, bf16), v1 = cache_16(vc, s * d + j + 16, bf16);    \
-                for (int g = 0; g < G; g++) {                                                                \
-                    const __m512 wg = _mm512_set1_ps(w[g * len + s]);                                        \
-                    lo[g] = _mm512_fmadd_ps(wg, v0, lo[g]);                                                  \
-                    hi[g] = _mm512_fmadd_ps(wg, v1, hi[g]);                                                  \
+        for (int64_t t0 = s0; t0 < s1; t0 += KV_TILE) {                                                      \
+            const int64_t t1 = t0 + KV_TILE < s1 ? t0 + KV_TILE : s1;                                        \
+            for (int64_t j = 0; j < d; j += 32) {                                                            \
+                __m512 lo[G], hi[G];                                                                         \
+                for (int g = 0; g < G; g++) lo[g] = hi[g] = _mm512_setzero_ps();                             \
+                for (int64_t s = t0; s < t1; s++) {                                                          \
+                    prefetch_row_part(vc, (s + KV_TILE) * d + j, bf16);                                      \
+                    if (!bf16) prefetch_row_part(vc, (s + KV_TILE) * d + j + 16, bf16);                      \
+                    const __m512 v0 = cache_16(vc, s * d + j, bf16), v1 = cache_16(vc, s * d + j + 16, bf16); \
+                    for (int g = 0; g < G; g++) {                                                            \
+                        const __m512 wg = _mm512_set1_ps(w[g * len + s]);                                    \
+                        lo[g] = _mm512_fmadd_ps(wg, v0, lo[g]);                                              \
+                        hi[g] = _mm512_fmadd_ps(wg, v1, hi[g]);                                              \
+                    }                                                                                        \
                 }                                                                                            \
-            }                                                                                                \
-            for (int g = 0; g < G; g++) {                                                                    \
-                _mm512_storeu_ps(out + g * d + j, _mm512_add_ps(_mm512_loadu_ps(out + g * d + j), lo[g]));   \
-                _mm512_storeu_ps(out + g * d + j + 16, _mm512_add_ps(_mm512_loadu_ps(out + g * d + j + 16), hi[g])); \
+                for (int g = 0; g < G; g++) {                                                                \
+                    float *o = out + g * d + j;                                                              \
+                    _mm512_storeu_ps(o, _mm512_add_ps(_mm512_loadu_ps(o), lo[g]));                           \
+                    _mm512_storeu_ps(o + 16, _mm512_add_ps(_mm512_loadu_ps(o + 16), hi[g]));                 \
+                }                                                                                            \
             }                                                                                                \
         }                                                                                                    \
     }
@@ -691,7 +733,8 @@ static int decode(const tpo_decoder *m, float *x, int64_t rows, const int64_t *p
     float *h = malloc(f * R * (size_t)d), *qkv = malloc(f * R * (size_t)qkv_n);
     float *attn = malloc(f * R * (size_t)(nq * hd)), *gu = malloc(f * R * (size_t)(2 * inter));
     float *act = malloc(f * R * (size_t)inter), *scores = malloc(f * (size_t)(nq * max_len));
-    float *trig = malloc(f * (size_t)hd);
+    float *trig = malloc(f * R * (size_t)(m->n_layers * hd));
+    int64_t *table_of = malloc(sizeof(int64_t) * (size_t)(2 * m->n_layers)), n_tables = 0;
     kv_run *runs = malloc(sizeof(kv_run) * (size_t)max_runs);
     act_buffers a = {malloc(R * (size_t)max_k + 64), malloc(f * R * (size_t)max_k), malloc(f * R * (size_t)max_k),
                      {malloc(R * (size_t)(max_chunks * I8_CHUNK) + 64), malloc(sizeof(int32_t) * R * (size_t)(max_chunks * 16)),
@@ -699,11 +742,31 @@ static int decode(const tpo_decoder *m, float *x, int64_t rows, const int64_t *p
     float *part = malloc(f * (size_t)(threads * nq * hd)), *psum = malloc(f * (size_t)(threads * nq));
     float *pmax = malloc(f * (size_t)(threads * nq));
     int rc = 0;
-    if (!h || !qkv || !attn || !gu || !act || !scores || !trig || !runs || !a.xq || !a.sx || !a.sumx || !a.i8.xs ||
+    if (!h || !qkv || !attn || !gu || !act || !scores || !trig || !table_of || !runs || !a.xq || !a.sx || !a.sumx || !a.i8.xs ||
         !a.i8.start || !a.i8.sxl || !part || !psum || !pmax) {
         rc = -2;
         goto done;
     }
+    /* cos and sin of each row's position, rounded as the rotary module rounds them: once per distinct
+       table of frequencies (Gemma's sliding and global layers have two), not in every layer.
+       table_of[l]: layer l's table; first[t]: the first layer with table t. */
+    int64_t *first = table_of + m->n_layers;
+    for (int64_t l = 0; l < m->n_layers; l++) {
+        const float *freq = m->layers[l].inv_freq;
+        int64_t t = 0;
+        while (t < n_tables && memcmp(m->layers[first[t]].inv_freq, freq, sizeof(float) * (size_t)(hd / 2))) t++;
+        if (t == n_tables) first[n_tables++] = l;
+        table_of[l] = t;
+    }
+    for (int64_t r = 0; r < rows; r++)
+        for (int64_t t = 0; t < n_tables; t++) {
+            float *cos_ = trig + (r * n_tables + t) * hd, *sin_ = cos_ + hd / 2;
+            for (int64_t i = 0; i < hd / 2; i++) {
+                const float fr = (float)pos[r] * m->layers[first[t]].inv_freq[i];
+                cos_[i] = m->bf16 ? round_bf16(cosf(fr)) : cosf(fr);
+                sin_[i] = m->bf16 ? round_bf16(sinf(fr)) : sinf(fr);
+            }
+        }
     for (int64_t l = 0; l < m->n_layers; l++) {
         const tpo_layer *L = &m->layers[l];
         /* attention */
@@ -717,12 +780,7 @@ static int decode(const tpo_decoder *m, float *x, int64_t rows, const int64_t *p
                 for (int64_t i = 0; i < nq; i++) norm(q + i * hd, hd, L->q_norm, m, q + i * hd);
             if (L->k_norm)
                 for (int64_t i = 0; i < nkv; i++) norm(k + i * hd, hd, L->k_norm, m, k + i * hd);
-            float *cos_ = trig, *sin_ = trig + hd / 2;
-            for (int64_t i = 0; i < hd / 2; i++) {
-                const float fr = (float)pos[r] * L->inv_freq[i];
-                cos_[i] = m->bf16 ? round_bf16(cosf(fr)) : cosf(fr);
-                sin_[i] = m->bf16 ? round_bf16(sinf(fr)) : sinf(fr);
-            }
+            const float *cos_ = trig + (r * n_tables + table_of[l]) * hd, *sin_ = cos_ + hd / 2;
             for (int64_t i = 0; i < nq; i++) rotary(q + i * hd, hd, cos_, sin_, m->bf16);
             for (int64_t i = 0; i < nkv; i++) rotary(k + i * hd, hd, cos_, sin_, m->bf16);
             int64_t len, stride, write_at;
@@ -754,7 +812,7 @@ static int decode(const tpo_decoder *m, float *x, int64_t rows, const int64_t *p
         add_into(x, h, rows * d, m->bf16);
     }
 done:
-    free(h), free(qkv), free(attn), free(gu), free(act), free(scores), free(trig), free(runs);
+    free(h), free(qkv), free(attn), free(gu), free(act), free(scores), free(trig), free(table_of), free(runs);
     free(a.xq), free(a.sx), free(a.sumx), free(a.i8.xs), free(a.i8.start), free(a.i8.sxl);
     free(part), free(psum), free(pmax);
     return rc;
