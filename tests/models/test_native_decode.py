@@ -8,6 +8,7 @@ the bounds below are what a few of those allow, and far below what any wrong ope
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import weakref
 
@@ -161,11 +162,100 @@ def test_first_token_is_bit_exact_in_bfloat16(checkpoints, kind, quant):
 def test_generation_takes_the_native_step(checkpoints, monkeypatch):
     model = load(checkpoints["gemma3_text"], torch.bfloat16)
     calls = []
-    step = native_decode.NativeDecoder.hidden_states
-    monkeypatch.setattr(native_decode.NativeDecoder, "hidden_states", lambda *a: calls.append(1) or step(*a))
+    step = native_decode.NativeDecoder.logits
+    monkeypatch.setattr(native_decode.NativeDecoder, "logits", lambda *a: calls.append(1) or step(*a))
     options = GenerationOptions.from_ollama({"temperature": 0, "num_predict": 6, "num_ctx": 64})
     tokens = list(generate_tokens(model, prompt_ids(N_PROMPT), options, frozenset()))
     assert len(tokens) == 6 and len(calls) == 5  # the prefill and nothing else on the modules
+    # the same tokens as the modules give
+    monkeypatch.setenv(native_decode.ENV_SWITCH, "0")
+    assert list(generate_tokens(load(checkpoints["gemma3_text"], torch.bfloat16), prompt_ids(N_PROMPT), options,
+                                frozenset())) == tokens  # fmt: skip
+
+
+def logits_both_ways(model, tokens: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(N_DECODE, vocab) logits of each decode step: the token-to-logits call, and the native layers
+    followed by the model's own embedding, final norm and head, from the same caches."""
+    decoder = native_decoder(model)
+    assert decoder is not None and decoder.takes_tokens
+    caches = [KVCache.for_model(model, batch=1, max_len=64) for _ in range(2)]
+    native_rows, module_rows = [], []
+    with torch.inference_mode():
+        prompt = torch.tensor([tokens[:N_PROMPT]])
+        for cache in caches:
+            model.hidden_states(prompt, torch.arange(N_PROMPT)[None], cache)
+        for i in range(N_PROMPT, N_PROMPT + N_DECODE):
+            ids, pos = torch.tensor([[tokens[i]]]), torch.tensor([[i]])
+            native_rows.append(decoder.logits(ids, pos, caches[0]))
+            module_rows.append(model.logits(decoder.hidden_states(ids, pos, caches[1])[:, -1]).float()[0])
+    return torch.stack(native_rows), torch.stack(module_rows)
+
+
+@pytest.mark.parametrize("quant", ["int4", "int8"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "f32"])
+@pytest.mark.parametrize("kind", MODEL_TYPES)
+def test_token_to_logits_call_embeds_and_projects_as_the_modules(checkpoints, kind, dtype, quant):
+    """In bfloat16 equal to the last bit (the embedding dequantized, the final norm and the head
+    rounded as the modules do); in float32 the final norm's sum runs in another order."""
+    got, want = logits_both_ways(load(checkpoints[kind], dtype, quant), prompt_ids(N_PROMPT + N_DECODE))
+    if dtype == torch.bfloat16:
+        assert torch.equal(got, want)
+    else:
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "f32"])
+def test_token_to_logits_call_reads_a_float_embedding(checkpoints, dtype):
+    """An embedding left in the activation dtype (a plain nn.Embedding) beside a quantized head."""
+    model = load(checkpoints["llama"], dtype)
+    weight = model.model.embed_tokens.qweight.dequantize(dtype)
+    model.model.embed_tokens = torch.nn.Embedding.from_pretrained(weight)
+    kind = native_decode.EMBED_BF16 if dtype == torch.bfloat16 else native_decode.EMBED_F32
+    assert native_decoder(model).decoder.embed_kind == kind  # type: ignore[union-attr]
+    got, want = logits_both_ways(model, prompt_ids(N_PROMPT + N_DECODE))
+    tolerance = 0.0 if dtype == torch.bfloat16 else 1e-4  # as in the test above
+    torch.testing.assert_close(got, want, rtol=tolerance, atol=tolerance)
+
+
+def test_paged_token_to_logits_call_matches_the_modules_head(checkpoints):
+    model = load(checkpoints["gemma3_text"], torch.bfloat16)
+    decoder = native_decoder(model)
+    assert decoder is not None
+    pools = [BlockPool.for_model(model, 1 << 20, block_size=4, prefix_cache=False) for _ in range(2)]
+    windows = [block.self_attn.window for block in model.model.layers]
+    prompts = [prompt_ids(n, seed=n) for n in (3, 9, 14)]
+    with torch.inference_mode():
+        outs = []
+        for pool, as_logits in zip(pools, (True, False), strict=True):
+            seqs = [pool.new_sequence(p)[0] for p in prompts]
+            for seq, prompt in zip(seqs, prompts, strict=True):
+                assert seq.reserve(len(prompt) + 1)
+                cache = PagedBatchCache(pool, [seq], [0], [len(prompt)], windows)
+                model.hidden_states(torch.tensor([prompt]), torch.arange(len(prompt))[None], cache)
+                seq.commit(prompt)
+            ids, positions = torch.tensor([[5], [6], [7]]), [len(p) for p in prompts]
+            out = decoder.decode_paged(ids, positions, seqs, pool, logits=as_logits)
+            outs.append(out if as_logits else model.logits(out[:, -1]).float())
+    assert outs[0].shape == (3, decoder.vocab) and torch.equal(outs[0], outs[1])
+
+
+def test_token_ids_outside_the_vocabulary_are_refused(checkpoints):
+    model = load(checkpoints["llama"], torch.bfloat16)
+    decoder = native_decoder(model)
+    assert decoder is not None
+    cache = KVCache.for_model(model, batch=1, max_len=16)
+    for bad in (-1, decoder.vocab):
+        expected = rf"token {bad} at position 0: token ids must lie in 0\.\.{decoder.vocab - 1}"
+        with pytest.raises(ValueError, match=expected):
+            decoder.logits(torch.tensor([[bad]]), torch.tensor([[0]]), cache)
+    assert all(kv.used == 0 for kv in cache.layers)  # nothing written
+
+
+def test_logit_softcapping_keeps_the_modules_head(checkpoints, monkeypatch):
+    model = load(checkpoints["gemma3_text"], torch.bfloat16)
+    monkeypatch.setattr(model, "config", dataclasses.replace(model.config, final_logit_softcapping=30.0))
+    decoder = native_decoder(model)
+    assert decoder is not None and not decoder.takes_tokens
 
 
 def test_float_weights_keep_the_modules(checkpoints):

@@ -262,16 +262,24 @@ class Batch:
         ids = torch.tensor([[t] for t in tokens], dtype=torch.long, device=self.device)
         decoder = native_decoder(self.model)
         if decoder is not None and decoder.fits_pool(self.pool):
-            hidden = decoder.decode_paged(ids, [s.written for s in seqs], [s.kv for s in seqs], self.pool)
+            written, kvs = [s.written for s in seqs], [s.kv for s in seqs]
+            if decoder.takes_tokens:  # token ids to logits in one native call
+                logits = decoder.decode_paged(ids, written, kvs, self.pool, logits=True)
+                self._commit(seqs, tokens)
+                return logits
+            hidden = decoder.decode_paged(ids, written, kvs, self.pool)
         else:
             positions = torch.tensor([[seq.written] for seq in seqs], dtype=torch.long, device=self.device)
             starts = [s.written for s in seqs]
             cache = PagedBatchCache(self.pool, [s.kv for s in seqs], starts, [1] * len(seqs), self.windows)
             hidden = self.model.hidden_states(ids, positions, cache)  # type: ignore[operator]  # (B, 1, H)
+        self._commit(seqs, tokens)
+        return self.model.logits(hidden[:, -1]).float()  # type: ignore[operator]
+
+    def _commit(self, seqs: list[Running], tokens: list[int | None]) -> None:
         for seq, token in zip(seqs, tokens, strict=True):
             seq.kv.commit([int(token)])  # type: ignore[arg-type]
             seq.written += 1
-        return self.model.logits(hidden[:, -1]).float()  # type: ignore[operator]
 
     def _sample(self, seq: Running, logits: torch.Tensor) -> Event:
         rid = seq.request.id

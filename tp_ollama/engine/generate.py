@@ -119,6 +119,8 @@ def generate_tokens(
 def _last_logits(model: nn.Module, ids: torch.Tensor, positions: torch.Tensor, cache: KVCache) -> torch.Tensor:
     decoder = native_decoder(model) if ids.shape[1] == 1 else None
     if decoder is not None and decoder.fits(ids, positions, cache):
+        if decoder.takes_tokens:
+            return decoder.logits(ids, positions, cache)  # token to logits in one native call
         hidden = decoder.hidden_states(ids, positions, cache)  # all layers in one native call
     else:
         hidden = model.hidden_states(ids, positions, cache)  # type: ignore[operator]  # (1, T, hidden)

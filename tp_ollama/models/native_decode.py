@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from tp_ollama.kernels import native
-from tp_ollama.kernels.linear import QuantLinear, out_features
+from tp_ollama.kernels.linear import QuantEmbedding, QuantLinear, out_features
 from tp_ollama.kernels.quant import Int8Weight, QuantWeight, native_int4
 
 ENV_SWITCH = "TP_OLLAMA_NATIVE_DECODE"
@@ -84,14 +84,24 @@ class _Decoder(ctypes.Structure):
         ("norm_unit_offset", _int),
         ("gelu", _int),
         ("layers", ctypes.POINTER(_Layer)),
+        ("embed_kind", _int),
+        ("embed", _Linear),
+        ("embed_scale", _f32),
+        ("final_norm", _ptr),
+        ("head", _Linear),
     ]
+
+
+EMBED_QUANT, EMBED_F32, EMBED_BF16 = 0, 1, 2  # tpo_decoder.embed_kind
 
 
 def _weight(module: nn.Module | None) -> QuantWeight | None:
     """The quantized weight of a linear layer where a native kernel takes it, else None."""
-    if not isinstance(module, QuantLinear):
-        return None
-    w = module.qweight
+    return _native_weight(module.qweight) if isinstance(module, QuantLinear) else None
+
+
+def _native_weight(w: QuantWeight) -> QuantWeight | None:
+    """w where a native kernel takes it, else None."""
     if isinstance(w, Int8Weight):
         return w if w.native_matmul() is not None else None
     if not native_int4():  # int4 codes in torch's layout, which the native kernel does not read
@@ -167,6 +177,42 @@ class NativeDecoder:
         )
         self._cache: Any = None
         self._embed_scale = torch.tensor(cfg.hidden_size**0.5, dtype=self.dtype) if self.gemma else None
+        self._logits_fn, self._paged_logits = lib.tpo_decode_logits, lib.tpo_decode_paged_logits
+        self.vocab = 0
+        self.takes_tokens = self._describe_ends(model)
+
+    def _describe_ends(self, model: nn.Module) -> bool:
+        """Describe the embedding, final norm and LM head for the logits functions; False where one of
+        them is not what they read (then the model's own modules embed and project)."""
+        cfg: Any = model.config
+        body: Any = model.model
+        if getattr(cfg, "final_logit_softcapping", None) is not None:
+            return False
+        emb = body.embed_tokens
+        head_module = getattr(model, "lm_head", None)
+        d = self.decoder
+        if isinstance(emb, QuantEmbedding):
+            w = emb.qweight
+            if emb.dtype != self.dtype or _native_weight(w) is None:
+                return False
+            d.embed_kind, d.embed = EMBED_QUANT, self._quantized(w)
+            head = w if head_module is None else _weight(head_module)
+        elif isinstance(emb, nn.Embedding) and emb.weight.dtype == self.dtype and emb.weight.is_contiguous():
+            table = emb.weight.detach()
+            self._keep.append(table)
+            kind = EMBED_BF16 if self.dtype == torch.bfloat16 else EMBED_F32
+            n, k = table.shape
+            d.embed_kind, d.embed = kind, _Linear(packed=table.data_ptr(), n=n, k=k)
+            head = None if head_module is None else _weight(head_module)
+        else:
+            return False
+        if head is None or (head_module is not None and head_module.bias is not None):
+            return False
+        d.head = self._quantized(head)
+        d.embed_scale = float(self._embed_scale) if self._embed_scale is not None else 0.0
+        d.final_norm = self._norm(body.norm)
+        self.vocab = int(d.head.n)
+        return True
 
     def _vector(self, t: torch.Tensor | None, offset: bool = False) -> int | None:
         """A float32 copy of a norm scale (1 + w for Gemma) or bias, in the activation dtype's values."""
@@ -183,7 +229,9 @@ class NativeDecoder:
             return _Linear(n=0)
         w = _weight(module)
         assert w is not None
-        bias = self._vector(module.bias)  # type: ignore[arg-type]
+        return self._quantized(w, self._vector(module.bias))  # type: ignore[arg-type]
+
+    def _quantized(self, w: QuantWeight, bias: int | None = None) -> _Linear:
         if isinstance(w, Int8Weight):
             self._keep += [w.q, w.scale]
             n, k = w.shape
@@ -253,10 +301,24 @@ class NativeDecoder:
         x = self._embed(ids)
         rc = self._fn(ctypes.byref(self.decoder), x.data_ptr(), pos, torch.get_num_threads())
         if rc != 0:
-            raise MemoryError(f"the native decode step failed (code {rc}) at position {pos}")
+            raise _failure(rc, f"position {pos}", self.vocab)
         for kv in cache.layers:
             kv.used = max(kv.used, pos % kv.capacity + 1)
         return self._final_norm(x)
+
+    def logits(self, ids: torch.Tensor, positions: torch.Tensor, cache: Any) -> torch.Tensor:
+        """The next token's logits (vocab,) float32 where `fits` and `takes_tokens`: as
+        model.logits(hidden_states(...)[:, -1]).float()[0], the embedding and head in the same call."""
+        pos, token = int(positions[0, 0]), int(ids[0, 0])
+        if cache is not self._cache:
+            self._bind(cache)
+        out = torch.empty(self.vocab, dtype=torch.float32)
+        rc = self._logits_fn(ctypes.byref(self.decoder), token, pos, out.data_ptr(), torch.get_num_threads())
+        if rc != 0:
+            raise _failure(rc, f"token {token} at position {pos}", self.vocab)
+        for kv in cache.layers:
+            kv.used = max(kv.used, pos % kv.capacity + 1)
+        return out
 
     def fits_pool(self, pool: Any) -> bool:
         """Whether the step reads this paged KV pool (tp_ollama.engine.paged_kv.BlockPool)."""
@@ -267,10 +329,14 @@ class NativeDecoder:
             for k, v in zip(pool.k, pool.v, strict=True)
         )
 
-    def decode_paged(self, ids: torch.Tensor, positions: list[int], seqs: list[Any], pool: Any) -> torch.Tensor:
+    def decode_paged(
+        self, ids: torch.Tensor, positions: list[int], seqs: list[Any], pool: Any, logits: bool = False
+    ) -> torch.Tensor:
         """As model.hidden_states over a PagedBatchCache for one new token of each sequence where
         `fits_pool`: ids (B, 1) at `positions` (each past its sequence's committed ones, reserved)
-        -> (B, 1, hidden). Keys and values go to the sequences' blocks; committing them is the caller's."""
+        -> (B, 1, hidden); with `logits` (where `takes_tokens`) the (B, vocab) float32 logits instead,
+        as model.logits(...).float(). Keys and values go to the sequences' blocks; committing them is
+        the caller's."""
         for seq, p in zip(seqs, positions, strict=True):
             if not seq.length <= p < seq.capacity:
                 raise ValueError(f"cannot write position {p}: {seq.length} are committed and {seq.capacity} reserved")
@@ -281,13 +347,18 @@ class NativeDecoder:
         widest = max(len(seq.table) for seq in seqs)
         tables = torch.tensor([seq.table + [0] * (widest - len(seq.table)) for seq in seqs], dtype=torch.int64)
         pos = torch.tensor(positions, dtype=torch.int64)
+        where = (ctypes.byref(self.decoder), len(seqs), pos.data_ptr(), tables.data_ptr(), widest, pool.block_size)
+        if logits:
+            tokens = ids.reshape(-1).to(torch.int64).contiguous()
+            out = torch.empty(len(seqs), self.vocab, dtype=torch.float32)
+            rc = self._paged_logits(where[0], tokens.data_ptr(), *where[1:], out.data_ptr(), torch.get_num_threads())
+            if rc != 0:
+                raise _failure(rc, f"tokens {tokens.tolist()} at positions {positions}", self.vocab)
+            return out
         x = self._embed(ids)
-        rc = self._paged(
-            ctypes.byref(self.decoder), x.data_ptr(), len(seqs), pos.data_ptr(), tables.data_ptr(), widest,
-            pool.block_size, torch.get_num_threads(),
-        )  # fmt: skip
+        rc = self._paged(where[0], x.data_ptr(), *where[1:], torch.get_num_threads())
         if rc != 0:
-            raise MemoryError(f"the native decode step failed (code {rc}) at positions {positions}")
+            raise _failure(rc, f"positions {positions}", self.vocab)
         return self._final_norm(x)
 
     def _final_norm(self, x: torch.Tensor) -> torch.Tensor:
@@ -301,6 +372,13 @@ class NativeDecoder:
         if self._embed_scale is not None:
             x = x * self._embed_scale
         return x.float().contiguous()
+
+
+def _failure(rc: int, what: str, vocab: int) -> Exception:
+    """The error of a native step that returned rc (-2: out of memory, else refused)."""
+    if rc == -2:
+        return MemoryError(f"the native decode step ran out of memory at {what}")
+    return ValueError(f"the native decode step refused {what}: token ids must lie in 0..{vocab - 1}")
 
 
 def native_decoder(model: nn.Module) -> NativeDecoder | None:

@@ -35,7 +35,11 @@ log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("cpu_kernels.c")
 CPU_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512_vnni")
-COMPILE_FLAGS = ("-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni", "-fopenmp", "-shared", "-fPIC", "-lm")
+# -ffp-contract=off: a * b + c stays two roundings, as torch computes it, unless the code asks for an FMA.
+COMPILE_FLAGS = (
+    "-O3", "-ffp-contract=off", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni", "-fopenmp", "-shared",
+    "-fPIC", "-lm",
+)  # fmt: skip
 COMPILE_TIMEOUT_S = 120.0
 BLOCK_ROWS = 16  # weight rows per block of the layout
 GROUP_MULTIPLE = 16  # a group is a whole number of 16-float vectors
@@ -112,6 +116,10 @@ def library() -> ctypes.CDLL | None:
     lib.tpo_decode.argtypes = [ptr, ptr, i64, ctypes.c_int]  # see tp_ollama.models.native_decode
     lib.tpo_decode_paged.restype = ctypes.c_int
     lib.tpo_decode_paged.argtypes = [ptr, ptr, i64, ptr, ptr, i64, i64, ctypes.c_int]
+    lib.tpo_decode_logits.restype = ctypes.c_int
+    lib.tpo_decode_logits.argtypes = [ptr, i64, i64, ptr, ctypes.c_int]
+    lib.tpo_decode_paged_logits.restype = ctypes.c_int
+    lib.tpo_decode_paged_logits.argtypes = [ptr, ptr, i64, ptr, ptr, i64, i64, ptr, ctypes.c_int]
     return lib
 
 

@@ -364,7 +364,15 @@ typedef struct {
     int norm_unit_offset;  /* norms scale by a (1 + w) vector before rounding (Gemma), else by w after */
     int gelu;              /* MLP activation: GELU (tanh) for Gemma, else SiLU */
     const tpo_layer *layers;
+    /* tpo_decode_logits, tpo_decode_paged_logits: token ids in, logits out */
+    int embed_kind;          /* EMBED_QUANT (embed as a tpo_linear), EMBED_F32 or EMBED_BF16 rows at embed.packed */
+    tpo_linear embed;        /* (vocab, hidden); n = 0: none (the logits functions refuse) */
+    float embed_scale;       /* Gemma's sqrt(hidden) in the activation dtype's value; 0: none */
+    const float *final_norm; /* (hidden) */
+    tpo_linear head;         /* (vocab, hidden) LM head; n = 0: none */
 } tpo_decoder;
+
+enum { EMBED_QUANT = 0, EMBED_F32 = 1, EMBED_BF16 = 2 };
 
 static inline float round_bf16(float v) { return bf16_to_f32(f32_to_bf16(v)); }
 
@@ -422,6 +430,22 @@ typedef struct {
     float *sx, *sumx;
     i8_acts i8;
 } act_buffers;
+
+/* linear()'s scratch for up to `rows` rows of up to max_k inputs; -2 when out of memory (freed). */
+static int act_alloc(act_buffers *a, size_t rows, int64_t max_k) {
+    const size_t f = sizeof(float), k = (size_t)max_k, chunks = (size_t)(max_k / I8_CHUNK + 1);
+    *a = (act_buffers){malloc(rows * k + 64), malloc(f * rows * k), malloc(f * rows * k),
+                       {malloc(rows * chunks * I8_CHUNK + 64), malloc(sizeof(int32_t) * rows * chunks * 16),
+                        malloc(f * rows * chunks * 16)}};
+    if (a->xq && a->sx && a->sumx && a->i8.xs && a->i8.start && a->i8.sxl) return 0;
+    free(a->xq), free(a->sx), free(a->sumx), free(a->i8.xs), free(a->i8.start), free(a->i8.sxl);
+    *a = (act_buffers){0};
+    return -2;
+}
+
+static void act_free(act_buffers *a) {
+    free(a->xq), free(a->sx), free(a->sumx), free(a->i8.xs), free(a->i8.start), free(a->i8.sxl);
+}
 
 /* y (rows, n; rows ldy apart) = x (rows, k) @ w.T, rounded as quant_matmul's output and bias add are. */
 static void linear(const tpo_linear *w, const float *x, int64_t rows, float *y, int64_t ldy, act_buffers *a,
@@ -676,6 +700,35 @@ static void gated_act(float *gate, const float *up, int64_t n, int gelu, int bf1
     }
 }
 
+/* x (hidden) = the embedding of `token`, as the embedding modules dequantize it (float32 operations in
+the same order, then rounded to the activation dtype), times Gemma's scale in that dtype. */
+static void embed_row(const tpo_decoder *m, int64_t token, float *x) {
+    const tpo_linear *e = &m->embed;
+    const int64_t k = e->k;
+    if (m->embed_kind == EMBED_F32) {
+        memcpy(x, (const float *)e->packed + token * k, sizeof(float) * (size_t)k);
+    } else if (m->embed_kind == EMBED_BF16) {
+        for (int64_t j = 0; j < k; j++) x[j] = bf16_to_f32(((const uint16_t *)e->packed)[token * k + j]);
+    } else if (e->int8) { /* q * scale */
+        const int8_t *q = (const int8_t *)e->packed + token * k;
+        const float scale = bf16_to_f32(e->scale_zero[token]);
+        for (int64_t j = 0; j < k; j++) x[j] = (float)q[j] * scale;
+    } else { /* (q - 8) * scale + zero; the row is lane token % 16 of its block (see tpo_int4_mm) */
+        const uint8_t *block = e->packed + (token / BLOCK_ROWS) * BLOCK_ROWS * (k / 2);
+        const int64_t lane = token % BLOCK_ROWS;
+        for (int64_t j = 0; j < k; j++) {
+            const uint8_t byte = block[(j / CHUNK) * 64 + 4 * lane + j % 4];
+            const int code = (j % CHUNK) < 4 ? byte & 0x0F : byte >> 4;
+            const uint16_t *sz = e->scale_zero + 2 * ((j / e->group) * e->ld_sz + token);
+            const float scaled = ((float)code - 8.0f) * bf16_to_f32(sz[0]);
+            x[j] = scaled + bf16_to_f32(sz[1]);
+        }
+    }
+    if (m->bf16) round_all(x, k, 1);
+    if (m->embed_scale != 0.0f)
+        for (int64_t j = 0; j < k; j++) x[j] = m->bf16 ? round_bf16(x[j] * m->embed_scale) : x[j] * m->embed_scale;
+}
+
 /* Where one row's cache is: a sequence's own contiguous cache (tpo_decode) or block tables into the
 layers' pools (tpo_decode_paged). */
 typedef struct {
@@ -713,7 +766,8 @@ static int64_t cache_runs(const tpo_layer *L, const tpo_decoder *m, const kv_pag
 /* x (rows, hidden) holds the embedded tokens on entry and the last layer's outputs on return (before
 the final norm); row r is at position pos[r]. Returns 0, -1 on shapes the step does not take, -2
 when out of memory. */
-static int decode(const tpo_decoder *m, float *x, int64_t rows, const int64_t *pos, const kv_pages *pages, int threads) {
+static int decode(const tpo_decoder *m, float *x, int64_t rows, const int64_t *pos, const kv_pages *pages,
+                  const int64_t *tokens, float *logits, int threads) {
     const int64_t d = m->hidden, hd = m->head_dim, nq = m->n_q, nkv = m->n_kv, inter = m->intermediate;
     if (hd > 1024 || hd % 32 || nq % nkv || rows < 1) return -1;
     if (threads < 1) threads = 1;
@@ -728,7 +782,7 @@ static int decode(const tpo_decoder *m, float *x, int64_t rows, const int64_t *p
         }
     }
     const int64_t max_runs = pages->tables ? max_len / pages->block_size + 2 : 1;
-    const int64_t qkv_n = (nq + 2 * nkv) * hd, max_chunks = max_k / I8_CHUNK + 1;
+    const int64_t qkv_n = (nq + 2 * nkv) * hd;
     const size_t f = sizeof(float), R = (size_t)rows;
     float *h = malloc(f * R * (size_t)d), *qkv = malloc(f * R * (size_t)qkv_n);
     float *attn = malloc(f * R * (size_t)(nq * hd)), *gu = malloc(f * R * (size_t)(2 * inter));
@@ -736,17 +790,17 @@ static int decode(const tpo_decoder *m, float *x, int64_t rows, const int64_t *p
     float *trig = malloc(f * R * (size_t)(m->n_layers * hd));
     int64_t *table_of = malloc(sizeof(int64_t) * (size_t)(2 * m->n_layers)), n_tables = 0;
     kv_run *runs = malloc(sizeof(kv_run) * (size_t)max_runs);
-    act_buffers a = {malloc(R * (size_t)max_k + 64), malloc(f * R * (size_t)max_k), malloc(f * R * (size_t)max_k),
-                     {malloc(R * (size_t)(max_chunks * I8_CHUNK) + 64), malloc(sizeof(int32_t) * R * (size_t)(max_chunks * 16)),
-                      malloc(f * R * (size_t)(max_chunks * 16))}};
+    act_buffers a;
+    const int no_acts = act_alloc(&a, R, max_k);
     float *part = malloc(f * (size_t)(threads * nq * hd)), *psum = malloc(f * (size_t)(threads * nq));
     float *pmax = malloc(f * (size_t)(threads * nq));
     int rc = 0;
-    if (!h || !qkv || !attn || !gu || !act || !scores || !trig || !table_of || !runs || !a.xq || !a.sx || !a.sumx || !a.i8.xs ||
-        !a.i8.start || !a.i8.sxl || !part || !psum || !pmax) {
+    if (!h || !qkv || !attn || !gu || !act || !scores || !trig || !table_of || !runs || no_acts || !part || !psum || !pmax) {
         rc = -2;
         goto done;
     }
+    if (tokens)
+        for (int64_t r = 0; r < rows; r++) embed_row(m, tokens[r], x + r * d);
     /* cos and sin of each row's position, rounded as the rotary module rounds them: once per distinct
        table of frequencies (Gemma's sliding and global layers have two), not in every layer.
        table_of[l]: layer l's table; first[t]: the first layer with table t. */
@@ -811,9 +865,13 @@ static int decode(const tpo_decoder *m, float *x, int64_t rows, const int64_t *p
             if (L->post_ffn_norm) norm(h + r * d, d, L->post_ffn_norm, m, h + r * d);
         add_into(x, h, rows * d, m->bf16);
     }
+    if (logits) { /* the final norm and the LM head, rounded as the head's matmul output is */
+        for (int64_t r = 0; r < rows; r++) norm(x + r * d, d, m->final_norm, m, h + r * d);
+        linear(&m->head, h, rows, logits, m->head.n, &a, m, threads);
+    }
 done:
     free(h), free(qkv), free(attn), free(gu), free(act), free(scores), free(trig), free(table_of), free(runs);
-    free(a.xq), free(a.sx), free(a.sumx), free(a.i8.xs), free(a.i8.start), free(a.i8.sxl);
+    if (!no_acts) act_free(&a);
     free(part), free(psum), free(pmax);
     return rc;
 }
@@ -822,7 +880,7 @@ done:
 cache_pos, capacity): the cache holds positions 0..pos-1 as generation fills it. */
 int tpo_decode(const tpo_decoder *m, float *x, int64_t pos, int threads) {
     const kv_pages contiguous = {NULL, 0, 0};
-    return decode(m, x, 1, &pos, &contiguous, threads);
+    return decode(m, x, 1, &pos, &contiguous, NULL, NULL, threads);
 }
 
 /* One token of each of `rows` sequences, x (rows, hidden), at positions pos (rows), on the layers'
@@ -834,7 +892,42 @@ int tpo_decode_paged(const tpo_decoder *m, float *x, int64_t rows, const int64_t
     for (int64_t r = 0; r < rows; r++)
         if (pos[r] < 0 || pos[r] / block_size >= max_blocks) return -1;
     const kv_pages pages = {tables, max_blocks, block_size};
-    return decode(m, x, rows, pos, &pages, threads);
+    return decode(m, x, rows, pos, &pages, NULL, NULL, threads);
+}
+
+/* Whether the decoder has what the logits functions need, and every token id is in its vocabulary. */
+static int takes_tokens(const tpo_decoder *m, const int64_t *tokens, int64_t rows) {
+    if (m->embed.n < 1 || m->head.n < 1 || !m->final_norm || m->embed.k != m->hidden || m->head.k != m->hidden) return 0;
+    for (int64_t r = 0; r < rows; r++)
+        if (tokens[r] < 0 || tokens[r] >= m->embed.n) return 0;
+    return 1;
+}
+
+/* As tpo_decode from the token id to the logits (vocab) float32 (rounded to the activation dtype): the
+embedding, every layer, the final norm and the LM head in one call. A few torch operators a step are
+few, but run after the weights have streamed through the caches they cost ~0.1 ms each. */
+int tpo_decode_logits(const tpo_decoder *m, int64_t token, int64_t pos, float *logits, int threads) {
+    if (!takes_tokens(m, &token, 1)) return -1;
+    float *x = malloc(sizeof(float) * (size_t)m->hidden);
+    if (!x) return -2;
+    const kv_pages contiguous = {NULL, 0, 0};
+    const int rc = decode(m, x, 1, &pos, &contiguous, &token, logits, threads);
+    free(x);
+    return rc;
+}
+
+/* As tpo_decode_paged from token ids (rows) to logits (rows, vocab), as tpo_decode_logits. */
+int tpo_decode_paged_logits(const tpo_decoder *m, const int64_t *tokens, int64_t rows, const int64_t *pos,
+                            const int64_t *tables, int64_t max_blocks, int64_t block_size, float *logits, int threads) {
+    if (block_size < 1 || max_blocks < 1 || rows < 1 || !takes_tokens(m, tokens, rows)) return -1;
+    for (int64_t r = 0; r < rows; r++)
+        if (pos[r] < 0 || pos[r] / block_size >= max_blocks) return -1;
+    float *x = malloc(sizeof(float) * (size_t)(rows * m->hidden));
+    if (!x) return -2;
+    const kv_pages pages = {tables, max_blocks, block_size};
+    const int rc = decode(m, x, rows, pos, &pages, tokens, logits, threads);
+    free(x);
+    return rc;
 }
 
 /* The sum of n float32 values (n a multiple of 64, p 64-byte aligned), four independent accumulators
