@@ -129,6 +129,8 @@ def test_compare_end_to_end_through_the_cli(checkpoint: Path, tmp_path: Path) ->
     assert out.with_suffix(".md").read_text().count("|") > 10
     assert list(tmp_path.glob("compare-*.png"))
     assert "| tp2 |" in done.stdout
+    probes = report["machine"]["read_bandwidth_probes_gbs"]  # before the first round and after each
+    assert len(probes) == 2 and report["machine"]["read_bandwidth_gbs"] == max(probes) > 0
     # every target's bytes per token count the same float32 keys and values of the same workload
     kv = {r["target"]: r["extra"]["kv_bytes_per_token"] for r in report["results"]}
     assert kv[labels[0]] == kv[labels[2]] and sum(kv[labels[1]]) == kv[labels[0]][0] > 0

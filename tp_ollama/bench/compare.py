@@ -12,6 +12,10 @@ Targets (each optionally labelled `LABEL@TARGET`):
 Engines share one workload (prompt and generation lengths, total threads), so every pair of targets
 gets a ratio for each figure both measured. `--cold-start` adds process start to first token:
 `tp-ollama generate --num-predict 1` for the engine, the peer's own process for the others.
+
+Each target's bandwidth fraction is bytes read per token (weights, and the keys and values the
+attention reads) x tok/s over the host's read bandwidth, probed before the first round and after
+each (machine.read_bandwidth_probes_gbs): the highest probe is the roofline.
 """
 
 from __future__ import annotations
@@ -146,10 +150,11 @@ def run_compare(
         raise ConfigError(f"compare targets need distinct labels, got {labels}; name them LABEL@TARGET")
     threads = threads or os.cpu_count() or 1
     path = resolve_model(model)
-    bandwidth = read_bandwidth_gbs(threads)
+    # The roofline is probed before the first round and after each: on a shared host it moves with the
+    # neighbours' load, and the highest probe (the least flattering for every target) is the one used.
+    probes = [read_bandwidth_gbs(threads)]
     workload = {"prompt_tokens": prompt_tokens, "gen_tokens": gen_tokens, "threads": threads}
     report = rpt.new_report("compare", {"model": model, "rounds": rounds, "cold_start": cold_start, **workload}, argv)
-    report["machine"] = rpt.machine_info(bandwidth)
     engine_cfg = {t.label: _engine_config(t, prompt_tokens, gen_tokens) for t in parsed if t.kind == ENGINE}
     runs: dict[str, list[dict[str, Any]]] = {t.label: [] for t in parsed}
     colds: dict[str, list[float]] = {t.label: [] for t in parsed}
@@ -170,6 +175,9 @@ def run_compare(
                     out = run_peer(t.kind, path, prompt_tokens, gen_tokens, threads, dtype, timeout_s)
                     runs[t.label].append(out)
                     colds[t.label].append(out["cold_start_s"])
+            probes.append(read_bandwidth_gbs(threads))
+    bandwidth = max(probes)
+    report["machine"] = {**rpt.machine_info(bandwidth), "read_bandwidth_probes_gbs": probes}
     for t in parsed:
         extra = {"kind": t.kind, "options": t.options}
         if t.kind == ENGINE:

@@ -155,6 +155,12 @@ SCHEMA: dict[str, Any] = {
                 "read_bandwidth_gbs": _field(
                     ["number", "null"], "measured memory read bandwidth, GB/s; null when not measured", minimum=0
                 ),
+                "read_bandwidth_probes_gbs": _field(
+                    "array",
+                    "each measurement of the read bandwidth during the run (on a shared host it moves); "
+                    "read_bandwidth_gbs is the highest",
+                    items={"type": "number", "minimum": 0},
+                ),
             },
         },
         "settings": _field("object", "what the run was asked to do, free-form"),
