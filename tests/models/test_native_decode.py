@@ -50,17 +50,24 @@ def load(path, dtype: torch.dtype, quant: str = "int4"):
     return load_model(open_checkpoint(path), dtype, torch.device("cpu"), quant=quant)
 
 
-def both_paths(model, tokens: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-    """(N_DECODE, hidden) final hidden states of each decode step, native and torch, fed the same
-    tokens after the same prefill."""
+def prefilled(model, tokens: list[int]) -> tuple[native_decode.NativeDecoder, list[KVCache]]:
+    """The model's native decoder and two KV caches holding the same prefill of tokens[:N_PROMPT]."""
     decoder = native_decoder(model)
     assert decoder is not None
     caches = [KVCache.for_model(model, batch=1, max_len=64) for _ in range(2)]
-    native_rows, torch_rows = [], []
+    prompt = torch.tensor([tokens[:N_PROMPT]])
     with torch.inference_mode():
-        prompt = torch.tensor([tokens[:N_PROMPT]])
         for cache in caches:
             model.hidden_states(prompt, torch.arange(N_PROMPT)[None], cache)
+    return decoder, caches
+
+
+def both_paths(model, tokens: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(N_DECODE, hidden) final hidden states of each decode step, native and torch, fed the same
+    tokens after the same prefill."""
+    decoder, caches = prefilled(model, tokens)
+    native_rows, torch_rows = [], []
+    with torch.inference_mode():
         for i in range(N_PROMPT, N_PROMPT + N_DECODE):
             ids, pos = torch.tensor([[tokens[i]]]), torch.tensor([[i]])
             assert decoder.fits(ids, pos, caches[0])
@@ -176,14 +183,10 @@ def test_generation_takes_the_native_step(checkpoints, monkeypatch):
 def logits_both_ways(model, tokens: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
     """(N_DECODE, vocab) logits of each decode step: the token-to-logits call, and the native layers
     followed by the model's own embedding, final norm and head, from the same caches."""
-    decoder = native_decoder(model)
-    assert decoder is not None and decoder.takes_tokens
-    caches = [KVCache.for_model(model, batch=1, max_len=64) for _ in range(2)]
+    decoder, caches = prefilled(model, tokens)
+    assert decoder.takes_tokens
     native_rows, module_rows = [], []
     with torch.inference_mode():
-        prompt = torch.tensor([tokens[:N_PROMPT]])
-        for cache in caches:
-            model.hidden_states(prompt, torch.arange(N_PROMPT)[None], cache)
         for i in range(N_PROMPT, N_PROMPT + N_DECODE):
             ids, pos = torch.tensor([[tokens[i]]]), torch.tensor([[i]])
             native_rows.append(decoder.logits(ids, pos, caches[0]))
