@@ -248,7 +248,7 @@ def test_token_ids_outside_the_vocabulary_are_refused(checkpoints):
     assert decoder is not None
     cache = KVCache.for_model(model, batch=1, max_len=16)
     for bad in (-1, decoder.vocab):
-        expected = rf"token {bad} at position 0: token ids must lie in 0\.\.{decoder.vocab - 1}"
+        expected = rf"token {bad} at position 0: it takes token ids in 0\.\.{decoder.vocab - 1}"
         with pytest.raises(ValueError, match=expected):
             decoder.logits(torch.tensor([[bad]]), torch.tensor([[0]]), cache)
     assert all(kv.used == 0 for kv in cache.layers)  # nothing written

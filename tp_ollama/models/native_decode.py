@@ -1,13 +1,15 @@
-"""The decode step of a whole model in one native call (`tpo_decode` and `tpo_decode_paged` in
-kernels/native/cpu_kernels.c).
+"""The decode step of a whole model in one native call (`tpo_decode_logits`, `tpo_decode_paged_logits`
+and their hidden-state forms `tpo_decode`, `tpo_decode_paged` in kernels/native/cpu_kernels.c).
 
 A decode step of gemma3:270m runs ~1000 torch operators and kernel calls of a few microseconds each:
 on two cores that dispatch costs about as much as reading the weights. Where every linear layer of a
 Llama-family or Gemma 3 model is on a native kernel (int4 in the native layout, int8), a decode step
-goes through all layers in one call: one sequence over its contiguous KV cache
-(tp_ollama.engine.kv_cache: `generate`, the benchmarks) or the server's batch of sequences over the
-paged KV pools (tp_ollama.engine.paged_kv). The embedding, the final norm and the LM head stay torch
-modules.
+goes from the token id to the logits in one call (`logits`, `decode_paged(..., logits=True)`): the
+embedding row, all layers, the final norm and the LM head, for one sequence over its contiguous KV
+cache (tp_ollama.engine.kv_cache: `generate`, the benchmarks) or the server's batch of sequences over
+the paged KV pools (tp_ollama.engine.paged_kv). Where the embedding or head is not one it reads (a
+float head, logit soft-capping: `takes_tokens` is False), the layers still run in one call and the
+modules embed and project.
 
 The native step computes what the torch modules compute, operation by operation, rounding to bfloat16
 where they round (tests/models/test_native_decode.py holds the two paths together). Prefill, sharded
@@ -301,7 +303,7 @@ class NativeDecoder:
         x = self._embed(ids)
         rc = self._fn(ctypes.byref(self.decoder), x.data_ptr(), pos, torch.get_num_threads())
         if rc != 0:
-            raise _failure(rc, f"position {pos}", self.vocab)
+            raise _failure(rc, f"position {pos}", "shapes it takes")
         for kv in cache.layers:
             kv.used = max(kv.used, pos % kv.capacity + 1)
         return self._final_norm(x)
@@ -309,13 +311,15 @@ class NativeDecoder:
     def logits(self, ids: torch.Tensor, positions: torch.Tensor, cache: Any) -> torch.Tensor:
         """The next token's logits (vocab,) float32 where `fits` and `takes_tokens`: as
         model.logits(hidden_states(...)[:, -1]).float()[0], the embedding and head in the same call."""
+        if not self.takes_tokens:
+            raise RuntimeError("this model's embedding or LM head is not one the native step reads")
         pos, token = int(positions[0, 0]), int(ids[0, 0])
         if cache is not self._cache:
             self._bind(cache)
         out = torch.empty(self.vocab, dtype=torch.float32)
         rc = self._logits_fn(ctypes.byref(self.decoder), token, pos, out.data_ptr(), torch.get_num_threads())
         if rc != 0:
-            raise _failure(rc, f"token {token} at position {pos}", self.vocab)
+            raise _failure(rc, f"token {token} at position {pos}", self._vocabulary())
         for kv in cache.layers:
             kv.used = max(kv.used, pos % kv.capacity + 1)
         return out
@@ -347,19 +351,25 @@ class NativeDecoder:
         widest = max(len(seq.table) for seq in seqs)
         tables = torch.tensor([seq.table + [0] * (widest - len(seq.table)) for seq in seqs], dtype=torch.int64)
         pos = torch.tensor(positions, dtype=torch.int64)
-        where = (ctypes.byref(self.decoder), len(seqs), pos.data_ptr(), tables.data_ptr(), widest, pool.block_size)
+        batch = (len(seqs), pos.data_ptr(), tables.data_ptr(), widest, pool.block_size)
+        decoder, threads = ctypes.byref(self.decoder), torch.get_num_threads()
         if logits:
+            if not self.takes_tokens:
+                raise RuntimeError("this model's embedding or LM head is not one the native step reads")
             tokens = ids.reshape(-1).to(torch.int64).contiguous()
             out = torch.empty(len(seqs), self.vocab, dtype=torch.float32)
-            rc = self._paged_logits(where[0], tokens.data_ptr(), *where[1:], out.data_ptr(), torch.get_num_threads())
+            rc = self._paged_logits(decoder, tokens.data_ptr(), *batch, out.data_ptr(), threads)
             if rc != 0:
-                raise _failure(rc, f"tokens {tokens.tolist()} at positions {positions}", self.vocab)
+                raise _failure(rc, f"tokens {tokens.tolist()} at positions {positions}", self._vocabulary())
             return out
         x = self._embed(ids)
-        rc = self._paged(where[0], x.data_ptr(), *where[1:], torch.get_num_threads())
+        rc = self._paged(decoder, x.data_ptr(), *batch, threads)
         if rc != 0:
-            raise _failure(rc, f"positions {positions}", self.vocab)
+            raise _failure(rc, f"positions {positions}", "shapes it takes")
         return self._final_norm(x)
+
+    def _vocabulary(self) -> str:
+        return f"token ids in 0..{self.vocab - 1}"
 
     def _final_norm(self, x: torch.Tensor) -> torch.Tensor:
         out: torch.Tensor = self._final(x.to(self.dtype))
@@ -374,11 +384,11 @@ class NativeDecoder:
         return x.float().contiguous()
 
 
-def _failure(rc: int, what: str, vocab: int) -> Exception:
-    """The error of a native step that returned rc (-2: out of memory, else refused)."""
+def _failure(rc: int, what: str, expected: str) -> Exception:
+    """The error of a native step that returned rc: -2 out of memory, else it refused `what`."""
     if rc == -2:
         return MemoryError(f"the native decode step ran out of memory at {what}")
-    return ValueError(f"the native decode step refused {what}: token ids must lie in 0..{vocab - 1}")
+    return ValueError(f"the native decode step refused {what}: it takes {expected}")
 
 
 def native_decoder(model: nn.Module) -> NativeDecoder | None:
