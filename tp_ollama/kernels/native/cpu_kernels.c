@@ -7,6 +7,8 @@
                      largest); torch's own takes ~0.6 ms over a 262k vocabulary, a tenth of a decode step
   tpo_decode         one token through every layer of a Llama-family or Gemma 3 decoder (see below)
   tpo_decode_paged   the same for a batch of sequences on paged KV pools (the server's decode step)
+  tpo_decode_logits, tpo_decode_paged_logits
+                     the same from token ids to logits: embedding, layers, final norm and LM head
 
 tpo_int4_mm: y (M, N) = x (M, K) @ w.T, float32 in and out.
 
