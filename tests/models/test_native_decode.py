@@ -169,8 +169,8 @@ def test_first_token_is_bit_exact_in_bfloat16(checkpoints, kind, quant):
 def test_generation_takes_the_native_step(checkpoints, monkeypatch):
     model = load(checkpoints["gemma3_text"], torch.bfloat16)
     calls = []
-    step = native_decode.NativeDecoder.logits
-    monkeypatch.setattr(native_decode.NativeDecoder, "logits", lambda *a: calls.append(1) or step(*a))
+    step = native_decode.NativeDecoder.step
+    monkeypatch.setattr(native_decode.NativeDecoder, "step", lambda *a: calls.append(1) or step(*a))
     options = GenerationOptions.from_ollama({"temperature": 0, "num_predict": 6, "num_ctx": 64})
     tokens = list(generate_tokens(model, prompt_ids(N_PROMPT), options, frozenset()))
     assert len(tokens) == 6 and len(calls) == 5  # the prefill and nothing else on the modules
@@ -286,6 +286,7 @@ def test_fits_only_one_token_of_one_sequence_in_order(checkpoints):
     one = torch.tensor([[5]])
     assert decoder.fits(one, torch.tensor([[4]]), cache)
     assert not decoder.fits(one, torch.tensor([[6]]), cache)  # positions 4 and 5 are not in the cache
+    assert decoder.fits_at(4, cache) and not decoder.fits_at(6, cache)
     assert not decoder.fits(torch.tensor([[5, 6]]), torch.tensor([[4, 5]]), cache)
     pair = KVCache.for_model(model, batch=2, max_len=32)
     assert not decoder.fits(torch.tensor([[5], [6]]), torch.tensor([[0], [0]]), pair)

@@ -285,15 +285,19 @@ class NativeDecoder:
     def fits(self, ids: torch.Tensor, positions: torch.Tensor, cache: Any) -> bool:
         """One token of one sequence on a contiguous cache of this model's dtype that holds exactly
         positions 0..pos-1 (the step attends over the first min(pos + 1, capacity) slots)."""
-        if ids.shape != (1, 1) or ids.device.type != "cpu" or not hasattr(cache, "layers"):
+        if ids.shape != (1, 1) or ids.device.type != "cpu":
             return False
-        pos = int(positions[0, 0])
-        if any(kv.used != min(pos, kv.capacity) for kv in cache.layers):
+        return self.fits_at(int(positions[0, 0]), cache)
+
+    def fits_at(self, pos: int, cache: Any) -> bool:
+        """`fits` for one token at position `pos` (plain ints: what generation's loop has at hand)."""
+        if not hasattr(cache, "layers") or any(kv.used != min(pos, kv.capacity) for kv in cache.layers):
             return False
         return cache is self._cache or all(
-            kv.k.dtype == self.dtype and kv.k.shape[0] == 1 and kv.k.is_contiguous() and kv.v.is_contiguous()
+            kv.k.dtype == self.dtype and kv.k.device.type == "cpu" and kv.k.shape[0] == 1 and kv.k.is_contiguous()
+            and kv.v.is_contiguous()
             for kv in cache.layers
-        )
+        )  # fmt: skip
 
     def hidden_states(self, ids: torch.Tensor, positions: torch.Tensor, cache: Any) -> torch.Tensor:
         """As model.hidden_states for one token where `fits`: (1, 1) ids and positions -> (1, 1, hidden)."""
@@ -311,9 +315,12 @@ class NativeDecoder:
     def logits(self, ids: torch.Tensor, positions: torch.Tensor, cache: Any) -> torch.Tensor:
         """The next token's logits (vocab,) float32 where `fits` and `takes_tokens`: as
         model.logits(hidden_states(...)[:, -1]).float()[0], the embedding and head in the same call."""
+        return self.step(int(ids[0, 0]), int(positions[0, 0]), cache)
+
+    def step(self, token: int, pos: int, cache: Any) -> torch.Tensor:
+        """`logits` for token id `token` at position `pos` where `fits_at` and `takes_tokens`."""
         if not self.takes_tokens:
             raise RuntimeError("this model's embedding or LM head is not one the native step reads")
-        pos, token = int(positions[0, 0]), int(ids[0, 0])
         if cache is not self._cache:
             self._bind(cache)
         out = torch.empty(self.vocab, dtype=torch.float32)
