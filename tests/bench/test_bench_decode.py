@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 
 from tp_ollama.bench import report as rpt
-from tp_ollama.bench.compare import parse_engine_target, run_compare
+from tp_ollama.bench.compare import _paired_fractions, parse_engine_target, run_compare
 from tp_ollama.bench.decode import DecodeConfig, kv_read_bytes, prompt_ids, run_decode
 from tp_ollama.errors import ConfigError
 from tp_ollama.models.gemma3 import Gemma3TextConfig
@@ -65,6 +65,13 @@ def test_decode_bytes_hold_the_kv_cache_each_rank_reads(decode_report: dict[str,
     assert by_tp[1]["extra"]["kv_bytes_per_token"] == [whole]
     assert sum(by_tp[2]["extra"]["kv_bytes_per_token"]) == whole  # each rank reads its own KV heads
     assert by_tp[1]["bandwidth"]["bytes_per_token"][0] > whole > 0
+
+
+def test_each_round_is_held_against_the_bandwidth_probed_around_it() -> None:
+    # 2 ranks of 1e9 bytes; rounds at 10, 20, 5 tok/s; probes 40 | 50 | 20 | 25 GB/s around them
+    medians, by_round = _paired_fractions([10**9, 10**9], [10.0, 20.0, 5.0], [40.0, 50.0, 20.0, 25.0])
+    assert by_round == [[10 / 50] * 2, [20 / 50] * 2, [5 / 25] * 2]
+    assert medians == [0.2, 0.2]
 
 
 def test_kv_read_bytes_by_hand_with_sliding_layers() -> None:
@@ -131,6 +138,10 @@ def test_compare_end_to_end_through_the_cli(checkpoint: Path, tmp_path: Path) ->
     assert "| tp2 |" in done.stdout
     probes = report["machine"]["read_bandwidth_probes_gbs"]  # before the first round and after each
     assert len(probes) == 2 and report["machine"]["read_bandwidth_gbs"] == max(probes) > 0
+    for r in report["results"]:  # one round: its fraction is against the higher of the two probes
+        (row,) = r["extra"]["bandwidth_fraction_rounds"]
+        assert r["bandwidth"]["fraction"] == row
+        assert row[0] == pytest.approx(r["bandwidth"]["bytes_per_token"][0] * r["decode_tok_s"] / 1e9 / max(probes))
     # every target's bytes per token count the same float32 keys and values of the same workload
     kv = {r["target"]: r["extra"]["kv_bytes_per_token"] for r in report["results"]}
     assert kv[labels[0]] == kv[labels[2]] and sum(kv[labels[1]]) == kv[labels[0]][0] > 0

@@ -15,7 +15,8 @@ gets a ratio for each figure both measured. `--cold-start` adds process start to
 
 Each target's bandwidth fraction is bytes read per token (weights, and the keys and values the
 attention reads) x tok/s over the host's read bandwidth, probed before the first round and after
-each (machine.read_bandwidth_probes_gbs): the highest probe is the roofline.
+each (machine.read_bandwidth_probes_gbs; read_bandwidth_gbs is the highest): each round against the
+higher probe around it, the median over rounds (extra.bandwidth_fraction_rounds holds every round's).
 """
 
 from __future__ import annotations
@@ -151,7 +152,7 @@ def run_compare(
     threads = threads or os.cpu_count() or 1
     path = resolve_model(model)
     # The roofline is probed before the first round and after each: on a shared host it moves with the
-    # neighbours' load, and the highest probe (the least flattering for every target) is the one used.
+    # neighbours' load (see _paired_fractions).
     probes = [read_bandwidth_gbs(threads)]
     workload = {"prompt_tokens": prompt_tokens, "gen_tokens": gen_tokens, "threads": threads}
     report = rpt.new_report("compare", {"model": model, "rounds": rounds, "cold_start": cold_start, **workload}, argv)
@@ -187,12 +188,32 @@ def run_compare(
             step_bytes = _peer_bytes(t, path, runs[t.label][0], prompt_tokens, gen_tokens)
             metrics = _peer_metrics(runs[t.label], step_bytes, bandwidth)
             metrics["extra"] = {**extra, "kv_bytes_per_token": metrics.pop("kv_bytes_per_token", [])}
+        if "bandwidth" in metrics:
+            fractions, by_round = _paired_fractions(metrics["bandwidth"]["bytes_per_token"],
+                                                    metrics["decode_tok_s_rounds"], probes)  # fmt: skip
+            metrics["bandwidth"]["fraction"] = fractions
+            metrics["extra"]["bandwidth_fraction_rounds"] = by_round
         if cold_start:
             metrics["cold_start_s"] = statistics.median(colds[t.label])
             metrics["extra"]["cold_start_s_rounds"] = colds[t.label]
         rpt.add_result(report, t.label, workload, rounds=rounds, **metrics)
     rpt.pairwise_ratios(report, HEADLINE)
     return report
+
+
+def _paired_fractions(
+    bytes_per_rank: Sequence[int], tok_s_rounds: Sequence[float], probes: Sequence[float]
+) -> tuple[list[float], list[list[float]]]:
+    """Each rank's bandwidth fraction: per round, bytes x that round's tok/s over the higher of the two
+    probes around the round (probes[r] before it, probes[r + 1] after), then the median over rounds.
+    A round is held against the memory as it was then, not against a probe taken while the
+    neighbours were quiet or busy in another round. Returns the medians and, per round, the fractions."""
+    by_round = [
+        [b * tok_s / 1e9 / max(probes[r], probes[r + 1]) for b in bytes_per_rank]
+        for r, tok_s in enumerate(tok_s_rounds)
+    ]
+    medians = [statistics.median(row[i] for row in by_round) for i in range(len(bytes_per_rank))]
+    return medians, by_round
 
 
 def _engine_config(t: EngineTarget, prompt_tokens: int, gen_tokens: int) -> DecodeConfig:

@@ -88,7 +88,8 @@ _METRICS: dict[str, dict[str, Any]] = {
             ),
             "fraction": _field(
                 "array",
-                "achieved_gbs / machine.read_bandwidth_gbs (1.0 = the machine's limit)",
+                "achieved_gbs / machine.read_bandwidth_gbs (1.0 = the machine's limit); in `compare` the "
+                "median over rounds of each round against the read bandwidth probed around it",
                 items={"type": "number", "minimum": 0},
             ),
         },
