@@ -64,12 +64,15 @@ def marked_processes(name: str, value: str) -> list[psutil.Process]:
 
 @pytest.fixture
 def fake_tp_ollama(tmp_path: Path) -> Path:
-    """A stand-in `tp-ollama` that prints its arguments (and the thread count) as one JSON line."""
+    """A stand-in `tp-ollama` that prints its arguments (and the thread count) as one JSON line, in
+    one write: tasks started side by side share the pipe, and print() under PYTHONUNBUFFERED writes
+    the text and its newline separately, so two tasks' lines could interleave."""
     return write_exe(
         tmp_path / "tp-ollama",
         f"#!{sys.executable}\n"
         "import json, os, sys\n"
-        "print(json.dumps({'argv': sys.argv[1:], 'omp': os.environ.get('OMP_NUM_THREADS')}))\n",
+        "line = json.dumps({'argv': sys.argv[1:], 'omp': os.environ.get('OMP_NUM_THREADS')}) + '\\n'\n"
+        "os.write(1, line.encode())\n",
     )
 
 
