@@ -33,9 +33,9 @@ def count_reads(monkeypatch) -> list[str]:
     reads: list[str] = []
     real = loading.read_packed
 
-    def spy(ckpt, name, param, packing):
+    def spy(ckpt, name, param, packing, **kw):
         reads.append(name)
-        return real(ckpt, name, param, packing)
+        return real(ckpt, name, param, packing, **kw)
 
     monkeypatch.setattr(loading, "read_packed", spy)
     return reads

@@ -68,16 +68,19 @@ def param_slices(param: torch.Tensor) -> tuple[Range | None, Range | None]:
     return ((start, end), None) if dim == 0 else (None, (start, end))
 
 
-def read_packed(ckpt: Checkpoint, name: str, param: torch.Tensor, packing: str) -> QuantWeight:
+def read_packed(
+    ckpt: Checkpoint, name: str, param: torch.Tensor, packing: str, huge_pages: bool = False
+) -> QuantWeight:
     """This rank's slice of a weight in `packing`: 4-bit GGUF blocks directly, anything else read
     as float32 a band of rows at a time and packed, so no more than READ_CHUNK_ELEMENTS floats of it
-    exist at once (a 262k-token embedding would otherwise take 0.7 GB of float32 and more in temporaries)."""
+    exist at once (a 262k-token embedding would otherwise take 0.7 GB of float32 and more in temporaries).
+    `huge_pages`: in 2 MiB pages (a CPU weight that decode streams), each byte copied there once."""
     rows, cols = param_slices(param)
     if packing == "int4":
         read_int4 = getattr(ckpt, "read_int4", None)
         direct = read_int4(name, rows, cols) if read_int4 is not None else None
         if direct is not None:
-            return direct
+            return in_huge_pages(direct) if huge_pages else direct
     n_rows, n_cols = ckpt.shape(name)
     r0, r1 = rows if rows is not None else (0, n_rows)
     width = cols[1] - cols[0] if cols is not None else n_cols
@@ -85,7 +88,9 @@ def read_packed(ckpt: Checkpoint, name: str, param: torch.Tensor, packing: str) 
     # Bands of whole 256-row units: whole int4 tiles, and whole heads for the Q/K row permutation.
     step = max(256, READ_CHUNK_ELEMENTS // max(n_cols, 1) // 256 * 256)
     parts = [_pack_band(ckpt, name, (a, min(a + step, r1)), cols, int4) for a in range(r0, r1, step)]
-    return parts[0] if len(parts) == 1 else concat(parts)
+    if len(parts) > 1:
+        return concat(parts)  # joined in 2 MiB pages in any case
+    return in_huge_pages(parts[0]) if huge_pages else parts[0]
 
 
 def _pack_band(ckpt: Checkpoint, name: str, rows: Range, cols: Range | None, int4: bool) -> QuantWeight:
@@ -151,10 +156,9 @@ def quantize_modules(
     weights: dict[str, QuantWeight] = {}
     counts: Counter[str] = Counter()
     for path, module, packing in plan:
-        weight = cached.get(path)
-        if weight is None:
-            weight = read_packed(ckpt, f"{path}.weight", module.weight, packing)  # type: ignore[arg-type]
-            weight = in_huge_pages(weight) if device.type == "cpu" else weight
+        param: torch.Tensor = module.weight  # type: ignore[assignment]
+        huge = device.type == "cpu"
+        weight = cached.get(path) or read_packed(ckpt, f"{path}.weight", param, packing, huge_pages=huge)
         weights[path] = weight
         weight = weight.to(device)
         new: nn.Module
