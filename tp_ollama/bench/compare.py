@@ -177,16 +177,15 @@ def run_compare(
                     runs[t.label].append(out)
                     colds[t.label].append(out["cold_start_s"])
             probes.append(read_bandwidth_gbs(threads))
-    bandwidth = max(probes)
-    report["machine"] = {**rpt.machine_info(bandwidth), "read_bandwidth_probes_gbs": probes}
+    report["machine"] = {**rpt.machine_info(max(probes)), "read_bandwidth_probes_gbs": probes}
     for t in parsed:
         extra = {"kind": t.kind, "options": t.options}
         if t.kind == ENGINE:
-            metrics = summarize_runs(engine_cfg[t.label], runs[t.label], bandwidth)
+            metrics = summarize_runs(engine_cfg[t.label], runs[t.label], None)  # fractions: below
             metrics["extra"] = {**metrics["extra"], **extra}
         else:
             step_bytes = _peer_bytes(t, path, runs[t.label][0], prompt_tokens, gen_tokens)
-            metrics = _peer_metrics(runs[t.label], step_bytes, bandwidth)
+            metrics = _peer_metrics(runs[t.label], step_bytes)
             metrics["extra"] = {**extra, "kv_bytes_per_token": metrics.pop("kv_bytes_per_token", [])}
         if "bandwidth" in metrics:
             fractions, by_round = _paired_fractions(metrics["bandwidth"]["bytes_per_token"],
@@ -239,7 +238,7 @@ def _threads_per_rank(threads: int, tp: int) -> Iterator[None]:
             os.environ["OMP_NUM_THREADS"] = saved
 
 
-def _peer_metrics(runs: list[dict[str, Any]], step_bytes: tuple[int, int] | None, bandwidth: float) -> dict[str, Any]:
+def _peer_metrics(runs: list[dict[str, Any]], step_bytes: tuple[int, int] | None) -> dict[str, Any]:
     decode = statistics.median(r["decode_tok_s"] for r in runs)
     metrics: dict[str, Any] = {
         "decode_tok_s": decode,
@@ -257,7 +256,7 @@ def _peer_metrics(runs: list[dict[str, Any]], step_bytes: tuple[int, int] | None
         metrics["bandwidth"] = {
             "bytes_per_token": [total],
             "achieved_gbs": [achieved],
-            "fraction": [achieved / bandwidth] if bandwidth else [],
+            "fraction": [],  # held against the bandwidth round by round in run_compare
         }
     return metrics
 
