@@ -192,6 +192,29 @@ typedef struct {
     float *sxl;      /* (M, chunks * 16) each lane's activation scale */
 } i8_acts;
 
+typedef struct {
+    int8_t *xq;
+    float *sx, *sumx;
+    i8_acts i8;
+} act_buffers;
+
+static void act_free(act_buffers *a) {
+    free(a->xq), free(a->sx), free(a->sumx), free(a->i8.xs), free(a->i8.start), free(a->i8.sxl);
+    *a = (act_buffers){0};
+}
+
+/* Scratch for quantized activations (int4 and int8 kernels) of up to `rows` rows of up to max_k
+inputs; -2 when out of memory (nothing left allocated). */
+static int act_alloc(act_buffers *a, size_t rows, int64_t max_k) {
+    const size_t f = sizeof(float), k = (size_t)max_k, chunks = (size_t)(max_k / I8_CHUNK + 1);
+    *a = (act_buffers){malloc(rows * k + 64), malloc(f * rows * k + 64), malloc(f * rows * k + 64),
+                       {malloc(rows * chunks * I8_CHUNK + 64), malloc(sizeof(int32_t) * rows * chunks * 16 + 64),
+                        malloc(f * rows * chunks * 16 + 64)}};
+    if (a->xq && a->sx && a->sumx && a->i8.xs && a->i8.start && a->i8.sxl) return 0;
+    act_free(a);
+    return -2;
+}
+
 static void quantize_rows_i8(const float *x, int64_t m_rows, int64_t k, int8_t *xq, float *sx, float *sumx, i8_acts *a) {
     const int64_t chunks = (k + I8_CHUNK - 1) / I8_CHUNK, groups = k / 32;
     quantize_rows(x, m_rows, k, 32, xq, sx, sumx);
@@ -261,19 +284,12 @@ static void i8_matmul(const int8_t *q, const uint16_t *scale, int64_t n, int64_t
 int tpo_int8_mm(const float *x, int64_t m_rows, int64_t k, const int8_t *q, const uint16_t *scale, int64_t n, float *y,
                 int threads) {
     if (k % 32 || k <= 0 || m_rows < 0 || n < 0) return -1;
-    const int64_t chunks = (k + I8_CHUNK - 1) / I8_CHUNK, groups = k / 32;
-    int8_t *xq = malloc((size_t)(m_rows * k) + 64);
-    float *sx = malloc(sizeof(float) * (size_t)(m_rows * groups) + 64), *sumx = malloc(sizeof(float) * (size_t)(m_rows * groups) + 64);
-    const size_t lanes = (size_t)(m_rows * chunks * 16);
-    i8_acts a = {malloc(lanes * 4 + 64), malloc(sizeof(int32_t) * lanes + 64), malloc(sizeof(float) * lanes + 64)};
-    int rc = 0;
-    if (!xq || !sx || !sumx || !a.xs || !a.start || !a.sxl) rc = -2;
-    else {
-        quantize_rows_i8(x, m_rows, k, xq, sx, sumx, &a);
-        i8_matmul(q, scale, n, k, m_rows, &a, y, n, threads);
-    }
-    free(xq), free(sx), free(sumx), free(a.xs), free(a.start), free(a.sxl);
-    return rc;
+    act_buffers a;
+    if (act_alloc(&a, (size_t)m_rows, k)) return -2;
+    quantize_rows_i8(x, m_rows, k, a.xq, a.sx, a.sumx, &a.i8);
+    i8_matmul(q, scale, n, k, m_rows, &a.i8, y, n, threads);
+    act_free(&a);
+    return 0;
 }
 
 /* Sums of squares in 16 float32 lanes, then across them: the one order both RMSNorms below use (so
@@ -425,28 +441,6 @@ static void norm(const float *x, int64_t n, const float *scale, const tpo_decode
     }
     for (; i < n; i++) y[i] = (after ? round_bf16(x[i] * inv) : x[i] * inv) * scale[i];
     round_all(y, n, m->bf16);
-}
-
-typedef struct {
-    int8_t *xq;
-    float *sx, *sumx;
-    i8_acts i8;
-} act_buffers;
-
-/* linear()'s scratch for up to `rows` rows of up to max_k inputs; -2 when out of memory (freed). */
-static int act_alloc(act_buffers *a, size_t rows, int64_t max_k) {
-    const size_t f = sizeof(float), k = (size_t)max_k, chunks = (size_t)(max_k / I8_CHUNK + 1);
-    *a = (act_buffers){malloc(rows * k + 64), malloc(f * rows * k), malloc(f * rows * k),
-                       {malloc(rows * chunks * I8_CHUNK + 64), malloc(sizeof(int32_t) * rows * chunks * 16),
-                        malloc(f * rows * chunks * 16)}};
-    if (a->xq && a->sx && a->sumx && a->i8.xs && a->i8.start && a->i8.sxl) return 0;
-    free(a->xq), free(a->sx), free(a->sumx), free(a->i8.xs), free(a->i8.start), free(a->i8.sxl);
-    *a = (act_buffers){0};
-    return -2;
-}
-
-static void act_free(act_buffers *a) {
-    free(a->xq), free(a->sx), free(a->sumx), free(a->i8.xs), free(a->i8.start), free(a->i8.sxl);
 }
 
 /* y (rows, n; rows ldy apart) = x (rows, k) @ w.T, rounded as quant_matmul's output and bias add are. */
@@ -873,7 +867,7 @@ static int decode(const tpo_decoder *m, float *x, int64_t rows, const int64_t *p
     }
 done:
     free(h), free(qkv), free(attn), free(gu), free(act), free(scores), free(trig), free(table_of), free(runs);
-    if (!no_acts) act_free(&a);
+    act_free(&a); /* zeroed when its allocation failed */
     free(part), free(psum), free(pmax);
     return rc;
 }
