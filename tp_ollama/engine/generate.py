@@ -41,16 +41,6 @@ class Lockstep(Protocol):
     def stop(self) -> None: ...
 
 
-def check_prompt(n_prompt: int, options: GenerationOptions) -> None:
-    if n_prompt == 0:
-        raise RequestError("the prompt is empty: at least one token is needed")
-    if n_prompt >= options.num_ctx:
-        raise RequestError(
-            f"the prompt is {n_prompt} tokens long, which does not fit num_ctx={options.num_ctx}; "
-            "raise num_ctx or shorten the prompt"
-        )
-
-
 @torch.inference_mode()
 def generate_tokens(
     model: nn.Module,

@@ -92,3 +92,14 @@ def _number(name: str, value: object, *, integer: bool) -> int | float:
 def _check(ok: bool, name: str, value: object, expected: str) -> None:
     if not ok:
         raise RequestError(f"option {name}={value!r} is invalid: expected {expected}")
+
+
+def check_prompt(n_prompt: int, options: GenerationOptions) -> None:
+    """A prompt of `n_prompt` tokens can run with these options (RequestError naming the numbers if not)."""
+    if n_prompt == 0:
+        raise RequestError("the prompt is empty: at least one token is needed")
+    if n_prompt >= options.num_ctx:
+        raise RequestError(
+            f"the prompt is {n_prompt} tokens long, which does not fit num_ctx={options.num_ctx}; "
+            "raise num_ctx or shorten the prompt"
+        )

@@ -33,7 +33,7 @@ from tp_ollama.bench.preflight import link_preflight
 from tp_ollama.engine.batch import Batch, Plan, Planner, Request
 from tp_ollama.engine.constraint import Grammar, GrammarVocabulary, LocalConstraint, ShardedConstraint, vocabulary_for
 from tp_ollama.engine.embed import embed_batch
-from tp_ollama.engine.generate import check_prompt
+from tp_ollama.engine.options import check_prompt
 from tp_ollama.engine.paged_kv import BlockPool
 from tp_ollama.errors import TpOllamaError
 from tp_ollama.kernels.linear import model_bytes

@@ -19,7 +19,8 @@ import torch
 from torch import nn
 
 from tp_ollama.completion import final_metrics, text_pieces
-from tp_ollama.engine.generate import GenerationStats, check_prompt, generate_tokens
+from tp_ollama.engine.generate import GenerationStats, generate_tokens
+from tp_ollama.engine.options import check_prompt
 from tp_ollama.engine.options import GenerationOptions, SamplingOptions
 from tp_ollama.engine.sampler import Sampler
 from tp_ollama.errors import TpOllamaError

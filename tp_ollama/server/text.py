@@ -17,7 +17,7 @@ from typing import Any, TypeVar
 
 from tp_ollama.checkpoints.tokenizer import Tokenizer
 from tp_ollama.engine.detokenize import IncrementalDetokenizer
-from tp_ollama.engine.options import GenerationOptions
+from tp_ollama.engine.options import GenerationOptions, check_prompt
 from tp_ollama.engine.stop import StoppedText
 from tp_ollama.errors import EngineUnavailable, RequestError, ServerBusy
 from tp_ollama.server.chat_schemas import Think
@@ -415,13 +415,7 @@ class TextService:
         keep_alive: float | None,
         started_ns: int,
     ) -> Job:
-        if not ids:
-            raise RequestError("the prompt is empty: at least one token is needed")
-        if len(ids) >= options.num_ctx:
-            raise RequestError(
-                f"the prompt is {len(ids)} tokens long, which does not fit num_ctx={options.num_ctx}; "
-                "raise num_ctx or shorten the prompt"
-            )
+        check_prompt(len(ids), options)
         name = self.display_name(model, resolved)
         return Job(model, name, resolved, tokenizer, ids, options, keep_alive, started_ns)
 
