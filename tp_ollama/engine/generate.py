@@ -14,9 +14,8 @@ from torch import nn
 
 from tp_ollama.engine.constraint import Constraint
 from tp_ollama.engine.kv_cache import KVCache
-from tp_ollama.engine.options import GenerationOptions
+from tp_ollama.engine.options import GenerationOptions, check_prompt
 from tp_ollama.engine.sampler import Sampler
-from tp_ollama.errors import RequestError
 from tp_ollama.models.native_decode import native_decoder
 
 

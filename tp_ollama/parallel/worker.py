@@ -20,8 +20,7 @@ from torch import nn
 
 from tp_ollama.completion import final_metrics, text_pieces
 from tp_ollama.engine.generate import GenerationStats, generate_tokens
-from tp_ollama.engine.options import check_prompt
-from tp_ollama.engine.options import GenerationOptions, SamplingOptions
+from tp_ollama.engine.options import GenerationOptions, SamplingOptions, check_prompt
 from tp_ollama.engine.sampler import Sampler
 from tp_ollama.errors import TpOllamaError
 from tp_ollama.launch import REPORTED_EXIT
