@@ -5,10 +5,8 @@ from __future__ import annotations
 import logging
 import os
 import sys
-import time
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Annotated, Any, TypeVar
+from typing import Annotated, TypeVar
 
 import typer
 
@@ -92,97 +90,6 @@ CommOpt = Annotated[str, typer.Option(help="Collectives: auto (shared memory / s
 JoinTimeoutOpt = Annotated[float, typer.Option(help="Seconds to wait for every rank and node to join.")]
 
 
-@dataclass(frozen=True)
-class Prompting:
-    """One generation request as the CLI received it."""
-
-    model: str
-    prompt: str
-    chat: bool
-    system: str | None
-    options: Any  # GenerationOptions
-    dtype: str
-    device: str = "cpu"
-    quant: str = "none"
-    verbose: bool = False  # timings on stderr afterwards, as `ollama run --verbose` prints them
-
-
-def sampling_options(**kw: Any) -> Any:
-    from tp_ollama.engine.options import GenerationOptions, SamplingOptions
-
-    sampling = {k: kw.pop(k) for k in list(kw) if k in SamplingOptions.__dataclass_fields__}
-    kw["stop"] = tuple(kw.get("stop") or ())
-    return GenerationOptions(sampling=SamplingOptions(**sampling), **kw)
-
-
-def parse_weights(text: str | None) -> tuple[float, ...] | None:
-    from tp_ollama.errors import ConfigError
-
-    if not text:
-        return None
-    try:
-        return tuple(float(x) for x in text.split(","))
-    except ValueError:
-        raise ConfigError(f"--tp-weights {text!r} is invalid: expected numbers like 2,1,1") from None
-
-
-def generate_in_process(req: Prompting) -> None:
-    """Tokenizer and text in a helper process started first, model and tokens here: the tokenizer's
-    load overlaps torch's import (see tp_ollama.text_process)."""
-    from tp_ollama.store.embedded import resolve_model
-    from tp_ollama.text_process import TextProcess
-
-    t0 = time.perf_counter()
-    path = resolve_model(req.model)
-    text = TextProcess(path, req.prompt, req.chat, req.system, req.options.stop)
-    try:
-        from tp_ollama.checkpoints.loader import load_model, open_checkpoint, resolve_dtype
-        from tp_ollama.client_cli import stats as verbose_stats
-        from tp_ollama.completion import final_metrics
-        from tp_ollama.engine.generate import GenerationStats, generate_tokens
-
-        model = load_model(open_checkpoint(path), resolve_dtype(req.dtype, req.device), req.device, quant=req.quant)
-        load_s = time.perf_counter() - t0
-        ids, eos_ids = text.prompt()
-        stats = GenerationStats()
-        tokens = generate_tokens(model, ids, req.options, eos_ids, stats)
-        for token in tokens:
-            if not text.push(token):
-                stats.done_reason = "stop"
-                tokens.close()
-                break
-        text.finish()
-    finally:
-        text.close()
-    if req.verbose:
-        sys.stderr.write("\n" + verbose_stats(final_metrics(stats, load_s, time.perf_counter() - t0)) + "\n")
-
-
-def generate_on_ranks(req: Prompting, cluster: Any, weights: str | None, comm: str, debug: bool) -> None:
-    from dataclasses import asdict
-
-    from tp_ollama.launch import run_workers
-    from tp_ollama.parallel.worker import WorkerJob, preflight, worker_main
-
-    preflight(req.model, cluster.world_size, parse_weights(weights), comm)
-    job = WorkerJob(
-        model=req.model,
-        dtype=req.dtype,
-        quant=req.quant,
-        device=req.device,
-        tp_weights=parse_weights(weights),
-        comm=comm,
-        timeout_s=cluster.join_timeout_s,
-        prompt=req.prompt,
-        chat=req.chat,
-        system=req.system,
-        options=asdict(req.options),
-        debug=debug,
-        verbose=req.verbose,
-    )
-    run_workers(cluster, worker_main, job)
-
-
 @app.command()
 def generate(
     model: ModelArg,
@@ -213,6 +120,7 @@ def generate(
 
     def body() -> None:
         from tp_ollama.launch import Cluster
+        from tp_ollama.oneshot import Prompting, generate_in_process, generate_on_ranks, sampling_options
 
         options = sampling_options(
             temperature=temperature,
@@ -277,6 +185,8 @@ def launch(
 
     def body() -> None:
         from tp_ollama.launch import Cluster, parse_bootstrap
+        from tp_ollama.oneshot import Prompting, generate_on_ranks, sampling_options
+        from tp_ollama.server.serve import serve_cluster
 
         addr, rdzv_port = parse_bootstrap(bootstrap) if bootstrap else (master_addr, master_port)
         cluster = Cluster(nnodes, node_rank, nproc_per_node, addr, rdzv_port, join_timeout)
@@ -300,33 +210,6 @@ def launch(
             sys.stdout.write("\n")
 
     run_reporting_errors(debug, body)
-
-
-def serve_cluster(
-    cluster: Any, config: str | None, host: str | None, port: int | None, tp_weights: str | None, comm: str,
-    device: str, dtype: str, quant: str, num_ctx: int, debug: bool,
-) -> None:  # fmt: skip
-    """launch without a prompt: node 0 runs the front end and its ranks, the others their ranks."""
-    from pathlib import Path
-
-    from tp_ollama.config import load_settings
-
-    if cluster.node_rank > 0:
-        from tp_ollama.launch import run_workers
-        from tp_ollama.parallel.engine_server import EngineJob, engine_main
-
-        job = EngineJob("", comm, device, parse_weights(tp_weights), cluster.join_timeout_s, debug)
-        run_workers(cluster, engine_main, job)
-        return
-    from tp_ollama.server.serve import run
-
-    flags = {
-        "host": host, "port": port, "nnodes": cluster.nnodes, "node_rank": 0,
-        "nproc_per_node": cluster.nproc_per_node, "master_addr": cluster.master_addr,
-        "master_port": cluster.master_port, "join_timeout": cluster.join_timeout_s, "comm": comm,
-        "tp_weights": tp_weights, "device": device, "dtype": dtype, "quant": quant, "num_ctx": num_ctx,
-    }  # fmt: skip
-    run(load_settings(Path(config) if config else None, os.environ, flags), debug)
 
 
 @app.command()
@@ -397,13 +280,10 @@ def engine(
     """Run an engine group that serves a front end (started by serve and launch)."""
 
     def body() -> None:
-        from tp_ollama.launch import Cluster, run_workers
-        from tp_ollama.parallel.engine_server import EngineJob, engine_main
+        from tp_ollama.launch import run_engine_command
 
-        cluster = Cluster(nnodes, node_rank, tp, master_addr, master_port, join_timeout)
-        job = EngineJob(socket_path, comm, device, parse_weights(tp_weights), join_timeout, debug,
-                        max_running, kv_cache_bytes, prefix_cache)  # fmt: skip
-        run_workers(cluster, engine_main, job)
+        run_engine_command(socket_path, tp, nnodes, node_rank, master_addr, master_port, comm, device, tp_weights,
+                           join_timeout, max_running, kv_cache_bytes, prefix_cache, debug)  # fmt: skip
 
     run_reporting_errors(debug, body)
 

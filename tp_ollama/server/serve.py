@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
 import socket
 from typing import Any
@@ -121,3 +122,28 @@ def run(settings: Any, debug: bool = False) -> None:
     finally:
         for engine in engines:
             engine.terminate(grace_s=20)  # whatever happened above, no rank outlives the front end
+
+
+def serve_cluster(
+    cluster: Any, config: str | None, host: str | None, port: int | None, tp_weights: str | None, comm: str,
+    device: str, dtype: str, quant: str, num_ctx: int, debug: bool,
+) -> None:  # fmt: skip
+    """launch without a prompt: node 0 runs the front end and its ranks, the others their ranks."""
+    from pathlib import Path
+
+    from tp_ollama.config import load_settings
+
+    if cluster.node_rank > 0:
+        from tp_ollama.launch import parse_weights, run_workers
+        from tp_ollama.parallel.engine_server import EngineJob, engine_main
+
+        job = EngineJob("", comm, device, parse_weights(tp_weights), cluster.join_timeout_s, debug)
+        run_workers(cluster, engine_main, job)
+        return
+    flags = {
+        "host": host, "port": port, "nnodes": cluster.nnodes, "node_rank": 0,
+        "nproc_per_node": cluster.nproc_per_node, "master_addr": cluster.master_addr,
+        "master_port": cluster.master_port, "join_timeout": cluster.join_timeout_s, "comm": comm,
+        "tp_weights": tp_weights, "device": device, "dtype": dtype, "quant": quant, "num_ctx": num_ctx,
+    }  # fmt: skip
+    run(load_settings(Path(config) if config else None, os.environ, flags), debug)

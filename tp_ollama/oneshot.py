@@ -1,0 +1,89 @@
+"""The one-shot `generate`: one prompt, the generated text on stdout. In this process (the text side in a
+helper process beside it), or on tensor-parallel ranks started here."""
+
+from __future__ import annotations
+
+import sys
+import time
+from dataclasses import dataclass
+from typing import Any
+
+
+@dataclass(frozen=True)
+class Prompting:
+    """One generation request as the CLI received it."""
+
+    model: str
+    prompt: str
+    chat: bool
+    system: str | None
+    options: Any  # GenerationOptions
+    dtype: str
+    device: str = "cpu"
+    quant: str = "none"
+    verbose: bool = False  # timings on stderr afterwards, as `ollama run --verbose` prints them
+
+
+def sampling_options(**kw: Any) -> Any:
+    from tp_ollama.engine.options import GenerationOptions, SamplingOptions
+
+    sampling = {k: kw.pop(k) for k in list(kw) if k in SamplingOptions.__dataclass_fields__}
+    kw["stop"] = tuple(kw.get("stop") or ())
+    return GenerationOptions(sampling=SamplingOptions(**sampling), **kw)
+
+
+def generate_in_process(req: Prompting) -> None:
+    """Tokenizer and text in a helper process started first, model and tokens here: the tokenizer's
+    load overlaps torch's import (see tp_ollama.text_process)."""
+    from tp_ollama.store.embedded import resolve_model
+    from tp_ollama.text_process import TextProcess
+
+    t0 = time.perf_counter()
+    path = resolve_model(req.model)
+    text = TextProcess(path, req.prompt, req.chat, req.system, req.options.stop)
+    try:
+        from tp_ollama.checkpoints.loader import load_model, open_checkpoint, resolve_dtype
+        from tp_ollama.client_cli import stats as verbose_stats
+        from tp_ollama.completion import final_metrics
+        from tp_ollama.engine.generate import GenerationStats, generate_tokens
+
+        model = load_model(open_checkpoint(path), resolve_dtype(req.dtype, req.device), req.device, quant=req.quant)
+        load_s = time.perf_counter() - t0
+        ids, eos_ids = text.prompt()
+        stats = GenerationStats()
+        tokens = generate_tokens(model, ids, req.options, eos_ids, stats)
+        for token in tokens:
+            if not text.push(token):
+                stats.done_reason = "stop"
+                tokens.close()
+                break
+        text.finish()
+    finally:
+        text.close()
+    if req.verbose:
+        sys.stderr.write("\n" + verbose_stats(final_metrics(stats, load_s, time.perf_counter() - t0)) + "\n")
+
+
+def generate_on_ranks(req: Prompting, cluster: Any, weights: str | None, comm: str, debug: bool) -> None:
+    from dataclasses import asdict
+
+    from tp_ollama.launch import parse_weights, run_workers
+    from tp_ollama.parallel.worker import WorkerJob, preflight, worker_main
+
+    preflight(req.model, cluster.world_size, parse_weights(weights), comm)
+    job = WorkerJob(
+        model=req.model,
+        dtype=req.dtype,
+        quant=req.quant,
+        device=req.device,
+        tp_weights=parse_weights(weights),
+        comm=comm,
+        timeout_s=cluster.join_timeout_s,
+        prompt=req.prompt,
+        chat=req.chat,
+        system=req.system,
+        options=asdict(req.options),
+        debug=debug,
+        verbose=req.verbose,
+    )
+    run_workers(cluster, worker_main, job)
