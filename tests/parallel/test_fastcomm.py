@@ -22,7 +22,8 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from tp_ollama.parallel.fastcomm import CommError, FastGroup
+from tp_ollama.parallel.fastcomm import FastGroup
+from tp_ollama.parallel.fastcomm_base import CommError
 
 ANSWER_TIMEOUT = 60.0  # seconds a scenario may take before the test fails instead of hanging
 SHM_TAG = "tp_ollama_fc_"

@@ -138,7 +138,8 @@ def _open(backend: str, max_bytes: int, timeout_s: float) -> tuple[Any, str | No
     import torch.distributed as dist
 
     from tp_ollama.parallel.comm import TorchComm
-    from tp_ollama.parallel.fastcomm import CommError, FastGroup
+    from tp_ollama.parallel.fastcomm import FastGroup
+    from tp_ollama.parallel.fastcomm_base import CommError
 
     if backend == "gloo":
         return TorchComm(), None

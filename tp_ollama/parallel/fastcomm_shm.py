@@ -31,7 +31,7 @@ import time
 import torch
 import torch.distributed as dist
 
-from tp_ollama.parallel.fastcomm import (
+from tp_ollama.parallel.fastcomm_base import (
     OPS,
     CommError,
     ViewCache,

@@ -32,7 +32,7 @@ import torch
 import torch.distributed as dist
 
 from tp_ollama.errors import ConfigError
-from tp_ollama.parallel.fastcomm import (
+from tp_ollama.parallel.fastcomm_base import (
     OPS,
     CommError,
     ViewCache,
