@@ -31,7 +31,7 @@ from tp_ollama.checkpoints.chat_template import (
     render_chat_template,
     template_features,
 )
-from tp_ollama.config import default_cache_dir
+from tp_ollama.config.settings import default_cache_dir
 from tp_ollama.errors import CheckpointError, RequestError
 
 log = logging.getLogger(__name__)

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from tp_ollama.checkpoints.base import Checkpoint, Range
-from tp_ollama.config import QUANT_MODES, default_cache_dir
+from tp_ollama.config.settings import QUANT_MODES, default_cache_dir
 from tp_ollama.errors import ConfigError
 from tp_ollama.kernels import hugepages
 from tp_ollama.kernels.linear import QuantEmbedding, QuantLinear, activation_like, take_over

@@ -29,7 +29,7 @@ from typing import Any
 
 import torch
 
-from tp_ollama.config import default_cache_dir
+from tp_ollama.config.settings import default_cache_dir
 
 log = logging.getLogger(__name__)
 

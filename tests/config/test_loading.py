@@ -1,34 +1,16 @@
-"""Settings: parsing helpers, precedence (default < file < env < flag), and the one-line errors."""
+"""Loading settings: precedence (default < file < env < flag), unknown keys, and the one-line errors."""
 
 from __future__ import annotations
 
 import dataclasses
-import json
 from pathlib import Path
 
 import pytest
-import yaml
 
-from tp_ollama.config import (
-    COMM_KINDS,
-    DEFAULT_ORIGINS,
-    FLAGS,
-    NOT_IMPLEMENTED,
-    Compression,
-    OllamaHost,
-    Settings,
-    client_url,
-    format_duration,
-    format_size,
-    load_settings,
-    parse_duration,
-    parse_ollama_host,
-    parse_size,
-)
+from tp_ollama.config.loading import FLAGS, load_settings
+from tp_ollama.config.settings import DEFAULT_ORIGINS, Settings
+from tp_ollama.config.values import client_url
 from tp_ollama.errors import ConfigError
-
-REPO = Path(__file__).resolve().parent.parent
-DEFAULT_YAML = REPO / "configs" / "default.yaml"
 
 
 def write(tmp_path: Path, text: str) -> Path:
@@ -41,149 +23,7 @@ def load_text(tmp_path: Path, text: str, env: dict[str, str] | None = None, **fl
     return load_settings(write(tmp_path, text), env or {}, flags)
 
 
-def leaf_keys(tree: dict, prefix: str = "") -> set[str]:
-    out: set[str] = set()
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            out |= leaf_keys(value, f"{prefix}{key}.")
-        else:
-            out.add(prefix + key)
-    return out
-
-
-# ---- durations and sizes -------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize(
-    ("text", "seconds"),
-    [
-        ("30s", 30.0),
-        ("5m", 300.0),
-        ("1h", 3600.0),
-        ("1h30m", 5400.0),
-        ("500ms", 0.5),
-        ("1.5h", 5400.0),
-        ("2m30.5s", 150.5),
-        ("250us", 0.00025),
-        ("0", 0.0),
-        ("300", 300.0),
-        (" 45 ", 45.0),
-        (300, 300.0),
-        (1.5, 1.5),
-        ("-1", -1.0),
-        ("-5m", -300.0),
-        (-1, -1.0),
-    ],
-)
-def test_durations(text, seconds):
-    assert parse_duration(text) == pytest.approx(seconds)
-
-
-@pytest.mark.parametrize("bad", ["5 minutes", "", "1d", "5m3", "m", "1h-30m", "--5m", "five", True, None, [5], ".inf"])
-def test_bad_durations_say_what_is_expected(bad):
-    with pytest.raises(ConfigError, match=r'expected a duration such as "30s", "5m", "1h30m"'):
-        parse_duration(bad)
-
-
-@pytest.mark.parametrize("seconds", [0.0, 0.5, 30.0, 300.0, 5400.0, 3600.0, 150.5, -1.0, -300.0])
-def test_formatted_durations_read_back(seconds):
-    assert parse_duration(format_duration(seconds)) == seconds
-
-
-def test_duration_spellings():
-    assert [format_duration(s) for s in (300, 5400, 0.5, 0, -1)] == ["5m", "1h30m", "500ms", "0s", "-1s"]
-
-
-@pytest.mark.parametrize(
-    ("text", "size"),
-    [
-        ("1GB", 10**9),
-        ("1G", 10**9),
-        ("1.5G", 1_500_000_000),
-        ("512MiB", 512 * 2**20),
-        ("512Mi", 512 * 2**20),
-        ("64mib", 64 * 2**20),
-        ("1KB", 1000),
-        ("1 KiB", 1024),
-        ("100B", 100),
-        ("100", 100),
-        (4096, 4096),
-        (0, 0),
-    ],
-)
-def test_sizes(text, size):
-    assert parse_size(text) == size
-
-
-@pytest.mark.parametrize("bad", ["1 gigabyte", "GB", "", "-1GB", "1.5B", "0.1KiB", "1XB", "1iB", True, None, -5, 1.5])
-def test_bad_sizes_say_what_is_expected(bad):
-    with pytest.raises(ConfigError, match=r'expected a size such as "1GB", "512MiB", "1.5G"'):
-        parse_size(bad)
-
-
-def test_size_spellings_read_back():
-    for n in (64 * 2**20, 10**9, 1000, 1024, 1500, 7):
-        assert parse_size(format_size(n)) == n
-    assert [format_size(n) for n in (64 * 2**20, 10**9, 1_500_000_000)] == ["64MiB", "1GB", "1500MB"]
-
-
-# ---- OLLAMA_HOST ---------------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize(
-    ("value", "expected"),
-    [
-        ("", ("http", "127.0.0.1", 11434)),
-        ("1.2.3.4", ("http", "1.2.3.4", 11434)),
-        ("1.2.3.4:1234", ("http", "1.2.3.4", 1234)),
-        (":1234", ("http", "127.0.0.1", 1234)),  # NOTE: Ollama would bind every interface
-        (":0", ("http", "127.0.0.1", 0)),
-        ("example.com", ("http", "example.com", 11434)),
-        ("example.com:1234", ("http", "example.com", 1234)),
-        ("example.com/", ("http", "example.com", 11434)),
-        ("0.0.0.0", ("http", "0.0.0.0", 11434)),
-        ("[::1]", ("http", "::1", 11434)),
-        ("[::]", ("http", "::", 11434)),
-        ("::1", ("http", "::1", 11434)),
-        ("[::1]:1337", ("http", "::1", 1337)),
-        (" 1.2.3.4 ", ("http", "1.2.3.4", 11434)),
-        ('"1.2.3.4"', ("http", "1.2.3.4", 11434)),
-        (' " 1.2.3.4 " ', ("http", "1.2.3.4", 11434)),
-        ("'1.2.3.4'", ("http", "1.2.3.4", 11434)),
-        ("http://1.2.3.4", ("http", "1.2.3.4", 80)),
-        ("http://1.2.3.4:4321", ("http", "1.2.3.4", 4321)),
-        ("https://1.2.3.4", ("https", "1.2.3.4", 443)),
-        ("https://1.2.3.4:4321", ("https", "1.2.3.4", 4321)),
-    ],
-)
-def test_ollama_host(value, expected):
-    assert parse_ollama_host(value)[:3] == expected
-
-
-def test_ollama_host_keeps_a_proxy_path_for_clients():
-    host = parse_ollama_host("https://example.com/ollama")
-    assert host == OllamaHost("https", "example.com", 443, "/ollama")
-    assert host.client_url() == "https://example.com:443/ollama"
-
-
-@pytest.mark.parametrize(
-    ("value", "url"),
-    [
-        ("0.0.0.0", "http://127.0.0.1:11434"),
-        ("0.0.0.0:8080", "http://127.0.0.1:8080"),
-        ("[::]:8080", "http://[::1]:8080"),
-        ("[::1]:1337", "http://[::1]:1337"),
-        ("1.2.3.4", "http://1.2.3.4:11434"),
-    ],
-)
-def test_clients_connect_to_loopback_instead_of_a_wildcard(value, url):
-    assert parse_ollama_host(value).client_url() == url
-
-
-@pytest.mark.parametrize("value", [":66000", ":-1", "1.2.3.4:abc", "ftp://1.2.3.4", "[::1"])
-def test_bad_ollama_host(value):
-    with pytest.raises(ConfigError, match="OLLAMA_HOST"):
-        parse_ollama_host(value)
+# ---- precedence ----------------------------------------------------------------------------------
 
 
 def test_ollama_host_from_the_environment_sets_host_and_port():
@@ -191,9 +31,6 @@ def test_ollama_host_from_the_environment_sets_host_and_port():
     assert (s.api.host, s.api.port) == ("0.0.0.0", 8080)
     assert s.api.client_url() == "http://127.0.0.1:8080"
     assert client_url("::", 1) == "http://[::1]:1"
-
-
-# ---- precedence ----------------------------------------------------------------------------------
 
 
 def test_default_file_env_flag_precedence(tmp_path):
@@ -381,136 +218,8 @@ def test_missing_file(tmp_path):
         load_settings(tmp_path / "nope.yaml", {}, {})
 
 
-def test_settings_are_frozen():
-    s = load_settings(None, {}, {})
-    with pytest.raises(dataclasses.FrozenInstanceError):
-        s.api.port = 1  # type: ignore[misc]
-
-
-# ---- the shipped files, notes and output ----------------------------------------------------------
-
-
-def test_default_yaml_is_the_defaults():
-    assert load_settings(DEFAULT_YAML, {}, {}) == load_settings(None, {}, {}) == Settings()
-
-
-def test_default_yaml_lists_every_key():
-    schema = set(json_leaves(Settings().to_dict()))
-    assert leaf_keys(yaml.safe_load(DEFAULT_YAML.read_text())) == schema
-
-
-def json_leaves(tree: dict, prefix: str = "") -> list[str]:
-    return [
-        k
-        for key, v in tree.items()
-        for k in (json_leaves(v, f"{prefix}{key}.") if isinstance(v, dict) else [prefix + key])
-    ]
-
-
-def test_three_node_example_loads():
-    s = load_settings(REPO / "configs" / "cluster-3-nodes.yaml", {}, {"node_rank": 1})
-    assert (s.cluster.world_size, s.cluster.node_rank, s.inference.tp_weights) == (3, 1, (2.0, 1.0, 1.0))
-    assert s.notes() == []
-
-
 def test_relative_storage_path_is_relative_to_the_file(tmp_path):
     assert load_text(tmp_path, "models:\n  storage_path: ./models\n").models.storage_path == tmp_path / "models"
-
-
-ORIGINAL_DESIGN = """
-api:
-  port: 11434
-  host: "0.0.0.0"
-p2p:
-  port: 4001
-  discovery:
-    enabled: true
-    interval: "30s"
-inference:
-  max_concurrent: 10
-  timeout: "5m"
-  partitioning:
-    strategy: "tensor"
-    max_partitions: 10
-  aggregation:
-    strategy: "concat"
-  load_balancing:
-    enabled: true
-    algorithm: "round_robin"
-  fault_tolerance:
-    enabled: true
-    retry_attempts: 3
-models:
-  storage_path: "./models"
-  replication:
-    min_replicas: 2
-    max_replicas: 5
-    strategy: "geographic"
-performance:
-  caching:
-    enabled: true
-    size: "1GB"
-    ttl: "1h"
-  compression:
-    enabled: true
-    algorithm: "gzip"
-"""
-
-
-def test_the_original_designs_file_loads_with_notes(tmp_path):
-    s = load_text(tmp_path, ORIGINAL_DESIGN)
-    assert (s.api.host, s.cluster.rendezvous_port, s.inference.max_concurrent) == ("0.0.0.0", 4001, 10)
-    notes = s.notes()
-    # Two replicas, balanced round robin: implemented, so no notes for them.
-    assert (s.models.replication.min_replicas, s.inference.load_balancing.algorithm) == (2, "round_robin")
-    assert len(notes) == 4, notes  # discovery, fault tolerance, max_replicas and the replication strategy
-    text = "\n".join(notes)
-    for fragment in (
-        "cluster.discovery.enabled = true",
-        "the rendezvous is static",
-        "inference.fault_tolerance.retry_attempts = 3",
-        "models.replication.max_replicas = 5",
-        "models.replication.strategy = 'geographic'",
-    ):
-        assert fragment in text, text
-    for implemented in ("aggregation", "compression", "load_balancing", "replication.min_replicas", "caching"):
-        assert implemented not in text, text
-    assert s.performance.compression == Compression(enabled=True, algorithm="gzip")
-
-
-NON_DEFAULT = {
-    "cluster.discovery": ("cluster.discovery.interval", "1m"),
-    "inference.aggregation": ("inference.aggregation.strategy", "sum"),
-    "inference.fault_tolerance": ("inference.fault_tolerance.enabled", "true"),
-    "models.replication.max_replicas": ("models.replication.max_replicas", 3),
-    "models.replication.strategy": ("models.replication.strategy", "geographic"),
-    "performance.caching.ttl": ("performance.caching.ttl", "2h"),
-}
-
-
-def test_notes_cover_every_not_implemented_section():
-    assert Settings().notes() == []
-    assert set(NON_DEFAULT) == set(NOT_IMPLEMENTED)
-    for section, (key, value) in NON_DEFAULT.items():
-        notes = load_settings(None, {}, {key: value}).notes()
-        assert len(notes) == 1 and key in notes[0] and NOT_IMPLEMENTED[section] in notes[0], (key, notes)
-
-
-def test_compression_is_gzip_on_by_default_and_can_be_turned_off(tmp_path):
-    assert Settings().performance.compression == Compression(enabled=True, algorithm="gzip")
-    off = load_text(tmp_path, "performance:\n  compression:\n    enabled: false\n    algorithm: gzip\n")
-    assert off.performance.compression == Compression(enabled=False, algorithm="gzip")
-    assert off.notes() == []  # implemented: no "accepted but not implemented" warning
-    flag = load_settings(None, {}, {"performance.compression.enabled": "off"})
-    assert flag.performance.compression.enabled is False
-    for value in ("br", "deflate", ""):
-        expected = (
-            rf"performance\.compression\.algorithm = '{value}' \(from flag performance\.compression\.algorithm\) "
-        )
-        with pytest.raises(ConfigError, match=expected + r'is invalid: expected one of "gzip"$'):
-            load_settings(None, {}, {"performance.compression.algorithm": value})
-    with pytest.raises(ConfigError, match=r"performance\.compression\.enabled = 'sometimes' .* expected true or false"):
-        load_text(tmp_path, "performance:\n  compression:\n    enabled: sometimes\n")
 
 
 def test_p2p_and_cluster_together_are_an_error(tmp_path):
@@ -518,40 +227,7 @@ def test_p2p_and_cluster_together_are_an_error(tmp_path):
         load_text(tmp_path, "p2p:\n  port: 1\ncluster:\n  nnodes: 1\n")
 
 
-def test_to_dict_is_json_and_describe_is_short():
-    s = load_settings(None, {"OLLAMA_HOST": "[::]:8080"}, {"nnodes": 2, "bootstrap": "10.0.0.1:4001"})
-    data = json.loads(json.dumps(s.to_dict()))
-    assert data["api"] == {
-        "host": "::",
-        "port": 8080,
-        "origins": [],
-        "max_body_bytes": 64 * 2**20,
-        "request_timeout": 60.0,
-    }
-    assert data["inference"]["keep_alive"] == 300.0 and isinstance(data["models"]["storage_path"], str)
-    text = s.describe()
-    assert "[::]:8080 (clients: http://[::1]:8080)" in text
-    assert "2 node(s) x 1 rank(s) = TP 2" in text and "rendezvous 10.0.0.1:4001" in text
-    assert len(text.splitlines()) <= 5
-
-
-def test_comm_kinds_match_the_communicators():
-    from tp_ollama.parallel.comm import COMM_KINDS as REAL
-
-    assert REAL == COMM_KINDS
-
-
-# ---- admission and replicas ------------------------------------------------------------------------
-
-
-def test_admission_and_replica_defaults():
-    s = Settings()
-    # 4 at once per replica: a batching engine; upstream's 1 would leave its batch empty (default.yaml says why).
-    assert (s.inference.max_concurrent, s.inference.max_queue) == (4, 512)
-    assert (s.models.replication.min_replicas, s.models.replication.max_replicas) == (1, 0)
-    assert (s.inference.load_balancing.enabled, s.inference.load_balancing.algorithm) == (True, "least_loaded")
-    assert "inference: 4 at once per replica, queue 512" in s.describe()
-    assert "replicas: 1 engine group(s) of TP 1" in s.describe()
+# ---- admission and replicas ----------------------------------------------------------------------
 
 
 def test_replicas_and_admission_from_file_env_and_flags(tmp_path):
