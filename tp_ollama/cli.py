@@ -245,7 +245,7 @@ def serve(
     def body() -> None:
         from pathlib import Path
 
-        from tp_ollama.config import load_settings
+        from tp_ollama.config.loading import load_settings
         from tp_ollama.server.serve import run
 
         flags = {

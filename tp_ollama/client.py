@@ -28,7 +28,7 @@ class ClientError(TpOllamaError):
 
 def server_url(environ: Mapping[str, str]) -> str:
     """Where the server is, from OLLAMA_HOST (default 127.0.0.1:11434; 0.0.0.0 becomes loopback)."""
-    from tp_ollama.config import parse_ollama_host
+    from tp_ollama.config.values import parse_ollama_host
 
     return parse_ollama_host(environ.get("OLLAMA_HOST", "")).client_url()
 

@@ -281,7 +281,7 @@ def run(
             )
         base: dict[str, Any] = {"model": model}
         if keepalive is not None:
-            from tp_ollama.config import parse_duration
+            from tp_ollama.config.values import parse_duration
 
             try:
                 parse_duration(keepalive)

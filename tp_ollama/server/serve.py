@@ -131,7 +131,7 @@ def serve_cluster(
     """launch without a prompt: node 0 runs the front end and its ranks, the others their ranks."""
     from pathlib import Path
 
-    from tp_ollama.config import load_settings
+    from tp_ollama.config.loading import load_settings
 
     if cluster.node_rank > 0:
         from tp_ollama.launch import parse_weights, run_workers
