@@ -152,7 +152,7 @@ def main() -> None:
     gguf = str(resolve_model(MODEL))
     targets = args.targets.split(",")
     env = dict(os.environ)  # tp-ollama gives each rank its share of the cores itself
-    from tp_ollama.bench.bandwidth import read_bandwidth_gbs
+    from tp_ollama.parallel.preflight import read_bandwidth_gbs
 
     bandwidth = read_bandwidth_gbs(THREADS)
     step_bytes = {t: weight_bytes(t) for t in targets if t in OURS}

@@ -9,9 +9,9 @@ from pathlib import Path
 from typer.testing import CliRunner
 
 from tp_ollama.bench import report as rpt
-from tp_ollama.bench.costmodel import Calibration, Link, predict
-from tp_ollama.bench.shapes import shape_named
 from tp_ollama.cli import app
+from tp_ollama.parallel.costmodel import Calibration, Link, predict
+from tp_ollama.parallel.shapes import shape_named
 
 runner = CliRunner()
 

@@ -261,7 +261,7 @@ def random_model(
 
     def body() -> None:
         from tp_ollama.bench.random_model import write_random_model
-        from tp_ollama.bench.shapes import shape_named
+        from tp_ollama.parallel.shapes import shape_named
 
         typer.echo(write_random_model(shape_named(shape), directory, dtype=dtype, layers=layers, seed=seed))
 
@@ -284,9 +284,9 @@ def predict(
     """The cost model's decode tok/s for a shape over a link at several TP degrees: when more nodes help."""
 
     def body() -> None:
-        from tp_ollama.bench.costmodel import Calibration, Link, preflight_warning
-        from tp_ollama.bench.costmodel import predict as predict_tp
-        from tp_ollama.bench.shapes import SHAPES, shape_named, shape_of
+        from tp_ollama.parallel.costmodel import Calibration, Link, preflight_warning
+        from tp_ollama.parallel.costmodel import predict as predict_tp
+        from tp_ollama.parallel.shapes import SHAPES, shape_named, shape_of
 
         if model in SHAPES:
             shape = shape_named(model)

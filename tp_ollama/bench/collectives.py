@@ -15,8 +15,9 @@ fastcomm groups get max_bytes large enough for every size, so no size silently f
 `shm` needs every rank on one host: across hosts fastcomm refuses it and the backend is skipped with
 a note.
 
-The report's `link` comes from measure_link (below) on `tcp` when the ranks span hosts and tcp is
-measured, else on the first backend that opened.
+The report's `link` comes from measure_link (tp_ollama.parallel.preflight, which the launcher's
+pre-flight check runs too) on `tcp` when the ranks span hosts and tcp is measured, else on the first
+backend that opened.
 """
 
 from __future__ import annotations
@@ -38,10 +39,7 @@ WARMUP = 5
 # Without a fixed iteration count each (backend, op, size) runs for about this long, within these bounds.
 CELL_BUDGET_S = 0.25
 MIN_ITERS, MAX_ITERS = 20, 2000
-# measure_link's whole measurement, warm-up included, on any link fast enough for one pair of calls.
-LINK_BUDGET_S = 0.1
-LINK_BENCH_BUDGET_S = 1.0  # a bench can spend a second on the link: many calls, a steady median
-MAX_LINK_ITERS = 50
+LINK_BENCH_BUDGET_S = 1.0  # a bench can spend a second on measure_link: many calls, a steady median
 TIMEOUT_S = 60.0
 
 
@@ -57,13 +55,7 @@ class CollectivesJob:
     progress: bool
 
 
-# ---- the link: usable from inside any running group ---------------------------------------------
-
-
-def _timed(call: Any) -> float:
-    t0 = time.perf_counter()
-    call()
-    return time.perf_counter() - t0
+# ---- the link as an emulation configured it ------------------------------------------------------
 
 
 def configured_link(environ: Mapping[str, str] = os.environ) -> dict[str, Any]:
@@ -75,58 +67,6 @@ def configured_link(environ: Mapping[str, str] = os.environ) -> dict[str, Any]:
     if environ.get("TP_OLLAMA_LINK_RATE", "").strip():
         configured["rate"] = environ["TP_OLLAMA_LINK_RATE"].strip()
     return configured
-
-
-def measure_link(
-    comm: Any,
-    small_bytes: int = 64,
-    large_bytes: int = 1 << 20,
-    iters: int | None = None,
-    budget_s: float = LINK_BUDGET_S,
-    device: str = "cpu",
-) -> dict[str, Any]:
-    """Collective over `comm`'s ranks (anything with all_reduce and broadcast: a FastGroup, a
-    tp_ollama.parallel.comm communicator; tensors live on `device`, "cuda" for an nccl group).
-
-    latency_us: p50 all-reduce time of `small_bytes`. bandwidth_gbs: (large - small) / (t_large - t_small)
-    / 1e9 from the two p50s, so the fixed cost per call cancels. Without `iters`, rank 0 picks how many
-    pairs of calls fit in `budget_s` from one warm-up pair and tells the others (ranks must run the same
-    count); at least one pair is timed. Times are this rank's."""
-    import torch
-
-    if not 4 <= small_bytes < large_bytes:
-        raise ConfigError(f"measure_link sizes {small_bytes}, {large_bytes} are invalid: expected 4 <= small < large")
-    small = torch.zeros(small_bytes // 4, device=device)  # zeros stay zeros: summing must not drift into inf
-    large = torch.zeros(large_bytes // 4, device=device)
-    # Large first: a rank leaves a large all-reduce before its peers have finished reading it, and the
-    # next call waits for them, so a small call right after a large one would time the peers' lag.
-    warm = _timed(lambda: comm.all_reduce(large)) + _timed(lambda: comm.all_reduce(small))
-    if iters is None:
-        count = torch.zeros(1, dtype=torch.int64, device=device)
-        if comm.rank == 0:
-            count.fill_(max(1, min(MAX_LINK_ITERS, int((budget_s - warm) / warm)) if warm > 0 else MAX_LINK_ITERS))
-        n = int(comm.broadcast(count, 0)[0])
-    elif iters < 1:
-        raise ConfigError(f"measure_link iters {iters} is invalid: expected at least 1")
-    else:
-        n = iters
-    # Each size in one block, smalls first for the same reason; medians shrug off the first of each block.
-    t_small = [_timed(lambda: comm.all_reduce(small)) for _ in range(n)]
-    t_large = [_timed(lambda: comm.all_reduce(large)) for _ in range(n)]
-    p_small, p_large = statistics.median(t_small), statistics.median(t_large)
-    s_bytes, l_bytes = small.nbytes, large.nbytes
-    transport = getattr(comm, "transport", type(comm).__name__)
-    method = (
-        f"all_reduce of float32 over {transport} between {comm.world_size} ranks, p50 of {n} calls each of "
-        f"{s_bytes} B (latency) and {l_bytes} B"
-    )
-    if p_large > p_small:
-        bandwidth = (l_bytes - s_bytes) / (p_large - p_small) / 1e9
-        method += f"; bandwidth = ({l_bytes} - {s_bytes}) B / (t_large - t_small)"
-    else:  # noise swamped the difference: the whole large call is a lower bound on the link's speed
-        bandwidth = l_bytes / p_large / 1e9
-        method += f"; t_large <= t_small, so bandwidth = {l_bytes} B / t_large (a lower bound)"
-    return {"latency_us": p_small * 1e6, "bandwidth_gbs": bandwidth, "method": method}
 
 
 # ---- inside every rank --------------------------------------------------------------------------
@@ -159,6 +99,12 @@ def _open(backend: str, max_bytes: int, timeout_s: float) -> tuple[Any, str | No
             raise
         return None, f"shm skipped: {e}"
     return group, None
+
+
+def _timed(call: Any) -> float:
+    t0 = time.perf_counter()
+    call()
+    return time.perf_counter() - t0
 
 
 def _agree_iters(seconds_per_call: float) -> int:
@@ -206,6 +152,7 @@ def rank_main(job: CollectivesJob) -> dict[str, Any] | None:
     import torch.distributed as dist
 
     from tp_ollama.parallel.comm import init_distributed
+    from tp_ollama.parallel.preflight import measure_link
 
     torch.set_num_threads(1)  # ranks share the host's cores; collectives are not what threads speed up
     init_distributed("gloo", job.timeout_s)

@@ -135,8 +135,8 @@ def run_compare(
     timeout_s: float = 600.0,
 ) -> dict[str, Any]:
     """Engines and peers on one workload, alternating; see the module docstring."""
-    from tp_ollama.bench.bandwidth import read_bandwidth_gbs
     from tp_ollama.bench.peers import run_peer
+    from tp_ollama.parallel.preflight import read_bandwidth_gbs
     from tp_ollama.store.embedded import resolve_model
 
     if len(targets) < 2:

@@ -20,7 +20,7 @@ that the machine's drift hits all alike. Per run, on every rank:
 
 The prompt is fixed token ids: timing does not depend on the text, and no tokenizer is loaded.
 With several ranks the link between them is measured too (all-reduce of a small and a large message),
-and the cost model (tp_ollama.bench.costmodel), calibrated on the TP=1 run of the same dtype, packing
+and the cost model (tp_ollama.parallel.costmodel), calibrated on the TP=1 run of the same dtype, packing
 and lengths (this report's, or a `--calibration` report's), predicts each TP>1 run from its shape and
 that measured link: predicted_ms_per_token next to measured_ms_per_token in the report.
 """
@@ -38,7 +38,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from tp_ollama.bench import report as rpt
-from tp_ollama.bench.bandwidth import peak_rss_mb
+from tp_ollama.bench.report import peak_rss_mb
 from tp_ollama.errors import ConfigError
 
 TIMEOUT_S = 600.0
@@ -104,11 +104,11 @@ def rank_decode(model: str, config: dict[str, Any], measure_link: bool) -> dict[
     """One rank of one run (torchrun entry point). Rank 0 returns every rank's figures."""
     import torch
 
-    from tp_ollama.bench.preflight import link_preflight
     from tp_ollama.engine.generate import GenerationStats, generate_tokens
     from tp_ollama.engine.options import GenerationOptions, SamplingOptions
     from tp_ollama.kernels.linear import activation_like, model_bytes, out_features
     from tp_ollama.parallel.comm import init_distributed, make_comm
+    from tp_ollama.parallel.preflight import link_preflight
     from tp_ollama.parallel.worker import BroadcastLockstep, load_shard, local_threads, sampler_for
     from tp_ollama.store.embedded import resolve_model
 
@@ -123,7 +123,7 @@ def rank_decode(model: str, config: dict[str, Any], measure_link: bool) -> dict[
     link = None
     if measure_link and comm.world_size > 1:
         from tp_ollama.bench.collectives import LINK_BENCH_BUDGET_S, configured_link
-        from tp_ollama.bench.collectives import measure_link as measure
+        from tp_ollama.parallel.preflight import measure_link as measure
 
         link = {**measure(comm, budget_s=LINK_BENCH_BUDGET_S), "configured": configured_link()}
     warning = link_preflight(comm, m, link)  # across hosts only: what launch would say before this run
@@ -270,7 +270,7 @@ def run_decode(
         raise ConfigError("nothing to measure: give at least one value for every axis")
     bandwidth = None
     if read_bandwidth and nodes.node_rank == 0:
-        from tp_ollama.bench.bandwidth import read_bandwidth_gbs
+        from tp_ollama.parallel.preflight import read_bandwidth_gbs
 
         bandwidth = read_bandwidth_gbs()
     settings = {"model": model, "rounds": rounds, "comm": comm, "nodes": asdict(nodes)}
@@ -303,9 +303,9 @@ def add_predictions(
     """Fill predicted/measured ms per token into every TP>1 result that has a measured link and a TP=1
     run of the same workload in `calibration` (a decode report); the rest are left as measured, with
     the reason in the report's notes."""
-    from tp_ollama.bench.costmodel import Link, calibrate, predict
-    from tp_ollama.bench.shapes import shape_of
     from tp_ollama.checkpoints.loader import open_checkpoint, resolve_dtype
+    from tp_ollama.parallel.costmodel import Link, calibrate, predict
+    from tp_ollama.parallel.shapes import shape_of
     from tp_ollama.store.embedded import resolve_model
 
     tp1 = {_workload(r["config"]): r for r in calibration["results"] if r["config"]["tp"] == 1}

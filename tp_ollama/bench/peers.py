@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from tp_ollama.bench.bandwidth import peak_rss_mb
+from tp_ollama.bench.report import peak_rss_mb
 from tp_ollama.errors import ConfigError, TpOllamaError
 
 PEERS = ("transformers", "llama.cpp")

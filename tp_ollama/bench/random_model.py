@@ -23,8 +23,8 @@ from typing import Any
 
 import torch
 
-from tp_ollama.bench.shapes import ModelShape
 from tp_ollama.errors import ConfigError
+from tp_ollama.parallel.shapes import ModelShape
 
 SAFETENSORS_DTYPES = {"float32": "F32", "bfloat16": "BF16", "float16": "F16"}
 TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}

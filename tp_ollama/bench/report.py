@@ -91,6 +91,17 @@ def _cpu_model(cpuinfo: Path) -> str | None:
     return None
 
 
+def peak_rss_mb() -> float:
+    """This process's peak resident set in MiB: VmHWM, which starts afresh at exec (ru_maxrss carries
+    the parent's peak over into a spawned child)."""
+    for line in open("/proc/self/status").read().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
 def new_report(kind: str, settings: dict[str, Any], argv: Sequence[str] | None = None) -> dict[str, Any]:
     """An empty report of this kind, dated now, describing this machine; argv defaults to sys.argv."""
     if kind not in KINDS:

@@ -162,8 +162,8 @@ def worker_main(job: WorkerJob) -> None:
 
 
 def _run(job: WorkerJob) -> None:
-    from tp_ollama.bench.preflight import link_preflight
     from tp_ollama.parallel.comm import init_distributed, make_comm
+    from tp_ollama.parallel.preflight import link_preflight
     from tp_ollama.store.embedded import resolve_model
 
     torch.set_num_threads(local_threads(int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))

@@ -1,4 +1,4 @@
-"""The read-bandwidth probe that decode's roofline fraction is measured against."""
+"""tp_ollama.kernels.native: its read loop, which the read-bandwidth probe times, sums every value once."""
 
 from __future__ import annotations
 
@@ -6,7 +6,6 @@ import pytest
 import torch
 
 from tests.kernels.test_quant import needs_native
-from tp_ollama.bench.bandwidth import read_bandwidth_gbs
 from tp_ollama.kernels import native
 
 
@@ -18,10 +17,3 @@ def test_native_read_sum_adds_every_value_once():
     assert native.read_sum(x) == pytest.approx(float(x.double().sum()), rel=1e-5)
     with pytest.raises(ValueError, match="multiple of 64"):
         native.read_sum(x[:100])
-
-
-def test_read_bandwidth_is_a_rate_and_checks_its_arguments():
-    gbs = read_bandwidth_gbs(threads=1, nbytes=1 << 20, tries=2)
-    assert 0.1 < gbs < 10_000
-    with pytest.raises(ValueError, match="nbytes >= 256"):
-        read_bandwidth_gbs(nbytes=8)

@@ -10,8 +10,10 @@ from typing import Any
 
 import pytest
 
-from tp_ollama.bench import costmodel
-from tp_ollama.bench.costmodel import (
+from tp_ollama.bench.random_model import write_random_model
+from tp_ollama.errors import ConfigError
+from tp_ollama.parallel import costmodel
+from tp_ollama.parallel.costmodel import (
     DEFAULT_COLLECTIVE_OVERHEAD_S,
     Calibration,
     Collective,
@@ -25,9 +27,7 @@ from tp_ollama.bench.costmodel import (
     preflight_warning,
     weight_bytes_per_rank,
 )
-from tp_ollama.bench.random_model import write_random_model
-from tp_ollama.bench.shapes import SHAPES, ModelShape
-from tp_ollama.errors import ConfigError
+from tp_ollama.parallel.shapes import SHAPES, ModelShape
 
 # 4 query heads over 2 KV heads; MLP rows 768 = 3 x 256 (MLP_ALIGN); vocabulary 320 = 5 x 64.
 TINY = ModelShape(

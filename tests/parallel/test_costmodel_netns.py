@@ -22,8 +22,8 @@ import pytest
 
 from tests.parallel.test_netns_cluster import SCRIPT, netns_unavailable, script_env
 from tp_ollama.bench.random_model import write_random_model
-from tp_ollama.bench.shapes import ModelShape
 from tp_ollama.launch import free_port
+from tp_ollama.parallel.shapes import ModelShape
 
 SHAPE = ModelShape(
     model_type="llama", hidden_size=256, intermediate_size=768, num_hidden_layers=2, num_attention_heads=4,

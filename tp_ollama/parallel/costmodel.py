@@ -54,7 +54,7 @@ shared-memory transport fits the same formula with its own (smaller) latency and
 of one moves nothing. Tensors over fastcomm's max_bytes (1 MiB) go through gloo instead; decode's
 never do.
 
-Per decode step, the real engine does (checked against comm.stats by tests/bench/test_costmodel.py):
+Per decode step, the real engine does (checked against comm.stats by tests/parallel/test_costmodel.py):
   all_reduce   2 * layers + 1 of hidden * dtype bytes (after attention, after the MLP, the embedding)
   broadcast    1 of 8 bytes (BroadcastLockstep's int64 go-on flag from rank 0)
   all_gather   1 of 16 * candidates bytes (the sampler's per-rank (value, id) float64 candidates:
@@ -78,9 +78,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
 
-from tp_ollama.bench.shapes import ModelShape
 from tp_ollama.errors import ConfigError
 from tp_ollama.parallel.layout import TPLayout
+from tp_ollama.parallel.shapes import ModelShape
 
 QUANTS = ("none", "int8", "int4")
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}

@@ -1,0 +1,153 @@
+"""The pre-flight check of `tp-ollama launch`: a group spanning two nodes over a slow link is warned,
+with the measured link in the line; a group on one node is not measured at all. Also its probes:
+measure_link's arithmetic and time bound against a simulated link on a simulated clock, and the
+read-bandwidth probe that decode's roofline fraction is measured against."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from tests import tiny
+from tp_ollama.errors import ConfigError
+from tp_ollama.launch import free_port
+from tp_ollama.parallel import preflight
+from tp_ollama.parallel.preflight import cost_model_quant, measure_link, read_bandwidth_gbs, spans_hosts
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny random llama as an HF directory, with a tokenizer (the launch takes a text prompt)."""
+    directory = tmp_path_factory.mktemp("tiny-llama")
+    tiny.save_hf(tiny.make_hf_model("llama"), directory)
+    tiny.save_tiny_tokenizer(directory)
+    return directory
+
+
+def test_spans_hosts_reads_torchruns_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    assert spans_hosts()
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
+    assert not spans_hosts()
+
+
+def test_cost_model_quant_is_the_most_common_packing() -> None:
+    assert cost_model_quant({"dtype": "bfloat16", "weights": {"int4": 126, "int8": 1}}) == "int4"
+    assert cost_model_quant({"dtype": "float32", "weights": {"float32": 10}}) == "none"
+
+
+def launch_two_nodes(checkpoint: Path, delay_us: int) -> tuple[str, str]:
+    """Node 0's and node 1's stderr of a one-shot generation over the TCP mesh on loopback."""
+    port = str(free_port())
+    common = [sys.executable, "-m", "tp_ollama", "launch", str(checkpoint), "Hello", "--temperature", "0",
+              "--num-predict", "3", "--nnodes", "2", "--master-port", port, "--comm", "tcp"]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TP_OLLAMA_LINK_DELAY_US": str(delay_us)}
+    node1 = subprocess.Popen([*common, "--node-rank", "1"], stderr=subprocess.PIPE, stdout=subprocess.DEVNULL,
+                             text=True, env=env)  # fmt: skip
+    try:
+        node0 = subprocess.run([*common, "--node-rank", "0"], capture_output=True, text=True, timeout=180, env=env)
+        _, err1 = node1.communicate(timeout=60)
+    finally:
+        node1.kill()
+        node1.wait(timeout=30)
+    assert node0.returncode == 0 and node1.returncode == 0, node0.stderr + err1
+    return node0.stderr, err1
+
+
+def test_a_slow_link_between_nodes_is_warned(checkpoint: Path) -> None:
+    err0, err1 = launch_two_nodes(checkpoint, delay_us=5000)
+    lines = [line for line in err0.splitlines() if line.startswith("Warning: TP=2 is predicted at")]
+    assert len(lines) == 1, err0
+    assert "slower than one node" in lines[0]
+    latency_us = float(lines[0].split("over a link of ")[1].split(" µs")[0])
+    assert latency_us >= 5000  # the link as measured, with its emulated 5 ms
+    assert "Warning" not in err1  # node 0 says it once
+
+
+def test_one_node_is_not_measured(checkpoint: Path) -> None:
+    cmd = [sys.executable, "-m", "tp_ollama", "generate", str(checkpoint), "Hello", "--temperature", "0",
+           "--num-predict", "3", "--tp", "2", "--comm", "tcp"]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TP_OLLAMA_LINK_DELAY_US": "5000"}
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=180, env=env)
+    assert done.returncode == 0, done.stderr
+    assert "Warning" not in done.stderr
+
+
+# ---- measure_link against a simulated link -----------------------------------------------------
+
+
+class SimulatedLink:
+    """Test double of a communicator whose all-reduce costs `latency_s + bytes / rate` on a simulated
+    clock (installed as the module's `time`), so the figures measure_link derives are known exactly."""
+
+    rank, world_size, transport = 0, 2, "simulated"
+
+    def __init__(self, latency_s: float, rate_bytes_s: float | None) -> None:
+        self.latency_s, self.rate = latency_s, rate_bytes_s
+        self.now = 0.0
+        self.calls = 0
+        self.broadcasts = 0
+
+    def perf_counter(self) -> float:
+        return self.now
+
+    def all_reduce(self, t: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        self.now += self.latency_s + (t.nbytes / self.rate if self.rate else 0.0)
+        return t
+
+    def broadcast(self, t: torch.Tensor, src: int = 0) -> torch.Tensor:
+        self.broadcasts += 1
+        return t
+
+
+def simulated(monkeypatch: pytest.MonkeyPatch, latency_s: float, rate: float | None) -> SimulatedLink:
+    link = SimulatedLink(latency_s, rate)
+    monkeypatch.setattr(preflight, "time", SimpleNamespace(perf_counter=link.perf_counter))
+    return link
+
+
+def test_measure_link_recovers_latency_and_bandwidth(monkeypatch: pytest.MonkeyPatch) -> None:
+    link = simulated(monkeypatch, latency_s=5e-3, rate=1e8)
+    got = measure_link(link)
+    assert got["latency_us"] == pytest.approx((5e-3 + 64 / 1e8) * 1e6)
+    assert got["bandwidth_gbs"] == pytest.approx(0.1)  # 1e8 B/s: the fixed 5 ms cancels out
+    assert "over simulated between 2 ranks" in got["method"] and "(t_large - t_small)" in got["method"]
+    assert link.broadcasts == 1  # rank 0's iteration count, shared so that every rank runs as many
+
+
+@pytest.mark.parametrize(("latency_s", "rate"), [(1e-5, 1e10), (1e-3, 1e9), (4e-2, 1e7), (0.5, 1e6)])
+def test_measure_link_stays_within_its_time_budget(
+    monkeypatch: pytest.MonkeyPatch, latency_s: float, rate: float
+) -> None:
+    link = simulated(monkeypatch, latency_s, rate)
+    measure_link(link, budget_s=0.1)
+    pair = 2 * latency_s + (64 + (1 << 20)) / rate
+    timed_pairs = link.calls // 2 - 1  # after the warm-up pair
+    assert 1 <= timed_pairs <= preflight.MAX_LINK_ITERS
+    # The whole measurement fits the budget, except on a link too slow for even two pairs.
+    assert link.now <= max(0.1, 2 * pair) + 1e-9
+
+
+def test_measure_link_with_given_iterations_and_a_flat_link(monkeypatch: pytest.MonkeyPatch) -> None:
+    link = simulated(monkeypatch, latency_s=1e-3, rate=None)  # cost independent of size: noise-like
+    got = measure_link(link, iters=3)
+    assert link.calls == 2 + 2 * 3 and link.broadcasts == 0
+    assert got["bandwidth_gbs"] == pytest.approx((1 << 20) / 1e-3 / 1e9)
+    assert "lower bound" in got["method"]
+    with pytest.raises(ConfigError, match="expected 4 <= small < large"):
+        measure_link(link, small_bytes=1 << 20, large_bytes=64)
+
+
+def test_read_bandwidth_is_a_rate_and_checks_its_arguments():
+    gbs = read_bandwidth_gbs(threads=1, nbytes=1 << 20, tries=2)
+    assert 0.1 < gbs < 10_000
+    with pytest.raises(ValueError, match="nbytes >= 256"):
+        read_bandwidth_gbs(nbytes=8)
