@@ -11,7 +11,7 @@ import tokenizers
 from tests.server.chat_models import QWEN3_TEMPLATE, WEATHER, save_chat_tokenizer
 from tp_ollama.checkpoints.chat_template import GEMMA3_CHAT_TEMPLATE, TemplateFeatures, template_features
 from tp_ollama.checkpoints.tokenizer import Tokenizer
-from tp_ollama.store.registry import capabilities
+from tp_ollama.store.inspect import capabilities
 
 CHATML = "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
 TOOLS_ONLY = "{% if tools %}{{ tools | tojson }}{% endif %}" + CHATML

@@ -24,7 +24,7 @@ from tp_ollama.engine.options import GenerationOptions
 from tp_ollama.server.app import create_app
 from tp_ollama.server.compression import GzipMiddleware, accepts_gzip, compressible_type
 from tp_ollama.server.engine_api import TokenEvent
-from tp_ollama.store.registry import ModelStore
+from tp_ollama.store.model_store import ModelStore
 
 BIG = json.dumps({"text": "tensor parallel " * 200}).encode()  # 3.2 KB of JSON
 HELLO = [19556, 905]  # SmolLM2 ids of "Hello world"

@@ -34,7 +34,7 @@ from tests.tiny import make_hf_model, save_hf, save_tiny_tokenizer
 from tp_ollama import __version__
 from tp_ollama.server.app import create_app
 from tp_ollama.server.local_engine import LocalEngine
-from tp_ollama.store.registry import ModelStore
+from tp_ollama.store.model_store import ModelStore
 
 TINY = "tiny-fuzz:latest"
 EXAMPLES_PER_OPERATION = 15  # valid requests (by the schema), per operation

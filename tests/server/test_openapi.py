@@ -20,7 +20,7 @@ from starlette.testclient import TestClient
 from tests.server.doubles import ScriptedEngine
 from tp_ollama import __version__
 from tp_ollama.server.app import create_app
-from tp_ollama.store.registry import ModelStore
+from tp_ollama.store.model_store import ModelStore
 
 REPO = Path(__file__).resolve().parents[2]
 YAML = REPO / "tp_ollama" / "server" / "openapi.yaml"

@@ -21,7 +21,7 @@ from tp_ollama import __version__
 from tp_ollama.server.app import create_app
 from tp_ollama.server.local_engine import LocalEngine
 from tp_ollama.server.store_schemas import tags_body
-from tp_ollama.store.registry import ModelStore
+from tp_ollama.store.model_store import ModelStore
 
 HEX64 = re.compile(r"[0-9a-f]{64}")
 BODY_LIMIT = 64 * 1024  # JSON bodies only: the tiny GGUFs (~750 KB) must upload as blobs anyway

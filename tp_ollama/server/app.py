@@ -40,7 +40,7 @@ from tp_ollama.server.schemas import ApiError, ModelResolver, json_response, oll
 from tp_ollama.server.text import Limits, TextService
 
 if TYPE_CHECKING:
-    from tp_ollama.store.registry import ModelStore
+    from tp_ollama.store.model_store import ModelStore
 
 log = logging.getLogger(__name__)
 

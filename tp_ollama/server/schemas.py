@@ -53,7 +53,7 @@ class ModelDetails(Protocol):
 
 
 class ResolvedModel(Protocol):
-    """An installed model as the store describes it (tp_ollama.store.registry.ResolvedModel has this shape).
+    """An installed model as the store describes it (tp_ollama.store.model_store.ResolvedModel has this shape).
 
     `template` is the model's Ollama TEMPLATE (Go text/template). It is NOT rendered yet: prompts are
     rendered with the tokenizer's Jinja chat template until Go templates are supported (a later issue).

@@ -15,26 +15,12 @@ from tp_ollama import __version__
 log = logging.getLogger(__name__)
 
 
-class StoreModels:
-    """The model store seen through the front end's ModelResolver protocol. `create_app(store=)` no
-    longer needs it (ModelStore has `names()` itself); kept for callers that pass one as `models`."""
-
-    def __init__(self, store: Any) -> None:
-        self.store = store
-
-    def resolve(self, name: str) -> Any:
-        return self.store.resolve(name)
-
-    def names(self) -> list[str]:
-        return [entry.name for entry in self.store.list()]
-
-
 def build(settings: Any) -> tuple[list[Any], Any]:
     """The engine handles (one RemoteEngine per replica) and the Starlette app for these settings."""
     from tp_ollama.server.app import create_app
     from tp_ollama.server.remote_engine import RemoteEngine
     from tp_ollama.server.replicas import ReplicaSet
-    from tp_ollama.store.registry import ModelStore
+    from tp_ollama.store.model_store import ModelStore
 
     c, i, a = settings.cluster, settings.inference, settings.api
     weights = ",".join(f"{w:g}" for w in i.tp_weights) if i.tp_weights else None

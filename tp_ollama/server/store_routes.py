@@ -36,7 +36,8 @@ from tp_ollama.server.store_schemas import (
 from tp_ollama.server.text import Scheduler
 
 if TYPE_CHECKING:
-    from tp_ollama.store.registry import ModelStore, Progress
+    from tp_ollama.store.create import Progress
+    from tp_ollama.store.model_store import ModelStore
 
 log = logging.getLogger(__name__)
 

@@ -10,9 +10,10 @@ from pathlib import Path
 from typing import Any
 
 from tp_ollama.server.schemas import ApiError, _field, _kind, model_field
+from tp_ollama.store.manifests import digest_hex
+from tp_ollama.store.model_store import ModelEntry
 from tp_ollama.store.modelfile import parse_modelfile
 from tp_ollama.store.names import is_valid_name, parse_name
-from tp_ollama.store.registry import ModelEntry, digest_hex
 
 # A `from` that starts like this names a file or directory on the server (node 0), not a model.
 _PATH_PREFIXES = ("/", "~", "./", "../")

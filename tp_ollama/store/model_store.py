@@ -1,0 +1,349 @@
+"""The model store, in Ollama's on-disk layout so that either server can read it:
+
+    manifests/<host>/<namespace>/<model>/<tag>   Docker v2 manifest JSON (its sha256 is the model's digest)
+    blobs/sha256-<hex>                           content-addressed layers and config blobs
+    tp-ollama/                                   ours: HF directory views, file facts, hidden names
+
+Decisions beyond what upstream does:
+* A Hugging Face directory is stored like everything else: each file (config.json, tokenizer files,
+  *.safetensors) becomes a blob, listed in the manifest as a layer of our own media type
+  `application/vnd.tp-ollama.hf.file` that carries its relative `name`. Loading needs a directory,
+  so `resolve` builds `tp-ollama/hf/<id>/` once: relative symlinks to the blobs, as the HF hub cache
+  does. The store owns the bytes, /api/blobs uploads work for HF models as for GGUF, and an upstream
+  reader sharing the directory skips a layer type it does not know.
+* The embedded models (tp_ollama.store.embedded) are listed without a pull as virtual entries
+  (tp_ollama.store.embedded_entries). A copy of one, or a model created FROM one, costs a manifest
+  and a config blob, never the weights.
+* Deleting an embedded model hides it, as `ollama rm` users expect (it leaves the list);
+  `restore_embedded(name)` brings it back, which is what pulling that name should call.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import IO, Any
+
+from tp_ollama.errors import CheckpointError, ModelNotFound, RequestError, TpOllamaError
+from tp_ollama.store.create import Draft, Progress, check_messages
+from tp_ollama.store.inspect import capabilities, checkpoint_info
+from tp_ollama.store.layout import Layout
+from tp_ollama.store.manifests import (
+    COPY_CHUNK,
+    HF_FILE,
+    LICENSE,
+    MESSAGES,
+    MODEL,
+    PARAMS,
+    PROMPT,
+    SYSTEM,
+    TEMPLATE,
+    BlobWriter,
+    Found,
+    Layer,
+    Manifest,
+    ModelDetails,
+)
+from tp_ollama.store.modelfile import coerce_parameters, format_parameters, parse_modelfile, render_modelfile
+from tp_ollama.store.names import ModelName, parse_name
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ModelEntry:
+    """One /api/tags row. `digest` is the sha256 hex of the manifest bytes."""
+
+    name: str
+    model: str
+    modified_at: datetime
+    size: int
+    digest: str
+    details: ModelDetails
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "model": self.model,
+            "modified_at": self.modified_at.isoformat(),
+            "size": self.size,
+            "digest": self.digest,
+            "details": self.details.to_dict(),
+        }
+
+
+@dataclass(frozen=True)
+class ResolvedModel:
+    """Everything needed to serve a model. `path` is a GGUF file or an HF directory; `template` is the
+    TEMPLATE layer (None: use the checkpoint's own chat template)."""
+
+    name: str
+    path: Path
+    format: str
+    template: str | None
+    system: str | None
+    params: dict[str, Any]
+    messages: list[dict[str, str]]
+    license: list[str]
+    details: ModelDetails
+    digest: str
+    modified_at: datetime
+
+
+class ModelStore:
+    """Models under `root` ($OLLAMA_MODELS, `~/.ollama/models` by default; the caller resolves it).
+
+    Thread-safe for one server process (see tp_ollama.store.layout): changes hold a lock for their
+    short critical sections only; reads need none."""
+
+    def __init__(self, root: Path, *, facts_path: Path | None = None) -> None:
+        self._layout = Layout(root, facts_path)
+        self.root = self._layout.root
+        self.blobs = self._layout.blobs
+        self.manifests = self._layout.manifests
+        self.own = self._layout.own
+
+    # --- blobs -----------------------------------------------------------------------------------
+
+    def blob_path(self, digest: str) -> Path:
+        return self._layout.blob_path(digest)
+
+    def has_blob(self, digest: str) -> bool:
+        return self._layout.has_blob(digest)
+
+    def blob_writer(self, digest: str | None = None) -> BlobWriter:
+        """A writer for a blob whose digest is `digest` (checked on commit), or any content if None."""
+        return self._layout.blob_writer(digest)
+
+    def add_blob(self, digest: str, data: bytes | IO[bytes] | Iterable[bytes]) -> bool:
+        """Store `data` as blob `digest` (/api/blobs POST); True when it is new (201), False when it was
+        there (200); RequestError on a malformed digest or a mismatch (400)."""
+        with self.blob_writer(digest) as w:
+            if isinstance(data, bytes | bytearray | memoryview):
+                w.write(bytes(data))
+            elif hasattr(data, "read"):
+                while chunk := data.read(COPY_CHUNK):
+                    w.write(chunk)
+            else:
+                for chunk in data:
+                    w.write(chunk)
+            return w.commit()
+
+    # --- reading ---------------------------------------------------------------------------------
+
+    def names(self) -> list[str]:
+        """Display names of the listed models (the front end's ModelResolver, for /v1/models)."""
+        return [entry.name for entry in self.list()]
+
+    def list(self) -> list[ModelEntry]:
+        """Installed models and the visible embedded ones, newest first (/api/tags)."""
+        layout = self._layout
+        entries: dict[ModelName, ModelEntry] = {}
+        for name, path in layout.walk():
+            try:
+                entries[name] = self._entry(layout.read_found(name, path))
+            except FileNotFoundError:
+                continue
+            except (TpOllamaError, ValueError) as e:
+                log.warning("skipping %s: %s", path, e)
+        hidden = layout.embedded.hidden()
+        for found in layout.embedded.all():
+            if found.name not in entries and found.name.display not in hidden:
+                entries[found.name] = self._entry(found)
+        return sorted(entries.values(), key=lambda e: e.modified_at, reverse=True)
+
+    def resolve(self, name: str) -> ResolvedModel:
+        """What serving `name` needs; ModelNotFound (`model 'NAME' not found`) when it is not here."""
+        layout = self._layout
+        found = layout.lookup(name)
+        model: Layer | None = None
+        hf: list[Layer] = []
+        texts: dict[str, str] = {}
+        params: dict[str, Any] = {}
+        messages: list[dict[str, str]] = []
+        licenses: list[str] = []
+        for layer in found.manifest.layers:
+            kind = layer.media_type
+            if kind == MODEL:
+                model = layer
+            elif kind == HF_FILE:
+                hf.append(layer)
+            elif kind in (TEMPLATE, PROMPT, SYSTEM):
+                texts[SYSTEM if kind == SYSTEM else TEMPLATE] = layout.read_blob(layer.digest).decode()
+            elif kind == PARAMS:
+                params = json.loads(layout.read_blob(layer.digest))
+            elif kind == MESSAGES:
+                messages = json.loads(layout.read_blob(layer.digest))
+            elif kind == LICENSE:
+                licenses.append(layout.read_blob(layer.digest).decode())
+        if hf:
+            path, fmt = layout.hf_view(hf), "safetensors"
+        elif model is not None:
+            path, fmt = layout.layer_file(model), "gguf"
+        else:
+            raise CheckpointError(f"model '{found.name.display}' has no weights layer")
+        return ResolvedModel(
+            name=found.name.display,
+            path=path,
+            format=fmt,
+            template=texts.get(TEMPLATE),
+            system=texts.get(SYSTEM),
+            params=params,
+            messages=messages,
+            license=licenses,
+            details=layout.details(found),
+            digest=found.digest,
+            modified_at=found.modified_at,
+        )
+
+    def manifest(self, name: str, message: str | None = None) -> Manifest:
+        """The manifest `name` resolves to (layers with digests and sizes; read-only, for /api/pull and
+        /api/push); ModelNotFound with `message` (default `model 'NAME' not found`) when it is not here."""
+        return self._layout.lookup(name, message).manifest
+
+    def show(self, name: str, verbose: bool = False) -> dict[str, Any]:
+        """The /api/show body. `template` falls back to the checkpoint's own chat template when the
+        model has no TEMPLATE layer (the modelfile then has no TEMPLATE line)."""
+        r = self.resolve(name)
+        model_info, chat_template = checkpoint_info(r.path, verbose)
+        template = r.template if r.template is not None else chat_template
+        show: dict[str, Any] = {
+            "modelfile": render_modelfile(
+                name=r.name,
+                from_=str(r.path),
+                template=r.template,
+                system=r.system,
+                parameters=r.params,
+                license=r.license,
+                messages=r.messages,
+            ),
+            "parameters": format_parameters(r.params),
+            "template": template or "",
+            "system": r.system or "",
+            "license": "\n".join(r.license),
+            "details": r.details.to_dict(),
+            "messages": r.messages,
+            "model_info": model_info,
+            "capabilities": capabilities(template),
+            "modified_at": r.modified_at.isoformat(),
+        }
+        # upstream omits empty fields (omitempty); model_info is always there
+        return {k: v for k, v in show.items() if v or k == "model_info"}
+
+    def _entry(self, found: Found) -> ModelEntry:
+        m = found.manifest
+        return ModelEntry(
+            name=found.name.display,
+            model=found.name.display,
+            modified_at=found.modified_at,
+            size=m.config.size + sum(layer.size for layer in m.layers),
+            digest=found.digest,
+            details=self._layout.details(found),
+        )
+
+    # --- changing ------------------------------------------------------------------------------
+
+    def create(
+        self,
+        name: str,
+        from_: str | Path | None = None,
+        *,
+        files: Mapping[str, str] | None = None,
+        system: str | None = None,
+        template: str | None = None,
+        parameters: Mapping[str, Any] | None = None,
+        messages: Sequence[Mapping[str, Any]] | None = None,
+        license: str | Sequence[str] | None = None,
+        progress: Progress | None = None,
+    ) -> ModelEntry:
+        """Create (or replace) model `name`, as /api/create does.
+
+        The weights come from `files` ({relative name: blob digest}: one GGUF, or an HF directory's
+        files), or `from_`: a Path (a GGUF file, copied into the blobs, or an HF directory, whose files
+        are), `@sha256:<hex>` (an uploaded GGUF blob), or a model name (its layers are reused). Then
+        `template` and `system` replace the base's, `license` texts are added to its, `parameters` are
+        merged over its (new keys win) and non-empty `messages` replace its. `progress` receives
+        upstream's status lines, ending with "success"."""
+        layout = self._layout
+        say = progress or (lambda status: None)
+        target = parse_name(name)
+        params = coerce_parameters(parameters or {})
+        msgs = check_messages(messages or [])
+        licenses = [license] if isinstance(license, str) else list(license or [])
+        if from_ is None and not files:
+            raise RequestError("neither 'from' or 'files' was specified")
+        say("gathering model components")
+        draft = Draft(layout, say)
+        done = False
+        try:
+            draft.add_weights(from_, files)
+            draft.apply(template, system, licenses, params, msgs)
+            manifest = draft.manifest()
+            say("writing manifest")
+            layout.write_manifest(target, manifest.to_bytes())
+            done = True
+        finally:
+            with layout.lock:
+                layout.unpin(draft.pinned)
+                if not done:
+                    layout.prune(set(draft.created))
+        say("success")
+        return self._entry(layout.lookup(target.full))
+
+    def create_from_modelfile(
+        self, name: str, text: str, base_dir: Path | None = None, progress: Progress | None = None
+    ) -> ModelEntry:
+        """Create from Modelfile text (the legacy /api/create `modelfile` field, or `ollama create -f`).
+        FROM is a path when it names an existing file or directory (relative to `base_dir`)."""
+        mf = parse_modelfile(text)
+        return self.create(
+            name,
+            mf.resolve_from(base_dir),
+            system=mf.system,
+            template=mf.template,
+            parameters=mf.parameters,
+            messages=mf.messages,
+            license=mf.license,
+            progress=progress,
+        )
+
+    def copy(self, source: str, destination: str) -> None:
+        """A second name for a model: a new manifest with the same bytes (so the same digest)."""
+        layout = self._layout
+        dst = parse_name(destination)
+        with layout.lock:
+            found = layout.lookup(source, f'model "{source}" not found')
+            layout.materialise(found)
+            layout.write_manifest(dst, found.manifest.to_bytes())
+
+    def delete(self, name: str) -> None:
+        """Remove a model and the blobs no other manifest references. Deleting an embedded model
+        hides it (see `restore_embedded`); ModelNotFound when there is nothing to delete."""
+        layout = self._layout
+        target = parse_name(name)
+        with layout.lock:
+            found = layout.find_manifest(target)
+            embedded = layout.embedded.name_of(target)
+            hidden = layout.embedded.hidden()
+            if found is None and (embedded is None or embedded in hidden):
+                raise ModelNotFound(name)
+            if embedded is not None:
+                layout.embedded.set_hidden(hidden | {embedded})
+            if found is not None:
+                layout.remove_manifest(found[1])
+
+    def restore_embedded(self, name: str) -> bool:
+        """Undo the deletion of an embedded model (call it when that name is pulled); False when the
+        name is not an embedded model."""
+        embedded = self._layout.embedded.name_of(parse_name(name))
+        if embedded is None:
+            return False
+        with self._layout.lock:
+            hidden = self._layout.embedded.hidden()
+            if embedded in hidden:
+                self._layout.embedded.set_hidden(hidden - {embedded})
+        return True
