@@ -151,15 +151,13 @@ def _other_collectives(store: dist.Store, rank: int, world: int, *, transport: s
 
 def _mismatch(store: dist.Store, rank: int, world: int, *, transport: str, name: str) -> str:
     """Rank 0 all-reduces while the others broadcast: everyone must fail fast, naming both collectives."""
-    with FastGroup.create(store, rank, world, transport=transport, name=name, timeout=10) as g:
-        start = time.monotonic()
+    with FastGroup.create(store, rank, world, transport=transport, name=name, timeout=30) as g:
         try:
             if rank == 0:
                 g.all_reduce(torch.zeros(8))
             else:
                 g.broadcast(torch.zeros(8), src=0)
         except CommError as e:
-            assert time.monotonic() - start < 5, "a mismatch should be found before the timeout"
             return str(e)
     return "no error"
 
@@ -204,7 +202,7 @@ def _early_exit(store: dist.Store, rank: int, world: int, *, name: str) -> dict[
             g.all_reduce(torch.ones(640))
             out[label] = ("no error", 0.0)
         except CommError as e:
-            out[label] = (str(e), time.monotonic() - start)
+            out[label] = (str(e), time.monotonic() - start)  # the time it waited before it raised
         g.close()
         g.close()  # idempotent
     out["mapped_after_close"] = _shm_mapped()
@@ -342,6 +340,8 @@ def test_ranks_calling_different_collectives_fail_fast(cluster: Cluster, transpo
     for m in messages[1:] if transport == "tcp" else messages:
         assert "all_reduce" in m and "broadcast" in m and "different collectives" in m, m
     assert messages[0] != "no error"
+    # Fast: found by the check on what the others entered (or by their closed connections), not by the timeout.
+    assert not any("(the timeout)" in m for m in messages), messages
 
 
 @pytest.mark.parametrize("transport", ["auto", "tcp"])
@@ -418,9 +418,12 @@ def test_eight_ranks_in_threads(transport: str) -> None:
 def test_a_rank_that_exits_makes_the_others_fail_within_the_timeout(cluster: Cluster) -> None:
     res = cluster.run(_early_exit, 3, exits=frozenset({2}), name=_name())
     for r in res[:2]:
+        # Shared memory cannot see a peer exit: it waits out its 2 s timeout (a busy machine only adds to
+        # that wait) and then raises, naming the missing rank.
         shm_msg, shm_s = r["shm"]
         assert "rank(s) 2" in shm_msg and "2 s (the timeout)" in shm_msg
-        assert 1.9 < shm_s < 10.0  # the 2 s timeout, with room for a busy 2-core machine
-        tcp_msg, tcp_s = r["tcp"]
-        assert "rank 2" in tcp_msg and tcp_s < 2.5
+        assert shm_s > 1.9
+        # TCP sees the closed connection: it raises on that, not on its timeout.
+        tcp_msg, _ = r["tcp"]
+        assert "rank 2" in tcp_msg and "(the timeout)" not in tcp_msg, tcp_msg
         assert r["mapped_after_close"] == []

@@ -151,8 +151,9 @@ def test_a_failing_run_shows_the_error_and_leaves_nothing(tiny: Tiny, tmp_path: 
 
 # ---- --exec, the topology, and the ways a run ends ---------------------------------------------------------
 
-# Each node writes what it sees to DIR/node<rank>; node 0 then says "ready" and waits (30 s at most) for
-# DIR/go, so that the test can look at the namespaces while they exist.
+# Each node writes what it sees to DIR/node<rank>; node 0 then says "ready" and waits for DIR/go (120 s at
+# most: only a test that hangs makes it wait that long), so that the test can look at the namespaces while
+# they exist.
 EXEC_SCRIPT = """
 d=$0
 delay=${TP_OLLAMA_LINK_DELAY_US:-none}
@@ -162,7 +163,7 @@ mv "$d/tmp$NODE_RANK" "$d/node$NODE_RANK"
 if [ "$NODE_RANK" = 0 ]; then
     echo ready
     i=0
-    while [ ! -e "$d/go" ] && [ $i -lt 600 ]; do sleep 0.05; i=$((i + 1)); done
+    while [ ! -e "$d/go" ] && [ $i -lt 2400 ]; do sleep 0.05; i=$((i + 1)); done
 fi
 """
 
@@ -195,8 +196,8 @@ def test_exec_runs_in_every_namespace_behind_a_bridge_of_its_own(netns: None, tm
         ).stdout
         for i in range(3):  # the bridge's end of each veth shapes the traffic towards that node
             assert any(f"dev tpo{pid}b{i} " in q and "tbf" in q and "rate 100Mbit" in q for q in qdiscs.splitlines())
-        (tmp_path / "go").touch()
     finally:
+        (tmp_path / "go").touch()  # node 0 ends, and the run with it, whether the checks passed or not
         done = finish(proc, mark)
     assert done.rc == 0, done.err
     for i in range(3):

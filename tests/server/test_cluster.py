@@ -115,17 +115,18 @@ def test_requests_list_a_running_stream_with_a_growing_token_count(http, other):
         assert later["tokens_per_second"] > 0
 
 
-def test_every_endpoint_answers_within_a_second_during_a_generation(http, other):
+def test_every_endpoint_answers_while_a_generation_runs(http, other):
+    """No route waits for a running generation to end: each answer comes while the generation is still
+    running, short of its num_predict."""
     body = {"model": SMOL, "prompt": "Count from one to a thousand:", "options": {**GREEDY, "num_predict": 2000}}
     with http.stream("POST", "/api/generate", json=body) as response:
         lines = response.iter_lines()
         assert json.loads(next(lines))["done"] is False
         for route in ROUTES:
-            t0 = time.monotonic()
             reply = other.get(f"/api/distributed/{route}")
-            elapsed = time.monotonic() - t0
             assert reply.status_code == 200, (route, reply.text)
-            assert elapsed < 1.0, f"/api/distributed/{route} took {elapsed:.2f} s during a generation"
+            [running] = other.get("/api/distributed/requests").json()["requests"]
+            assert running["state"] == "running" and running["tokens_generated"] < 2000, (route, running)
         assert json.loads(next(lines))["done"] is False  # the generation went on meanwhile
 
 
