@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from tests.tiny import make_hf_model, prompt_ids, write_gguf
+from tp_ollama.checkpoints import quantize
 from tp_ollama.checkpoints.loader import load_model, open_checkpoint
 from tp_ollama.engine.kv_cache import KVCache
-from tp_ollama.kernels import loading
 from tp_ollama.kernels.packed_cache import KEEP_ENTRIES, PackedCache, cache_key
 
 
@@ -31,13 +31,13 @@ def logits(model) -> torch.Tensor:
 
 def count_reads(monkeypatch) -> list[str]:
     reads: list[str] = []
-    real = loading.read_packed
+    real = quantize.read_packed
 
     def spy(ckpt, name, param, packing, **kw):
         reads.append(name)
         return real(ckpt, name, param, packing, **kw)
 
-    monkeypatch.setattr(loading, "read_packed", spy)
+    monkeypatch.setattr(quantize, "read_packed", spy)
     return reads
 
 

@@ -44,12 +44,13 @@ TINY = ModelShape(
 
 
 def test_constants_match_the_code_they_model():
-    from tp_ollama.kernels import loading, quant
+    from tp_ollama.checkpoints import quantize
+    from tp_ollama.kernels import quant
     from tp_ollama.parallel import fastcomm_tcp
 
     assert costmodel.HEADER_BYTES == fastcomm_tcp.HEADER.size
     assert costmodel.INT4_TILE == quant.INT4_TILE
-    assert costmodel.INT4_GROUP == loading.INT4_GROUP
+    assert costmodel.INT4_GROUP == quantize.INT4_GROUP
     assert costmodel.SCALE_BYTES == quant.SCALE_DTYPE.itemsize
 
 

@@ -69,8 +69,8 @@ def load_model(
 ) -> nn.Module:
     """Build on the meta device, let `shard` (a tensor-parallel plan) cut parameters down to this
     rank's slices, then read exactly those slices from the checkpoint. `quant` (none, int8, int4,
-    auto) packs linear layers and the embedding as they are read (tp_ollama.kernels.loading)."""
-    from tp_ollama.kernels.loading import check_quant_mode, param_slices, quantize_modules
+    auto) packs linear layers and the embedding as they are read (tp_ollama.checkpoints.quantize)."""
+    from tp_ollama.checkpoints.quantize import check_quant_mode, param_slices, quantize_modules
 
     check_quant_mode(quant)
     device = torch.device(device)

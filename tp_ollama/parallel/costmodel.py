@@ -86,7 +86,7 @@ QUANTS = ("none", "int8", "int4")
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 OPS = ("all_reduce", "all_gather", "broadcast", "broadcast_bytes", "barrier")
 # Kept equal to the real modules by tests: fastcomm_tcp.HEADER.size, kernels.quant.INT4_TILE and
-# SCALE_DTYPE's size, kernels.loading.INT4_GROUP.
+# SCALE_DTYPE's size, checkpoints.quantize.INT4_GROUP.
 HEADER_BYTES = 16
 INT4_TILE = 64
 INT4_GROUP = 32

@@ -29,6 +29,7 @@ from typing import Any
 
 import torch
 
+from tp_ollama.checkpoints.quantize import describe_precision, precision_line
 from tp_ollama.engine.batch import Batch, Plan, Planner, Request
 from tp_ollama.engine.constraint import Grammar, GrammarVocabulary, LocalConstraint, ShardedConstraint, vocabulary_for
 from tp_ollama.engine.embed import embed_batch
@@ -36,7 +37,6 @@ from tp_ollama.engine.options import check_prompt
 from tp_ollama.engine.paged_kv import BlockPool
 from tp_ollama.errors import TpOllamaError
 from tp_ollama.kernels.linear import model_bytes
-from tp_ollama.kernels.loading import describe_precision, precision_line
 from tp_ollama.parallel.facts import rank_facts
 from tp_ollama.parallel.preflight import link_preflight
 from tp_ollama.parallel.worker import load_shard, local_threads, options_from_data, rank_device, sampler_for

@@ -16,9 +16,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from tp_ollama.checkpoints.quantize import describe_precision
 from tp_ollama.errors import ConfigError
 from tp_ollama.kernels import native
-from tp_ollama.kernels.loading import describe_precision
 from tp_ollama.parallel.costmodel import Calibration, Link, predict, preflight_warning
 from tp_ollama.parallel.shapes import shape_of
 

@@ -9,10 +9,10 @@ from torch import nn
 
 from tests.tiny import make_hf_model, prompt_ids, save_hf, write_gguf
 from tp_ollama.checkpoints.loader import load_model, open_checkpoint, resolve_dtype
+from tp_ollama.checkpoints.quantize import describe_precision, packing_for
 from tp_ollama.engine.kv_cache import KVCache
 from tp_ollama.errors import ConfigError
 from tp_ollama.kernels.linear import QuantEmbedding, QuantLinear
-from tp_ollama.kernels.loading import describe_precision, packing_for
 from tp_ollama.kernels.quant import native_int4
 
 N_PROMPT = 12
