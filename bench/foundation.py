@@ -30,9 +30,10 @@ def worker_ours(model: str, dtype: str, tokens: int, t_start: float) -> dict:
     import torch
 
     from tp_ollama.checkpoints.loader import parse_dtype
-    from tp_ollama.completion import load, prompt_tokens
+    from tp_ollama.completion import load
     from tp_ollama.engine.generate import GenerationStats, generate_tokens
     from tp_ollama.engine.options import GenerationOptions, SamplingOptions
+    from tp_ollama.text.prompt import prompt_tokens
 
     torch.manual_seed(0)
     loaded = load(model, parse_dtype(dtype))

@@ -25,9 +25,9 @@ PROMPT = "Once upon a time, there was a little robot who"
 
 
 def in_process(loaded: Any, tokens: int) -> dict[str, float]:
-    from tp_ollama.completion import prompt_tokens
     from tp_ollama.engine.generate import generate_tokens
     from tp_ollama.engine.options import GenerationOptions, SamplingOptions
+    from tp_ollama.text.prompt import prompt_tokens
 
     options = GenerationOptions(sampling=SamplingOptions(temperature=0), num_predict=tokens)
     t0 = time.perf_counter()

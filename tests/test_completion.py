@@ -5,10 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tp_ollama.completion import LoadedModel, load, prompt_tokens, stream_text
+from tp_ollama.completion import LoadedModel, load, stream_text
 from tp_ollama.engine.generate import GenerationStats
 from tp_ollama.engine.options import GenerationOptions, SamplingOptions
 from tp_ollama.errors import RequestError
+from tp_ollama.text.prompt import prompt_tokens
 
 pytestmark = pytest.mark.slow
 

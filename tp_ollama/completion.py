@@ -15,14 +15,13 @@ from torch import nn
 from tp_ollama.checkpoints.base import Checkpoint
 from tp_ollama.checkpoints.loader import load_model, open_checkpoint
 from tp_ollama.checkpoints.tokenizer import Tokenizer
-from tp_ollama.engine.detokenize import IncrementalDetokenizer
 from tp_ollama.engine.generate import GenerationStats, generate_tokens
 from tp_ollama.engine.options import GenerationOptions
-from tp_ollama.engine.stop import StoppedText
 from tp_ollama.store.embedded import resolve_model
-from tp_ollama.text_process import prompt_tokens, tokenizer_at
+from tp_ollama.text.pipeline import PlainText, TextPipeline
+from tp_ollama.text.prompt import tokenizer_at
 
-__all__ = ["LoadedModel", "final_metrics", "load", "prompt_tokens", "stream_text", "text_pieces"]
+__all__ = ["LoadedModel", "final_metrics", "load", "stream_text", "text_pieces"]
 
 log = logging.getLogger(__name__)
 
@@ -75,17 +74,13 @@ def text_pieces(
     tokenizer: Tokenizer, tokens: Generator[int, None, None], stops: Sequence[str], stats: GenerationStats
 ) -> Iterator[str]:
     """Turn a token stream into text pieces, cutting at the first stop string (never emitted)."""
-    text = StoppedText(IncrementalDetokenizer(tokenizer), stops)
+    text = TextPipeline(tokenizer, stops, PlainText())
     try:
         for token in tokens:
-            piece, stopped = text.push(token)
-            if piece:
-                yield piece
-            if stopped:
+            yield from text.push(token)
+            if text.stopped:
                 stats.done_reason = "stop"
                 return
-        tail, _ = text.finish()
-        if tail:
-            yield tail
+        yield from text.finish()
     finally:
         tokens.close()  # frees the KV cache (and releases the other ranks) when the consumer stops early

@@ -34,9 +34,9 @@ def sampling_options(**kw: Any) -> Any:
 
 def generate_in_process(req: Prompting) -> None:
     """Tokenizer and text in a helper process started first, model and tokens here: the tokenizer's
-    load overlaps torch's import (see tp_ollama.text_process)."""
+    load overlaps torch's import (see tp_ollama.text.process)."""
     from tp_ollama.store.embedded import resolve_model
-    from tp_ollama.text_process import TextProcess
+    from tp_ollama.text.process import TextProcess
 
     t0 = time.perf_counter()
     path = resolve_model(req.model)

@@ -13,7 +13,7 @@ from tp_ollama.checkpoints.loader import load_model, open_checkpoint
 from tp_ollama.engine.generate import generate_tokens
 from tp_ollama.engine.options import GenerationOptions, SamplingOptions
 from tp_ollama.store.embedded import resolve_model
-from tp_ollama.text_process import tokenizer_at
+from tp_ollama.text.prompt import tokenizer_at
 
 pytestmark = pytest.mark.slow
 N_TOKENS = 16

@@ -12,9 +12,10 @@ import pytest
 import torch
 
 from tests.test_embedded_models import GEMMA_PROMPTS, SMOL_CHATS, SMOL_PROMPTS
-from tp_ollama.completion import load, prompt_tokens, stream_text
+from tp_ollama.completion import load, stream_text
 from tp_ollama.engine.options import GenerationOptions, SamplingOptions
 from tp_ollama.launch import free_port
+from tp_ollama.text.prompt import prompt_tokens
 
 pytestmark = pytest.mark.slow
 

@@ -1,4 +1,4 @@
-"""Admission (text.Scheduler): up to max_concurrent requests hold the model at once, up to max_queue
+"""Admission (admission.Scheduler): up to max_concurrent requests hold the model at once, up to max_queue
 wait in FIFO order, one more is refused with upstream's 503; a waiter whose client leaves gives its
 place back. The scheduler on its own, then a live server driven by the official clients. The engine is
 the scripted double: a real one cannot be made to keep requests running on demand."""
@@ -25,8 +25,8 @@ from tests.server.conftest import SMOL, serving
 from tests.server.doubles import EmbeddedModel, EmbeddedModels, ScriptedEngine
 from tp_ollama import __version__
 from tp_ollama.errors import EngineUnavailable, ServerBusy
+from tp_ollama.server.admission import Lease, Limits, Scheduler
 from tp_ollama.server.app import create_app
-from tp_ollama.server.text import Lease, Limits, Scheduler
 
 HELLO = [19556, 905]  # SmolLM2 ids of "Hello world"
 BUSY = "server busy, please try again.  maximum pending requests exceeded"  # upstream's, two spaces
@@ -130,6 +130,53 @@ def test_a_model_switch_waits_for_the_running_requests_and_holds_back_those_behi
 def test_limits_refuse_zero_slots_or_queue():
     with pytest.raises(ValueError, match="max_concurrent = 0 and max_queue = 512: expected both >= 1"):
         Limits(max_concurrent=0)
+
+
+def test_keep_alive_timer_unloads_an_idle_model(models):
+    async def scenario() -> None:
+        engine = ScriptedEngine(HELLO)
+        scheduler = Scheduler(engine, Limits(keep_alive_s=300))
+        resolved = models.resolve("smollm2:135m")
+        lease = await scheduler.acquire("smollm2:135m", resolved, 4096, keep_alive=0.01)
+        assert engine.loaded() is not None and scheduler.running()[0]["name"] == "smollm2:135m"
+        lease.release()
+        await asyncio.wait_for(engine.unloaded.wait(), timeout=10)
+        assert scheduler.running() == []
+
+    asyncio.run(scenario())
+
+
+def test_a_new_request_resets_the_timer_and_forever_never_expires(models):
+    async def scenario() -> None:
+        engine = ScriptedEngine(HELLO)
+        scheduler = Scheduler(engine, Limits())
+        resolved = models.resolve("smollm2:135m")
+        (await scheduler.acquire("s", resolved, 4096, keep_alive=-1)).release()
+        (entry,) = scheduler.running()
+        assert entry["expires_at"][:4] > "2200"  # "forever" is far in the future, as upstream
+        assert not engine.unloaded.is_set()
+        scheduler.close()
+
+    asyncio.run(scenario())
+
+
+def test_another_model_waits_for_the_current_ones_requests(models):
+    async def scenario() -> None:
+        engine = ScriptedEngine(HELLO)
+        scheduler = Scheduler(engine, Limits())
+        smol = models.resolve("smollm2:135m")
+        gemma = EmbeddedModel("other:latest", Path("/models/other.gguf"))  # never read: the engine is scripted
+        first = await scheduler.acquire("smol", smol, 4096, None)
+        switching = asyncio.create_task(scheduler.acquire("gemma", gemma, 4096, None))
+        await asyncio.sleep(0)  # one turn of the loop: the task runs until it waits for the first request
+        assert not switching.done() and engine.loads == [smol.path]
+        first.release()
+        second = await asyncio.wait_for(switching, timeout=10)
+        assert engine.loads == [smol.path, gemma.path]
+        second.release()
+        scheduler.close()
+
+    asyncio.run(scenario())
 
 
 # --- a live server -----------------------------------------------------------------------------------

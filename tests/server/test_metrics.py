@@ -18,10 +18,11 @@ from tests.server.conftest import SMOL, LiveServer
 from tests.server.doubles import EmbeddedModels, ScriptedEngine
 from tp_ollama import __version__
 from tp_ollama.errors import RequestError
+from tp_ollama.server.admission import Limits
 from tp_ollama.server.app import create_app
 from tp_ollama.server.monitor import Monitor
 from tp_ollama.server.schemas import GenerateRequest
-from tp_ollama.server.text import Limits, TextService
+from tp_ollama.server.text_service import TextService
 
 GREEDY = {"temperature": 0, "seed": 1}
 HELLO = [19556, 905]  # SmolLM2 ids of "Hello world"

@@ -12,8 +12,9 @@ import pytest
 import torch
 
 from tests.server.conftest import SMOL, LiveServer
-from tp_ollama.completion import load, prompt_tokens, stream_text
+from tp_ollama.completion import load, stream_text
 from tp_ollama.engine.options import GenerationOptions
+from tp_ollama.text.prompt import prompt_tokens
 
 GREEDY = {"temperature": 0, "seed": 1}
 FRANCE = "What is the capital of France?"

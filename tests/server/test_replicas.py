@@ -26,10 +26,11 @@ from tp_ollama import __version__
 from tp_ollama.engine.options import GenerationOptions
 from tp_ollama.errors import ConfigError
 from tp_ollama.launch import free_port
+from tp_ollama.server.admission import Limits
 from tp_ollama.server.app import create_app
 from tp_ollama.server.engine_api import LoadRequest, TokenEvent
 from tp_ollama.server.replicas import ReplicaSet
-from tp_ollama.server.text import Limits, TextService
+from tp_ollama.server.text_service import TextService
 
 HELLO = [19556, 905]  # SmolLM2 ids of "Hello world"
 MODEL = LoadRequest(Path("/models/smol.gguf"))  # never read: the engines are scripted

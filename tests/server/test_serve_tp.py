@@ -24,9 +24,10 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from tests.engine.test_constraint import BOUNDED_SCHEMA
 from tests.tiny import write_chat_gguf
-from tp_ollama.completion import load, prompt_tokens, stream_text
+from tp_ollama.completion import load, stream_text
 from tp_ollama.engine.options import GenerationOptions, SamplingOptions
 from tp_ollama.launch import free_port
+from tp_ollama.text.prompt import prompt_tokens
 
 pytestmark = pytest.mark.slow
 

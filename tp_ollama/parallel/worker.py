@@ -207,7 +207,7 @@ def _run(job: WorkerJob) -> None:
 
 def _prepare_request(job: WorkerJob, path: Any) -> tuple[Any, dict[str, Any]]:
     """Rank 0: tokenize and validate; an error travels to the other ranks instead of the prompt."""
-    from tp_ollama.text_process import prompt_tokens, tokenizer_at
+    from tp_ollama.text.prompt import prompt_tokens, tokenizer_at
 
     try:
         tokenizer = tokenizer_at(path)

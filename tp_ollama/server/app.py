@@ -1,6 +1,6 @@
 """The HTTP front end: `create_app(engine, models | store=, ...)` builds the whole Starlette app, with
 no globals. Routes live in ollama_routes.py, openai_routes.py and (given a model store) store_routes.py;
-the text side in text.py, and the wire formats in schemas.py and store_schemas.py."""
+the text side in text_service.py, and the wire formats in schemas.py and store_schemas.py."""
 
 from __future__ import annotations
 
@@ -31,13 +31,14 @@ from tp_ollama.errors import (
     TpOllamaError,
 )
 from tp_ollama.server import cluster_routes, embed_routes, ollama_routes, openai_routes, store_routes
+from tp_ollama.server.admission import Limits
 from tp_ollama.server.compression import GzipMiddleware
 from tp_ollama.server.engine_api import Engine
 from tp_ollama.server.monitor import EndpointTag, Monitor
 from tp_ollama.server.ollama_routes import ClientGone
 from tp_ollama.server.openapi import openapi_route
 from tp_ollama.server.schemas import ApiError, ModelResolver, json_response, ollama_error, openai_error
-from tp_ollama.server.text import Limits, TextService
+from tp_ollama.server.text_service import TextService
 
 if TYPE_CHECKING:
     from tp_ollama.store.model_store import ModelStore

@@ -2,7 +2,7 @@
 request's `tools` and `think` (OpenAI: `reasoning_effort`); and tool calls as each API writes them.
 Split from schemas.py, which builds the requests and response chunks with these.
 
-Whether a model supports tools or thinking is decided where the model is known (server/text.py);
+Whether a model supports tools or thinking is decided where the model is known (server/prompts.py);
 here only the values are checked."""
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from tp_ollama.server.fields import ApiError, json_field, json_kind
-from tp_ollama.server.tool_calls import ToolCall
+from tp_ollama.text.tool_calls import ToolCall
 
 ROLES = ("system", "user", "assistant", "tool")
 THINK_LEVELS = ("low", "medium", "high", "max")

@@ -21,7 +21,7 @@ from starlette.routing import Route
 from tp_ollama.errors import EngineUnavailable
 from tp_ollama.server.engine_api import LoadedModel
 from tp_ollama.server.schemas import json_response
-from tp_ollama.server.text import TextService
+from tp_ollama.server.text_service import TextService
 
 log = logging.getLogger(__name__)
 

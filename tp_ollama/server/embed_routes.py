@@ -34,7 +34,7 @@ from tp_ollama.server.schemas import (
     parse_keep_alive,
     read_json,
 )
-from tp_ollama.server.text import TextService
+from tp_ollama.server.text_service import TextService
 
 Rows = npt.NDArray[np.float64]  # (n_inputs, hidden)
 

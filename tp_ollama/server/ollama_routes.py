@@ -13,7 +13,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from tp_ollama.errors import TpOllamaError
-from tp_ollama.server.reply import Piece
+from tp_ollama.server.admission import Lease
 from tp_ollama.server.schemas import (
     NDJSON,
     ApiError,
@@ -28,7 +28,8 @@ from tp_ollama.server.schemas import (
     parse_generate,
     read_json,
 )
-from tp_ollama.server.text import Job, Lease, Outcome, TextService
+from tp_ollama.server.text_service import Job, Outcome, TextService
+from tp_ollama.text.reply import Piece
 
 log = logging.getLogger(__name__)
 

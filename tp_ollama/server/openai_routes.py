@@ -26,7 +26,6 @@ from tp_ollama.server.openai_schemas import (
     parse_openai_completion,
     usage,
 )
-from tp_ollama.server.reply import Piece
 from tp_ollama.server.schemas import (
     SSE,
     SSE_DONE,
@@ -38,7 +37,8 @@ from tp_ollama.server.schemas import (
     read_json,
     sse_event,
 )
-from tp_ollama.server.text import Job, Outcome, TextService
+from tp_ollama.server.text_service import Job, Outcome, TextService
+from tp_ollama.text.reply import Piece
 
 log = logging.getLogger(__name__)
 

@@ -14,7 +14,7 @@ from tp_ollama.server.chat_schemas import openai_messages, openai_think, openai_
 from tp_ollama.server.fields import ApiError
 from tp_ollama.server.fields import json_field as _field
 from tp_ollama.server.schemas import ChatRequest, GenerateRequest, model_field, parse_response_format
-from tp_ollama.server.tool_calls import ToolCall
+from tp_ollama.text.tool_calls import ToolCall
 
 # --- OpenAI requests ------------------------------------------------------------------------------
 

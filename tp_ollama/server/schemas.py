@@ -2,7 +2,7 @@
 (Ollama NDJSON chunks, OpenAI objects and SSE chunks, error bodies) built from plain values.
 
 Nothing here touches an engine or a tokenizer; handlers parse with these, call the text layer
-(`server/text.py`) and serialize with these.
+(`server/text_service.py`) and serialize with these.
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ from tp_ollama.server.engine_api import OutputFormat
 from tp_ollama.server.fields import ApiError
 from tp_ollama.server.fields import json_field as _field
 from tp_ollama.server.fields import json_kind as _kind
-from tp_ollama.server.tool_calls import ToolCall
+from tp_ollama.text.tool_calls import ToolCall
 
 NDJSON = "application/x-ndjson"
 JSON = "application/json; charset=utf-8"

@@ -18,6 +18,7 @@ from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
 
 from tp_ollama.errors import ModelNotFound, RequestError
+from tp_ollama.server.admission import Scheduler
 from tp_ollama.server.ollama_routes import error_message
 from tp_ollama.server.schemas import NDJSON, json_response, model_field, ndjson_line, ollama_error, read_json
 from tp_ollama.server.store_schemas import (
@@ -33,7 +34,6 @@ from tp_ollama.server.store_schemas import (
     status_line,
     tags_body,
 )
-from tp_ollama.server.text import Scheduler
 
 if TYPE_CHECKING:
     from tp_ollama.store.create import Progress

@@ -1,4 +1,4 @@
-"""tp_ollama.text_process: the tokenizer and text of a one-shot generation in a helper process."""
+"""tp_ollama.text.process: the tokenizer and text of a one-shot generation in a helper process."""
 
 from __future__ import annotations
 
@@ -11,7 +11,8 @@ import pytest
 from tests.tiny import make_hf_model, save_hf, save_tiny_tokenizer
 from tp_ollama.checkpoints.tokenizer import Tokenizer
 from tp_ollama.errors import TpOllamaError
-from tp_ollama.text_process import TextProcess, prompt_tokens
+from tp_ollama.text.process import TextProcess
+from tp_ollama.text.prompt import prompt_tokens
 
 
 @pytest.fixture(scope="module")

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Protocol
 
 
 class StopMatcher:
@@ -53,28 +52,3 @@ class StopMatcher:
                     longest = size
                     break
         return longest
-
-
-class Detokenizer(Protocol):
-    def push(self, token_id: int) -> str: ...
-
-    def flush(self) -> str: ...
-
-
-class StoppedText:
-    """Token ids -> text cut at the first stop string: a detokenizer (IncrementalDetokenizer or the
-    server's reply detokenizer) feeding a StopMatcher, as every text stream uses them."""
-
-    def __init__(self, detokenizer: Detokenizer, stops: Sequence[str]) -> None:
-        self._detok = detokenizer
-        self._stop = StopMatcher(stops)
-
-    def push(self, token_id: int) -> tuple[str, bool]:
-        """The text this token lets out, and whether a stop string has ended the text."""
-        return self._stop.push(self._detok.push(token_id))
-
-    def finish(self) -> tuple[str, bool]:
-        """At the end of generation: what is still held back (by either stage), and whether it ended
-        in a stop string after all."""
-        text, stopped = self._stop.push(self._detok.flush())
-        return (text if stopped else text + self._stop.flush()), stopped

@@ -23,33 +23,13 @@ from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
-from tp_ollama.checkpoints.tokenizer import Tokenizer
-from tp_ollama.engine.detokenize import IncrementalDetokenizer
-from tp_ollama.engine.stop import StoppedText
 from tp_ollama.errors import TpOllamaError
+from tp_ollama.text.pipeline import PlainText, TextPipeline
+from tp_ollama.text.prompt import prompt_tokens, tokenizer_at
 
 START_TIMEOUT_S = 300.0  # tokenizer load (a first one converts it: tens of seconds) and prompt encoding
 STEP_TIMEOUT_S = 60.0  # one token's text
 EXIT_TIMEOUT_S = 10.0
-
-
-def prompt_tokens(
-    tokenizer: Tokenizer, prompt: str, chat: bool = False, system: str | None = None, **template_kwargs: Any
-) -> list[int]:
-    """Raw completion: the prompt with BOS when the tokenizer's settings say so. Chat: one user
-    message (after an optional system one) rendered with the model's template and generation prompt."""
-    if not chat:
-        return tokenizer.encode(prompt, add_special_tokens=True)
-    messages = [{"role": "system", "content": system}] if system else []
-    messages.append({"role": "user", "content": prompt})
-    text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, **template_kwargs)
-    # The template writes BOS itself where the model wants it, as transformers assumes.
-    return tokenizer.encode(text, add_special_tokens=False)
-
-
-def tokenizer_at(path: Path) -> Tokenizer:
-    """The tokenizer of a checkpoint: a Hugging Face directory, else a GGUF file."""
-    return Tokenizer.from_hf_dir(path) if path.is_dir() else Tokenizer.from_gguf(path)
 
 
 class TextProcess:
@@ -125,17 +105,16 @@ def _serve(conn: Connection, path: Path, prompt: str, chat: bool, system: str | 
             conn.send(("error", str(e)))
             return
         conn.send(("ids", ids, sorted(tokenizer.eos_ids)))
-        text = StoppedText(IncrementalDetokenizer(tokenizer), stops)
+        text = TextPipeline(tokenizer, stops, PlainText())
         while True:
             token = conn.recv()
             if token is None:
-                _write(text.finish()[0])
+                _write("".join(text.finish()))
                 conn.send(("done", False))
                 return
-            piece, stopped = text.push(token)
-            _write(piece)
-            conn.send(("done", True) if stopped else ("more",))
-            if stopped:
+            _write("".join(text.push(token)))
+            conn.send(("done", True) if text.stopped else ("more",))
+            if text.stopped:
                 return
     except (EOFError, BrokenPipeError, KeyboardInterrupt):  # the engine ended first (an error, Ctrl-C)
         os._exit(1)

@@ -1,8 +1,9 @@
 """A reply read as it streams: generated text split into thinking, content and tool calls.
 
 The thinking is split off first (it comes first in the reply); tool calls are then looked for in the
-content. Marker tokens that a vocabulary holds as special tokens (`[TOOL_CALLS]`, `<|python_tag|>`)
-are written out by `ReplyDetokenizer`, since decoding drops special tokens.
+content. `ReplyParser` is the reader that the text pipeline (text/pipeline.py) hands the text to; its
+`markers` are the tags it looks for, which the pipeline's detokenizer writes out even where the
+vocabulary holds them as special tokens (`[TOOL_CALLS]`, `<|python_tag|>`).
 """
 
 from __future__ import annotations
@@ -10,11 +11,9 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from tp_ollama.checkpoints.tokenizer import Tokenizer
-from tp_ollama.engine.detokenize import IncrementalDetokenizer
-from tp_ollama.server import thinking, tool_calls
-from tp_ollama.server.thinking import ThinkingParser
-from tp_ollama.server.tool_calls import ToolCall, ToolCallParser
+from tp_ollama.text import thinking, tool_calls
+from tp_ollama.text.thinking import ThinkingParser
+from tp_ollama.text.tool_calls import ToolCall, ToolCallParser
 
 
 @dataclass(frozen=True)
@@ -55,9 +54,11 @@ class Piece:
 
 class ReplyParser:
     """`push(text)` -> the Piece that `text` completes (often empty while a tag or a call is still
-    open); `flush()` -> what is left at the end of the reply."""
+    open); `flush()` -> what is left at the end of the reply; `finish(text)` -> the last text and
+    what is left, as one Piece."""
 
     def __init__(self, fmt: ReplyFormat) -> None:
+        self.markers = fmt.markers()
         self._thinking = ThinkingParser(fmt.thinking_open) if fmt.thinking else None
         self._tools = ToolCallParser(fmt.tools) if fmt.tools is not None else None
 
@@ -69,6 +70,9 @@ class ReplyParser:
         reasoning, content = self._thinking.flush() if self._thinking else ("", "")
         return self._content(reasoning, content, final=True)
 
+    def finish(self, text: str) -> Piece:
+        return Piece.join([self.push(text), self.flush()])
+
     def _content(self, reasoning: str, content: str, final: bool) -> Piece:
         if self._tools is None:
             return Piece(content, reasoning)
@@ -77,23 +81,3 @@ class ReplyParser:
             tail, more = self._tools.flush()
             text, calls = text + tail, calls + more
         return Piece(text, reasoning, tuple(calls))
-
-
-class ReplyDetokenizer:
-    """IncrementalDetokenizer that writes out the special tokens among `markers` instead of dropping
-    them; every other special token is dropped as before."""
-
-    def __init__(self, tokenizer: Tokenizer, markers: Iterable[str]) -> None:
-        self._inner = IncrementalDetokenizer(tokenizer)
-        ids = {m: tokenizer.token_to_id(m) for m in markers}
-        self._kept = {i: m for m, i in ids.items() if i is not None and i in tokenizer.special_ids}
-
-    def push(self, token: int) -> str:
-        marker = self._kept.get(token)
-        if marker is None:
-            return self._inner.push(token)
-        # The text so far ends here; decoding starts afresh after the marker.
-        return self._inner.flush() + marker
-
-    def flush(self) -> str:
-        return self._inner.flush()

@@ -1,5 +1,6 @@
 """Streaming detokenization: pushing ids one at a time gives exactly `decode(all ids)`, never a
-partial character, for both embedded tokenizers (SentencePiece with byte fallback, byte-level BPE)."""
+partial character, for both embedded tokenizers (SentencePiece with byte fallback, byte-level BPE);
+and the reply's marker tokens written out where decoding would drop them."""
 
 from __future__ import annotations
 
@@ -10,7 +11,8 @@ from pathlib import Path
 import pytest
 
 from tp_ollama.checkpoints.tokenizer import Tokenizer
-from tp_ollama.engine.detokenize import IncrementalDetokenizer
+from tp_ollama.text.detokenize import IncrementalDetokenizer, ReplyDetokenizer
+from tp_ollama.text.tool_calls import MARKERS
 
 FRAKTUR = "\U0001d518\U0001d52b\U0001d526\U0001d520\U0001d52c\U0001d521\U0001d522"  # "Unicode", 4 bytes each
 TEXTS = [
@@ -133,3 +135,13 @@ def test_work_per_token_does_not_grow_with_the_sequence(tokenizer: Tokenizer) ->
     assert text == tokenizer.decode(ids)
     assert len(ids) > 1000 and max(counting.lengths) <= 16
     assert len(counting.lengths) <= 2 * len(ids) + 1
+
+
+def test_special_marker_tokens_are_written_out(chat_tokenizer: Tokenizer):
+    tokenizer = chat_tokenizer
+    tag = tokenizer.token_to_id("<|python_tag|>")
+    assert tag in tokenizer.special_ids
+    ids = [tag, *tokenizer.encode('{"a": 1}', add_special_tokens=False), *tokenizer.eos_ids]
+    detok = ReplyDetokenizer(tokenizer, MARKERS)
+    assert "".join(detok.push(i) for i in ids) + detok.flush() == '<|python_tag|>{"a": 1}'
+    assert tokenizer.decode(ids) == '{"a": 1}'  # what decoding alone would give

@@ -8,11 +8,14 @@ decodes a short window twice: the tokens already emitted in the last step (`pref
 prefix plus the tokens not yet emitted. The difference is the new text; it is held back while it ends
 in U+FFFD (a character still incomplete), and once emitted the window slides forward. Each push
 decodes a window of a few tokens, so the cost per token does not grow with the sequence.
+
+`ReplyDetokenizer` writes out the special tokens that a reply's readers look for (`[TOOL_CALLS]`,
+`<|python_tag|>`, which some vocabularies hold as special tokens), since decoding drops them.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Protocol
 
 _REPLACEMENT = "\ufffd"
@@ -65,3 +68,29 @@ class IncrementalDetokenizer:
 
     def _decode(self, ids: list[int]) -> str:
         return self._tokenizer.decode(ids, skip_special_tokens=self._skip_special)
+
+
+class MarkerDecoder(TokenDecoder, Protocol):
+    """A TokenDecoder that can also look a token up by its text."""
+
+    def token_to_id(self, token: str) -> int | None: ...
+
+
+class ReplyDetokenizer:
+    """IncrementalDetokenizer that writes out the special tokens among `markers` instead of dropping
+    them; every other special token is dropped as before."""
+
+    def __init__(self, tokenizer: MarkerDecoder, markers: Iterable[str]) -> None:
+        self._inner = IncrementalDetokenizer(tokenizer)
+        ids = {m: tokenizer.token_to_id(m) for m in markers}
+        self._kept = {i: m for m, i in ids.items() if i is not None and i in tokenizer.special_ids}
+
+    def push(self, token: int) -> str:
+        marker = self._kept.get(token)
+        if marker is None:
+            return self._inner.push(token)
+        # The text so far ends here; decoding starts afresh after the marker.
+        return self._inner.flush() + marker
+
+    def flush(self) -> str:
+        return self._inner.flush()

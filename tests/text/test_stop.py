@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from tp_ollama.engine.stop import StopMatcher
+from tp_ollama.text.stop import StopMatcher
 
 
 def _run(stops: list[str], pieces: list[str]) -> tuple[list[str], bool, str]:
