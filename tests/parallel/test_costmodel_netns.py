@@ -76,11 +76,18 @@ def test_predicted_tp2_time_is_within_20_percent_of_the_namespaces(model: Path, 
         calibrate(model, calibration)
         result = across_namespaces(model, delay_us, calibration, tmp_path / f"tp2-{attempt}.json")
         link = result["extra"]["link"]
-        # The link as measured, not as configured: at least the emulated delay, and not wildly more.
-        assert delay_us <= link["latency_us"] < delay_us + 400, link
+        # The link as measured, not as configured: at least the emulated delay (a busy machine only adds to it)...
+        assert link["latency_us"] >= delay_us, link
         predicted, measured = result["predicted_ms_per_token"], result["measured_ms_per_token"]
         assert result["prediction_error"] == pytest.approx(predicted / measured - 1)
-        if abs(predicted / measured - 1) <= TOLERANCE:
+        # ... and not wildly more: a busy moment can add that much, so such an attempt is measured again, as a
+        # missed prediction is; an emulation that is wrong misses every time.
+        emulated = link["latency_us"] < delay_us + 400
+        if emulated and abs(predicted / measured - 1) <= TOLERANCE:
             return
-        misses.append((predicted, measured, result["extra"]["predicted_per_token_ms"], result["per_token_ms"]))
-    pytest.fail(f"predicted vs measured ms per token off by more than {TOLERANCE:.0%} in every attempt: {misses}")
+        misses.append((link["latency_us"], predicted, measured, result["extra"]["predicted_per_token_ms"],
+                       result["per_token_ms"]))  # fmt: skip
+    pytest.fail(
+        f"in every attempt, the link measured 400 µs or more over its {delay_us} µs delay, or predicted vs measured"
+        f" ms per token were off by more than {TOLERANCE:.0%}: {misses}"
+    )
