@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -141,3 +142,20 @@ def test_debug_shows_the_traceback():
     done = cli("generate", "/nonexistent/model.gguf", "hi", "--debug")
     assert done.returncode != 0
     assert "Traceback" in done.stderr
+
+
+def test_a_bad_log_level_is_one_line(tiny_dir):
+    done = cli("generate", str(tiny_dir), "hi", "--log-level", "loud")
+    assert_one_line_error(done, "--log-level 'loud'", "debug, info, warning, error")
+
+
+def test_debug_logs_go_to_stderr_only(tiny_dir):
+    args = ("generate", str(tiny_dir), "hello world", "--temperature", "0", "--num-predict", "8")
+    quiet = cli(*args, "--log-level", "error")
+    debug = subprocess.run(
+        [sys.executable, "-m", "tp_ollama", *args], capture_output=True, text=True, timeout=180,
+        env={**os.environ, "OLLAMA_DEBUG": "1"},
+    )  # fmt: skip
+    assert quiet.returncode == 0 and debug.returncode == 0, debug.stderr
+    assert debug.stdout == quiet.stdout and quiet.stdout
+    assert "level=DEBUG" in debug.stderr and "level=" not in quiet.stderr

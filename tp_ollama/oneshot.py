@@ -43,7 +43,7 @@ def generate_in_process(req: Prompting) -> None:
     text = TextProcess(path, req.prompt, req.chat, req.system, req.options.stop)
     try:
         from tp_ollama.checkpoints.loader import load_model, open_checkpoint, resolve_dtype
-        from tp_ollama.client_cli import stats as verbose_stats
+        from tp_ollama.client.format import stats as verbose_stats
         from tp_ollama.completion import final_metrics
         from tp_ollama.engine.generate import GenerationStats, generate_tokens
 

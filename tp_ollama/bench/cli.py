@@ -68,7 +68,7 @@ def emit(report: dict[str, Any] | None, out: Path | None) -> None:
 
 
 def run(debug: bool, fn: Callable[[], Any]) -> None:
-    from tp_ollama.cli import run_reporting_errors
+    from tp_ollama.cli_support import run_reporting_errors
 
     run_reporting_errors(debug, fn)
 

@@ -196,7 +196,7 @@ def _run(job: WorkerJob) -> None:
             sys.stdout.write(piece)
             sys.stdout.flush()
         if job.verbose:
-            from tp_ollama.client_cli import stats as verbose_stats
+            from tp_ollama.client.format import stats as verbose_stats
 
             sys.stderr.write("\n" + verbose_stats(final_metrics(stats, load_s, time.perf_counter() - t0)) + "\n")
     else:
