@@ -22,14 +22,10 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 
-DebugOpt = Annotated[
-    bool, typer.Option("--debug", help="Show tracebacks and debug logs.")
-]
+DebugOpt = Annotated[bool, typer.Option("--debug", help="Show tracebacks and debug logs.")]
 LogLevelOpt = Annotated[
     str | None,
-    typer.Option(
-        help="debug, info, warning or error (default: TP_OLLAMA_LOG_LEVEL, OLLAMA_DEBUG=1, else info)."
-    ),
+    typer.Option(help="debug, info, warning or error (default: TP_OLLAMA_LOG_LEVEL, OLLAMA_DEBUG=1, else info)."),
 ]
 
 
@@ -40,69 +36,33 @@ def version() -> None:
 
 
 # Options shared by generate and launch.
-ModelArg = Annotated[
-    str,
-    typer.Argument(help="gemma3:270m, smollm2:135m, a GGUF file or an HF directory."),
-]
-ChatOpt = Annotated[
-    bool, typer.Option("--chat", help="Send the prompt as a user message.")
-]
+ModelArg = Annotated[str, typer.Argument(help="gemma3:270m, smollm2:135m, a GGUF file or an HF directory.")]
+ChatOpt = Annotated[bool, typer.Option("--chat", help="Send the prompt as a user message.")]
 SystemOpt = Annotated[str | None, typer.Option(help="System message (with --chat).")]
 TemperatureOpt = Annotated[float, typer.Option(help="0 is greedy.")]
 SeedOpt = Annotated[int | None, typer.Option(help="Seed for reproducible sampling.")]
-NumPredictOpt = Annotated[
-    int, typer.Option(help="Maximum tokens to generate (-1: until EOS).")
-]
+NumPredictOpt = Annotated[int, typer.Option(help="Maximum tokens to generate (-1: until EOS).")]
 TopKOpt = Annotated[int, typer.Option(help="Keep the k most likely tokens (0: off).")]
 TopPOpt = Annotated[float, typer.Option(help="Nucleus sampling threshold (1: off).")]
-MinPOpt = Annotated[
-    float, typer.Option(help="Drop tokens below min_p x the top probability.")
-]
-RepeatPenaltyOpt = Annotated[
-    float, typer.Option(help="Penalty for recent tokens (1: off).")
-]
-RepeatLastNOpt = Annotated[
-    int, typer.Option(help="How many recent tokens the penalties see.")
-]
-StopOpt = Annotated[
-    list[str] | None, typer.Option(help="Stop string; repeat for several.")
-]
+MinPOpt = Annotated[float, typer.Option(help="Drop tokens below min_p x the top probability.")]
+RepeatPenaltyOpt = Annotated[float, typer.Option(help="Penalty for recent tokens (1: off).")]
+RepeatLastNOpt = Annotated[int, typer.Option(help="How many recent tokens the penalties see.")]
+StopOpt = Annotated[list[str] | None, typer.Option(help="Stop string; repeat for several.")]
 NumCtxOpt = Annotated[int, typer.Option(help="Context window in tokens.")]
-DtypeOpt = Annotated[
-    str,
-    typer.Option(
-        help="Activations: auto (bfloat16 if the hardware has it), float32, bfloat16."
-    ),
-]
-QuantOpt = Annotated[
-    str, typer.Option(help="Weights: none, int8, int4, auto (a GGUF's own precision).")
-]
-DeviceOpt = Annotated[
-    str, typer.Option(help="cpu or cuda (ranks share GPUs round-robin).")
-]
+DtypeOpt = Annotated[str, typer.Option(help="Activations: auto (bfloat16 if the hardware has it), float32, bfloat16.")]
+QuantOpt = Annotated[str, typer.Option(help="Weights: none, int8, int4, auto (a GGUF's own precision).")]
+DeviceOpt = Annotated[str, typer.Option(help="cpu or cuda (ranks share GPUs round-robin).")]
 TpWeightsOpt = Annotated[
-    str | None,
-    typer.Option(
-        help="Relative speed of each rank, e.g. 2,1,1: a bigger share for faster ranks."
-    ),
+    str | None, typer.Option(help="Relative speed of each rank, e.g. 2,1,1: a bigger share for faster ranks.")
 ]
-CommOpt = Annotated[
-    str,
-    typer.Option(
-        help="Collectives: auto (shared memory / sockets), shm, tcp, gloo, nccl."
-    ),
-]
-JoinTimeoutOpt = Annotated[
-    float, typer.Option(help="Seconds to wait for every rank and node to join.")
-]
+CommOpt = Annotated[str, typer.Option(help="Collectives: auto (shared memory / sockets), shm, tcp, gloo, nccl.")]
+JoinTimeoutOpt = Annotated[float, typer.Option(help="Seconds to wait for every rank and node to join.")]
 
 
 @app.command()
 def generate(
     model: ModelArg,
-    prompt: Annotated[
-        str, typer.Argument(help="The prompt (completed as is unless --chat).")
-    ],
+    prompt: Annotated[str, typer.Argument(help="The prompt (completed as is unless --chat).")],
     chat: ChatOpt = False,
     system: SystemOpt = None,
     temperature: TemperatureOpt = 0.8,
@@ -118,10 +78,7 @@ def generate(
     dtype: DtypeOpt = "float32",
     quant: QuantOpt = "none",
     device: DeviceOpt = "cpu",
-    verbose: Annotated[
-        bool,
-        typer.Option("--verbose", help="Print timings and token rates afterwards."),
-    ] = False,
+    verbose: Annotated[bool, typer.Option("--verbose", help="Print timings and token rates afterwards.")] = False,
     tp: Annotated[int, typer.Option(help="Tensor-parallel ranks on this machine.")] = 1,
     tp_weights: TpWeightsOpt = None,
     comm: CommOpt = "auto",
@@ -133,13 +90,7 @@ def generate(
 
     def body() -> None:
         from tp_ollama.launch import Cluster
-
-        from tp_ollama.oneshot import (
-            Prompting,
-            generate_in_process,
-            generate_on_ranks,
-            sampling_options,
-        )
+        from tp_ollama.oneshot import Prompting, generate_in_process, generate_on_ranks, sampling_options
 
         options = sampling_options(
             temperature=temperature,
@@ -153,17 +104,13 @@ def generate(
             num_ctx=num_ctx,
             stop=stop,
         )
-        req = Prompting(
-            model, prompt, chat, system, options, dtype, device, quant, verbose
-        )
+        req = Prompting(model, prompt, chat, system, options, dtype, device, quant, verbose)
         if tp == 1 and not tp_weights:
             generate_in_process(req)
         else:
             cluster = Cluster(nproc_per_node=tp, join_timeout_s=join_timeout)
             generate_on_ranks(req, cluster, tp_weights, comm, debug)
-        if (
-            sys.stdout.isatty()
-        ):  # keep the shell prompt off the last line; pipes get the text exactly
+        if sys.stdout.isatty():  # keep the shell prompt off the last line; pipes get the text exactly
             sys.stdout.write("\n")
 
     run_reporting_errors(debug, body, log_level)
@@ -172,41 +119,19 @@ def generate(
 @app.command()
 def launch(
     model: Annotated[
-        str | None,
-        typer.Argument(
-            help="With PROMPT: the model for a one-shot generation (no server)."
-        ),
+        str | None, typer.Argument(help="With PROMPT: the model for a one-shot generation (no server).")
     ] = None,
-    prompt: Annotated[
-        str | None, typer.Argument(help="Generate once instead of serving.")
-    ] = None,
-    config: Annotated[
-        str | None, typer.Option(help="A config.yaml (see configs/default.yaml).")
-    ] = None,
-    host: Annotated[
-        str | None, typer.Option(help="Node 0: address the server listens on.")
-    ] = None,
-    port: Annotated[
-        int | None, typer.Option(help="Node 0: port the server listens on.")
-    ] = None,
+    prompt: Annotated[str | None, typer.Argument(help="Generate once instead of serving.")] = None,
+    config: Annotated[str | None, typer.Option(help="A config.yaml (see configs/default.yaml).")] = None,
+    host: Annotated[str | None, typer.Option(help="Node 0: address the server listens on.")] = None,
+    port: Annotated[int | None, typer.Option(help="Node 0: port the server listens on.")] = None,
     nnodes: Annotated[int, typer.Option(help="Number of machines.")] = 1,
-    node_rank: Annotated[
-        int, typer.Option(help="This machine's index, 0 for the first.")
-    ] = 0,
-    nproc_per_node: Annotated[
-        int, typer.Option(help="Engine ranks on this machine.")
-    ] = 1,
-    master_addr: Annotated[
-        str, typer.Option(help="Address of node 0 (the rendezvous).")
-    ] = "127.0.0.1",
-    master_port: Annotated[
-        int, typer.Option(help="Rendezvous port on node 0.")
-    ] = 29511,  # DEFAULT_MASTER_PORT
+    node_rank: Annotated[int, typer.Option(help="This machine's index, 0 for the first.")] = 0,
+    nproc_per_node: Annotated[int, typer.Option(help="Engine ranks on this machine.")] = 1,
+    master_addr: Annotated[str, typer.Option(help="Address of node 0 (the rendezvous).")] = "127.0.0.1",
+    master_port: Annotated[int, typer.Option(help="Rendezvous port on node 0.")] = 29511,  # DEFAULT_MASTER_PORT
     bootstrap: Annotated[
-        str | None,
-        typer.Option(
-            help="Node 0 as HOST:PORT or /ip4/A.B.C.D/tcp/PORT (sets addr and port)."
-        ),
+        str | None, typer.Option(help="Node 0 as HOST:PORT or /ip4/A.B.C.D/tcp/PORT (sets addr and port).")
     ] = None,
     chat: ChatOpt = False,
     system: SystemOpt = None,
@@ -231,30 +156,13 @@ def launch(
 
     def body() -> None:
         from tp_ollama.launch import Cluster, parse_bootstrap
+        from tp_ollama.oneshot import Prompting, generate_on_ranks, sampling_options
         from tp_ollama.server.serve import serve_cluster
 
-        from tp_ollama.oneshot import Prompting, generate_on_ranks, sampling_options
-
-        addr, rdzv_port = (
-            parse_bootstrap(bootstrap) if bootstrap else (master_addr, master_port)
-        )
-        cluster = Cluster(
-            nnodes, node_rank, nproc_per_node, addr, rdzv_port, join_timeout
-        )
+        addr, rdzv_port = parse_bootstrap(bootstrap) if bootstrap else (master_addr, master_port)
+        cluster = Cluster(nnodes, node_rank, nproc_per_node, addr, rdzv_port, join_timeout)
         if prompt is None:
-            serve_cluster(
-                cluster,
-                config,
-                host,
-                port,
-                tp_weights,
-                comm,
-                device,
-                dtype,
-                quant,
-                num_ctx,
-                debug,
-            )
+            serve_cluster(cluster, config, host, port, tp_weights, comm, device, dtype, quant, num_ctx, debug)
             return
         if model is None:
             raise typer.BadParameter("a PROMPT needs a MODEL")
@@ -277,58 +185,29 @@ def launch(
 
 @app.command()
 def serve(
-    config: Annotated[
-        str | None, typer.Option(help="A config.yaml (see configs/default.yaml).")
-    ] = None,
-    host: Annotated[
-        str | None, typer.Option(help="Address to listen on (OLLAMA_HOST).")
-    ] = None,
+    config: Annotated[str | None, typer.Option(help="A config.yaml (see configs/default.yaml).")] = None,
+    host: Annotated[str | None, typer.Option(help="Address to listen on (OLLAMA_HOST).")] = None,
     port: Annotated[int | None, typer.Option(help="Port to listen on.")] = None,
-    tp: Annotated[
-        int | None, typer.Option(help="Tensor-parallel ranks on this machine.")
-    ] = None,
+    tp: Annotated[int | None, typer.Option(help="Tensor-parallel ranks on this machine.")] = None,
     tp_weights: TpWeightsOpt = None,
-    comm: Annotated[
-        str | None, typer.Option(help="Collectives: auto, shm, tcp, gloo, nccl.")
-    ] = None,
+    comm: Annotated[str | None, typer.Option(help="Collectives: auto, shm, tcp, gloo, nccl.")] = None,
     device: Annotated[str | None, typer.Option(help="cpu or cuda.")] = None,
-    dtype: Annotated[
-        str | None, typer.Option(help="Activations: auto, float32, bfloat16.")
-    ] = None,
-    quant: Annotated[
-        str | None,
-        typer.Option(help="Weights: none, int8, int4, auto (a GGUF's own precision)."),
-    ] = None,
+    dtype: Annotated[str | None, typer.Option(help="Activations: auto, float32, bfloat16.")] = None,
+    quant: Annotated[str | None, typer.Option(help="Weights: none, int8, int4, auto (a GGUF's own precision).")] = None,
     num_ctx: Annotated[int | None, typer.Option(help="Default context window.")] = None,
-    keep_alive: Annotated[
-        str | None, typer.Option(help="How long an idle model stays loaded (5m, -1).")
-    ] = None,
-    models: Annotated[
-        str | None, typer.Option(help="Model store directory (OLLAMA_MODELS).")
-    ] = None,
+    keep_alive: Annotated[str | None, typer.Option(help="How long an idle model stays loaded (5m, -1).")] = None,
+    models: Annotated[str | None, typer.Option(help="Model store directory (OLLAMA_MODELS).")] = None,
     replicas: Annotated[
-        int | None,
-        typer.Option(
-            help="Engine groups of --tp ranks each, every one holding the whole model."
-        ),
+        int | None, typer.Option(help="Engine groups of --tp ranks each, every one holding the whole model.")
     ] = None,
     load_balancing: Annotated[
-        str | None,
-        typer.Option(
-            help="How requests are spread over replicas: least_loaded or round_robin."
-        ),
+        str | None, typer.Option(help="How requests are spread over replicas: least_loaded or round_robin.")
     ] = None,
     num_parallel: Annotated[
-        int | None,
-        typer.Option(
-            help="Requests generating at once per replica (OLLAMA_NUM_PARALLEL)."
-        ),
+        int | None, typer.Option(help="Requests generating at once per replica (OLLAMA_NUM_PARALLEL).")
     ] = None,
     max_queue: Annotated[
-        int | None,
-        typer.Option(
-            help="Requests allowed to wait; one more gets 503 (OLLAMA_MAX_QUEUE)."
-        ),
+        int | None, typer.Option(help="Requests allowed to wait; one more gets 503 (OLLAMA_MAX_QUEUE).")
     ] = None,
     debug: DebugOpt = False,
     log_level: LogLevelOpt = None,
@@ -355,28 +234,19 @@ def serve(
 
 @app.command(hidden=True)
 def engine(
-    socket_path: Annotated[
-        str,
-        typer.Option("--socket", help="Local socket for the front end (on node 0)."),
-    ],
+    socket_path: Annotated[str, typer.Option("--socket", help="Local socket for the front end (on node 0).")],
     tp: Annotated[int, typer.Option(help="Engine ranks on this machine.")] = 1,
     nnodes: Annotated[int, typer.Option(help="Number of machines.")] = 1,
     node_rank: Annotated[int, typer.Option(help="This machine's index.")] = 0,
     master_addr: Annotated[str, typer.Option(help="Address of node 0.")] = "127.0.0.1",
-    master_port: Annotated[
-        int, typer.Option(help="Rendezvous port on node 0 (0: any, one node only).")
-    ] = 0,
+    master_port: Annotated[int, typer.Option(help="Rendezvous port on node 0 (0: any, one node only).")] = 0,
     comm: CommOpt = "auto",
     device: DeviceOpt = "cpu",
     tp_weights: TpWeightsOpt = None,
     join_timeout: JoinTimeoutOpt = 120.0,
     max_running: Annotated[int, typer.Option(help="Sequences decoding together.")] = 16,
-    kv_cache_bytes: Annotated[
-        int, typer.Option(help="KV cache per rank, in bytes.")
-    ] = 2 << 30,
-    prefix_cache: Annotated[
-        bool, typer.Option(help="Keep finished requests' KV blocks for reuse.")
-    ] = True,
+    kv_cache_bytes: Annotated[int, typer.Option(help="KV cache per rank, in bytes.")] = 2 << 30,
+    prefix_cache: Annotated[bool, typer.Option(help="Keep finished requests' KV blocks for reuse.")] = True,
     debug: DebugOpt = False,
     log_level: LogLevelOpt = None,
 ) -> None:
@@ -405,11 +275,7 @@ def main() -> None:
     try:
         app()
     except SystemExit as e:
-        if (
-            e.code in (0, None)
-            and sys.argv[1:2]
-            and sys.argv[1] in EXIT_WITHOUT_TEARDOWN
-        ):
+        if e.code in (0, None) and sys.argv[1:2] and sys.argv[1] in EXIT_WITHOUT_TEARDOWN:
             logging.shutdown()
             sys.stdout.flush()
             sys.stderr.flush()

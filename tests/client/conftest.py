@@ -7,13 +7,13 @@ import sys
 from collections.abc import Iterator
 
 import pytest
+
+from tests.client.live import SMOL, ChatRecorder, Live, serving
 from tests.server.doubles import Details, EmbeddedModel, EmbeddedModels
+from tp_ollama import __version__
 from tp_ollama.server.app import create_app
 from tp_ollama.server.local_engine import LocalEngine
 from tp_ollama.store.embedded import smollm2_135m
-
-from tests.client.live import SMOL, ChatRecorder, Live, serving
-from tp_ollama import __version__
 
 
 @pytest.fixture(scope="package")
@@ -23,16 +23,8 @@ def chat_server() -> Iterator[Live]:
     greedy = {"temperature": 0, "seed": 1, "num_predict": 40}
     models = EmbeddedModels(
         {
-            SMOL: EmbeddedModel(
-                SMOL,
-                path,
-                params=greedy,
-                digest="ab" * 32,
-                details=Details("gguf", "llama"),
-            ),
-            "smol-long:latest": EmbeddedModel(
-                "smol-long:latest", path, params={**greedy, "num_predict": 4000}
-            ),
+            SMOL: EmbeddedModel(SMOL, path, params=greedy, digest="ab" * 32, details=Details("gguf", "llama")),
+            "smol-long:latest": EmbeddedModel("smol-long:latest", path, params={**greedy, "num_predict": 4000}),
         }
     )
     recorder = ChatRecorder(create_app(LocalEngine(), models, version=__version__))

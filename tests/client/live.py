@@ -51,14 +51,8 @@ def serving(app: ASGIApp) -> Iterator[str]:
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.bind(("127.0.0.1", 0))
     sock.listen(64)
-    server = uvicorn.Server(
-        uvicorn.Config(
-            app, log_level="warning", lifespan="on", http="h11", loop="asyncio"
-        )
-    )
-    thread = threading.Thread(
-        target=server.run, kwargs={"sockets": [sock]}, daemon=True
-    )
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on", http="h11", loop="asyncio"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     try:
         yield f"127.0.0.1:{sock.getsockname()[1]}"
@@ -79,17 +73,9 @@ def env_for(host: str) -> dict[str, str]:
     return {**os.environ, "OLLAMA_HOST": host, "PYTHONUNBUFFERED": "1"}
 
 
-def cli(
-    command: list[str], host: str, *args: str, stdin: str = "", cwd: Path | None = None
-):
+def cli(command: list[str], host: str, *args: str, stdin: str = "", cwd: Path | None = None):
     return subprocess.run(
-        [*command, *args],
-        input=stdin,
-        capture_output=True,
-        text=True,
-        env=env_for(host),
-        cwd=cwd,
-        timeout=120,
+        [*command, *args], input=stdin, capture_output=True, text=True, env=env_for(host), cwd=cwd, timeout=120
     )
 
 

@@ -21,9 +21,7 @@ def test_interactive_chat_keeps_history(command, chat_server):
         turn2 = chat_server.recorder.bodies[-1]["messages"]
         assert [m["role"] for m in turn2] == ["user", "assistant", "user"]
         assert (
-            turn2[0]["content"] == FRANCE
-            and "Paris" in turn2[1]["content"]
-            and turn2[2]["content"] == "And of Italy?"
+            turn2[0]["content"] == FRANCE and "Paris" in turn2[1]["content"] and turn2[2]["content"] == "And of Italy?"
         )
         child.sendline("/clear")
         child.expect_exact("Cleared session context")
@@ -33,9 +31,7 @@ def test_interactive_chat_keeps_history(command, chat_server):
         child.expect_exact(">>> ")
         child.sendline(FRANCE)
         child.expect_exact(">>> ")
-        assert chat_server.recorder.bodies[-1]["messages"] == [
-            {"role": "user", "content": FRANCE}
-        ]
+        assert chat_server.recorder.bodies[-1]["messages"] == [{"role": "user", "content": FRANCE}]
         child.sendline("/bye")
         child.expect(pexpect.EOF)
     finally:
@@ -57,9 +53,7 @@ def test_interactive_ctrl_c_stops_the_answer_and_ctrl_d_leaves(command, chat_ser
         child.sendline(FRANCE)
         child.expect_exact("Paris")
         child.expect_exact(">>> ")
-        assert [m["role"] for m in chat_server.recorder.bodies[-1]["messages"]] == [
-            "user"
-        ]
+        assert [m["role"] for m in chat_server.recorder.bodies[-1]["messages"]] == ["user"]
         child.sendeof()
         child.expect(pexpect.EOF)
     finally:

@@ -6,20 +6,14 @@ from __future__ import annotations
 import subprocess
 import sys
 
+from tests.client.live import FRANCE, SMOL, assert_one_line_error, cli, serving
+from tp_ollama import __version__
 from tp_ollama.server.app import create_app
 from tp_ollama.server.local_engine import LocalEngine
 
-from tests.client.live import FRANCE, SMOL, assert_one_line_error, cli, serving
-from tp_ollama import __version__
-
 
 def test_tp_ollama_has_the_client_commands():
-    done = subprocess.run(
-        [sys.executable, "-m", "tp_ollama", "--help"],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    done = subprocess.run([sys.executable, "-m", "tp_ollama", "--help"], capture_output=True, text=True, timeout=60)
     for name in ("run", "list", "ps", "show", "rm", "cp", "create", "stop"):
         assert f" {name} " in done.stdout
 
@@ -31,26 +25,19 @@ def test_run_streams_the_answer(command, chat_server):
     done = cli(command, chat_server.host, "run", SMOL, FRANCE)
     assert done.returncode == 0, done.stderr
     assert "Paris" in done.stdout and done.stdout.endswith("\n")
-    assert chat_server.recorder.bodies[-1]["messages"] == [
-        {"role": "user", "content": FRANCE}
-    ]
+    assert chat_server.recorder.bodies[-1]["messages"] == [{"role": "user", "content": FRANCE}]
 
 
 def test_run_reads_the_prompt_from_stdin(command, chat_server):
     done = cli(command, chat_server.host, "run", SMOL, "--verbose", stdin=FRANCE)
     assert done.returncode == 0, done.stderr
     assert "Paris" in done.stdout
-    assert chat_server.recorder.bodies[-1]["messages"] == [
-        {"role": "user", "content": FRANCE}
-    ]
+    assert chat_server.recorder.bodies[-1]["messages"] == [{"role": "user", "content": FRANCE}]
     assert "eval rate:" in done.stderr and "prompt eval count:" in done.stderr
 
 
 def test_run_missing_model(command, chat_server):
-    assert_one_line_error(
-        cli(command, chat_server.host, "run", "nosuch:1b", "hi"),
-        "model 'nosuch:1b' not found",
-    )
+    assert_one_line_error(cli(command, chat_server.host, "run", "nosuch:1b", "hi"), "model 'nosuch:1b' not found")
 
 
 def test_run_format_json_is_not_supported(command, chat_server):
@@ -64,17 +51,11 @@ def test_ps_and_stop(command, chat_server):
     assert done.returncode == 0, done.stderr
     header, row = done.stdout.splitlines()
     assert header.split() == ["NAME", "ID", "SIZE", "PROCESSOR", "CONTEXT", "UNTIL"]
-    assert (
-        row.startswith(SMOL)
-        and "ab" * 6 in row
-        and "100% CPU" in row
-        and "from now" in row
-    )
+    assert row.startswith(SMOL) and "ab" * 6 in row and "100% CPU" in row and "from now" in row
     assert cli(command, chat_server.host, "stop", SMOL).returncode == 0
     assert cli(command, chat_server.host, "ps").stdout.splitlines()[1:] == []
     assert_one_line_error(
-        cli(command, chat_server.host, "stop", "nosuch:1b"),
-        'couldn\'t find model "nosuch:1b" to stop',
+        cli(command, chat_server.host, "stop", "nosuch:1b"), 'couldn\'t find model "nosuch:1b" to stop'
     )
 
 
@@ -86,26 +67,15 @@ def test_list_and_show(command, store_server):
     assert done.returncode == 0, done.stderr
     lines = done.stdout.splitlines()
     assert lines[0].split() == ["NAME", "ID", "SIZE", "MODIFIED"]
-    assert any(line.startswith(SMOL) and " MB " in line for line in lines[1:]), (
-        done.stdout
-    )
+    assert any(line.startswith(SMOL) and " MB " in line for line in lines[1:]), done.stdout
     done = cli(command, store_server.host, "show", SMOL)
     assert done.returncode == 0, done.stderr
-    assert (
-        "  Model\n" in done.stdout
-        and "architecture" in done.stdout
-        and "llama" in done.stdout
-    )
+    assert "  Model\n" in done.stdout and "architecture" in done.stdout and "llama" in done.stdout
     assert "context length" in done.stdout and "quantization" in done.stdout
-    assert_one_line_error(
-        cli(command, store_server.host, "show", "nosuch:1b"),
-        "model 'nosuch:1b' not found",
-    )
+    assert_one_line_error(cli(command, store_server.host, "show", "nosuch:1b"), "model 'nosuch:1b' not found")
 
 
-def test_create_from_a_model_with_system_and_parameters(
-    command, store_server, tmp_path
-):
+def test_create_from_a_model_with_system_and_parameters(command, store_server, tmp_path):
     (tmp_path / "Modelfile").write_text(
         f'FROM {SMOL}\nSYSTEM """You are a pirate."""\nPARAMETER temperature 0.3\nPARAMETER stop "<end>"\n'
     )
@@ -113,19 +83,13 @@ def test_create_from_a_model_with_system_and_parameters(
     assert done.returncode == 0, done.stderr
     assert done.stderr.splitlines()[0] == "gathering model components"
     assert done.stderr.splitlines()[-1] == "success"
-    assert (
-        cli(command, store_server.host, "show", "pirate", "--system").stdout
-        == "You are a pirate.\n"
-    )
+    assert cli(command, store_server.host, "show", "pirate", "--system").stdout == "You are a pirate.\n"
     params = cli(command, store_server.host, "show", "pirate", "--parameters").stdout
     assert "temperature" in params and "0.3" in params and '"<end>"' in params
     summary = cli(command, store_server.host, "show", "pirate").stdout
     assert "  System\n    You are a pirate." in summary and "  Parameters\n" in summary
 
-    assert (
-        cli(command, store_server.host, "cp", "pirate", "pirate2").stdout
-        == "copied 'pirate' to 'pirate2'\n"
-    )
+    assert cli(command, store_server.host, "cp", "pirate", "pirate2").stdout == "copied 'pirate' to 'pirate2'\n"
     assert "pirate2:latest" in cli(command, store_server.host, "ls").stdout
     done = cli(command, store_server.host, "rm", "pirate", "pirate2")
     assert done.stdout == "deleted 'pirate'\ndeleted 'pirate2'\n", done.stderr
@@ -137,15 +101,9 @@ def test_create_uploads_a_local_gguf(command, store_server, tmp_path):
 
     write_gguf(make_hf_model("llama"), tmp_path / "tiny.gguf", "llama", "F32")
     (tmp_path / "Modelfile").write_text("FROM ./tiny.gguf\n")
-    done = cli(
-        command, store_server.host, "create", "tiny", "-f", str(tmp_path / "Modelfile")
-    )
+    done = cli(command, store_server.host, "create", "tiny", "-f", str(tmp_path / "Modelfile"))
     assert done.returncode == 0, done.stderr
-    copied = [
-        line
-        for line in done.stderr.splitlines()
-        if line.startswith("copying file sha256:")
-    ]
+    copied = [line for line in done.stderr.splitlines() if line.startswith("copying file sha256:")]
     assert copied and copied[-1].endswith(" 100%")
     digest = copied[-1].split()[2]
     assert store_server.store.has_blob(digest)
@@ -159,26 +117,18 @@ def test_create_sends_the_path_when_the_server_has_no_blobs_endpoint(command, tm
 
     store = ModelStore(tmp_path / "models")
     app = create_app(LocalEngine(), store=store, version=__version__)
-    app.router.routes[:] = [
-        r for r in app.router.routes if "/api/blobs" not in getattr(r, "path", "")
-    ]
+    app.router.routes[:] = [r for r in app.router.routes if "/api/blobs" not in getattr(r, "path", "")]
     write_gguf(make_hf_model("llama"), tmp_path / "tiny.gguf", "llama", "F32")
     (tmp_path / "Modelfile").write_text("FROM tiny.gguf\n")
     with serving(app) as host:
         done = cli(command, host, "create", "tiny-local", cwd=tmp_path)
     assert done.returncode == 0, done.stderr
-    assert (
-        "copying file" not in done.stderr and done.stderr.splitlines()[-1] == "success"
-    )
-    assert [e.name for e in store.list() if e.name.startswith("tiny")] == [
-        "tiny-local:latest"
-    ]
+    assert "copying file" not in done.stderr and done.stderr.splitlines()[-1] == "success"
+    assert [e.name for e in store.list() if e.name.startswith("tiny")] == ["tiny-local:latest"]
 
 
 def test_create_errors(command, store_server, tmp_path):
     assert_one_line_error(cli(command, store_server.host, "create", "x", cwd=tmp_path),
                           f"cannot read the Modelfile {tmp_path / 'Modelfile'}: No such file or directory")  # fmt: skip
     (tmp_path / "Modelfile").write_text("PARAMETER temperature 1\n")
-    assert_one_line_error(
-        cli(command, store_server.host, "create", "x", cwd=tmp_path), "no FROM line"
-    )
+    assert_one_line_error(cli(command, store_server.host, "create", "x", cwd=tmp_path), "no FROM line")
