@@ -10,7 +10,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -22,6 +21,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from tests.server.conftest import SMOL, serving
 from tests.server.doubles import EmbeddedModels, ScriptedEngine
+from tests.waits import HANG_S, wait_until, wait_until_async
 from tp_ollama import __version__
 from tp_ollama.engine.options import GenerationOptions
 from tp_ollama.errors import ConfigError
@@ -34,7 +34,6 @@ from tp_ollama.server.text_service import TextService
 
 HELLO = [19556, 905]  # SmolLM2 ids of "Hello world"
 MODEL = LoadRequest(Path("/models/smol.gguf"))  # never read: the engines are scripted
-WAIT_S = 60
 
 
 def held() -> ScriptedEngine:
@@ -44,11 +43,17 @@ def held() -> ScriptedEngine:
 
 
 async def start(replicas: ReplicaSet, prompt: list[int]) -> asyncio.Future[TokenEvent]:
-    """Open a generation and let it reach its engine, where a held engine keeps it running; cancelling
-    the returned step is its client going away."""
+    """Open a generation and wait until it has reached its engine, where a held engine keeps it running;
+    cancelling the returned step is its client going away."""
     stream = replicas.generate(prompt, GenerationOptions(), frozenset())
     step = asyncio.ensure_future(anext(stream))  # the replica is picked on the first step
-    await asyncio.sleep(0)  # one turn of the loop: the request is now in its engine
+
+    def in_an_engine() -> bool:
+        if step.done():
+            step.result()  # the request failed on its way: say how
+        return any(isinstance(r.engine, ScriptedEngine) and prompt in r.engine.prompts for r in replicas.replicas)
+
+    await wait_until_async(in_an_engine, what=f"prompt {prompt} in an engine")
     assert not step.done()
     return step
 
@@ -168,7 +173,7 @@ def test_cluster_endpoints_show_each_replicas_load_on_a_live_server():
     body = {"model": SMOL, "prompt": "Hi", "options": {"temperature": 0}}
     with (
         serving(app) as url,
-        httpx.Client(base_url=url, timeout=WAIT_S) as http,
+        httpx.Client(base_url=url, timeout=HANG_S) as http,
         http.stream("POST", "/api/generate", json=body) as first,
         http.stream("POST", "/api/generate", json=body) as second,
     ):
@@ -210,17 +215,17 @@ def two_replicas(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str
         cmd = [sys.executable, "-m", "tp_ollama", "serve", "--port", str(port), "--replicas", "2", "--tp", "1"]
         proc = subprocess.Popen(cmd, env=env, stdout=sink, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + STARTUP_S
-    while True:  # a separate process: the model loading on both replicas is the readiness signal
+
+    def loaded() -> bool:  # a separate process: the model loading on both replicas is the readiness signal
         try:
             with ollama.Client(host=url, timeout=STARTUP_S) as client:
                 assert client.generate(model=SMOL, prompt="").done_reason == "load"
-            break
+            return True
         except (httpx.TransportError, ConnectionError):
-            pass
-        assert proc.poll() is None, log.read_text()
-        assert time.monotonic() < deadline, "the server did not answer within the startup limit"
-        time.sleep(0.1)
+            assert proc.poll() is None, log.read_text()
+            return False
+
+    wait_until(loaded, STARTUP_S, what="the server loading the model on both replicas")
     yield url, proc
     if proc.poll() is None:
         proc.send_signal(signal.SIGINT)
@@ -239,7 +244,7 @@ def test_serve_replicas_2_routes_two_concurrent_requests_to_different_groups(two
     # Greedy counting goes on far past the time the second request needs to start.
     body = {"model": SMOL, "prompt": "1, 2, 3, 4, 5,", "raw": True, "options": {"temperature": 0, "num_predict": 2000}}
     with (
-        httpx.Client(base_url=url, timeout=WAIT_S) as http,
+        httpx.Client(base_url=url, timeout=HANG_S) as http,
         http.stream("POST", "/api/generate", json=body) as first,
         http.stream("POST", "/api/generate", json=body) as second,
     ):
@@ -249,9 +254,10 @@ def test_serve_replicas_2_routes_two_concurrent_requests_to_different_groups(two
         during = http.get("/api/distributed/status").json()["replicas"]
         assert [(r["running"], r["requests_total"]) for r in during] == [(1, 1), (1, 1)]
     # Both closed early: each replica's request ends (cancelled) and its count drops.
-    deadline = time.monotonic() + WAIT_S
-    while any(r["running"] for r in httpx.get(f"{url}/api/distributed/metrics").json()["replicas"]):
-        assert time.monotonic() < deadline, "a replica still counts a request whose client left"
+    wait_until(
+        lambda: not any(r["running"] for r in httpx.get(f"{url}/api/distributed/metrics").json()["replicas"]),
+        what="no replica counting a request whose client left",
+    )
 
 
 @pytest.mark.slow
