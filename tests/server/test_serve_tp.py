@@ -10,7 +10,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
@@ -24,6 +23,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from tests.engine.test_constraint import BOUNDED_SCHEMA
 from tests.tiny import write_chat_gguf
+from tests.waits import wait_until
 from tp_ollama.completion import load, stream_text
 from tp_ollama.engine.options import GenerationOptions, SamplingOptions
 from tp_ollama.launch import free_port
@@ -45,16 +45,15 @@ def server(request, tmp_path_factory):
         cmd = [sys.executable, "-m", "tp_ollama", "serve", "--port", str(port), "--tp", str(request.param)]
         proc = subprocess.Popen(cmd, env=env, stdout=sink, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + STARTUP_S
-    while True:  # a separate process: its socket answering is the only readiness signal there is
+
+    def answers() -> bool:  # a separate process: its socket answering is the only readiness signal there is
         try:
-            if httpx.get(url, timeout=1).text == "Ollama is running":
-                break
+            return httpx.get(url, timeout=1).text == "Ollama is running"
         except httpx.TransportError:
-            pass
-        assert proc.poll() is None, log.read_text()
-        assert time.monotonic() < deadline, "the server did not answer within the startup limit"
-        time.sleep(0.1)
+            assert proc.poll() is None, log.read_text()
+            return False
+
+    wait_until(answers, STARTUP_S, what="the server answering")
     yield url, proc
     proc.send_signal(signal.SIGINT)
     proc.wait(timeout=60)
@@ -118,15 +117,16 @@ def test_stopping_the_server_stops_every_rank(tmp_path, stop_signal):
         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )  # fmt: skip
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + STARTUP_S
-    while True:
+
+    def loaded() -> bool:
         try:
             with ollama.Client(host=url) as client:
                 client.generate(model="smollm2:135m", prompt="")  # loads the model on both ranks
-            break
+            return True
         except (httpx.TransportError, ConnectionError):
-            assert time.monotonic() < deadline
-            time.sleep(0.1)
+            return False
+
+    wait_until(loaded, STARTUP_S, what="the server loading the model on both ranks")
     ranks = psutil.Process(proc.pid).children(recursive=True)
     assert len([p for p in ranks if "python" in p.name()]) >= 3  # agent + two ranks
     proc.send_signal(stop_signal)
@@ -147,10 +147,7 @@ def test_a_killed_engine_group_is_started_again(server, request):
             p.kill()
         # torchrun's agent gives up once its ranks are gone (no restarts); it stays a zombie until the
         # server reaps it, which is what the next request does.
-        deadline = time.monotonic() + 60
-        while agent.is_running() and agent.status() != psutil.STATUS_ZOMBIE:
-            assert time.monotonic() < deadline, "the agent outlived its ranks"
-            time.sleep(0.1)
+        wait_until(lambda: not agent.is_running() or agent.status() == psutil.STATUS_ZOMBIE, what="the agent gone")
         reply = client.generate(model="smollm2:135m", prompt="The capital of France is", raw=True,
                                 options={"temperature": 0, "num_predict": 8})  # fmt: skip
     assert "Paris" in reply.response
