@@ -47,7 +47,7 @@ def run_batch(model: Any, batch_size: int, prompt: list[int], tokens: int) -> di
 
 def main() -> None:
     from tp_ollama.checkpoints.loader import load_model, open_checkpoint, resolve_dtype
-    from tp_ollama.engine.generate import generate_tokens
+    from tp_ollama.engine.direct import generate_ids
     from tp_ollama.engine.options import GenerationOptions
     from tp_ollama.store.embedded import resolve_model
 
@@ -69,7 +69,7 @@ def main() -> None:
                                "prompt_tokens": len(prompt), "machine": platform.machine(), "batch": {}}  # fmt: skip
     with torch.inference_mode():
         options = GenerationOptions.from_ollama({"temperature": 0, "num_predict": args.tokens, "num_ctx": 512})
-        gen = generate_tokens(model, prompt, options, frozenset())
+        gen = generate_ids(model, prompt, options, frozenset())
         next(gen)
         t0 = time.perf_counter()
         n = sum(1 for _ in gen)

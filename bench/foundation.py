@@ -31,7 +31,7 @@ def worker_ours(model: str, dtype: str, tokens: int, t_start: float) -> dict:
 
     from tp_ollama.checkpoints.loader import parse_dtype
     from tp_ollama.completion import load
-    from tp_ollama.engine.generate import GenerationStats, generate_tokens
+    from tp_ollama.engine.direct import GenerationStats, generate_ids
     from tp_ollama.engine.options import GenerationOptions, SamplingOptions
     from tp_ollama.text.prompt import prompt_tokens
 
@@ -41,7 +41,7 @@ def worker_ours(model: str, dtype: str, tokens: int, t_start: float) -> dict:
     ids = prompt_tokens(loaded.tokenizer, PROMPT)
     options = GenerationOptions(sampling=SamplingOptions(temperature=0), num_predict=tokens)
     stats = GenerationStats()
-    stream = generate_tokens(loaded.model, ids, options, frozenset(), stats)
+    stream = generate_ids(loaded.model, ids, options, stats=stats)
     next(stream)
     t_first = time.perf_counter()
     n = 1 + sum(1 for _ in stream)

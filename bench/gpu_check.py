@@ -21,7 +21,7 @@ import torch
 from tests.parallel.tp_entry import sharded_runs
 from tests.tiny import MODEL_TYPES, make_hf_model, prompt_ids, save_hf
 from tp_ollama.checkpoints.loader import load_model, open_checkpoint
-from tp_ollama.engine.generate import GenerationStats, generate_tokens
+from tp_ollama.engine.direct import GenerationStats, generate_ids
 from tp_ollama.engine.kv_cache import KVCache
 from tp_ollama.engine.options import GenerationOptions, SamplingOptions
 from tp_ollama.launch import Cluster, run_workers
@@ -52,7 +52,7 @@ def parity_tp1(dirs: dict[str, Path], hf_models: dict[str, Any], device: str) ->
             ref = hf(torch.tensor([tokens])).logits[0]
         model = load_model(open_checkpoint(d), torch.float32, device)
         err = float((stepwise(model, tokens, device) - ref).abs().max())
-        greedy = list(generate_tokens(model, tokens[:N_PROMPT], GREEDY32, frozenset()))
+        greedy = list(generate_ids(model, tokens[:N_PROMPT], GREEDY32, frozenset()))
         out.append({"model_type": kind, "max_abs_logit_diff": err, "greedy_32_identical": greedy == cont})
     return out
 
@@ -65,7 +65,7 @@ def parity_tp2(dirs: dict[str, Path], comm: str, device: str) -> list[dict[str, 
     for kind, d in dirs.items():
         model = load_model(open_checkpoint(d), torch.float32, device)
         ref = stepwise(model, tokens, device).numpy()
-        greedy = list(generate_tokens(model, tokens[:N_PROMPT], GREEDY32, frozenset()))
+        greedy = list(generate_ids(model, tokens[:N_PROMPT], GREEDY32, frozenset()))
         full = np.zeros_like(ref)
         for r in (0, 1):
             a, b = results[r][str(d)]["span"]
@@ -100,7 +100,7 @@ def decode_speed(path: Path, dtype: torch.dtype, device: str, n: int = 128) -> d
     model = load_model(open_checkpoint(path), dtype, device)
     options = GenerationOptions(sampling=SamplingOptions(temperature=0), num_predict=n, num_ctx=1024)
     stats = GenerationStats()
-    gen = generate_tokens(model, list(range(10, 42)), options, frozenset(), stats)
+    gen = generate_ids(model, list(range(10, 42)), options, stats=stats)
     next(gen)
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     sync()

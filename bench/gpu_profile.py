@@ -13,7 +13,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from tp_ollama.checkpoints.loader import load_model, open_checkpoint
-from tp_ollama.engine.generate import generate_tokens
+from tp_ollama.engine.direct import generate_ids
 from tp_ollama.engine.options import GenerationOptions, SamplingOptions
 
 
@@ -35,7 +35,7 @@ def main() -> None:
         for dtype in (torch.float32, torch.bfloat16):
             model = load_model(open_checkpoint(Path(tmp) / "m"), dtype, "cuda")
             options = GenerationOptions(sampling=SamplingOptions(temperature=0), num_predict=40, num_ctx=256)
-            gen = generate_tokens(model, list(range(10, 42)), options, frozenset())
+            gen = generate_ids(model, list(range(10, 42)), options, frozenset())
             for _ in range(5):
                 next(gen)
             with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:

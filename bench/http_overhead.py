@@ -25,14 +25,14 @@ PROMPT = "Once upon a time, there was a little robot who"
 
 
 def in_process(loaded: Any, tokens: int) -> dict[str, float]:
-    from tp_ollama.engine.generate import generate_tokens
+    from tp_ollama.engine.direct import generate_ids
     from tp_ollama.engine.options import GenerationOptions, SamplingOptions
     from tp_ollama.text.prompt import prompt_tokens
 
     options = GenerationOptions(sampling=SamplingOptions(temperature=0), num_predict=tokens)
     t0 = time.perf_counter()
     ids = prompt_tokens(loaded.tokenizer, PROMPT)
-    gen = generate_tokens(loaded.model, ids, options, frozenset())
+    gen = generate_ids(loaded.model, ids, options, frozenset())
     next(gen)
     t1 = time.perf_counter()
     n = sum(1 for _ in gen)

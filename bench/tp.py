@@ -25,10 +25,10 @@ import torch
 
 
 def rank_run(model: str, dtype: str, comm_kind: str, tokens: int) -> dict[str, Any]:
-    from tp_ollama.engine.generate import GenerationStats, generate_tokens
+    from tp_ollama.engine.direct import GenerationStats, generate_ids
     from tp_ollama.engine.options import GenerationOptions, SamplingOptions
     from tp_ollama.parallel.comm import init_distributed, make_comm
-    from tp_ollama.parallel.worker import BroadcastLockstep, load_shard, local_threads, sampler_for
+    from tp_ollama.parallel.shard import load_shard, local_threads
     from tp_ollama.store.embedded import resolve_model
 
     torch.set_num_threads(local_threads(int(os.environ["LOCAL_WORLD_SIZE"])))
@@ -40,8 +40,7 @@ def rank_run(model: str, dtype: str, comm_kind: str, tokens: int) -> dict[str, A
     prompt = list(range(1000, 1012))  # any 12 ids: timing does not depend on the text
     options = GenerationOptions(sampling=SamplingOptions(temperature=0), num_predict=tokens, num_ctx=512)
     stats = GenerationStats()
-    sampler = sampler_for(layout, comm)
-    gen = generate_tokens(m, prompt, options, frozenset(), stats, sampler, BroadcastLockstep(comm))
+    gen = generate_ids(m, prompt, options, comm=comm, layout=layout, stats=stats)
     next(gen)
     t1 = time.perf_counter()
     before = dict(comm.stats)

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from tp_ollama.completion import LoadedModel, load, stream_text
-from tp_ollama.engine.generate import GenerationStats
+from tp_ollama.engine.direct import GenerationStats
 from tp_ollama.engine.options import GenerationOptions, SamplingOptions
 from tp_ollama.errors import RequestError
 from tp_ollama.text.prompt import prompt_tokens

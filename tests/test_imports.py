@@ -192,6 +192,11 @@ def test_no_import_cycles():
     assert not cycles, "import cycles:\n" + "\n".join(cycles)
 
 
+# The command line assembles every command, `tp-ollama bench` among them: it registers the benchmarks'
+# command group and nothing else of theirs. No module that serves, loads or computes imports them.
+BENCH_REGISTRAR = {"tp_ollama.cli": ["tp_ollama.bench.cli"]}
+
+
 def test_runtime_code_does_not_import_the_benchmarks():
     graph = import_graph()
     offenders = {
@@ -199,5 +204,33 @@ def test_runtime_code_does_not_import_the_benchmarks():
         for name, targets in graph.items()
         if not (name == BENCH or name.startswith(BENCH + "."))
     }
+    for name, allowed in BENCH_REGISTRAR.items():
+        assert offenders.pop(name, []) in ([], allowed), f"{name} imports more of {BENCH} than its command group"
     offenders = {name: bench for name, bench in offenders.items() if bench}
     assert not offenders, f"modules outside {BENCH} that import it: {offenders}"
+
+
+# The Code map in README.md: each top-level part of the package, bottom to top. A part may import
+# only parts listed before it (and itself); `tp_ollama` is the package's own __init__ (its version).
+LAYERS = [
+    "tp_ollama", "errors", "logs", "launch", "cli_support", "config", "kernels", "models", "checkpoints", "store",
+    "text", "parallel", "engine", "completion", "client", "server", "oneshot_ranks", "oneshot", "bench", "cli",
+    "__main__",
+]  # fmt: skip
+
+
+def part_of(module: str) -> str:
+    parts = module.split(".")
+    return parts[1] if len(parts) > 1 else parts[0]
+
+
+def test_the_parts_of_the_package_form_the_layers_of_the_code_map():
+    graph = import_graph()
+    assert {part_of(m) for m in graph} == set(LAYERS), "a part of the package is missing from LAYERS"
+    upward = sorted(
+        f"{m} -> {t}"
+        for m, targets in graph.items()
+        for t in targets
+        if LAYERS.index(part_of(t)) > LAYERS.index(part_of(m))
+    )
+    assert not upward, "imports of a higher layer:\n" + "\n".join(upward)

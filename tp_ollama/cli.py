@@ -256,7 +256,7 @@ def engine(
         from tp_ollama.engine.loop import run_engine_group
 
         run_engine_group(socket_path, tp, nnodes, node_rank, master_addr, master_port, comm, device, tp_weights,
-                           join_timeout, max_running, kv_cache_bytes, prefix_cache, debug)  # fmt: skip
+                           join_timeout, max_running, kv_cache_bytes, prefix_cache)  # fmt: skip
 
     run_reporting_errors(debug, body, log_level)
 

@@ -1,5 +1,6 @@
-"""Text in, text out over the token-level engine: prompt rendering and tokenization, incremental
-detokenization and stop strings. Used by the one-shot CLI and by the HTTP front end."""
+"""Text in, text out over an engine loop in this process (a group of one): load a model with its
+tokenizer, stream the text of a prompt. The in-process reference of the tests and benchmarks; the
+one-shot CLI and the TP worker use its text side (`text_pieces`, `final_metrics`)."""
 
 from __future__ import annotations
 
@@ -12,11 +13,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from tp_ollama.checkpoints.base import Checkpoint
-from tp_ollama.checkpoints.loader import load_model, open_checkpoint
 from tp_ollama.checkpoints.tokenizer import Tokenizer
-from tp_ollama.engine.generate import GenerationStats, generate_tokens
+from tp_ollama.engine.direct import DirectEngine, GenerationStats
 from tp_ollama.engine.options import GenerationOptions
+from tp_ollama.engine.state import EngineJob
 from tp_ollama.store.embedded import resolve_model
 from tp_ollama.text.pipeline import PlainText, TextPipeline
 from tp_ollama.text.prompt import tokenizer_at
@@ -28,25 +28,32 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class LoadedModel:
+    """A model loaded in this process behind the engine's loop (a group of one), with its tokenizer."""
+
     name: str
     path: Path
-    checkpoint: Checkpoint
-    model: nn.Module
+    engine: DirectEngine
     tokenizer: Tokenizer
     dtype: torch.dtype
     load_seconds: float
 
+    @property
+    def model(self) -> nn.Module:
+        model = self.engine.state.model
+        assert model is not None
+        return model
 
-def load(model: str, dtype: torch.dtype, device: torch.device | str = "cpu", quant: str = "none") -> LoadedModel:
-    """Resolve a model name or path, read its checkpoint and tokenizer."""
+
+def load(model: str, dtype: torch.dtype, device: str = "cpu", quant: str = "none", num_ctx: int = 4096) -> LoadedModel:
+    """Resolve a model name or path, load it and its tokenizer."""
     t0 = time.perf_counter()
     path = resolve_model(model)
-    checkpoint = open_checkpoint(path)
     tokenizer = tokenizer_at(path)
-    module = load_model(checkpoint, dtype, device, quant=quant)
+    engine = DirectEngine(EngineJob(device=str(device), kv_cache_bytes=None))
+    engine.load(str(path), str(dtype).removeprefix("torch."), num_ctx, quant)
     seconds = time.perf_counter() - t0
     log.info("loaded %s (%s) as %s in %.2f s", model, path, dtype, seconds)
-    return LoadedModel(model, path, checkpoint, module, tokenizer, dtype, seconds)
+    return LoadedModel(model, path, engine, tokenizer, dtype, seconds)
 
 
 def stream_text(
@@ -54,7 +61,7 @@ def stream_text(
 ) -> Iterator[str]:
     """Yield pieces of generated text; stop strings end the stream and are never emitted."""
     stats = stats if stats is not None else GenerationStats()
-    tokens = generate_tokens(loaded.model, prompt, options, loaded.tokenizer.eos_ids, stats)
+    tokens = loaded.engine.generate(prompt, options, loaded.tokenizer.eos_ids, stats=stats)
     return text_pieces(loaded.tokenizer, tokens, options.stop, stats)
 
 

@@ -122,17 +122,3 @@ def describe_failure(e: Any) -> str:
     lines = [line for line in str(raw or "").splitlines() if line.strip()]
     message = lines[0] if lines and "To enable traceback" not in lines[0] else f"exit code {failure.exitcode}"
     return f"engine rank {rank} failed: {message}"
-
-
-def run_engine_command(
-    socket_path: str, tp: int, nnodes: int, node_rank: int, master_addr: str, master_port: int, comm: str,
-    device: str, tp_weights: str | None, join_timeout: float, max_running: int, kv_cache_bytes: int,
-    prefix_cache: bool, debug: bool,
-) -> None:  # fmt: skip
-    """`tp-ollama engine`: this node's engine ranks, serving the front end at `socket_path` (node 0)."""
-    from tp_ollama.parallel.engine_server import EngineJob, engine_main
-
-    cluster = Cluster(nnodes, node_rank, tp, master_addr, master_port, join_timeout)
-    job = EngineJob(socket_path, comm, device, parse_weights(tp_weights), join_timeout, debug,
-                    max_running, kv_cache_bytes, prefix_cache)  # fmt: skip
-    run_workers(cluster, engine_main, job)

@@ -42,20 +42,21 @@ def generate_in_process(req: Prompting) -> None:
     path = resolve_model(req.model)
     text = TextProcess(path, req.prompt, req.chat, req.system, req.options.stop)
     try:
-        from tp_ollama.checkpoints.loader import load_model, open_checkpoint, resolve_dtype
         from tp_ollama.client.format import stats as verbose_stats
         from tp_ollama.completion import final_metrics
-        from tp_ollama.engine.generate import GenerationStats, generate_tokens
+        from tp_ollama.engine.direct import DirectEngine, GenerationStats
+        from tp_ollama.engine.state import EngineJob
 
-        model = load_model(open_checkpoint(path), resolve_dtype(req.dtype, req.device), req.device, quant=req.quant)
+        engine = DirectEngine(EngineJob(device=req.device, kv_cache_bytes=None))
+        engine.load(str(path), req.dtype, req.options.num_ctx, req.quant)
         load_s = time.perf_counter() - t0
         ids, eos_ids = text.prompt()
         stats = GenerationStats()
-        tokens = generate_tokens(model, ids, req.options, eos_ids, stats)
+        tokens = engine.generate(ids, req.options, eos_ids, stats=stats)
         for token in tokens:
             if not text.push(token):
-                stats.done_reason = "stop"
                 tokens.close()
+                stats.done_reason = "stop"
                 break
         text.finish()
     finally:
@@ -65,10 +66,9 @@ def generate_in_process(req: Prompting) -> None:
 
 
 def generate_on_ranks(req: Prompting, cluster: Any, weights: str | None, comm: str, debug: bool) -> None:
-    from dataclasses import asdict
-
     from tp_ollama.launch import parse_weights, run_workers
-    from tp_ollama.parallel.worker import WorkerJob, preflight, worker_main
+    from tp_ollama.oneshot_ranks import WorkerJob, worker_main
+    from tp_ollama.parallel.shard import preflight
 
     preflight(req.model, cluster.world_size, parse_weights(weights), comm)
     job = WorkerJob(
@@ -82,7 +82,7 @@ def generate_on_ranks(req: Prompting, cluster: Any, weights: str | None, comm: s
         prompt=req.prompt,
         chat=req.chat,
         system=req.system,
-        options=asdict(req.options),
+        options=req.options,
         debug=debug,
         verbose=req.verbose,
     )

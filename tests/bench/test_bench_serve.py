@@ -17,6 +17,7 @@ from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
 from starlette.types import Message, Receive, Scope, Send
 
+from tests.local_engine import LocalEngine
 from tests.server.conftest import serving
 from tests.server.doubles import EmbeddedModel, EmbeddedModels
 from tests.tiny import write_chat_gguf
@@ -35,7 +36,6 @@ from tp_ollama.bench.serve import (
 from tp_ollama.errors import ConfigError, TpOllamaError
 from tp_ollama.launch import free_port
 from tp_ollama.server.app import create_app
-from tp_ollama.server.local_engine import LocalEngine
 
 TINY = "tiny-bench:latest"
 NUM_PREDICT = 8

@@ -14,9 +14,9 @@ import pytest
 import torch
 from gguf import GGMLQuantizationType as Q
 
-from tp_ollama.checkpoints import gguf_quants
 from tp_ollama.checkpoints.gguf_file import GGUFArray, GGUFFile
 from tp_ollama.errors import CheckpointError
+from tp_ollama.kernels import gguf_quants
 
 QUANTIZABLE = ["F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1"]  # gguf.quants.quantize
 RANDOM_BLOCKS = ["Q4_K", "Q5_K", "Q6_K"]  # gguf-py only dequantizes these; built from random bytes

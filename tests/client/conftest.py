@@ -9,10 +9,10 @@ from collections.abc import Iterator
 import pytest
 
 from tests.client.live import SMOL, ChatRecorder, Live, serving
+from tests.local_engine import LocalEngine
 from tests.server.doubles import Details, EmbeddedModel, EmbeddedModels
 from tp_ollama import __version__
 from tp_ollama.server.app import create_app
-from tp_ollama.server.local_engine import LocalEngine
 from tp_ollama.store.embedded import smollm2_135m
 
 

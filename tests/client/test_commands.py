@@ -7,9 +7,9 @@ import subprocess
 import sys
 
 from tests.client.live import FRANCE, SMOL, assert_one_line_error, cli, serving
+from tests.local_engine import LocalEngine
 from tp_ollama import __version__
 from tp_ollama.server.app import create_app
-from tp_ollama.server.local_engine import LocalEngine
 
 
 def test_tp_ollama_has_the_client_commands():

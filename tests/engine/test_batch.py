@@ -18,7 +18,7 @@ from tp_ollama.checkpoints.loader import load_model, open_checkpoint
 from tp_ollama.checkpoints.tokenizer import Tokenizer
 from tp_ollama.engine.batch import Batch, Planner, Request
 from tp_ollama.engine.constraint import Grammar, LocalConstraint, vocabulary_for
-from tp_ollama.engine.generate import generate_tokens
+from tp_ollama.engine.direct import generate_ids
 from tp_ollama.engine.kv_cache import KVCache
 from tp_ollama.engine.options import GenerationOptions
 from tp_ollama.engine.paged_kv import BlockPool
@@ -75,7 +75,7 @@ def make(model, budget=16 << 20, prefix=True, max_running=16, chunk=256):
 
 
 def alone(model, prompt, opts):
-    return list(generate_tokens(model, prompt, opts, frozenset()))
+    return list(generate_ids(model, prompt, opts, frozenset()))
 
 
 def test_eight_concurrent_requests_give_the_tokens_they_give_alone(tiny):

@@ -14,9 +14,10 @@ import torch
 from tests.tiny import write_chat_gguf
 from tp_ollama.checkpoints.loader import load_model, open_checkpoint
 from tp_ollama.checkpoints.tokenizer import Tokenizer
-from tp_ollama.engine.constraint import Grammar, LocalConstraint, allowed, grammar_for, vocabulary_for
-from tp_ollama.engine.generate import GenerationStats, generate_tokens
+from tp_ollama.engine.constraint import Grammar, allowed, grammar_for, vocabulary_for
+from tp_ollama.engine.direct import GenerationStats, generate_ids
 from tp_ollama.engine.options import GenerationOptions
+from tp_ollama.engine.protocol import OutputFormat
 from tp_ollama.errors import RequestError
 
 # Nested objects, an enum, arrays; bounded, so that even a random model must finish the object.
@@ -71,12 +72,11 @@ def tiny(tmp_path_factory):
 
 def _generate(tiny, fmt_kind, schema, seed, options=None):
     path, model, tokenizer = tiny
-    vocab = vocabulary_for(path, model.config.vocab_size)
-    constraint = LocalConstraint(Grammar(vocab, fmt_kind, schema))
     opts = GenerationOptions.from_ollama({"temperature": 1.0, "seed": seed, "num_predict": 160, **(options or {})})
     stats = GenerationStats()
     prompt = tokenizer.encode("hello world")
-    ids = list(generate_tokens(model, prompt, opts, tokenizer.eos_ids, stats, constraint=constraint))
+    fmt = OutputFormat(fmt_kind, schema)
+    ids = list(generate_ids(model, prompt, opts, tokenizer.eos_ids, path=str(path), output_format=fmt, stats=stats))
     return tokenizer.decode(ids), stats
 
 
@@ -109,7 +109,7 @@ def test_unconstrained_text_from_the_same_model_is_not_json(tiny):
     # The control: without the grammar this model does not write JSON, so the tests above can fail.
     _, model, tokenizer = tiny
     opts = GenerationOptions.from_ollama({"temperature": 1.0, "seed": 0, "num_predict": 40})
-    text = tokenizer.decode(list(generate_tokens(model, tokenizer.encode("hello world"), opts, tokenizer.eos_ids)))
+    text = tokenizer.decode(list(generate_ids(model, tokenizer.encode("hello world"), opts, tokenizer.eos_ids)))
     with pytest.raises(json.JSONDecodeError):
         json.loads(text)
 

@@ -140,11 +140,46 @@ def test_slots_refuses_committed_or_unreserved_positions() -> None:
         seq.slots(6, 3)
 
 
+class PagedBatch:
+    """Test helper: Several sequences' tables padded into one (B, max_blocks) index so that each layer reads the
+    whole batch with one index_select per tensor. Padding points at block 0 and is masked by k_pos."""
+
+    def __init__(self, pool: BlockPool, seqs: Sequence[SequenceKV], lengths: Sequence[int] | None = None) -> None:
+        lens = [s.length for s in seqs] if lengths is None else list(lengths)
+        if len(lens) != len(seqs):
+            raise ValueError(f"{len(lens)} lengths for {len(seqs)} sequences")
+        for seq, n in zip(seqs, lens, strict=True):
+            if n > seq.capacity:
+                raise ValueError(f"cannot read {n} positions: {seq.capacity} reserved")
+        self.pool = pool
+        self.width = max(lens, default=0)  # S
+        nb = pool.blocks_for(self.width)
+        index = torch.zeros(len(seqs), nb, dtype=torch.long)
+        for row, seq in enumerate(seqs):
+            used = seq.table[:nb]
+            index[row, : len(used)] = torch.tensor(used, dtype=torch.long)
+        self.index = index.flatten().to(pool.device)  # (B * nb,)
+        self.shape = (len(seqs), nb)
+        pos = torch.arange(self.width, device=pool.device).expand(len(seqs), -1)  # (B, S)
+        ends = torch.tensor(lens, dtype=torch.long, device=pool.device)[:, None]  # (B, 1)
+        self.k_pos = torch.where(pos < ends, pos, torch.full_like(pos, -1))  # -1: not this sequence's
+
+    def gather(self, layer: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """k, v (B, n_kv, S, D) and k_pos (B, S), as models.common.attention takes them."""
+        b, nb = self.shape
+        k = self.pool.k[layer].index_select(0, self.index)  # (B * nb, n_kv, bs, D)
+        v = self.pool.v[layer].index_select(0, self.index)
+        _, n_kv, bs, d = k.shape
+        k = k.view(b, nb, n_kv, bs, d).transpose(1, 2).reshape(b, n_kv, nb * bs, d)  # (B, n_kv, nb*bs, D)
+        v = v.view(b, nb, n_kv, bs, d).transpose(1, 2).reshape(b, n_kv, nb * bs, d)
+        return k[:, :, : self.width], v[:, :, : self.width], self.k_pos
+
+
 def test_batch_gather_pads_with_empty_positions_and_feeds_attention() -> None:
     pool = _pool(num_blocks=16, block_size=4)
     prompts = [list(range(7)), list(range(100, 113)), [5]]
     seqs = [_prefill(pool, p) for p in prompts]
-    batch = pool.batch(seqs)
+    batch = PagedBatch(pool, seqs)
     for layer, (n_kv, d) in enumerate(SHAPES):
         k, v, k_pos = batch.gather(layer)
         assert k.shape == v.shape == (3, n_kv, 13, d)

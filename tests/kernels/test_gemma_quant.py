@@ -10,7 +10,7 @@ import torch
 
 from tests.test_embedded_models import GEMMA_PROMPTS, cli_generate
 from tp_ollama.checkpoints.loader import load_model, open_checkpoint
-from tp_ollama.engine.generate import generate_tokens
+from tp_ollama.engine.direct import generate_ids
 from tp_ollama.engine.options import GenerationOptions, SamplingOptions
 from tp_ollama.store.embedded import resolve_model
 from tp_ollama.text.prompt import tokenizer_at
@@ -31,7 +31,7 @@ def gemma():
 def greedy(model: torch.nn.Module, tokenizer, prompt: str) -> list[int]:
     ids = tokenizer.encode(prompt, add_special_tokens=True)
     options = GenerationOptions(sampling=SamplingOptions(temperature=0), num_predict=N_TOKENS, num_ctx=256)
-    return list(generate_tokens(model, ids, options, frozenset(tokenizer.eos_ids)))
+    return list(generate_ids(model, ids, options, frozenset(tokenizer.eos_ids)))
 
 
 def degenerate(tokens: list[int]) -> bool:

@@ -9,7 +9,7 @@ import torch
 
 from tests.tiny import MODEL_TYPES, make_hf_model, prompt_ids, save_hf
 from tp_ollama.checkpoints.loader import load_model, open_checkpoint
-from tp_ollama.engine.generate import generate_tokens
+from tp_ollama.engine.direct import generate_ids
 from tp_ollama.engine.kv_cache import KVCache
 from tp_ollama.engine.options import GenerationOptions, SamplingOptions
 
@@ -60,7 +60,7 @@ def test_greedy_tokens_identical_for_32_steps(pair):
     kind, hf, ours = pair
     prompt = prompt_ids(PROMPT_LEN, seed=7)
     expected = hf_greedy(hf, prompt, 32)
-    got = list(generate_tokens(ours, prompt, GREEDY, eos_ids=frozenset()))
+    got = list(generate_ids(ours, prompt, GREEDY))
     assert got == expected, kind
 
 

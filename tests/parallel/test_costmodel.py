@@ -114,16 +114,16 @@ def test_kv_bytes():
 
 
 def test_collectives_per_token():
-    assert collectives_per_token(TINY, 1) == [Collective("broadcast", 8, 1)]
+    assert collectives_per_token(TINY, 1) == [Collective("broadcast_bytes", 54, 1)]
     assert collectives_per_token(TINY, 3, "bfloat16") == [
         Collective("all_reduce", 64 * 2, 5),
-        Collective("broadcast", 8, 1),
+        Collective("broadcast_bytes", 54, 1),
         Collective("all_gather", 16, 1),
     ]
     assert collectives_per_token(TINY, 2, candidates=40)[-1] == Collective("all_gather", 640, 1)
-    # bench/results/tp.json: gemma3:270m at TP=2 and 3 makes 37 all-reduces, 1 broadcast, 1 all-gather.
+    # gemma3:270m at TP=2 and 3 makes 37 all-reduces, 1 tick broadcast, 1 all-gather a step.
     counts = {c.op: c.per_token for c in collectives_per_token(SHAPES["gemma3-270m"], 2)}
-    assert counts == {"all_reduce": 37, "broadcast": 1, "all_gather": 1}
+    assert counts == {"all_reduce": 37, "broadcast_bytes": 1, "all_gather": 1}
 
 
 def test_collective_seconds():
@@ -145,7 +145,7 @@ def test_calibration_round_trip_and_prediction_parts():
     assert tp1.tok_s == pytest.approx(100.0)
     assert tp1.communication_s == 0.0
     tp2 = predict(TINY, 2, link, cal, "none", "float32")
-    expected_comm = 5 * (50e-6 + (16 + 256) / 1e9) + (50e-6 + 24 / 1e9) + (50e-6 + 32 / 1e9)
+    expected_comm = 5 * (50e-6 + (16 + 256) / 1e9) + (50e-6 + (16 + 54) / 1e9) + (50e-6 + 32 / 1e9)
     assert tp2.communication_s == pytest.approx(expected_comm)
     per_rank = weight_bytes_per_rank(TINY, 2, "none", "float32")[0]  # rank 0 has the larger shard
     sharding = 7 * DEFAULT_COLLECTIVE_OVERHEAD_S  # the sharded step's own work around its 7 collectives
@@ -244,24 +244,25 @@ class RecordingComm:
         return self.inner.broadcast(t, src)
 
     def broadcast_bytes(self, data: bytes | None, src: int = 0) -> bytes:
-        self.calls.append(("broadcast_bytes", len(data or b"")))
-        return bytes(self.inner.broadcast_bytes(data, src))
+        got = bytes(self.inner.broadcast_bytes(data, src))
+        self.calls.append(("broadcast_bytes", len(got)))
+        return got
 
     def close(self) -> None:
         self.inner.close()
 
 
 def count_collectives(dirs: list[str], dtype: str, tokens: int) -> dict[str, Any]:
-    """Runs in each rank: the worker's own load_shard, sampler and lockstep, greedy decode; per
+    """Runs in each rank: the worker's own load_shard and the engine's loop, greedy decode; per
     checkpoint the (op, bytes) of the collectives of `tokens` steps after the first token, and the
     bytes of weights this rank holds."""
     import torch
 
-    from tp_ollama.engine.generate import generate_tokens
+    from tp_ollama.engine.direct import generate_ids
     from tp_ollama.engine.options import GenerationOptions, SamplingOptions
     from tp_ollama.kernels.linear import model_bytes
     from tp_ollama.parallel.comm import init_distributed, make_comm
-    from tp_ollama.parallel.worker import BroadcastLockstep, load_shard, sampler_for
+    from tp_ollama.parallel.shard import load_shard
 
     torch.set_num_threads(1)
     init_distributed("gloo", 60)
@@ -270,9 +271,7 @@ def count_collectives(dirs: list[str], dtype: str, tokens: int) -> dict[str, Any
     options = GenerationOptions(sampling=SamplingOptions(temperature=0), num_predict=tokens + 1, num_ctx=64)
     for d in dirs:
         model, layout, _ = load_shard(Path(d), comm, dtype)
-        gen = generate_tokens(
-            model, [5, 6, 7], options, frozenset(), None, sampler_for(layout, comm), BroadcastLockstep(comm)
-        )
+        gen = generate_ids(model, [5, 6, 7], options, comm=comm, layout=layout)
         next(gen)
         start, before = len(comm.calls), dict(comm.stats)
         assert sum(1 for _ in gen) == tokens

@@ -12,7 +12,7 @@ import torch
 from tests.parallel.tp_entry import sharded_runs
 from tests.tiny import MODEL_TYPES, make_hf_model, prompt_ids, save_hf
 from tp_ollama.checkpoints.loader import load_model, open_checkpoint
-from tp_ollama.engine.generate import generate_tokens
+from tp_ollama.engine.direct import generate_ids
 from tp_ollama.engine.kv_cache import KVCache
 from tp_ollama.engine.options import GenerationOptions, SamplingOptions
 from tp_ollama.launch import Cluster, run_workers
@@ -49,7 +49,7 @@ def reference(checkpoints) -> dict[str, dict]:
                     model.logits(model.hidden_states(torch.tensor([[tokens[i]]]), torch.tensor([[i]]), cache))[0]
                 )
         options = GenerationOptions(sampling=SamplingOptions(temperature=0), num_predict=32, num_ctx=128)
-        greedy = list(generate_tokens(model, tokens[:N_PROMPT], options, frozenset()))
+        greedy = list(generate_ids(model, tokens[:N_PROMPT], options, frozenset()))
         params = sum(p.numel() for p in model.parameters())
         out[kind] = {"logits": torch.cat(rows).numpy(), "greedy": greedy, "params": params}
     return out
@@ -74,10 +74,10 @@ def test_sharded_matches_unsharded(world, weights, checkpoints, reference):
             layers = results[r][d]["layers"]
             # Two all-reduces per layer (after attention, after the MLP) plus the embedding's.
             assert results[r][d]["forward_all_reduces"] == 2 * layers + 1
-            # A decode step: those, the lockstep broadcast from rank 0, one candidate exchange.
+            # A decode step: those, rank 0's tick (the step's plan), one candidate exchange.
             assert results[r][d]["decode_step_collectives"] == {
                 "all_reduce": 2 * layers + 1,
-                "broadcast": 1,
+                "broadcast_bytes": 1,
                 "all_gather": 1,
             }, kind
         # Each rank holds a part of the model: no rank has all the parameters.

@@ -11,14 +11,13 @@ from typing import Any
 import torch
 
 from tp_ollama.checkpoints.loader import load_model, open_checkpoint
-from tp_ollama.engine.generate import generate_tokens
+from tp_ollama.engine.direct import generate_ids
 from tp_ollama.engine.kv_cache import KVCache
 from tp_ollama.engine.options import GenerationOptions, SamplingOptions
 from tp_ollama.parallel.comm import init_distributed, make_comm
 from tp_ollama.parallel.layout import TPLayout
 from tp_ollama.parallel.plans import apply_tp
-from tp_ollama.parallel.sampling import ShardedSampler
-from tp_ollama.parallel.worker import BroadcastLockstep, rank_device
+from tp_ollama.parallel.shard import rank_device
 
 
 def sharded_runs(
@@ -56,9 +55,8 @@ def sharded_runs(
                 rows.append(model.logits(h)[0])
                 if i == n_prompt:
                     step_all_reduces = comm.stats["all_reduce"] - before.get("all_reduce", 0)
-        sampler = partial(ShardedSampler, span=layout.vocab[comm.rank], comm=comm)
         options = GenerationOptions(sampling=SamplingOptions(temperature=0), num_predict=32, num_ctx=128)
-        gen = generate_tokens(model, tokens[:n_prompt], options, frozenset(), None, sampler, BroadcastLockstep(comm))
+        gen = generate_ids(model, tokens[:n_prompt], options, comm=comm, layout=layout)
         first = next(gen)
         before = dict(comm.stats)
         second = next(gen)

@@ -13,6 +13,7 @@ from typing import Any
 
 import tokenizers
 
+from tests.local_engine import LocalEngine
 from tests.server.conftest import serving
 from tests.server.doubles import Details, EmbeddedModel, EmbeddedModels, ScriptedEngine
 from tests.tiny import hf_config, make_hf_model, save_hf, save_tiny_tokenizer
@@ -20,7 +21,6 @@ from tp_ollama import __version__
 from tp_ollama.checkpoints.tokenizer import Tokenizer
 from tp_ollama.server.app import create_app
 from tp_ollama.server.engine_api import Engine
-from tp_ollama.server.local_engine import LocalEngine
 
 TINY = "tiny-qwen3"  # served as tiny-qwen3:latest
 FULL_NAME = "registry.ollama.ai/library/tiny-qwen3:latest"

@@ -14,10 +14,10 @@ import pytest
 import uvicorn
 from starlette.applications import Starlette
 
+from tests.local_engine import LocalEngine
 from tests.server.doubles import EmbeddedModels
 from tp_ollama import __version__
 from tp_ollama.server.app import create_app
-from tp_ollama.server.local_engine import LocalEngine
 
 SMOL = "smollm2:135m"
 

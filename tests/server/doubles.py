@@ -10,8 +10,9 @@ from pathlib import Path
 from typing import Any
 
 from tp_ollama.engine.options import GenerationOptions
+from tp_ollama.engine.protocol import OutputFormat
 from tp_ollama.errors import ModelNotFound, RequestError
-from tp_ollama.server.engine_api import LoadedModel, LoadRequest, OutputFormat, TokenEvent
+from tp_ollama.server.engine_api import LoadedModel, LoadRequest, TokenEvent
 from tp_ollama.store.embedded import EMBEDDED, normalize_name
 
 

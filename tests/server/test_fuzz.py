@@ -29,12 +29,12 @@ from schemathesis import GenerationMode
 from schemathesis.checks import not_a_server_error
 from schemathesis.errors import FailureGroup
 
+from tests.local_engine import LocalEngine
 from tests.server.conftest import serving
 from tests.tiny import make_hf_model, save_hf, save_tiny_tokenizer
 from tests.waits import HANG_S
 from tp_ollama import __version__
 from tp_ollama.server.app import create_app
-from tp_ollama.server.local_engine import LocalEngine
 from tp_ollama.store.model_store import ModelStore
 
 TINY = "tiny-fuzz:latest"

@@ -273,7 +273,7 @@ def test_sigint_stops_the_front_end_and_every_replicas_processes(two_replicas):
 
 
 def test_replicas_on_gpus_start_where_the_previous_replica_ended(monkeypatch):
-    from tp_ollama.parallel.worker import rank_device
+    from tp_ollama.parallel.shard import rank_device
     from tp_ollama.server.serve import replica_device
 
     devices = [replica_device("cuda", r, 2) for r in range(3)]

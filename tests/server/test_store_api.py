@@ -15,11 +15,11 @@ import httpx
 import ollama
 import pytest
 
+from tests.local_engine import LocalEngine
 from tests.server.conftest import SMOL, serving
 from tests.tiny import make_hf_model, write_gguf
 from tp_ollama import __version__
 from tp_ollama.server.app import create_app
-from tp_ollama.server.local_engine import LocalEngine
 from tp_ollama.server.store_schemas import tags_body
 from tp_ollama.store.model_store import ModelStore
 

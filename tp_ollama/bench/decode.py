@@ -104,12 +104,12 @@ def rank_decode(model: str, config: dict[str, Any], measure_link: bool) -> dict[
     """One rank of one run (torchrun entry point). Rank 0 returns every rank's figures."""
     import torch
 
-    from tp_ollama.engine.generate import GenerationStats, generate_tokens
+    from tp_ollama.engine.direct import GenerationStats, generate_ids
     from tp_ollama.engine.options import GenerationOptions, SamplingOptions
     from tp_ollama.kernels.linear import activation_like, model_bytes, out_features
     from tp_ollama.parallel.comm import init_distributed, make_comm
     from tp_ollama.parallel.preflight import link_preflight
-    from tp_ollama.parallel.worker import BroadcastLockstep, load_shard, local_threads, sampler_for
+    from tp_ollama.parallel.shard import load_shard, local_threads
     from tp_ollama.store.embedded import resolve_model
 
     cfg = DecodeConfig(**config)
@@ -135,7 +135,7 @@ def rank_decode(model: str, config: dict[str, Any], measure_link: bool) -> dict[
         sampling=SamplingOptions(temperature=0), num_predict=cfg.gen_tokens, num_ctx=cfg.prompt_tokens + cfg.gen_tokens
     )
     stats = GenerationStats()
-    gen = generate_tokens(m, prompt, options, frozenset(), stats, sampler_for(layout, comm), BroadcastLockstep(comm))
+    gen = generate_ids(m, prompt, options, comm=comm, layout=layout, stats=stats)
     t1 = time.perf_counter()
     next(gen)
     ttft_s = time.perf_counter() - t1

@@ -8,7 +8,7 @@ The directory holds:
   tokenizer.json      (+ tokenizer_config.json) a byte-level tokenizer of 258 ids (256 bytes, <bos>,
                       <eos>), when vocab_size allows, so that text front ends (`tp-ollama serve`)
                       can load the directory too. The engine itself (tp_ollama.checkpoints.loader,
-                      tp_ollama.parallel.worker.load_shard) reads only config.json and the weights.
+                      tp_ollama.parallel.shard.load_shard) reads only config.json and the weights.
 """
 
 from __future__ import annotations

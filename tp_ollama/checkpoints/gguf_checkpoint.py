@@ -12,9 +12,9 @@ import torch
 
 from tp_ollama.checkpoints.base import Range, check_range
 from tp_ollama.checkpoints.gguf_file import GGUFFile
-from tp_ollama.checkpoints.gguf_quants import block_layout
 from tp_ollama.errors import CheckpointError
 from tp_ollama.kernels.gguf_pack import GROUP, INT4_TYPES, int4_parts
+from tp_ollama.kernels.gguf_quants import block_layout
 from tp_ollama.kernels.quant import Int4Weight, int4_fits, pack_int4_weight
 from tp_ollama.models import config_from_hf
 

@@ -26,8 +26,8 @@ import numpy as np
 import torch
 from gguf import GGMLQuantizationType
 
-from tp_ollama.checkpoints import gguf_quants
 from tp_ollama.errors import CheckpointError
+from tp_ollama.kernels import gguf_quants
 
 GGUF_MAGIC = b"GGUF"
 SUPPORTED_VERSIONS = (2, 3)

@@ -3,7 +3,7 @@
 Every rank of a tensor-parallel group holds the same `Batch` and applies the same `Plan` to it, so
 their states never diverge: rank 0 decides each step (which requests join, which leave, which prompt
 chunk is prefilled) and broadcasts the plan; every rank then runs the step and samples the same
-tokens (the samplers exchange per-rank candidates, see parallel/sampling.py).
+tokens (the samplers exchange per-rank candidates, see engine/sharded_sampling.py).
 
 One step prefills prompt chunks of PREFILL_CHUNK tokens in all (one forward pass per prompt, oldest
 request first, so a long prompt delays the running sequences by one chunk at most), then runs one
@@ -22,29 +22,18 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
 from tp_ollama.engine.constraint import Constraint
-from tp_ollama.engine.options import GenerationOptions
 from tp_ollama.engine.paged_kv import BlockPool, SequenceKV
+from tp_ollama.engine.protocol import FinalStats, Plan, Request
 from tp_ollama.models.native_decode import native_decoder
 
 PREFILL_CHUNK = 256  # prompt tokens per step: bounds how long one prompt stalls the decoding rows
-
-
-@dataclass
-class Request:
-    """What a sequence needs to start; identical on every rank (it travels in the plan)."""
-
-    id: str
-    prompt: list[int]
-    options: GenerationOptions
-    eos: frozenset[int]
-    constrained: bool = False  # rank 0 holds the grammar; the others take its masks
 
 
 @dataclass
@@ -70,24 +59,16 @@ class Running:
 
 
 @dataclass
-class Plan:
-    """One step, decided by rank 0. `prefill`: (id, tokens) prompt chunks, PREFILL_CHUNK tokens in
-    all; `decode`: ids of the sequences that write their pending token and sample the next."""
-
-    add: list[Request] = field(default_factory=list)
-    drop: list[str] = field(default_factory=list)
-    prefill: list[tuple[str, int]] = field(default_factory=list)
-    decode: list[str] = field(default_factory=list)
-
-
-@dataclass
 class Event:
     """What a step produced for one sequence: a token, and/or its end."""
 
     id: str
     token: int | None = None
-    done: bool = False
-    stats: dict[str, Any] = field(default_factory=dict)
+    stats: FinalStats | None = None  # set on the sequence's last event
+
+    @property
+    def done(self) -> bool:
+        return self.stats is not None
 
 
 class PagedBatchCache:
@@ -190,6 +171,7 @@ class Batch:
             seq = self.running.pop(rid, None)
             if seq is not None:
                 seq.kv.free()
+                events.append(self._finish(seq, "cancel", time.perf_counter_ns()))
         for request in plan.add:
             self._start(request)
         fresh: list[tuple[Running, torch.Tensor]] = []  # sequences with logits to sample from
@@ -211,9 +193,9 @@ class Batch:
             for seq, _ in fresh:
                 seq.comm_s += share
         for event in events:
-            if event.done:
-                seq = self.running.pop(event.id)
-                seq.kv.free()
+            finished = self.running.pop(event.id, None) if event.done else None  # dropped ones are gone
+            if finished is not None:
+                finished.kv.free()
         return events
 
     def _start(self, request: Request) -> None:
@@ -304,16 +286,16 @@ class Batch:
 
     def _finish(self, seq: Running, reason: str, now: int) -> Event:
         seq.done_reason = reason
-        stats = {
-            "done_reason": reason,
-            "prompt_eval_count": len(seq.request.prompt),
-            "prompt_eval_duration": seq.prompt_ns,
-            "eval_count": seq.generated,
-            "eval_duration": now - seq.first_token_ns if seq.generated else 0,
-            "comm_duration": int(seq.comm_s * 1e9),
-            "cached_tokens": seq.cached,
-        }
-        return Event(seq.request.id, None, done=True, stats=stats)
+        stats = FinalStats(
+            done_reason=reason,
+            prompt_eval_count=len(seq.request.prompt),
+            prompt_eval_duration=seq.prompt_ns,
+            eval_count=seq.generated,
+            eval_duration=now - seq.first_token_ns if seq.generated else 0,
+            comm_duration=int(seq.comm_s * 1e9),
+            cached_tokens=seq.cached,
+        )
+        return Event(seq.request.id, None, stats=stats)
 
     def _comm_seconds(self) -> float:
         return float(getattr(self.comm, "seconds", 0.0)) if self.comm is not None else 0.0

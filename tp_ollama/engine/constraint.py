@@ -114,7 +114,7 @@ def allowed(words: torch.Tensor, start: int, stop: int) -> torch.Tensor:
 
 
 class Constraint(Protocol):
-    """What generate_tokens asks of a structured-output constraint: mask this rank's logits (the
+    """What a batch asks of a structured-output constraint: mask this rank's logits (the
     whole vocabulary or one slice), then learn the token every rank chose."""
 
     def restrict(self, logits: torch.Tensor) -> torch.Tensor: ...

@@ -176,12 +176,14 @@ class BlockPool:
     def for_model(
         cls,
         model: nn.Module,
-        budget_bytes: int,
+        budget_bytes: int | None,
         block_size: int = 16,
         dtype: torch.dtype | None = None,
         prefix_cache: bool = True,
+        tokens: int = 0,
     ) -> BlockPool:
-        """As many blocks as budget_bytes holds for this model's (maybe sharded) attention layers."""
+        """As many blocks as budget_bytes holds for this model's (maybe sharded) attention layers; with
+        budget_bytes None, the blocks that `tokens` positions need (one sequence of that length)."""
         shapes = []
         for block in model.model.layers:  # type: ignore[union-attr]
             attn = block.self_attn
@@ -192,6 +194,8 @@ class BlockPool:
         like = activation_like(model)
         dtype = dtype or like.dtype
         per_block = _bytes_per_block(shapes, block_size, dtype)
+        if budget_bytes is None:
+            budget_bytes = max(1, -(-tokens // block_size)) * per_block
         num_blocks = budget_bytes // per_block
         if num_blocks < 1:
             raise ConfigError(
@@ -248,10 +252,6 @@ class BlockPool:
             "prefix_hit_tokens": self.prefix.hit_tokens,
             "evictions": self.prefix.evictions,
         }
-
-    def batch(self, seqs: Sequence[SequenceKV], lengths: Sequence[int] | None = None) -> PagedBatch:
-        """The tables of several sequences as one index, built once a step and read by every layer."""
-        return PagedBatch(self, seqs, lengths)
 
     def write(
         self, layer: int, block_ids: torch.Tensor, offsets: torch.Tensor, k: torch.Tensor, v: torch.Tensor
@@ -418,41 +418,6 @@ class SequenceKV:
         for block in self.table[self.length // bs :]:
             _expect(self.pool._refs[block] == 1, f"block {block} still being written is shared")
             _expect(not self.pool.prefix.is_cached(block), f"block {block} still being written is cached")
-
-
-class PagedBatch:
-    """Several sequences' tables padded into one (B, max_blocks) index so that each layer reads the
-    whole batch with one index_select per tensor. Padding points at block 0 and is masked by k_pos."""
-
-    def __init__(self, pool: BlockPool, seqs: Sequence[SequenceKV], lengths: Sequence[int] | None = None) -> None:
-        lens = [s.length for s in seqs] if lengths is None else list(lengths)
-        if len(lens) != len(seqs):
-            raise ValueError(f"{len(lens)} lengths for {len(seqs)} sequences")
-        for seq, n in zip(seqs, lens, strict=True):
-            if n > seq.capacity:
-                raise ValueError(f"cannot read {n} positions: {seq.capacity} reserved")
-        self.pool = pool
-        self.width = max(lens, default=0)  # S
-        nb = pool.blocks_for(self.width)
-        index = torch.zeros(len(seqs), nb, dtype=torch.long)
-        for row, seq in enumerate(seqs):
-            used = seq.table[:nb]
-            index[row, : len(used)] = torch.tensor(used, dtype=torch.long)
-        self.index = index.flatten().to(pool.device)  # (B * nb,)
-        self.shape = (len(seqs), nb)
-        pos = torch.arange(self.width, device=pool.device).expand(len(seqs), -1)  # (B, S)
-        ends = torch.tensor(lens, dtype=torch.long, device=pool.device)[:, None]  # (B, 1)
-        self.k_pos = torch.where(pos < ends, pos, torch.full_like(pos, -1))  # -1: not this sequence's
-
-    def gather(self, layer: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """k, v (B, n_kv, S, D) and k_pos (B, S), as models.common.attention takes them."""
-        b, nb = self.shape
-        k = self.pool.k[layer].index_select(0, self.index)  # (B * nb, n_kv, bs, D)
-        v = self.pool.v[layer].index_select(0, self.index)
-        _, n_kv, bs, d = k.shape
-        k = k.view(b, nb, n_kv, bs, d).transpose(1, 2).reshape(b, n_kv, nb * bs, d)  # (B, n_kv, nb*bs, D)
-        v = v.view(b, nb, n_kv, bs, d).transpose(1, 2).reshape(b, n_kv, nb * bs, d)
-        return k[:, :, : self.width], v[:, :, : self.width], self.k_pos
 
 
 def _flatten_blocks(x: torch.Tensor) -> torch.Tensor:

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import torch
 
-from tp_ollama.checkpoints import gguf_quants
+from tp_ollama.kernels import gguf_quants
 from tp_ollama.kernels.quant import INT4_TILE, Int4Weight, int4_fits, pack_int4_weight
 
 GROUP = 32  # elements per scale / zero: a Q4_0 / Q4_1 block, a Q4_K sub-block

@@ -16,6 +16,31 @@ from tp_ollama.errors import ConfigError
 COMM_KINDS = ("auto", "shm", "tcp", "gloo", "nccl")
 
 
+class SoloComm:
+    """The communicator of a group of one: every collective is the identity."""
+
+    rank, world_size, seconds = 0, 1, 0.0
+
+    def __init__(self) -> None:
+        self.stats: Counter[str] = Counter()
+
+    def all_reduce(self, t: torch.Tensor) -> torch.Tensor:
+        return t
+
+    def all_gather(self, t: torch.Tensor) -> torch.Tensor:
+        return t[None]
+
+    def broadcast(self, t: torch.Tensor, src: int = 0) -> torch.Tensor:
+        return t
+
+    def broadcast_bytes(self, data: bytes | None, src: int = 0) -> bytes:
+        assert data is not None
+        return data
+
+    def close(self) -> None:
+        pass
+
+
 class TorchComm:
     """Collectives through the default torch.distributed process group."""
 

@@ -56,7 +56,8 @@ never do.
 
 Per decode step, the real engine does (checked against comm.stats by tests/parallel/test_costmodel.py):
   all_reduce   2 * layers + 1 of hidden * dtype bytes (after attention, after the MLP, the embedding)
-  broadcast    1 of 8 bytes (BroadcastLockstep's int64 go-on flag from rank 0)
+  broadcast_bytes  1 of 54 bytes (rank 0's tick: the step's plan for one decoding sequence,
+               engine/protocol.py)
   all_gather   1 of 16 * candidates bytes (the sampler's per-rank (value, id) float64 candidates:
                1 for greedy and unrestricted sampling, top_k with top_k, 1024 for top_p alone)
 
@@ -93,7 +94,7 @@ INT4_GROUP = 32
 SCALE_BYTES = 2
 ROTARY_BYTES = 4  # inverse frequencies are float32 whatever the dtype
 KV_MAP_BYTES = 8  # one int64 per local query head and layer, read by attention's index_select
-LOCKSTEP_BYTES = 8  # BroadcastLockstep's flag: one int64
+TICK_BYTES = 54  # rank 0's encoded tick of a decode step for one sequence (engine/protocol.Tick)
 CANDIDATE_BYTES = 16  # the sampler's (logit, id) pair: two float64
 # Fixed cost of one layer in one decode step (Python/torch op dispatch), from the decode time of
 # random models of hidden size 64 (weight reads negligible) at 2 and 18 layers, one thread, on the
@@ -289,17 +290,17 @@ def collectives_per_token(
     shape: ModelShape, world: int, dtype: str = "float32", candidates: int = 1
 ) -> list[Collective]:
     """The collectives of one decode step as the engine calls them (see the module docstring). A
-    group of one still calls the lockstep broadcast (comm.stats counts it); it moves nothing."""
+    group of one still broadcasts its tick (comm.stats counts it); it moves nothing."""
     check_world(world)
     if not isinstance(candidates, int) or candidates < 1:
         raise ConfigError(f"candidates={candidates!r} is invalid: expected at least 1 (1 for greedy)")
-    lockstep = Collective("broadcast", LOCKSTEP_BYTES, 1)
+    tick = Collective("broadcast_bytes", TICK_BYTES, 1)
     if world == 1:
-        return [lockstep]
+        return [tick]
     activation = shape.hidden_size * dtype_bytes(dtype)
     return [
         Collective("all_reduce", activation, 2 * shape.num_hidden_layers + 1),
-        lockstep,
+        tick,
         Collective("all_gather", CANDIDATE_BYTES * candidates, 1),
     ]
 

@@ -1,9 +1,8 @@
 """What the HTTP front end needs from an engine: token ids in, token ids out.
 
-Two implementations: `LocalEngine` (the model in a thread of the front-end process, TP=1, used by
-in-process tests and small setups) and `RemoteEngine` (engine rank 0 of a torchrun group over a local
-socket, for `serve --tp N` and `launch`). The front end owns text: tokenization, templates, stop
-strings and detokenization happen before and after these calls.
+`EngineClient` implements it over engine rank 0's socket (a torchrun group for `serve --tp N` and
+`launch`; the tests also run the same loop in a thread of their own process). The front end owns
+text: tokenization, templates, stop strings and detokenization happen before and after these calls.
 """
 
 from __future__ import annotations
@@ -14,6 +13,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from tp_ollama.engine.options import GenerationOptions
+from tp_ollama.engine.protocol import OutputFormat
 
 
 @dataclass(frozen=True)
@@ -50,18 +50,6 @@ class TokenEvent:
     eval_count: int = 0
     eval_duration: int = 0  # ns
     comm_duration: int = 0  # ns spent in collectives during this request (0 on one rank)
-
-
-@dataclass(frozen=True)
-class OutputFormat:
-    """Structured output for one request: `kind` "json" (any JSON object) or "schema" (a JSON Schema,
-    in `schema`). The engine enforces it while decoding, as a mask over each rank's vocabulary slice."""
-
-    kind: str
-    schema: dict[str, Any] | None = None
-
-    def to_data(self) -> dict[str, Any]:
-        return {"kind": self.kind, "schema": self.schema}
 
 
 class Engine(Protocol):

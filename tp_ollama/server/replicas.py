@@ -6,7 +6,7 @@ Each replica holds the whole model (itself split over its own TP ranks); a reque
 (the fewest requests running; ties to the lowest index) or "round_robin" (the next one in turn with a
 free slot). `load` and `unload` apply to every replica, and `loaded()` names the model only when every
 replica holds it, so the scheduler loads it again on a replica that lost it (a group that died is
-restarted by its RemoteEngine on that call). Until then routing passes over such a replica.
+restarted by its EngineClient on that call). Until then routing passes over such a replica.
 
 The front end always talks to a ReplicaSet (TextService wraps a single engine in one), so the cluster
 endpoints describe one replica or several the same way.
@@ -20,8 +20,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from tp_ollama.engine.options import GenerationOptions
+from tp_ollama.engine.protocol import OutputFormat
 from tp_ollama.errors import ConfigError
-from tp_ollama.server.engine_api import Engine, LoadedModel, LoadRequest, OutputFormat, TokenEvent
+from tp_ollama.server.engine_api import Engine, LoadedModel, LoadRequest, TokenEvent
 
 ALGORITHMS = ("least_loaded", "round_robin")
 

@@ -22,6 +22,7 @@ from starlette.responses import Response, StreamingResponse
 from starlette.types import Receive, Scope, Send
 
 from tp_ollama.engine.constraint import grammar_for
+from tp_ollama.engine.protocol import OutputFormat
 from tp_ollama.errors import RequestError
 from tp_ollama.server.chat_schemas import (
     ChatMessage,
@@ -32,7 +33,6 @@ from tp_ollama.server.chat_schemas import (
     parse_think,
     parse_tools,
 )
-from tp_ollama.server.engine_api import OutputFormat
 from tp_ollama.server.fields import ApiError
 from tp_ollama.server.fields import json_field as _field
 from tp_ollama.server.fields import json_kind as _kind

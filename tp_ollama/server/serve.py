@@ -16,9 +16,9 @@ log = logging.getLogger(__name__)
 
 
 def build(settings: Any) -> tuple[list[Any], Any]:
-    """The engine handles (one RemoteEngine per replica) and the Starlette app for these settings."""
+    """The engine handles (one EngineClient per replica) and the Starlette app for these settings."""
     from tp_ollama.server.app import create_app
-    from tp_ollama.server.remote_engine import RemoteEngine
+    from tp_ollama.server.engine_client import EngineClient
     from tp_ollama.server.replicas import ReplicaSet
     from tp_ollama.store.model_store import ModelStore
 
@@ -26,7 +26,7 @@ def build(settings: Any) -> tuple[list[Any], Any]:
     weights = ",".join(f"{w:g}" for w in i.tp_weights) if i.tp_weights else None
     engines = []
     for index, port in enumerate(master_ports(settings)):
-        engine = RemoteEngine.spawn(
+        engine = EngineClient.spawn(
             c.nproc_per_node, comm=c.comm, device=replica_device(i.device, index, c.nproc_per_node),
             tp_weights=weights, join_timeout_s=c.join_timeout,
             nnodes=c.nnodes, master_addr=c.rendezvous_addr, master_port=port, max_running=i.max_concurrent,
@@ -120,10 +120,13 @@ def serve_cluster(
     from tp_ollama.config.loading import load_settings
 
     if cluster.node_rank > 0:
+        from tp_ollama.engine.loop import engine_main
+        from tp_ollama.engine.state import EngineJob
         from tp_ollama.launch import parse_weights, run_workers
-        from tp_ollama.parallel.engine_server import EngineJob, engine_main
 
-        job = EngineJob("", comm, device, parse_weights(tp_weights), cluster.join_timeout_s, debug)
+        job = EngineJob(
+            comm=comm, device=device, tp_weights=parse_weights(tp_weights), timeout_s=cluster.join_timeout_s
+        )
         run_workers(cluster, engine_main, job)
         return
     flags = {

@@ -15,8 +15,9 @@ from typing import Any
 
 from tp_ollama.checkpoints.tokenizer import Tokenizer
 from tp_ollama.engine.options import GenerationOptions, check_prompt
+from tp_ollama.engine.protocol import OutputFormat
 from tp_ollama.server.admission import Lease, Limits, Scheduler
-from tp_ollama.server.engine_api import Engine, OutputFormat
+from tp_ollama.server.engine_api import Engine
 from tp_ollama.server.monitor import Monitor, Track
 from tp_ollama.server.prompts import chat_prompt, display_name, generate_prompt, merge_options
 from tp_ollama.server.replicas import ReplicaSet

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-import json
 import logging
 import os
 import signal
@@ -15,23 +14,49 @@ import socket
 import subprocess
 import sys
 import tempfile
-from collections.abc import AsyncIterator
-from dataclasses import asdict
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
+import msgspec
+
 from tp_ollama.engine.options import GenerationOptions
+from tp_ollama.engine.protocol import (
+    Cancel,
+    ClusterFacts,
+    Command,
+    DescribeCluster,
+    Done,
+    Embed,
+    Embedded,
+    Failed,
+    Generate,
+    Load,
+    Loaded,
+    OutputFormat,
+    Reply,
+    Shutdown,
+    Token,
+    Unload,
+    decode_reply,
+    frame,
+    read_frame,
+)
 from tp_ollama.errors import EngineUnavailable, TpOllamaError
-from tp_ollama.server.engine_api import LoadedModel, LoadRequest, OutputFormat, TokenEvent
+from tp_ollama.server.engine_api import LoadedModel, LoadRequest, TokenEvent
 
 log = logging.getLogger(__name__)
 
 CLUSTER_TIMEOUT_S = 10.0  # a group that takes longer to list its ranks is reported from the snapshot
-FINAL_FIELDS = ("done_reason", "prompt_eval_count", "prompt_eval_duration", "eval_count", "eval_duration",
-                "comm_duration")  # fmt: skip
 
 
-class RemoteEngine:
+class Lost(msgspec.Struct):
+    """Not a message of the engine: what a waiting request is handed when the connection ends."""
+
+    why: str
+
+
+class EngineClient:
     def __init__(
         self,
         socket_path: Path | None = None,
@@ -48,7 +73,7 @@ class RemoteEngine:
         self.writer: asyncio.StreamWriter | None = None
         self._reading: asyncio.Task[None] | None = None
         self._connecting = asyncio.Lock()
-        self._pending: dict[str, asyncio.Queue[dict[str, Any]]] = {}
+        self._pending: dict[str, asyncio.Queue[Reply | Lost]] = {}
         self._ids = itertools.count()
         self._loaded: LoadedModel | None = None
         self._snapshot: dict[str, Any] = {"world_size": 0, "ranks": [], "as_of": 0.0}
@@ -59,7 +84,7 @@ class RemoteEngine:
     def spawn(cls, tp: int, comm: str = "auto", device: str = "cpu", tp_weights: str | None = None,
               join_timeout_s: float = 120.0, nnodes: int = 1, master_addr: str = "127.0.0.1",
               master_port: int = 0, max_running: int = 16, kv_cache_bytes: int | None = None,
-              prefix_cache: bool = True) -> RemoteEngine:  # fmt: skip
+              prefix_cache: bool = True) -> EngineClient:  # fmt: skip
         """Start this node's `tp` ranks (node 0 of `nnodes`) in a child process group serving a fresh
         socket; with several nodes the others join through `tp-ollama launch --node-rank R`."""
         path = Path(tempfile.mkdtemp(prefix="tp-ollama-")) / "engine.sock"
@@ -128,14 +153,14 @@ class RemoteEngine:
         assert reader is not None
         try:
             while True:
-                line = await reader.readline()
-                if not line:
+                data = await read_frame(reader)
+                if data is None:
                     break
-                msg = json.loads(line)
-                queue = self._pending.get(str(msg.get("id")))
+                reply = decode_reply(data)
+                queue = self._pending.get(reply.id)
                 if queue is not None:
-                    queue.put_nowait(msg)
-        except (OSError, ValueError) as e:
+                    queue.put_nowait(reply)
+        except (OSError, ValueError, asyncio.IncompleteReadError, msgspec.DecodeError) as e:
             log.warning("the engine's connection failed: %s", e)
         if self.reader is reader:
             self._lost("the engine closed its connection (a rank may have died)")
@@ -146,40 +171,40 @@ class RemoteEngine:
         self.reader = self.writer = None
         self._loaded = None
         for queue in self._pending.values():
-            queue.put_nowait({"lost": why})
+            queue.put_nowait(Lost(why))
         self._pending.clear()
 
-    async def _send(self, obj: dict[str, Any]) -> None:
+    async def _send(self, cmd: Command) -> None:
         if self.writer is None:
             raise EngineUnavailable("the engine's socket is gone (a rank may have died)")
         try:
-            self.writer.write(json.dumps(obj).encode() + b"\n")
+            self.writer.write(frame(cmd))
             await self.writer.drain()
         except OSError:
             self._lost("the engine's socket is gone (a rank may have died)")
             raise EngineUnavailable("the engine's socket is gone (a rank may have died)") from None
 
-    def _open_request(self) -> tuple[str, asyncio.Queue[dict[str, Any]]]:
+    def _open_request(self) -> tuple[str, asyncio.Queue[Reply | Lost]]:
         rid = f"r{next(self._ids)}"
-        queue: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+        queue: asyncio.Queue[Reply | Lost] = asyncio.Queue()
         self._pending[rid] = queue
         return rid, queue
 
     @staticmethod
-    def _check(msg: dict[str, Any]) -> dict[str, Any]:
-        if "lost" in msg:
-            raise EngineUnavailable(msg["lost"])
-        if "error" in msg:
-            raise TpOllamaError(msg["error"])
-        return msg
+    def _check(reply: Reply | Lost) -> Reply:
+        if isinstance(reply, Lost):
+            raise EngineUnavailable(reply.why)
+        if isinstance(reply, Failed):
+            raise TpOllamaError(reply.error)
+        return reply
 
-    async def _call(self, obj: dict[str, Any]) -> dict[str, Any]:
-        """A control command and its one reply. A caller that gives up leaves nothing behind: the
-        reply, when it comes, finds no one waiting and is dropped."""
+    async def _call(self, make: Callable[[str], Command]) -> Reply:
+        """A control command (made for its request id) and its one reply. A caller that gives up
+        leaves nothing behind: the reply, when it comes, finds no one waiting and is dropped."""
         await self._connect()
         rid, queue = self._open_request()
         try:
-            await self._send({**obj, "id": rid})
+            await self._send(make(rid))
             return self._check(await queue.get())
         finally:
             self._pending.pop(rid, None)
@@ -187,17 +212,19 @@ class RemoteEngine:
     # --- the Engine protocol -----------------------------------------------------------------------
 
     async def load(self, request: LoadRequest) -> LoadedModel:
-        reply = await self._call({"op": "load", "path": str(request.path), "dtype": request.dtype,
-                                  "num_ctx": request.num_ctx, "quant": request.quant})  # fmt: skip
+        reply = await self._call(
+            lambda rid: Load(rid, str(request.path), request.dtype, request.num_ctx, request.quant)
+        )
+        assert isinstance(reply, Loaded)
+        info = reply.info
         self._loaded = LoadedModel(
-            path=request.path, dtype=request.dtype, num_ctx=request.num_ctx, world_size=reply["world_size"],
-            layout=reply["layout"], size_bytes=reply["size_bytes"], quant=request.quant,
-            precision=reply.get("precision", {}),
+            path=request.path, dtype=request.dtype, num_ctx=request.num_ctx, world_size=info.world_size,
+            layout=info.layout, size_bytes=info.size_bytes, quant=request.quant, precision=info.precision,
         )  # fmt: skip
         return self._loaded
 
     async def unload(self) -> None:
-        await self._call({"op": "unload"})
+        await self._call(Unload)
         self._loaded = None
 
     def loaded(self) -> LoadedModel | None:
@@ -212,41 +239,47 @@ class RemoteEngine:
     ) -> AsyncIterator[TokenEvent]:
         await self._connect()
         rid, queue = self._open_request()
-        fmt = output_format.to_data() if output_format is not None else None
         finished = False
         self.active += 1
         try:
-            await self._send({"op": "generate", "id": rid, "ids": prompt, "options": asdict(options),
-                              "eos": sorted(eos_ids), "format": fmt})  # fmt: skip
+            await self._send(Generate(rid, prompt, options, eos_ids, output_format))
             while True:
-                msg = self._check(await queue.get())
-                if msg.get("done"):
+                reply = self._check(await queue.get())
+                if isinstance(reply, Done):
                     finished = True
-                    yield TokenEvent(token=None, done=True, **{f: msg.get(f, 0) for f in FINAL_FIELDS})
+                    s = reply.stats
+                    yield TokenEvent(token=None, done=True, done_reason=s.done_reason,
+                                     prompt_eval_count=s.prompt_eval_count, prompt_eval_duration=s.prompt_eval_duration,
+                                     eval_count=s.eval_count, eval_duration=s.eval_duration,
+                                     comm_duration=s.comm_duration)  # fmt: skip
                     return
-                yield TokenEvent(token=int(msg["token"]))
+                assert isinstance(reply, Token)
+                yield TokenEvent(token=reply.token)
         finally:
             self.active -= 1
             self._pending.pop(rid, None)
             if not finished and self.writer is not None:
                 # The consumer left early: the engine drops the request at its next step. Nothing to
                 # wait for; whatever it still sends for this id is dropped by the reader.
-                self.writer.write(json.dumps({"op": "cancel", "id": rid}).encode() + b"\n")
+                self.writer.write(frame(Cancel(rid)))
 
     async def embed(self, inputs: list[list[int]]) -> list[list[float]]:
-        reply = await self._call({"op": "embed", "inputs": inputs})
-        return list(reply["embeddings"])
+        reply = await self._call(lambda rid: Embed(rid, inputs))
+        assert isinstance(reply, Embedded)
+        return reply.embeddings
 
     async def cluster(self) -> dict[str, Any]:
         """Fresh facts from every rank (the group answers between two steps); the last snapshot,
         with `alive` false on every rank, when the group is down or does not answer in time."""
         if not self._exited():
             try:
-                reply = await asyncio.wait_for(self._call({"op": "cluster"}), CLUSTER_TIMEOUT_S)
-                reply.pop("ok", None)
-                reply.pop("id", None)
-                self._snapshot = reply
-                return dict(reply)
+                reply = await asyncio.wait_for(self._call(DescribeCluster), CLUSTER_TIMEOUT_S)
+                assert isinstance(reply, ClusterFacts)
+                facts: dict[str, Any] = {"world_size": reply.world_size, "ranks": reply.ranks, "as_of": reply.as_of}
+                if reply.kv_cache is not None:
+                    facts |= {"kv_cache": reply.kv_cache, "running": reply.running, "waiting": reply.waiting}
+                self._snapshot = facts
+                return dict(facts)
             except (TimeoutError, TpOllamaError) as e:
                 log.warning("the engine did not report its ranks: %s", e)
         snapshot = dict(self._snapshot)
@@ -284,7 +317,7 @@ class RemoteEngine:
             self._reading.cancel()
         if writer is not None:
             try:
-                writer.write(json.dumps({"op": "shutdown", "id": "shutdown"}).encode() + b"\n")
+                writer.write(frame(Shutdown()))
                 self.shutdown_sent = True
             except OSError:
                 pass

@@ -1,0 +1,237 @@
+"""What every rank of an engine group keeps between steps, and the commands that change it.
+
+Every rank holds the same `EngineState` and runs the same control commands in the same order (the
+loop in engine/loop.py sees to that); rank 0 also admits requests and plans each step.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from tp_ollama.checkpoints.quantize import describe_precision, precision_line
+from tp_ollama.engine.batch import Batch, Planner
+from tp_ollama.engine.constraint import (
+    Constraint,
+    Grammar,
+    GrammarVocabulary,
+    LocalConstraint,
+    ShardedConstraint,
+    vocabulary_for,
+)
+from tp_ollama.engine.embed import embed_batch
+from tp_ollama.engine.options import check_prompt
+from tp_ollama.engine.paged_kv import BlockPool
+from tp_ollama.engine.protocol import (
+    ClusterFacts,
+    Embed,
+    Embedded,
+    Generate,
+    Load,
+    LoadInfo,
+    RankFacts,
+    Request,
+    decode_facts,
+    encode,
+)
+from tp_ollama.engine.sampler import Sampler
+from tp_ollama.engine.sharded_sampling import ShardedSampler
+from tp_ollama.errors import TpOllamaError
+from tp_ollama.kernels.linear import model_bytes
+from tp_ollama.parallel.facts import rank_facts
+from tp_ollama.parallel.layout import TPLayout
+from tp_ollama.parallel.plans import Comm
+from tp_ollama.parallel.preflight import link_preflight
+from tp_ollama.parallel.shard import load_shard, rank_device
+
+log = logging.getLogger(__name__)
+
+DEFAULT_KV_BYTES = 2 << 30
+
+
+@dataclass(frozen=True)
+class EngineJob:
+    """How an engine group runs, the same on every rank."""
+
+    socket_path: str = ""  # where rank 0 listens for the front end ("" for a driver in-process)
+    comm: str = "auto"
+    device: str = "cpu"
+    tp_weights: tuple[float, ...] | None = None
+    timeout_s: float = 120.0
+    max_running: int = 16  # sequences decoding together
+    # KV pool per rank; None sizes it for one sequence of the loaded num_ctx (a one-shot generate).
+    kv_cache_bytes: int | None = DEFAULT_KV_BYTES
+    prefix_cache: bool = True
+
+
+class EngineState:
+    """The loaded shard, its KV pool and the running batch; on rank 0 also the planner and the
+    grammars of structured requests."""
+
+    def __init__(self, job: EngineJob, comm: Comm) -> None:
+        self.job, self.comm = job, comm
+        self.model: nn.Module | None = None
+        self.layout: TPLayout | None = None
+        self.loaded: LoadInfo | None = None
+        self.batch: Batch | None = None
+        self.planner: Planner | None = None
+        self.vocabulary: GrammarVocabulary | None = None  # rank 0, built on the first structured request
+        self.grammars: dict[str, Grammar] = {}  # rank 0
+
+    # --- control commands (every rank) -----------------------------------------------------------
+
+    def load(self, cmd: Load) -> LoadInfo:
+        loaded = self.loaded
+        if loaded is not None and (loaded.path, loaded.dtype, loaded.num_ctx, loaded.quant) == (
+            cmd.path,
+            cmd.dtype,
+            cmd.num_ctx,
+            cmd.quant,
+        ):
+            return loaded
+        self.unload()
+        t0 = time.perf_counter()
+        job = self.job
+        model, layout, _ = load_shard(Path(cmd.path), self.comm, cmd.dtype, job.device, job.tp_weights, cmd.quant)
+        return self.attach(model, layout, cmd, t0)
+
+    def attach(self, model: nn.Module, layout: TPLayout, cmd: Load, t0: float | None = None) -> LoadInfo:
+        """Serve `model` (this rank's shard, as `cmd` describes it): its KV pool, batch and planner."""
+        t0 = time.perf_counter() if t0 is None else t0
+        job, comm = self.job, self.comm
+        pool = BlockPool.for_model(model, job.kv_cache_bytes, prefix_cache=job.prefix_cache, tokens=cmd.num_ctx)
+        # Block ids are shared by every rank's plan: each rank's pool must have as many as the smallest.
+        fewest = int(comm.all_gather(torch.tensor([pool.num_blocks], dtype=torch.int64)).min())
+        if fewest < pool.num_blocks:
+            pool = BlockPool.for_model(model, fewest * pool.bytes_per_block(), prefix_cache=job.prefix_cache)
+        self.model, self.layout = model, layout
+        self.batch = Batch(model, pool, sampler_for(layout, comm), self._constraint, comm)
+        if comm.rank == 0:
+            self.planner = Planner(pool, job.max_running)
+        precision = describe_precision(model)
+        warning = link_preflight(comm, model)
+        if warning is not None:
+            log.warning("%s", warning)
+        world = comm.world_size
+        self.loaded = LoadInfo(
+            path=cmd.path,
+            dtype=cmd.dtype,
+            num_ctx=cmd.num_ctx,
+            quant=cmd.quant,
+            world_size=world,
+            layout=[{**entry, "device": job.device} for entry in layout.describe()],
+            size_bytes=model_bytes(model) * world,
+            precision=precision,
+            load_seconds=time.perf_counter() - t0,
+            kv_blocks=pool.num_blocks,
+            kv_block_size=pool.block_size,
+        )
+        if comm.rank == 0:
+            heads = "/".join(str(b - a) for a, b in layout.q_heads)
+            log.info(
+                "loaded %s: TP %d (query heads %s), %s; KV cache %d blocks of %d tokens, %.0f MiB per rank; %.2f s",
+                cmd.path,
+                world,
+                heads,
+                precision_line(precision),
+                pool.num_blocks,
+                pool.block_size,
+                pool.num_blocks * pool.bytes_per_block() / 2**20,
+                self.loaded.load_seconds,
+            )
+        return self.loaded
+
+    def fit_kv(self, tokens: int) -> None:
+        """A pool sized by need (kv_cache_bytes None) grows to hold one sequence of `tokens` positions.
+        Every rank computes the same block count, so their plans stay interchangeable."""
+        batch, model, layout = self.batch, self.model, self.layout
+        if self.job.kv_cache_bytes is not None or batch is None or model is None or layout is None:
+            return
+        if batch.pool.blocks_for(tokens) <= batch.pool.num_blocks or batch.running:
+            return
+        pool = BlockPool.for_model(model, None, prefix_cache=self.job.prefix_cache, tokens=tokens)
+        self.batch = Batch(model, pool, sampler_for(layout, self.comm), self._constraint, self.comm)
+        if self.planner is not None:
+            self.planner = Planner(pool, self.job.max_running)
+
+    def unload(self) -> None:
+        self.model = self.layout = self.loaded = self.batch = self.planner = self.vocabulary = None
+        self.grammars.clear()
+
+    def embed(self, cmd: Embed) -> Embedded:
+        if self.model is None:
+            raise TpOllamaError("no model is loaded")
+        vectors = embed_batch(self.model, cmd.inputs)
+        return Embedded(cmd.id, vectors.tolist() if self.comm.rank == 0 else [])
+
+    def cluster(self, rid: str) -> ClusterFacts:
+        """Every rank's facts, collected on rank 0 (one small broadcast from each rank)."""
+        comm = self.comm
+        mine = encode(RankFacts(rank_facts(comm.rank, rank_device(self.job.device))))
+        ranks = [decode_facts(comm.broadcast_bytes(mine if r == comm.rank else None, src=r)).facts
+                 for r in range(comm.world_size)]  # fmt: skip
+        facts = ClusterFacts(rid, world_size=comm.world_size, ranks=ranks, as_of=time.time())
+        if self.batch is not None:
+            facts.kv_cache = dict(self.batch.pool.stats())
+            facts.running = len(self.batch.running)
+            facts.waiting = len(self.planner.waiting) if self.planner is not None else 0
+        return facts
+
+    # --- requests (rank 0) -----------------------------------------------------------------------
+
+    def admit(self, cmd: Generate) -> Request:
+        """Check a generate request and queue it; TpOllamaError (sent back to its caller) if it cannot run."""
+        if self.model is None or self.planner is None or self.batch is None or self.loaded is None:
+            raise TpOllamaError("no model is loaded")
+        check_prompt(len(cmd.prompt), cmd.options)
+        request = Request(cmd.id, list(cmd.prompt), cmd.options, cmd.eos, cmd.format is not None)
+        blocks = self.planner.need(request)
+        if blocks > self.batch.pool.num_blocks:
+            raise TpOllamaError(
+                f"the request needs {blocks} KV cache blocks ({request.options.num_ctx} tokens of num_ctx) "
+                f"but the cache holds {self.batch.pool.num_blocks}: "
+                "lower num_ctx or num_predict, or raise performance.caching.size"
+            )
+        if cmd.format is not None:
+            if self.vocabulary is None:
+                self.vocabulary = vocabulary_for(Path(self.loaded.path), self.batch.vocab)
+            self.grammars[request.id] = Grammar(self.vocabulary, cmd.format.kind, cmd.format.schema)
+        self.planner.waiting.append(request)
+        return request
+
+    def _constraint(self, request: Request) -> Constraint:
+        grammar = self.grammars.pop(request.id, None)
+        if self.comm.world_size == 1:
+            assert grammar is not None
+            return LocalConstraint(grammar)
+        assert self.layout is not None and self.batch is not None
+        span = self.layout.vocab[self.comm.rank]
+        return ShardedConstraint(grammar, span, self.batch.vocab, self.comm)
+
+    def busy(self) -> bool:
+        return self.batch is not None and bool(self.batch.running or (self.planner and self.planner.waiting))
+
+    def queued(self, rid: str) -> bool:
+        return self.planner is not None and any(r.id == rid for r in self.planner.waiting)
+
+    def running(self, rid: str) -> bool:
+        return self.batch is not None and rid in self.batch.running
+
+    def active_ids(self) -> list[str]:
+        """Running, then queued requests."""
+        running = list(self.batch.running) if self.batch is not None else []
+        return running + ([r.id for r in self.planner.waiting] if self.planner is not None else [])
+
+
+def sampler_for(layout: TPLayout, comm: Comm) -> Callable[..., Callable[[torch.Tensor, Sequence[int]], int]]:
+    """The sampler factory of a batch: candidates exchanged across ranks when there are several."""
+    if comm.world_size == 1:
+        return Sampler
+    return partial(ShardedSampler, span=layout.vocab[comm.rank], comm=comm)

@@ -1,0 +1,95 @@
+"""The ranks of a one-shot `generate --tp N` (tp_ollama.oneshot starts them). Every worker joins the
+group, loads its shard, then steps the engine's loop in lockstep (engine/direct.py), rank 0 deciding
+every step. Rank 0 also owns the text side (tokenizer, prompt, stop strings, output); the other ranks
+see token ids only."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from tp_ollama.client.format import stats as verbose_stats
+from tp_ollama.completion import final_metrics, text_pieces
+from tp_ollama.engine.direct import DirectEngine, GenerationStats
+from tp_ollama.engine.options import GenerationOptions
+from tp_ollama.engine.state import EngineJob
+from tp_ollama.errors import TpOllamaError
+from tp_ollama.launch import REPORTED_EXIT
+from tp_ollama.logs import setup_logging
+from tp_ollama.parallel.comm import init_distributed, make_comm
+from tp_ollama.parallel.shard import local_threads
+from tp_ollama.store.embedded import resolve_model
+from tp_ollama.text.prompt import prompt_tokens, tokenizer_at
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class WorkerJob:
+    """Everything a rank needs, passed through torchrun's launcher (must pickle)."""
+
+    model: str
+    dtype: str = "float32"
+    quant: str = "none"
+    tp_weights: tuple[float, ...] | None = None
+    comm: str = "auto"
+    device: str = "cpu"  # "cpu" or "cuda[:FIRST]" (see rank_device)
+    timeout_s: float = 120.0
+    prompt: str = ""
+    chat: bool = False
+    system: str | None = None
+    options: GenerationOptions = field(default_factory=GenerationOptions)
+    debug: bool = False
+    verbose: bool = False
+
+
+def worker_main(job: WorkerJob) -> None:
+    """torchrun entry point for one rank."""
+    setup_logging(debug=job.debug)
+    rank = int(os.environ.get("RANK", "0"))
+    try:
+        _run(job)
+    except TpOllamaError as e:
+        if job.debug:
+            raise
+        # One line per node (ranks of a node fail alike), then an exit code that tells the
+        # launcher the user has been told.
+        if int(os.environ.get("LOCAL_RANK", "0")) == 0:
+            print(f"Error: {e}" if rank == 0 else f"Error (rank {rank}): {e}", file=sys.stderr, flush=True)
+        raise SystemExit(REPORTED_EXIT) from None
+
+
+def _run(job: WorkerJob) -> None:
+    torch.set_num_threads(local_threads(int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
+    init_distributed("nccl" if job.comm == "nccl" else "gloo", job.timeout_s)
+    comm = make_comm(job.comm, job.timeout_s)
+    rank = comm.rank
+    t0 = time.perf_counter()
+    path = resolve_model(job.model)
+    engine = DirectEngine(EngineJob(comm=job.comm, device=job.device, tp_weights=job.tp_weights,
+                                    timeout_s=job.timeout_s, kv_cache_bytes=None), comm)  # fmt: skip
+    try:
+        engine.load(str(path), job.dtype, job.options.num_ctx, job.quant)
+        load_s = time.perf_counter() - t0
+        if rank != 0:
+            engine.follow()  # rank 0 drives every step and ends the loop
+            return
+        try:
+            tokenizer = tokenizer_at(path)
+            ids = prompt_tokens(tokenizer, job.prompt, chat=job.chat, system=job.system)
+            stats = GenerationStats()
+            tokens = engine.generate(ids, job.options, tokenizer.eos_ids, stats=stats)
+            for piece in text_pieces(tokenizer, tokens, job.options.stop, stats):
+                sys.stdout.write(piece)
+                sys.stdout.flush()
+        finally:
+            engine.close()
+        if job.verbose:
+            sys.stderr.write("\n" + verbose_stats(final_metrics(stats, load_s, time.perf_counter() - t0)) + "\n")
+    finally:
+        comm.close()

@@ -1,0 +1,70 @@
+"""A rank's part of the model: where it runs, how many threads it takes, and its shard of the
+checkpoint (validated against the layout before any weight is read)."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from functools import partial
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from tp_ollama.checkpoints.base import Checkpoint
+from tp_ollama.checkpoints.loader import load_model, open_checkpoint, resolve_dtype
+from tp_ollama.parallel.comm import check_comm_kind
+from tp_ollama.parallel.layout import TPLayout
+from tp_ollama.parallel.plans import Comm, apply_tp
+from tp_ollama.store.embedded import resolve_model
+
+
+def local_threads(local_world: int) -> int:
+    """Ranks on one host share its cores: each gets an equal part so that OpenMP threads don't spin
+    against each other. OMP_NUM_THREADS, when set, wins (e.g. several "nodes" on one machine)."""
+    if os.environ.get("OMP_NUM_THREADS", "").isdigit():
+        return max(1, int(os.environ["OMP_NUM_THREADS"]))
+    return max(1, (os.cpu_count() or 1) // max(1, local_world))
+
+
+def preflight(model: str, world_size: int, weights: tuple[float, ...] | None, comm: str) -> None:
+    """Check the model, the layout and the communicator before any process starts (metadata only)."""
+    check_comm_kind(comm)
+    ckpt = open_checkpoint(resolve_model(model))
+    try:
+        TPLayout.build(ckpt.config, world_size, weights)
+    finally:
+        ckpt.close()
+
+
+def rank_device(kind: str) -> torch.device:
+    """cpu; or for `cuda[:FIRST]` GPU (FIRST + LOCAL_RANK) % count: a node's ranks take consecutive
+    GPUs from FIRST (replicas start where the one before ended), sharing them round-robin."""
+    if kind == "cuda" or kind.startswith("cuda:"):
+        first = int(kind.partition(":")[2] or 0)
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        return torch.device("cuda", (first + local) % torch.cuda.device_count())
+    return torch.device(kind)
+
+
+def load_shard(
+    path: Path,
+    comm: Comm,
+    dtype: str,
+    device: str = "cpu",
+    weights: Sequence[float] | None = None,
+    quant: str = "none",
+) -> tuple[nn.Module, TPLayout, Checkpoint]:
+    """This rank's part of the model: the layout is validated from the config first, then only this
+    rank's slices are read. A group of one loads the plain model, with no collectives on its path.
+    Returns (model, layout, checkpoint)."""
+    ckpt = open_checkpoint(path)
+    layout = TPLayout.build(ckpt.config, comm.world_size, weights)
+    shard = None
+    if comm.world_size > 1:
+        from torch.distributed.device_mesh import init_device_mesh
+
+        mesh = init_device_mesh("cpu", (comm.world_size,))
+        shard = partial(apply_tp, layout=layout, comm=comm, device_mesh=mesh)
+    where = rank_device(device)
+    return load_model(ckpt, resolve_dtype(dtype, where), where, shard=shard, quant=quant), layout, ckpt
