@@ -113,7 +113,8 @@ def generate(
         if sys.stdout.isatty():  # keep the shell prompt off the last line; pipes get the text exactly
             sys.stdout.write("\n")
 
-    run_reporting_errors(debug, body, log_level)
+    # Like `ollama run`, the answer alone unless a level is asked for: warnings and errors only.
+    run_reporting_errors(debug, body, log_level, default_level="warning")
 
 
 @app.command()

@@ -12,15 +12,18 @@ import typer
 T = TypeVar("T")
 
 
-def run_reporting_errors(debug: bool, fn: Callable[[], T], log_level: str | None = None) -> T:
+def run_reporting_errors(
+    debug: bool, fn: Callable[[], T], log_level: str | None = None, default_level: str = "info"
+) -> T:
     """Run a command body; a user-facing error becomes one line on stderr and exit status 1. `debug`
-    shows tracebacks; `log_level` (--log-level) is resolved with `debug` by tp_ollama.logs."""
+    shows tracebacks; `log_level` (--log-level) is resolved with `debug` by tp_ollama.logs, and
+    `default_level` applies when nothing asks for one."""
     from tp_ollama.errors import TpOllamaError
     from tp_ollama.launch import ReportedError
     from tp_ollama.logs import setup_logging
 
     try:
-        if setup_logging(log_level, debug) != "debug":
+        if setup_logging(log_level, debug, default_level) != "debug":
             # torchrun's agent and c10d log every worker exit and store shutdown at WARNING/ERROR;
             # our error line says what matters once. Set before torch.distributed is imported.
             os.environ.setdefault("LOGLEVEL", "CRITICAL")

@@ -66,7 +66,7 @@ def stream_text(
 
 
 def final_metrics(stats: GenerationStats, load_s: float, total_s: float) -> dict[str, int]:
-    """A generation's figures as Ollama's final chunk names them (client_cli.stats prints them)."""
+    """A generation's figures as Ollama's final chunk names them (client.format.stats prints them)."""
     return {
         "total_duration": int(total_s * 1e9),
         "load_duration": int(load_s * 1e9),

@@ -28,12 +28,12 @@ NOISY = ("httpx", "httpcore", "uvicorn.access")
 LEVEL_NAMES = {logging.DEBUG: "DEBUG", logging.INFO: "INFO", logging.WARNING: "WARN", logging.ERROR: "ERROR"}
 
 
-def resolve_level(level: str | None, debug: bool, environ: Mapping[str, str]) -> str:
+def resolve_level(level: str | None, debug: bool, environ: Mapping[str, str], default: str = "info") -> str:
     """The level name (a key of LEVELS) for these flags and this environment."""
-    return _resolve(level, debug, environ)[0]
+    return _resolve(level, debug, environ, default)[0]
 
 
-def _resolve(level: str | None, debug: bool, environ: Mapping[str, str]) -> tuple[str, str]:
+def _resolve(level: str | None, debug: bool, environ: Mapping[str, str], default: str) -> tuple[str, str]:
     """(the level name, where it came from)."""
     if level is not None:
         return _checked(level, "--log-level"), "--log-level"
@@ -41,7 +41,7 @@ def _resolve(level: str | None, debug: bool, environ: Mapping[str, str]) -> tupl
         return _checked(environ[LEVEL_ENV], LEVEL_ENV), LEVEL_ENV
     if _ollama_debug(environ.get("OLLAMA_DEBUG", "")):
         return "debug", "OLLAMA_DEBUG"
-    return ("debug", "--debug") if debug else ("info", "the default")
+    return ("debug", "--debug") if debug else (_checked(default, "the default level"), "the default")
 
 
 def _checked(value: str, where: str) -> str:
@@ -89,10 +89,11 @@ class StderrHandler(logging.StreamHandler[TextIO]):
         super().emit(record)
 
 
-def setup_logging(level: str | None = None, debug: bool = False) -> str:
+def setup_logging(level: str | None = None, debug: bool = False, default: str = "info") -> str:
     """Configure the root logger once (calling again only changes the level); the resolved level name,
-    also left in os.environ[TP_OLLAMA_LOG_LEVEL] for child processes."""
-    name, source = _resolve(level, debug, os.environ)
+    also left in os.environ[TP_OLLAMA_LOG_LEVEL] for child processes. `default` applies when nothing
+    asks for a level (a one-shot command that prints only its answer passes "warning")."""
+    name, source = _resolve(level, debug, os.environ, default)
     root = logging.getLogger()
     handler = next((h for h in root.handlers if isinstance(h, StderrHandler)), None)
     if handler is None:

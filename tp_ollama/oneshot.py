@@ -6,7 +6,11 @@ from __future__ import annotations
 import sys
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # types only: a one-shot starts its text side before importing torch
+    from tp_ollama.engine.options import GenerationOptions
+    from tp_ollama.launch import Cluster
 
 
 @dataclass(frozen=True)
@@ -17,14 +21,14 @@ class Prompting:
     prompt: str
     chat: bool
     system: str | None
-    options: Any  # GenerationOptions
+    options: GenerationOptions
     dtype: str
     device: str = "cpu"
     quant: str = "none"
     verbose: bool = False  # timings on stderr afterwards, as `ollama run --verbose` prints them
 
 
-def sampling_options(**kw: Any) -> Any:
+def sampling_options(**kw: Any) -> GenerationOptions:
     from tp_ollama.engine.options import GenerationOptions, SamplingOptions
 
     sampling = {k: kw.pop(k) for k in list(kw) if k in SamplingOptions.__dataclass_fields__}
@@ -65,7 +69,7 @@ def generate_in_process(req: Prompting) -> None:
         sys.stderr.write("\n" + verbose_stats(final_metrics(stats, load_s, time.perf_counter() - t0)) + "\n")
 
 
-def generate_on_ranks(req: Prompting, cluster: Any, weights: str | None, comm: str, debug: bool) -> None:
+def generate_on_ranks(req: Prompting, cluster: Cluster, weights: str | None, comm: str, debug: bool) -> None:
     from tp_ollama.launch import parse_weights, run_workers
     from tp_ollama.oneshot_ranks import WorkerJob, worker_main
     from tp_ollama.parallel.shard import preflight

@@ -80,10 +80,13 @@ def master_ports(settings: Any) -> list[int]:
             probe.close()
 
 
-async def serve(engines: list[Any], app: Any, settings: Any, log_level: str = "warning") -> None:
+async def serve(engines: list[Any], app: Any, settings: Any) -> None:
     import uvicorn
 
-    server = uvicorn.Server(uvicorn.Config(app, host=settings.api.host, port=settings.api.port, log_level=log_level))
+    # uvicorn's loggers go through ours (tp_ollama.logs): its own config would add a second format
+    # and reset the levels, the access log among them (every request at INFO).
+    config = uvicorn.Config(app, host=settings.api.host, port=settings.api.port, log_config=None, log_level=None)
+    server = uvicorn.Server(config)
     try:
         await server.serve()
     finally:
@@ -104,7 +107,7 @@ def run(settings: Any, debug: bool = False) -> None:
         log.warning("%s", note)
     engines, app = build(settings)
     try:
-        asyncio.run(serve(engines, app, settings, "debug" if debug else "warning"))
+        asyncio.run(serve(engines, app, settings))
     finally:
         for engine in engines:
             engine.terminate(grace_s=20)  # whatever happened above, no rank outlives the front end
