@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from tests.test_embedded_models import GEMMA_PROMPTS, SMOL_CHATS, SMOL_PROMPTS
+from tests.waits import wait_until
 from tp_ollama.completion import load, stream_text
 from tp_ollama.engine.options import GenerationOptions, SamplingOptions
 from tp_ollama.launch import free_port
@@ -121,7 +122,6 @@ def test_a_node_that_never_joins_times_out_cleanly():
 def test_two_nodes_serve_the_ollama_api(tmp_path):
     """launch without a prompt: node 0 serves HTTP over a group whose ranks span both nodes."""
     import signal
-    import time
 
     import httpx
     import ollama
@@ -134,15 +134,17 @@ def test_two_nodes_serve_the_ollama_api(tmp_path):
         node1 = subprocess.Popen([*common, "--node-rank", "1"], env=env, stderr=sink)
     node0 = subprocess.Popen([*common, "--node-rank", "0", "--port", str(http_port)], env=env)
     url = f"http://127.0.0.1:{http_port}"
+
+    def answers() -> bool:  # another process: its socket answering is the readiness signal
+        try:
+            httpx.get(url, timeout=1)
+            return True
+        except httpx.TransportError:
+            assert node0.poll() is None, "node 0 exited before it served"
+            return False
+
     try:
-        deadline = time.monotonic() + 120
-        while True:  # another process: its socket answering is the readiness signal
-            try:
-                httpx.get(url, timeout=1)
-                break
-            except httpx.TransportError:
-                assert node0.poll() is None and time.monotonic() < deadline
-                time.sleep(0.1)
+        wait_until(answers, 120, what="node 0 serving HTTP")
         with ollama.Client(host=url) as client:
             reply = client.chat(
                 model="smollm2:135m",
