@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 import torch
 
-from tp_ollama.engine.options import GenerationOptions, SamplingOptions
+from tp_ollama.engine.options import SamplingOptions
 from tp_ollama.engine.sampler import (
     Sampler,
     apply_penalties,
@@ -18,7 +18,6 @@ from tp_ollama.engine.sampler import (
     top_p,
     typical_p,
 )
-from tp_ollama.errors import RequestError
 from tp_ollama.kernels import native
 
 # Every truncation knob off: the draw is from softmax(logits / temperature).
@@ -233,39 +232,3 @@ def test_logits_of_the_wrong_shape_are_rejected() -> None:
 
 
 # --- option validation ---------------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize(
-    ("name", "value"),
-    [
-        ("temperature", -0.1),
-        ("temperature", math.nan),
-        ("top_k", -1),
-        ("top_p", 1.5),
-        ("min_p", -0.1),
-        ("typical_p", 0.0),
-        ("repeat_penalty", 0.0),
-        ("repeat_last_n", -2),
-        ("presence_penalty", math.inf),
-    ],
-)
-def test_invalid_sampling_options_name_the_option(name: str, value: float) -> None:
-    kwargs: dict[str, Any] = {name: value}
-    with pytest.raises(RequestError, match=f"option {name}="):
-        SamplingOptions(**kwargs)
-
-
-@pytest.mark.parametrize(
-    ("name", "value"), [("temperature", "hot"), ("top_k", True), ("num_ctx", "big"), ("seed", math.inf)]
-)
-def test_non_numeric_ollama_options_name_the_option(name: str, value: object) -> None:
-    with pytest.raises(RequestError, match=f"option {name}="):
-        GenerationOptions.from_ollama({name: value})
-
-
-def test_json_numbers_are_coerced_for_int_options() -> None:
-    options = GenerationOptions.from_ollama({"top_k": 40.0, "seed": 3.0, "temperature": 1, "num_ctx": 2048.0})
-    assert options.sampling.top_k == 40 and isinstance(options.sampling.top_k, int)
-    assert options.sampling.seed == 3 and isinstance(options.sampling.seed, int)
-    assert options.sampling.temperature == 1.0
-    assert options.num_ctx == 2048 and isinstance(options.num_ctx, int)
