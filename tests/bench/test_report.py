@@ -1,5 +1,5 @@
-"""tp_ollama.bench.report: the schema accepts what the bench commands write and names the path of every kind
-of mistake; statistics, ratios, markdown, plots, files and the progress lines, on reports built by hand."""
+"""tp_ollama.bench.report: statistics, ratios, markdown, files and the progress lines, on reports built by hand
+(the schema's checks: test_schema.py; the charts: test_plots.py)."""
 
 from __future__ import annotations
 
@@ -9,194 +9,13 @@ import json
 import math
 import sys
 from pathlib import Path
-from typing import Any
 
-import jsonschema
 import numpy as np
 import pytest
 
+from tests.bench.reports import compare_report, decode_report, serve_report
 from tp_ollama.bench import report as rp
-from tp_ollama.bench import schema
-from tp_ollama.errors import ConfigError, TpOllamaError
-
-PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
-
-
-def _report(kind: str) -> dict[str, Any]:
-    report = rp.new_report(kind, {"rounds": 3, "model": "tiny"}, argv=["tp-ollama", "bench", kind])
-    report["machine"]["read_bandwidth_gbs"] = 20.0
-    return report
-
-
-def decode_report() -> dict[str, Any]:
-    report = _report("decode")
-    for tp, tok_s in ((1, 40.0), (2, 70.0)):
-        rp.add_result(
-            report, "tp-ollama", {"tp": tp, "dtype": "bf16", "gen_tokens": 64}, rounds=3,
-            decode_tok_s=tok_s, decode_tok_s_rounds=[tok_s - 1, tok_s, tok_s + 1], prompt_tok_s=10 * tok_s,
-            load_s=1.5, peak_rss_mb=[512.0] * tp,
-            bandwidth={"bytes_per_token": [100_000_000 // tp] * tp, "achieved_gbs": [4.0] * tp, "fraction": [0.2] * tp},
-            per_token_ms={"compute": 20.0 / tp, "communication": 1.0 * (tp - 1), "total": 1000 / tok_s},
-            predicted_ms_per_token=1000 / tok_s * 1.1, measured_ms_per_token=1000 / tok_s, prediction_error=0.1,
-            extra={"threads": 2},
-        )  # fmt: skip
-    return report
-
-
-def serve_report() -> dict[str, Any]:
-    report = _report("serve")
-    for target, speed in (("tp-ollama", 1.0), ("llama-server", 1.25)):
-        for concurrency in (1, 2, 4):
-            rp.add_result(
-                report, target, {"concurrency": concurrency, "gen_tokens": 32},
-                ttft_s=rp.summarize([0.1 * concurrency / speed, 0.2 * concurrency / speed]),
-                itl_s=rp.summarize([0.02 * concurrency / speed] * 5), request_s=rp.summarize([1.0, 2.0]),
-                aggregate_tok_s=30.0 * concurrency * speed, requests={"ok": 8, "errors": 0, "timeouts": 0},
-                error_samples=[], cold_start_s=None,
-            )  # fmt: skip
-    return report
-
-
-def compare_report() -> dict[str, Any]:
-    report = _report("compare")
-    report["link"] = {"latency_us": 50.0, "bandwidth_gbs": 1.2, "method": "ping-pong",
-                      "configured": {"delay_us": 50}}  # fmt: skip
-    for target, tok_s in (("tp-ollama", 30.0), ("ollama", 40.0), ("llama.cpp", 50.0)):
-        rp.add_result(report, target, {"quant": "q4_k_m"}, decode_tok_s=tok_s, ttft_s=rp.summarize([tok_s / 100]))
-    rp.pairwise_ratios(report, ["decode_tok_s", "ttft_s"])
-    report["notes"].append("vllm skipped: not installed")
-    return report
-
-
-def collectives_report() -> dict[str, Any]:
-    report = _report("collectives")
-    for backend in ("fastcomm", "gloo"):
-        for op in ("all_reduce", "all_gather"):
-            for size in (1024, 65536, 1 << 20):
-                latency = (20.0 if backend == "fastcomm" else 60.0) * (2 if op == "all_gather" else 1) + size / 5000
-                rp.add_result(
-                    report, backend, {"op": op, "bytes": size, "ranks": 2}, rounds=20,
-                    latency_us=rp.summarize([latency, latency * 1.1, latency * 1.5]),
-                    bandwidth_gbs=size / latency / 1e3,
-                )  # fmt: skip
-    return report
-
-
-REPORTS = {"decode": decode_report, "serve": serve_report, "compare": compare_report, "collectives": collectives_report}
-
-
-@pytest.fixture(params=[False, True], ids=["jsonschema", "by-hand"])
-def by_hand(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> bool:
-    """Run a validation test with jsonschema and again with the checks validate does without it."""
-    if request.param:
-        monkeypatch.setattr(schema, "_load_jsonschema", lambda: None)
-    return bool(request.param)
-
-
-def test_schema_is_a_valid_draft_2020_12_schema_documented_field_by_field() -> None:
-    jsonschema.Draft202012Validator.check_schema(rp.SCHEMA)
-    assert json.loads(json.dumps(rp.SCHEMA, indent=2)) == rp.SCHEMA  # `tp-ollama bench schema` prints it
-    assert rp.SCHEMA["$schema"].endswith("2020-12/schema")
-
-    def undocumented(schema: dict[str, Any], path: str) -> list[str]:
-        missing = [path] if "description" not in schema and "$ref" not in schema else []
-        for key, sub in schema.get("properties", {}).items():
-            missing += [*undocumented(sub, f"{path}.{key}")]
-        return missing
-
-    defs = rp.SCHEMA["$defs"]
-    assert undocumented(rp.SCHEMA, "report") + [p for name, d in defs.items() for p in undocumented(d, name)] == []
-    assert all("description" in schema for schema in rp.SCHEMA["$defs"]["Result"]["properties"].values())
-
-
-@pytest.mark.parametrize("kind", REPORTS)
-def test_a_full_report_of_each_kind_is_valid(kind: str, by_hand: bool) -> None:
-    report = REPORTS[kind]()
-    rp.validate(report)
-    jsonschema.validate(report, rp.SCHEMA, cls=jsonschema.Draft202012Validator)
-    assert report["kind"] == kind and report["command"] == ["tp-ollama", "bench", kind]
-
-
-def _break(report: dict[str, Any], change: str) -> None:
-    if change == "missing target":
-        del report["results"][1]["target"]
-    elif change == "missing top-level key":
-        del report["notes"]
-    elif change == "rounds as text":
-        report["results"][0]["rounds"] = "3"
-    elif change == "bool as a number":
-        report["results"][1]["aggregate_tok_s"] = True
-    elif change == "unknown metric":
-        report["results"][2]["tokens_per_s"] = 1.0
-    elif change == "NaN":
-        report["results"][2]["ttft_s"]["p50"] = math.nan
-    elif change == "inf in settings":
-        report["settings"]["deadline"] = math.inf
-    elif change == "Summary without n":
-        del report["results"][2]["itl_s"]["n"]
-    elif change == "Summary p50 as text":
-        report["results"][2]["ttft_s"]["p50"] = "fast"
-    elif change == "Summary with extra key":
-        report["results"][2]["ttft_s"]["p90"] = 1.0
-    elif change == "Summary figures with n 0":
-        report["results"][2]["ttft_s"]["n"] = 0
-    elif change == "Summary p50 above p99":
-        report["results"][2]["ttft_s"]["p50"] = 9.0
-    elif change == "negative count":
-        report["results"][3]["requests"]["errors"] = -1
-    elif change == "unknown kind":
-        report["kind"] = "bogus"
-    elif change == "machine without torch":
-        del report["machine"]["torch"]
-    elif change == "tuple instead of list":
-        report["results"][0]["error_samples"] = ("boom",)
-    else:
-        raise AssertionError(change)
-
-
-MISTAKES = {
-    "missing target": ("results[1].target", "missing"),
-    "missing top-level key": ("notes", "missing"),
-    "rounds as text": ("results[0].rounds", "expected integer"),
-    "bool as a number": ("results[1].aggregate_tok_s", "expected number or null"),
-    "unknown metric": ("results[2].tokens_per_s", "unknown key; expected one of: target, config, rounds, decode_tok_s"),
-    "NaN": ("results[2].ttft_s.p50", "finite number"),
-    "inf in settings": ("settings.deadline", "finite number"),
-    "Summary without n": ("results[2].itl_s.n", "missing"),
-    "Summary p50 as text": ("results[2].ttft_s.p50", 'expected number or null, got "fast" (str)'),
-    "Summary with extra key": ("results[2].ttft_s.p90", "unknown key; expected one of: p50, p99, mean, n"),
-    "Summary figures with n 0": ("results[2].ttft_s", "n is 0"),
-    "Summary p50 above p99": ("results[2].ttft_s", "p50 9.0 exceeds p99"),
-    "negative count": ("results[3].requests.errors", "expected a number >= 0, got -1"),
-    "unknown kind": ("kind", "expected one of decode, serve, compare, collectives"),
-    "machine without torch": ("machine.torch", "missing"),
-    "tuple instead of list": ("results[0].error_samples", "expected array or null"),
-}
-
-
-@pytest.mark.parametrize("change", MISTAKES)
-def test_each_mistake_is_rejected_naming_its_path(change: str, by_hand: bool) -> None:
-    report = serve_report()
-    _break(report, change)
-    path, expected = MISTAKES[change]
-    with pytest.raises(rp.ReportError, match="invalid bench report") as caught:
-        rp.validate(report)
-    assert f" at {path}: " in str(caught.value)
-    assert expected in str(caught.value)
-    assert isinstance(caught.value, TpOllamaError)
-
-
-def test_more_problems_are_counted(by_hand: bool) -> None:
-    report = serve_report()
-    report["results"][0]["rounds"] = "1"
-    report["results"][1]["rounds"] = "1"
-    with pytest.raises(rp.ReportError, match=r"at results\[0\]\.rounds: .*\(and 1 more problems\)"):
-        rp.validate(report)
-
-
-def test_a_report_that_is_not_an_object_is_rejected(by_hand: bool) -> None:
-    with pytest.raises(rp.ReportError, match=r"at report: expected object, got \[\] \(list\)"):
-        rp.validate([])  # type: ignore[arg-type]
+from tp_ollama.errors import ConfigError
 
 
 @pytest.mark.parametrize("n", [1, 2, 7, 100])
@@ -301,41 +120,6 @@ def test_markdown_splits_tables_by_config_keys() -> None:
     assert "| target | quant | decode tok/s |\n|---|---|---|\n| ollama | q4_0 | 55.6 |" in text
     assert "| tp-ollama | 2 | bf16 | 64 | 70.0 | 700.0 | 1.50 | 512 / 512 | 4.0 / 4.0 (20% / 20%) |" in text
     assert "| 10.00 / 1.00 / 14.29 | 15.71 | 14.29 | +10.0% |" in text  # ms/token split, predicted, measured
-
-
-def _pngs(paths: list[Path]) -> dict[str, bytes]:
-    return {path.name: path.read_bytes() for path in paths}
-
-
-@pytest.mark.parametrize(
-    ("kind", "charts"),
-    [
-        ("serve", ["throughput", "latency"]),
-        ("decode", ["decode", "prediction"]),
-        ("collectives", ["collectives"]),
-        ("compare", ["decode"]),
-    ],
-)
-def test_plot_writes_the_charts_the_results_hold(kind: str, charts: list[str], tmp_path: Path) -> None:
-    paths = rp.plot(REPORTS[kind](), tmp_path / "out" / "run")
-    assert paths == [tmp_path / "out" / f"run-{chart}.png" for chart in charts]
-    for name, data in _pngs(paths).items():
-        assert data.startswith(PNG_MAGIC) and len(data) > 5000, name
-
-
-def test_plot_of_nothing_plottable_writes_nothing(tmp_path: Path) -> None:
-    report = rp.new_report("decode", {}, argv=[])
-    rp.add_result(report, "x", {}, load_s=1.0)
-    assert rp.plot(report, tmp_path / "run") == []
-    assert list(tmp_path.iterdir()) == []
-
-
-def test_plot_without_matplotlib_says_how_to_install(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    for name in [name for name in sys.modules if name == "matplotlib" or name.startswith("matplotlib.")]:
-        monkeypatch.setitem(sys.modules, name, None)
-    monkeypatch.setitem(sys.modules, "matplotlib", None)
-    with pytest.raises(ConfigError, match="pip install matplotlib"):
-        rp.plot(serve_report(), tmp_path / "run")
 
 
 def test_write_round_trips(tmp_path: Path) -> None:
