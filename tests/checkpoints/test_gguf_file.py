@@ -93,18 +93,6 @@ def test_read_matches_gguf_dequantize_whole_and_sliced(
         assert torch.equal(f.read(name, rows=(5, 6), dtype=torch.bfloat16), full[5:6].bfloat16())
 
 
-@pytest.mark.parametrize("random_bytes", [False, True])
-def test_dequantize_accepts_strided_blocks(random_bytes: bool) -> None:
-    # A column slice of a row-major tensor reaches the kernels as a strided (rows, blocks, ts) view;
-    # random bytes reach bit patterns (all high bits, extreme nibbles) that quantize rarely makes.
-    for ggml_type in QUANTIZABLE + RANDOM_BLOCKS:
-        raw = raw_tensor(ggml_type, (4, COLS), seed=7, random_bytes=random_bytes)
-        block_size, type_size = gguf_quants.block_layout(ggml_type)
-        blocks = torch.from_numpy(raw.view(np.uint8).copy()).unflatten(-1, (-1, type_size))[:, 1:]
-        out = gguf_quants.dequantize(blocks, ggml_type).flatten(-2)
-        assert torch.equal(out, reference(raw, ggml_type)[:, block_size:]), ggml_type
-
-
 def test_one_and_three_dim_tensors(tmp_path: Path) -> None:
     norm = raw_tensor("F32", (640,))
     vec = raw_tensor("Q8_0", (256,))

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from tests.tiny import make_hf_model, prompt_ids, save_hf, write_gguf
-from tp_ollama.checkpoints.loader import load_model, open_checkpoint, resolve_dtype
+from tp_ollama.checkpoints.loader import load_model, open_checkpoint
 from tp_ollama.checkpoints.quantize import describe_precision, packing_for
 from tp_ollama.engine.kv_cache import KVCache
 from tp_ollama.errors import ConfigError
@@ -107,8 +107,3 @@ def test_unknown_quant_mode_is_refused(tmp_path):
     ckpt = open_checkpoint(save_hf(make_hf_model("llama"), tmp_path))
     with pytest.raises(ConfigError, match=r"quant 'int3' is not supported; expected one of none, int8, int4, auto"):
         load_model(ckpt, torch.float32, quant="int3")
-
-
-def test_auto_dtype_resolves_to_a_real_dtype():
-    assert resolve_dtype("auto", "cpu") in (torch.bfloat16, torch.float32)
-    assert resolve_dtype("float32", "cpu") is torch.float32
