@@ -13,6 +13,16 @@ CHECKLIST_ITEMS = range(1, 26)
 _NAME = re.compile(r"test_checklist_((?:\d\d_)+)")
 
 
+@pytest.fixture(autouse=True)
+def _no_inherited_log_level(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each test starts as a fresh shell would: setup_logging() writes the level it resolved into the
+    environment for child processes, and a level left there by an earlier test would win over the
+    flags and OLLAMA_DEBUG of the next one's subprocesses."""
+    from tp_ollama.logs import LEVEL_ENV
+
+    monkeypatch.delenv(LEVEL_ENV, raising=False)
+
+
 def checklist_items(test_name: str) -> list[int]:
     match = _NAME.match(test_name)
     return [int(n) for n in match.group(1).strip("_").split("_")] if match else []
