@@ -1,5 +1,5 @@
-"""TP=2, 3 and 4 (and uneven weights) against the unsharded model, position by position, with real
-torchrun workers on CPU."""
+"""tp_ollama.parallel.plans applied by real torchrun workers on CPU: TP=2, 3 and 4 (and uneven weights) against
+the unsharded model, position by position."""
 
 from __future__ import annotations
 

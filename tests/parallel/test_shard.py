@@ -1,0 +1,62 @@
+"""tp_ollama.parallel.shard: a rank's threads and device, the pre-flight check of a model's layout before any
+process starts, and a group of one loading the plain model (shards of several ranks: test_plans.py)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.tiny import make_hf_model, save_hf
+from tp_ollama.checkpoints.loader import load_model, open_checkpoint
+from tp_ollama.errors import ConfigError
+from tp_ollama.parallel.comm import SoloComm
+from tp_ollama.parallel.shard import load_shard, local_threads, preflight, rank_device
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny llama: 4 query heads, 2 KV heads."""
+    return save_hf(make_hf_model("llama"), tmp_path_factory.mktemp("tiny-llama"))
+
+
+def test_ranks_on_one_host_share_its_cores_unless_omp_num_threads_says(monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    cores = os.cpu_count() or 1
+    assert local_threads(1) == cores
+    assert local_threads(2) == max(1, cores // 2)
+    assert local_threads(4 * cores) == 1
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    assert local_threads(8) == 3
+    monkeypatch.setenv("OMP_NUM_THREADS", "0")
+    assert local_threads(8) == 1
+    monkeypatch.setenv("OMP_NUM_THREADS", "many")
+    assert local_threads(1) == cores
+
+
+def test_a_cpu_rank_runs_on_the_cpu():
+    assert rank_device("cpu") == torch.device("cpu")
+
+
+def test_preflight_checks_the_communicator_and_the_layout_from_the_config(checkpoint: Path):
+    preflight(str(checkpoint), 2, None, "auto")
+    preflight(str(checkpoint), 3, (2.0, 1.0, 1.0), "gloo")
+    with pytest.raises(ConfigError, match="communicator 'mpi' is not supported"):
+        preflight(str(checkpoint), 2, None, "mpi")
+    with pytest.raises(ConfigError, match="tensor-parallel degree 5 exceeds the model's 4 attention heads"):
+        preflight(str(checkpoint), 5, None, "auto")
+    with pytest.raises(ConfigError, match="--tp-weights has 3 values"):
+        preflight(str(checkpoint), 2, (1.0, 1.0, 1.0), "auto")
+
+
+def test_a_group_of_one_loads_the_whole_model(checkpoint: Path):
+    model, layout, ckpt = load_shard(checkpoint, SoloComm(), "float32")
+    whole = load_model(open_checkpoint(checkpoint), torch.float32)
+    assert ckpt.path == checkpoint and ckpt.format == "safetensors"
+    assert layout.world_size == 1
+    shard, full = dict(model.named_parameters()), dict(whole.named_parameters())
+    assert shard.keys() == full.keys()
+    assert all(torch.equal(shard[name], full[name]) for name in full)
+    assert not any(module._forward_hooks for module in model.modules())  # no collectives on its path
