@@ -1,5 +1,5 @@
 """POST /api/pull and /api/push (checklist item 20) through the official ollama client and raw HTTP,
-against the real server over a temporary ModelStore that test_store_api.py builds. There is no
+against the real server over a temporary ModelStore that test_store_routes.py builds. There is no
 registry client yet: a pull of a local name reports its layers complete, anything else is an error
 that names the model."""
 
@@ -11,12 +11,12 @@ import httpx
 import ollama
 import pytest
 
-from tests.server import test_store_api
+from tests.server import test_store_routes
 from tests.server.conftest import SMOL
-from tests.server.test_store_api import StoreServer, ndjson
+from tests.server.test_store_routes import StoreServer, ndjson
 
-# The fixtures of test_store_api.py: a live server over a temporary store (one for this module).
-store_server, client, http = test_store_api.store_server, test_store_api.client, test_store_api.http
+# The fixtures of test_store_routes.py: a live server over a temporary store (one for this module).
+store_server, client, http = test_store_routes.store_server, test_store_routes.client, test_store_routes.http
 
 PULL_TAIL = ["verifying sha256 digest", "writing manifest", "success"]
 

@@ -270,19 +270,3 @@ def test_sigint_stops_the_front_end_and_every_replicas_processes(two_replicas):
     assert proc.wait(timeout=60) is not None
     _, alive = psutil.wait_procs(children, timeout=30)
     assert alive == []
-
-
-def test_replicas_on_gpus_start_where_the_previous_replica_ended(monkeypatch):
-    from tp_ollama.parallel.shard import rank_device
-    from tp_ollama.server.serve import replica_device
-
-    devices = [replica_device("cuda", r, 2) for r in range(3)]
-    assert devices == ["cuda", "cuda:2", "cuda:4"]
-    assert replica_device("cpu", 1, 2) == "cpu"
-    monkeypatch.setattr("torch.cuda.device_count", lambda: 4)
-    placed = []
-    for device in devices:
-        for local in (0, 1):
-            monkeypatch.setenv("LOCAL_RANK", str(local))
-            placed.append(rank_device(device).index)
-    assert placed == [0, 1, 2, 3, 0, 1]  # a third replica of two shares GPUs 0-1 round-robin

@@ -1,4 +1,5 @@
-"""Request parsing and response building, without a server."""
+"""tp_ollama.server.schemas: request parsing and response building, without a server (OpenAI's bodies:
+test_openai_schemas.py; thinking and tools in chat: test_chat_schemas.py)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,6 @@ from datetime import datetime
 
 import pytest
 
-from tp_ollama.server.openai_schemas import parse_openai_chat, parse_openai_completion
 from tp_ollama.server.schemas import (
     ApiError,
     Metrics,
@@ -66,41 +66,6 @@ def test_chat_roles_are_lower_cased_and_checked():
     assert req.messages[0].role == "user" and req.stream is False
     with pytest.raises(ApiError):
         parse_chat({"model": "m", "messages": ["x"]})
-
-
-def test_openai_chat_maps_fields_per_the_spec_table():
-    req, include_usage = parse_openai_chat(
-        {
-            "model": "m",
-            "messages": [{"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]}],
-            "max_tokens": 5,
-            "stop": "x",
-            "seed": 3,
-            "frequency_penalty": 0.5,
-            "stream": True,
-            "stream_options": {"include_usage": True},
-        }
-    )
-    assert [m.content for m in req.messages] == ["a", "b"]  # one native message per part
-    assert req.options == {
-        "temperature": 1.0,
-        "top_p": 1.0,
-        "frequency_penalty": 0.5,
-        "presence_penalty": 0.0,
-        "num_predict": 5,
-        "seed": 3,
-        "stop": ["x"],
-    }
-    assert req.stream and include_usage
-    req, include_usage = parse_openai_chat({"model": "m", "messages": [{"role": "user", "content": "a"}]})
-    assert not req.stream and not include_usage
-
-
-def test_openai_completion_takes_a_single_string_prompt():
-    req, _ = parse_openai_completion({"model": "m", "prompt": "p", "max_completion_tokens": 2})
-    assert req.prompt == "p" and req.options["num_predict"] == 2 and not req.raw
-    with pytest.raises(ApiError):
-        parse_openai_completion({"model": "m", "prompt": ["a", "b"]})
 
 
 def test_chunks_are_compact_with_rfc3339_times_and_ns_metrics():

@@ -1,6 +1,5 @@
-"""Thinking: `think` and `reasoning_effort` in requests, and /api/chat, /api/generate and
-/v1/chat/completions end to end through the real clients (the `<think>` parser on strings:
-tests/text/test_thinking.py).
+"""Thinking: /api/chat, /api/generate and /v1/chat/completions end to end through the real clients (`think`
+and `reasoning_effort` parsed: test_chat_schemas.py; the `<think>` parser on strings: tests/text/test_thinking.py).
 
 The template side runs on the real LocalEngine (a tiny random Qwen3 whose template reads
 `enable_thinking`); replies that think come from the scripted double (tests/server/doubles.py
@@ -8,7 +7,6 @@ ScriptedEngine: scripted token ids, decoded by the server with the model's real 
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -19,42 +17,8 @@ import pytest
 
 from tests.server.chat_models import TINY, WEATHER, Served, make_chat_model, serve_local, serve_scripted
 from tests.server.conftest import SMOL, LiveServer
-from tp_ollama.server.openai_schemas import parse_openai_chat
-from tp_ollama.server.schemas import ApiError, parse_chat, parse_generate
 
 ASK = [{"role": "user", "content": "Why is the sky blue?"}]
-
-
-# --- requests ---------------------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize("value", [True, False, "low", "medium", "high", "max", None])
-def test_think_values(value):
-    body = {"model": "m", "prompt": "p", **({} if value is None else {"think": value})}
-    assert parse_generate(body).think == value
-    assert parse_chat({**body, "messages": ASK}).think == value
-
-
-@pytest.mark.parametrize("value", ["very", "", 1, ["high"]])
-def test_invalid_think_values_are_400_with_upstreams_words(value):
-    with pytest.raises(ApiError) as e:
-        parse_chat({"model": "m", "messages": ASK, "think": value})
-    expected = f'invalid think value: {json.dumps(value)} (must be "high", "medium", "low", "max", true, or false)'
-    assert e.value.status == 400 and e.value.message == expected
-
-
-@pytest.mark.parametrize(
-    ("effort", "think"),
-    [("none", False), ("minimal", "low"), ("low", "low"), ("medium", "medium"), ("high", "high"), ("max", "max"),
-     ("xhigh", "max"), ("ultra", "max"), (None, None)],
-)  # fmt: skip
-def test_openai_reasoning_effort_maps_to_think(effort, think):
-    body = {"model": "m", "messages": ASK}
-    assert parse_openai_chat({**body, "reasoning_effort": effort})[0].think == think
-    assert parse_openai_chat({**body, "reasoning": {"effort": effort}})[0].think == think
-    if effort is not None:
-        with pytest.raises(ApiError):
-            parse_openai_chat({**body, "reasoning_effort": effort.upper() + "!"})
 
 
 # --- end to end -------------------------------------------------------------------------------------

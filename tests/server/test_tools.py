@@ -1,5 +1,5 @@
-"""Tools in chat: tools and calls in requests, and /api/chat and /v1/chat/completions end to end
-through the real ollama and openai clients (the tool-call parser on strings: tests/text/test_tool_calls.py).
+"""Tools in chat: /api/chat and /v1/chat/completions end to end through the real ollama and openai clients
+(tools and calls in requests: test_chat_schemas.py; the tool-call parser on strings: tests/text/test_tool_calls.py).
 
 What gets rendered runs on the real LocalEngine (a tiny random Qwen3 with a tool-capable template).
 A random model never calls a tool by itself: most replies that call one come from the scripted double
@@ -21,99 +21,11 @@ import pytest
 from tests.server.chat_models import TINY, WEATHER, Served, make_chat_model, serve_local, serve_scripted
 from tests.server.conftest import SMOL, LiveServer
 from tp_ollama.checkpoints.tokenizer import Tokenizer
-from tp_ollama.server.openai_schemas import parse_openai_chat
-from tp_ollama.server.schemas import ApiError, parse_chat
 
 CALL_ID = re.compile(r"^call_[a-z0-9]{8}$")
 PARIS = {"city": "Paris"}
 ASK = [{"role": "user", "content": "Weather in Paris?"}]
 QWEN_CALL = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>'
-
-
-# --- requests ---------------------------------------------------------------------------------------
-
-
-def test_tools_and_earlier_calls_reach_the_template_in_the_hugging_face_shape():
-    req = parse_chat(
-        {
-            "model": "m",
-            "tools": [WEATHER],
-            "think": False,
-            "messages": [
-                *ASK,
-                {
-                    "role": "assistant",
-                    "content": "",
-                    "thinking": "they want weather",
-                    "tool_calls": [{"function": {"name": "get_weather", "arguments": PARIS}}],
-                },
-                {"role": "tool", "content": "sunny", "tool_name": "get_weather"},
-            ],
-        }
-    )
-    assert req.tools == (WEATHER,) and req.think is False
-    assert [m.for_template() for m in req.messages[1:]] == [
-        {
-            "role": "assistant",
-            "content": "",
-            "thinking": "they want weather",
-            "tool_calls": [{"type": "function", "function": {"name": "get_weather", "arguments": PARIS}}],
-        },
-        {"role": "tool", "content": "sunny", "name": "get_weather"},
-    ]
-
-
-def test_openai_calls_in_history_have_json_string_arguments_and_results_name_the_call():
-    req, _ = parse_openai_chat(
-        {
-            "model": "m",
-            "tools": [WEATHER],
-            "messages": [
-                *ASK,
-                {
-                    "role": "assistant",
-                    "content": None,
-                    "reasoning": "r",
-                    "tool_calls": [
-                        {
-                            "id": "call_1",
-                            "type": "function",
-                            "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'},
-                        }
-                    ],
-                },
-                {"role": "tool", "tool_call_id": "call_1", "content": "sunny"},
-            ],
-        }
-    )
-    assistant, tool = (m.for_template() for m in req.messages[1:])
-    assert assistant == {
-        "role": "assistant",
-        "content": "",
-        "thinking": "r",
-        "tool_calls": [{"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": PARIS}}],
-    }
-    assert tool == {"role": "tool", "content": "sunny", "name": "get_weather", "tool_call_id": "call_1"}
-
-
-@pytest.mark.parametrize(
-    ("body", "message"),
-    [
-        ({"tools": [{"type": "function", "function": {"name": "f", "parameters": "x"}}]}, None),
-        ({"messages": [{"role": "assistant", "tool_calls": [{"function": {"name": "f", "arguments": "{oops"}}]}]},
-         "invalid tool call arguments"),
-        ({"messages": [{"role": "assistant", "tool_calls": [{"function": {"arguments": {}}}]}]}, None),
-        ({"tools": [{"type": "retrieval"}]}, None),
-        ({"tools": "get_weather"}, None),
-    ],
-)  # fmt: skip
-def test_bad_tools_and_calls_are_400(body, message):
-    for parser in (parse_chat, lambda b: parse_openai_chat({"messages": ASK, **b})):
-        with pytest.raises(ApiError) as e:
-            parser({"model": "m", **body})
-        assert e.value.status == 400
-        if message:
-            assert e.value.message == message
 
 
 # --- end to end -------------------------------------------------------------------------------------
