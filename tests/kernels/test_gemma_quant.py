@@ -8,7 +8,7 @@ from collections import Counter
 import pytest
 import torch
 
-from tests.test_embedded_models import GEMMA_PROMPTS, cli_generate
+from tests.store.test_embedded import GEMMA_PROMPTS, cli_generate
 from tp_ollama.checkpoints.loader import load_model, open_checkpoint
 from tp_ollama.engine.direct import generate_ids
 from tp_ollama.engine.options import GenerationOptions, SamplingOptions

