@@ -1,4 +1,5 @@
-"""The package's import graph: no cycles, and runtime code never imports the benchmarks.
+"""The package's import graph: no cycles, runtime code never imports the benchmarks, the models never import
+torch.distributed; and the tests mirror the package, module by module.
 
 The graph is read from the source with `ast`, so it sees every `import` and `from ... import`,
 including those inside functions and `if TYPE_CHECKING:` blocks, which an import at run time
@@ -234,3 +235,71 @@ def test_the_parts_of_the_package_form_the_layers_of_the_code_map():
         if LAYERS.index(part_of(t)) > LAYERS.index(part_of(m))
     )
     assert not upward, "imports of a higher layer:\n" + "\n".join(upward)
+
+
+def test_models_do_not_import_torch_distributed():
+    root = PACKAGE_DIR / "models"
+    offenders = [p.name for p in root.glob("*.py") if "torch.distributed" in p.read_text()]
+    assert offenders == []
+
+
+TESTS_DIR = Path(__file__).parent
+
+# Modules with no logic of their own, so no test file of their own: what they define is exercised by the
+# tests of the modules that use it.
+NO_LOGIC = {
+    "tp_ollama.checkpoints.base": "the Checkpoint protocol and a one-line range check",
+    "tp_ollama.errors": "the exception classes",
+    "tp_ollama.models": "the registry of families (a dict) and its two lookups (refusal: parallel/test_shapes.py)",
+    "tp_ollama.parallel.facts": "one dict of a rank's host, process and memory figures",
+    "tp_ollama.server.engine_api": "the Engine protocol and the dataclasses it passes",
+}
+# Engine modules whose tests still live in other files (test_direct.py, test_batch.py, the parity tests).
+NOT_YET_MIRRORED = {
+    "tp_ollama.engine.kv_cache": "the contiguous KV cache, used by every model test",
+}
+
+
+def mirrored_test_file(path: Path, root: Path = PACKAGE_DIR, tests: Path = TESTS_DIR) -> Path:
+    """`tp_ollama/<pkg>/<mod>.py` -> `tests/<pkg>/test_<mod>.py`; a package's `__init__.py` counts as a
+    module named after the package (`tp_ollama/kernels/native/__init__.py` -> `tests/kernels/test_native.py`)."""
+    parts = path.relative_to(root).with_suffix("").parts
+    if parts[-1] == "__init__":
+        parts = parts[:-1]
+    return tests.joinpath(*parts[:-1], f"test_{parts[-1]}.py")
+
+
+def defines_something(source: str) -> bool:
+    """Whether a module defines a function or a class (package markers and `__main__` do not)."""
+    return any(
+        isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef) for node in ast.parse(source).body
+    )
+
+
+def test_the_mirror_of_a_module_and_of_a_package():
+    root, tests = Path("/src/tp_ollama"), Path("/src/tests")
+    assert mirrored_test_file(root / "launch.py", root, tests) == tests / "test_launch.py"
+    assert mirrored_test_file(root / "server" / "app.py", root, tests) == tests / "server" / "test_app.py"
+    assert (
+        mirrored_test_file(root / "kernels" / "native" / "__init__.py", root, tests)
+        == tests / "kernels" / "test_native.py"
+    )
+    assert not defines_something('"""docs"""\nfrom x import y\nNAME = 1\n')
+    assert defines_something("class A:\n    pass\n") and defines_something("async def f():\n    pass\n")
+
+
+def test_every_module_with_logic_has_its_mirrored_test_file():
+    allowed = NO_LOGIC | NOT_YET_MIRRORED
+    missing, stale = [], []
+    for name, path in package_modules().items():
+        if name == PACKAGE_DIR.name or not defines_something(path.read_text()):
+            continue
+        mirror = mirrored_test_file(path)
+        if name in allowed:
+            if mirror.exists():
+                stale.append(f"{name} has {mirror.relative_to(TESTS_DIR.parent)}: take it off the allowlist")
+        elif not mirror.exists():
+            missing.append(f"{name}: {mirror.relative_to(TESTS_DIR.parent)}")
+    gone = sorted(set(allowed) - set(package_modules()))
+    assert not missing, "modules without their mirrored test file:\n" + "\n".join(missing)
+    assert not stale and not gone, f"allowlist out of date: {stale + gone}"

@@ -1,13 +1,16 @@
-"""Our models against transformers on tiny random checkpoints, position by position."""
+"""Our models against transformers on tiny random checkpoints, position by position: the checks that
+test_llama.py and test_gemma3.py run on each model type of their family."""
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
+from torch import nn
 
-from tests.tiny import MODEL_TYPES, make_hf_model, prompt_ids, save_hf
+from tests.tiny import make_hf_model, prompt_ids, save_hf
 from tp_ollama.checkpoints.loader import load_model, open_checkpoint
 from tp_ollama.engine.direct import generate_ids
 from tp_ollama.engine.kv_cache import KVCache
@@ -34,16 +37,18 @@ def stepwise_logits(model, tokens: list[int], n_prompt: int) -> torch.Tensor:
     return torch.cat(rows)  # (len(tokens), vocab)
 
 
-@pytest.fixture(scope="module", params=MODEL_TYPES)
-def pair(request, tmp_path_factory):
-    kind = request.param
+Pair = tuple[str, Any, nn.Module]
+
+
+def load_pair(kind: str, tmp_path_factory: pytest.TempPathFactory) -> Pair:
+    """(kind, the transformers model, ours loaded from its saved checkpoint)."""
     hf = make_hf_model(kind)
     directory = save_hf(hf, tmp_path_factory.mktemp(kind))
     ours = load_model(open_checkpoint(Path(directory)), torch.float32)
     return kind, hf, ours
 
 
-def test_logits_match_transformers_over_prefill_and_16_decode_steps(pair):
+def assert_logits_match_over_prefill_and_16_decode_steps(pair: Pair) -> None:
     kind, hf, ours = pair
     prompt = prompt_ids(PROMPT_LEN)
     continuation = hf_greedy(hf, prompt, 16)
@@ -56,15 +61,9 @@ def test_logits_match_transformers_over_prefill_and_16_decode_steps(pair):
     assert err < 1e-4, f"{kind}: max abs logit difference {err}"
 
 
-def test_greedy_tokens_identical_for_32_steps(pair):
+def assert_greedy_tokens_identical_for_32_steps(pair: Pair) -> None:
     kind, hf, ours = pair
     prompt = prompt_ids(PROMPT_LEN, seed=7)
     expected = hf_greedy(hf, prompt, 32)
     got = list(generate_ids(ours, prompt, GREEDY))
     assert got == expected, kind
-
-
-def test_models_do_not_import_torch_distributed():
-    root = Path(__file__).resolve().parents[2] / "tp_ollama" / "models"
-    offenders = [p.name for p in root.glob("*.py") if "torch.distributed" in p.read_text()]
-    assert offenders == []

@@ -1,4 +1,5 @@
-"""RMSNorm: the native path for bfloat16 rows against torch's, in both of transformers' orders."""
+"""tp_ollama.models.common's RMSNorm: the native path for bfloat16 rows against torch's, in both of transformers'
+orders (the layers of every family against transformers: test_llama.py, test_gemma3.py)."""
 
 from __future__ import annotations
 
