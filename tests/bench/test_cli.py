@@ -8,7 +8,7 @@ from pathlib import Path
 
 from typer.testing import CliRunner
 
-from tp_ollama.bench import report as rpt
+from tp_ollama.bench import schema as bench_schema
 from tp_ollama.cli import app
 from tp_ollama.parallel.costmodel import Calibration, Link, predict
 from tp_ollama.parallel.shapes import shape_named
@@ -19,7 +19,7 @@ runner = CliRunner()
 def test_schema_prints_the_report_schema() -> None:
     done = runner.invoke(app, ["bench", "schema"])
     assert done.exit_code == 0, done.output
-    assert json.loads(done.output) == rpt.SCHEMA
+    assert json.loads(done.output) == bench_schema.SCHEMA
 
 
 def test_predict_prints_the_cost_models_figures() -> None:

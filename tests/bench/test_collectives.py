@@ -8,7 +8,7 @@ from typing import Any
 import psutil
 import pytest
 
-from tp_ollama.bench import report
+from tp_ollama.bench import schema as bench_schema
 from tp_ollama.bench.collectives import run_collectives
 from tp_ollama.errors import ConfigError
 
@@ -19,7 +19,7 @@ def test_two_ranks_measure_every_backend_op_and_size() -> None:
     # tcp first: on one host the link is measured on the first backend, here a real 2-rank tcp group.
     out = run_collectives(["tcp", "shm", "gloo"], SIZES, world=2, iters=10, progress=False, argv=["bench"])
     assert out is not None
-    report.validate(out)
+    bench_schema.validate(out)
     assert out["kind"] == "collectives"
     cells = {(r["target"], r["config"]["op"], r["config"]["bytes"]) for r in out["results"]}
     assert cells == set(itertools.product(["tcp", "shm", "gloo"], ["all_reduce", "broadcast"], SIZES))

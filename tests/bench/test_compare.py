@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tp_ollama.bench import report as rpt
+from tp_ollama.bench import schema as bench_schema
 from tp_ollama.bench.compare import _paired_fractions, parse_engine_target, run_compare
 from tp_ollama.errors import ConfigError
 
@@ -48,7 +48,7 @@ def test_compare_end_to_end_through_the_cli(checkpoint: Path, tmp_path: Path) ->
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert done.returncode == 0, done.stderr
     report = json.loads(out.read_text())
-    rpt.validate(report)
+    bench_schema.validate(report)
     labels = [r["target"] for r in report["results"]]
     assert labels == ["tp-ollama dtype=float32", "tp2", "transformers"]
     for r in report["results"]:

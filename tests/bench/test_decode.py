@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from tp_ollama.bench import report as rpt
+from tp_ollama.bench import schema as bench_schema
 from tp_ollama.bench.decode import DecodeConfig, kv_read_bytes, prompt_ids, run_decode
 from tp_ollama.errors import ConfigError
 from tp_ollama.models.gemma3 import Gemma3TextConfig
@@ -24,7 +24,7 @@ def decode_report(checkpoint: Path) -> dict[str, Any]:
 
 
 def test_decode_report_holds_each_tp_degree(decode_report: dict[str, Any]) -> None:
-    rpt.validate(decode_report)
+    bench_schema.validate(decode_report)
     by_tp = {r["config"]["tp"]: r for r in decode_report["results"]}
     assert sorted(by_tp) == [1, 2]
     for tp, r in by_tp.items():

@@ -15,6 +15,7 @@ import pytest
 
 from tests.bench.reports import compare_report, decode_report, serve_report
 from tp_ollama.bench import report as rp
+from tp_ollama.bench import schema as bench_schema
 from tp_ollama.errors import ConfigError
 
 
@@ -62,7 +63,7 @@ def test_new_report_and_add_result_refuse_unknown_names() -> None:
                       "peak_rss_mb": [1.0, 2.0]}  # fmt: skip
     assert type(result["decode_tok_s"]) is float and type(result["peak_rss_mb"]) is list
     assert report["results"] == [result] and report["command"] == ["tp-ollama"]
-    rp.validate(report)
+    bench_schema.validate(report)
 
 
 def test_pairwise_ratios_by_config_and_pair() -> None:
@@ -84,7 +85,7 @@ def test_pairwise_ratios_by_config_and_pair() -> None:
     ]  # fmt: skip
     assert [r["ratio"] for r in ratios] == pytest.approx([1.5, 3.0, 0.6, 0.2, 1.25])
     assert report["ratios"] is ratios
-    rp.validate(report)
+    bench_schema.validate(report)
     with pytest.raises(ConfigError, match="unknown metric 'speed'"):
         rp.pairwise_ratios(report, ["speed"])
 
@@ -139,7 +140,7 @@ def test_write_appends_json_and_refuses_an_invalid_report(tmp_path: Path) -> Non
     assert rp.write(report, tmp_path / "run.v1")[:2] == [tmp_path / "run.v1.json", tmp_path / "run.v1.md"]
     broken = copy.deepcopy(report)
     broken["results"][0]["decode_tok_s"] = math.nan
-    with pytest.raises(rp.ReportError, match=r"results\[0\]\.decode_tok_s"):
+    with pytest.raises(bench_schema.ReportError, match=r"results\[0\]\.decode_tok_s"):
         rp.write(broken, tmp_path / "broken.json")
     assert not (tmp_path / "broken.json").exists()
 

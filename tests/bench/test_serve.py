@@ -24,15 +24,9 @@ from tests.tiny import write_chat_gguf
 from tests.waits import HANG_S
 from tp_ollama import __version__
 from tp_ollama.bench import report
-from tp_ollama.bench.serve import (
-    LevelResult,
-    OpenAIWire,
-    ServeTarget,
-    load_prompts,
-    parse_target,
-    run_level,
-    run_serve,
-)
+from tp_ollama.bench import schema as bench_schema
+from tp_ollama.bench.serve import LevelResult, load_prompts, run_level, run_serve
+from tp_ollama.bench.serve_targets import ServeTarget, parse_target
 from tp_ollama.errors import ConfigError, TpOllamaError
 from tp_ollama.launch import free_port
 from tp_ollama.server.app import create_app
@@ -134,7 +128,7 @@ def level(
 def test_serve_report_of_a_real_server(tiny_server: str, capsys: pytest.CaptureFixture[str]) -> None:
     targets = [parse_target(f"ollama={tiny_server}", TINY), parse_target(f"v1@openai={tiny_server}/", TINY)]
     out = run_serve(targets, [1, 2], duration_s=1.0, num_predict=NUM_PREDICT, request_timeout_s=60, argv=["x"])
-    report.validate(out)
+    bench_schema.validate(out)
     assert out["kind"] == "serve"
     # For each concurrency, each target in turn.
     assert [(r["target"], r["config"]["concurrency"]) for r in out["results"]] == [
@@ -185,7 +179,7 @@ def test_a_request_past_the_timeout_counts_as_a_timeout(double: str) -> None:
     result = level(double, "stall", concurrency=2, duration_s=0.05, timeout_s=0.5)
     out = report.new_report("serve", {}, argv=[])
     report.add_result(out, "double", {"concurrency": 2}, **result.metrics())
-    report.validate(out)
+    bench_schema.validate(out)
     assert out["results"][0]["requests"] == {"ok": 0, "errors": 0, "timeouts": 2}
     # The stall never ends on its own: the timeout ended each request, and not before it was due.
     assert all(r.end_s - r.start_s >= 0.5 for r in result.records)
@@ -199,48 +193,7 @@ def test_llamacpp_wire_counts_the_servers_tokens(double: str) -> None:
     assert result.extra()["stopped_early"] == 0
 
 
-def test_openai_wire_reads_usage_and_done() -> None:
-    wire = OpenAIWire()
-    text = wire.parse('data: {"choices": [{"text": "Hi", "finish_reason": null}]}')
-    finish = wire.parse('data: {"choices": [{"text": "", "finish_reason": "length"}]}')
-    usage = wire.parse('data: {"choices": [], "usage": {"completion_tokens": 7}}')
-    assert text is not None and text.carries_token and not text.final
-    assert finish is not None and finish.stop == "length" and not finish.carries_token
-    assert usage is not None and usage.tokens == 7 and not usage.final
-    done = wire.parse("data: [DONE]")
-    assert done is not None and done.final
-    assert wire.parse(": keep-alive") is None
-
-
 # ---- settings --------------------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize(
-    ("spec", "label", "kind", "url"),
-    [
-        ("ollama=http://127.0.0.1:11434", "ollama", "ollama", "http://127.0.0.1:11434"),
-        ("ours@ollama=http://127.0.0.1:11434/", "ours", "ollama", "http://127.0.0.1:11434"),
-        ("llamacpp=http://10.0.0.2:8080", "llamacpp", "llamacpp", "http://10.0.0.2:8080"),
-        ("vllm@openai=https://host.example/api", "vllm", "openai", "https://host.example/api"),
-    ],
-)
-def test_target_specs(spec: str, label: str, kind: str, url: str) -> None:
-    assert parse_target(spec, "m") == ServeTarget(label, kind, url, "m")
-
-
-@pytest.mark.parametrize(
-    ("spec", "model", "message"),
-    [
-        ("http://127.0.0.1:11434", "m", "expected \\[NAME@\\]KIND=URL"),
-        ("vllm=http://127.0.0.1:8000", "m", "unknown kind 'vllm': expected one of ollama, llamacpp, openai"),
-        ("ollama=127.0.0.1:11434", "m", "expected http://HOST:PORT"),
-        ("ollama=http://127.0.0.1:11434", "", "needs a model name"),
-        (" @ollama=http://127.0.0.1:11434", "m", "empty NAME"),
-    ],
-)
-def test_bad_target_specs_are_refused(spec: str, model: str, message: str) -> None:
-    with pytest.raises(ConfigError, match=message):
-        parse_target(spec, model)
 
 
 def test_bad_run_settings_are_refused_before_any_request() -> None:

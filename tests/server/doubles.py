@@ -13,7 +13,8 @@ from tp_ollama.engine.options import GenerationOptions
 from tp_ollama.engine.protocol import OutputFormat
 from tp_ollama.errors import ModelNotFound, RequestError
 from tp_ollama.server.engine_api import LoadedModel, LoadRequest, TokenEvent
-from tp_ollama.store.embedded import EMBEDDED, normalize_name
+from tp_ollama.store.embedded import EMBEDDED
+from tp_ollama.store.names import normalize_name
 
 
 @dataclass(frozen=True)

@@ -42,14 +42,14 @@ def split_list(value: str, what: str, kind: Callable[[str], Any] = str) -> list[
 
 def load_report(path: Path, kind: str) -> dict[str, Any]:
     """An earlier report of this kind, checked."""
-    from tp_ollama.bench import report as rpt
+    from tp_ollama.bench import schema as bench_schema
     from tp_ollama.errors import ConfigError
 
     try:
         data = json.loads(path.read_text())
     except (OSError, ValueError) as e:
         raise ConfigError(f"{path}: not a readable bench report ({e})") from None
-    rpt.validate(data)
+    bench_schema.validate(data)
     if data["kind"] != kind:
         raise ConfigError(f"{path}: a {data['kind']} report, expected a {kind} report")
     return data
@@ -57,10 +57,11 @@ def load_report(path: Path, kind: str) -> dict[str, Any]:
 
 def emit(report: dict[str, Any] | None, out: Path | None) -> None:
     from tp_ollama.bench import report as rpt
+    from tp_ollama.bench import schema as bench_schema
 
     if report is None:  # a node other than 0: rank 0's node reports
         return
-    rpt.validate(report)
+    bench_schema.validate(report)
     typer.echo(rpt.to_markdown(report))
     if out is not None:
         for path in rpt.write(report, out):
@@ -143,7 +144,8 @@ def serve(
     aggregate tok/s, TTFT and inter-token latency p50/p99, errors and timeouts counted."""
 
     def body() -> None:
-        from tp_ollama.bench.serve import load_prompts, parse_target, run_serve
+        from tp_ollama.bench.serve import load_prompts, run_serve
+        from tp_ollama.bench.serve_targets import parse_target
 
         report = run_serve(
             [parse_target(t, model) for t in target],
@@ -243,7 +245,7 @@ def collectives(
 @bench_app.command()
 def schema() -> None:
     """Print the JSON Schema of a bench report (every field with its unit)."""
-    from tp_ollama.bench.report import SCHEMA
+    from tp_ollama.bench.schema import SCHEMA
 
     typer.echo(json.dumps(SCHEMA, indent=2))
 

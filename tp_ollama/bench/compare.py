@@ -274,7 +274,8 @@ def run_compare_serve(
     argv: Sequence[str] | None = None,
 ) -> dict[str, Any]:
     """Running servers under the same HTTP load, levels alternating between them, with ratios."""
-    from tp_ollama.bench.serve import parse_target, run_serve
+    from tp_ollama.bench.serve import run_serve
+    from tp_ollama.bench.serve_targets import parse_target
 
     if len(targets) < 2:
         raise ConfigError(f"compare needs at least two targets, got {len(targets)}")

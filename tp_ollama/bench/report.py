@@ -20,15 +20,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, TextIO
 
-from tp_ollama.bench.schema import (  # noqa: F401  (re-exported: the report API is this module)
-    KINDS,
-    METRICS,
-    SCHEMA,
-    SCHEMA_ID,
-    SUMMARY_METRICS,
-    ReportError,
-    validate,
-)
+from tp_ollama.bench.schema import KINDS, METRICS, SCHEMA_ID, SUMMARY_METRICS, validate
 from tp_ollama.errors import ConfigError
 
 

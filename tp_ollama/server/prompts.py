@@ -16,8 +16,7 @@ from tp_ollama.server.admission import Limits
 from tp_ollama.server.chat_schemas import Think
 from tp_ollama.server.fields import ApiError
 from tp_ollama.server.schemas import ChatRequest, GenerateRequest, ResolvedModel
-from tp_ollama.store.embedded import normalize_name
-from tp_ollama.store.names import InvalidModelName, parse_name
+from tp_ollama.store.names import InvalidModelName, normalize_name, parse_name
 from tp_ollama.text.reply import ReplyFormat
 from tp_ollama.text.thinking import THINK_OPEN
 

@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 
 from tp_ollama.errors import CheckpointError
-from tp_ollama.store.names import normalize_name  # re-exported: it used to live here
+from tp_ollama.store.names import normalize_name
 
 DEFAULT_MODEL = "gemma3:270m"
 
