@@ -30,6 +30,9 @@ import yaml
 from tests.waits import wait_until
 from tp_ollama.launch import free_port
 
+# Network namespaces and the machine-wide lists of them: one such test at a time (pytest-xdist).
+pytestmark = pytest.mark.xdist_group("netns")
+
 ROOT = Path(__file__).resolve().parents[1]
 LAUNCH = ROOT / "launch"
 SCRIPTS = sorted([*LAUNCH.glob("*.sh"), *LAUNCH.glob("*.sbatch")])

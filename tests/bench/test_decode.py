@@ -23,6 +23,7 @@ def decode_report(checkpoint: Path) -> dict[str, Any]:
     return report
 
 
+@pytest.mark.timing  # shares of a step's time: another test on the cores would land in them
 def test_decode_report_holds_each_tp_degree(decode_report: dict[str, Any]) -> None:
     bench_schema.validate(decode_report)
     by_tp = {r["config"]["tp"]: r for r in decode_report["results"]}

@@ -25,6 +25,9 @@ from tp_ollama.bench.random_model import write_random_model
 from tp_ollama.launch import free_port
 from tp_ollama.parallel.shapes import ModelShape
 
+# Network namespaces and the machine-wide lists of them: one such test at a time (pytest-xdist).
+pytestmark = pytest.mark.xdist_group("netns")
+
 SHAPE = ModelShape(
     model_type="llama", hidden_size=256, intermediate_size=768, num_hidden_layers=2, num_attention_heads=4,
     num_key_value_heads=2, head_dim=64, vocab_size=2048, tie_word_embeddings=True,
@@ -68,6 +71,7 @@ def across_namespaces(model: Path, delay_us: int, calibration: Path, out: Path) 
 ATTEMPTS = 3
 
 
+@pytest.mark.timing
 @pytest.mark.parametrize("delay_us", [500, 2000])
 def test_predicted_tp2_time_is_within_20_percent_of_the_namespaces(model: Path, tmp_path: Path, delay_us: int) -> None:
     misses = []

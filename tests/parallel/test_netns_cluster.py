@@ -26,6 +26,9 @@ import pytest
 from tests.test_launch_recipes import marked_processes
 from tests.tiny import write_chat_gguf
 
+# Network namespaces and the machine-wide lists of them: one such test at a time (pytest-xdist).
+pytestmark = pytest.mark.xdist_group("netns")
+
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "launch" / "netns-cluster.sh"
 PROMPT = "hello world, the quick"
