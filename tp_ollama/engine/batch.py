@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from tp_ollama.engine.constraint import Constraint
+from tp_ollama.engine.options import GenerationOptions
 from tp_ollama.engine.paged_kv import BlockPool, SequenceKV
 from tp_ollama.engine.protocol import FinalStats, Plan, Request
 from tp_ollama.models.native_decode import native_decoder
@@ -301,6 +302,13 @@ class Batch:
         return float(getattr(self.comm, "seconds", 0.0)) if self.comm is not None else 0.0
 
 
+def positions_needed(n_prompt: int, options: GenerationOptions) -> int:
+    """The KV positions a request may fill at most: its prompt and what it may generate, within num_ctx."""
+    if options.num_predict < 0:
+        return options.num_ctx
+    return min(options.num_ctx, n_prompt + options.num_predict)
+
+
 class Planner:
     """Rank 0's side: requests waiting to join, and the next step's plan. Admission reserves the KV
     blocks a request may need at most (prompt + what it may generate), so a running sequence never
@@ -312,9 +320,7 @@ class Planner:
         self.reserved: dict[str, int] = {}  # blocks promised to each running request
 
     def need(self, request: Request) -> int:
-        opts = request.options
-        most = opts.num_ctx if opts.num_predict < 0 else min(opts.num_ctx, len(request.prompt) + opts.num_predict)
-        return int(self.pool.blocks_for(most))
+        return int(self.pool.blocks_for(positions_needed(len(request.prompt), request.options)))
 
     def plan(self, batch: Batch, cancelled: set[str]) -> Plan:
         plan = Plan()

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from tp_ollama.engine.batch import positions_needed
 from tp_ollama.engine.link import LocalLink
 from tp_ollama.engine.loop import EngineLoop
 from tp_ollama.engine.options import GenerationOptions, check_prompt
@@ -28,6 +29,7 @@ from tp_ollama.engine.protocol import (
     Loaded,
     LoadInfo,
     OutputFormat,
+    Reply,
     Shutdown,
 )
 from tp_ollama.engine.state import EngineJob, EngineState
@@ -74,15 +76,17 @@ class DirectEngine:
         with torch.inference_mode():
             self._submit(cmd)
             self.loop.step()
-        reply = self._take()
+        replies = self._drain()
         if self.rank != 0:
             if self.state.loaded is None:
                 raise TpOllamaError(f"rank {self.rank}: the model did not load (rank 0 reports why)")
             return self.state.loaded
-        if isinstance(reply, Failed):
-            raise TpOllamaError(reply.error)
-        assert isinstance(reply, Loaded)
-        return reply.info
+        for reply in replies:
+            if isinstance(reply, Failed):
+                raise TpOllamaError(reply.error)
+            if isinstance(reply, Loaded):
+                return reply.info
+        raise AssertionError(f"the load of {path} got no reply")
 
     def attach(self, model: nn.Module, layout: TPLayout | None = None, path: str = "", num_ctx: int = 4096) -> None:
         """Serve a model already built in this process (this rank's shard, with its `layout` when the
@@ -104,8 +108,7 @@ class DirectEngine:
         rank, and `stats` gets its counts."""
         stats = stats if stats is not None else GenerationStats()
         check_prompt(len(prompt), options)  # on every rank alike, before anything is sent
-        most = options.num_ctx if options.num_predict < 0 else min(options.num_ctx, len(prompt) + options.num_predict)
-        self.state.fit_kv(most)
+        self.state.fit_kv(positions_needed(len(prompt), options))
         rid = next(self._ids)
         self._submit(Generate(rid, list(prompt), options, frozenset(eos), output_format))
         over = False
@@ -148,21 +151,16 @@ class DirectEngine:
         if self.link is not None:
             self.link.inbox.append(cmd)
 
-    def _take(self) -> Loaded | Failed | None:
+    def _drain(self) -> list[Reply]:
+        """Rank 0: the replies the loop sent since the last look (none on the other ranks)."""
         if self.link is None:
-            return None
-        for reply in self.link.outbox:
-            if isinstance(reply, Loaded | Failed):
-                self.link.outbox.clear()
-                return reply
-        return None
+            return []
+        replies, self.link.outbox = list(self.link.outbox), deque()
+        return replies
 
     def _check_replies(self, rid: str) -> None:
-        """Rank 0: the tokens went to the caller from the batch's events; a refusal is raised here."""
-        if self.link is None:
-            return
-        replies, self.link.outbox = list(self.link.outbox), deque()
-        for reply in replies:
+        """The tokens went to the caller from the batch's events; a refusal of `rid` is raised here."""
+        for reply in self._drain():
             if isinstance(reply, Failed) and reply.id == rid:
                 raise TpOllamaError(reply.error)
 

@@ -124,9 +124,10 @@ class EngineLoop:
                     link.send(Failed(cmd.id, str(e)))
                     tick.ended.append(cmd.id)
             elif isinstance(cmd, Cancel):
-                if state.queued(cmd.id):  # a running one ends in the batch, with its counts
+                queued = state.queued(cmd.id)
+                if queued:  # a running one ends in the batch, with its counts
                     link.send(Done(cmd.id, FinalStats(done_reason="cancel")))
-                if state.queued(cmd.id) or state.running(cmd.id):
+                if queued or state.running(cmd.id):
                     cancelled.add(cmd.id)
             else:
                 if isinstance(cmd, Load | Unload) and state.busy():
