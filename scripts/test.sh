@@ -18,7 +18,10 @@ pytest=(.venv/bin/python -m pytest)
 if [ $# -gt 0 ]; then
     exec "${pytest[@]}" "$@"
 fi
-workers=(-n "${TP_OLLAMA_TEST_WORKERS:-auto}" --dist loadgroup)
-"${pytest[@]}" -q "${workers[@]}" -m "not slow and not timing"
-"${pytest[@]}" -q -m "slow and not timing"
-"${pytest[@]}" -q -m "timing"
+# A worker that dies (the kernel's out-of-memory killer, a crash in native code) ends the step with
+# its test named: pytest-xdist's loadgroup scheduling can wait forever for a replaced worker.
+workers=(-n "${TP_OLLAMA_TEST_WORKERS:-auto}" --dist loadgroup --max-worker-restart 0)
+# Each step has a bound of its own too, so that nothing outlives the run (every test has one).
+timeout -k 30 1800 "${pytest[@]}" -q "${workers[@]}" -m "not slow and not timing"
+timeout -k 30 1800 "${pytest[@]}" -q -m "slow and not timing"
+timeout -k 30 600 "${pytest[@]}" -q -m "timing"

@@ -293,12 +293,37 @@ def test_stats_report_occupancy_and_counters() -> None:
         "blocks_used": 3,
         "blocks_cached": 2,
         "bytes_per_block": 2 * 4 * 4 * (2 * 4 + 1 * 6),
+        "bytes_reserved": 8 * 2 * 4 * 4 * (2 * 4 + 1 * 6),
+        "bytes_touched": 3 * 2 * 4 * 4 * (2 * 4 + 1 * 6),
         "prefix_cache": True,
         "prefix_hits": 2,
         "prefix_misses": 2,
         "prefix_hit_tokens": 8,
         "evictions": 0,
     }
+
+
+def test_released_blocks_are_reused_before_fresh_ones_are_touched() -> None:
+    pool = _pool(num_blocks=64, block_size=4)
+    for start in range(0, 400, 10):  # 40 distinct prompts of 3 blocks, one after another, no cache
+        pool.prefix_cache = False
+        _prefill(pool, list(range(start, start + 10))).free()
+    assert pool.bytes_touched() == 3 * pool.bytes_per_block()
+    pool.check()
+
+
+def test_past_the_soft_limit_cached_blocks_are_evicted_before_fresh_ones_are_touched() -> None:
+    pool = _pool(num_blocks=64, block_size=4)
+    pool.soft_blocks = 6
+    for start in range(0, 200, 10):  # distinct prompts: each leaves 2 full blocks in the prefix cache
+        _prefill(pool, list(range(start, start + 10))).free()
+    assert pool.bytes_touched() == 6 * pool.bytes_per_block()
+    assert pool.prefix.evictions > 0
+    # a sequence that needs more than the soft limit still gets its blocks, up to the pool's size
+    seq, _ = pool.new_sequence(list(range(1000, 1001)))
+    assert seq.reserve(40 * 4)
+    assert pool.bytes_touched() > 6 * pool.bytes_per_block()
+    pool.check()
 
 
 def test_lru_eviction_frees_the_least_recently_released_blocks_first() -> None:

@@ -41,3 +41,19 @@ def test_loaded_packed_weights_take_them(tmp_path, monkeypatch):
         model = load_model(open_checkpoint(path), torch.float32, quant="int8")
         q = model.model.embed_tokens.qweight.q
         assert q.data_ptr() % hugepages.PAGE == 0
+
+
+@linux
+def test_zeros_on_touch_read_as_zeros_and_commit_only_what_is_written():
+    import psutil
+
+    proc = psutil.Process()
+    before = proc.memory_info().rss
+    pool = hugepages.zeros_on_touch((256, 1 << 20), torch.float32)  # 1 GiB reserved
+    assert pool.shape == (256, 1 << 20) and pool.dtype == torch.float32
+    assert proc.memory_info().rss - before < 64 << 20
+    pool[:4] = 1.0  # 16 MiB written
+    grown = proc.memory_info().rss - before
+    assert 16 << 20 <= grown < 80 << 20
+    assert float(pool[:4].sum()) == 4 * (1 << 20) and float(pool[4:8].abs().sum()) == 0.0
+    assert hugepages.zeros_on_touch((0, 3), torch.bfloat16).shape == (0, 3)

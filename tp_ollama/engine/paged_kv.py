@@ -39,6 +39,7 @@ give logits.
 
 from __future__ import annotations
 
+import functools
 from collections import OrderedDict
 from collections.abc import Sequence
 
@@ -46,6 +47,7 @@ import torch
 from torch import nn
 
 from tp_ollama.errors import ConfigError
+from tp_ollama.kernels.hugepages import zeros_on_touch
 from tp_ollama.kernels.linear import activation_like, out_features
 
 ROOT_HASH = 0  # parent hash of a sequence's first block; an int so it hashes the same in every process
@@ -163,13 +165,23 @@ class BlockPool:
         self.dtype = dtype
         self.device = torch.device(device)
         # Zeros, not empty: attention multiplies masked-out values by a zero weight, and 0 * NaN from
-        # uninitialised memory would still poison the output.
-        self.k = [torch.zeros(num_blocks, n, block_size, d, dtype=dtype, device=self.device) for n, d in layer_shapes]
-        self.v = [torch.zeros_like(k) for k in self.k]
+        # uninitialised memory would still poison the output. On the CPU the zeros are a fresh mapping
+        # that commits memory as blocks are first written: the pool is a reservation, and a rank
+        # holds the blocks its busiest moment used.
+        zeros = zeros_on_touch if self.device.type == "cpu" else functools.partial(torch.zeros, device=self.device)
+        self.k = [zeros((num_blocks, n, block_size, d), dtype=dtype) for n, d in layer_shapes]
+        self.v = [zeros((num_blocks, n, block_size, d), dtype=dtype) for n, d in layer_shapes]
         self.prefix = PrefixCache()
         self.prefix_cache = prefix_cache
         self._refs = [0] * num_blocks
-        self._free = list(range(num_blocks - 1, -1, -1))  # a stack: pop() hands out 0, 1, 2, ... first
+        # Blocks never handed out are 0 .. num_blocks-1 above `_touched`; `_free` is a stack of blocks
+        # handed out before and released since, reused first, so that memory already committed is
+        # what new sequences write.
+        self._touched = 0
+        self._free: list[int] = []
+        # Past `soft_blocks` touched blocks, an evictable cached block is reused before a fresh one is
+        # touched: cached prefixes live in the memory that the sequences' own need committed.
+        self.soft_blocks = num_blocks
         self._live: dict[int, SequenceKV] = {}  # id(seq) -> seq, for check()
 
     @classmethod
@@ -213,7 +225,11 @@ class BlockPool:
 
     def num_free(self) -> int:
         """Blocks allocatable now, counting cached ones that no sequence references."""
-        return len(self._free) + self.prefix.num_evictable
+        return len(self._free) + self.num_blocks - self._touched + self.prefix.num_evictable
+
+    def bytes_touched(self) -> int:
+        """KV memory written so far: on the CPU, what the pool holds of this rank's memory."""
+        return self._touched * self.bytes_per_block()
 
     def num_used(self) -> int:
         """Blocks referenced by at least one live sequence."""
@@ -246,6 +262,8 @@ class BlockPool:
             "blocks_used": self.num_used(),
             "blocks_cached": len(self.prefix),
             "bytes_per_block": self.bytes_per_block(),
+            "bytes_reserved": self.num_blocks * self.bytes_per_block(),
+            "bytes_touched": self.bytes_touched(),
             "prefix_cache": self.prefix_cache,
             "prefix_hits": self.prefix.hits,
             "prefix_misses": self.prefix.misses,
@@ -271,8 +289,9 @@ class BlockPool:
                 refs[block] += 1
             seq._check()
         _expect(refs == self._refs, "refcounts do not match the live sequences' tables")
-        free = set(self._free)
-        _expect(len(free) == len(self._free), "a block is on the free list twice")
+        free = set(self._free) | set(range(self._touched, self.num_blocks))
+        _expect(len(set(self._free)) == len(self._free), "a block is on the free list twice")
+        _expect(all(b < self._touched for b in self._free), "a never-used block is on the free list")
         evictable = set(self.prefix._lru)
         for block in range(self.num_blocks):
             states = [block in free, block in evictable, refs[block] > 0]
@@ -294,7 +313,13 @@ class BlockPool:
         return max(len(tokens) - 1, 0) // self.block_size
 
     def _allocate(self) -> int:
-        block = self._free.pop() if self._free else self.prefix.evict()
+        if self._free:
+            block = self._free.pop()
+        elif self._touched < self.num_blocks and (self._touched < self.soft_blocks or not self.prefix.num_evictable):
+            block = self._touched
+            self._touched += 1
+        else:
+            block = self.prefix.evict()
         self._refs[block] = 1
         return block
 

@@ -66,7 +66,8 @@ class EngineJob:
     tp_weights: tuple[float, ...] | None = None
     timeout_s: float = 120.0
     max_running: int = 16  # sequences decoding together
-    # KV pool per rank; None sizes it for one sequence of the loaded num_ctx (a one-shot generate).
+    # KV pool reserved per rank (committed as used, on the CPU); None sizes it for one sequence of the
+    # loaded num_ctx (a one-shot generate).
     kv_cache_bytes: int | None = DEFAULT_KV_BYTES
     prefix_cache: bool = True
 
@@ -111,6 +112,9 @@ class EngineState:
         fewest = int(comm.all_gather(torch.tensor([pool.num_blocks], dtype=torch.int64)).min())
         if fewest < pool.num_blocks:
             pool = BlockPool.for_model(model, fewest * pool.bytes_per_block(), prefix_cache=job.prefix_cache)
+        # The reservation is the bound; what the ranks commit follows the load's need, num_ctx for
+        # each sequence that may run at once, and the prefix cache lives within that.
+        pool.soft_blocks = min(pool.num_blocks, pool.blocks_for(cmd.num_ctx) * job.max_running)
         self.model, self.layout = model, layout
         self.batch = Batch(model, pool, sampler_for(layout, comm), self._constraint, comm)
         if comm.rank == 0:
@@ -136,7 +140,8 @@ class EngineState:
         if comm.rank == 0:
             heads = "/".join(str(b - a) for a, b in layout.q_heads)
             log.info(
-                "loaded %s: TP %d (query heads %s), %s; KV cache %d blocks of %d tokens, %.0f MiB per rank; %.2f s",
+                "loaded %s: TP %d (query heads %s), %s; KV cache %d blocks of %d tokens, "
+                "up to %.0f MiB per rank, committed as used; %.2f s",
                 cmd.path,
                 world,
                 heads,

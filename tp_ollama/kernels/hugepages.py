@@ -1,4 +1,4 @@
-"""Packed weights in 2 MiB pages.
+"""Packed weights in 2 MiB pages, and pools whose memory is committed as they are used.
 
 Decode streams every weight once a step. In 4 KiB pages that is a TLB miss every 4 KiB, and the
 kernels' prefetches run ahead into pages not yet translated; in 2 MiB pages the LM head of gemma3
@@ -51,6 +51,20 @@ def empty(shape: tuple[int, ...] | torch.Size, dtype: torch.dtype) -> torch.Tens
     region = raw[start : start + nbytes]
     madvise(region.data_ptr(), nbytes // PAGE * PAGE, MADV_HUGEPAGE)  # refused (THP off): plain pages
     return region.view(dtype).view(shape)
+
+
+def zeros_on_touch(shape: tuple[int, ...] | torch.Size, dtype: torch.dtype) -> torch.Tensor:
+    """A zero-filled CPU tensor whose memory is committed page by page as it is first written: a fresh
+    anonymous mapping reads as zeros and holds no memory until touched. A pool reserved for the
+    worst case (a KV cache) then costs what its busiest moment used, not what it could hold. No
+    2 MiB-page advice here, so that one written element commits 4 KiB, not 2 MiB."""
+    numel = 1
+    for n in shape:
+        numel *= n
+    if numel == 0:
+        return torch.zeros(shape, dtype=dtype)
+    buffer = mmap.mmap(-1, numel * dtype.itemsize, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    return torch.frombuffer(buffer, dtype=torch.uint8).view(dtype).view(shape)
 
 
 def copy_of(t: torch.Tensor) -> torch.Tensor:
