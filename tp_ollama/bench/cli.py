@@ -79,7 +79,7 @@ def decode(
     model: Annotated[str, typer.Argument(help="gemma3:270m, smollm2:135m, a GGUF file or an HF directory.")],
     tp: Annotated[str, typer.Option(help="TP degrees, e.g. 1,2,3.")] = "1",
     dtype: Annotated[str, typer.Option(help="Activation dtypes, e.g. auto,float32.")] = "auto",
-    quant: Annotated[str, typer.Option(help="Weight packings, e.g. none,int8,int4.")] = "none",
+    quant: Annotated[str, typer.Option(help="Weight packings, e.g. auto,none,int8,int4.")] = "auto",
     prompt_tokens: Annotated[str, typer.Option(help="Prompt lengths in tokens.")] = "32",
     gen_tokens: Annotated[str, typer.Option(help="Generated tokens per run.")] = "64",
     comm: Annotated[str, typer.Option(help="Collectives: auto, shm, tcp, gloo.")] = "auto",
@@ -200,6 +200,39 @@ def compare(
             report = run_compare(
                 model, target, prompt_tokens, gen_tokens, threads, rounds, cold_start, progress=progress, argv=sys.argv
             )
+        emit(report, out)
+
+    run(debug, body)
+
+
+@bench_app.command()
+def quality(
+    model: Annotated[
+        str, typer.Argument(help="The model (name or path); its float32 dequantization is the reference.")
+    ],
+    setting: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="QUANT/DTYPE to measure (repeatable); default: auto/auto, int8/auto, int4/auto, auto/bfloat16."
+        ),
+    ] = None,
+    llama_cpp: Annotated[
+        bool, typer.Option("--llama-cpp/--no-llama-cpp", help="Also measure llama.cpp on a GGUF.")
+    ] = True,
+    threads: Annotated[int | None, typer.Option(help="CPU threads (default: every CPU).")] = None,
+    max_tokens: Annotated[int | None, typer.Option(help="Score only the text's first N tokens (a quick look).")] = None,
+    out: OutOpt = None,
+    progress: ProgressOpt = True,
+    debug: DebugOpt = False,
+) -> None:
+    """Top-1 agreement, KL divergence and perplexity of each precision setting against float32."""
+
+    def body() -> None:
+        from tp_ollama.bench.quality import DEFAULT_SETTINGS, run_quality
+
+        say = (lambda line: typer.echo(line, err=True)) if progress else None
+        report = run_quality(model, setting or DEFAULT_SETTINGS, llama_cpp, threads, max_tokens, argv=sys.argv,
+                             progress=say)  # fmt: skip
         emit(report, out)
 
     run(debug, body)

@@ -216,7 +216,7 @@ def _paired_fractions(
 
 
 def _engine_config(t: EngineTarget, prompt_tokens: int, gen_tokens: int) -> DecodeConfig:
-    base = DecodeConfig(tp=1, dtype="auto", quant="none", prompt_tokens=prompt_tokens, gen_tokens=gen_tokens)
+    base = DecodeConfig(tp=1, dtype="auto", quant="auto", prompt_tokens=prompt_tokens, gen_tokens=gen_tokens)
     return replace(base, **t.options)
 
 

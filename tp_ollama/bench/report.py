@@ -225,6 +225,10 @@ _COLUMNS: dict[str, tuple[str, Callable[[Any], str]]] = {
     "predicted_ms_per_token": ("predicted ms/token", _num(2)),
     "measured_ms_per_token": ("measured ms/token", _num(2)),
     "prediction_error": ("prediction error", lambda e: f"{e:+.1%}"),
+    "quality": (
+        "top-1 agreement / mean KL / p99 KL / perplexity",
+        lambda q: f"{q['top1_agreement']:.2%} / {q['mean_kl']:.4f} / {q['p99_kl']:.4f} / {q['perplexity']:.3f}",
+    ),
 }
 
 

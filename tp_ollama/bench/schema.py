@@ -12,7 +12,7 @@ from typing import Any
 from tp_ollama.errors import TpOllamaError
 
 SCHEMA_ID = "tp-ollama-bench/1"
-KINDS = ("decode", "serve", "compare", "collectives")
+KINDS = ("decode", "serve", "compare", "collectives", "quality")
 
 
 class ReportError(TpOllamaError):
@@ -107,6 +107,23 @@ _METRICS: dict[str, dict[str, Any]] = {
     "predicted_ms_per_token": _metric("number", "decode time per token the cost model predicts, ms", minimum=0),
     "measured_ms_per_token": _metric("number", "decode time per token measured, ms", minimum=0),
     "prediction_error": _metric("number", "predicted_ms_per_token / measured_ms_per_token - 1 (0.1 = 10% slow)"),
+    "quality": _record(
+        "next-token distributions against the float32-dequantized model over a fixed text (as llama.cpp's "
+        "llama-perplexity --kl-divergence reports them)",
+        {
+            "top1_agreement": _field(
+                "number",
+                "fraction of scored positions whose most likely token is the reference's",
+                minimum=0,
+                maximum=1,
+            ),
+            "mean_kl": _field("number", "mean KL(reference || target) of the next-token distribution, nats", minimum=0),
+            "p99_kl": _field("number", "99th percentile of that KL divergence, nats", minimum=0),
+            "max_kl": _field("number", "largest KL divergence at one position, nats", minimum=0),
+            "perplexity": _field("number", "exp of the mean negative log-likelihood of the text's tokens", minimum=1),
+            "positions": _field("integer", "positions scored", minimum=0),
+        },
+    ),
     "extra": _metric("object", "anything else a target reports, free-form"),
 }
 METRICS = tuple(_METRICS)
