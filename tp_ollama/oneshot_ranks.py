@@ -11,8 +11,6 @@ import sys
 import time
 from dataclasses import dataclass, field
 
-import torch
-
 from tp_ollama.client.format import stats as verbose_stats
 from tp_ollama.completion import final_metrics, text_pieces
 from tp_ollama.engine.direct import DirectEngine, GenerationStats
@@ -21,8 +19,7 @@ from tp_ollama.engine.state import EngineJob
 from tp_ollama.errors import TpOllamaError
 from tp_ollama.launch import REPORTED_EXIT
 from tp_ollama.logs import setup_logging
-from tp_ollama.parallel.comm import init_distributed, make_comm
-from tp_ollama.parallel.shard import local_threads
+from tp_ollama.parallel.comm import join_group
 from tp_ollama.store.embedded import resolve_model
 from tp_ollama.text.prompt import prompt_tokens, tokenizer_at
 
@@ -34,8 +31,8 @@ class WorkerJob:
     """Everything a rank needs, passed through torchrun's launcher (must pickle)."""
 
     model: str
-    dtype: str = "float32"
-    quant: str = "none"
+    dtype: str = "auto"
+    quant: str = "auto"
     tp_weights: tuple[float, ...] | None = None
     comm: str = "auto"
     device: str = "cpu"  # "cpu" or "cuda[:FIRST]" (see rank_device)
@@ -65,9 +62,7 @@ def worker_main(job: WorkerJob) -> None:
 
 
 def _run(job: WorkerJob) -> None:
-    torch.set_num_threads(local_threads(int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
-    init_distributed("nccl" if job.comm == "nccl" else "gloo", job.timeout_s)
-    comm = make_comm(job.comm, job.timeout_s)
+    comm = join_group(job.comm, job.timeout_s)
     rank = comm.rank
     t0 = time.perf_counter()
     path = resolve_model(job.model)

@@ -5,14 +5,20 @@ test_plans.py."""
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
 from collections.abc import Iterator
 
 import pytest
 import torch
 import torch.distributed as dist
 
+from tests.waits import HANG_S
 from tp_ollama.errors import ConfigError
-from tp_ollama.parallel.comm import COMM_KINDS, HostStaged, SoloComm, Timed, check_comm_kind, make_comm
+from tp_ollama.launch import free_port
+from tp_ollama.parallel.comm import COMM_KINDS, HostStaged, SoloComm, Timed, check_comm_kind, make_comm, threads_for
 
 
 def test_a_group_of_one_returns_what_it_is_given():
@@ -78,3 +84,36 @@ def test_each_kind_is_a_timed_communicator_over_the_process_group(one_rank_group
         assert isinstance(fast, Timed) and fast.transport == transport and fast.world_size == 1
         assert torch.equal(fast.all_reduce(torch.ones(2)), torch.ones(2))
         fast.close()
+
+
+def test_ranks_on_one_host_share_its_cores_unless_omp_num_threads_says(monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    cores = len(os.sched_getaffinity(0))
+    assert threads_for(1) == cores
+    assert threads_for(2) == max(1, cores // 2)
+    assert threads_for(4 * cores) == 1
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    assert threads_for(8) == 3
+    for unusable in ("0", "many"):
+        monkeypatch.setenv("OMP_NUM_THREADS", unusable)
+        assert threads_for(1) == cores
+
+
+@pytest.mark.slow
+def test_two_launch_nodes_on_one_machine_find_each_other_and_split_its_cores():
+    """As two terminals running `tp-ollama launch --nnodes 2 --node-rank N` would: each node starts
+    one rank with LOCAL_WORLD_SIZE 1, and the ranks learn at rendezvous that they share this host."""
+    env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}
+    port = free_port()
+    nodes = [subprocess.Popen([sys.executable, "-m", "tests.parallel.tp_entry", str(n), str(port)], env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for n in (0, 1)]  # fmt: skip
+    try:
+        outs = [node.communicate(timeout=HANG_S)[0] for node in nodes]
+    finally:
+        for node in nodes:
+            node.kill()
+    assert [node.returncode for node in nodes] == [0, 0]
+    shares = [json.loads(out.strip().splitlines()[-1]) for out in outs]
+    cores = len(os.sched_getaffinity(0))
+    for share in shares:
+        assert share == {"threads": max(1, cores // 2), "transport": "shm", "ranks_on_host": 2}

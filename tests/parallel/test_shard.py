@@ -3,7 +3,6 @@ process starts, and a group of one loading the plain model (shards of several ra
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
@@ -13,27 +12,13 @@ from tests.tiny import make_hf_model, save_hf
 from tp_ollama.checkpoints.loader import load_model, open_checkpoint
 from tp_ollama.errors import ConfigError
 from tp_ollama.parallel.comm import SoloComm
-from tp_ollama.parallel.shard import load_shard, local_threads, preflight, rank_device
+from tp_ollama.parallel.shard import load_shard, preflight, rank_device
 
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny llama: 4 query heads, 2 KV heads."""
     return save_hf(make_hf_model("llama"), tmp_path_factory.mktemp("tiny-llama"))
-
-
-def test_ranks_on_one_host_share_its_cores_unless_omp_num_threads_says(monkeypatch: pytest.MonkeyPatch):
-    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
-    cores = os.cpu_count() or 1
-    assert local_threads(1) == cores
-    assert local_threads(2) == max(1, cores // 2)
-    assert local_threads(4 * cores) == 1
-    monkeypatch.setenv("OMP_NUM_THREADS", "3")
-    assert local_threads(8) == 3
-    monkeypatch.setenv("OMP_NUM_THREADS", "0")
-    assert local_threads(8) == 1
-    monkeypatch.setenv("OMP_NUM_THREADS", "many")
-    assert local_threads(1) == cores
 
 
 def test_a_cpu_rank_runs_on_the_cpu():

@@ -107,15 +107,13 @@ def rank_decode(model: str, config: dict[str, Any], measure_link: bool) -> dict[
     from tp_ollama.engine.direct import GenerationStats, generate_ids
     from tp_ollama.engine.options import GenerationOptions, SamplingOptions
     from tp_ollama.kernels.linear import activation_like, model_bytes, out_features
-    from tp_ollama.parallel.comm import init_distributed, make_comm
+    from tp_ollama.parallel.comm import join_group
     from tp_ollama.parallel.preflight import link_preflight
-    from tp_ollama.parallel.shard import load_shard, local_threads
+    from tp_ollama.parallel.shard import load_shard
     from tp_ollama.store.embedded import resolve_model
 
     cfg = DecodeConfig(**config)
-    torch.set_num_threads(local_threads(int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
-    init_distributed("gloo", TIMEOUT_S)
-    comm = make_comm(cfg.comm, TIMEOUT_S)
+    comm = join_group(cfg.comm, TIMEOUT_S)
     t0 = time.perf_counter()
     m, layout, ckpt = load_shard(resolve_model(model), comm, cfg.dtype, quant=cfg.quant)
     ckpt.close()
@@ -243,7 +241,7 @@ def run_decode(
     model: str,
     tp: Sequence[int] = (1,),
     dtypes: Sequence[str] = ("auto",),
-    quants: Sequence[str] = ("none",),
+    quants: Sequence[str] = ("auto",),
     prompt_tokens: Sequence[int] = (32,),
     gen_tokens: Sequence[int] = (64,),
     rounds: int = 1,
@@ -315,6 +313,8 @@ def add_predictions(
         return
     ckpt = open_checkpoint(resolve_model(model))
     shape = shape_of(ckpt.config)
+    dtypes = {(r["config"]["dtype"], r["config"]["quant"]) for r in targets}
+    resolved = {d: str(resolve_dtype(d[0], "cpu", ckpt, d[1])).removeprefix("torch.") for d in dtypes}
     ckpt.close()
     nnodes = report["settings"]["nodes"]["nnodes"]
     for r in targets:
@@ -326,7 +326,7 @@ def add_predictions(
             report["notes"].append(f"{r['target']}: no prediction ({why})")
             continue
         assert base is not None and read_gbs is not None
-        dtype = str(resolve_dtype(cfg["dtype"])).removeprefix("torch.")
+        dtype = resolved[cfg["dtype"], cfg["quant"]]
         context = cfg["prompt_tokens"] + cfg["gen_tokens"] // 2  # positions read, on average over decode
         cal = calibrate(shape, cfg["quant"], dtype, base["extra"]["step_ms_p50"] / 1e3, read_gbs * 1e9,
                         cores=os.cpu_count(), context=context)  # fmt: skip

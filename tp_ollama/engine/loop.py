@@ -10,7 +10,6 @@ tokens is broadcast at the step that samples for that request and every rank mas
 from __future__ import annotations
 
 import logging
-import os
 from dataclasses import dataclass, field
 
 import torch
@@ -43,8 +42,7 @@ from tp_ollama.engine.state import EngineJob, EngineState
 from tp_ollama.errors import TpOllamaError
 from tp_ollama.launch import Cluster, parse_weights, run_workers
 from tp_ollama.logs import setup_logging
-from tp_ollama.parallel.comm import init_distributed, make_comm
-from tp_ollama.parallel.shard import local_threads
+from tp_ollama.parallel.comm import join_group
 
 log = logging.getLogger(__name__)
 
@@ -174,9 +172,7 @@ class EngineLoop:
 def engine_main(job: EngineJob) -> None:
     """torchrun entry point of `serve` and `launch`: serve the front end's commands until shutdown."""
     setup_logging()
-    torch.set_num_threads(local_threads(int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
-    init_distributed("nccl" if job.comm == "nccl" else "gloo", job.timeout_s)
-    comm = make_comm(job.comm, job.timeout_s)
+    comm = join_group(job.comm, job.timeout_s)
     link = SocketLink(job.socket_path) if comm.rank == 0 else None
     try:
         EngineLoop(EngineState(job, comm), link).run()

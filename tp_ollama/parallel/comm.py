@@ -3,6 +3,7 @@ latency-optimised FastGroup for the small decode collectives. Chosen by name, co
 
 from __future__ import annotations
 
+import os
 import time
 from collections import Counter
 from datetime import timedelta
@@ -154,6 +155,41 @@ def init_distributed(backend: str, timeout_s: float) -> None:
     """Join the process group torchrun described in the environment."""
     if not dist.is_initialized():
         dist.init_process_group(backend=backend, timeout=timedelta(seconds=timeout_s))
+
+
+def join_group(kind: str, timeout_s: float) -> Any:
+    """Join the process group torchrun described in the environment, give this rank its share of its
+    host's cores, and build the communicator of `kind`.
+
+    Which ranks share a host is found out here, at rendezvous, from every rank's host identity, not
+    from the launcher's LOCAL_WORLD_SIZE: two `launch` nodes started on one machine are one host
+    with two ranks, whatever command started them, and each rank gets half its cores (busy OpenMP
+    threads beyond the cores spin against each other). OMP_NUM_THREADS, when set, wins."""
+    init_distributed("nccl" if kind == "nccl" else "gloo", timeout_s)
+    rank, world = dist.get_rank(), dist.get_world_size()
+    torch.set_num_threads(threads_for(ranks_on_my_host(rank, world, timeout_s)))
+    return make_comm(kind, timeout_s)
+
+
+def ranks_on_my_host(rank: int, world: int, timeout_s: float) -> int:
+    """How many ranks of the group (this one included) run on this rank's machine."""
+    from tp_ollama.parallel.fastcomm_base import host_id, store_get_all
+
+    store = dist.distributed_c10d._get_default_store()
+    me = host_id()
+    store.set(f"tpo/host/{rank}", me)
+    hosts = store_get_all(store, [f"tpo/host/{r}" for r in range(world)], timeout_s, "host identities", rank)
+    return sum(h.decode() == me for h in hosts)
+
+
+def threads_for(ranks_on_host: int) -> int:
+    """This rank's OpenMP threads: OMP_NUM_THREADS when set, else an equal share of the CPUs this
+    process may run on."""
+    value = os.environ.get("OMP_NUM_THREADS", "")
+    if value.isdigit() and int(value) > 0:
+        return int(value)
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, cpus // max(1, ranks_on_host))
 
 
 def check_comm_kind(kind: str) -> None:

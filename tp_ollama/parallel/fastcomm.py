@@ -20,13 +20,12 @@ import hashlib
 import json
 import os
 import platform
-import socket
 from collections.abc import Callable
 
 import torch
 import torch.distributed as dist
 
-from tp_ollama.parallel.fastcomm_base import OPS, CommError, Transport, store_get_all
+from tp_ollama.parallel.fastcomm_base import OPS, CommError, Transport, host_id, store_get_all
 from tp_ollama.parallel.fastcomm_shm import ShmTransport
 from tp_ollama.parallel.fastcomm_tcp import TcpTransport
 
@@ -35,17 +34,6 @@ TRANSPORTS = ("auto", "shm", "tcp")
 # More ranks on a host than CPUs: a spinning rank only holds the core its peer needs (3 ranks on 2 cores:
 # ~120 µs per all-reduce spinning 2 µs, ~265 µs spinning 50 µs), so spin at most this long.
 OVERSUBSCRIBED_SPIN_S = 2e-6
-
-
-def _host_id() -> str:
-    """hostname + kernel boot id. Ranks that agree on both run on one machine; whether they also share
-    /dev/shm (containers may not) is found out when they try to map the segment."""
-    try:
-        with open("/proc/sys/kernel/random/boot_id") as f:
-            boot = f.read().strip()
-    except OSError:
-        boot = ""
-    return f"{socket.gethostname()}/{boot}"
 
 
 def _shm_capable() -> bool:
@@ -269,7 +257,7 @@ def _bootstrap(
     timeout: float,
     spin_s: float,
 ) -> Transport:
-    me = {"host": _host_id(), "shm": _shm_capable(), "max_bytes": max_bytes, "transport": transport}
+    me = {"host": host_id(), "shm": _shm_capable(), "max_bytes": max_bytes, "transport": transport}
     store.set(f"{prefix}host/{rank}", json.dumps(me))
     keys = [f"{prefix}host/{p}" for p in range(world_size)]
     peers = [json.loads(v) for v in store_get_all(store, keys, timeout, "host records", rank)]

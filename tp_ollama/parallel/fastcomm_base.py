@@ -6,6 +6,7 @@ The transports import this module, never the dispatcher, so FastGroup can import
 
 from __future__ import annotations
 
+import socket
 from datetime import timedelta
 from typing import Protocol
 
@@ -87,6 +88,17 @@ class Transport(Protocol):
     def barrier(self) -> None: ...
 
     def close(self) -> None: ...
+
+
+def host_id() -> str:
+    """hostname + kernel boot id. Ranks that agree on both run on one machine; whether they also share
+    /dev/shm (containers may not) is found out when they try to map the segment."""
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as f:
+            boot = f.read().strip()
+    except OSError:
+        boot = ""
+    return f"{socket.gethostname()}/{boot}"
 
 
 def store_get_all(store: dist.Store, keys: list[str], timeout: float, what: str, rank: int) -> list[bytes]:

@@ -19,14 +19,6 @@ from tp_ollama.parallel.plans import Comm, apply_tp
 from tp_ollama.store.embedded import resolve_model
 
 
-def local_threads(local_world: int) -> int:
-    """Ranks on one host share its cores: each gets an equal part so that OpenMP threads don't spin
-    against each other. OMP_NUM_THREADS, when set, wins (e.g. several "nodes" on one machine)."""
-    if os.environ.get("OMP_NUM_THREADS", "").isdigit():
-        return max(1, int(os.environ["OMP_NUM_THREADS"]))
-    return max(1, (os.cpu_count() or 1) // max(1, local_world))
-
-
 def preflight(model: str, world_size: int, weights: tuple[float, ...] | None, comm: str) -> None:
     """Check the model, the layout and the communicator before any process starts (metadata only)."""
     check_comm_kind(comm)
@@ -67,4 +59,4 @@ def load_shard(
         mesh = init_device_mesh("cpu", (comm.world_size,))
         shard = partial(apply_tp, layout=layout, comm=comm, device_mesh=mesh)
     where = rank_device(device)
-    return load_model(ckpt, resolve_dtype(dtype, where), where, shard=shard, quant=quant), layout, ckpt
+    return load_model(ckpt, resolve_dtype(dtype, where, ckpt, quant), where, shard=shard, quant=quant), layout, ckpt
