@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pytest
-import torch
 
 from tp_ollama.completion import LoadedModel, load, stream_text
 from tp_ollama.engine.direct import GenerationStats
@@ -18,7 +17,7 @@ REPEATING = "I like to eat apples and"  # greedy SmolLM2 loops on one sentence h
 
 @pytest.fixture(scope="module")
 def smol() -> LoadedModel:
-    return load("smollm2:135m", torch.float32)
+    return load("smollm2:135m")
 
 
 def run(model: LoadedModel, prompt: str, **kw) -> tuple[str, GenerationStats]:

@@ -8,7 +8,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-import torch
 
 from tests.tiny import make_hf_model, save_hf, save_tiny_tokenizer
 from tp_ollama.completion import load, stream_text
@@ -32,7 +31,7 @@ def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def reference(tiny_dir: Path) -> str:
     """The greedy text of PROMPT from the engine in this process."""
-    loaded = load(str(tiny_dir), torch.float32)
+    loaded = load(str(tiny_dir), "float32")
     try:
         return "".join(stream_text(loaded, prompt_tokens(loaded.tokenizer, PROMPT), GREEDY))
     finally:

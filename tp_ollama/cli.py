@@ -49,8 +49,16 @@ RepeatPenaltyOpt = Annotated[float, typer.Option(help="Penalty for recent tokens
 RepeatLastNOpt = Annotated[int, typer.Option(help="How many recent tokens the penalties see.")]
 StopOpt = Annotated[list[str] | None, typer.Option(help="Stop string; repeat for several.")]
 NumCtxOpt = Annotated[int, typer.Option(help="Context window in tokens.")]
-DtypeOpt = Annotated[str, typer.Option(help="Activations: auto (bfloat16 if the hardware has it), float32, bfloat16.")]
-QuantOpt = Annotated[str, typer.Option(help="Weights: none, int8, int4, auto (a GGUF's own precision).")]
+DtypeOpt = Annotated[
+    str,
+    typer.Option(
+        help="Activations: auto (float32 with quantized weights, else the file's 16-bit floats where the CPU "
+        "has them), float32, bfloat16."
+    ),
+]
+QuantOpt = Annotated[
+    str, typer.Option(help="Weights: auto (the file's own precision), none (dequantized), int8, int4.")
+]
 DeviceOpt = Annotated[str, typer.Option(help="cpu or cuda (ranks share GPUs round-robin).")]
 TpWeightsOpt = Annotated[
     str | None, typer.Option(help="Relative speed of each rank, e.g. 2,1,1: a bigger share for faster ranks.")
@@ -75,8 +83,8 @@ def generate(
     repeat_last_n: RepeatLastNOpt = 64,
     stop: StopOpt = None,
     num_ctx: NumCtxOpt = 4096,
-    dtype: DtypeOpt = "float32",
-    quant: QuantOpt = "none",
+    dtype: DtypeOpt = "auto",
+    quant: QuantOpt = "auto",
     device: DeviceOpt = "cpu",
     verbose: Annotated[bool, typer.Option("--verbose", help="Print timings and token rates afterwards.")] = False,
     tp: Annotated[int, typer.Option(help="Tensor-parallel ranks on this machine.")] = 1,
@@ -143,8 +151,8 @@ def launch(
     top_p: TopPOpt = 0.9,
     num_ctx: NumCtxOpt = 4096,
     stop: StopOpt = None,
-    dtype: DtypeOpt = "float32",
-    quant: QuantOpt = "none",
+    dtype: DtypeOpt = "auto",
+    quant: QuantOpt = "auto",
     device: DeviceOpt = "cpu",
     tp_weights: TpWeightsOpt = None,
     comm: CommOpt = "auto",

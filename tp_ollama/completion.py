@@ -10,7 +10,6 @@ from collections.abc import Generator, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
 from torch import nn
 
 from tp_ollama.checkpoints.tokenizer import Tokenizer
@@ -34,7 +33,7 @@ class LoadedModel:
     path: Path
     engine: DirectEngine
     tokenizer: Tokenizer
-    dtype: torch.dtype
+    dtype: str
     load_seconds: float
 
     @property
@@ -44,13 +43,13 @@ class LoadedModel:
         return model
 
 
-def load(model: str, dtype: torch.dtype, device: str = "cpu", quant: str = "none", num_ctx: int = 4096) -> LoadedModel:
+def load(model: str, dtype: str = "auto", device: str = "cpu", quant: str = "auto", num_ctx: int = 4096) -> LoadedModel:
     """Resolve a model name or path, load it and its tokenizer."""
     t0 = time.perf_counter()
     path = resolve_model(model)
     tokenizer = tokenizer_at(path)
     engine = DirectEngine(EngineJob(device=str(device), kv_cache_bytes=None))
-    engine.load(str(path), str(dtype).removeprefix("torch."), num_ctx, quant)
+    engine.load(str(path), dtype, num_ctx, quant)
     seconds = time.perf_counter() - t0
     log.info("loaded %s (%s) as %s in %.2f s", model, path, dtype, seconds)
     return LoadedModel(model, path, engine, tokenizer, dtype, seconds)

@@ -24,7 +24,7 @@ class Prompting:
     options: GenerationOptions
     dtype: str
     device: str = "cpu"
-    quant: str = "none"
+    quant: str = "auto"
     verbose: bool = False  # timings on stderr afterwards, as `ollama run --verbose` prints them
 
 

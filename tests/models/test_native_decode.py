@@ -8,6 +8,7 @@ the bounds below are what a few of those allow, and far below what any wrong ope
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import gc
 import weakref
@@ -24,6 +25,7 @@ from tp_ollama.engine.kv_cache import KVCache
 from tp_ollama.engine.options import GenerationOptions
 from tp_ollama.engine.paged_kv import BlockPool
 from tp_ollama.kernels import quant
+from tp_ollama.kernels.quant import prefill_numerics
 from tp_ollama.models import native_decode
 from tp_ollama.models.native_decode import native_decoder
 
@@ -200,7 +202,8 @@ def modules_choices(
     out = []
     with torch.inference_mode():
         for n, token in enumerate(tokens):
-            logits = model.logits(model.hidden_states(ids, pos, cache)[:, -1]).float()[0]
+            with prefill_numerics() if n == 0 else contextlib.nullcontext():  # the prompt as generation takes it
+                logits = model.logits(model.hidden_states(ids, pos, cache)[:, -1]).float()[0]
             top = logits.topk(2)
             pairs = [(float(v), int(i)) for v, i in zip(top.values, top.indices, strict=True)]
             out.append((pairs[0], pairs[1], token))
@@ -332,3 +335,50 @@ def test_a_dropped_model_is_freed_at_once(checkpoints):
         assert ref() is None
     finally:
         gc.enable()
+
+
+TP_SPLITS = [(2, None), (3, None), (2, (2.0, 1.0))]  # even, uneven by count, uneven by weight
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("quant", ["int4", "int8"])
+@pytest.mark.parametrize("kind", ["llama", "qwen2", "gemma3_text"])
+def test_a_tensor_parallel_shard_takes_the_native_step(checkpoints, kind, quant):
+    """Each rank of TP 2 and 3 (even and uneven splits) runs its shard through the native step, which
+    sums o's and down's outputs through the communicator, and computes what the shard's torch
+    modules (the TP plan's hooks and all) compute, within what the whole model allows above."""
+    from tests.parallel.tp_entry import native_shard_runs
+    from tp_ollama.launch import Cluster, run_workers
+
+    layers = len(load(checkpoints[kind], torch.float32, quant).model.layers)
+    for world, weights in TP_SPLITS:
+        results = run_workers(Cluster(nproc_per_node=world), native_shard_runs, str(checkpoints[kind]), "bfloat16",
+                              quant, weights)  # fmt: skip
+        for rank, r in sorted(results.items()):
+            where = f"{kind} TP {world} {weights} rank {rank}"
+            assert r["why_not"] is None, f"{where}: {r['why_not']}"
+            # One for the embedding and two a layer, none for the head (each rank samples its own
+            # slice), in each forward: the 3 prompts' prefill into each of the two pools, then 6 steps
+            # of each path.
+            assert r["all_reduces"] == (2 * 3 + 2 * 6) * (1 + 2 * layers), where
+            assert r["rel"] < 0.15 and r["cos"] > 0.99, f"{where}: differ by {r['rel']:.3g} (cosine {r['cos']:.4f})"
+
+
+def test_the_binding_declares_the_structs_as_the_library_was_compiled():
+    """Every field of tpo_linear, tpo_layer and tpo_decoder at the offset the compiler gave it: a field
+    added on one side only moves the ones after it, and the step refuses the model at load."""
+    from tp_ollama.kernels import native as native_kernels
+
+    lib = native_kernels.library()
+    layout = native_decode.library_layout(lib)
+    assert layout == native_decode.binding_layout()
+    assert len(layout) == 3 + len(native_decode._Linear._fields_) + len(native_decode._Layer._fields_) + len(
+        native_decode._Decoder._fields_
+    )
+
+
+def test_a_binding_that_disagrees_with_the_library_keeps_the_modules(checkpoints, monkeypatch):
+    monkeypatch.setattr(native_decode, "binding_layout", lambda: [0])
+    model = load(checkpoints["llama"], torch.float32, "int4")
+    assert native_decoder(model) is None
+    assert "structs do not match" in native_decode.why_not_native(model)

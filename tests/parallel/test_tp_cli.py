@@ -9,7 +9,6 @@ import sys
 
 import psutil
 import pytest
-import torch
 
 from tests.store.test_embedded import GEMMA_PROMPTS, SMOL_CHATS, SMOL_PROMPTS
 from tests.waits import wait_until
@@ -24,7 +23,7 @@ pytestmark = pytest.mark.slow
 # tiny checkpoints (test_plans); here the real models run through the real command at TP=2 and 3.
 CASES = [("gemma3:270m", GEMMA_PROMPTS[0], False), ("smollm2:135m", SMOL_PROMPTS[0], False),
          ("smollm2:135m", SMOL_CHATS[0], True)]  # fmt: skip
-GREEDY = ["--temperature", "0", "--num-predict", "32", "--dtype", "float32"]
+GREEDY = ["--temperature", "0", "--num-predict", "32", "--dtype", "float32", "--quant", "none"]
 
 
 def cli(*args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
@@ -40,7 +39,7 @@ def unsharded() -> dict[tuple[str, str, bool], str]:
     texts = {}
     options = GenerationOptions(sampling=SamplingOptions(temperature=0), num_predict=32)
     for model in ("gemma3:270m", "smollm2:135m"):
-        loaded = load(model, torch.float32)
+        loaded = load(model, "float32", quant="none")
         for m, prompt, chat in CASES:
             if m == model:
                 ids = prompt_tokens(loaded.tokenizer, prompt, chat=chat)
@@ -59,7 +58,7 @@ def test_sharded_text_equals_unsharded(unsharded, model, prompt, chat, tp):
 def test_two_nodes_through_launch(unsharded):
     port = str(free_port())
     prompt = "The capital of France is"
-    common = ["launch", "smollm2:135m", prompt, *GREEDY[:4], "--nnodes", "2", "--master-port", port]
+    common = ["launch", "smollm2:135m", prompt, *GREEDY, "--nnodes", "2", "--master-port", port]
     node1 = subprocess.Popen(
         [sys.executable, "-m", "tp_ollama", *common, "--node-rank", "1"],
         stdout=subprocess.PIPE,

@@ -73,3 +73,64 @@ def sharded_runs(
         }
     comm.close()
     return out
+
+
+def native_shard_runs(path: str, dtype: str, quant: str, weights: tuple[float, ...] | None) -> dict[str, Any]:
+    """On each rank: the shard's native decode step against its torch modules (hooks and all) over a
+    paged batch, as tests/models/test_native_decode.py compares them on a whole model, and how many
+    all-reduces one native step made."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    from tests.models.test_native_decode import paged_both_paths
+    from tests.tiny import prompt_ids
+    from tp_ollama.models.native_decode import native_decoder, why_not_native
+
+    torch.set_num_threads(1)
+    init_distributed("gloo", 60)
+    comm = make_comm("auto", 60)
+    mesh = init_device_mesh("cpu", (comm.world_size,))
+    ckpt = open_checkpoint(Path(path))
+    layout = TPLayout.build(ckpt.config, comm.world_size, weights)
+    shard = partial(apply_tp, layout=layout, comm=comm, device_mesh=mesh)
+    model = load_model(ckpt, getattr(torch, dtype), "cpu", shard=shard, quant=quant)
+    out: dict[str, Any] = {"rank": comm.rank, "why_not": why_not_native(model)}
+    decoder = native_decoder(model)
+    if decoder is None:
+        comm.close()
+        return out
+    prompts = [prompt_ids(n, seed=n) for n in (3, 9, 14)]
+    before = comm.stats["all_reduce"]
+    got, want = paged_both_paths(model, prompts, steps=6)
+    out["all_reduces"] = comm.stats["all_reduce"] - before
+    out["rel"] = ((got - want).norm(dim=-1) / want.norm(dim=-1)).max().item()
+    out["cos"] = torch.nn.functional.cosine_similarity(got, want, dim=-1).min().item()
+    comm.close()
+    return out
+
+
+def host_share() -> dict[str, Any]:
+    """What join_group made of this rank's host: its threads and the communicator's transport."""
+    from tp_ollama.parallel.comm import join_group, ranks_on_my_host
+
+    comm = join_group("auto", 60)
+    try:
+        ranks = ranks_on_my_host(comm.rank, comm.world_size, 60)
+        return {"threads": torch.get_num_threads(), "transport": comm.transport, "ranks_on_host": ranks}
+    finally:
+        comm.close()
+
+
+def host_share_node(node_rank: int, port: int) -> None:
+    """One `launch`-style node of one rank (nnodes=2): prints its rank's host_share() as JSON."""
+    import json
+
+    from tp_ollama.launch import Cluster, run_workers
+
+    results = run_workers(Cluster(nnodes=2, node_rank=node_rank, master_port=port, join_timeout_s=60), host_share)
+    print(json.dumps(next(iter(results.values()))), flush=True)
+
+
+if __name__ == "__main__":
+    import sys
+
+    host_share_node(int(sys.argv[1]), int(sys.argv[2]))

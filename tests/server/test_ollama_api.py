@@ -9,7 +9,6 @@ from datetime import datetime
 import httpx
 import ollama
 import pytest
-import torch
 
 from tests.server.conftest import SMOL, LiveServer
 from tp_ollama.completion import load, stream_text
@@ -202,7 +201,7 @@ def test_smollm2_answers_paris(client):
 
 @pytest.fixture(scope="module")
 def reference():
-    return load(SMOL, torch.float32)
+    return load(SMOL)  # as the server loads it, with the defaults
 
 
 @pytest.mark.parametrize("raw", [True, False])

@@ -42,7 +42,10 @@ def server(request, tmp_path_factory):
     env.pop("OLLAMA_HOST", None)
     log = tmp_path_factory.mktemp("log") / "serve.log"
     with log.open("w") as sink:  # a file, not a pipe nobody reads, which could fill and block the server
-        cmd = [sys.executable, "-m", "tp_ollama", "serve", "--port", str(port), "--tp", str(request.param)]
+        # float32 and no quantization: the texts below are held equal to the unsharded model's, which
+        # only float32 guarantees (test_defaults_at_tp2_... covers the defaults)
+        cmd = [sys.executable, "-m", "tp_ollama", "serve", "--port", str(port), "--tp", str(request.param),
+               "--dtype", "float32", "--quant", "none"]  # fmt: skip
         proc = subprocess.Popen(cmd, env=env, stdout=sink, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
 
@@ -89,7 +92,7 @@ def test_greedy_generate_equals_the_unsharded_text(server):
     with ollama.Client(host=url) as client:
         chunks = client.generate(model="smollm2:135m", prompt=prompt, raw=True, options=options, stream=True)
         streamed = "".join(chunk.response for chunk in chunks)
-    loaded = load("smollm2:135m", torch.float32)
+    loaded = load("smollm2:135m", "float32", quant="none")
     ids = prompt_tokens(loaded.tokenizer, prompt)
     gen = GenerationOptions(sampling=SamplingOptions(temperature=0), num_predict=24)
     assert streamed == "".join(stream_text(loaded, ids, gen))
@@ -133,6 +136,45 @@ def test_stopping_the_server_stops_every_rank(tmp_path, stop_signal):
     proc.wait(timeout=60)
     _, alive = psutil.wait_procs(ranks, timeout=30)
     assert alive == []
+
+
+def test_defaults_at_tp2_decode_natively_and_a_batch_gives_each_its_own_tokens(tmp_path):
+    """`serve --tp 2` with no flags: the file's own precision, decode steps through the native kernels
+    on both ranks, and requests decoding together get the tokens each gets alone."""
+    port = free_port()
+    env = {**os.environ, "OLLAMA_MODELS": str(tmp_path), "OMP_NUM_THREADS": "1", "OLLAMA_NUM_PARALLEL": "4"}
+    log = tmp_path / "serve.log"
+    with log.open("w") as sink:
+        proc = subprocess.Popen([sys.executable, "-m", "tp_ollama", "serve", "--port", str(port), "--tp", "2"],
+                                env=env, stdout=sink, stderr=subprocess.STDOUT)  # fmt: skip
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_until(lambda: _answers(url), STARTUP_S, what="the server answering")
+        prompts = ["The capital of France is", "def fibonacci(n):", "Once upon a time", "1, 2, 3, 4,"]
+        options = {"temperature": 0, "num_predict": 12}
+
+        def one(prompt: str) -> str:
+            with ollama.Client(host=url) as client:
+                return client.generate(model="smollm2:135m", prompt=prompt, raw=True, options=options).response
+
+        alone = [one(p) for p in prompts]
+        with ThreadPoolExecutor(4) as pool:
+            together = list(pool.map(one, prompts))
+        assert together == alone
+        assert "Paris" in alone[0]
+        running = httpx.get(f"{url}/api/ps").json()["models"][0]
+        assert running["precision"]["dtype"] == "float32" and running["precision"]["weights"].get("int8", 0) > 0
+        assert "decode: native" in log.read_text()
+    finally:
+        proc.send_signal(signal.SIGINT)
+        proc.wait(timeout=60)
+
+
+def _answers(url: str) -> bool:
+    try:
+        return httpx.get(f"{url}/api/version", timeout=2).status_code == 200
+    except httpx.TransportError:
+        return False
 
 
 def test_a_killed_engine_group_is_started_again(server, request):
@@ -184,7 +226,7 @@ def test_every_endpoint_through_the_engine_group(server, request):
         served = client.generate(
             model="gemma3:270m", prompt="Water boils at a temperature of", raw=True, options=greedy
         )
-    loaded = load("gemma3:270m", torch.float32)
+    loaded = load("gemma3:270m", "float32", quant="none")
     ids = prompt_tokens(loaded.tokenizer, "Water boils at a temperature of")
     expected = "".join(
         stream_text(loaded, ids, GenerationOptions(sampling=SamplingOptions(temperature=0), num_predict=16))
@@ -367,7 +409,7 @@ def test_the_second_chat_turn_reuses_the_first_turns_blocks(server, request):
         turn2 = client.chat(model="smollm2:135m", messages=second, options=greedy)
     reused = hits() - before
     assert reused >= turn1.prompt_eval_count - 16  # every full block of the first turn's prompt
-    loaded = load("smollm2:135m", torch.float32)
+    loaded = load("smollm2:135m", "float32", quant="none")
     text = loaded.tokenizer.apply_chat_template(second, add_generation_prompt=True)
     ids = loaded.tokenizer.encode(text, add_special_tokens=False)
     gen = GenerationOptions(sampling=SamplingOptions(temperature=0), num_predict=24)

@@ -54,7 +54,7 @@ def test_an_embedded_model_whose_package_is_missing_names_the_package(monkeypatc
 
 def cli_generate(model: str, prompt: str, *extra: str) -> str:
     cmd = [sys.executable, "-m", "tp_ollama", "generate", model, prompt, "--temperature", "0"]
-    cmd += ["--num-predict", "32", "--dtype", "float32", *extra]
+    cmd += ["--num-predict", "32", "--dtype", "float32", "--quant", "none", *extra]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=os.environ.copy())
     assert done.returncode == 0, done.stderr
     return done.stdout

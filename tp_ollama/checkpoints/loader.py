@@ -22,15 +22,43 @@ def parse_dtype(name: str) -> torch.dtype:
     return DTYPES[name]
 
 
-def resolve_dtype(name: str, device: torch.device | str = "cpu") -> torch.dtype:
-    """`auto`: bfloat16 where the hardware computes it natively (CPUs with AVX512-BF16 or AMX, GPUs
-    that support it), float32 elsewhere; any other name as parse_dtype."""
+def resolve_dtype(
+    name: str, device: torch.device | str = "cpu", ckpt: Checkpoint | None = None, quant: str = "none"
+) -> torch.dtype:
+    """Any name but `auto` as parse_dtype. `auto` on a GPU: bfloat16 where it is supported, float16
+    elsewhere. `auto` on a CPU: float32 when the linear layers are packed (`quant` int8 or int4, or
+    auto on a quantized GGUF): the matmul kernels quantize what they read to int8 either way, so
+    16-bit activations would buy no speed and would round the residual stream and the norms, which
+    stay float32 as llama.cpp keeps them. For float weights, bfloat16 where the checkpoint stores
+    16-bit floats and the CPU computes bfloat16 natively (AVX512-BF16 or AMX), float32 elsewhere."""
     if name != "auto":
         return parse_dtype(name)
     device = torch.device(device)
     if device.type == "cuda":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if ckpt is not None and (packs_weights(ckpt, quant) or not _stores_16_bit_floats(ckpt)):
+        return torch.float32
     return torch.bfloat16 if cpu_has_bf16() else torch.float32
+
+
+def packs_weights(ckpt: Checkpoint, quant: str) -> bool:
+    """Whether loading `ckpt` with `quant` packs any linear layer into int8 or int4."""
+    from tp_ollama.checkpoints.quantize import packing_for
+
+    if quant in ("int8", "int4"):
+        return True
+    stored_type = getattr(ckpt, "stored_type", None)
+    if quant != "auto" or stored_type is None:
+        return False
+    return any(packing_for(quant, stored_type(n)) is not None for n in ckpt.names() if n.endswith("proj.weight"))
+
+
+def _stores_16_bit_floats(ckpt: Checkpoint) -> bool:
+    stored_type = getattr(ckpt, "stored_type", None)
+    if stored_type is not None:
+        return any(stored_type(n).upper() in ("F16", "BF16") for n in ckpt.names() if n.endswith("proj.weight"))
+    hf_config = getattr(ckpt, "hf_config", {})
+    return str(hf_config.get("torch_dtype") or hf_config.get("dtype")) in ("bfloat16", "float16")
 
 
 def cpu_has_bf16() -> bool:

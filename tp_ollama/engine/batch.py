@@ -32,6 +32,7 @@ from tp_ollama.engine.constraint import Constraint
 from tp_ollama.engine.options import GenerationOptions
 from tp_ollama.engine.paged_kv import BlockPool, SequenceKV
 from tp_ollama.engine.protocol import FinalStats, Plan, Request
+from tp_ollama.kernels.quant import ROW_INVARIANT_ROWS, prefill_numerics
 from tp_ollama.models.native_decode import native_decoder
 
 PREFILL_CHUNK = 256  # prompt tokens per step: bounds how long one prompt stalls the decoding rows
@@ -224,15 +225,22 @@ class Batch:
         n = min(n, len(prompt) - start)
         if not seq.kv.reserve(n):
             raise RuntimeError(f"the KV pool could not hold {n} more tokens of request {seq.request.id}")
-        ids = torch.tensor([prompt[start : start + n]], dtype=torch.long, device=self.device)
-        positions = torch.arange(start, start + n, dtype=torch.long, device=self.device)[None]
-        cache = PagedBatchCache(self.pool, [seq.kv], [start], [n], self.windows)
-        hidden = self.model.hidden_states(ids, positions, cache)  # type: ignore[operator]
-        seq.kv.commit(prompt[start : start + n])
-        seq.written += n
-        row = None
-        if not seq.prefilling:
-            row = self.model.logits(hidden[:, -1]).float()[0]  # type: ignore[operator]
+        # At least ROW_INVARIANT_ROWS rows, padded with positions after the chunk (causal attention
+        # keeps them out of the real rows; their keys and values land in slots the sequence writes
+        # again when it gets there): each row then computes as it would in any longer prefill.
+        tokens = prompt[start : start + n]
+        padded = max(n, min(ROW_INVARIANT_ROWS, positions_needed(len(prompt), seq.request.options) - start))
+        if padded > n and not seq.kv.reserve(padded):
+            padded = n
+        tokens = tokens + tokens[-1:] * (padded - n)
+        ids = torch.tensor([tokens], dtype=torch.long, device=self.device)
+        positions = torch.arange(start, start + padded, dtype=torch.long, device=self.device)[None]
+        cache = PagedBatchCache(self.pool, [seq.kv], [start], [padded], self.windows)
+        with prefill_numerics():
+            hidden = self.model.hidden_states(ids, positions, cache)  # type: ignore[operator]
+            seq.kv.commit(prompt[start : start + n])
+            seq.written += n
+            row = None if seq.prefilling else self.model.logits(hidden[:, n - 1]).float()[0]  # type: ignore[operator]
         seq.prompt_ns += time.perf_counter_ns() - t0
         return row
 

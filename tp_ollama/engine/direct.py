@@ -70,7 +70,7 @@ class DirectEngine:
     def rank(self) -> int:
         return self.state.comm.rank
 
-    def load(self, path: str, dtype: str = "float32", num_ctx: int = 4096, quant: str = "none") -> LoadInfo:
+    def load(self, path: str, dtype: str = "auto", num_ctx: int = 4096, quant: str = "auto") -> LoadInfo:
         """Load this rank's shard (every rank, together)."""
         cmd = Load(next(self._ids), path, dtype, num_ctx, quant)
         with torch.inference_mode():

@@ -1,10 +1,11 @@
 """Sentence embeddings from a decoder: the mean of the final (normed) hidden states over each input's
-tokens, for a batch of inputs at once.
+tokens.
 
-Inputs of different lengths share one forward pass, right-padded: attention is causal, so the pad
-positions after an input's last token never change its hidden states, and the mean skips them.
-Inputs are grouped by length so that a batch carries little padding and at most `token_budget`
-positions, which bounds the activation memory of one pass."""
+Each input has a forward pass of its own. Batching inputs would save little (embedding inputs are
+short) and would make a vector depend on its neighbours: quantized matmuls pick their kernel by
+the number of rows they multiply (int8 activations for a few rows, bfloat16 for many), so the same
+text would embed a little differently alone and in a batch. Ollama's clients compare embeddings
+across requests, so an input's vector is a function of the input alone."""
 
 from __future__ import annotations
 
@@ -15,12 +16,11 @@ from torch import nn
 
 from tp_ollama.engine.kv_cache import KVCache
 from tp_ollama.errors import RequestError
-
-TOKEN_BUDGET = 8192  # padded positions per forward pass
+from tp_ollama.kernels.quant import prefill_numerics
 
 
 @torch.inference_mode()
-def embed_batch(model: nn.Module, inputs: Sequence[Sequence[int]], token_budget: int = TOKEN_BUDGET) -> torch.Tensor:
+def embed_batch(model: nn.Module, inputs: Sequence[Sequence[int]]) -> torch.Tensor:
     """(len(inputs), hidden) float32 mean-pooled vectors, not normalised, in the order given."""
     empty = [i for i, ids in enumerate(inputs) if not ids]
     if empty:
@@ -28,28 +28,15 @@ def embed_batch(model: nn.Module, inputs: Sequence[Sequence[int]], token_budget:
     device: torch.device = next(model.parameters()).device
     hidden_size = int(model.config.hidden_size)  # type: ignore[union-attr,arg-type]
     out = torch.empty(len(inputs), hidden_size, dtype=torch.float32)
-    order = sorted(range(len(inputs)), key=lambda i: len(inputs[i]))
-    start = 0
-    while start < len(order):
-        # The longest input of a group comes last (sorted), so the group's width is known as it grows.
-        end = start + 1
-        while end < len(order) and (end + 1 - start) * len(inputs[order[end]]) <= token_budget:
-            end += 1
-        group = order[start:end]
-        out[group] = _pooled(model, [inputs[i] for i in group], device).float().cpu()
-        start = end
+    with prefill_numerics():
+        for i, ids in enumerate(inputs):
+            out[i] = _pooled(model, ids, device).float().cpu()
     return out
 
 
-def _pooled(model: nn.Module, batch: list[Sequence[int]], device: torch.device) -> torch.Tensor:
-    width = max(len(ids) for ids in batch)
-    ids = torch.zeros(len(batch), width, dtype=torch.long, device=device)
-    real = torch.zeros(len(batch), width, dtype=torch.bool, device=device)
-    for row, seq in enumerate(batch):
-        ids[row, : len(seq)] = torch.tensor(list(seq), dtype=torch.long)
-        real[row, : len(seq)] = True
-    positions = torch.arange(width, dtype=torch.long, device=device)[None].expand(len(batch), width)
-    cache = KVCache.for_model(model, batch=len(batch), max_len=width)
-    hidden = model.hidden_states(ids, positions, cache).float()  # type: ignore[operator]  # (B, T, H)
-    weights = real.unsqueeze(-1).float()
-    return (hidden * weights).sum(dim=1) / weights.sum(dim=1)
+def _pooled(model: nn.Module, ids: Sequence[int], device: torch.device) -> torch.Tensor:
+    tokens = torch.tensor([list(ids)], dtype=torch.long, device=device)
+    positions = torch.arange(len(ids), dtype=torch.long, device=device)[None]
+    cache = KVCache.for_model(model, batch=1, max_len=len(ids))
+    hidden = model.hidden_states(tokens, positions, cache).float()  # type: ignore[operator]  # (1, T, H)
+    return hidden[0].mean(dim=0)

@@ -52,9 +52,9 @@ class Cancel(msgspec.Struct, tag="cancel"):
 class Load(msgspec.Struct, tag="load"):
     id: str
     path: str  # a GGUF file or HF directory, at the same path on every node
-    dtype: str = "float32"
+    dtype: str = "auto"
     num_ctx: int = 4096
-    quant: str = "none"
+    quant: str = "auto"
 
 
 class Unload(msgspec.Struct, tag="unload"):

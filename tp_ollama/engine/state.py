@@ -45,6 +45,7 @@ from tp_ollama.engine.sampler import Sampler
 from tp_ollama.engine.sharded_sampling import ShardedSampler
 from tp_ollama.errors import TpOllamaError
 from tp_ollama.kernels.linear import model_bytes
+from tp_ollama.models.native_decode import why_not_native
 from tp_ollama.parallel.facts import rank_facts
 from tp_ollama.parallel.layout import TPLayout
 from tp_ollama.parallel.plans import Comm
@@ -120,6 +121,9 @@ class EngineState:
         if comm.rank == 0:
             self.planner = Planner(pool, job.max_running)
         precision = describe_precision(model)
+        why_not = why_not_native(model)
+        # Which implementation decode steps take: a model the native step cannot run is said here.
+        precision["decode"] = "native" if why_not is None else f"torch modules: {why_not}"
         warning = link_preflight(comm, model)
         if warning is not None:
             log.warning("%s", warning)
@@ -140,12 +144,13 @@ class EngineState:
         if comm.rank == 0:
             heads = "/".join(str(b - a) for a, b in layout.q_heads)
             log.info(
-                "loaded %s: TP %d (query heads %s), %s; KV cache %d blocks of %d tokens, "
+                "loaded %s: TP %d (query heads %s), %s, decode: %s; KV cache %d blocks of %d tokens, "
                 "up to %.0f MiB per rank, committed as used; %.2f s",
                 cmd.path,
                 world,
                 heads,
                 precision_line(precision),
+                precision["decode"],
                 pool.num_blocks,
                 pool.block_size,
                 pool.num_blocks * pool.bytes_per_block() / 2**20,

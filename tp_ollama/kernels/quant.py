@@ -3,7 +3,8 @@
 Each packing has a plain reference (`dequantize`) and a fast path:
   - int4 on CPUs with AVX-512 VNNI: the native kernel (tp_ollama.kernels.native) in its own layout,
     for decode, batches of decodes and prefill alike; int8 on the same CPUs: a native kernel on the
-    plain layout up to SMALL_BATCH rows (more go to the dense path below);
+    plain layout up to SMALL_BATCH rows of a decode step (more rows, and prefill under
+    `prefill_numerics`, go to the dense path below);
   - otherwise torch's packed CPU kernels (`torch._weight_int8pack_mm`, `torch._weight_int4pack_mm_for_cpu`),
     which read one activation row at a time and want bfloat16 activations (float32 ones take a scalar
     path 15x slower): up to SMALL_BATCH rows go through them in bfloat16; more rows (prefill)
@@ -18,7 +19,10 @@ Scales (and zeros) are bfloat16: that is what the kernels read, so the reference
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import threading
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -255,6 +259,36 @@ def packed_kernels_available(device: torch.device) -> bool:
     return device.type == "cpu" and hasattr(torch, "_weight_int4pack_mm_for_cpu")
 
 
+_numerics = threading.local()
+# Matmuls of at least this many rows give each row the same result whatever the others are (CPU GEMM
+# kernels take other paths for fewer rows); a prefill pads its rows to this many (engine/batch.py).
+ROW_INVARIANT_ROWS = 16
+
+
+def in_prefill() -> bool:
+    """Whether the caller computes inside `prefill_numerics`."""
+    return bool(getattr(_numerics, "prefill", False))
+
+
+@contextlib.contextmanager
+def prefill_numerics() -> Iterator[None]:
+    """Matmuls and attention inside compute each row as a prompt's prefill does, whatever the number
+    of rows.
+
+    A prompt whose first blocks come from the prefix cache prefills only its tail, a few rows, and
+    the same request must answer as it did the first time (a seed makes output reproducible). So
+    inside: weights other than native int4 take the dense path for any number of rows (the native
+    int8 kernel's int8 activations and torch's packed kernels differ from it in the last bits),
+    attention takes a row-invariant form (models/common.py), and the caller gives every matmul at
+    least ROW_INVARIANT_ROWS rows where it can."""
+    before = getattr(_numerics, "prefill", False)
+    _numerics.prefill = True
+    try:
+        yield
+    finally:
+        _numerics.prefill = before
+
+
 def quant_matmul(x: torch.Tensor, w: QuantWeight) -> torch.Tensor:
     """x (*, K) @ w.T -> (*, N) in x's dtype."""
     lead, k = x.shape[:-1], x.shape[-1]
@@ -264,6 +298,8 @@ def quant_matmul(x: torch.Tensor, w: QuantWeight) -> torch.Tensor:
     native_int8 = w.native_matmul() if isinstance(w, Int8Weight) and x.device.type == "cpu" else None
     if isinstance(w, Int4Weight) and x.device.type == "cpu" and native_int4():
         y = w.native_matmul()(x2)
+    elif in_prefill():  # one path for any number of rows (prefill_numerics)
+        y = _dense_matmul(x2, w)
     elif native_int8 is not None and rows <= SMALL_BATCH["int8"]:
         y = native_int8(x2)
     elif rows <= SMALL_BATCH[w.kind] and packed_kernels_available(x.device):

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tp_ollama.kernels import native
+from tp_ollama.kernels.quant import ROW_INVARIANT_ROWS, in_prefill
 
 
 class LayerCache(Protocol):
@@ -200,8 +201,44 @@ def attention(
             visible = visible & (qp - kp < window)
     if kv_map is not None:
         k, v = k.index_select(1, kv_map), v.index_select(1, kv_map)  # (B, Hq, S, D)
+    if in_prefill():
+        return _rowwise_attention(q, k, v, visible, scale)
     # Even groups: SDPA reads each KV head for its query heads without copying K and V.
     return F.scaled_dot_product_attention(q, k, v, attn_mask=visible, scale=scale, enable_gqa=q.shape[1] != k.shape[1])
+
+
+QUERY_CHUNK = 64  # query rows whose scores exist at once in _rowwise_attention
+
+
+def _rowwise_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, visible: torch.Tensor | None, scale: float
+) -> torch.Tensor:
+    """Attention whose every query row comes out the same whatever other rows are computed with it
+    (SDPA's CPU kernels block the queries by their count, and a row's sums then run in another
+    order): scores, softmax and the weighted sum as matmuls of at least ROW_INVARIANT_ROWS rows,
+    QUERY_CHUNK rows at a time. Prefill takes it, so that a prompt's tail computed after a prefix-cache
+    hit equals what the whole prompt's prefill computed."""
+    group = q.shape[1] // k.shape[1]
+    if group > 1:
+        k, v = k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)
+    t = q.shape[2]
+    if t < ROW_INVARIANT_ROWS:  # too few rows: compute copies of the last one beside them
+        extra = ROW_INVARIANT_ROWS - t
+        q = torch.cat([q, q[:, :, -1:].expand(-1, -1, extra, -1)], dim=2)
+        if visible is not None:
+            visible = torch.cat([visible, visible[:, :, -1:].expand(-1, -1, extra, -1)], dim=2)
+        return _rowwise_attention(q, k, v, visible, scale)[:, :, :t]
+    kt = k.transpose(-1, -2)
+    out = torch.empty_like(q)
+    for a in range(0, t, QUERY_CHUNK):
+        b = min(t, a + QUERY_CHUNK)
+        if b - a < ROW_INVARIANT_ROWS:  # a short last chunk: take it with rows before it
+            a = b - ROW_INVARIANT_ROWS
+        scores = torch.matmul(q[:, :, a:b], kt) * scale
+        if visible is not None:
+            scores = scores.masked_fill(~visible[:, :, a:b], float("-inf"))
+        out[:, :, a:b] = torch.matmul(torch.softmax(scores.float(), dim=-1).to(v.dtype), v)
+    return out
 
 
 def project(module: nn.Module, x: torch.Tensor, names: tuple[str, ...]) -> tuple[torch.Tensor, ...]:

@@ -91,7 +91,14 @@ class _Decoder(ctypes.Structure):
         ("embed_scale", _f32),
         ("final_norm", _ptr),
         ("head", _Linear),
+        ("all_reduce", _ptr),
+        ("reduce_ctx", _ptr),
+        ("kv_first", _ptr),
     ]
+
+
+# int all_reduce(void *ctx, float *x, int64_t n): sums x over the tensor-parallel group in place.
+_REDUCE = ctypes.CFUNCTYPE(_int, _ptr, _ptr, _i64)
 
 
 EMBED_QUANT, EMBED_F32, EMBED_BF16 = 0, 1, 2  # tpo_decoder.embed_kind
@@ -132,18 +139,26 @@ def _sizes(module: nn.Module, names: tuple[str, ...]) -> tuple[int, ...]:
     return tuple(out_features(module._modules[n]) for n in names)  # type: ignore[arg-type]
 
 
-def _has_hooks(model: nn.Module) -> bool:
-    return any(
-        m._forward_hooks or m._forward_pre_hooks or m._forward_hooks_with_kwargs or m._forward_pre_hooks_with_kwargs
-        for m in model.modules()
-    )
+def _hooked(model: nn.Module) -> list[str]:
+    """Names of the modules with forward hooks."""
+    return [
+        name
+        for name, m in model.named_modules()
+        if m._forward_hooks or m._forward_pre_hooks or m._forward_hooks_with_kwargs or m._forward_pre_hooks_with_kwargs
+    ]
+
+
+# Module names (last part) whose hooks are a tensor-parallel plan's (tp_ollama.parallel.plans): the
+# row-parallel projections' all-reduce, which the step makes through the decoder's callback, and the
+# vocabulary-range embedding, which stays torch's.
+TP_HOOKED = ("embed_tokens", "o_proj", "down_proj")
 
 
 class NativeDecoder:
     """The model's layers described for `tpo_decode`: weight pointers taken once (the decoder keeps
     every tensor it points into alive), cache pointers taken once per KV cache."""
 
-    def __init__(self, model: nn.Module, lib: ctypes.CDLL) -> None:
+    def __init__(self, model: nn.Module, lib: ctypes.CDLL, comm: Any = None) -> None:
         cfg: Any = model.config
         body: Any = model.model
         # The embedding and final norm, not the model: the model holds this decoder, and a cycle
@@ -177,11 +192,46 @@ class NativeDecoder:
             gelu=int(self.gemma),
             layers=self.layers,
         )
+        kv_map = attn0.kv_map
+        if kv_map is not None and not _grouped(kv_map, q_size // hd, k_size // hd):
+            first = torch.searchsorted(kv_map.cpu().contiguous(), torch.arange(k_size // hd + 1), right=False)
+            self._keep.append(first)
+            self.decoder.kv_first = first.data_ptr()
         self._cache: Any = None
         self._embed_scale = torch.tensor(cfg.hidden_size**0.5, dtype=self.dtype) if self.gemma else None
         self._logits_fn, self._paged_logits = lib.tpo_decode_logits, lib.tpo_decode_paged_logits
         self.vocab = 0
-        self.takes_tokens = self._describe_ends(model)
+        self.comm = comm
+        self._reduce_error: BaseException | None = None
+        if comm is not None and comm.world_size > 1:
+            # A shard: the embedding (a vocabulary range, assembled by its hooks) and the LM head (this
+            # rank's logits) stay torch's; the layers sum o's and down's outputs through the callback.
+            self._reduce = _REDUCE(self._all_reduce)
+            self.decoder.all_reduce = ctypes.cast(self._reduce, _ptr)
+            self.takes_tokens = False
+        else:
+            self.takes_tokens = self._describe_ends(model)
+
+    def _all_reduce(self, ctx: int | None, ptr: int, n: int) -> int:
+        """The step's callback: sum n floats at ptr over the group, in place; 1 on failure (kept for
+        the caller to raise once the step has returned)."""
+        try:
+            view = torch.frombuffer((ctypes.c_float * n).from_address(ptr), dtype=torch.float32)
+            out = self.comm.all_reduce(view)
+            if out.data_ptr() != view.data_ptr():
+                view.copy_(out)
+            return 0
+        except BaseException as e:  # ctypes cannot carry an exception through C
+            self._reduce_error = e
+            return 1
+
+    def _check(self, rc: int, what: str, expected: str) -> None:
+        if rc == 0:
+            return
+        if rc == -3 and self._reduce_error is not None:
+            error, self._reduce_error = self._reduce_error, None
+            raise error
+        raise _failure(rc, what, expected)
 
     def _describe_ends(self, model: nn.Module) -> bool:
         """Describe the embedding, final norm and LM head for the logits functions; False where one of
@@ -306,8 +356,7 @@ class NativeDecoder:
             self._bind(cache)
         x = self._embed(ids)
         rc = self._fn(ctypes.byref(self.decoder), x.data_ptr(), pos, torch.get_num_threads())
-        if rc != 0:
-            raise _failure(rc, f"position {pos}", "shapes it takes")
+        self._check(rc, f"position {pos}", "shapes it takes")
         for kv in cache.layers:
             kv.used = max(kv.used, pos % kv.capacity + 1)
         return self._final_norm(x)
@@ -371,8 +420,7 @@ class NativeDecoder:
             return out
         x = self._embed(ids)
         rc = self._paged(decoder, x.data_ptr(), *batch, threads)
-        if rc != 0:
-            raise _failure(rc, f"positions {positions}", "shapes it takes")
+        self._check(rc, f"positions {positions}", "shapes it takes")
         return self._final_norm(x)
 
     def _vocabulary(self) -> str:
@@ -403,39 +451,88 @@ def native_decoder(model: nn.Module) -> NativeDecoder | None:
     found = model.__dict__.get("_native_decoder", False)
     if found is not False:
         return found
-    decoder = _make(model)
+    decoder, _ = _make(model)
     model.__dict__["_native_decoder"] = decoder
     return decoder
 
 
-def _make(model: nn.Module) -> NativeDecoder | None:
+def why_not_native(model: nn.Module) -> str | None:
+    """Why decode steps of this model take the torch modules instead of the native step; None when
+    they take the native step."""
+    return _make(model)[1] if native_decoder(model) is None else None
+
+
+def binding_layout() -> list[int]:
+    """The structs' layout as the ctypes binding declares it: tpo_struct_layout's order (the size of
+    each struct, then its fields' offsets)."""
+    out: list[int] = []
+    for struct in (_Linear, _Layer, _Decoder):
+        out.append(ctypes.sizeof(struct))
+        out += [getattr(struct, field[0]).offset for field in struct._fields_]
+    return out
+
+
+def library_layout(lib: ctypes.CDLL) -> list[int]:
+    """The structs' layout as the library was compiled (tpo_struct_layout)."""
+    count = int(lib.tpo_struct_layout(None, 0))
+    values = (ctypes.c_int64 * count)()
+    lib.tpo_struct_layout(values, count)
+    return list(values)
+
+
+def _make(model: nn.Module) -> tuple[NativeDecoder | None, str | None]:
     if os.environ.get(ENV_SWITCH, "1") == "0":
-        return None
+        return None, f"{ENV_SWITCH}=0"
     lib = native.library()
+    if lib is None:
+        return None, "the native kernels are not available on this machine"
+    if library_layout(lib) != binding_layout():
+        return None, "the native library's structs do not match tp_ollama/models/native_decode.py's"
     cfg: Any = getattr(model, "config", None)
     body: Any = getattr(model, "model", None)
-    if lib is None or cfg is None or body is None or cfg.family not in ("gemma3", "llama", "mistral", "qwen2", "qwen3"):
-        return None
+    if cfg is None or body is None or cfg.family not in ("gemma3", "llama", "mistral", "qwen2", "qwen3"):
+        return None, f"the native step has no recipe for the {getattr(cfg, 'family', '?')} family"
     dtype = body.norm.weight.dtype
-    if dtype not in (torch.bfloat16, torch.float32) or body.norm.weight.device.type != "cpu" or _has_hooks(model):
-        return None
+    if dtype not in (torch.bfloat16, torch.float32) or body.norm.weight.device.type != "cpu":
+        return None, f"activations in {dtype} on {body.norm.weight.device} (it takes float32 or bfloat16 on the CPU)"
+    comm = model.__dict__.get("tp_comm")
+    sharded = comm is not None and comm.world_size > 1
+    foreign = [n for n in _hooked(model) if not (sharded and n.rsplit(".", 1)[-1] in TP_HOOKED)]
+    if foreign:
+        return None, f"modules with forward hooks it would skip: {', '.join(foreign[:3])}"
     shapes = set()
-    for block in body.layers:
+    for i, block in enumerate(body.layers):
         attn, mlp = block.self_attn, block.mlp
         qkv, gate_up = _parts(attn, QKV), _parts(mlp, GATE_UP)
-        if attn.kv_map is not None or qkv is None or gate_up is None:
-            return None
+        if qkv is None or gate_up is None:
+            return None, f"layer {i} has no q/k/v or gate/up projections it knows"
         if any(_weight(m) is None for m in [*qkv, *gate_up, attn.o_proj, mlp.down_proj]):
-            return None
+            return None, f"layer {i} has a linear layer in float or in a layout the native kernels do not read"
         q, k, v = _sizes(attn, QKV)
         gate, up = _sizes(mlp, GATE_UP)
         hd = attn.head_dim
-        if hd > 1024 or hd % 32 or q % hd or k % hd or k != v or k == 0 or q % k or gate != up:
-            return None
+        uneven = attn.kv_map is not None and not _grouped(attn.kv_map, q // hd, k // hd)
+        if hd > 1024 or hd % 32 or q % hd or k % hd or k != v or k == 0 or (q % k and not uneven) or gate != up:
+            return None, f"layer {i}'s shapes (q {q}, k {k}, v {v}, head_dim {hd}, gate {gate}, up {up})"
+        if attn.kv_map is not None and not _in_order(attn.kv_map, k // hd):
+            return None, f"layer {i}'s query heads read their KV heads out of order ({attn.kv_map.tolist()})"
         norms = [block.input_layernorm, attn.q_norm, attn.k_norm]
         if any(n is not None and n.weight.dtype != dtype for n in norms):
-            return None
+            return None, f"layer {i} has norms in another dtype than its activations"
         shapes.add((q, k, gate, hd))
     if len(shapes) != 1:  # the step takes one set of head counts and sizes for every layer
-        return None
-    return NativeDecoder(model, lib)
+        return None, "its layers differ in head counts or sizes"
+    return NativeDecoder(model, lib, comm if sharded else None), None
+
+
+def _in_order(kv_map: torch.Tensor, n_kv: int) -> bool:
+    """Whether each KV head is read by a run of consecutive query heads, in KV head order (what a
+    tensor-parallel layout gives: a rank's KV heads are the ones its query heads read)."""
+    m = kv_map.cpu()
+    return bool(len(m) > 0 and m[0] == 0 and m[-1] == n_kv - 1 and ((m[1:] - m[:-1]) >= 0).all()
+                and ((m[1:] - m[:-1]) <= 1).all())  # fmt: skip
+
+
+def _grouped(kv_map: torch.Tensor, n_q: int, n_kv: int) -> bool:
+    """Whether query head h reads KV head h // (n_q // n_kv), as the native attention does."""
+    return n_q % n_kv == 0 and torch.equal(kv_map.cpu(), torch.arange(n_q) // (n_q // n_kv))

@@ -166,4 +166,8 @@ PLANS = {
 def apply_tp(model: nn.Module, layout: TPLayout, comm: Comm, device_mesh: Any) -> nn.Module:
     cfg: Any = model.config
     plan = PLANS[cfg.model_type](layout, comm, bool(cfg.tie_word_embeddings))
-    return parallelize_module(model, device_mesh, plan)
+    model = parallelize_module(model, device_mesh, plan)
+    # The native decode step (models/native_decode.py) runs the layers itself and calls this
+    # communicator where the o and down hooks would (it knows which modules a plan hooks).
+    model.__dict__["tp_comm"] = comm
+    return model

@@ -29,8 +29,8 @@ class Limits:
     max_num_ctx: int = 131072
     max_num_predict: int = 32768
     keep_alive_s: float = 300.0  # negative: forever
-    dtype: str = "float32"
-    quant: str = "none"
+    dtype: str = "auto"
+    quant: str = "auto"
     max_concurrent: int = 4  # requests holding the model at once, per engine group (OLLAMA_NUM_PARALLEL)
     max_queue: int = 512  # requests allowed to wait for it; one more is refused (OLLAMA_MAX_QUEUE)
     timeout_s: float = 300.0  # longest wait in the queue and for the model to load; 0: none (inference.timeout)
@@ -197,6 +197,7 @@ class Scheduler:
                 details={**details, **{k: v for k, v in (resolved.details.to_dict() if resolved else {}).items() if v}},
                 expires=expires,
                 num_ctx=loaded.num_ctx,
+                precision=loaded.precision,
             )
         ]
 

@@ -19,9 +19,9 @@ from tp_ollama.engine.protocol import OutputFormat
 @dataclass(frozen=True)
 class LoadRequest:
     path: Path  # a GGUF file or HF directory on node 0
-    dtype: str = "float32"
+    dtype: str = "auto"
     num_ctx: int = 4096
-    quant: str = "none"
+    quant: str = "auto"
 
 
 @dataclass(frozen=True)
@@ -33,7 +33,7 @@ class LoadedModel:
     # Per-rank shares (TPLayout.describe()) and sizes, for /api/ps and the cluster endpoints.
     layout: list[dict[str, Any]] = field(default_factory=list)
     size_bytes: int = 0
-    quant: str = "none"
+    quant: str = "auto"
     # What the engine made of dtype and quant: {"dtype": "bfloat16", "weights": {"int8": 126, ...}}.
     precision: dict[str, Any] = field(default_factory=dict)
 

@@ -407,10 +407,19 @@ _FOREVER_S = 290 * 365.25 * 86400  # upstream reports keep_alive < 0 as about 29
 
 
 def ps_model(
-    name: str, size: int, size_vram: int, digest: str, details: Mapping[str, Any], expires: float | None, num_ctx: int
+    name: str,
+    size: int,
+    size_vram: int,
+    digest: str,
+    details: Mapping[str, Any],
+    expires: float | None,
+    num_ctx: int,
+    precision: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """One /api/ps entry; `expires` in unix seconds, None for never."""
-    return {
+    """One /api/ps entry; `expires` in unix seconds, None for never. `precision` (ours, beside
+    Ollama's fields): what the engine runs, {"dtype": "float32", "weights": {"int4": 27, ...}}, where
+    details.quantization_level is the file's."""
+    entry = {
         "name": name,
         "model": name,
         "size": size,
@@ -428,6 +437,9 @@ def ps_model(
         "size_vram": size_vram,
         "context_length": num_ctx,
     }
+    if precision:
+        entry["precision"] = dict(precision)
+    return entry
 
 
 # --- streaming responses --------------------------------------------------------------------------

@@ -118,6 +118,8 @@ def library() -> ctypes.CDLL | None:
     lib.tpo_decode_paged.argtypes = [ptr, ptr, i64, ptr, ptr, i64, i64, ctypes.c_int]
     lib.tpo_decode_logits.restype = ctypes.c_int
     lib.tpo_decode_logits.argtypes = [ptr, i64, i64, ptr, ctypes.c_int]
+    lib.tpo_struct_layout.restype = i64
+    lib.tpo_struct_layout.argtypes = [ptr, i64]
     lib.tpo_decode_paged_logits.restype = ctypes.c_int
     lib.tpo_decode_paged_logits.argtypes = [ptr, ptr, i64, ptr, ptr, i64, i64, ptr, ctypes.c_int]
     return lib

@@ -31,6 +31,7 @@ host one core is often slower than the other, and a static split leaves the fast
 to 4 activation rows are done per pass over a block, each reusing the unpacked codes. */
 
 #include <immintrin.h>
+#include <stddef.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <math.h>
@@ -388,9 +389,43 @@ typedef struct {
     float embed_scale;       /* Gemma's sqrt(hidden) in the activation dtype's value; 0: none */
     const float *final_norm; /* (hidden) */
     tpo_linear head;         /* (vocab, hidden) LM head; n = 0: none */
+    /* A tensor-parallel shard: o and down hold this rank's columns, their outputs are partial sums.
+       all_reduce(ctx, x, n) sums the n floats at x over the group in place and returns 0, else the
+       step stops and returns -3. NULL: a whole model. */
+    int (*all_reduce)(void *ctx, float *x, int64_t n);
+    void *reduce_ctx;
+    /* Query heads kv_first[j] .. kv_first[j+1]-1 read KV head j ((n_kv + 1) offsets, from 0 to n_q):
+       a shard of an uneven split, whose heads need not come in equal groups. NULL: n_q / n_kv each. */
+    const int64_t *kv_first;
 } tpo_decoder;
 
 enum { EMBED_QUANT = 0, EMBED_F32 = 1, EMBED_BF16 = 2 };
+
+/* The structs' layout as this compiler made it, for the ctypes binding (tp_ollama/models/native_decode.py)
+to check its own against before it passes a pointer: for tpo_linear, tpo_layer and tpo_decoder in turn,
+the size, then every field's offset in declaration order. Writes up to n values, returns how many
+there are. */
+#define TPO_LAYOUT_LINEAR(X) X(tpo_linear, int8) X(tpo_linear, packed) X(tpo_linear, scale_zero) \
+    X(tpo_linear, ld_sz) X(tpo_linear, n) X(tpo_linear, k) X(tpo_linear, group) X(tpo_linear, bias)
+#define TPO_LAYOUT_LAYER(X) X(tpo_layer, q) X(tpo_layer, k) X(tpo_layer, v) X(tpo_layer, o) X(tpo_layer, gate) \
+    X(tpo_layer, up) X(tpo_layer, down) X(tpo_layer, input_norm) X(tpo_layer, pre_ffn_norm) \
+    X(tpo_layer, post_attn_norm) X(tpo_layer, post_ffn_norm) X(tpo_layer, q_norm) X(tpo_layer, k_norm) \
+    X(tpo_layer, inv_freq) X(tpo_layer, k_cache) X(tpo_layer, v_cache) X(tpo_layer, cache_pos) \
+    X(tpo_layer, capacity) X(tpo_layer, window)
+#define TPO_LAYOUT_DECODER(X) X(tpo_decoder, n_layers) X(tpo_decoder, hidden) X(tpo_decoder, n_q) \
+    X(tpo_decoder, n_kv) X(tpo_decoder, head_dim) X(tpo_decoder, intermediate) X(tpo_decoder, eps) \
+    X(tpo_decoder, attn_scale) X(tpo_decoder, bf16) X(tpo_decoder, norm_unit_offset) X(tpo_decoder, gelu) \
+    X(tpo_decoder, layers) X(tpo_decoder, embed_kind) X(tpo_decoder, embed) X(tpo_decoder, embed_scale) \
+    X(tpo_decoder, final_norm) X(tpo_decoder, head) X(tpo_decoder, all_reduce) X(tpo_decoder, reduce_ctx) \
+    X(tpo_decoder, kv_first)
+#define TPO_OFFSET(type, field) (int64_t) offsetof(type, field),
+int64_t tpo_struct_layout(int64_t *out, int64_t n) {
+    const int64_t v[] = {(int64_t)sizeof(tpo_linear), TPO_LAYOUT_LINEAR(TPO_OFFSET)(int64_t)sizeof(tpo_layer),
+                         TPO_LAYOUT_LAYER(TPO_OFFSET)(int64_t)sizeof(tpo_decoder), TPO_LAYOUT_DECODER(TPO_OFFSET)};
+    const int64_t count = (int64_t)(sizeof(v) / sizeof(v[0]));
+    for (int64_t i = 0; i < n && i < count; i++) out[i] = v[i];
+    return count;
+}
 
 static inline float round_bf16(float v) { return bf16_to_f32(f32_to_bf16(v)); }
 
@@ -599,6 +634,7 @@ static void attention(const float *q, const void *k_base, const void *v_base, in
                       int64_t n_runs, int64_t len, const tpo_decoder *m, float *scores, float *part, float *psum,
                       float *pmax, float *out, int threads) {
     const int64_t nq = m->n_q, nkv = m->n_kv, d = m->head_dim, group = nq / nkv;
+    const int64_t *first = m->kv_first;
     const int bf16 = m->bf16;
     const size_t elt = bf16 ? 2 : 4;
 #pragma omp parallel num_threads(threads)
@@ -612,8 +648,9 @@ static void attention(const float *q, const void *k_base, const void *v_base, in
             if (!run_share(&runs[r], a, b, &s0, &s1)) continue;
             for (int64_t kv = 0; kv < nkv; kv++) {
                 const void *kc = (const char *)k_base + (size_t)(runs[r].at + kv * kv_stride) * elt;
-                for (int64_t h = kv * group; h < (kv + 1) * group;) {
-                    const int64_t g = heads_at_once((kv + 1) * group - h);
+                const int64_t h_end = first ? first[kv + 1] : (kv + 1) * group;
+                for (int64_t h = first ? first[kv] : kv * group; h < h_end;) {
+                    const int64_t g = heads_at_once(h_end - h);
                     float *sc = scores + h * len + runs[r].start;
                     if (g == 8) qk_8(q + h * d, kc, s0, s1, d, bf16, m->attn_scale, sc, len, tmax + h);
                     else if (g == 4) qk_4(q + h * d, kc, s0, s1, d, bf16, m->attn_scale, sc, len, tmax + h);
@@ -646,8 +683,9 @@ static void attention(const float *q, const void *k_base, const void *v_base, in
             if (!run_share(&runs[r], a, b, &s0, &s1)) continue;
             for (int64_t kv = 0; kv < nkv; kv++) {
                 const void *vc = (const char *)v_base + (size_t)(runs[r].at + kv * kv_stride) * elt;
-                for (int64_t h = kv * group; h < (kv + 1) * group;) {
-                    const int64_t g = heads_at_once((kv + 1) * group - h);
+                const int64_t h_end = first ? first[kv + 1] : (kv + 1) * group;
+                for (int64_t h = first ? first[kv] : kv * group; h < h_end;) {
+                    const int64_t g = heads_at_once(h_end - h);
                     const float *w = scores + h * len + runs[r].start;
                     if (g == 8) pv_8(w, len, vc, s0, s1, d, bf16, mine + h * d);
                     else if (g == 4) pv_4(w, len, vc, s0, s1, d, bf16, mine + h * d);
@@ -762,10 +800,19 @@ static int64_t cache_runs(const tpo_layer *L, const tpo_decoder *m, const kv_pag
 /* x (rows, hidden) holds the embedded tokens on entry and the last layer's outputs on return (before
 the final norm); row r is at position pos[r]. Returns 0, -1 on shapes the step does not take, -2
 when out of memory. */
+/* A shard's partial sums (o, down) summed over the group, then rounded to the activation dtype as the
+torch modules' all-reduce of a bfloat16 tensor leaves them. */
+static int reduce_rows(const tpo_decoder *m, float *h, int64_t n) {
+    if (m->all_reduce(m->reduce_ctx, h, n)) return -1;
+    round_all(h, n, m->bf16);
+    return 0;
+}
+
 static int decode(const tpo_decoder *m, float *x, int64_t rows, const int64_t *pos, const kv_pages *pages,
                   const int64_t *tokens, float *logits, int threads) {
     const int64_t d = m->hidden, hd = m->head_dim, nq = m->n_q, nkv = m->n_kv, inter = m->intermediate;
-    if (hd > 1024 || hd % 32 || nq % nkv || rows < 1) return -1;
+    if (hd > 1024 || hd % 32 || (!m->kv_first && nq % nkv) || rows < 1) return -1;
+    if (m->kv_first && (m->kv_first[0] != 0 || m->kv_first[nkv] != nq)) return -1;
     if (threads < 1) threads = 1;
     if (threads > MAX_THREADS) threads = MAX_THREADS;
     int64_t max_k = d > nq * hd ? d : nq * hd, max_len = 0;
@@ -845,6 +892,10 @@ static int decode(const tpo_decoder *m, float *x, int64_t rows, const int64_t *p
                       attn + r * nq * hd, threads);
         }
         linear(&L->o, attn, rows, h, d, &a, m, threads);
+        if (m->all_reduce && reduce_rows(m, h, rows * d)) {
+            rc = -3;
+            goto done;
+        }
         for (int64_t r = 0; r < rows; r++)
             if (L->post_attn_norm) norm(h + r * d, d, L->post_attn_norm, m, h + r * d);
         add_into(x, h, rows * d, m->bf16);
@@ -857,6 +908,10 @@ static int decode(const tpo_decoder *m, float *x, int64_t rows, const int64_t *p
             memcpy(act + r * inter, gu + r * 2 * inter, f * (size_t)inter);
         }
         linear(&L->down, act, rows, h, d, &a, m, threads);
+        if (m->all_reduce && reduce_rows(m, h, rows * d)) {
+            rc = -3;
+            goto done;
+        }
         for (int64_t r = 0; r < rows; r++)
             if (L->post_ffn_norm) norm(h + r * d, d, L->post_ffn_norm, m, h + r * d);
         add_into(x, h, rows * d, m->bf16);
