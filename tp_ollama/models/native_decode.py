@@ -29,79 +29,20 @@ from torch import nn
 from tp_ollama.kernels import native
 from tp_ollama.kernels.linear import QuantEmbedding, QuantLinear, out_features
 from tp_ollama.kernels.quant import Int8Weight, QuantWeight, native_int4
+from tp_ollama.models.native_structs import (
+    EMBED_BF16,
+    EMBED_F32,
+    EMBED_QUANT,
+    REDUCE_FN,
+    TpoDecoder,
+    TpoLayer,
+    TpoLinear,
+    binding_layout,
+    library_layout,
+)
 
 ENV_SWITCH = "TP_OLLAMA_NATIVE_DECODE"
 QKV, GATE_UP = ("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj")
-_ptr, _i64, _f32, _int = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float, ctypes.c_int
-
-
-class _Linear(ctypes.Structure):
-    _fields_ = [
-        ("int8", _int),
-        ("packed", _ptr),
-        ("scale_zero", _ptr),
-        ("ld_sz", _i64),
-        ("n", _i64),
-        ("k", _i64),
-        ("group", _i64),
-        ("bias", _ptr),
-    ]
-
-
-class _Layer(ctypes.Structure):
-    _fields_ = [
-        ("q", _Linear),
-        ("k", _Linear),
-        ("v", _Linear),
-        ("o", _Linear),
-        ("gate", _Linear),
-        ("up", _Linear),
-        ("down", _Linear),
-        ("input_norm", _ptr),
-        ("pre_ffn_norm", _ptr),
-        ("post_attn_norm", _ptr),
-        ("post_ffn_norm", _ptr),
-        ("q_norm", _ptr),
-        ("k_norm", _ptr),
-        ("inv_freq", _ptr),
-        ("k_cache", _ptr),
-        ("v_cache", _ptr),
-        ("cache_pos", _ptr),
-        ("capacity", _i64),
-        ("window", _i64),
-    ]
-
-
-class _Decoder(ctypes.Structure):
-    _fields_ = [
-        ("n_layers", _i64),
-        ("hidden", _i64),
-        ("n_q", _i64),
-        ("n_kv", _i64),
-        ("head_dim", _i64),
-        ("intermediate", _i64),
-        ("eps", _f32),
-        ("attn_scale", _f32),
-        ("bf16", _int),
-        ("norm_unit_offset", _int),
-        ("gelu", _int),
-        ("layers", ctypes.POINTER(_Layer)),
-        ("embed_kind", _int),
-        ("embed", _Linear),
-        ("embed_scale", _f32),
-        ("final_norm", _ptr),
-        ("head", _Linear),
-        ("all_reduce", _ptr),
-        ("reduce_ctx", _ptr),
-        ("kv_first", _ptr),
-    ]
-
-
-# int all_reduce(void *ctx, float *x, int64_t n): sums x over the tensor-parallel group in place.
-_REDUCE = ctypes.CFUNCTYPE(_int, _ptr, _ptr, _i64)
-
-
-EMBED_QUANT, EMBED_F32, EMBED_BF16 = 0, 1, 2  # tpo_decoder.embed_kind
 
 
 def _weight(module: nn.Module | None) -> QuantWeight | None:
@@ -174,11 +115,11 @@ class NativeDecoder:
         hd = attn0.head_dim
         q_size, k_size, _ = _sizes(attn0, QKV)
         self.hidden = int(cfg.hidden_size)
-        self.layers = (_Layer * len(layers))()
+        self.layers = (TpoLayer * len(layers))()
         self.windows = [block.self_attn.window or 0 for block in layers]
         for i, block in enumerate(layers):
             self._describe(block, self.layers[i], body)
-        self.decoder = _Decoder(
+        self.decoder = TpoDecoder(
             n_layers=len(layers),
             hidden=self.hidden,
             n_q=q_size // hd,
@@ -206,8 +147,8 @@ class NativeDecoder:
         if comm is not None and comm.world_size > 1:
             # A shard: the embedding (a vocabulary range, assembled by its hooks) and the LM head (this
             # rank's logits) stay torch's; the layers sum o's and down's outputs through the callback.
-            self._reduce = _REDUCE(self._all_reduce)
-            self.decoder.all_reduce = ctypes.cast(self._reduce, _ptr)
+            self._reduce = REDUCE_FN(self._all_reduce)
+            self.decoder.all_reduce = ctypes.cast(self._reduce, ctypes.c_void_p)
             self.takes_tokens = False
         else:
             self.takes_tokens = self._describe_ends(model)
@@ -254,7 +195,7 @@ class NativeDecoder:
             self._keep.append(table)
             kind = EMBED_BF16 if self.dtype == torch.bfloat16 else EMBED_F32
             n, k = table.shape
-            d.embed_kind, d.embed = kind, _Linear(packed=table.data_ptr(), n=n, k=k)
+            d.embed_kind, d.embed = kind, TpoLinear(packed=table.data_ptr(), n=n, k=k)
             head = None if head_module is None else _weight(head_module)
         else:
             return False
@@ -276,21 +217,23 @@ class NativeDecoder:
         self._keep.append(v)
         return v.data_ptr()
 
-    def _linear(self, module: nn.Module | None) -> _Linear:
+    def _linear(self, module: nn.Module | None) -> TpoLinear:
         if module is None:
-            return _Linear(n=0)
+            return TpoLinear(n=0)
         w = _weight(module)
         assert w is not None
         return self._quantized(w, self._vector(module.bias))  # type: ignore[arg-type]
 
-    def _quantized(self, w: QuantWeight, bias: int | None = None) -> _Linear:
+    def _quantized(self, w: QuantWeight, bias: int | None = None) -> TpoLinear:
         if isinstance(w, Int8Weight):
             self._keep += [w.q, w.scale]
             n, k = w.shape
-            return _Linear(int8=1, packed=w.q.data_ptr(), scale_zero=w.scale.data_ptr(), n=n, k=k, group=32, bias=bias)
+            return TpoLinear(
+                int8=1, packed=w.q.data_ptr(), scale_zero=w.scale.data_ptr(), n=n, k=k, group=32, bias=bias
+            )
         self._keep += [w.packed, w.scale_zero]
         n, k = w.shape
-        return _Linear(
+        return TpoLinear(
             packed=w.packed.data_ptr(),
             scale_zero=w.scale_zero.data_ptr(),
             ld_sz=w.scale_zero.stride(0) // 2,
@@ -303,7 +246,7 @@ class NativeDecoder:
     def _norm(self, norm: nn.Module | None) -> int | None:
         return None if norm is None else self._vector(norm.weight, offset=self.gemma)  # type: ignore[arg-type]
 
-    def _describe(self, block: Any, out: _Layer, body: Any) -> None:
+    def _describe(self, block: Any, out: TpoLayer, body: Any) -> None:
         attn, mlp = block.self_attn, block.mlp
         qkv, gate_up = _parts(attn, QKV) or [], _parts(mlp, GATE_UP) or []
         out.q, out.k, out.v = (self._linear(m) for m in [*qkv, None, None][:3])
@@ -460,24 +403,6 @@ def why_not_native(model: nn.Module) -> str | None:
     """Why decode steps of this model take the torch modules instead of the native step; None when
     they take the native step."""
     return _make(model)[1] if native_decoder(model) is None else None
-
-
-def binding_layout() -> list[int]:
-    """The structs' layout as the ctypes binding declares it: tpo_struct_layout's order (the size of
-    each struct, then its fields' offsets)."""
-    out: list[int] = []
-    for struct in (_Linear, _Layer, _Decoder):
-        out.append(ctypes.sizeof(struct))
-        out += [getattr(struct, field[0]).offset for field in struct._fields_]
-    return out
-
-
-def library_layout(lib: ctypes.CDLL) -> list[int]:
-    """The structs' layout as the library was compiled (tpo_struct_layout)."""
-    count = int(lib.tpo_struct_layout(None, 0))
-    values = (ctypes.c_int64 * count)()
-    lib.tpo_struct_layout(values, count)
-    return list(values)
 
 
 def _make(model: nn.Module) -> tuple[NativeDecoder | None, str | None]:
