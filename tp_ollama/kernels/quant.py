@@ -182,7 +182,7 @@ def pack_int4_weight(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tenso
 
 
 # How 4-bit codes sit in Int4Weight.packed: (rows per tile, arrangement).
-NATIVE = "native"  # the native kernel's: 16-row blocks of 8-input chunks (see kernels/native/cpu_kernels.c)
+NATIVE = "native"  # the native kernel's: 16-row blocks of 8-input chunks (see kernels/cpu_kernels.c)
 HALVES = "halves"  # torch's: byte d of an input's tile holds rows d and d + tile/2
 PAIRS = "pairs"  # torch's: byte d of an input's tile holds rows 2d and 2d + 1
 

@@ -1,5 +1,5 @@
 """The decode step of a whole model in one native call (`tpo_decode_logits`, `tpo_decode_paged_logits`
-and their hidden-state forms `tpo_decode`, `tpo_decode_paged` in kernels/native/cpu_kernels.c).
+and their hidden-state forms `tpo_decode`, `tpo_decode_paged` in kernels/cpu_kernels.c).
 
 A decode step of gemma3:270m runs ~1000 torch operators and kernel calls of a few microseconds each:
 on two cores that dispatch costs about as much as reading the weights. Where every linear layer of a

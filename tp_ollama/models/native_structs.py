@@ -1,5 +1,5 @@
 """The C structs of the native decode step (`tpo_linear`, `tpo_layer`, `tpo_decoder` in
-kernels/native/cpu_kernels.c) as ctypes declares them, and the check that both sides agree: the
+kernels/cpu_kernels.c) as ctypes declares them, and the check that both sides agree: the
 library reports the layout its compiler gave the structs (`tpo_struct_layout`), and the decoder
 (models/native_decode.py) is built only when every size and field offset matches."""
 

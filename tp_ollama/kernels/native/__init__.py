@@ -6,10 +6,14 @@ less than half the time torch needs, which reads one activation row at a time. A
 rows: one call where torch runs a dozen operators. The decode step of whole models
 (tp_ollama.models.native_decode) and the read loop of the bandwidth probe.
 
-The library is compiled with the system C compiler on first use, into
-`$TP_OLLAMA_CACHE/kernels/` (about a second), named by the digest of the source and flags, and
-loaded with ctypes. Where it cannot be had (no AVX-512 VNNI, no compiler, TP_OLLAMA_NATIVE_KERNELS=0)
-`library()` is None and int4 weights keep torch's own packing and kernel.
+The source is kernels/cpu_kernels.c at the top of the repository. The package build compiles it
+once per instruction set (variants.py: AVX-512 VNNI, and AVX2 for CPUs without AVX-512) into
+tp_ollama/kernels/native/_tpo_<variant>*.so, and `library()` loads the best variant this CPU runs
+(TP_OLLAMA_KERNELS_VARIANT names one to force, for tests and comparisons). In a source checkout whose
+build left a variant out, or whose sources changed since the build, the variant is compiled from
+them on first use into `$TP_OLLAMA_CACHE/kernels/` instead. Where no
+variant runs (another architecture, TP_OLLAMA_NATIVE_KERNELS=0), `library()` is None and quantized
+weights take torch's kernels.
 
 The library links OpenMP; torch's libgomp (soname libgomp.so.1) is loaded first, so both share one
 runtime and one thread pool.
@@ -30,53 +34,86 @@ from typing import Any
 import torch
 
 from tp_ollama.config.settings import default_cache_dir
+from tp_ollama.kernels.native.variants import COMMON_FLAGS, MODULE_PREFIX, PREFERENCE, VARIANTS
 
 log = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).with_name("cpu_kernels.c")
-CPU_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512_vnni")
-# -ffp-contract=off: a * b + c stays two roundings, as torch computes it, unless the code asks for an FMA.
-COMPILE_FLAGS = (
-    "-O3", "-ffp-contract=off", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni", "-fopenmp", "-shared",
-    "-fPIC", "-lm",
-)  # fmt: skip
+# A source checkout's kernels/ (an installed wheel has the built variants instead).
+SOURCE_DIR = Path(__file__).resolve().parents[3] / "kernels"
+SOURCE = SOURCE_DIR / "cpu_kernels.c"
 COMPILE_TIMEOUT_S = 120.0
 BLOCK_ROWS = 16  # weight rows per block of the layout
 GROUP_MULTIPLE = 16  # a group is a whole number of 16-float vectors
 ENV_SWITCH = "TP_OLLAMA_NATIVE_KERNELS"
+VARIANT_ENV = "TP_OLLAMA_KERNELS_VARIANT"
+
+
+def cpu_flags(cpuinfo: Path = Path("/proc/cpuinfo")) -> set[str]:
+    """This CPU's instruction-set flags (Linux /proc/cpuinfo); empty where it cannot be read."""
+    try:
+        text = cpuinfo.read_text()
+    except OSError:
+        return set()
+    for line in text.splitlines():
+        if line.startswith("flags"):
+            return set(line.partition(":")[2].split())
+    return set()
+
+
+def variant(flags: set[str] | None = None) -> str | None:
+    """The variant to load: TP_OLLAMA_KERNELS_VARIANT when set (refused, with the reason, where the
+    CPU lacks what it needs), else the best one whose CPU flags are all here; None for none."""
+    flags = cpu_flags() if flags is None else flags
+    forced = os.environ.get(VARIANT_ENV, "")
+    if forced:
+        if forced not in VARIANTS:
+            raise ValueError(f"{VARIANT_ENV}={forced!r} is not a kernel variant; expected one of {', '.join(VARIANTS)}")
+        missing = [f for f in VARIANTS[forced][0] if f not in flags]
+        if missing:
+            raise ValueError(f"{VARIANT_ENV}={forced}: this CPU lacks {', '.join(missing)}")
+        return forced
+    return next((name for name in PREFERENCE if all(f in flags for f in VARIANTS[name][0])), None)
 
 
 def cpu_supports() -> bool:
-    """Whether this CPU has every instruction set the kernel is compiled for (Linux /proc/cpuinfo)."""
+    """Whether some variant of the kernels runs on this CPU."""
     try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
+        return variant() is not None
+    except ValueError:
         return False
-    for line in text.splitlines():
-        if line.startswith("flags"):
-            flags = set(line.partition(":")[2].split())
-            return all(f in flags for f in CPU_FLAGS)
-    return False
+
+
+def built_library(name: str) -> Path | None:
+    """The variant the package build compiled, if it did."""
+    found = sorted(Path(__file__).parent.glob(f"{MODULE_PREFIX}{name}.*so"))
+    return found[0] if found else None
 
 
 def _compiler() -> str:
     return os.environ.get("CC", "cc")
 
 
-def _library_path() -> Path:
-    digest = hashlib.sha256(SOURCE.read_bytes() + " ".join(COMPILE_FLAGS).encode()).hexdigest()
-    return default_cache_dir() / "kernels" / f"cpu_kernels-{digest[:16]}.so"
+def _compile_flags(name: str) -> tuple[str, ...]:
+    return (*COMMON_FLAGS, *VARIANTS[name][1], f"-I{SOURCE_DIR}", "-shared", "-fPIC", "-lm")
 
 
-def build(path: Path, cc: str) -> None:
-    """Compile the kernel to `path`, atomically: a concurrent rank sees the whole file or none."""
+def _library_path(name: str) -> Path:
+    sources = SOURCE.read_bytes() + (SOURCE_DIR / "avx512_on_avx2.h").read_bytes()
+    digest = hashlib.sha256(sources + " ".join(_compile_flags(name)).encode()).hexdigest()
+    return default_cache_dir() / "kernels" / f"cpu_kernels-{name}-{digest[:16]}.so"
+
+
+def build(path: Path, cc: str, name: str = "avx512") -> None:
+    """Compile variant `name` from the source checkout to `path`, atomically: a concurrent rank sees
+    the whole file or none."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=path.parent)
     os.close(fd)
     try:
         done = subprocess.run(
-            [cc, *COMPILE_FLAGS, "-o", tmp, str(SOURCE)], capture_output=True, text=True, timeout=COMPILE_TIMEOUT_S
-        )
+            [cc, *_compile_flags(name), "-o", tmp, str(SOURCE)], capture_output=True, text=True,
+            timeout=COMPILE_TIMEOUT_S,
+        )  # fmt: skip
         if done.returncode != 0:
             raise OSError(f"{cc} failed: {done.stderr.strip()[-2000:]}")
         os.replace(tmp, path)
@@ -84,23 +121,44 @@ def build(path: Path, cc: str) -> None:
         Path(tmp).unlink(missing_ok=True)
 
 
+def _locate(name: str) -> Path:
+    """The built variant, or one compiled from the source checkout on first use."""
+    built = built_library(name)
+    sources = [SOURCE, SOURCE_DIR / "avx512_on_avx2.h"]
+    if built is not None and not (SOURCE.exists() and max(p.stat().st_mtime for p in sources) > built.stat().st_mtime):
+        return built
+    # a checkout whose sources changed since the build (or that the build left out): compile them
+    if not SOURCE.exists():
+        raise OSError(f"the {name} kernels were not built with the package and there is no source to build them")
+    path = _library_path(name)
+    if not path.exists():
+        log.info("compiling the %s kernels from %s (not built with the package, or changed since)", name, SOURCE)
+        build(path, _compiler(), name)
+    return path
+
+
 @functools.cache
 def library() -> ctypes.CDLL | None:
-    """The compiled kernel, or None where it cannot run here (the reason is logged)."""
+    """The kernels for this CPU, or None where none runs here (the reason is logged)."""
     if os.environ.get(ENV_SWITCH, "1") == "0":
         return None
-    if not cpu_supports():
-        log.info("native int4 kernel off: the CPU lacks one of %s", ", ".join(CPU_FLAGS))
-        return None
-    cc = _compiler()
     try:
-        path = _library_path()
-        if not path.exists():
-            build(path, cc)
-        lib = ctypes.CDLL(str(path))
-    except (OSError, subprocess.SubprocessError) as e:
-        log.warning("native int4 kernel unavailable (%s); using torch's int4 kernel", e)
+        name = variant()
+    except ValueError as e:
+        log.warning("native kernels off: %s", e)
         return None
+    if name is None:
+        log.info(
+            "native kernels off: the CPU has none of %s",
+            ", ".join(f"{v} ({', '.join(VARIANTS[v][0])})" for v in PREFERENCE),
+        )
+        return None
+    try:
+        lib = ctypes.CDLL(str(_locate(name)))
+    except (OSError, subprocess.SubprocessError) as e:
+        log.warning("native kernels unavailable (%s); using torch's kernels", e)
+        return None
+    lib.tpo_variant = name  # type: ignore[attr-defined]
     i64, ptr = ctypes.c_int64, ctypes.c_void_p
     lib.tpo_int4_mm.restype = ctypes.c_int
     lib.tpo_int4_mm.argtypes = [ptr, i64, i64, ptr, ptr, i64, i64, i64, ptr, ctypes.c_int]

@@ -30,7 +30,13 @@ Rows of blocks are shared among OpenMP threads (the runtime torch itself uses), 
 host one core is often slower than the other, and a static split leaves the faster one waiting. Up
 to 4 activation rows are done per pass over a block, each reusing the unpacked codes. */
 
+#ifdef TPO_AVX2
+#include "avx512_on_avx2.h" /* the AVX2 variant: the same code on 256-bit halves */
+#else
 #include <immintrin.h>
+#define TPO_DPBUSD_SMALL _mm512_dpbusd_epi32
+#define TPO_I8_DOT _mm512_dpbusd_epi32
+#endif
 #include <stddef.h>
 #include <stdint.h>
 #include <stdlib.h>
@@ -118,8 +124,8 @@ static void quantize_rows(const float *x, int64_t m_rows, int64_t k, int64_t gro
                 const __m512i hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), low);                           \
                 const int64_t at = g * group + c * CHUNK;                                                    \
                 for (int m = 0; m < MB; m++) {                                                               \
-                    acc_lo[m] = _mm512_dpbusd_epi32(acc_lo[m], lo, broadcast4(xq + m * k + at));             \
-                    acc_hi[m] = _mm512_dpbusd_epi32(acc_hi[m], hi, broadcast4(xq + m * k + at + 4));         \
+                    acc_lo[m] = TPO_DPBUSD_SMALL(acc_lo[m], lo, broadcast4(xq + m * k + at));                \
+                    acc_hi[m] = TPO_DPBUSD_SMALL(acc_hi[m], hi, broadcast4(xq + m * k + at + 4));            \
                 }                                                                                            \
             }                                                                                                \
             const __m512i pair = _mm512_loadu_si512(sz + g * ld_sz);                                         \
@@ -249,7 +255,7 @@ static void quantize_rows_i8(const float *x, int64_t m_rows, int64_t k, int8_t *
                 const __m512i wu = _mm512_xor_si512(wv, sign);                                               \
                 for (int m = 0; m < MB; m++) {                                                               \
                     const int64_t at = m * chunks + c;                                                       \
-                    const __m512i dot = _mm512_dpbusd_epi32(_mm512_loadu_si512(a->start + at * 16), wu,     \
+                    const __m512i dot = TPO_I8_DOT(_mm512_loadu_si512(a->start + at * 16), wu,              \
                                                             _mm512_loadu_si512(a->xs + at * I8_CHUNK));      \
                     f[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_loadu_ps(a->sxl + at * 16), f[m]); \
                 }                                                                                            \
