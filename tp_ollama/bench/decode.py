@@ -301,7 +301,7 @@ def add_predictions(
     """Fill predicted/measured ms per token into every TP>1 result that has a measured link and a TP=1
     run of the same workload in `calibration` (a decode report); the rest are left as measured, with
     the reason in the report's notes."""
-    from tp_ollama.checkpoints.loader import open_checkpoint, resolve_dtype
+    from tp_ollama.checkpoints.loader import open_checkpoint, packs_weights, resolve_dtype
     from tp_ollama.parallel.costmodel import Link, calibrate, predict
     from tp_ollama.parallel.shapes import shape_of
     from tp_ollama.store.embedded import resolve_model
@@ -315,12 +315,14 @@ def add_predictions(
     shape = shape_of(ckpt.config)
     dtypes = {(r["config"]["dtype"], r["config"]["quant"]) for r in targets}
     resolved = {d: str(resolve_dtype(d[0], "cpu", ckpt, d[1])).removeprefix("torch.") for d in dtypes}
+    auto_packs = packs_weights(ckpt, "auto")  # quant auto on float weights is quant none
     ckpt.close()
     nnodes = report["settings"]["nodes"]["nnodes"]
     for r in targets:
         cfg, link, base = r["config"], r["extra"].get("link"), tp1.get(_workload(r["config"]))
         why = None if base and link and read_gbs else "no TP=1 run of the same workload, link or read bandwidth"
-        if cfg["quant"] == "auto":
+        quant = "none" if cfg["quant"] == "auto" and not auto_packs else cfg["quant"]
+        if quant == "auto":
             why = "quant auto packs per tensor; the cost model takes none, int8 or int4"
         if why is not None:
             report["notes"].append(f"{r['target']}: no prediction ({why})")
@@ -328,10 +330,10 @@ def add_predictions(
         assert base is not None and read_gbs is not None
         dtype = resolved[cfg["dtype"], cfg["quant"]]
         context = cfg["prompt_tokens"] + cfg["gen_tokens"] // 2  # positions read, on average over decode
-        cal = calibrate(shape, cfg["quant"], dtype, base["extra"]["step_ms_p50"] / 1e3, read_gbs * 1e9,
+        cal = calibrate(shape, quant, dtype, base["extra"]["step_ms_p50"] / 1e3, read_gbs * 1e9,
                         cores=os.cpu_count(), context=context)  # fmt: skip
         hosts_ranks = ranks_per_host or max(1, cfg["tp"] // nnodes)
-        p = predict(shape, cfg["tp"], Link.from_us_gbs(link["latency_us"], link["bandwidth_gbs"]), cal, cfg["quant"],
+        p = predict(shape, cfg["tp"], Link.from_us_gbs(link["latency_us"], link["bandwidth_gbs"]), cal, quant,
                     dtype, ranks_per_host=hosts_ranks, context=context)  # fmt: skip
         r["predicted_ms_per_token"] = p.total_s * 1e3
         r["measured_ms_per_token"] = r["extra"]["step_ms_p50"]
