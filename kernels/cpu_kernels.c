@@ -23,8 +23,9 @@ row to the next (N, or more for a view of some rows); w = (q - 8) * scale + zero
 
 Activations are quantized per row and per group to int8 (scale max|x| / 127), so a group's dot
 product is exact in int32:
-    sum_k w_k x_k ~= scale * sx * sum_k q_k xq_k + (zero - 8 * scale) * sum_k x_k
-where the second sum is the float sum of the group's activations.
+    sum_k w_k x_k ~= scale * sx * sum_k q_k xq_k + (zero - 8 * scale) * sx * sum_k xq_k
+which is exactly the dot product of the dequantized weights with the quantized activations (as
+llama.cpp's Q4 x Q8 products are).
 
 Rows of blocks are shared among OpenMP threads (the runtime torch itself uses), guided: on a shared
 host one core is often slower than the other, and a static split leaves the faster one waiting. Up
@@ -75,28 +76,39 @@ static inline __m512i broadcast4(const int8_t *p) {
 
 static inline float reduce_max(__m512 v) { return _mm512_reduce_max_ps(v); }
 
-/* xq (M, K) int8, sx and sumx (M, K/group): per-group scales and float sums of each row. */
+/* xq (M, K) int8, sx and sumx (M, K/group): per-group scales, and sums of the quantized values times
+the scale (what the group's activations sum to as the dot products see them). */
 static void quantize_rows(const float *x, int64_t m_rows, int64_t k, int64_t group, int8_t *xq, float *sx,
                           float *sumx) {
     const int64_t groups = k / group;
     for (int64_t m = 0; m < m_rows; m++) {
         for (int64_t g = 0; g < groups; g++) {
             const float *p = x + m * k + g * group;
-            __m512 amax = _mm512_setzero_ps(), sum = _mm512_setzero_ps();
+            __m512 amax = _mm512_setzero_ps();
             for (int64_t j = 0; j < group; j += 16) {
                 __m512 v = _mm512_loadu_ps(p + j);
                 amax = _mm512_max_ps(amax, _mm512_abs_ps(v));
-                sum = _mm512_add_ps(sum, v);
             }
             const float a = reduce_max(amax);
             const float inv = a > 0.0f ? 127.0f / a : 0.0f;
             sx[m * groups + g] = a / 127.0f;
-            sumx[m * groups + g] = _mm512_reduce_add_ps(sum);
             const __m512 scale = _mm512_set1_ps(inv);
+            __m512i qsum = _mm512_setzero_si512();
             for (int64_t j = 0; j < group; j += 16) {
                 __m512i q = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_loadu_ps(p + j), scale));
+                qsum = _mm512_add_epi32(qsum, q);
                 _mm_storeu_si128((__m128i *)(xq + m * k + g * group + j), _mm512_cvtsepi32_epi8(q));
             }
+            /* The int4 kernel's zero-point term multiplies this sum: it must be the sum of the values the
+               dot product sees (the quantized ones), so that the whole is the dot product of the
+               dequantized weights with the quantized activations. The float sum of the activations
+               instead leaves each rounding error weighted by the unsigned 4-bit code (0..15), not by
+               the weight, and doubles the error of the result. */
+            int32_t lanes[16];
+            _mm512_storeu_si512(lanes, qsum);
+            int32_t total = 0;
+            for (int l = 0; l < 16; l++) total += lanes[l];
+            sumx[m * groups + g] = (float)total * (a / 127.0f);
         }
     }
 }

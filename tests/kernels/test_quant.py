@@ -193,20 +193,22 @@ def _check_matmul(make, dtype, lead, layout, monkeypatch):
 
 @needs_native
 def test_native_int4_error_is_that_of_int8_activations():
-    """The native kernel against the same sums computed from the activations rounded as it rounds
+    """The native kernel against the dequantized weights times the activations rounded as it rounds
     them: all that is left is float32 summation order. Per group it computes
-    scale * sum(q * x_rounded) + (zero - 8 * scale) * sum(x), the second sum of the unrounded x."""
+    scale * sum(q * x_rounded) + (zero - 8 * scale) * sum(x_rounded): the zero-point term takes the
+    rounded activations too (with the unrounded sum each rounding error would be weighted by the
+    unsigned code 0..15 instead of by the weight, about doubling the error)."""
     torch.manual_seed(0)
     m, n, k, group = 7, 2 * INT4_TILE, 256, 32
     packed, sz, _ = _native_parts(n, k, group)
     w = Int4Weight(packed, sz, group)
     x = torch.randn(m, k) * torch.logspace(-2, 1, k)  # groups of very different magnitudes
     y = native.int4_mm(x, packed, sz, group)
-    xg = x.view(m, k // group, group)
     x_rounded = _rounded_activations(x, group)  # what the kernel multiplies
     scale, zero = sz[..., 0].float(), sz[..., 1].float()  # (G, N)
     codes_scaled = (w.codes().float().view(n, k // group, group) * scale.t()[..., None]).view(n, k)
-    ref = x_rounded @ codes_scaled.T + xg.sum(dim=2) @ (zero - 8 * scale)
+    ref = x_rounded @ codes_scaled.T + x_rounded.view(m, k // group, group).sum(dim=2) @ (zero - 8 * scale)
+    assert torch.allclose(ref, x_rounded @ w.dequantize(torch.float32).T, rtol=1e-4, atol=1e-4)
     diff = (y - ref).abs().max().item()
     assert diff <= 1e-5 * ref.abs().max().item(), f"max diff {diff} vs max |ref| {ref.abs().max().item()}"
 
