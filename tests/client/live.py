@@ -18,7 +18,7 @@ import uvicorn
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 SMOL = "smollm2:135m"
-FRANCE = "What is the capital of France?"
+FRANCE = "Name the capital of France."
 
 
 class ChatRecorder:

@@ -118,7 +118,12 @@ def test_requests_list_a_running_stream_with_a_growing_token_count(http, other):
 def test_every_endpoint_answers_while_a_generation_runs(http, other):
     """No route waits for a running generation to end: each answer comes while the generation is still
     running, short of its num_predict."""
-    body = {"model": SMOL, "prompt": "Count from one to a thousand:", "options": {**GREEDY, "num_predict": 2000}}
+    body = {
+        "model": SMOL,
+        "prompt": "1, 2, 3, 4, 5, 6, 7, 8, 9, 10,",
+        "raw": True,
+        "options": {**GREEDY, "num_predict": 2000},
+    }
     with http.stream("POST", "/api/generate", json=body) as response:
         lines = response.iter_lines()
         assert json.loads(next(lines))["done"] is False

@@ -16,7 +16,7 @@ from tp_ollama.engine.options import GenerationOptions
 from tp_ollama.text.prompt import prompt_tokens
 
 GREEDY = {"temperature": 0, "seed": 1}
-FRANCE = "What is the capital of France?"
+FRANCE = "Name the capital of France."
 
 
 @pytest.fixture

@@ -10,7 +10,7 @@ import pytest
 
 from tests.server.conftest import SMOL, LiveServer
 
-FRANCE = [{"role": "user", "content": "What is the capital of France?"}]
+FRANCE = [{"role": "user", "content": "Name the capital of France."}]
 
 
 @pytest.fixture
@@ -82,7 +82,7 @@ def test_openai_options_map_to_native(client):
 
 
 def test_completions(client):
-    reply = client.completions.create(model=SMOL, prompt="What is the capital of France?", temperature=0, max_tokens=20)
+    reply = client.completions.create(model=SMOL, prompt="Name the capital of France.", temperature=0, max_tokens=20)
     assert reply.object == "text_completion" and "Paris" in reply.choices[0].text
     assert reply.usage.completion_tokens > 0
     chunks = list(client.completions.create(model=SMOL, prompt="Hello", max_tokens=5, temperature=0, stream=True))
