@@ -147,7 +147,7 @@ def test_two_nodes_serve_the_ollama_api(tmp_path):
         with ollama.Client(host=url) as client:
             reply = client.chat(
                 model="smollm2:135m",
-                messages=[{"role": "user", "content": "What is the capital of France?"}],
+                messages=[{"role": "user", "content": "Name the capital of France."}],
                 options={"temperature": 0, "num_predict": 24},
             )
         assert "Paris" in reply.message.content
