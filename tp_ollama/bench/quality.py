@@ -28,14 +28,13 @@ from typing import Any
 
 import torch
 
-from tp_ollama.bench.report import add_result, new_report
+from tp_ollama.bench.report import add_result, new_report, summarize
 from tp_ollama.errors import ConfigError
 
 TEXT = Path(__file__).parent / "data" / "quality.txt"
 CHUNK = 512
 SKIP = 16  # positions with too little context to say much, as llama-perplexity skips the first half
 MIN_TOKENS = 2000
-REFERENCE = ("float32", "none")
 DEFAULT_SETTINGS = ("auto/auto", "int8/auto", "int4/auto", "auto/bfloat16")
 
 
@@ -45,10 +44,8 @@ class Tally:
 
     positions: int = 0
     agree: int = 0
-    kl: float = 0.0
     nll: float = 0.0
     seconds: float = 0.0
-    kl_max: float = 0.0
     kl_values: list[float] = field(default_factory=list)
 
     def add(self, ref_logp: torch.Tensor, logp: torch.Tensor, targets: torch.Tensor) -> None:
@@ -56,19 +53,17 @@ class Tally:
         kl = (ref_logp.exp() * (ref_logp - logp)).sum(-1).clamp_min(0)
         self.positions += len(targets)
         self.agree += int((ref_logp.argmax(-1) == logp.argmax(-1)).sum())
-        self.kl += float(kl.sum())
-        self.kl_max = max(self.kl_max, float(kl.max()))
         self.kl_values.extend(kl.tolist())
         self.nll -= float(logp.gather(-1, targets[:, None]).sum())
 
     def figures(self) -> dict[str, float | int]:
         n = max(self.positions, 1)
-        ordered = sorted(self.kl_values)
+        kl = summarize(self.kl_values)  # p99 interpolated as every other p99 of the reports
         return {
             "top1_agreement": self.agree / n,
-            "mean_kl": self.kl / n,
-            "p99_kl": ordered[min(len(ordered) - 1, int(0.99 * len(ordered)))] if ordered else 0.0,
-            "max_kl": self.kl_max,
+            "mean_kl": kl["mean"] or 0.0,
+            "p99_kl": kl["p99"] or 0.0,
+            "max_kl": max(self.kl_values, default=0.0),
             "perplexity": math.exp(self.nll / n),
             "positions": self.positions,
         }

@@ -391,18 +391,18 @@ def _failure(rc: int, what: str, expected: str) -> Exception:
 
 def native_decoder(model: nn.Module) -> NativeDecoder | None:
     """The model's native decoder, made on first use; None where the native step does not apply."""
-    found = model.__dict__.get("_native_decoder", False)
-    if found is not False:
-        return found
-    decoder, _ = _make(model)
-    model.__dict__["_native_decoder"] = decoder
+    if "_native_decoder" not in model.__dict__:
+        model.__dict__["_native_decoder"], model.__dict__["_native_why_not"] = _make(model)
+    decoder: NativeDecoder | None = model.__dict__["_native_decoder"]
     return decoder
 
 
 def why_not_native(model: nn.Module) -> str | None:
     """Why decode steps of this model take the torch modules instead of the native step; None when
     they take the native step."""
-    return _make(model)[1] if native_decoder(model) is None else None
+    native_decoder(model)
+    why: str | None = model.__dict__["_native_why_not"]
+    return why
 
 
 def _make(model: nn.Module) -> tuple[NativeDecoder | None, str | None]:
