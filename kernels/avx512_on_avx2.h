@@ -26,6 +26,17 @@ static inline simde__m512i tpo_cvtepu16_epi32(simde__m256i a) {
     for (int i = 0; i < 2; i++) r.m256i[i] = simde_mm256_cvtepu16_epi32(a_.m128i[i]);
     return simde__m512i_from_private(r);
 }
+static inline simde__m512i tpo_cvtepi8_epi32(simde__m128i a) {
+    simde__m512i_private r;
+    r.m256i[0] = simde_mm256_cvtepi8_epi32(a);
+    r.m256i[1] = simde_mm256_cvtepi8_epi32(simde_mm_srli_si128(a, 8));
+    return simde__m512i_from_private(r);
+}
+static inline simde__m256i tpo_cvtepi32_epi16(simde__m512i a) { /* lanes hold 0..65535 (bfloat16 bits) */
+    simde__m512i_private a_ = simde__m512i_to_private(a);
+    const simde__m256i packed = simde_mm256_packus_epi32(a_.m256i[0], a_.m256i[1]); /* 128-bit lanes interleave */
+    return simde_mm256_permute4x64_epi64(packed, 0xD8);
+}
 static inline float tpo_hsum8(__m256 v) {
     __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
     s = _mm_add_ps(s, _mm_movehl_ps(s, s));
@@ -107,6 +118,8 @@ static inline simde__m512i tpo_i8_dot(simde__m512i start, simde__m512i wu, simde
 #define _mm512_cvtepi32_ps tpo_cvtepi32_ps
 #define _mm512_cvtps_epi32 tpo_cvtps_epi32
 #define _mm512_cvtepu16_epi32 tpo_cvtepu16_epi32
+#define _mm512_cvtepi8_epi32 tpo_cvtepi8_epi32
+#define _mm512_cvtepi32_epi16 tpo_cvtepi32_epi16
 #define _mm512_reduce_add_ps tpo_reduce_add_ps
 #define _mm512_reduce_max_ps tpo_reduce_max_ps
 #define _mm512_mask_reduce_add_ps tpo_mask_reduce_add_ps

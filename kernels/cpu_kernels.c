@@ -1,6 +1,7 @@
 /* CPU kernels of tp-ollama's decode step, loaded by tp_ollama.kernels.native:
   tpo_int4_mm        weight-only int4 matmul on AVX-512 VNNI
   tpo_int8_mm        weight-only int8 matmul on AVX-512 VNNI, weights in their plain row-major layout
+  tpo_int8_to_bf16   int8 weights with grouped scales to bfloat16, for a prefill's dense matmul
   tpo_rms_norm_bf16  RMSNorm of bfloat16 rows in one call instead of a dozen torch operators
   tpo_read_sum       a sum that reads memory as fast as a core can: the bandwidth roofline's probe
   tpo_argmax         the index of the first maximum of a float32 vector, as torch.argmax (NaN is the
@@ -21,11 +22,13 @@ int8 activations and sums into lane r.
 Scales and zeros: (K/group, N, 2) bfloat16 (scale, zero), ld_sz (scale, zero) pairs from one group's
 row to the next (N, or more for a view of some rows); w = (q - 8) * scale + zero per group.
 
-Activations are quantized per row and per group to int8 (scale max|x| / 127), so a group's dot
-product is exact in int32:
-    sum_k w_k x_k ~= scale * sx * sum_k q_k xq_k + (zero - 8 * scale) * sx * sum_k xq_k
+Activations are quantized per row and per 16 inputs to int8 (scale sx = max|x| / 127 of the 16), so
+each 16 inputs' dot product is exact in int32, and a weight group's is
+    sum_k w_k x_k ~= scale * sum_s sx_s * sum_{k in s} q_k xq_k + (zero - 8 * scale) * sum_k sx_k xq_k
 which is exactly the dot product of the dequantized weights with the quantized activations (as
-llama.cpp's Q4 x Q8 products are).
+llama.cpp's Q4 x Q8 products are, whose activation blocks are 32 inputs or 256: half as many
+activation scales would double the share of an outlier's group and cost about a third more KL
+divergence from the float model).
 
 Rows of blocks are shared among OpenMP threads (the runtime torch itself uses), guided: on a shared
 host one core is often slower than the other, and a static split leaves the faster one waiting. Up
@@ -76,39 +79,34 @@ static inline __m512i broadcast4(const int8_t *p) {
 
 static inline float reduce_max(__m512 v) { return _mm512_reduce_max_ps(v); }
 
-/* xq (M, K) int8, sx and sumx (M, K/group): per-group scales, and sums of the quantized values times
-the scale (what the group's activations sum to as the dot products see them). */
+#define ACT_GROUP 16 /* activations per int8 scale */
+
+/* xq (M, K) int8; sx (M, K/ACT_GROUP) the activation scales; sumx (M, K/group) per weight group, the
+sum of the quantized values times their scales (what the group's activations sum to as the dot
+products see them). */
 static void quantize_rows(const float *x, int64_t m_rows, int64_t k, int64_t group, int8_t *xq, float *sx,
                           float *sumx) {
-    const int64_t groups = k / group;
+    const int64_t groups = k / group, subs = k / ACT_GROUP;
     for (int64_t m = 0; m < m_rows; m++) {
-        for (int64_t g = 0; g < groups; g++) {
-            const float *p = x + m * k + g * group;
-            __m512 amax = _mm512_setzero_ps();
-            for (int64_t j = 0; j < group; j += 16) {
-                __m512 v = _mm512_loadu_ps(p + j);
-                amax = _mm512_max_ps(amax, _mm512_abs_ps(v));
-            }
-            const float a = reduce_max(amax);
+        for (int64_t g = 0; g < groups; g++) sumx[m * groups + g] = 0.0f;
+        for (int64_t s = 0; s < subs; s++) {
+            const float *p = x + m * k + s * ACT_GROUP;
+            const __m512 v = _mm512_loadu_ps(p);
+            const float a = reduce_max(_mm512_abs_ps(v));
             const float inv = a > 0.0f ? 127.0f / a : 0.0f;
-            sx[m * groups + g] = a / 127.0f;
-            const __m512 scale = _mm512_set1_ps(inv);
-            __m512i qsum = _mm512_setzero_si512();
-            for (int64_t j = 0; j < group; j += 16) {
-                __m512i q = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_loadu_ps(p + j), scale));
-                qsum = _mm512_add_epi32(qsum, q);
-                _mm_storeu_si128((__m128i *)(xq + m * k + g * group + j), _mm512_cvtsepi32_epi8(q));
-            }
+            sx[m * subs + s] = a / 127.0f;
+            const __m512i q = _mm512_cvtps_epi32(_mm512_mul_ps(v, _mm512_set1_ps(inv)));
+            _mm_storeu_si128((__m128i *)(xq + m * k + s * ACT_GROUP), _mm512_cvtsepi32_epi8(q));
             /* The int4 kernel's zero-point term multiplies this sum: it must be the sum of the values the
                dot product sees (the quantized ones), so that the whole is the dot product of the
                dequantized weights with the quantized activations. The float sum of the activations
                instead leaves each rounding error weighted by the unsigned 4-bit code (0..15), not by
                the weight, and doubles the error of the result. */
             int32_t lanes[16];
-            _mm512_storeu_si512(lanes, qsum);
+            _mm512_storeu_si512(lanes, q);
             int32_t total = 0;
             for (int l = 0; l < 16; l++) total += lanes[l];
-            sumx[m * groups + g] = (float)total * (a / 127.0f);
+            sumx[m * groups + s * ACT_GROUP / group] += (float)total * (a / 127.0f);
         }
     }
 }
@@ -117,7 +115,7 @@ static void quantize_rows(const float *x, int64_t m_rows, int64_t k, int64_t gro
 #define DEFINE_BLOCK(MB)                                                                                     \
     static inline void block_##MB(const uint8_t *w, const uint32_t *sz, int64_t ld_sz, int64_t k, int64_t group, \
                                   const int8_t *xq, const float *sx, const float *sumx, float *y, int64_t ldy) { \
-        const int64_t groups = k / group, chunks = group / CHUNK;                                             \
+        const int64_t groups = k / group, subs = k / ACT_GROUP, chunks = ACT_GROUP / CHUNK;                   \
         const __m512i low = _mm512_set1_epi8(0x0F);                                                          \
         const __m512i high_half = _mm512_set1_epi32((int32_t)0xFFFF0000u);                                   \
         __m512 out[MB];                                                                                      \
@@ -125,28 +123,34 @@ static void quantize_rows(const float *x, int64_t m_rows, int64_t k, int64_t gro
         for (int64_t g = 0; g < groups; g++)                                                                 \
             _mm_prefetch((const char *)(sz + g * ld_sz + SCALE_PREFETCH_BLOCKS * BLOCK_ROWS), _MM_HINT_T0);  \
         for (int64_t g = 0; g < groups; g++) {                                                               \
-            __m512i acc_lo[MB], acc_hi[MB];                                                                  \
-            for (int m = 0; m < MB; m++) acc_lo[m] = acc_hi[m] = _mm512_setzero_si512();                     \
-            const uint8_t *wg = w + g * chunks * 64;                                                         \
-            for (int64_t c = 0; c < chunks; c++) {                                                           \
-                const __m512i v = _mm512_loadu_si512(wg + c * 64);                                           \
-                _mm_prefetch((const char *)(wg + c * 64 + PREFETCH_L1), _MM_HINT_T0);                       \
-                _mm_prefetch((const char *)(wg + c * 64 + PREFETCH_L2), _MM_HINT_T1);                       \
-                const __m512i lo = _mm512_and_si512(v, low);                                                 \
-                const __m512i hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), low);                           \
-                const int64_t at = g * group + c * CHUNK;                                                    \
-                for (int m = 0; m < MB; m++) {                                                               \
-                    acc_lo[m] = TPO_DPBUSD_SMALL(acc_lo[m], lo, broadcast4(xq + m * k + at));                \
-                    acc_hi[m] = TPO_DPBUSD_SMALL(acc_hi[m], hi, broadcast4(xq + m * k + at + 4));            \
+            __m512 part[MB];                                                                                 \
+            for (int m = 0; m < MB; m++) part[m] = _mm512_setzero_ps();                                      \
+            for (int64_t s = g * group / ACT_GROUP; s < (g + 1) * group / ACT_GROUP; s++) {                  \
+                __m512i acc_lo[MB], acc_hi[MB];                                                              \
+                for (int m = 0; m < MB; m++) acc_lo[m] = acc_hi[m] = _mm512_setzero_si512();                 \
+                const uint8_t *ws = w + s * chunks * 64;                                                     \
+                for (int64_t c = 0; c < chunks; c++) {                                                       \
+                    const __m512i v = _mm512_loadu_si512(ws + c * 64);                                       \
+                    _mm_prefetch((const char *)(ws + c * 64 + PREFETCH_L1), _MM_HINT_T0);                   \
+                    _mm_prefetch((const char *)(ws + c * 64 + PREFETCH_L2), _MM_HINT_T1);                   \
+                    const __m512i lo = _mm512_and_si512(v, low);                                             \
+                    const __m512i hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), low);                       \
+                    const int64_t at = s * ACT_GROUP + c * CHUNK;                                            \
+                    for (int m = 0; m < MB; m++) {                                                           \
+                        acc_lo[m] = TPO_DPBUSD_SMALL(acc_lo[m], lo, broadcast4(xq + m * k + at));            \
+                        acc_hi[m] = TPO_DPBUSD_SMALL(acc_hi[m], hi, broadcast4(xq + m * k + at + 4));        \
+                    }                                                                                        \
                 }                                                                                            \
+                for (int m = 0; m < MB; m++)                                                                 \
+                    part[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_add_epi32(acc_lo[m], acc_hi[m])),    \
+                                              _mm512_set1_ps(sx[m * subs + s]), part[m]);                    \
             }                                                                                                \
             const __m512i pair = _mm512_loadu_si512(sz + g * ld_sz);                                         \
             const __m512 scale = _mm512_castsi512_ps(_mm512_slli_epi32(pair, 16));                           \
             const __m512 zero = _mm512_castsi512_ps(_mm512_and_si512(pair, high_half));                      \
             const __m512 offset = _mm512_fmadd_ps(_mm512_set1_ps(-8.0f), scale, zero);                       \
             for (int m = 0; m < MB; m++) {                                                                   \
-                const __m512 dot = _mm512_cvtepi32_ps(_mm512_add_epi32(acc_lo[m], acc_hi[m]));               \
-                out[m] = _mm512_fmadd_ps(dot, _mm512_mul_ps(scale, _mm512_set1_ps(sx[m * groups + g])), out[m]); \
+                out[m] = _mm512_fmadd_ps(part[m], scale, out[m]);                                            \
                 out[m] = _mm512_fmadd_ps(offset, _mm512_set1_ps(sumx[m * groups + g]), out[m]);              \
             }                                                                                                \
         }                                                                                                    \
@@ -162,16 +166,16 @@ static void i4_matmul(const uint8_t *packed, const uint16_t *scale_zero, int64_t
                       int64_t group, int64_t m_rows, const int8_t *xq, const float *sx, const float *sumx, float *y,
                       int64_t ldy, int threads) {
     const uint32_t *sz = (const uint32_t *)scale_zero;
-    const int64_t blocks = n / BLOCK_ROWS, block_bytes = BLOCK_ROWS * k / 2, groups = k / group;
+    const int64_t blocks = n / BLOCK_ROWS, block_bytes = BLOCK_ROWS * k / 2, groups = k / group, subs = k / ACT_GROUP;
 #pragma omp parallel for schedule(guided, 4) num_threads(threads)
     for (int64_t b = 0; b < blocks; b++) {
         const uint8_t *w = packed + b * block_bytes;
         const uint32_t *s = sz + b * BLOCK_ROWS;
         int64_t m = 0;
         for (; m + 4 <= m_rows; m += 4)
-            block_4(w, s, ld_sz, k, group, xq + m * k, sx + m * groups, sumx + m * groups, y + m * ldy + b * BLOCK_ROWS, ldy);
+            block_4(w, s, ld_sz, k, group, xq + m * k, sx + m * subs, sumx + m * groups, y + m * ldy + b * BLOCK_ROWS, ldy);
         for (; m < m_rows; m++)
-            block_1(w, s, ld_sz, k, group, xq + m * k, sx + m * groups, sumx + m * groups, y + m * ldy + b * BLOCK_ROWS, ldy);
+            block_1(w, s, ld_sz, k, group, xq + m * k, sx + m * subs, sumx + m * groups, y + m * ldy + b * BLOCK_ROWS, ldy);
     }
 }
 
@@ -179,10 +183,9 @@ static void i4_matmul(const uint8_t *packed, const uint16_t *scale_zero, int64_t
 int tpo_int4_mm(const float *x, int64_t m_rows, int64_t k, const uint8_t *packed, const uint16_t *scale_zero,
                 int64_t ld_sz, int64_t n, int64_t group, float *y, int threads) {
     if (n % BLOCK_ROWS || group % 16 || group <= 0 || k % group || m_rows < 0) return -1;
-    const int64_t groups = k / group;
     int8_t *xq = malloc((size_t)(m_rows * k) + 64);
-    float *sx = malloc(sizeof(float) * (size_t)(m_rows * groups) + 64);
-    float *sumx = malloc(sizeof(float) * (size_t)(m_rows * groups) + 64);
+    float *sx = malloc(sizeof(float) * (size_t)(m_rows * (k / ACT_GROUP)) + 64);
+    float *sumx = malloc(sizeof(float) * (size_t)(m_rows * (k / group)) + 64);
     if (!xq || !sx || !sumx) {
         free(xq), free(sx), free(sumx);
         return -2;
@@ -194,14 +197,17 @@ int tpo_int4_mm(const float *x, int64_t m_rows, int64_t k, const uint8_t *packed
 }
 
 /* tpo_int8_mm: y (M, N) = x (M, K) @ w.T for int8 weights in their plain layout: q (N, K) int8
-rows and a bfloat16 scale per row (tp_ollama.kernels.quant.Int8Weight; w = q * scale).
+rows and float32 scales per group of `group` inputs, (N, K/group) with rows ld_s apart
+(tp_ollama.kernels.quant.Int8Weight; w = q * scale[k / group]).
 
-Activations are quantized to int8 per group of 32 as for int4. vpdpbusd multiplies unsigned by
+Activations are quantized to int8 per 16 inputs as for int4. vpdpbusd multiplies unsigned by
 signed bytes, so the weights are offset to unsigned (+128, an xor of the sign bit) and each lane's
 accumulator starts at -128 times the sum of its 4 activations, which the offset adds: the lane then
 holds the exact int32 dot product of 4 inputs.
-A 64-byte chunk is two groups: lanes 0-7 the first, 8-15 the second, each scaled by its group's
-activation scale. K must be a multiple of 32 (a last half chunk is read masked). */
+A 64-byte chunk is four activation groups of 4 lanes each, each lane scaled by its group's
+activation scale times its weight group's scale (weight groups of 16 take 4 lanes each, of 32 eight,
+of a multiple of 64 the whole chunk). K must be a multiple of 32 (a last half chunk is read
+masked). */
 
 #define I8_CHUNK 64
 
@@ -235,29 +241,39 @@ static int act_alloc(act_buffers *a, size_t rows, int64_t max_k) {
 }
 
 static void quantize_rows_i8(const float *x, int64_t m_rows, int64_t k, int8_t *xq, float *sx, float *sumx, i8_acts *a) {
-    const int64_t chunks = (k + I8_CHUNK - 1) / I8_CHUNK, groups = k / 32;
+    const int64_t chunks = (k + I8_CHUNK - 1) / I8_CHUNK, subs = k / ACT_GROUP;
     quantize_rows(x, m_rows, k, 32, xq, sx, sumx);
     for (int64_t m = 0; m < m_rows; m++) {
         int8_t *xs = a->xs + m * chunks * I8_CHUNK;
         for (int64_t j = 0; j < chunks * I8_CHUNK; j++) xs[j] = j < k ? xq[m * k + j] : 0;
         for (int64_t c = 0; c < chunks; c++)
             for (int lane = 0; lane < 16; lane++) {
-                const int64_t g = 2 * c + lane / 8, at = c * I8_CHUNK + 4 * lane;
-                a->sxl[(m * chunks + c) * 16 + lane] = g < groups ? sx[m * groups + g] : 0.0f;
+                const int64_t g = (c * I8_CHUNK + 4 * lane) / ACT_GROUP, at = c * I8_CHUNK + 4 * lane;
+                a->sxl[(m * chunks + c) * 16 + lane] = g < subs ? sx[m * subs + g] : 0.0f;
                 a->start[(m * chunks + c) * 16 + lane] = -128 * (xs[at] + xs[at + 1] + xs[at + 2] + xs[at + 3]);
             }
     }
 }
 
+/* The weight scale of each lane of chunk c, from one row's scales ws (groups of them). */
+static inline __m512 i8_lane_scales(const float *ws, int64_t c, int64_t group, int64_t groups) {
+    if (group >= 64) return _mm512_set1_ps(ws[c * I8_CHUNK / group]);
+    const int64_t per = I8_CHUNK / group, first = c * per, left = groups - first < per ? groups - first : per;
+    const __m512i lanes = group == 16 ? _mm512_set_epi32(3, 3, 3, 3, 2, 2, 2, 2, 1, 1, 1, 1, 0, 0, 0, 0)
+                                      : _mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0);
+    return _mm512_permutexvar_ps(lanes, _mm512_maskz_loadu_ps((__mmask16)((1u << left) - 1u), ws + first));
+}
+
 /* Rows [0, rows) of a stretch of weights against MB activation rows. */
 #define DEFINE_I8_ROWS(MB)                                                                                   \
-    static inline void i8rows_##MB(const int8_t *w, const uint16_t *scale, int64_t rows, int64_t k,          \
-                                   const i8_acts *a, float *y, int64_t ldy) {                                \
-        const int64_t chunks = (k + I8_CHUNK - 1) / I8_CHUNK;                                                \
+    static inline void i8rows_##MB(const int8_t *w, const float *scale, int64_t ld_s, int64_t group,         \
+                                   int64_t rows, int64_t k, const i8_acts *a, float *y, int64_t ldy) {       \
+        const int64_t chunks = (k + I8_CHUNK - 1) / I8_CHUNK, groups = k / group;                            \
         const __mmask64 last = k % I8_CHUNK ? (((__mmask64)1 << (k % I8_CHUNK)) - 1) : ~(__mmask64)0;        \
         const __m512i sign = _mm512_set1_epi8((char)0x80);                                                   \
         for (int64_t r = 0; r < rows; r++) {                                                                 \
             const int8_t *wr = w + r * k;                                                                    \
+            const float *ws = scale + r * ld_s;                                                              \
             __m512 f[MB];                                                                                    \
             for (int m = 0; m < MB; m++) f[m] = _mm512_setzero_ps();                                         \
             for (int64_t c = 0; c < chunks; c++) {                                                           \
@@ -265,15 +281,15 @@ static void quantize_rows_i8(const float *x, int64_t m_rows, int64_t k, int8_t *
                 _mm_prefetch((const char *)(wr + c * I8_CHUNK + PREFETCH_L1), _MM_HINT_T0);                 \
                 _mm_prefetch((const char *)(wr + c * I8_CHUNK + PREFETCH_L2), _MM_HINT_T1);                 \
                 const __m512i wu = _mm512_xor_si512(wv, sign);                                               \
+                const __m512 sw = i8_lane_scales(ws, c, group, groups);                                      \
                 for (int m = 0; m < MB; m++) {                                                               \
                     const int64_t at = m * chunks + c;                                                       \
                     const __m512i dot = TPO_I8_DOT(_mm512_loadu_si512(a->start + at * 16), wu,              \
                                                             _mm512_loadu_si512(a->xs + at * I8_CHUNK));      \
-                    f[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_loadu_ps(a->sxl + at * 16), f[m]); \
+                    f[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_mul_ps(sw, _mm512_loadu_ps(a->sxl + at * 16)), f[m]); \
                 }                                                                                            \
             }                                                                                                \
-            const float sc = bf16_to_f32(scale[r]);                                                          \
-            for (int m = 0; m < MB; m++) y[m * ldy + r] = _mm512_reduce_add_ps(f[m]) * sc;                   \
+            for (int m = 0; m < MB; m++) y[m * ldy + r] = _mm512_reduce_add_ps(f[m]);                        \
         }                                                                                                    \
     }
 
@@ -281,8 +297,8 @@ DEFINE_I8_ROWS(1)
 DEFINE_I8_ROWS(4)
 
 /* The rows of y (m_rows, n) from quantized activations `a`, 16 weight rows a task. */
-static void i8_matmul(const int8_t *q, const uint16_t *scale, int64_t n, int64_t k, int64_t m_rows, const i8_acts *a,
-                      float *y, int64_t ldy, int threads) {
+static void i8_matmul(const int8_t *q, const float *scale, int64_t ld_s, int64_t group, int64_t n, int64_t k,
+                      int64_t m_rows, const i8_acts *a, float *y, int64_t ldy, int threads) {
     const int64_t chunks = (k + I8_CHUNK - 1) / I8_CHUNK, blocks = (n + BLOCK_ROWS - 1) / BLOCK_ROWS;
 #pragma omp parallel for schedule(guided, 4) num_threads(threads)
     for (int64_t b = 0; b < blocks; b++) {
@@ -290,23 +306,28 @@ static void i8_matmul(const int8_t *q, const uint16_t *scale, int64_t n, int64_t
         int64_t m = 0;
         for (; m + 4 <= m_rows; m += 4) {
             const i8_acts part = {a->xs + m * chunks * I8_CHUNK, a->start + m * chunks * 16, a->sxl + m * chunks * 16};
-            i8rows_4(q + r0 * k, scale + r0, rows, k, &part, y + m * ldy + r0, ldy);
+            i8rows_4(q + r0 * k, scale + r0 * ld_s, ld_s, group, rows, k, &part, y + m * ldy + r0, ldy);
         }
         for (; m < m_rows; m++) {
             const i8_acts part = {a->xs + m * chunks * I8_CHUNK, a->start + m * chunks * 16, a->sxl + m * chunks * 16};
-            i8rows_1(q + r0 * k, scale + r0, rows, k, &part, y + m * ldy + r0, ldy);
+            i8rows_1(q + r0 * k, scale + r0 * ld_s, ld_s, group, rows, k, &part, y + m * ldy + r0, ldy);
         }
     }
 }
 
-/* Returns 0, -1 when K is not a multiple of 32, -2 when out of memory. */
-int tpo_int8_mm(const float *x, int64_t m_rows, int64_t k, const int8_t *q, const uint16_t *scale, int64_t n, float *y,
-                int threads) {
-    if (k % 32 || k <= 0 || m_rows < 0 || n < 0) return -1;
+static int i8_group_fits(int64_t group, int64_t k) {
+    return group > 0 && k % group == 0 && (group == 16 || group == 32 || group % 64 == 0);
+}
+
+/* Returns 0, -1 when K is not a multiple of 32 or the group is not one the kernel takes, -2 when out
+of memory. */
+int tpo_int8_mm(const float *x, int64_t m_rows, int64_t k, const int8_t *q, const float *scale, int64_t ld_s,
+                int64_t group, int64_t n, float *y, int threads) {
+    if (k % 32 || k <= 0 || m_rows < 0 || n < 0 || !i8_group_fits(group, k) || ld_s < k / group) return -1;
     act_buffers a;
     if (act_alloc(&a, (size_t)m_rows, k)) return -2;
     quantize_rows_i8(x, m_rows, k, a.xq, a.sx, a.sumx, &a.i8);
-    i8_matmul(q, scale, n, k, m_rows, &a.i8, y, n, threads);
+    i8_matmul(q, scale, ld_s, group, n, k, m_rows, &a.i8, y, n, threads);
     act_free(&a);
     return 0;
 }
@@ -374,7 +395,7 @@ over the positions within its window. */
 typedef struct {
     int int8;                    /* 0: int4 in the native layout; 1: int8 rows (tpo_int8_mm) */
     const uint8_t *packed;       /* int4: (n, k/2) native layout; int8: q (n, k) */
-    const uint16_t *scale_zero;  /* int4: (k/group, ld_sz, 2) bfloat16; int8: (n) bfloat16 scales */
+    const void *scale_zero;      /* int4: (k/group, ld_sz, 2) bfloat16; int8: (n, ld_sz) float32 scales */
     int64_t ld_sz, n, k, group;  /* n = 0: no layer (the part of a fused one) */
     const float *bias;           /* (n), already in the activation dtype's values; NULL: none */
 } tpo_linear;
@@ -464,6 +485,27 @@ static inline void round_all(float *v, int64_t n, int bf16) {
     for (; i < n; i++) v[i] = round_bf16(v[i]);
 }
 
+/* tpo_int8_to_bf16: out (n, k) bfloat16 = q * scale[k / group], rounded to nearest even (what
+Int8Weight.dequantize(bfloat16) gives), for the dense matmul of a prompt's prefill: one pass over the
+weight instead of torch's three through float32. Rows ld_s scales apart; group a multiple of 16. Returns
+0, or -1 for a group it does not take. */
+int tpo_int8_to_bf16(const int8_t *q, const float *scale, int64_t ld_s, int64_t group, int64_t n, int64_t k,
+                     uint16_t *out, int threads) {
+    if (group <= 0 || group % 16 || k % group || n < 0) return -1;
+#pragma omp parallel for schedule(static) num_threads(threads)
+    for (int64_t r = 0; r < n; r++) {
+        const int8_t *qr = q + r * k;
+        uint16_t *o = out + r * k;
+        for (int64_t j = 0; j < k; j += 16) {
+            const __m512 v = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(qr + j)))),
+                                           _mm512_set1_ps(scale[r * ld_s + j / group]));
+            const __m512i bits = _mm512_srli_epi32(_mm512_castps_si512(round_bf16_16(v)), 16);
+            _mm256_storeu_si256((__m256i *)(o + j), _mm512_cvtepi32_epi16(bits));
+        }
+    }
+    return 0;
+}
+
 /* e^x for 16 lanes (Cephes' expf: range reduction by ln 2, a degree-6 polynomial), within ~2 ulp. */
 static inline __m512 exp_16(__m512 x) {
     x = _mm512_max_ps(_mm512_min_ps(x, _mm512_set1_ps(88.3762626647949f)), _mm512_set1_ps(-103.0f));
@@ -502,7 +544,8 @@ static void linear(const tpo_linear *w, const float *x, int64_t rows, float *y, 
     if (w->n == 0) return;
     if (w->int8) {
         quantize_rows_i8(x, rows, w->k, a->xq, a->sx, a->sumx, &a->i8);
-        i8_matmul((const int8_t *)w->packed, w->scale_zero, w->n, w->k, rows, &a->i8, y, ldy, threads);
+        i8_matmul((const int8_t *)w->packed, (const float *)w->scale_zero, w->ld_sz, w->group, w->n, w->k, rows, &a->i8, y,
+                  ldy, threads);
     } else {
         quantize_rows(x, rows, w->k, w->group, a->xq, a->sx, a->sumx);
         i4_matmul(w->packed, w->scale_zero, w->ld_sz, w->n, w->k, w->group, rows, a->xq, a->sx, a->sumx, y, ldy, threads);
@@ -761,17 +804,17 @@ static void embed_row(const tpo_decoder *m, int64_t token, float *x) {
         memcpy(x, (const float *)e->packed + token * k, sizeof(float) * (size_t)k);
     } else if (m->embed_kind == EMBED_BF16) {
         for (int64_t j = 0; j < k; j++) x[j] = bf16_to_f32(((const uint16_t *)e->packed)[token * k + j]);
-    } else if (e->int8) { /* q * scale */
+    } else if (e->int8) { /* q * scale of its group */
         const int8_t *q = (const int8_t *)e->packed + token * k;
-        const float scale = bf16_to_f32(e->scale_zero[token]);
-        for (int64_t j = 0; j < k; j++) x[j] = (float)q[j] * scale;
+        const float *scale = (const float *)e->scale_zero + token * e->ld_sz;
+        for (int64_t j = 0; j < k; j++) x[j] = (float)q[j] * scale[j / e->group];
     } else { /* (q - 8) * scale + zero; the row is lane token % 16 of its block (see tpo_int4_mm) */
         const uint8_t *block = e->packed + (token / BLOCK_ROWS) * BLOCK_ROWS * (k / 2);
         const int64_t lane = token % BLOCK_ROWS;
         for (int64_t j = 0; j < k; j++) {
             const uint8_t byte = block[(j / CHUNK) * 64 + 4 * lane + j % 4];
             const int code = (j % CHUNK) < 4 ? byte & 0x0F : byte >> 4;
-            const uint16_t *sz = e->scale_zero + 2 * ((j / e->group) * e->ld_sz + token);
+            const uint16_t *sz = (const uint16_t *)e->scale_zero + 2 * ((j / e->group) * e->ld_sz + token);
             const float scaled = ((float)code - 8.0f) * bf16_to_f32(sz[0]);
             x[j] = scaled + bf16_to_f32(sz[1]);
         }

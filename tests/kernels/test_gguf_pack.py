@@ -21,6 +21,7 @@ from tp_ollama.checkpoints.gguf_checkpoint import GGUFCheckpoint
 from tp_ollama.checkpoints.gguf_file import GGUFFile
 from tp_ollama.errors import CheckpointError
 from tp_ollama.kernels import gguf_quants
+from tp_ollama.kernels import quant
 from tp_ollama.kernels.gguf_pack import INT4_TYPES, blocks_to_int4, int4_parts
 from tp_ollama.kernels.quant import Int4Weight
 
@@ -217,6 +218,38 @@ def test_read_int4_slices_and_refusals(llama_file: tuple[Path, dict[str, tuple[s
             assert ckpt.read_int4(up, cols=(32, 288)) is not None
         assert ckpt.read_int4(f"model.layers.{layer}.self_attn.v_proj.weight") is None  # Q8_0
         assert ckpt.read_int4("model.norm.weight") is None  # F32, 1-D
+    finally:
+        ckpt.close()
+
+
+def test_read_int8_keeps_the_files_values_and_refuses_the_rest(
+    llama_file: tuple[Path, dict[str, tuple[str, np.ndarray]]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A Q8_0 tensor read as int8 is `read`'s float32 values exactly, with the file's codes and its
+    block scales (group 32); slices on group boundaries are slices of the whole; anything else is
+    refused (None), and so is every tensor where int8 weights take one scale per row."""
+    path, tensors = llama_file
+    monkeypatch.setattr(quant, "int8_group", lambda k: quant.INT8_GROUP)  # as where the native kernel runs
+    ckpt = GGUFCheckpoint(path)
+    try:
+        v = "model.layers.1.self_attn.v_proj.weight"
+        full = ckpt.read_int8(v)
+        assert full is not None and full.group == 32 and full.shape == (KV_HEADS * HEAD_DIM, HIDDEN)
+        assert torch.equal(full.dequantize(), ckpt.read(v, torch.float32))
+        b = blocks(tensors["blk.1.attn_v.weight"][1], "Q8_0")
+        assert torch.equal(full.q, b[..., 2:].contiguous().view(torch.int8).flatten(1))
+        part = ckpt.read_int8(v, rows=(8, 72), cols=(64, 192))
+        assert part is not None
+        assert torch.equal(part.q, full.q[8:72, 64:192]) and torch.equal(part.scale, full.scale[8:72, 2:6])
+        assert ckpt.read_int8(v, cols=(16, 272)) is None  # not on group boundaries
+        up = "model.layers.0.mlp.up_proj.weight"  # Q4_0, symmetric too (read as int8 under --quant int8)
+        up8 = ckpt.read_int8(up)
+        assert up8 is not None and torch.equal(up8.dequantize(), ckpt.read(up, torch.float32))
+        assert ckpt.read_int8("model.norm.weight") is None  # F32, 1-D
+        q = "model.layers.1.self_attn.q_proj.weight"  # Q4_1: asymmetric, not kept as int8
+        assert ckpt.read_int8(q) is None
+        monkeypatch.setattr(quant, "int8_group", lambda k: k)  # torch's kernels: one scale per row
+        assert ckpt.read_int8(v) is None
     finally:
         ckpt.close()
 

@@ -41,3 +41,24 @@ def test_blocks_of_another_size_or_dtype_are_refused_with_the_expected_shape():
     _, q2_k_bytes = gguf_quants.block_layout("Q2_K")  # a type gguf-py knows that is not supported
     with pytest.raises(KeyError):
         gguf_quants.dequantize(torch.zeros(2, q2_k_bytes, dtype=torch.uint8), "Q2_K")
+
+
+@pytest.mark.parametrize("random_bytes", [False, True])
+@pytest.mark.parametrize("ggml_type", gguf_quants.SYMMETRIC_TYPES)
+def test_symmetric_parts_multiply_to_the_dequantized_values(ggml_type: str, random_bytes: bool) -> None:
+    """The codes and scales an int8 weight keeps (Q8_0, Q5_0, Q4_0 per block of 32, Q6_K per
+    sub-block of 16): their product is gguf-py's dequantization bit for bit, the codes fit int8."""
+    if random_bytes and ggml_type not in RANDOM_BLOCKS + ["Q8_0", "Q4_0", "Q5_0"]:
+        pytest.skip("not built from random bytes")
+    if not random_bytes and ggml_type not in QUANTIZABLE:
+        pytest.skip("gguf-py cannot quantize it")
+    raw = raw_tensor(ggml_type, (4, COLS), seed=3, random_bytes=random_bytes)
+    _, type_size = gguf_quants.block_layout(ggml_type)
+    blocks = torch.from_numpy(raw.view(np.uint8).copy()).unflatten(-1, (-1, type_size))
+    codes, scale = gguf_quants.symmetric_parts(blocks, ggml_type)
+    group = {"Q6_K": 16}.get(ggml_type, 32)
+    assert codes.dtype == torch.int8 and scale.dtype == torch.float32
+    assert codes.shape[-1] == scale.shape[-1] * group
+    n, b = codes.shape[:2]
+    product = (codes.float().view(n, b, -1, group) * scale[..., None]).flatten(1)
+    assert torch.equal(product, reference(raw, ggml_type))

@@ -58,9 +58,12 @@ def test_a_quant_embedding_reads_its_rows_and_projects_as_the_tied_head(kind: st
 def test_moving_a_holder_rebuilds_its_weight_over_the_moved_buffers():
     _, weight = packed("int8")
     layer = QuantLinear(weight, torch.zeros(N))
-    assert layer.qweight.q is layer.q and layer.scale.dtype == torch.bfloat16
-    layer.to(torch.float32)  # floating buffers move: the bfloat16 scales become float32
-    assert layer.scale.dtype == torch.float32 and layer.qweight.scale is layer.scale
+    assert layer.qweight.q is layer.q and layer.scale.dtype == torch.float32
+    before = layer.scale.clone()
+    layer.to(torch.bfloat16)  # floating buffers move (the bias), scales stay as the kernels read them
+    assert layer.bias.dtype == torch.bfloat16
+    assert layer.scale.dtype == torch.float32 and torch.equal(layer.scale, before)
+    assert layer.qweight.scale.data_ptr() == layer.scale.data_ptr() and layer.qweight.q is layer.q
     assert layer.state_dict() == {}  # read with the checkpoint, never saved
     assert "128 -> 64, int8" in repr(layer)
 

@@ -53,13 +53,17 @@ from tp_ollama.kernels.quant import quantize_int4, quantize_int8
 from tp_ollama.models.native_decode import native_decoder
 torch.manual_seed(0)
 out = {"variant": native.library().tpo_variant, "mm": {}}
-for kind, pack in (("int4", quantize_int4), ("int8", quantize_int8)):
+packings = [("int4", lambda w: quantize_int4(w))]
+packings += [(f"int8 group {g}", lambda w, g=g: quantize_int8(w, g)) for g in (16, 32, 64, 320)]
+for kind, pack in packings:
     w = pack(torch.randn(256, 320))
     for m in (1, 3, 5, 16):
         x = torch.randn(m, 320)
         want = x @ w.dequantize(torch.float32).T
         got = w.native_matmul()(x)
         out["mm"][f"{kind} {m}"] = float(((got - want).norm() / want.norm()))
+w8 = quantize_int8(torch.randn(64, 320) * 1e3, 16)  # both signs, values past bfloat16's int range
+out["to_bf16_exact"] = torch.equal(native.int8_to_bf16(w8.q, w8.scale, 16), w8.dequantize(torch.bfloat16))
 path = save_hf(make_hf_model("gemma3_text"), __import__("pathlib").Path(DIR))
 model = load_model(open_checkpoint(path), torch.float32, "cpu", quant="int4")
 cache = KVCache.for_model(model, batch=1, max_len=16)
@@ -74,7 +78,7 @@ print("@@" + json.dumps(out))
 @pytest.mark.parametrize("name", ["avx2", "avx512"])
 def test_each_variant_computes_what_the_reference_does(name, tmp_path):
     """Each variant the CPU runs, forced in a process of its own: its int4 and int8 matmuls against
-    the dequantized weights (activations are rounded to int8 per group: ~1% of the norm), and the
+    the dequantized weights, its int8 expansion to bfloat16 bit for bit, (activations are rounded to int8 per group: ~1% of the norm), and the
     native decode step of a tiny Gemma 3 against the other variant's logits."""
     import json
     import os
@@ -93,6 +97,7 @@ def test_each_variant_computes_what_the_reference_does(name, tmp_path):
 
     got = run(name)
     assert got["variant"] == name
+    assert got["to_bf16_exact"], f"{name}: int8_to_bf16 differs from the dequantized weight"
     for case, rel in got["mm"].items():
         assert rel < 0.02, f"{name} {case}: {rel:.3g} of the norm from the dequantized matmul"
     other = run("avx512" if name == "avx2" else name)

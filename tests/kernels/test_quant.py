@@ -90,25 +90,27 @@ def test_native_layout_places_each_code_where_the_kernel_reads_it(monkeypatch):
 # --- 2. quantization error ----------------------------------------------------------------------------
 
 
-def test_quantize_int8_error_bounded():
+@pytest.mark.parametrize("group", [16, 32, 256], ids=lambda g: f"group{g}")
+def test_quantize_int8_error_bounded(group):
     torch.manual_seed(0)
-    w = torch.randn(64, 256) * torch.logspace(-3, 1, 64)[:, None]  # rows of very different magnitude
+    n, k = 64, 256
+    w = torch.randn(n, k) * torch.logspace(-3, 1, n)[:, None]  # rows of very different magnitude
     w[5] = 0.0  # an all-zero row must not divide by zero
-    qw = quantize_int8(w)
-    assert qw.q.dtype == torch.int8 and qw.scale.dtype == torch.bfloat16
+    w[7, :16] = 0.0  # and neither must an all-zero group
+    qw = quantize_int8(w, group)
+    assert qw.q.dtype == torch.int8 and qw.scale.dtype == torch.float32
+    assert qw.scale.shape == (n, k // group) and qw.group == group
     assert qw.q.abs().max() <= 127
-    scale = qw.scale.float()[:, None]
-    err = (qw.dequantize() - w).abs()
-    # Rounding to the nearest multiple of the stored scale costs at most scale/2. The stored scale is
-    # max|w|/127 rounded to bfloat16, so it can be up to 2**-8 too small; the largest |w| of a row then
-    # lands past 127 * scale, gets clamped to 127, and is off by up to |w| * 2**-8. 1e-6 * scale covers
-    # float32 rounding of q * scale.
-    tol = 0.5 * scale + w.abs() * BF16_EPS + 1e-6 * scale
-    assert (err <= tol).all(), f"worst excess {(err - tol).max().item()}"
-    assert torch.equal(qw.dequantize()[5], torch.zeros(256))
-    # The scale is the per-row max / 127 up to bf16 rounding (a smaller one would pass the bound above but
-    # clamp the row); the all-zero row gets the smallest normal float instead of 0 (atol).
-    assert _close(qw.scale.float(), w.abs().amax(dim=1) / 127, rtol=BF16_EPS, atol=2.0**-125)
+    wg = w.view(n, k // group, group)
+    scale = qw.scale[..., None]  # (N, G, 1)
+    err = (qw.dequantize().view(n, k // group, group) - wg).abs()
+    # Rounding to the nearest multiple of the float32 scale costs at most scale/2 (1e-6 * scale covers
+    # float32 rounding of w / scale and q * scale).
+    assert (err <= 0.5 * scale + 1e-6 * scale).all(), f"worst excess {(err - 0.5 * scale).max().item()}"
+    assert torch.equal(qw.dequantize()[5], torch.zeros(k))
+    # The scale is each group's max / 127 (a smaller one would pass the bound above but clamp the group);
+    # an all-zero group gets the smallest normal float instead of 0 (atol).
+    assert _close(qw.scale, wg.abs().amax(dim=2) / 127, rtol=1e-6, atol=2.0**-125)
 
 
 @pytest.mark.parametrize("group", [32, 64])
@@ -150,8 +152,9 @@ def int8_kernel(request, monkeypatch):
     """Run a test on the native int8 kernel and on torch's (the native one switched off)."""
     if request.param == "native" and not native.available():
         pytest.skip("the native kernels do not run here")
-    if request.param == "torch":
+    if request.param == "torch":  # its weights, as where no native kernel runs: one scale per row
         monkeypatch.setattr(quant.Int8Weight, "native_matmul", lambda self: None)
+        monkeypatch.setattr(quant, "int8_group", lambda k: k)
     return request.param
 
 
@@ -184,8 +187,8 @@ def _check_matmul(make, dtype, lead, layout, monkeypatch):
     ref = x.float() @ w.dequantize().T
     # torch's paths round the activations (and on the dense path the dequantized weight) to bfloat16
     # and return bfloat16: ~2**-8 relative per product, averaging out over K. The native kernel rounds
-    # activations to int8 per group of 32 (steps of max|x| / 127 in the group), as llama.cpp's Q8_0
-    # does. 2e-2 of the output's scale is a wide margin for both that a wrong layout, scale or zero
+    # activations to int8 per 16 inputs (steps of max|x| / 127 of the 16), as llama.cpp's Q8_0 does
+    # per 32. 2e-2 of the output's scale is a wide margin for both that a wrong layout, scale or zero
     # still exceeds by far.
     diff = (y.float() - ref).abs().max().item()
     assert diff <= 2e-2 * ref.abs().max().item(), f"max diff {diff} vs max |ref| {ref.abs().max().item()}"
@@ -204,7 +207,7 @@ def test_native_int4_error_is_that_of_int8_activations():
     w = Int4Weight(packed, sz, group)
     x = torch.randn(m, k) * torch.logspace(-2, 1, k)  # groups of very different magnitudes
     y = native.int4_mm(x, packed, sz, group)
-    x_rounded = _rounded_activations(x, group)  # what the kernel multiplies
+    x_rounded = _rounded_activations(x)  # what the kernel multiplies
     scale, zero = sz[..., 0].float(), sz[..., 1].float()  # (G, N)
     codes_scaled = (w.codes().float().view(n, k // group, group) * scale.t()[..., None]).view(n, k)
     ref = x_rounded @ codes_scaled.T + x_rounded.view(m, k // group, group).sum(dim=2) @ (zero - 8 * scale)
@@ -213,9 +216,9 @@ def test_native_int4_error_is_that_of_int8_activations():
     assert diff <= 1e-5 * ref.abs().max().item(), f"max diff {diff} vs max |ref| {ref.abs().max().item()}"
 
 
-def _rounded_activations(x: torch.Tensor, group: int = 32) -> torch.Tensor:
+def _rounded_activations(x: torch.Tensor, group: int = 16) -> torch.Tensor:
     """x with each group of `group` inputs rounded to int8 steps of its max|x| / 127, as the native
-    kernels round activations."""
+    kernels round activations (per 16)."""
     m, k = x.shape
     xg = x.view(m, k // group, group)
     amax = xg.abs().amax(dim=2, keepdim=True)
@@ -223,13 +226,18 @@ def _rounded_activations(x: torch.Tensor, group: int = 32) -> torch.Tensor:
 
 
 @needs_native
+@pytest.mark.parametrize("group", [16, 32, 64, 0], ids=lambda g: f"group{g or 'K'}")
 @pytest.mark.parametrize("n, k", [(2 * INT4_TILE, 256), (40, 96)], ids=["whole-chunks", "partial-block-half-chunk"])
-def test_native_int8_error_is_that_of_int8_activations(n, k):
+def test_native_int8_error_is_that_of_int8_activations(n, k, group):
     """The native int8 kernel against the same products with the activations rounded as it rounds
-    them: all that is left is float32 summation order. 40 rows end in a partial 16-row block, 96
-    inputs in a half 64-byte chunk (read masked)."""
+    them: all that is left is float32 summation order, whatever the weight's group (16 and 32: the
+    GGUF blocks kept as they are; a multiple of 64, and a whole row). 40 rows end in a partial 16-row
+    block, 96 inputs in a half 64-byte chunk (read masked)."""
     torch.manual_seed(0)
-    w = _int8(n, k)
+    group = group or k
+    if k % group or (group % 64 and group not in (16, 32)):
+        pytest.skip(f"groups of {group} do not fit rows of {k}")
+    w = quantize_int8(torch.randn(n, k) * torch.logspace(-1, 1, k), group)  # weight groups of different scales
     x = torch.randn(7, k) * torch.logspace(-2, 1, k)  # groups of very different magnitudes
     kernel = w.native_matmul()
     assert kernel is not None
@@ -251,7 +259,7 @@ def test_native_int8_declines_what_it_cannot_take():
     x = torch.randn(2, 80)
     assert _close(quant_matmul(x, odd), x @ odd.dequantize().T, rtol=0, atol=2e-2 * 80**0.5)
     whole = _int8(32, 128)
-    assert Int8Weight(whole.q[:, :64], whole.scale).native_matmul() is None
+    assert Int8Weight(whole.q[:, :64], whole.scale[:, :2], 32).native_matmul() is None
 
 
 def _native_parts(n: int, k: int, group: int) -> tuple[torch.Tensor, torch.Tensor, int]:
@@ -408,3 +416,32 @@ def test_int4_packed_path_under_a_lower_cpu_capability():
     assert got.lower() == cap
     assert same == "True", f"{got}: pack_int4 differs from torch's layout"
     assert float(rel) <= 2e-2, f"{got}: packed int4 matmul off by {float(rel):.2f} of the output scale"
+
+
+@needs_native
+@pytest.mark.parametrize("make", [_int8, _int4], ids=["int8", "int4"])
+def test_native_matmuls_write_large_outputs(make):
+    """A (24, 65536) output (6 MiB: a fresh mapping, far above the first 2 GiB of addresses) is written
+    where it is: every pointer reaches the kernel whole (a binding that declared one argument too few
+    once passed the output's address as a C int)."""
+    torch.manual_seed(0)
+    w = make(65536, 64)
+    x = torch.randn(24, 64)
+    y = w.native_matmul()(x)
+    ref = x @ w.dequantize().T
+    assert (y - ref).abs().max().item() <= 2e-2 * ref.abs().max().item()
+
+
+@needs_native
+@pytest.mark.parametrize("group", [16, 32, 64])
+def test_native_int8_to_bf16_is_the_dequantized_weight(group):
+    """The prefill's dense path expands int8 weights to bfloat16 in one native pass: bit for bit what
+    dequantize(bfloat16) gives, for the rows of a view too; a group it cannot take is refused."""
+    torch.manual_seed(0)
+    w = quantize_int8(torch.randn(48, 256) * torch.logspace(-2, 2, 256), group)
+    assert torch.equal(native.int8_to_bf16(w.q, w.scale, group), w.dequantize(torch.bfloat16))
+    part = slice(16, 40)
+    assert torch.equal(native.int8_to_bf16(w.q[part], w.scale[part], group), w.dequantize(torch.bfloat16, part))
+    eights = torch.ones(48, 256 // 8)
+    with pytest.raises(ValueError, match="multiple of 16"):
+        native.int8_to_bf16(w.q, eights, 8)

@@ -13,9 +13,10 @@ import torch
 from tp_ollama.checkpoints.base import Range, check_range
 from tp_ollama.checkpoints.gguf_file import GGUFFile
 from tp_ollama.errors import CheckpointError
-from tp_ollama.kernels.gguf_pack import GROUP, INT4_TYPES, int4_parts
+from tp_ollama.kernels.gguf_pack import GROUP, INT4_TYPES, INT8_TYPES, int4_parts, int8_parts
 from tp_ollama.kernels.gguf_quants import block_layout
-from tp_ollama.kernels.quant import Int4Weight, int4_fits, pack_int4_weight
+from tp_ollama.kernels import quant
+from tp_ollama.kernels.quant import Int4Weight, Int8Weight, int4_fits, pack_int4_weight
 from tp_ollama.models import config_from_hf
 
 # GGUF architecture -> HF model_type
@@ -176,6 +177,32 @@ class GGUFCheckpoint:
             scale = self._unpermute(name, scale.t()).t()
             zero = self._unpermute(name, zero.t()).t()
         return pack_int4_weight(codes, scale, zero, GROUP)
+
+    def read_int8(self, name: str, rows: Range | None = None, cols: Range | None = None) -> Int8Weight | None:
+        """A Q8_0 / Q5_0 / Q4_0 / Q6_K weight (or its rows / columns) as int8 codes with the file's
+        own scales per (sub-)block: `read(name, ...)` exactly. None when it cannot be: another type, a
+        1-D tensor, columns not on (sub-)block boundaries, or a machine where int8 weights take one
+        scale per row (no native kernel); the caller then reads floats."""
+        gname = self._gguf(name)
+        info = self.file.tensors[gname]
+        if info.ggml_type not in INT8_TYPES or len(info.shape) != 2 or info.shape[1] % quant.INT8_GROUP:
+            return None
+        if quant.int8_group(info.shape[1]) != quant.INT8_GROUP:
+            return None
+        check_range(self.path, name, info.shape[0], rows, "rows")
+        if cols is not None:
+            check_range(self.path, gname, info.shape[1], cols, "columns")
+        block, _ = block_layout(info.ggml_type)
+        c0, c1 = cols if cols is not None else (0, info.shape[1])
+        a, b = c0 // block * block, -(-c1 // block) * block  # the enclosing blocks
+        codes, scale, group = int8_parts(self.file.read_raw(gname, rows=rows, cols=(a, b)), info.ggml_type)
+        if (c0 - a) % group or (c1 - a) % group:
+            return None
+        codes = codes[:, c0 - a : c1 - a]
+        scale = scale[:, (c0 - a) // group : (c1 - a) // group]
+        if self.arch == "llama" and re.search(r"self_attn\.[qk]_proj\.", name):
+            codes, scale = self._unpermute(name, codes), self._unpermute(name, scale)  # rows, as `read`
+        return Int8Weight(codes.contiguous(), scale.contiguous(), group)
 
     def _read_cols(self, gname: str, rows: Range | None, cols: Range | None) -> torch.Tensor:
         """Quantized rows can only be cut at block boundaries: read the enclosing blocks, then narrow."""

@@ -26,7 +26,7 @@ from tp_ollama.kernels.quant import (
     Int8Weight,
     QuantWeight,
     int4_fits,
-    int8_scale,
+    int8_group,
     quantize_int4,
     quantize_int8,
 )
@@ -94,20 +94,32 @@ def read_packed(
 
 
 def _pack_band(ckpt: Checkpoint, name: str, rows: Range, cols: Range | None, int4: bool) -> QuantWeight:
+    if not int4:
+        read_int8 = getattr(ckpt, "read_int8", None)
+        direct = read_int8(name, rows, cols) if read_int8 is not None else None
+        if direct is not None:
+            return direct
     w = ckpt.read(name, torch.float32, rows=rows, cols=cols)
     if int4:
         return quantize_int4(w, INT4_GROUP)
-    if cols is not None:
-        # A row-parallel shard takes its scales from whole rows, so every degree of parallelism
-        # holds the same int8 codes (int4 groups never straddle a shard: shards are group-aligned).
-        return quantize_int8(w, int8_scale(ckpt.read(name, torch.float32, rows=rows)))
+    width = w.shape[1]
+    if cols is not None and int8_group(width) == width:
+        # One scale per row (torch's kernels): a row-parallel shard takes it from whole rows, so every
+        # degree of parallelism holds the same codes. Groups never straddle a shard on the native
+        # kernel: shards are group-aligned.
+        whole = ckpt.read(name, torch.float32, rows=rows)
+        scale = (whole.abs().amax(dim=1, keepdim=True) / 127.0).clamp_min(torch.finfo(torch.float32).tiny)
+        return quantize_int8(w, width, scale)
     return quantize_int8(w)
 
 
 def concat(parts: list[QuantWeight]) -> QuantWeight:
     """Bands of rows, top to bottom, as one weight (int4 bands are whole tiles)."""
     if all(isinstance(p, Int8Weight) for p in parts):
-        return Int8Weight(_cat([p.q for p in parts]), _cat([p.scale for p in parts]))  # type: ignore[union-attr]
+        int8 = [p for p in parts if isinstance(p, Int8Weight)]
+        if len({p.group for p in int8}) != 1:
+            raise ValueError("cannot join int8 bands of different groups into one weight")
+        return Int8Weight(_cat([p.q for p in int8]), _cat([p.scale for p in int8]), int8[0].group)
     int4 = [p for p in parts if isinstance(p, Int4Weight)]
     if len(int4) != len(parts):
         raise ValueError("cannot join int8 and int4 bands into one weight")
@@ -126,7 +138,7 @@ def _cat(tensors: list[torch.Tensor], dim: int = 0) -> torch.Tensor:
 def in_huge_pages(w: QuantWeight) -> QuantWeight:
     """A CPU weight's tensors copied into 2 MiB pages (a freshly packed one; cached ones load there)."""
     if isinstance(w, Int8Weight):
-        return Int8Weight(hugepages.copy_of(w.q), hugepages.copy_of(w.scale))
+        return Int8Weight(hugepages.copy_of(w.q), hugepages.copy_of(w.scale), w.group)
     return Int4Weight(hugepages.copy_of(w.packed), hugepages.copy_of(w.scale_zero), w.group)
 
 
@@ -165,7 +177,7 @@ def quantize_modules(
         if isinstance(module, Embedding):
             new = QuantEmbedding(weight, dtype)
         else:
-            new = QuantLinear(weight, _read_bias(ckpt, path, module, dtype, device))
+            new = QuantLinear(weight, _read_bias(ckpt, path, module, dtype, device), head=path == "lm_head")
         model.set_submodule(path, take_over(module, new))
         counts[weight.kind] += 1
     if weights and len(cached) != len(weights):
@@ -212,7 +224,7 @@ def fuse_projections(model: nn.Module) -> int:
 def slice_rows(w: QuantWeight, a: int, b: int) -> QuantWeight:
     """Rows a..b-1 of a weight as views (int4: a and b on tile boundaries)."""
     if isinstance(w, Int8Weight):
-        return Int8Weight(w.q[a:b], w.scale[a:b])
+        return Int8Weight(w.q[a:b], w.scale[a:b], w.group)
     return Int4Weight(w.packed[a:b], w.scale_zero[:, a:b], w.group)
 
 

@@ -1,4 +1,10 @@
-"""GGUF 4-bit blocks straight to the int4 packing of `tp_ollama.kernels.quant` (group 32), with no float32
+"""GGUF blocks straight to the int8 and int4 packings of `tp_ollama.kernels.quant`.
+
+int8: the symmetric types (Q8_0, Q5_0, Q4_0: x = d * q per block of 32; Q6_K: x = d * sc_j * q per
+sub-block of 16) keep their integer codes and their scales, exact in float32, as an Int8Weight whose
+group is the (sub-)block: the weight holds the file's values bit for bit. `int8_parts` gives them.
+
+int4: 4-bit blocks of `tp_ollama.kernels.quant` (group 32), with no float32
 copy of the tensor: the 4-bit codes are taken from the blocks unchanged, in the dequantizer's element
 order, and each block's scale / min is re-expressed as a per-32-group scale and zero of
 
@@ -28,10 +34,30 @@ from __future__ import annotations
 import torch
 
 from tp_ollama.kernels import gguf_quants
-from tp_ollama.kernels.quant import INT4_TILE, Int4Weight, int4_fits, pack_int4_weight
+from tp_ollama.kernels.quant import INT4_TILE, Int4Weight, Int8Weight, int4_fits, pack_int4_weight
 
 GROUP = 32  # elements per scale / zero: a Q4_0 / Q4_1 block, a Q4_K sub-block
 INT4_TYPES = frozenset({"Q4_0", "Q4_1", "Q4_K"})
+INT8_TYPES = frozenset(gguf_quants.SYMMETRIC_TYPES)
+
+
+def int8_parts(raw: torch.Tensor, ggml_type: str) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Raw blocks (N, blocks per row, type_size) uint8 of a row-major 2-D tensor of a symmetric type
+    -> codes (N, K) int8, scales (N, K / group) float32 and the group (inputs per scale)."""
+    if ggml_type not in INT8_TYPES:
+        raise ValueError(f"{ggml_type} blocks cannot be kept as int8; only {', '.join(sorted(INT8_TYPES))}")
+    if raw.dim() != 3:
+        raise ValueError(f"{ggml_type} blocks must be (rows, blocks, type size), got {list(raw.shape)}")
+    codes, scale = gguf_quants.symmetric_parts(raw, ggml_type)  # (N, B, block), (N, B, sub-blocks)
+    n = raw.shape[0]
+    group = codes.shape[-1] // scale.shape[-1]
+    return codes.reshape(n, -1).contiguous(), scale.reshape(n, -1).contiguous(), group
+
+
+def blocks_to_int8(raw: torch.Tensor, ggml_type: str) -> Int8Weight:
+    """Raw blocks of a symmetric type (N, blocks per row, type_size) -> an Int8Weight of its values."""
+    codes, scale, group = int8_parts(raw, ggml_type)
+    return Int8Weight(codes, scale, group)
 
 
 def int4_parts(raw: torch.Tensor, ggml_type: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -72,4 +98,4 @@ def blocks_to_int4(raw: torch.Tensor, ggml_type: str) -> Int4Weight:
     return pack_int4_weight(codes, scale, zero, GROUP)
 
 
-__all__ = ["GROUP", "INT4_TYPES", "blocks_to_int4", "int4_parts"]
+__all__ = ["GROUP", "INT4_TYPES", "INT8_TYPES", "blocks_to_int4", "blocks_to_int8", "int4_parts", "int8_parts"]

@@ -75,9 +75,23 @@ def _bf16(raw: torch.Tensor) -> torch.Tensor:
     return (raw.view(torch.int16).to(torch.int32) << 16).view(torch.float32)
 
 
+# Symmetric types, x = scale * q for signed integer codes q, one scale per sub-block: `*_parts` give
+# the codes (*lead, block_size) int8 and the scales (*lead, sub-blocks, 1) float32 (exact: a float16,
+# or one times a small integer), and the dequantizers multiply the two (one rounding, as gguf-py's).
+
+
+def _q8_0_parts(raw: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    # Block of 34 bytes: f16 d, 32 x int8.
+    return raw[..., 2:].view(torch.int8), _f16(raw, 0).unsqueeze(-1)
+
+
+def _symmetric(parts: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    codes, scale = parts  # torch.mul converts int8 -> float32 exactly in the same pass
+    return torch.mul(codes.unflatten(-1, (scale.shape[-2], -1)), scale).flatten(-2)
+
+
 def _q8_0(raw: torch.Tensor) -> torch.Tensor:
-    # Block of 34 bytes: f16 d, 32 x int8. torch.mul converts int8 -> float32 exactly in the same pass.
-    return torch.mul(raw[..., 2:].view(torch.int8), _f16(raw, 0))
+    return _symmetric(_q8_0_parts(raw))
 
 
 def _q4(raw: torch.Tensor, qs_at: int) -> torch.Tensor:
@@ -91,9 +105,13 @@ def _q5(raw: torch.Tensor, qh_at: int) -> torch.Tensor:
     return _q4(raw, qh_at + 4) | qh.view(torch.uint8)
 
 
-def _q4_0(raw: torch.Tensor) -> torch.Tensor:
+def _q4_0_parts(raw: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     # Block of 18 bytes: f16 d, 16 bytes of nibbles; x = d * (q - 8), q - 8 exact in int8.
-    return torch.mul(_q4(raw, 2).view(torch.int8) - 8, _f16(raw, 0))
+    return _q4(raw, 2).view(torch.int8) - 8, _f16(raw, 0).unsqueeze(-1)
+
+
+def _q4_0(raw: torch.Tensor) -> torch.Tensor:
+    return _symmetric(_q4_0_parts(raw))
 
 
 def _q4_1(raw: torch.Tensor) -> torch.Tensor:
@@ -101,9 +119,13 @@ def _q4_1(raw: torch.Tensor) -> torch.Tensor:
     return torch.mul(_q4(raw, 4), _f16(raw, 0)).add_(_f16(raw, 2))
 
 
-def _q5_0(raw: torch.Tensor) -> torch.Tensor:
+def _q5_0_parts(raw: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     # Block of 22 bytes: f16 d, u32 high bits, 16 bytes of nibbles; x = d * (q - 16).
-    return torch.mul(_q5(raw, 2).view(torch.int8) - 16, _f16(raw, 0))
+    return _q5(raw, 2).view(torch.int8) - 16, _f16(raw, 0).unsqueeze(-1)
+
+
+def _q5_0(raw: torch.Tensor) -> torch.Tensor:
+    return _symmetric(_q5_0_parts(raw))
 
 
 def _q5_1(raw: torch.Tensor) -> torch.Tensor:
@@ -150,7 +172,7 @@ def _q5_k(raw: torch.Tensor) -> torch.Tensor:
     return torch.mul(q, scale).sub_(minimum).flatten(-2)
 
 
-def _q6_k(raw: torch.Tensor) -> torch.Tensor:
+def _q6_k_parts(raw: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     # Block of 210 bytes: 128 bytes low nibbles, 64 bytes 2-bit highs, 16 x int8 scales, f16 d.
     # Each 64-byte half of the nibbles holds 4 groups of 32 (low nibbles of the half's two 32-byte
     # runs, then high); each 32-byte half of the highs gives the same 4 groups bits 0-1, 2-3, 4-5, 6-7.
@@ -159,7 +181,11 @@ def _q6_k(raw: torch.Tensor) -> torch.Tensor:
     shifts = torch.tensor([0, 2, 4, 6]).view(4, 1)
     qh = (_words(raw, 128, 192).unflatten(-1, (2, 1, 4)) >> shifts) & _TWO_BIT_MASK  # (*lead, 2, 4, 4)
     q = (ql | (qh.flatten(-3) << 4)).view(torch.int8) - 32  # (*lead, 256), q - 32 exact in int8
-    return torch.mul(q.unflatten(-1, (16, 16)), scale).flatten(-2)
+    return q, scale
+
+
+def _q6_k(raw: torch.Tensor) -> torch.Tensor:
+    return _symmetric(_q6_k_parts(raw))
 
 
 _DEQUANT: dict[str, _Dequant] = {
@@ -177,6 +203,21 @@ _DEQUANT: dict[str, _Dequant] = {
 }
 
 SUPPORTED_TYPES: tuple[str, ...] = tuple(_DEQUANT)
+
+_SYMMETRIC_PARTS = {"Q8_0": _q8_0_parts, "Q4_0": _q4_0_parts, "Q5_0": _q5_0_parts, "Q6_K": _q6_k_parts}
+SYMMETRIC_TYPES: tuple[str, ...] = tuple(_SYMMETRIC_PARTS)
+
+
+def symmetric_parts(raw: torch.Tensor, ggml_type: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Raw blocks (*lead, type_size) of a symmetric type (SYMMETRIC_TYPES) -> its integer codes
+    (*lead, block_size) int8 and scales (*lead, sub-blocks) float32: `dequantize` is their product,
+    each scale over block_size / sub-blocks consecutive codes."""
+    block_size, type_size = block_layout(ggml_type)
+    if raw.dtype != torch.uint8 or raw.shape[-1] != type_size:
+        got = f"{raw.dtype} {list(raw.shape)}"
+        raise ValueError(f"{ggml_type} blocks must be uint8 (..., {type_size}), got {got}")
+    codes, scale = _SYMMETRIC_PARTS[ggml_type](raw)
+    return codes, scale.squeeze(-1)
 
 
 def dequantize(raw: torch.Tensor, ggml_type: str) -> torch.Tensor:

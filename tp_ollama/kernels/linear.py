@@ -14,27 +14,37 @@ from tp_ollama.kernels.quant import Int4Weight, Int8Weight, QuantWeight, quant_m
 
 class _QuantHolder(nn.Module):
     """Registers a QuantWeight's tensors as buffers (so .to() and memory accounting see them); the
-    weight object over them is rebuilt only when they move (it is read every step)."""
+    weight object over them is rebuilt only when they move (it is read every step). Scales are held
+    as integer views of their bits: a model's .to(dtype) moves devices but leaves them as the kernels
+    read them (float32 int8 scales, bfloat16 int4 pairs), never rounded to the activation dtype."""
 
     q: torch.Tensor
-    scale: torch.Tensor
+    scale_bits: torch.Tensor
     packed: torch.Tensor
-    scale_zero: torch.Tensor
+    scale_zero_bits: torch.Tensor
 
     def _hold(self, weight: QuantWeight) -> None:
         self.kind = weight.kind
+        self.group = weight.group
         if isinstance(weight, Int8Weight):
             self.register_buffer("q", weight.q, persistent=False)
-            self.register_buffer("scale", weight.scale, persistent=False)
+            self.register_buffer("scale_bits", weight.scale.view(torch.int32), persistent=False)
         else:
-            self.group = weight.group
             self.register_buffer("packed", weight.packed, persistent=False)
-            self.register_buffer("scale_zero", weight.scale_zero, persistent=False)
+            self.register_buffer("scale_zero_bits", weight.scale_zero.view(torch.int16), persistent=False)
         self._rebuild()
+
+    @property
+    def scale(self) -> torch.Tensor:
+        return self.scale_bits.view(torch.float32)
+
+    @property
+    def scale_zero(self) -> torch.Tensor:
+        return self.scale_zero_bits.view(torch.bfloat16)
 
     def _rebuild(self) -> None:
         if self.kind == "int8":
-            self.qweight: QuantWeight = Int8Weight(self.q, self.scale)
+            self.qweight: QuantWeight = Int8Weight(self.q, self.scale, self.group)
         else:
             self.qweight = Int4Weight(self.packed, self.scale_zero, self.group)
 
@@ -49,15 +59,18 @@ class _QuantHolder(nn.Module):
 
 
 class QuantLinear(_QuantHolder):
-    def __init__(self, weight: QuantWeight, bias: torch.Tensor | None) -> None:
+    """head: an untied LM head (see quant_matmul)."""
+
+    def __init__(self, weight: QuantWeight, bias: torch.Tensor | None, head: bool = False) -> None:
         super().__init__()
         self._hold(weight)
+        self.head = head
         # A buffer, not a parameter: it was read with the weight and is not read again.
         self.bias: torch.Tensor | None
         self.register_buffer("bias", bias, persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = quant_matmul(x, self.qweight)
+        y = quant_matmul(x, self.qweight, head=self.head)
         return y if self.bias is None else y + self.bias.to(y.dtype)
 
 
@@ -73,7 +86,7 @@ class QuantEmbedding(_QuantHolder):
         return self.qweight.rows(ids, self.dtype)
 
     def project(self, x: torch.Tensor) -> torch.Tensor:
-        return quant_matmul(x, self.qweight)
+        return quant_matmul(x, self.qweight, head=True)
 
 
 _HOOK_DICTS = (
@@ -101,24 +114,34 @@ def out_features(linear: nn.Module) -> int:
 
 
 def model_bytes(model: nn.Module) -> int:
-    """Bytes of weights held, each byte once: fused layers and their parts share storage, and a shard
-    read from a mapped file is a slice of the whole tensor's storage, of which only the slice counts."""
+    """Bytes of weights held, each byte once: fused layers and their parts share storage (a part's
+    int4 scales are a strided view into the fused layer's), and a shard read from a mapped file is a
+    slice of the whole tensor's storage, of which only the slice counts."""
     spans: dict[int, list[tuple[int, int]]] = {}
-    strided = 0
+    strided: list[tuple[int, int, int, int]] = []  # storage, first byte, end, own bytes
     for t in [*model.parameters(), *model.buffers()]:
         nbytes = t.numel() * t.element_size()
-        if not t.is_contiguous():  # a column slice: its own elements, never shared with another tensor
-            strided += nbytes
-            continue
         start = int(t.storage_offset()) * t.element_size()
-        spans.setdefault(t.untyped_storage().data_ptr(), []).append((start, start + int(nbytes)))
-    total = strided
-    for ranges in spans.values():
-        end = 0
+        storage = t.untyped_storage().data_ptr()
+        if t.is_contiguous():
+            spans.setdefault(storage, []).append((start, start + int(nbytes)))
+        elif nbytes:
+            last = sum((size - 1) * stride for size, stride in zip(t.shape, t.stride(), strict=True))
+            strided.append((storage, start, start + (last + 1) * t.element_size(), nbytes))
+    total = 0
+    merged: dict[int, list[tuple[int, int]]] = {}
+    for storage, ranges in spans.items():
         for lo, hi in sorted(ranges):
-            if hi > end:
-                total += hi - max(lo, end)
-                end = hi
+            runs = merged.setdefault(storage, [])
+            if runs and lo <= runs[-1][1]:
+                total += max(0, hi - runs[-1][1])
+                runs[-1] = (runs[-1][0], max(hi, runs[-1][1]))
+            else:
+                total += hi - lo
+                runs.append((lo, hi))
+    for storage, lo, hi, nbytes in strided:  # inside a counted range: a view of it; else its own elements
+        if not any(a <= lo and hi <= b for a, b in merged.get(storage, [])):
+            total += nbytes
     return total
 
 

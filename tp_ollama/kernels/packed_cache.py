@@ -22,7 +22,7 @@ from tp_ollama.kernels.quant import Int4Weight, Int8Weight, QuantWeight
 
 log = logging.getLogger(__name__)
 
-FORMAT_VERSION = 2  # 2: int4 layouts named (tile, arrangement), the native one among them
+FORMAT_VERSION = 3  # 2: int4 layouts named (tile, arrangement); 3: int8 scales per group, in float32
 KEEP_ENTRIES = 8  # most recently used entries kept; older ones are deleted when a new one is saved
 
 
@@ -50,7 +50,7 @@ class PackedCache:
             return None
         try:
             with safe_open(str(self.path), framework="pt") as f:
-                groups = json.loads((f.metadata() or {})["groups"])
+                kinds = json.loads((f.metadata() or {})["kinds"])
                 # NOTE: get_tensor may map the file, where data is only 8-byte aligned; the packed
                 # kernels' vector loads fault on that (from 4 rows on), so each gets its own copy
                 # (in 2 MiB pages: decode streams these every step).
@@ -60,27 +60,26 @@ class PackedCache:
             return None
         os.utime(self.path)  # recently used: kept when older entries are pruned
         weights: dict[str, QuantWeight] = {}
-        for path, group in groups.items():
-            if group == 0:
-                weights[path] = Int8Weight(tensors[f"{path}.q"], tensors[f"{path}.scale"])
+        for path, (kind, group) in kinds.items():
+            if kind == "int8":
+                weights[path] = Int8Weight(tensors[f"{path}.q"], tensors[f"{path}.scale"], group)
             else:
                 weights[path] = Int4Weight(tensors[f"{path}.packed"], tensors[f"{path}.scale_zero"], group)
         return weights
 
     def save(self, weights: dict[str, QuantWeight]) -> None:
         tensors: dict[str, torch.Tensor] = {}
-        groups: dict[str, int] = {}
+        kinds: dict[str, tuple[str, int]] = {}
         for path, w in weights.items():
             if isinstance(w, Int8Weight):
                 tensors[f"{path}.q"], tensors[f"{path}.scale"] = w.q.cpu(), w.scale.cpu()
-                groups[path] = 0
             else:
                 tensors[f"{path}.packed"], tensors[f"{path}.scale_zero"] = w.packed.cpu(), w.scale_zero.cpu()
-                groups[path] = w.group
+            kinds[path] = (w.kind, w.group)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         tmp = self.path.with_suffix(f".{os.getpid()}.tmp")
         try:
-            save_file(tensors, str(tmp), metadata={"groups": json.dumps(groups)})
+            save_file(tensors, str(tmp), metadata={"kinds": json.dumps(kinds)})
             os.replace(tmp, self.path)  # atomic: a reader sees the whole file or none
         except OSError as e:  # a read-only or full cache directory costs speed, not the load
             log.warning("could not save packed weights to %s: %s", self.path, e)

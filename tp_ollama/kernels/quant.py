@@ -1,4 +1,4 @@
-"""Weight-only quantized weights: int8 per output channel and int4 in groups along the input.
+"""Weight-only quantized weights: int8 and int4, each with scales per group of inputs.
 
 Each packing has a plain reference (`dequantize`) and a fast path:
   - int4 on CPUs with AVX-512 VNNI: the native kernel (tp_ollama.kernels.native) in its own layout,
@@ -12,9 +12,13 @@ Each packing has a plain reference (`dequantize`) and a fast path:
   - other devices (CUDA) dequantize and use the dense matmul.
 The result comes back in the caller's dtype.
 
-int8:  w[n, k] = q[n, k] * scale[n]                          q in -127..127
+int8:  w[n, k] = q[n, k] * scale[n, g]                       q in -127..127, g = k // group
 int4:  w[n, k] = (q[n, k] - 8) * scale[g, n] + zero[g, n]    q in 0..15, g = k // group
-Scales (and zeros) are bfloat16: that is what the kernels read, so the reference uses them too.
+int8 scales are float32, so a GGUF block's scale (a float16, or a float16 times a 6- or 8-bit
+integer) is held exactly and Q8_0, Q5_0 and Q6_K weights keep their file's values bit for bit; the
+group is the block's (32, or 16 for Q6_K), and one whole row (group = K) where only torch's kernels
+run (they take one scale per row). int4 scales and zeros are bfloat16: that is what the int4
+kernels read, so the reference uses them too.
 """
 
 from __future__ import annotations
@@ -41,9 +45,11 @@ SCALE_DTYPE = torch.bfloat16
 @dataclass
 class Int8Weight:
     q: torch.Tensor  # (N, K) int8
-    scale: torch.Tensor  # (N,) bfloat16
+    scale: torch.Tensor  # (N, K / group) float32
+    group: int
     _native: native.Int8Matmul | None = field(default=None, repr=False, compare=False)
     _refused: bool = field(default=False, repr=False, compare=False)  # the kernel cannot take these
+    _row_scale: torch.Tensor | None = field(default=None, repr=False, compare=False)
 
     kind = "int8"
 
@@ -51,15 +57,27 @@ class Int8Weight:
     def shape(self) -> tuple[int, int]:
         return (self.q.shape[0], self.q.shape[1])
 
+    @property
+    def per_row(self) -> bool:
+        return self.scale.shape[1] == 1
+
     def dequantize(self, dtype: torch.dtype = torch.float32, rows: slice | torch.Tensor = slice(None)) -> torch.Tensor:
-        return (self.q[rows].to(torch.float32) * self.scale[rows, None].to(torch.float32)).to(dtype)
+        q, scale = self.q[rows].to(torch.float32), self.scale[rows].to(torch.float32)  # (n, K), (n, G)
+        n, k = q.shape
+        return (q.view(n, -1, self.group) * scale[..., None]).view(n, k).to(dtype)
 
     def rows(self, ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """Dequantized rows ids (*S) -> (*S, K): an embedding lookup."""
-        return self.dequantize(dtype, ids)
+        return self.dequantize(dtype, ids.reshape(-1)).view(*ids.shape, self.shape[1])
+
+    def row_scale(self) -> torch.Tensor:
+        """(N,) bfloat16 scales of a per-row weight, as torch's packed kernel takes them."""
+        if self._row_scale is None:
+            self._row_scale = self.scale[:, 0].to(torch.bfloat16)
+        return self._row_scale
 
     def to(self, device: torch.device) -> Int8Weight:
-        return Int8Weight(self.q.to(device), self.scale.to(device))
+        return Int8Weight(self.q.to(device), self.scale.to(device), self.group)
 
     def native_matmul(self) -> native.Int8Matmul | None:
         """The native kernel bound to these tensors, or None where it cannot take them (a shape, a
@@ -68,7 +86,7 @@ class Int8Weight:
             if not native.available() or self.q.device.type != "cpu":
                 return None
             try:
-                self._native = native.Int8Matmul(self.q, self.scale)
+                self._native = native.Int8Matmul(self.q, self.scale, self.group)
             except ValueError:
                 self._refused = True  # asked once: matmuls of this weight run every step
         return self._native
@@ -133,18 +151,29 @@ class Int4Weight:
 QuantWeight = Int8Weight | Int4Weight
 
 
-def int8_scale(w: torch.Tensor) -> torch.Tensor:
-    """(N,) per-row scales of a (N, K) weight for int8: max|w| / 127, in SCALE_DTYPE."""
-    return (w.to(torch.float32).abs().amax(dim=1) / 127.0).clamp_min(torch.finfo(torch.float32).tiny).to(SCALE_DTYPE)
+INT8_GROUP = 32  # inputs per int8 scale where the native kernel runs
 
 
-def quantize_int8(w: torch.Tensor, scale: torch.Tensor | None = None) -> Int8Weight:
-    """Symmetric per-output-channel int8 of a (N, K) weight: scale = max|w| / 127 per row, unless
-    `scale` is given (a column slice quantized with its whole rows' scales)."""
-    wf = w.to(torch.float32)
-    scale = int8_scale(wf) if scale is None else scale.to(SCALE_DTYPE)
-    q = torch.round(wf / scale.to(torch.float32)[:, None]).clamp_(-127, 127).to(torch.int8)
-    return Int8Weight(q.contiguous(), scale.contiguous())
+def int8_group(k: int) -> int:
+    """The group an int8 weight of K inputs is quantized in here: INT8_GROUP where the native
+    kernel runs (and K is made of such groups), else the whole row (torch's packed kernel)."""
+    return INT8_GROUP if native.available() and k % INT8_GROUP == 0 else k
+
+
+def quantize_int8(w: torch.Tensor, group: int | None = None, scale: torch.Tensor | None = None) -> Int8Weight:
+    """Symmetric int8 of a (N, K) weight: each group of `group` inputs (default int8_group(K))
+    scaled by its max|w| / 127, unless `scale` (N, K / group) is given (a column slice quantized
+    with its whole rows' scales)."""
+    n, k = w.shape
+    group = int8_group(k) if group is None else group
+    if group <= 0 or k % group:
+        raise ValueError(f"int8 groups of {group} do not divide a row of {k} inputs")
+    wg = w.to(torch.float32).reshape(n, k // group, group)
+    if scale is None:
+        scale = (wg.abs().amax(dim=2) / 127.0).clamp_min(torch.finfo(torch.float32).tiny)  # (N, G)
+    scale = scale.to(torch.float32).reshape(n, k // group)
+    q = torch.round(wg / scale[..., None]).clamp_(-127, 127).to(torch.int8)
+    return Int8Weight(q.view(n, k).contiguous(), scale.contiguous(), group)
 
 
 def int4_fits(shape: tuple[int, ...], group: int) -> bool:
@@ -277,8 +306,9 @@ def prefill_numerics() -> Iterator[None]:
 
     A prompt whose first blocks come from the prefix cache prefills only its tail, a few rows, and
     the same request must answer as it did the first time (a seed makes output reproducible). So
-    inside: weights other than native int4 take the dense path for any number of rows (the native
-    int8 kernel's int8 activations and torch's packed kernels differ from it in the last bits),
+    inside: weights other than native int4 (and LM heads) take the dense path for any number of rows
+    (the native int8 kernel's int8 activations and torch's packed kernels differ from it in the last
+    bits),
     attention takes a row-invariant form (models/common.py), and the caller gives every matmul at
     least ROW_INVARIANT_ROWS rows where it can."""
     before = getattr(_numerics, "prefill", False)
@@ -289,23 +319,29 @@ def prefill_numerics() -> Iterator[None]:
         _numerics.prefill = before
 
 
-def quant_matmul(x: torch.Tensor, w: QuantWeight) -> torch.Tensor:
-    """x (*, K) @ w.T -> (*, N) in x's dtype."""
+def quant_matmul(x: torch.Tensor, w: QuantWeight, head: bool = False) -> torch.Tensor:
+    """x (*, K) @ w.T -> (*, N) in x's dtype. `head`: an LM head, whose few rows (a prompt's last
+    position, a step's sequences) take the native int8 kernel at any count, prefill or not: it
+    computes each row alone, so one path serves any number of rows, and a vocabulary-sized weight is
+    never dequantized."""
     lead, k = x.shape[:-1], x.shape[-1]
     x2 = x.reshape(-1, k)
     rows = x2.shape[0]
     # The native int4 kernel beats dequantizing for a dense matmul at every batch measured (1-512 rows).
+    # The native int8 kernel does up to ~64 rows, then takes up to twice as long as the dense matmul.
     native_int8 = w.native_matmul() if isinstance(w, Int8Weight) and x.device.type == "cpu" else None
     if isinstance(w, Int4Weight) and x.device.type == "cpu" and native_int4():
         y = w.native_matmul()(x2)
+    elif native_int8 is not None and head:
+        y = native_int8(x2)
     elif in_prefill():  # one path for any number of rows (prefill_numerics)
         y = _dense_matmul(x2, w)
     elif native_int8 is not None and rows <= SMALL_BATCH["int8"]:
         y = native_int8(x2)
-    elif rows <= SMALL_BATCH[w.kind] and packed_kernels_available(x.device):
+    elif rows <= SMALL_BATCH[w.kind] and packed_kernels_available(x.device) and getattr(w, "per_row", True):
         xb = x2 if x2.dtype == torch.bfloat16 else x2.to(torch.bfloat16)
         if isinstance(w, Int8Weight):
-            y = torch._weight_int8pack_mm(xb, w.q, w.scale)
+            y = torch._weight_int8pack_mm(xb, w.q, w.row_scale())
         else:
             y = torch._weight_int4pack_mm_for_cpu(xb, w.packed, w.group, w.scale_zero)
     else:
@@ -334,7 +370,11 @@ def _dense_matmul(x: torch.Tensor, w: QuantWeight) -> torch.Tensor:
 
 
 def _dense_chunk(x: torch.Tensor, w: QuantWeight, rows: slice) -> torch.Tensor:
-    if isinstance(w, Int8Weight):
-        # The per-row scale commutes with the matmul: scale the (M, n) result, not the weight.
-        return F.linear(x, w.q[rows].to(x.dtype)) * w.scale[rows].to(x.dtype)
+    if isinstance(w, Int8Weight) and w.per_row:
+        # A per-row scale commutes with the matmul: scale the (M, n) result, not the weight.
+        return F.linear(x, w.q[rows].to(x.dtype)) * w.scale[rows, 0].to(x.dtype)
+    if isinstance(w, Int8Weight) and x.dtype == torch.bfloat16 and w.group % 16 == 0 and native.available():
+        q = w.q[rows]
+        if q.is_contiguous() and x.device.type == "cpu":  # one pass instead of three through float32
+            return F.linear(x, native.int8_to_bf16(q, w.scale[rows], w.group))
     return F.linear(x, w.dequantize(x.dtype, rows))

@@ -229,7 +229,14 @@ class NativeDecoder:
             self._keep += [w.q, w.scale]
             n, k = w.shape
             return TpoLinear(
-                int8=1, packed=w.q.data_ptr(), scale_zero=w.scale.data_ptr(), n=n, k=k, group=32, bias=bias
+                int8=1,
+                packed=w.q.data_ptr(),
+                scale_zero=w.scale.data_ptr(),
+                ld_sz=w.scale.stride(0),
+                n=n,
+                k=k,
+                group=w.group,
+                bias=bias,
             )
         self._keep += [w.packed, w.scale_zero]
         n, k = w.shape

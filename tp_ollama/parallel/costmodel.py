@@ -32,7 +32,8 @@ Weight bytes of rank r follow TPLayout.build's split (uneven head / row / vocab 
              when sharded the plan's kv_map (one int64 per local query head and layer)
 A (rows, cols) matrix costs, as tp_ollama.kernels.quant packs it:
   none       rows * cols * dtype bytes
-  int8       rows * cols + 2 * rows                          (int8 codes, one bf16 scale per row)
+  int8       rows * cols + 4 * rows * cols / 32              (int8 codes, a float32 scale per group of
+             32 inputs per row; per row where cols % 32 != 0)
   int4       rows * cols / 2 + 4 * rows * cols / 32          (4-bit codes, bf16 scale + zero per
              group of 32 inputs per row) when rows % 64 == 0 and cols % 32 == 0, else int8
              (what the loader falls back to for shards the CPU int4 kernel does not take)
@@ -91,7 +92,9 @@ OPS = ("all_reduce", "all_gather", "broadcast", "broadcast_bytes", "barrier")
 HEADER_BYTES = 16
 INT4_TILE = 64
 INT4_GROUP = 32
-SCALE_BYTES = 2
+SCALE_BYTES = 2  # an int4 scale or zero (bfloat16)
+INT8_GROUP = 32
+INT8_SCALE_BYTES = 4  # an int8 scale (float32)
 ROTARY_BYTES = 4  # inverse frequencies are float32 whatever the dtype
 KV_MAP_BYTES = 8  # one int64 per local query head and layer, read by attention's index_select
 TICK_BYTES = 54  # rank 0's encoded tick of a decode step for one sequence (engine/protocol.Tick)
@@ -234,7 +237,8 @@ def matrix_bytes(rows: int, cols: int, quant: str, itemsize: int) -> int:
         return rows * cols * itemsize
     if quant == "int4" and rows % INT4_TILE == 0 and cols % INT4_GROUP == 0:
         return rows * cols // 2 + (cols // INT4_GROUP) * rows * 2 * SCALE_BYTES
-    return rows * cols + rows * SCALE_BYTES
+    groups = cols // INT8_GROUP if cols % INT8_GROUP == 0 else 1
+    return rows * cols + rows * groups * INT8_SCALE_BYTES
 
 
 def layout_of(shape: ModelShape, world: int, weights: Sequence[float] | None = None) -> TPLayout:
