@@ -20,8 +20,7 @@ from gguf import GGMLQuantizationType as Q
 from tp_ollama.checkpoints.gguf_checkpoint import GGUFCheckpoint
 from tp_ollama.checkpoints.gguf_file import GGUFFile
 from tp_ollama.errors import CheckpointError
-from tp_ollama.kernels import gguf_quants
-from tp_ollama.kernels import quant
+from tp_ollama.kernels import gguf_quants, quant
 from tp_ollama.kernels.gguf_pack import INT4_TYPES, blocks_to_int4, int4_parts
 from tp_ollama.kernels.quant import Int4Weight
 

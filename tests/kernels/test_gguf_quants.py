@@ -48,7 +48,7 @@ def test_blocks_of_another_size_or_dtype_are_refused_with_the_expected_shape():
 def test_symmetric_parts_multiply_to_the_dequantized_values(ggml_type: str, random_bytes: bool) -> None:
     """The codes and scales an int8 weight keeps (Q8_0, Q5_0, Q4_0 per block of 32, Q6_K per
     sub-block of 16): their product is gguf-py's dequantization bit for bit, the codes fit int8."""
-    if random_bytes and ggml_type not in RANDOM_BLOCKS + ["Q8_0", "Q4_0", "Q5_0"]:
+    if random_bytes and ggml_type not in [*RANDOM_BLOCKS, "Q8_0", "Q4_0", "Q5_0"]:
         pytest.skip("not built from random bytes")
     if not random_bytes and ggml_type not in QUANTIZABLE:
         pytest.skip("gguf-py cannot quantize it")

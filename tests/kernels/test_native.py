@@ -63,7 +63,8 @@ for kind, pack in packings:
         got = w.native_matmul()(x)
         out["mm"][f"{kind} {m}"] = float(((got - want).norm() / want.norm()))
 w8 = quantize_int8(torch.randn(64, 320) * 1e3, 16)  # both signs, values past bfloat16's int range
-out["to_bf16_exact"] = torch.equal(native.int8_to_bf16(w8.q, w8.scale, 16), w8.dequantize(torch.bfloat16))
+expanded = native.int8_to_bf16(w8.q, w8.scale, 16)
+out["to_bf16_exact"] = torch.equal(expanded, w8.dequantize(torch.bfloat16))
 path = save_hf(make_hf_model("gemma3_text"), __import__("pathlib").Path(DIR))
 model = load_model(open_checkpoint(path), torch.float32, "cpu", quant="int4")
 cache = KVCache.for_model(model, batch=1, max_len=16)
@@ -78,8 +79,9 @@ print("@@" + json.dumps(out))
 @pytest.mark.parametrize("name", ["avx2", "avx512"])
 def test_each_variant_computes_what_the_reference_does(name, tmp_path):
     """Each variant the CPU runs, forced in a process of its own: its int4 and int8 matmuls against
-    the dequantized weights, its int8 expansion to bfloat16 bit for bit, (activations are rounded to int8 per group: ~1% of the norm), and the
-    native decode step of a tiny Gemma 3 against the other variant's logits."""
+    the dequantized weights (activations are rounded to int8 per group: ~1% of the norm), its int8
+    expansion to bfloat16 bit for bit, and the native decode step of a tiny Gemma 3 against the
+    other variant's logits."""
     import json
     import os
     import subprocess

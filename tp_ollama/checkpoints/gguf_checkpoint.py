@@ -13,9 +13,9 @@ import torch
 from tp_ollama.checkpoints.base import Range, check_range
 from tp_ollama.checkpoints.gguf_file import GGUFFile
 from tp_ollama.errors import CheckpointError
+from tp_ollama.kernels import quant
 from tp_ollama.kernels.gguf_pack import GROUP, INT4_TYPES, INT8_TYPES, int4_parts, int8_parts
 from tp_ollama.kernels.gguf_quants import block_layout
-from tp_ollama.kernels import quant
 from tp_ollama.kernels.quant import Int4Weight, Int8Weight, int4_fits, pack_int4_weight
 from tp_ollama.models import config_from_hf
 

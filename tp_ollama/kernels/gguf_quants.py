@@ -212,7 +212,7 @@ def symmetric_parts(raw: torch.Tensor, ggml_type: str) -> tuple[torch.Tensor, to
     """Raw blocks (*lead, type_size) of a symmetric type (SYMMETRIC_TYPES) -> its integer codes
     (*lead, block_size) int8 and scales (*lead, sub-blocks) float32: `dequantize` is their product,
     each scale over block_size / sub-blocks consecutive codes."""
-    block_size, type_size = block_layout(ggml_type)
+    _, type_size = block_layout(ggml_type)
     if raw.dtype != torch.uint8 or raw.shape[-1] != type_size:
         got = f"{raw.dtype} {list(raw.shape)}"
         raise ValueError(f"{ggml_type} blocks must be uint8 (..., {type_size}), got {got}")
