@@ -81,7 +81,7 @@ def test_models_describe_the_loaded_model_and_its_split(http, server):
     assert loaded is not None
     assert model["name"] == SMOL and model["path"] == str(loaded.path) and model["format"] == "gguf"
     assert model["dtype"] == loaded.dtype and model["num_ctx"] == loaded.num_ctx and model["size"] == loaded.size_bytes
-    assert model["size"] > 100_000_000
+    assert model["size"] > 90_000_000  # smollm2:135m packed: 4-bit layers, an int8 embedding
     assert model["parallelism"] == {"strategy": "tensor", "degree": 1, "weights": [1.0]}
     assert [(r["rank"], r["host"], r["device"]) for r in model["layout"]] == [(0, socket.gethostname(), "cpu")]
 
