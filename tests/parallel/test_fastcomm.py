@@ -22,6 +22,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
+from tests.kernels.test_quant import needs_native
 from tp_ollama.parallel.fastcomm import FastGroup
 from tp_ollama.parallel.fastcomm_base import CommError
 
@@ -99,6 +100,44 @@ def _reduce_rounds(
         "mapped_while_open": mapped_while_open,
         "mapped_after_close": _shm_mapped(),
     }
+
+
+def _native_reduce_rounds(store: dist.Store, rank: int, world: int, *, name: str) -> dict[str, Any]:
+    """The shared-memory all-reduce called as a native decode step calls it (the C function through
+    its pointer), interleaved with the Python transport's collectives on the same rounds; then a
+    round that the last rank skips, which must fail on the timeout and name it."""
+
+    from tp_ollama.models.native_structs import REDUCE_FN
+
+    wrong, out = [], {}
+    with FastGroup.create(store, rank, world, transport="shm", name=name, timeout=20) as g:
+        native = g.native_all_reduce()
+        call = REDUCE_FN(native.fn)
+        for i in range(60):
+            xs = _inputs(i, 640 if i % 3 else 1, torch.float32, world)
+            expected = xs[0].clone()
+            for x in xs[1:]:
+                expected += x
+            mine = xs[rank].clone()
+            if i % 2:
+                assert call(native.ctx, mine.data_ptr(), mine.numel()) == 0
+            else:
+                g.all_reduce(mine)
+            if not torch.equal(mine, expected):
+                wrong.append(i)
+        out["settled"] = native.settle()[0]
+        out["bcast"] = g.broadcast(torch.full((3,), float(rank)), src=world - 1).tolist()
+    with FastGroup.create(store, rank, world, transport="shm", name=name + "-t", timeout=1) as g:
+        native = g.native_all_reduce()
+        if rank != world - 1:
+            x = torch.ones(8)
+            t0 = time.perf_counter()
+            assert REDUCE_FN(native.fn)(native.ctx, x.data_ptr(), 8) == 1
+            out["timeout"] = (str(native.error()), time.perf_counter() - t0)
+        g_closed = g
+    out["after_close"] = g_closed.native_all_reduce() is None
+    out["wrong"] = wrong
+    return out
 
 
 def _other_collectives(store: dist.Store, rank: int, world: int, *, transport: str, name: str) -> dict[str, Any]:
@@ -313,6 +352,20 @@ def test_all_reduce_other_dtypes_three_ranks(cluster: Cluster, transport: str, d
     res = cluster.run(_reduce_rounds, 3, transport=transport, name=_name(), dtype=dtype, rounds=20)
     assert [r["wrong"] for r in res] == [[], [], []]
     assert len({r["digest"] for r in res}) == 1
+
+
+@needs_native
+@pytest.mark.parametrize("world", [2, 3])
+def test_native_all_reduce_keeps_the_protocol_of_the_python_one(cluster: Cluster, world: int) -> None:
+    res = cluster.run(_native_reduce_rounds, world, name=_name())
+    for rank, r in enumerate(res):
+        assert r["wrong"] == [], f"rank {rank}: rounds whose sum differs from the rank-ordered sum: {r['wrong'][:5]}"
+        assert r["settled"] == 30  # its own calls, for the communicator's counts
+        assert r["bcast"] == [float(world - 1)] * 3  # a Python collective after native rounds
+        assert r["after_close"]
+        if rank != world - 1:
+            msg, waited = r["timeout"]
+            assert f"for rank {world - 1}" in msg and "1 s (the timeout)" in msg and waited > 0.9, msg
 
 
 @pytest.mark.parametrize("world", [2, 3])

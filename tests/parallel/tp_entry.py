@@ -102,6 +102,7 @@ def native_shard_runs(path: str, dtype: str, quant: str, weights: tuple[float, .
     before = comm.stats["all_reduce"]
     got, want = paged_both_paths(model, prompts, steps=6)
     out["all_reduces"] = comm.stats["all_reduce"] - before
+    out["native_reduce"] = decoder._native_reduce is not None
     out["rel"] = ((got - want).norm(dim=-1) / want.norm(dim=-1)).max().item()
     out["cos"] = torch.nn.functional.cosine_similarity(got, want, dim=-1).min().item()
     comm.close()

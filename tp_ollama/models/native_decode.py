@@ -144,11 +144,19 @@ class NativeDecoder:
         self.vocab = 0
         self.comm = comm
         self._reduce_error: BaseException | None = None
+        self._native_reduce: Any = None
         if comm is not None and comm.world_size > 1:
             # A shard: the embedding (a vocabulary range, assembled by its hooks) and the LM head (this
-            # rank's logits) stay torch's; the layers sum o's and down's outputs through the callback.
-            self._reduce = REDUCE_FN(self._all_reduce)
-            self.decoder.all_reduce = ctypes.cast(self._reduce, ctypes.c_void_p)
+            # rank's logits) stay torch's; the layers sum o's and down's outputs through the group's
+            # native all-reduce where it has one (shared memory), else through a Python callback.
+            finder = getattr(comm, "native_all_reduce", None)
+            self._native_reduce = finder() if finder is not None else None
+            if self._native_reduce is not None:
+                self.decoder.all_reduce = self._native_reduce.fn
+                self.decoder.reduce_ctx = self._native_reduce.ctx
+            else:
+                self._reduce = REDUCE_FN(self._all_reduce)
+                self.decoder.all_reduce = ctypes.cast(self._reduce, ctypes.c_void_p)
             self.takes_tokens = False
         else:
             self.takes_tokens = self._describe_ends(model)
@@ -166,9 +174,20 @@ class NativeDecoder:
             self._reduce_error = e
             return 1
 
+    def _settle(self) -> None:
+        """Count the native all-reduces of the last step where the communicator counts its own."""
+        calls, seconds = self._native_reduce.settle()
+        self.comm.stats["all_reduce"] += calls
+        if hasattr(self.comm, "seconds"):
+            self.comm.seconds += seconds
+
     def _check(self, rc: int, what: str, expected: str) -> None:
+        if self._native_reduce is not None:
+            self._settle()
         if rc == 0:
             return
+        if rc == -3 and self._native_reduce is not None:
+            raise self._native_reduce.error()
         if rc == -3 and self._reduce_error is not None:
             error, self._reduce_error = self._reduce_error, None
             raise error

@@ -21,6 +21,7 @@ import json
 import os
 import platform
 from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -202,6 +203,12 @@ class FastGroup:
         if self._impl is not None:
             self._impl.close()
             self._impl = None
+
+    def native_all_reduce(self) -> Any:
+        """The shared-memory transport's all-reduce as a C function for a native decode step
+        (fastcomm_shm.NativeAllReduce), or None: another transport, or no native kernels here."""
+        native = getattr(self._impl, "native_all_reduce", None) if not self._closed else None
+        return native() if native is not None else None
 
     def _live(self) -> Transport | None:
         if self._closed:

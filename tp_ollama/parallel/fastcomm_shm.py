@@ -22,6 +22,7 @@ reordered with: a fence in case a large copy used non-temporal stores. FastGroup
 
 from __future__ import annotations
 
+import ctypes
 import mmap
 import os
 import secrets
@@ -96,9 +97,40 @@ class ShmTransport:
         self._payload = [[off + HEADER for off in row] for row in offsets]  # byte offset of payloads
         self._views = ViewCache([[self._buf[o : o + max_bytes] for o in row] for row in self._payload])
         self._peers = [p for p in range(world_size) if p != rank]
-        self._round = 0
-        self._seen = 0  # every peer's counter was at least this when last looked at
+        # round, seen (every peer's counter was at least this when last looked at), and what the native
+        # all-reduce reports (failed peer, failure, calls, nanoseconds): shared with it, so collectives
+        # from Python and from a native decode step follow one sequence of rounds.
+        self._state = (ctypes.c_int64 * 6)()
         self._fence = threading.Lock()
+        self._native: NativeAllReduce | None = None
+
+    @property
+    def _round(self) -> int:
+        return int(self._state[0])
+
+    @_round.setter
+    def _round(self, r: int) -> None:
+        self._state[0] = r
+
+    @property
+    def _seen(self) -> int:
+        return int(self._state[1])
+
+    @_seen.setter
+    def _seen(self, r: int) -> None:
+        self._state[1] = r
+
+    def native_all_reduce(self) -> NativeAllReduce | None:
+        """This group's all-reduce as a C function and its context (for a native decode step's
+        all_reduce hook), or None where the native kernels do not run."""
+        if self._native is None and self._round >= 0:
+            from tp_ollama.kernels import native
+
+            lib = native.library()
+            if lib is None:
+                return None
+            self._native = NativeAllReduce(self, lib)
+        return self._native
 
     @classmethod
     def attach(
@@ -218,7 +250,7 @@ class ShmTransport:
     def close(self) -> None:
         if self._round < 0:
             return
-        self._round = -1
+        self._round = -1  # the native all-reduce refuses from now on
         self._views.clear()
         # Drop every tensor and view over the mapping before unmapping it.
         del self._buf
@@ -305,6 +337,73 @@ class ShmTransport:
                 f"{op_name(op)}: rank {p} is in {theirs} while rank {self.rank} is in {ours} (round {r}): "
                 "the ranks called different collectives"
             )
+
+
+class _TpoShm(ctypes.Structure):  # tpo_shm in kernels/cpu_kernels.c
+    _fields_ = [
+        ("seg", ctypes.c_void_p),
+        ("rank", ctypes.c_int64),
+        ("world", ctypes.c_int64),
+        ("line", ctypes.c_int64),
+        ("header", ctypes.c_int64),
+        ("stride", ctypes.c_int64),
+        ("max_bytes", ctypes.c_int64),
+        ("state", ctypes.c_void_p),
+        ("timeout_s", ctypes.c_double),
+        ("spin_s", ctypes.c_double),
+        ("yield_s", ctypes.c_double),
+        ("sleep_s", ctypes.c_double),
+    ]
+
+
+class NativeAllReduce:
+    """tpo_shm_all_reduce bound to one ShmTransport: `fn` and `ctx` for a tpo_decoder's all_reduce
+    hook, `settle()` to learn what its calls did since last asked and `error()` why one failed."""
+
+    def __init__(self, shm: ShmTransport, lib: ctypes.CDLL) -> None:
+        self._shm = shm
+        self._ctx = _TpoShm(
+            seg=shm._buf.data_ptr(),
+            rank=shm.rank,
+            world=shm.world_size,
+            line=LINE,
+            header=HEADER,
+            stride=HEADER + _round_up(shm.max_bytes, 64),
+            max_bytes=shm.max_bytes,
+            state=ctypes.addressof(shm._state),
+            timeout_s=shm._timeout,
+            spin_s=shm._spin_s,
+            yield_s=YIELD_S,
+            sleep_s=SLEEP_S,
+        )
+        self.fn = ctypes.cast(lib.tpo_shm_all_reduce, ctypes.c_void_p).value
+        self.ctx = ctypes.addressof(self._ctx)
+        self._counted = (0, 0)
+
+    def settle(self) -> tuple[int, float]:
+        """(calls, seconds inside them) since the last settle."""
+        calls, ns = int(self._shm._state[4]), int(self._shm._state[5])
+        before_calls, before_ns = self._counted
+        self._counted = (calls, ns)
+        return calls - before_calls, (ns - before_ns) * 1e-9
+
+    def error(self) -> CommError:
+        """Why the last call returned 1, in the words of the Python transport."""
+        st, shm = self._shm._state, self._shm
+        peer, why, r = int(st[2]), int(st[3]), shm._round
+        if why == 1:
+            return CommError(
+                f"all_reduce: rank {shm.rank} waited {shm._timeout:g} s (the timeout) for rank {peer} to reach "
+                f"round {r}; a peer died, hangs, or skipped a collective"
+            )
+        if why == 2:
+            return CommError(
+                f"all_reduce: rank {peer} is in a different collective while rank {shm.rank} is in all_reduce "
+                f"(round {r}): the ranks called different collectives"
+            )
+        return CommError(
+            f"all_reduce: rank {shm.rank}'s shared-memory group is closed, or the tensor exceeds max_bytes"
+        )
 
 
 def _create(path: str, size: int) -> None:
