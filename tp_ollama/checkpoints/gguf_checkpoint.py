@@ -158,13 +158,10 @@ class GGUFCheckpoint:
         its blocks, never dequantized: `read(name, ...)` up to bfloat16 rounding of scale and zero.
         None when it cannot be: another type, a 1-D tensor, columns not on block boundaries, or a
         selected shape the int4 kernel does not take; the caller then reads floats."""
-        gname = self._gguf(name)
-        info = self.file.tensors[gname]
-        if info.ggml_type not in INT4_TYPES or len(info.shape) != 2:
+        found = self._blocks_of(name, INT4_TYPES, rows, cols)
+        if found is None:
             return None
-        check_range(self.path, name, info.shape[0], rows, "rows")
-        if cols is not None:
-            check_range(self.path, gname, info.shape[1], cols, "columns")
+        gname, info = found
         block, _ = block_layout(info.ggml_type)
         r0, r1 = rows if rows is not None else (0, info.shape[0])
         c0, c1 = cols if cols is not None else (0, info.shape[1])
@@ -183,15 +180,10 @@ class GGUFCheckpoint:
         own scales per (sub-)block: `read(name, ...)` exactly. None when it cannot be: another type, a
         1-D tensor, columns not on (sub-)block boundaries, or a machine where int8 weights take one
         scale per row (no native kernel); the caller then reads floats."""
-        gname = self._gguf(name)
-        info = self.file.tensors[gname]
-        if info.ggml_type not in INT8_TYPES or len(info.shape) != 2 or info.shape[1] % quant.INT8_GROUP:
+        found = self._blocks_of(name, INT8_TYPES, rows, cols)
+        if found is None or quant.int8_group(found[1].shape[1]) != quant.INT8_GROUP:
             return None
-        if quant.int8_group(info.shape[1]) != quant.INT8_GROUP:
-            return None
-        check_range(self.path, name, info.shape[0], rows, "rows")
-        if cols is not None:
-            check_range(self.path, gname, info.shape[1], cols, "columns")
+        gname, info = found
         block, _ = block_layout(info.ggml_type)
         c0, c1 = cols if cols is not None else (0, info.shape[1])
         a, b = c0 // block * block, -(-c1 // block) * block  # the enclosing blocks
@@ -203,6 +195,20 @@ class GGUFCheckpoint:
         if self.arch == "llama" and re.search(r"self_attn\.[qk]_proj\.", name):
             codes, scale = self._unpermute(name, codes), self._unpermute(name, scale)  # rows, as `read`
         return Int8Weight(codes.contiguous(), scale.contiguous(), group)
+
+    def _blocks_of(
+        self, name: str, types: frozenset[str], rows: Range | None, cols: Range | None
+    ) -> tuple[str, Any] | None:
+        """(GGUF name, tensor info) of a 2-D tensor of one of `types`, its row and column ranges
+        checked; None for another type or shape."""
+        gname = self._gguf(name)
+        info = self.file.tensors[gname]
+        if info.ggml_type not in types or len(info.shape) != 2:
+            return None
+        check_range(self.path, name, info.shape[0], rows, "rows")
+        if cols is not None:
+            check_range(self.path, gname, info.shape[1], cols, "columns")
+        return gname, info
 
     def _read_cols(self, gname: str, rows: Range | None, cols: Range | None) -> torch.Tensor:
         """Quantized rows can only be cut at block boundaries: read the enclosing blocks, then narrow."""
