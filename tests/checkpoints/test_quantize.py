@@ -107,3 +107,26 @@ def test_unknown_quant_mode_is_refused(tmp_path):
     ckpt = open_checkpoint(save_hf(make_hf_model("llama"), tmp_path))
     with pytest.raises(ConfigError, match=r"quant 'int3' is not supported; expected one of none, int8, int4, auto"):
         load_model(ckpt, torch.float32, quant="int3")
+
+
+@pytest.mark.parametrize("qtype", ["Q8_0", "F32"])
+@pytest.mark.parametrize("packing", ["int8", "int4"])
+def test_a_weight_read_in_bands_is_the_weight_read_whole(tmp_path, monkeypatch, qtype, packing):
+    """The 320-row embedding read 256 rows at a time (READ_CHUNK_ELEMENTS down to one element) packs
+    into the same weight as read at once, each band copied into the whole as it comes; Q8_0 blocks
+    kept as int8 hold the file's values exactly."""
+    from tp_ollama.checkpoints import quantize
+    from tp_ollama.kernels import native
+
+    model = make_hf_model("llama")
+    write_gguf(model, tmp_path / "m.gguf", "llama", qtype)
+    ckpt = open_checkpoint(tmp_path / "m.gguf")
+    name = "model.embed_tokens.weight"
+    param = torch.empty(ckpt.shape(name))
+    whole = quantize.read_packed(ckpt, name, param, packing)
+    monkeypatch.setattr(quantize, "READ_CHUNK_ELEMENTS", 1)
+    banded = quantize.read_packed(ckpt, name, param, packing)
+    assert banded.kind == whole.kind and banded.shape == whole.shape == (320, 64)
+    assert torch.equal(banded.dequantize(), whole.dequantize())
+    if qtype == "Q8_0" and packing == "int8" and native.available():
+        assert torch.equal(banded.dequantize(), ckpt.read(name, torch.float32))

@@ -109,3 +109,18 @@ def test_cached_tensors_are_aligned_for_the_kernels(tmp_path):
     for w in loaded.values():
         tensors = [w.q, w.scale] if w.kind == "int8" else [w.packed, w.scale_zero]
         assert all(t.data_ptr() % 64 == 0 for t in tensors), [t.data_ptr() % 64 for t in tensors]
+
+
+def test_an_entry_cut_short_in_its_data_is_not_served(tmp_path):
+    """Each tensor is read from the file into its own memory; one whose bytes end early makes the
+    entry unreadable (rebuilt by the loader), never a tensor with a garbage tail."""
+    from tp_ollama.kernels.quant import quantize_int8
+
+    weights = {"a": quantize_int8(torch.randn(64, 64))}
+    cache = PackedCache(tmp_path, "cut")
+    cache.save(weights)
+    loaded = cache.load()
+    assert loaded is not None and torch.equal(loaded["a"].q, weights["a"].q)
+    assert torch.equal(loaded["a"].scale, weights["a"].scale) and loaded["a"].group == weights["a"].group
+    cache.path.write_bytes(cache.path.read_bytes()[:-10])
+    assert cache.load() is None

@@ -22,6 +22,7 @@ from tp_ollama.kernels import hugepages
 from tp_ollama.kernels.linear import QuantEmbedding, QuantLinear, activation_like, take_over
 from tp_ollama.kernels.packed_cache import PackedCache, cache_key
 from tp_ollama.kernels.quant import (
+    SCALE_DTYPE,
     Int4Weight,
     Int8Weight,
     QuantWeight,
@@ -87,10 +88,44 @@ def read_packed(
     int4 = packing == "int4" and int4_fits((r1 - r0, width), INT4_GROUP)
     # Bands of whole 256-row units: whole int4 tiles, and whole heads for the Q/K row permutation.
     step = max(256, READ_CHUNK_ELEMENTS // max(n_cols, 1) // 256 * 256)
-    parts = [_pack_band(ckpt, name, (a, min(a + step, r1)), cols, int4) for a in range(r0, r1, step)]
-    if len(parts) > 1:
-        return concat(parts)  # joined in 2 MiB pages in any case
-    return in_huge_pages(parts[0]) if huge_pages else parts[0]
+    bands = [(a, min(a + step, r1)) for a in range(r0, r1, step)]
+    if len(bands) == 1:
+        w = _pack_band(ckpt, name, bands[0], cols, int4)
+        return in_huge_pages(w) if huge_pages else w
+    # Each band is copied into the whole weight (in 2 MiB pages in any case) as soon as it is packed,
+    # so the packed bands never all exist beside it: a 262k-row embedding would double for a moment.
+    whole: QuantWeight | None = None
+    at = 0
+    for band in bands:
+        w = _pack_band(ckpt, name, band, cols, int4)
+        whole = whole if whole is not None else _empty_rows(w, r1 - r0)
+        _put_rows(whole, w, at)
+        at += w.shape[0]
+    assert whole is not None
+    return whole
+
+
+def _empty_rows(like: QuantWeight, rows: int) -> QuantWeight:
+    """A weight of `rows` rows packed as `like`, in 2 MiB pages, to be filled band by band."""
+    k = like.shape[1]
+    if isinstance(like, Int8Weight):
+        scale = hugepages.empty((rows, like.scale.shape[1]), torch.float32)
+        return Int8Weight(hugepages.empty((rows, k), torch.int8), scale, like.group)
+    scale_zero = hugepages.empty((like.scale_zero.shape[0], rows, 2), SCALE_DTYPE)
+    return Int4Weight(hugepages.empty((rows, k // 2), torch.uint8), scale_zero, like.group)
+
+
+def _put_rows(whole: QuantWeight, part: QuantWeight, at: int) -> None:
+    """Rows at.. of `whole` from `part`, packed alike (int4 bands are whole tiles)."""
+    n = part.shape[0]
+    if isinstance(whole, Int8Weight) and isinstance(part, Int8Weight) and part.group == whole.group:
+        whole.q[at : at + n] = part.q
+        whole.scale[at : at + n] = part.scale
+    elif isinstance(whole, Int4Weight) and isinstance(part, Int4Weight) and part.group == whole.group:
+        whole.packed[at : at + n] = part.packed
+        whole.scale_zero[:, at : at + n] = part.scale_zero
+    else:
+        raise ValueError(f"cannot join a {part.kind} band of group {part.group} into a {whole.kind} weight")
 
 
 def _pack_band(ckpt: Checkpoint, name: str, rows: Range, cols: Range | None, int4: bool) -> QuantWeight:

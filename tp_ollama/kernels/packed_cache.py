@@ -9,11 +9,11 @@ import hashlib
 import json
 import logging
 import os
+import struct
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
 
 from tp_ollama.kernels import hugepages
@@ -49,12 +49,7 @@ class PackedCache:
         if not self.path.exists():
             return None
         try:
-            with safe_open(str(self.path), framework="pt") as f:
-                kinds = json.loads((f.metadata() or {})["kinds"])
-                # NOTE: get_tensor may map the file, where data is only 8-byte aligned; the packed
-                # kernels' vector loads fault on that (from 4 rows on), so each gets its own copy
-                # (in 2 MiB pages: decode streams these every step).
-                tensors = {name: hugepages.copy_of(f.get_tensor(name)) for name in f.keys()}
+            kinds, tensors = _read_safetensors(self.path)
         except Exception as e:  # a truncated or foreign file: rebuild it
             log.warning("ignoring unreadable packed-weights cache %s: %s", self.path, e)
             return None
@@ -91,6 +86,36 @@ class PackedCache:
         entries = sorted(self.path.parent.glob("*.safetensors"), key=_mtime, reverse=True)
         for old in entries[KEEP_ENTRIES:]:
             old.unlink(missing_ok=True)
+
+
+_DTYPES = {"I8": torch.int8, "U8": torch.uint8, "F32": torch.float32, "BF16": torch.bfloat16, "I16": torch.int16}
+
+
+def _read_safetensors(path: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """The entry's `kinds` metadata and its tensors, each read from the file straight into its own
+    tensor in 2 MiB pages (decode streams these every step). Not through a mapping of the file: its
+    pages would count in this process's memory beside the copies until the file closed, doubling the
+    peak of a load."""
+    tensors: dict[str, torch.Tensor] = {}
+    with open(path, "rb", buffering=0) as f:
+        (size,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(size))
+        start = 8 + size
+        kinds = json.loads(header.pop("__metadata__")["kinds"])
+        for name, info in header.items():
+            lo, hi = info["data_offsets"]
+            t = hugepages.empty(tuple(info["shape"]), _DTYPES[info["dtype"]])
+            view = t.view(-1).view(torch.uint8).numpy().data
+            if hi - lo != len(view):
+                raise ValueError(f"{path}: tensor {name} holds {hi - lo} bytes, not {len(view)}")
+            done = 0
+            while done < len(view):  # a read may stop short of what was asked
+                got = os.preadv(f.fileno(), [view[done:]], start + lo + done)
+                if got <= 0:
+                    raise ValueError(f"{path}: tensor {name} is truncated")
+                done += got
+            tensors[name] = t
+    return kinds, tensors
 
 
 def _mtime(path: Path) -> float:
