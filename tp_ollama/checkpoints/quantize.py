@@ -28,6 +28,7 @@ from tp_ollama.kernels.quant import (
     QuantWeight,
     int4_fits,
     int8_group,
+    int8_scales,
     quantize_int4,
     quantize_int8,
 )
@@ -105,14 +106,21 @@ def read_packed(
     return whole
 
 
+def _empty(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """Uninitialised memory for a weight: 2 MiB pages on the CPU (tp_ollama.kernels.hugepages)."""
+    return hugepages.empty(shape, dtype) if device.type == "cpu" else torch.empty(shape, dtype=dtype, device=device)
+
+
 def _empty_rows(like: QuantWeight, rows: int) -> QuantWeight:
-    """A weight of `rows` rows packed as `like`, in 2 MiB pages, to be filled band by band."""
+    """A weight of `rows` rows packed as `like`, on its device, to be filled band by band."""
     k = like.shape[1]
     if isinstance(like, Int8Weight):
-        scale = hugepages.empty((rows, like.scale.shape[1]), torch.float32)
-        return Int8Weight(hugepages.empty((rows, k), torch.int8), scale, like.group)
-    scale_zero = hugepages.empty((like.scale_zero.shape[0], rows, 2), SCALE_DTYPE)
-    return Int4Weight(hugepages.empty((rows, k // 2), torch.uint8), scale_zero, like.group)
+        device = like.q.device
+        scale = _empty((rows, like.scale.shape[1]), torch.float32, device)
+        return Int8Weight(_empty((rows, k), torch.int8, device), scale, like.group)
+    device = like.packed.device
+    scale_zero = _empty((like.scale_zero.shape[0], rows, 2), SCALE_DTYPE, device)
+    return Int4Weight(_empty((rows, k // 2), torch.uint8, device), scale_zero, like.group)
 
 
 def _put_rows(whole: QuantWeight, part: QuantWeight, at: int) -> None:
@@ -142,32 +150,18 @@ def _pack_band(ckpt: Checkpoint, name: str, rows: Range, cols: Range | None, int
         # One scale per row (torch's kernels): a row-parallel shard takes it from whole rows, so every
         # degree of parallelism holds the same codes. Groups never straddle a shard on the native
         # kernel: shards are group-aligned.
-        whole = ckpt.read(name, torch.float32, rows=rows)
-        scale = (whole.abs().amax(dim=1, keepdim=True) / 127.0).clamp_min(torch.finfo(torch.float32).tiny)
-        return quantize_int8(w, width, scale)
+        return quantize_int8(w, width, int8_scales(ckpt.read(name, torch.float32, rows=rows), width))
     return quantize_int8(w)
 
 
 def concat(parts: list[QuantWeight]) -> QuantWeight:
     """Bands of rows, top to bottom, as one weight (int4 bands are whole tiles)."""
-    if all(isinstance(p, Int8Weight) for p in parts):
-        int8 = [p for p in parts if isinstance(p, Int8Weight)]
-        if len({p.group for p in int8}) != 1:
-            raise ValueError("cannot join int8 bands of different groups into one weight")
-        return Int8Weight(_cat([p.q for p in int8]), _cat([p.scale for p in int8]), int8[0].group)
-    int4 = [p for p in parts if isinstance(p, Int4Weight)]
-    if len(int4) != len(parts):
-        raise ValueError("cannot join int8 and int4 bands into one weight")
-    return Int4Weight(_cat([p.packed for p in int4]), _cat([p.scale_zero for p in int4], dim=1), int4[0].group)
-
-
-def _cat(tensors: list[torch.Tensor], dim: int = 0) -> torch.Tensor:
-    """torch.cat, into 2 MiB pages on the CPU (tp_ollama.kernels.hugepages)."""
-    if tensors[0].device.type != "cpu":
-        return torch.cat(tensors, dim=dim)
-    shape = list(tensors[0].shape)
-    shape[dim] = sum(t.shape[dim] for t in tensors)
-    return torch.cat(tensors, dim=dim, out=hugepages.empty(tuple(shape), tensors[0].dtype))
+    whole = _empty_rows(parts[0], sum(p.shape[0] for p in parts))
+    at = 0
+    for part in parts:
+        _put_rows(whole, part, at)
+        at += part.shape[0]
+    return whole
 
 
 def in_huge_pages(w: QuantWeight) -> QuantWeight:

@@ -34,7 +34,7 @@ from __future__ import annotations
 import torch
 
 from tp_ollama.kernels import gguf_quants
-from tp_ollama.kernels.quant import INT4_TILE, Int4Weight, Int8Weight, int4_fits, pack_int4_weight
+from tp_ollama.kernels.quant import INT4_TILE, Int4Weight, int4_fits, pack_int4_weight
 
 GROUP = 32  # elements per scale / zero: a Q4_0 / Q4_1 block, a Q4_K sub-block
 INT4_TYPES = frozenset({"Q4_0", "Q4_1", "Q4_K"})
@@ -52,12 +52,6 @@ def int8_parts(raw: torch.Tensor, ggml_type: str) -> tuple[torch.Tensor, torch.T
     n = raw.shape[0]
     group = codes.shape[-1] // scale.shape[-1]
     return codes.reshape(n, -1).contiguous(), scale.reshape(n, -1).contiguous(), group
-
-
-def blocks_to_int8(raw: torch.Tensor, ggml_type: str) -> Int8Weight:
-    """Raw blocks of a symmetric type (N, blocks per row, type_size) -> an Int8Weight of its values."""
-    codes, scale, group = int8_parts(raw, ggml_type)
-    return Int8Weight(codes, scale, group)
 
 
 def int4_parts(raw: torch.Tensor, ggml_type: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -98,4 +92,4 @@ def blocks_to_int4(raw: torch.Tensor, ggml_type: str) -> Int4Weight:
     return pack_int4_weight(codes, scale, zero, GROUP)
 
 
-__all__ = ["GROUP", "INT4_TYPES", "INT8_TYPES", "blocks_to_int4", "blocks_to_int8", "int4_parts", "int8_parts"]
+__all__ = ["GROUP", "INT4_TYPES", "INT8_TYPES", "blocks_to_int4", "int4_parts", "int8_parts"]

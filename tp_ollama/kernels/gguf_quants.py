@@ -204,6 +204,16 @@ _DEQUANT: dict[str, _Dequant] = {
 
 SUPPORTED_TYPES: tuple[str, ...] = tuple(_DEQUANT)
 
+
+def _check_blocks(raw: torch.Tensor, ggml_type: str) -> int:
+    """Refuse raw blocks of another dtype or size; returns the type's block size in elements."""
+    block_size, type_size = block_layout(ggml_type)
+    if raw.dtype != torch.uint8 or raw.shape[-1] != type_size:
+        got = f"{raw.dtype} {list(raw.shape)}"
+        raise ValueError(f"{ggml_type} blocks must be uint8 (..., {type_size}), got {got}")
+    return block_size
+
+
 _SYMMETRIC_PARTS = {"Q8_0": _q8_0_parts, "Q4_0": _q4_0_parts, "Q5_0": _q5_0_parts, "Q6_K": _q6_k_parts}
 SYMMETRIC_TYPES: tuple[str, ...] = tuple(_SYMMETRIC_PARTS)
 
@@ -212,10 +222,7 @@ def symmetric_parts(raw: torch.Tensor, ggml_type: str) -> tuple[torch.Tensor, to
     """Raw blocks (*lead, type_size) of a symmetric type (SYMMETRIC_TYPES) -> its integer codes
     (*lead, block_size) int8 and scales (*lead, sub-blocks) float32: `dequantize` is their product,
     each scale over block_size / sub-blocks consecutive codes."""
-    _, type_size = block_layout(ggml_type)
-    if raw.dtype != torch.uint8 or raw.shape[-1] != type_size:
-        got = f"{raw.dtype} {list(raw.shape)}"
-        raise ValueError(f"{ggml_type} blocks must be uint8 (..., {type_size}), got {got}")
+    _check_blocks(raw, ggml_type)
     codes, scale = _SYMMETRIC_PARTS[ggml_type](raw)
     return codes, scale.squeeze(-1)
 
@@ -225,10 +232,7 @@ def dequantize(raw: torch.Tensor, ggml_type: str) -> torch.Tensor:
 
     Raises KeyError for a type not in SUPPORTED_TYPES; callers check types first to name the file.
     """
-    block_size, type_size = block_layout(ggml_type)
-    if raw.dtype != torch.uint8 or raw.shape[-1] != type_size:
-        got = f"{raw.dtype} {list(raw.shape)}"
-        raise ValueError(f"{ggml_type} blocks must be uint8 (..., {type_size}), got {got}")
+    block_size = _check_blocks(raw, ggml_type)
     out = _DEQUANT[ggml_type](raw)
     assert out.shape[-1] == block_size, (ggml_type, tuple(out.shape))
     return out

@@ -160,18 +160,24 @@ def int8_group(k: int) -> int:
     return INT8_GROUP if native.available() and k % INT8_GROUP == 0 else k
 
 
-def quantize_int8(w: torch.Tensor, group: int | None = None, scale: torch.Tensor | None = None) -> Int8Weight:
-    """Symmetric int8 of a (N, K) weight: each group of `group` inputs (default int8_group(K))
-    scaled by its max|w| / 127, unless `scale` (N, K / group) is given (a column slice quantized
-    with its whole rows' scales)."""
+def int8_scales(w: torch.Tensor, group: int) -> torch.Tensor:
+    """(N, K / group) float32 scales of a (N, K) weight for int8: each group's max|w| / 127 (the
+    smallest normal float for an all-zero group)."""
     n, k = w.shape
-    group = int8_group(k) if group is None else group
     if group <= 0 or k % group:
         raise ValueError(f"int8 groups of {group} do not divide a row of {k} inputs")
     wg = w.to(torch.float32).reshape(n, k // group, group)
-    if scale is None:
-        scale = (wg.abs().amax(dim=2) / 127.0).clamp_min(torch.finfo(torch.float32).tiny)  # (N, G)
-    scale = scale.to(torch.float32).reshape(n, k // group)
+    return (wg.abs().amax(dim=2) / 127.0).clamp_min(torch.finfo(torch.float32).tiny)
+
+
+def quantize_int8(w: torch.Tensor, group: int | None = None, scale: torch.Tensor | None = None) -> Int8Weight:
+    """Symmetric int8 of a (N, K) weight: each group of `group` inputs (default int8_group(K))
+    scaled by int8_scales, unless `scale` (N, K / group) is given (a column slice quantized with its
+    whole rows' scales)."""
+    n, k = w.shape
+    group = int8_group(k) if group is None else group
+    scale = (int8_scales(w, group) if scale is None else scale.to(torch.float32)).reshape(n, k // group)
+    wg = w.to(torch.float32).reshape(n, k // group, group)
     q = torch.round(wg / scale[..., None]).clamp_(-127, 127).to(torch.int8)
     return Int8Weight(q.view(n, k).contiguous(), scale.contiguous(), group)
 
@@ -338,7 +344,9 @@ def quant_matmul(x: torch.Tensor, w: QuantWeight, head: bool = False) -> torch.T
         y = _dense_matmul(x2, w)
     elif native_int8 is not None and rows <= SMALL_BATCH["int8"]:
         y = native_int8(x2)
-    elif rows <= SMALL_BATCH[w.kind] and packed_kernels_available(x.device) and getattr(w, "per_row", True):
+    elif (
+        rows <= SMALL_BATCH[w.kind] and packed_kernels_available(x.device) and (isinstance(w, Int4Weight) or w.per_row)
+    ):
         xb = x2 if x2.dtype == torch.bfloat16 else x2.to(torch.bfloat16)
         if isinstance(w, Int8Weight):
             y = torch._weight_int8pack_mm(xb, w.q, w.row_scale())
@@ -348,6 +356,11 @@ def quant_matmul(x: torch.Tensor, w: QuantWeight, head: bool = False) -> torch.T
         y = _dense_matmul(x2, w)
     y = y if y.dtype == x.dtype else y.to(x.dtype)
     return y.reshape(*lead, w.shape[0])
+
+
+def _torch_packs(w: QuantWeight) -> bool:
+    """Whether torch's packed kernels take w: int4, and int8 with one scale per row."""
+    return isinstance(w, Int4Weight) or w.per_row
 
 
 def native_int4() -> bool:
