@@ -150,7 +150,8 @@ def _pack_band(ckpt: Checkpoint, name: str, rows: Range, cols: Range | None, int
         # One scale per row (torch's kernels): a row-parallel shard takes it from whole rows, so every
         # degree of parallelism holds the same codes. Groups never straddle a shard on the native
         # kernel: shards are group-aligned.
-        return quantize_int8(w, width, int8_scales(ckpt.read(name, torch.float32, rows=rows), width))
+        whole = ckpt.read(name, torch.float32, rows=rows)
+        return quantize_int8(w, width, int8_scales(whole, whole.shape[1]))
     return quantize_int8(w)
 
 
