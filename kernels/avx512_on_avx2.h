@@ -99,20 +99,21 @@ static inline simde__m512i tpo_dpbusd_small(simde__m512i acc, simde__m512i u, si
     }
     return simde__m512i_from_private(r);
 }
-/* The int8 kernel's dot: vpdpbusd(start, w ^ 0x80, x) with start = -128 * sum(x) is sum(w * x) for
-signed weights w. Here that sum directly, by vpmaddubsw of |w| and x with w's sign, which cannot
-saturate (|w| <= 128, |x| <= 127); `start` is not needed. */
-static inline simde__m512i tpo_i8_dot(simde__m512i start, simde__m512i wu, simde__m512i x) {
-    (void)start;
-    simde__m512i_private w_ = simde__m512i_to_private(wu), x_ = simde__m512i_to_private(x), r;
+/* The int8 kernel's dot: vpdpbusd(acc, w ^ 0x80, x) with acc starting at -128 * sum(x) adds sum(w * x)
+for signed weights w. Here that sum directly, by vpmaddubsw of |w| and x with w's sign, which cannot
+saturate (|w| <= 128, |x| <= 127); the accumulator starts at 0. */
+static inline simde__m512i tpo_i8_dot(simde__m512i acc, simde__m512i wu, simde__m512i x) {
+    simde__m512i_private a_ = simde__m512i_to_private(acc), w_ = simde__m512i_to_private(wu),
+                         x_ = simde__m512i_to_private(x), r;
     const __m256i sign = _mm256_set1_epi8((char)0x80), ones = _mm256_set1_epi16(1);
     for (int i = 0; i < 2; i++) {
         const __m256i w = _mm256_xor_si256(w_.m256i[i], sign);
         const __m256i pairs = _mm256_maddubs_epi16(_mm256_abs_epi8(w), _mm256_sign_epi8(x_.m256i[i], w));
-        r.m256i[i] = _mm256_madd_epi16(pairs, ones);
+        r.m256i[i] = _mm256_add_epi32(a_.m256i[i], _mm256_madd_epi16(pairs, ones));
     }
     return simde__m512i_from_private(r);
 }
+#define TPO_I8_START(sum) ((void)(sum), _mm512_setzero_si512())
 #define TPO_DPBUSD_SMALL tpo_dpbusd_small
 #define TPO_I8_DOT tpo_i8_dot
 #define _mm512_cvtepi32_ps tpo_cvtepi32_ps

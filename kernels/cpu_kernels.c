@@ -1,7 +1,7 @@
 /* CPU kernels of tp-ollama's decode step, loaded by tp_ollama.kernels.native:
   tpo_int4_mm        weight-only int4 matmul on AVX-512 VNNI
-  tpo_int8_mm        weight-only int8 matmul on AVX-512 VNNI, weights in their plain row-major layout
-  tpo_int8_to_bf16   int8 weights with grouped scales to bfloat16, for a prefill's dense matmul
+  tpo_int8_mm        weight-only int8 matmul on AVX-512 VNNI, weights in 16-row blocks as int4's
+  tpo_int8_to_bf16   int8 weights with grouped scales to plain bfloat16 rows, for a prefill's dense matmul
   tpo_rms_norm_bf16  RMSNorm of bfloat16 rows in one call instead of a dozen torch operators
   tpo_read_sum       a sum that reads memory as fast as a core can: the bandwidth roofline's probe
   tpo_argmax         the index of the first maximum of a float32 vector, as torch.argmax (NaN is the
@@ -87,9 +87,9 @@ static inline float reduce_max(__m512 v) { return _mm512_reduce_max_ps(v); }
 
 /* xq (M, K) int8; sx (M, K/ACT_GROUP) the activation scales; sumx (M, K/group) per weight group, the
 sum of the quantized values times their scales (what the group's activations sum to as the dot
-products see them). */
+products see them); qsum (M, K/ACT_GROUP), unless NULL, each 16 quantized values' integer sum. */
 static void quantize_rows(const float *x, int64_t m_rows, int64_t k, int64_t group, int8_t *xq, float *sx,
-                          float *sumx) {
+                          float *sumx, int32_t *qsum) {
     const int64_t groups = k / group, subs = k / ACT_GROUP;
     for (int64_t m = 0; m < m_rows; m++) {
         for (int64_t g = 0; g < groups; g++) sumx[m * groups + g] = 0.0f;
@@ -111,6 +111,7 @@ static void quantize_rows(const float *x, int64_t m_rows, int64_t k, int64_t gro
             int32_t total = 0;
             for (int l = 0; l < 16; l++) total += lanes[l];
             sumx[m * groups + s * ACT_GROUP / group] += (float)total * (a / 127.0f);
+            if (qsum) qsum[m * subs + s] = total;
         }
     }
 }
@@ -194,144 +195,119 @@ int tpo_int4_mm(const float *x, int64_t m_rows, int64_t k, const uint8_t *packed
         free(xq), free(sx), free(sumx);
         return -2;
     }
-    quantize_rows(x, m_rows, k, group, xq, sx, sumx);
+    quantize_rows(x, m_rows, k, group, xq, sx, sumx, NULL);
     i4_matmul(packed, scale_zero, ld_sz, n, k, group, m_rows, xq, sx, sumx, y, n, threads);
     free(xq), free(sx), free(sumx);
     return 0;
 }
 
-/* tpo_int8_mm: y (M, N) = x (M, K) @ w.T for int8 weights in their plain layout: q (N, K) int8
-rows and float32 scales per group of `group` inputs, (N, K/group) with rows ld_s apart
-(tp_ollama.kernels.quant.Int8Weight; w = q * scale[k / group]).
+/* tpo_int8_mm: y (M, N) = x (M, K) @ w.T for int8 weights in the blocked int8 layout
+(tp_ollama.kernels.quant.Int8Weight with blocked=True; w = q * scale[k / group]):
+  q      rows in blocks of 16; a block holds K/4 chunks of 64 bytes; in chunk c, byte 4r + i is row r's
+         (signed) code for input 4c + i. One 64-byte load gives a register whose 32-bit lane r holds
+         four consecutive codes of row r, as the int4 layout does.
+  scale  float32, per block (K/group, 16): one 16-float load gives a group's scale for each row.
+The weight's logical shape stays (N, K) and (N, K/group); rows a multiple of 16 apart are whole blocks,
+so a view of rows [a, b) (a, b multiples of 16) is a weight in the same layout.
 
-Activations are quantized to int8 per 16 inputs as for int4. vpdpbusd multiplies unsigned by
-signed bytes, so the weights are offset to unsigned (+128, an xor of the sign bit) and each lane's
-accumulator starts at -128 times the sum of its 4 activations, which the offset adds: the lane then
-holds the exact int32 dot product of 4 inputs.
-A 64-byte chunk is four activation groups of 4 lanes each, each lane scaled by its group's
-activation scale times its weight group's scale (weight groups of 16 take 4 lanes each, of 32 eight,
-of a multiple of 64 the whole chunk). K must be a multiple of 32 (a last half chunk is read
-masked). */
+Activations are quantized to int8 per 16 inputs as for int4. vpdpbusd multiplies unsigned by signed
+bytes, so the codes are offset to unsigned (+128, an xor of the sign bit) and each 16 inputs'
+accumulator starts at -128 times the sum of their quantized activations, which the offset adds: it
+then holds the exact int32 dot product. Per row, in the same order whatever the number of rows:
+    part = sum over the group's 16-input steps of float(dot) * sx;   out += part * scale[group]
+so each row's result is the same bits alone or in a batch. Groups are multiples of 16 inputs. */
 
-#define I8_CHUNK 64
-
-typedef struct {
-    int8_t *xs;      /* (M, chunks * 64) activations, zero past K */
-    int32_t *start;  /* (M, chunks * 16) each lane's -128 * sum of its 4 activations */
-    float *sxl;      /* (M, chunks * 16) each lane's activation scale */
-} i8_acts;
+#ifndef TPO_AVX2
+#define TPO_I8_START(sum) _mm512_set1_epi32(-128 * (sum))
+#endif
 
 typedef struct {
     int8_t *xq;
     float *sx, *sumx;
-    i8_acts i8;
+    int32_t *qsum; /* (M, K/16) the sum of each 16 quantized activations */
 } act_buffers;
 
 static void act_free(act_buffers *a) {
-    free(a->xq), free(a->sx), free(a->sumx), free(a->i8.xs), free(a->i8.start), free(a->i8.sxl);
+    free(a->xq), free(a->sx), free(a->sumx), free(a->qsum);
     *a = (act_buffers){0};
 }
 
 /* Scratch for quantized activations (int4 and int8 kernels) of up to `rows` rows of up to max_k
 inputs; -2 when out of memory (nothing left allocated). */
 static int act_alloc(act_buffers *a, size_t rows, int64_t max_k) {
-    const size_t f = sizeof(float), k = (size_t)max_k, chunks = (size_t)(max_k / I8_CHUNK + 1);
+    const size_t f = sizeof(float), k = (size_t)max_k;
     *a = (act_buffers){malloc(rows * k + 64), malloc(f * rows * k + 64), malloc(f * rows * k + 64),
-                       {malloc(rows * chunks * I8_CHUNK + 64), malloc(sizeof(int32_t) * rows * chunks * 16 + 64),
-                        malloc(f * rows * chunks * 16 + 64)}};
-    if (a->xq && a->sx && a->sumx && a->i8.xs && a->i8.start && a->i8.sxl) return 0;
+                       malloc(sizeof(int32_t) * rows * (k / ACT_GROUP + 1) + 64)};
+    if (a->xq && a->sx && a->sumx && a->qsum) return 0;
     act_free(a);
     return -2;
 }
 
-static void quantize_rows_i8(const float *x, int64_t m_rows, int64_t k, int8_t *xq, float *sx, float *sumx, i8_acts *a) {
-    const int64_t chunks = (k + I8_CHUNK - 1) / I8_CHUNK, subs = k / ACT_GROUP;
-    quantize_rows(x, m_rows, k, 32, xq, sx, sumx);
-    for (int64_t m = 0; m < m_rows; m++) {
-        int8_t *xs = a->xs + m * chunks * I8_CHUNK;
-        for (int64_t j = 0; j < chunks * I8_CHUNK; j++) xs[j] = j < k ? xq[m * k + j] : 0;
-        for (int64_t c = 0; c < chunks; c++)
-            for (int lane = 0; lane < 16; lane++) {
-                const int64_t g = (c * I8_CHUNK + 4 * lane) / ACT_GROUP, at = c * I8_CHUNK + 4 * lane;
-                a->sxl[(m * chunks + c) * 16 + lane] = g < subs ? sx[m * subs + g] : 0.0f;
-                a->start[(m * chunks + c) * 16 + lane] = -128 * (xs[at] + xs[at + 1] + xs[at + 2] + xs[at + 3]);
-            }
-    }
-}
-
-/* The weight scale of each lane of chunk c, from one row's scales ws (groups of them). */
-static inline __m512 i8_lane_scales(const float *ws, int64_t c, int64_t group, int64_t groups) {
-    if (group >= 64) return _mm512_set1_ps(ws[c * I8_CHUNK / group]);
-    const int64_t per = I8_CHUNK / group, first = c * per, left = groups - first < per ? groups - first : per;
-    const __m512i lanes = group == 16 ? _mm512_set_epi32(3, 3, 3, 3, 2, 2, 2, 2, 1, 1, 1, 1, 0, 0, 0, 0)
-                                      : _mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0);
-    return _mm512_permutexvar_ps(lanes, _mm512_maskz_loadu_ps((__mmask16)((1u << left) - 1u), ws + first));
-}
-
-/* Rows [0, rows) of a stretch of weights against MB activation rows. */
-#define DEFINE_I8_ROWS(MB)                                                                                   \
-    static inline void i8rows_##MB(const int8_t *w, const float *scale, int64_t ld_s, int64_t group,         \
-                                   int64_t rows, int64_t k, const i8_acts *a, float *y, int64_t ldy) {       \
-        const int64_t chunks = (k + I8_CHUNK - 1) / I8_CHUNK, groups = k / group;                            \
-        const __mmask64 last = k % I8_CHUNK ? (((__mmask64)1 << (k % I8_CHUNK)) - 1) : ~(__mmask64)0;        \
+/* One block of 16 weight rows against MB activation rows. */
+#define DEFINE_I8_BLOCK(MB)                                                                                  \
+    static inline void i8block_##MB(const int8_t *w, const float *ws, int64_t k, int64_t group,             \
+                                    const int8_t *xq, const float *sx, const int32_t *qsum, float *y,        \
+                                    int64_t ldy) {                                                           \
+        const int64_t groups = k / group, subs = k / ACT_GROUP, steps = group / ACT_GROUP;                   \
         const __m512i sign = _mm512_set1_epi8((char)0x80);                                                   \
-        for (int64_t r = 0; r < rows; r++) {                                                                 \
-            const int8_t *wr = w + r * k;                                                                    \
-            const float *ws = scale + r * ld_s;                                                              \
-            __m512 f[MB];                                                                                    \
-            for (int m = 0; m < MB; m++) f[m] = _mm512_setzero_ps();                                         \
-            for (int64_t c = 0; c < chunks; c++) {                                                           \
-                const __m512i wv = _mm512_maskz_loadu_epi8(c == chunks - 1 ? last : ~(__mmask64)0, wr + c * I8_CHUNK); \
-                _mm_prefetch((const char *)(wr + c * I8_CHUNK + PREFETCH_L1), _MM_HINT_T0);                 \
-                _mm_prefetch((const char *)(wr + c * I8_CHUNK + PREFETCH_L2), _MM_HINT_T1);                 \
-                const __m512i wu = _mm512_xor_si512(wv, sign);                                               \
-                const __m512 sw = i8_lane_scales(ws, c, group, groups);                                      \
-                for (int m = 0; m < MB; m++) {                                                               \
-                    const int64_t at = m * chunks + c;                                                       \
-                    const __m512i dot = TPO_I8_DOT(_mm512_loadu_si512(a->start + at * 16), wu,              \
-                                                            _mm512_loadu_si512(a->xs + at * I8_CHUNK));      \
-                    f[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_mul_ps(sw, _mm512_loadu_ps(a->sxl + at * 16)), f[m]); \
+        __m512 out[MB];                                                                                      \
+        for (int m = 0; m < MB; m++) out[m] = _mm512_setzero_ps();                                           \
+        for (int64_t g = 0; g < groups; g++) {                                                               \
+            __m512 part[MB];                                                                                 \
+            for (int m = 0; m < MB; m++) part[m] = _mm512_setzero_ps();                                      \
+            for (int64_t s = g * steps; s < (g + 1) * steps; s++) {                                          \
+                __m512i acc[MB];                                                                             \
+                for (int m = 0; m < MB; m++) acc[m] = TPO_I8_START(qsum[m * subs + s]);                      \
+                const int8_t *wc = w + s * ACT_GROUP * BLOCK_ROWS;                                           \
+                for (int c = 0; c < ACT_GROUP / 4; c++) {                                                    \
+                    const __m512i v = _mm512_xor_si512(_mm512_loadu_si512(wc + c * 64), sign);               \
+                    _mm_prefetch((const char *)(wc + c * 64 + PREFETCH_L1), _MM_HINT_T0);                   \
+                    _mm_prefetch((const char *)(wc + c * 64 + PREFETCH_L2), _MM_HINT_T1);                   \
+                    const int64_t at = s * ACT_GROUP + c * 4;                                                \
+                    for (int m = 0; m < MB; m++) acc[m] = TPO_I8_DOT(acc[m], v, broadcast4(xq + m * k + at)); \
                 }                                                                                            \
+                for (int m = 0; m < MB; m++)                                                                 \
+                    part[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc[m]), _mm512_set1_ps(sx[m * subs + s]), part[m]); \
             }                                                                                                \
-            for (int m = 0; m < MB; m++) y[m * ldy + r] = _mm512_reduce_add_ps(f[m]);                        \
+            const __m512 scale = _mm512_loadu_ps(ws + g * BLOCK_ROWS);                                       \
+            for (int m = 0; m < MB; m++) out[m] = _mm512_fmadd_ps(part[m], scale, out[m]);                   \
         }                                                                                                    \
+        for (int m = 0; m < MB; m++) _mm512_storeu_ps(y + m * ldy, out[m]);                                  \
     }
 
-DEFINE_I8_ROWS(1)
-DEFINE_I8_ROWS(4)
+DEFINE_I8_BLOCK(1)
+DEFINE_I8_BLOCK(4)
 
-/* The rows of y (m_rows, n) from quantized activations `a`, 16 weight rows a task. */
-static void i8_matmul(const int8_t *q, const float *scale, int64_t ld_s, int64_t group, int64_t n, int64_t k,
-                      int64_t m_rows, const i8_acts *a, float *y, int64_t ldy, int threads) {
-    const int64_t chunks = (k + I8_CHUNK - 1) / I8_CHUNK, blocks = (n + BLOCK_ROWS - 1) / BLOCK_ROWS;
+/* The rows of y (m_rows, n; rows ldy apart) from activations quantized by quantize_rows, 16 weight
+rows a task, 4 activation rows a pass over a block (which stays in L1 between passes). */
+static void i8_matmul(const int8_t *q, const float *scale, int64_t n, int64_t k, int64_t group, int64_t m_rows,
+                      const act_buffers *a, float *y, int64_t ldy, int threads) {
+    const int64_t blocks = n / BLOCK_ROWS, subs = k / ACT_GROUP;
 #pragma omp parallel for schedule(guided, 4) num_threads(threads)
     for (int64_t b = 0; b < blocks; b++) {
-        const int64_t r0 = b * BLOCK_ROWS, rows = n - r0 < BLOCK_ROWS ? n - r0 : BLOCK_ROWS;
+        const int8_t *w = q + b * BLOCK_ROWS * k;
+        const float *ws = scale + b * BLOCK_ROWS * (k / group);
         int64_t m = 0;
-        for (; m + 4 <= m_rows; m += 4) {
-            const i8_acts part = {a->xs + m * chunks * I8_CHUNK, a->start + m * chunks * 16, a->sxl + m * chunks * 16};
-            i8rows_4(q + r0 * k, scale + r0 * ld_s, ld_s, group, rows, k, &part, y + m * ldy + r0, ldy);
-        }
-        for (; m < m_rows; m++) {
-            const i8_acts part = {a->xs + m * chunks * I8_CHUNK, a->start + m * chunks * 16, a->sxl + m * chunks * 16};
-            i8rows_1(q + r0 * k, scale + r0 * ld_s, ld_s, group, rows, k, &part, y + m * ldy + r0, ldy);
-        }
+        for (; m + 4 <= m_rows; m += 4)
+            i8block_4(w, ws, k, group, a->xq + m * k, a->sx + m * subs, a->qsum + m * subs, y + m * ldy + b * BLOCK_ROWS, ldy);
+        for (; m < m_rows; m++)
+            i8block_1(w, ws, k, group, a->xq + m * k, a->sx + m * subs, a->qsum + m * subs, y + m * ldy + b * BLOCK_ROWS, ldy);
     }
 }
 
-static int i8_group_fits(int64_t group, int64_t k) {
-    return group > 0 && k % group == 0 && (group == 16 || group == 32 || group % 64 == 0);
+static int i8_fits(int64_t n, int64_t k, int64_t group) {
+    return n >= 0 && n % BLOCK_ROWS == 0 && k > 0 && group > 0 && group % ACT_GROUP == 0 && k % group == 0;
 }
 
-/* Returns 0, -1 when K is not a multiple of 32 or the group is not one the kernel takes, -2 when out
-of memory. */
-int tpo_int8_mm(const float *x, int64_t m_rows, int64_t k, const int8_t *q, const float *scale, int64_t ld_s,
-                int64_t group, int64_t n, float *y, int threads) {
-    if (k % 32 || k <= 0 || m_rows < 0 || n < 0 || !i8_group_fits(group, k) || ld_s < k / group) return -1;
+/* Returns 0, -1 when the shapes do not fit the layout (rows in blocks of 16, groups of a multiple of
+16 inputs), -2 when out of memory. */
+int tpo_int8_mm(const float *x, int64_t m_rows, int64_t k, const int8_t *q, const float *scale, int64_t group,
+                int64_t n, float *y, int threads) {
+    if (m_rows < 0 || !i8_fits(n, k, group)) return -1;
     act_buffers a;
     if (act_alloc(&a, (size_t)m_rows, k)) return -2;
-    quantize_rows_i8(x, m_rows, k, a.xq, a.sx, a.sumx, &a.i8);
-    i8_matmul(q, scale, ld_s, group, n, k, m_rows, &a.i8, y, n, threads);
+    quantize_rows(x, m_rows, k, ACT_GROUP, a.xq, a.sx, a.sumx, a.qsum);
+    i8_matmul(q, scale, n, k, group, m_rows, &a, y, n, threads);
     act_free(&a);
     return 0;
 }
@@ -491,9 +467,9 @@ sequence is in block table[p / block_size] at offset p % block_size, and a slidi
 over the positions within its window. */
 
 typedef struct {
-    int int8;                    /* 0: int4 in the native layout; 1: int8 rows (tpo_int8_mm) */
-    const uint8_t *packed;       /* int4: (n, k/2) native layout; int8: q (n, k) */
-    const void *scale_zero;      /* int4: (k/group, ld_sz, 2) bfloat16; int8: (n, ld_sz) float32 scales */
+    int int8;                    /* 0: int4 in the native layout; 1: int8 in the blocked layout (tpo_int8_mm) */
+    const uint8_t *packed;       /* int4: (n, k/2) native layout; int8: q (n, k) blocked */
+    const void *scale_zero;      /* int4: (k/group, ld_sz, 2) bfloat16; int8: blocked float32 scales (ld_sz unused) */
     int64_t ld_sz, n, k, group;  /* n = 0: no layer (the part of a fused one) */
     const float *bias;           /* (n), already in the activation dtype's values; NULL: none */
 } tpo_linear;
@@ -583,20 +559,26 @@ static inline void round_all(float *v, int64_t n, int bf16) {
     for (; i < n; i++) v[i] = round_bf16(v[i]);
 }
 
-/* tpo_int8_to_bf16: out (n, k) bfloat16 = q * scale[k / group], rounded to nearest even (what
-Int8Weight.dequantize(bfloat16) gives), for the dense matmul of a prompt's prefill: one pass over the
-weight instead of torch's three through float32. Rows ld_s scales apart; group a multiple of 16. Returns
-0, or -1 for a group it does not take. */
-int tpo_int8_to_bf16(const int8_t *q, const float *scale, int64_t ld_s, int64_t group, int64_t n, int64_t k,
-                     uint16_t *out, int threads) {
-    if (group <= 0 || group % 16 || k % group || n < 0) return -1;
+/* tpo_int8_to_bf16: out (n, k) bfloat16, plain rows, = q * scale[k / group] from the blocked int8
+layout (see tpo_int8_mm), rounded to nearest even (what Int8Weight.dequantize(bfloat16) gives), for the
+dense matmul of a prompt's prefill: one pass over the weight instead of torch's several. Returns 0, or
+-1 for shapes the layout does not take. */
+int tpo_int8_to_bf16(const int8_t *q, const float *scale, int64_t group, int64_t n, int64_t k, uint16_t *out,
+                     int threads) {
+    if (!i8_fits(n, k, group)) return -1;
+    const int64_t groups = k / group;
 #pragma omp parallel for schedule(static) num_threads(threads)
     for (int64_t r = 0; r < n; r++) {
-        const int8_t *qr = q + r * k;
+        const int8_t *block = q + (r / BLOCK_ROWS) * BLOCK_ROWS * k;
+        const float *ws = scale + (r / BLOCK_ROWS) * BLOCK_ROWS * groups;
+        const int64_t lane = r % BLOCK_ROWS;
         uint16_t *o = out + r * k;
         for (int64_t j = 0; j < k; j += 16) {
-            const __m512 v = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(qr + j)))),
-                                           _mm512_set1_ps(scale[r * ld_s + j / group]));
+            int32_t four[4];
+            for (int c = 0; c < 4; c++) memcpy(&four[c], block + (j / 4 + c) * 64 + 4 * lane, 4);
+            const __m128i codes = _mm_loadu_si128((const __m128i *)four);
+            const __m512 v = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(codes)),
+                                           _mm512_set1_ps(ws[(j / group) * BLOCK_ROWS + lane]));
             const __m512i bits = _mm512_srli_epi32(_mm512_castps_si512(round_bf16_16(v)), 16);
             _mm256_storeu_si256((__m256i *)(o + j), _mm512_cvtepi32_epi16(bits));
         }
@@ -641,11 +623,10 @@ static void linear(const tpo_linear *w, const float *x, int64_t rows, float *y, 
                    const tpo_decoder *m, int threads) {
     if (w->n == 0) return;
     if (w->int8) {
-        quantize_rows_i8(x, rows, w->k, a->xq, a->sx, a->sumx, &a->i8);
-        i8_matmul((const int8_t *)w->packed, (const float *)w->scale_zero, w->ld_sz, w->group, w->n, w->k, rows, &a->i8, y,
-                  ldy, threads);
+        quantize_rows(x, rows, w->k, ACT_GROUP, a->xq, a->sx, a->sumx, a->qsum);
+        i8_matmul((const int8_t *)w->packed, (const float *)w->scale_zero, w->n, w->k, w->group, rows, a, y, ldy, threads);
     } else {
-        quantize_rows(x, rows, w->k, w->group, a->xq, a->sx, a->sumx);
+        quantize_rows(x, rows, w->k, w->group, a->xq, a->sx, a->sumx, NULL);
         i4_matmul(w->packed, w->scale_zero, w->ld_sz, w->n, w->k, w->group, rows, a->xq, a->sx, a->sumx, y, ldy, threads);
     }
     for (int64_t r = 0; r < rows; r++) {
@@ -902,10 +883,12 @@ static void embed_row(const tpo_decoder *m, int64_t token, float *x) {
         memcpy(x, (const float *)e->packed + token * k, sizeof(float) * (size_t)k);
     } else if (m->embed_kind == EMBED_BF16) {
         for (int64_t j = 0; j < k; j++) x[j] = bf16_to_f32(((const uint16_t *)e->packed)[token * k + j]);
-    } else if (e->int8) { /* q * scale of its group */
-        const int8_t *q = (const int8_t *)e->packed + token * k;
-        const float *scale = (const float *)e->scale_zero + token * e->ld_sz;
-        for (int64_t j = 0; j < k; j++) x[j] = (float)q[j] * scale[j / e->group];
+    } else if (e->int8) { /* q * scale of its group; the row is lane token % 16 of its block (see tpo_int8_mm) */
+        const int8_t *block = (const int8_t *)e->packed + (token / BLOCK_ROWS) * BLOCK_ROWS * k;
+        const float *scale = (const float *)e->scale_zero + (token / BLOCK_ROWS) * BLOCK_ROWS * (k / e->group);
+        const int64_t lane = token % BLOCK_ROWS;
+        for (int64_t j = 0; j < k; j++)
+            x[j] = (float)block[(j / 4) * 64 + 4 * lane + j % 4] * scale[(j / e->group) * BLOCK_ROWS + lane];
     } else { /* (q - 8) * scale + zero; the row is lane token % 16 of its block (see tpo_int4_mm) */
         const uint8_t *block = e->packed + (token / BLOCK_ROWS) * BLOCK_ROWS * (k / 2);
         const int64_t lane = token % BLOCK_ROWS;

@@ -86,12 +86,13 @@ def test_keys_tell_shards_apart_and_old_entries_are_pruned(tmp_path):
     assert one != cache_key(ckpt, [("a", "int8", None)], "int8", torch.bfloat16)
     from tp_ollama.kernels.quant import quantize_int8
 
-    weights = {"a": quantize_int8(torch.randn(64, 32))}
+    weights = {"a": quantize_int8(torch.randn(64, 32)), "b": quantize_int8(torch.randn(64, 32), blocks=False)}
     for i in range(KEEP_ENTRIES + 3):
         PackedCache(tmp_path, f"k{i}").save(weights)
     assert len(list((tmp_path / "packed").glob("*.safetensors"))) == KEEP_ENTRIES
     loaded = PackedCache(tmp_path, f"k{KEEP_ENTRIES + 2}").load()
     assert loaded is not None and torch.equal(loaded["a"].q, weights["a"].q)
+    assert [loaded[p].blocked for p in "ab"] == [weights["a"].blocked, False]  # the layout comes back too
 
 
 def test_cached_tensors_are_aligned_for_the_kernels(tmp_path):

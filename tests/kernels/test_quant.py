@@ -98,11 +98,12 @@ def test_quantize_int8_error_bounded(group):
     w[5] = 0.0  # an all-zero row must not divide by zero
     w[7, :16] = 0.0  # and neither must an all-zero group
     qw = quantize_int8(w, group)
-    assert qw.q.dtype == torch.int8 and qw.scale.dtype == torch.float32
-    assert qw.scale.shape == (n, k // group) and qw.group == group
-    assert qw.q.abs().max() <= 127
+    codes, scales = qw.plain()
+    assert codes.dtype == torch.int8 and scales.dtype == torch.float32
+    assert scales.shape == (n, k // group) and qw.group == group
+    assert codes.abs().max() <= 127
     wg = w.view(n, k // group, group)
-    scale = qw.scale[..., None]  # (N, G, 1)
+    scale = scales[..., None]  # (N, G, 1)
     err = (qw.dequantize().view(n, k // group, group) - wg).abs()
     # Rounding to the nearest multiple of the float32 scale costs at most scale/2 (1e-6 * scale covers
     # float32 rounding of w / scale and q * scale).
@@ -110,7 +111,7 @@ def test_quantize_int8_error_bounded(group):
     assert torch.equal(qw.dequantize()[5], torch.zeros(k))
     # The scale is each group's max / 127 (a smaller one would pass the bound above but clamp the group);
     # an all-zero group gets the smallest normal float instead of 0 (atol).
-    assert _close(qw.scale, wg.abs().amax(dim=2) / 127, rtol=1e-6, atol=2.0**-125)
+    assert _close(scales, wg.abs().amax(dim=2) / 127, rtol=1e-6, atol=2.0**-125)
 
 
 @pytest.mark.parametrize("group", [32, 64])
@@ -152,9 +153,10 @@ def int8_kernel(request, monkeypatch):
     """Run a test on the native int8 kernel and on torch's (the native one switched off)."""
     if request.param == "native" and not native.available():
         pytest.skip("the native kernels do not run here")
-    if request.param == "torch":  # its weights, as where no native kernel runs: one scale per row
+    if request.param == "torch":  # its weights, as where no native kernel runs: one scale per plain row
         monkeypatch.setattr(quant.Int8Weight, "native_matmul", lambda self: None)
         monkeypatch.setattr(quant, "int8_group", lambda k: k)
+        monkeypatch.setattr(quant, "int8_blocks", lambda w, whole_rows=None: w)
     return request.param
 
 
@@ -227,17 +229,18 @@ def _rounded_activations(x: torch.Tensor, group: int = 16) -> torch.Tensor:
 
 @needs_native
 @pytest.mark.parametrize("group", [16, 32, 64, 0], ids=lambda g: f"group{g or 'K'}")
-@pytest.mark.parametrize("n, k", [(2 * INT4_TILE, 256), (40, 96)], ids=["whole-chunks", "partial-block-half-chunk"])
+@pytest.mark.parametrize("n, k", [(2 * INT4_TILE, 256), (48, 192)], ids=["many-blocks", "three-blocks"])
 def test_native_int8_error_is_that_of_int8_activations(n, k, group):
     """The native int8 kernel against the same products with the activations rounded as it rounds
     them: all that is left is float32 summation order, whatever the weight's group (16 and 32: the
-    GGUF blocks kept as they are; a multiple of 64, and a whole row). 40 rows end in a partial 16-row
-    block, 96 inputs in a half 64-byte chunk (read masked)."""
+    GGUF blocks kept as they are; a multiple of 64, and a whole row), over many 16-row blocks or three.
+    Each row of a batch is the same bits as alone."""
     torch.manual_seed(0)
     group = group or k
-    if k % group or (group % 64 and group not in (16, 32)):
+    if k % group:
         pytest.skip(f"groups of {group} do not fit rows of {k}")
     w = quantize_int8(torch.randn(n, k) * torch.logspace(-1, 1, k), group)  # weight groups of different scales
+    assert w.blocked
     x = torch.randn(7, k) * torch.logspace(-2, 1, k)  # groups of very different magnitudes
     kernel = w.native_matmul()
     assert kernel is not None
@@ -251,15 +254,37 @@ def test_native_int8_error_is_that_of_int8_activations(n, k, group):
 
 @needs_native
 def test_native_int8_declines_what_it_cannot_take():
-    """Inputs not in groups of 32, or rows that are not contiguous (a column slice), stay on torch's
-    kernel, which still gives the right product."""
+    """Rows that are not whole 16-row blocks, groups that are not whole 16-input steps, or a plain
+    weight's column slice stay in plain rows on torch's kernels, which still give the right product."""
     torch.manual_seed(0)
-    odd = _int8(32, 80)
-    assert odd.native_matmul() is None
-    x = torch.randn(2, 80)
-    assert _close(quant_matmul(x, odd), x @ odd.dequantize().T, rtol=0, atol=2e-2 * 80**0.5)
-    whole = _int8(32, 128)
-    assert Int8Weight(whole.q[:, :64], whole.scale[:, :2], 32).native_matmul() is None
+    for odd in (_int8(40, 64), quantize_int8(torch.randn(32, 64), 8)):
+        assert not odd.blocked and odd.native_matmul() is None
+        x = torch.randn(2, 64)
+        assert _close(quant_matmul(x, odd), x @ odd.dequantize().T, rtol=0, atol=2e-2 * 64**0.5)
+    plain = quantize_int8(torch.randn(32, 128), blocks=False)
+    assert Int8Weight(plain.q[:, :64], plain.scale[:, :2], 32).native_matmul() is None
+
+
+@needs_native
+def test_blocked_int8_holds_the_plain_rows():
+    """The blocked layout is a permutation: plain rows come back from whole weights, whole-block views
+    and row ids alike, and rows cut off a block boundary are copied out in plain order."""
+    torch.manual_seed(0)
+    plain = quantize_int8(torch.randn(64, 96), 32, blocks=False)
+    w = quant.int8_blocks(plain)
+    assert w.blocked and w.q.shape == plain.q.shape and w.scale.shape == plain.scale.shape
+    assert not torch.equal(w.q, plain.q)
+    assert all(torch.equal(a, b) for a, b in zip(w.plain(), (plain.q, plain.scale), strict=True))
+    ids = torch.tensor([63, 0, 17, 17, 40])
+    assert all(torch.equal(a, b) for a, b in zip(w.plain(ids), (plain.q[ids], plain.scale[ids]), strict=True))
+    assert torch.equal(w.dequantize(rows=slice(16, 48)), plain.dequantize(rows=slice(16, 48)))
+    with pytest.raises(ValueError, match="16-row blocks"):
+        w.plain(slice(8, 24))
+    from tp_ollama.checkpoints.quantize import slice_rows
+
+    view, cut = slice_rows(w, 16, 48), slice_rows(w, 8, 24)
+    assert view.blocked and view.q.data_ptr() == w.q[16].data_ptr()
+    assert not cut.blocked and torch.equal(cut.dequantize(), plain.dequantize(rows=slice(8, 24)))
 
 
 def _native_parts(n: int, k: int, group: int) -> tuple[torch.Tensor, torch.Tensor, int]:
@@ -440,8 +465,8 @@ def test_native_int8_to_bf16_is_the_dequantized_weight(group):
     torch.manual_seed(0)
     w = quantize_int8(torch.randn(48, 256) * torch.logspace(-2, 2, 256), group)
     assert torch.equal(native.int8_to_bf16(w.q, w.scale, group), w.dequantize(torch.bfloat16))
-    part = slice(16, 40)
+    part = slice(16, 48)
     assert torch.equal(native.int8_to_bf16(w.q[part], w.scale[part], group), w.dequantize(torch.bfloat16, part))
     eights = torch.ones(48, 256 // 8)
-    with pytest.raises(ValueError, match="multiple of 16"):
+    with pytest.raises(ValueError, match="multiples of 16"):
         native.int8_to_bf16(w.q, eights, 8)

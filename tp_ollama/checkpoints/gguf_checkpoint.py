@@ -179,7 +179,8 @@ class GGUFCheckpoint:
         """A Q8_0 / Q5_0 / Q4_0 / Q6_K weight (or its rows / columns) as int8 codes with the file's
         own scales per (sub-)block: `read(name, ...)` exactly. None when it cannot be: another type, a
         1-D tensor, columns not on (sub-)block boundaries, or a machine where int8 weights take one
-        scale per row (no native kernel); the caller then reads floats."""
+        scale per row (no native kernel); the caller then reads floats. In plain rows: the caller
+        puts the whole weight in the kernel's layout (quant.int8_blocks)."""
         found = self._blocks_of(name, INT8_TYPES, rows, cols)
         if found is None or quant.int8_group(found[1].shape[1]) != quant.INT8_GROUP:
             return None

@@ -20,6 +20,7 @@ from tp_ollama.config.settings import QUANT_MODES, default_cache_dir
 from tp_ollama.errors import ConfigError
 from tp_ollama.kernels import hugepages
 from tp_ollama.kernels.linear import QuantEmbedding, QuantLinear, activation_like, take_over
+from tp_ollama.kernels.native import BLOCK_ROWS
 from tp_ollama.kernels.packed_cache import PackedCache, cache_key
 from tp_ollama.kernels.quant import (
     SCALE_DTYPE,
@@ -27,6 +28,7 @@ from tp_ollama.kernels.quant import (
     Int8Weight,
     QuantWeight,
     int4_fits,
+    int8_blocks,
     int8_group,
     int8_scales,
     quantize_int4,
@@ -91,14 +93,14 @@ def read_packed(
     step = max(256, READ_CHUNK_ELEMENTS // max(n_cols, 1) // 256 * 256)
     bands = [(a, min(a + step, r1)) for a in range(r0, r1, step)]
     if len(bands) == 1:
-        w = _pack_band(ckpt, name, bands[0], cols, int4)
+        w = _pack_band(ckpt, name, bands[0], cols, int4, r1 - r0)
         return in_huge_pages(w) if huge_pages else w
     # Each band is copied into the whole weight (in 2 MiB pages in any case) as soon as it is packed,
     # so the packed bands never all exist beside it: a 262k-row embedding would double for a moment.
     whole: QuantWeight | None = None
     at = 0
     for band in bands:
-        w = _pack_band(ckpt, name, band, cols, int4)
+        w = _pack_band(ckpt, name, band, cols, int4, r1 - r0)
         whole = whole if whole is not None else _empty_rows(w, r1 - r0)
         _put_rows(whole, w, at)
         at += w.shape[0]
@@ -117,16 +119,21 @@ def _empty_rows(like: QuantWeight, rows: int) -> QuantWeight:
     if isinstance(like, Int8Weight):
         device = like.q.device
         scale = _empty((rows, like.scale.shape[1]), torch.float32, device)
-        return Int8Weight(_empty((rows, k), torch.int8, device), scale, like.group)
+        return Int8Weight(_empty((rows, k), torch.int8, device), scale, like.group, like.blocked)
     device = like.packed.device
     scale_zero = _empty((like.scale_zero.shape[0], rows, 2), SCALE_DTYPE, device)
     return Int4Weight(_empty((rows, k // 2), torch.uint8, device), scale_zero, like.group)
 
 
 def _put_rows(whole: QuantWeight, part: QuantWeight, at: int) -> None:
-    """Rows at.. of `whole` from `part`, packed alike (int4 bands are whole tiles)."""
+    """Rows at.. of `whole` from `part`, packed alike (int4 bands are whole tiles, blocked int8 bands
+    whole blocks)."""
     n = part.shape[0]
-    if isinstance(whole, Int8Weight) and isinstance(part, Int8Weight) and part.group == whole.group:
+    if (
+        isinstance(whole, Int8Weight)
+        and isinstance(part, Int8Weight)
+        and (part.group, part.blocked) == (whole.group, whole.blocked)
+    ):
         whole.q[at : at + n] = part.q
         whole.scale[at : at + n] = part.scale
     elif isinstance(whole, Int4Weight) and isinstance(part, Int4Weight) and part.group == whole.group:
@@ -136,23 +143,30 @@ def _put_rows(whole: QuantWeight, part: QuantWeight, at: int) -> None:
         raise ValueError(f"cannot join a {part.kind} band of group {part.group} into a {whole.kind} weight")
 
 
-def _pack_band(ckpt: Checkpoint, name: str, rows: Range, cols: Range | None, int4: bool) -> QuantWeight:
-    if not int4:
-        read_int8 = getattr(ckpt, "read_int8", None)
-        direct = read_int8(name, rows, cols) if read_int8 is not None else None
-        if direct is not None:
-            return direct
-    w = ckpt.read(name, torch.float32, rows=rows, cols=cols)
+def _pack_band(
+    ckpt: Checkpoint, name: str, rows: Range, cols: Range | None, int4: bool, whole_rows: int
+) -> QuantWeight:
+    """One band of rows of a weight of whole_rows rows, packed as the whole will be."""
     if int4:
-        return quantize_int4(w, INT4_GROUP)
+        return quantize_int4(ckpt.read(name, torch.float32, rows=rows, cols=cols), INT4_GROUP)
+    return int8_blocks(_int8_band(ckpt, name, rows, cols), whole_rows)
+
+
+def _int8_band(ckpt: Checkpoint, name: str, rows: Range, cols: Range | None) -> Int8Weight:
+    """A band of rows as plain int8: the file's own codes where it has them."""
+    read_int8 = getattr(ckpt, "read_int8", None)
+    direct = read_int8(name, rows, cols) if read_int8 is not None else None
+    if direct is not None:
+        return direct
+    w = ckpt.read(name, torch.float32, rows=rows, cols=cols)
     width = w.shape[1]
     if cols is not None and int8_group(width) == width:
         # One scale per row (torch's kernels): a row-parallel shard takes it from whole rows, so every
         # degree of parallelism holds the same codes. Groups never straddle a shard on the native
         # kernel: shards are group-aligned.
         whole = ckpt.read(name, torch.float32, rows=rows)
-        return quantize_int8(w, width, int8_scales(whole, whole.shape[1]))
-    return quantize_int8(w)
+        return quantize_int8(w, width, int8_scales(whole, whole.shape[1]), blocks=False)
+    return quantize_int8(w, blocks=False)
 
 
 def concat(parts: list[QuantWeight]) -> QuantWeight:
@@ -168,7 +182,7 @@ def concat(parts: list[QuantWeight]) -> QuantWeight:
 def in_huge_pages(w: QuantWeight) -> QuantWeight:
     """A CPU weight's tensors copied into 2 MiB pages (a freshly packed one; cached ones load there)."""
     if isinstance(w, Int8Weight):
-        return Int8Weight(hugepages.copy_of(w.q), hugepages.copy_of(w.scale), w.group)
+        return Int8Weight(hugepages.copy_of(w.q), hugepages.copy_of(w.scale), w.group, w.blocked)
     return Int4Weight(hugepages.copy_of(w.packed), hugepages.copy_of(w.scale_zero), w.group)
 
 
@@ -232,7 +246,7 @@ def fuse_projections(model: nn.Module) -> int:
                 continue
             layers: list[QuantLinear] = parts  # type: ignore[assignment]
             weights = [p.qweight for p in layers]
-            if len({(w.kind, getattr(w, "group", 0)) for w in weights}) != 1:
+            if len({(w.kind, w.group, getattr(w, "blocked", False)) for w in weights}) != 1:
                 continue
             biases = [p.bias for p in layers]
             if any(b is None for b in biases) and not all(b is None for b in biases):
@@ -252,9 +266,13 @@ def fuse_projections(model: nn.Module) -> int:
 
 
 def slice_rows(w: QuantWeight, a: int, b: int) -> QuantWeight:
-    """Rows a..b-1 of a weight as views (int4: a and b on tile boundaries)."""
+    """Rows a..b-1 of a weight as views (int4: a and b on tile boundaries; blocked int8 on block
+    boundaries, else the rows are copied out in plain order)."""
     if isinstance(w, Int8Weight):
-        return Int8Weight(w.q[a:b], w.scale[a:b], w.group)
+        if w.blocked and (a % BLOCK_ROWS or b % BLOCK_ROWS):
+            q, scale = w.plain(torch.arange(a, b))
+            return Int8Weight(q.contiguous(), scale.contiguous(), w.group)
+        return Int8Weight(w.q[a:b], w.scale[a:b], w.group, w.blocked)
     return Int4Weight(w.packed[a:b], w.scale_zero[:, a:b], w.group)
 
 

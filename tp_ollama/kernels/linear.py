@@ -26,6 +26,7 @@ class _QuantHolder(nn.Module):
     def _hold(self, weight: QuantWeight) -> None:
         self.kind = weight.kind
         self.group = weight.group
+        self.blocked = getattr(weight, "blocked", False)
         if isinstance(weight, Int8Weight):
             self.register_buffer("q", weight.q, persistent=False)
             self.register_buffer("scale_bits", weight.scale.view(torch.int32), persistent=False)
@@ -44,7 +45,7 @@ class _QuantHolder(nn.Module):
 
     def _rebuild(self) -> None:
         if self.kind == "int8":
-            self.qweight: QuantWeight = Int8Weight(self.q, self.scale, self.group)
+            self.qweight: QuantWeight = Int8Weight(self.q, self.scale, self.group, self.blocked)
         else:
             self.qweight = Int4Weight(self.packed, self.scale_zero, self.group)
 

@@ -22,7 +22,8 @@ from tp_ollama.kernels.quant import Int4Weight, Int8Weight, QuantWeight
 
 log = logging.getLogger(__name__)
 
-FORMAT_VERSION = 3  # 2: int4 layouts named (tile, arrangement); 3: int8 scales per group, in float32
+# 2: int4 layouts named (tile, arrangement); 3: int8 scales per group, in float32; 4: int8 blocked or plain
+FORMAT_VERSION = 4
 KEEP_ENTRIES = 8  # most recently used entries kept; older ones are deleted when a new one is saved
 
 
@@ -55,22 +56,22 @@ class PackedCache:
             return None
         os.utime(self.path)  # recently used: kept when older entries are pruned
         weights: dict[str, QuantWeight] = {}
-        for path, (kind, group) in kinds.items():
+        for path, (kind, group, *layout) in kinds.items():
             if kind == "int8":
-                weights[path] = Int8Weight(tensors[f"{path}.q"], tensors[f"{path}.scale"], group)
+                weights[path] = Int8Weight(tensors[f"{path}.q"], tensors[f"{path}.scale"], group, layout == ["blocked"])
             else:
                 weights[path] = Int4Weight(tensors[f"{path}.packed"], tensors[f"{path}.scale_zero"], group)
         return weights
 
     def save(self, weights: dict[str, QuantWeight]) -> None:
         tensors: dict[str, torch.Tensor] = {}
-        kinds: dict[str, tuple[str, int]] = {}
+        kinds: dict[str, tuple[Any, ...]] = {}
         for path, w in weights.items():
             if isinstance(w, Int8Weight):
                 tensors[f"{path}.q"], tensors[f"{path}.scale"] = w.q.cpu(), w.scale.cpu()
             else:
                 tensors[f"{path}.packed"], tensors[f"{path}.scale_zero"] = w.packed.cpu(), w.scale_zero.cpu()
-            kinds[path] = (w.kind, w.group)
+            kinds[path] = (w.kind, w.group, "blocked") if getattr(w, "blocked", False) else (w.kind, w.group)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         tmp = self.path.with_suffix(f".{os.getpid()}.tmp")
         try:

@@ -44,9 +44,12 @@ SCALE_DTYPE = torch.bfloat16
 
 @dataclass
 class Int8Weight:
-    q: torch.Tensor  # (N, K) int8
+    q: torch.Tensor  # (N, K) int8 codes
     scale: torch.Tensor  # (N, K / group) float32
     group: int
+    # Both in the native kernel's blocked layout (16-row blocks, see kernels/cpu_kernels.c, tpo_int8_mm),
+    # else plain rows. A view of rows on 16-row boundaries of a blocked weight is a blocked weight.
+    blocked: bool = False
     _native: native.Int8Matmul | None = field(default=None, repr=False, compare=False)
     _refused: bool = field(default=False, repr=False, compare=False)  # the kernel cannot take these
     _row_scale: torch.Tensor | None = field(default=None, repr=False, compare=False)
@@ -61,8 +64,27 @@ class Int8Weight:
     def per_row(self) -> bool:
         return self.scale.shape[1] == 1
 
+    def plain(self, rows: slice | torch.Tensor = slice(None)) -> tuple[torch.Tensor, torch.Tensor]:
+        """Codes (n, K) and scales (n, G) of some rows in plain row order: a slice (on 16-row
+        boundaries when blocked) or a tensor of row ids."""
+        if not self.blocked:
+            return self.q[rows], self.scale[rows]
+        n, k = self.shape
+        groups = self.scale.shape[1]
+        if isinstance(rows, slice):
+            a, b, step = rows.indices(n)
+            if step != 1 or a % native.BLOCK_ROWS or (b % native.BLOCK_ROWS and b != n):
+                raise ValueError(f"rows {a}:{b} of a blocked int8 weight are not whole 16-row blocks")
+            return unblock_int8(self.q[a:b], self.scale[a:b])
+        ids = rows.reshape(-1)
+        block, lane = ids // native.BLOCK_ROWS, ids % native.BLOCK_ROWS
+        q = self.q.view(n // native.BLOCK_ROWS, k // 4, native.BLOCK_ROWS, 4)[block, :, lane]  # (S, K/4, 4)
+        scale = self.scale.view(n // native.BLOCK_ROWS, groups, native.BLOCK_ROWS)[block, :, lane]  # (S, G)
+        return q.reshape(-1, k), scale
+
     def dequantize(self, dtype: torch.dtype = torch.float32, rows: slice | torch.Tensor = slice(None)) -> torch.Tensor:
-        q, scale = self.q[rows].to(torch.float32), self.scale[rows].to(torch.float32)  # (n, K), (n, G)
+        q, scale = self.plain(rows)
+        q, scale = q.to(torch.float32), scale.to(torch.float32)  # (n, K), (n, G)
         n, k = q.shape
         return (q.view(n, -1, self.group) * scale[..., None]).view(n, k).to(dtype)
 
@@ -77,19 +99,48 @@ class Int8Weight:
         return self._row_scale
 
     def to(self, device: torch.device) -> Int8Weight:
-        return Int8Weight(self.q.to(device), self.scale.to(device), self.group)
+        return Int8Weight(self.q.to(device), self.scale.to(device), self.group, self.blocked)
 
     def native_matmul(self) -> native.Int8Matmul | None:
-        """The native kernel bound to these tensors, or None where it cannot take them (a shape, a
-        row-strided view) or does not run here."""
+        """The native kernel bound to these tensors, or None where it does not run here or the weight
+        is not in its layout."""
         if self._native is None and not self._refused:
-            if not native.available() or self.q.device.type != "cpu":
+            if not self.blocked or not native.available() or self.q.device.type != "cpu":
                 return None
             try:
                 self._native = native.Int8Matmul(self.q, self.scale, self.group)
             except ValueError:
                 self._refused = True  # asked once: matmuls of this weight run every step
         return self._native
+
+
+def block_int8(q: torch.Tensor, scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Plain codes (N, K) and scales (N, G) -> the blocked layout, new contiguous tensors of the same
+    shapes: per 16-row block, codes as (K/4, 16 rows, 4) and scales as (G, 16 rows)."""
+    n, k = q.shape
+    g, b = scale.shape[1], native.BLOCK_ROWS
+    codes = q.reshape(n // b, b, k // 4, 4).permute(0, 2, 1, 3).contiguous().view(n, k)
+    scales = scale.reshape(n // b, b, g).transpose(1, 2).contiguous().view(n, g)
+    return codes, scales
+
+
+def unblock_int8(q: torch.Tensor, scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The inverse of block_int8."""
+    n, k = q.shape
+    g, b = scale.shape[1], native.BLOCK_ROWS
+    codes = q.reshape(n // b, k // 4, b, 4).permute(0, 2, 1, 3).reshape(n, k)
+    scales = scale.reshape(n // b, g, b).transpose(1, 2).reshape(n, g)
+    return codes, scales
+
+
+def int8_blocks(w: Int8Weight, whole_rows: int | None = None) -> Int8Weight:
+    """w in the native kernel's blocked layout where that kernel runs here and takes the shape, else
+    w as it is. whole_rows: the rows of the whole weight w is a band of (the layout is the whole's)."""
+    n, k = w.shape
+    rows = n if whole_rows is None else whole_rows
+    if w.blocked or not native.available() or rows % native.BLOCK_ROWS or not native.int8_fits(n, k, w.group):
+        return w
+    return Int8Weight(*block_int8(w.q, w.scale), w.group, blocked=True)
 
 
 @dataclass
@@ -156,7 +207,8 @@ INT8_GROUP = 32  # inputs per int8 scale where the native kernel runs
 
 def int8_group(k: int) -> int:
     """The group an int8 weight of K inputs is quantized in here: INT8_GROUP where the native
-    kernel runs (and K is made of such groups), else the whole row (torch's packed kernel)."""
+    kernel runs (and K is made of such groups), else the whole row (torch's packed kernel, or the
+    native one for a K of whole 16-input steps)."""
     return INT8_GROUP if native.available() and k % INT8_GROUP == 0 else k
 
 
@@ -170,16 +222,20 @@ def int8_scales(w: torch.Tensor, group: int) -> torch.Tensor:
     return (wg.abs().amax(dim=2) / 127.0).clamp_min(torch.finfo(torch.float32).tiny)
 
 
-def quantize_int8(w: torch.Tensor, group: int | None = None, scale: torch.Tensor | None = None) -> Int8Weight:
+def quantize_int8(
+    w: torch.Tensor, group: int | None = None, scale: torch.Tensor | None = None, blocks: bool = True
+) -> Int8Weight:
     """Symmetric int8 of a (N, K) weight: each group of `group` inputs (default int8_group(K))
     scaled by int8_scales, unless `scale` (N, K / group) is given (a column slice quantized with its
-    whole rows' scales)."""
+    whole rows' scales). In the native kernel's layout where it takes the weight (int8_blocks), unless
+    `blocks` is False (a band of a weight whose layout the caller decides)."""
     n, k = w.shape
     group = int8_group(k) if group is None else group
     scale = (int8_scales(w, group) if scale is None else scale.to(torch.float32)).reshape(n, k // group)
     wg = w.to(torch.float32).reshape(n, k // group, group)
     q = torch.round(wg / scale[..., None]).clamp_(-127, 127).to(torch.int8)
-    return Int8Weight(q.view(n, k).contiguous(), scale.contiguous(), group)
+    plain = Int8Weight(q.view(n, k).contiguous(), scale.contiguous(), group)
+    return int8_blocks(plain) if blocks else plain
 
 
 def int4_fits(shape: tuple[int, ...], group: int) -> bool:
@@ -344,9 +400,7 @@ def quant_matmul(x: torch.Tensor, w: QuantWeight, head: bool = False) -> torch.T
         y = _dense_matmul(x2, w)
     elif native_int8 is not None and rows <= SMALL_BATCH["int8"]:
         y = native_int8(x2)
-    elif (
-        rows <= SMALL_BATCH[w.kind] and packed_kernels_available(x.device) and (isinstance(w, Int4Weight) or w.per_row)
-    ):
+    elif rows <= SMALL_BATCH[w.kind] and packed_kernels_available(x.device) and _torch_packs(w):
         xb = x2 if x2.dtype == torch.bfloat16 else x2.to(torch.bfloat16)
         if isinstance(w, Int8Weight):
             y = torch._weight_int8pack_mm(xb, w.q, w.row_scale())
@@ -360,7 +414,7 @@ def quant_matmul(x: torch.Tensor, w: QuantWeight, head: bool = False) -> torch.T
 
 def _torch_packs(w: QuantWeight) -> bool:
     """Whether torch's packed kernels take w: int4, and int8 with one scale per row."""
-    return isinstance(w, Int4Weight) or w.per_row
+    return isinstance(w, Int4Weight) or (w.per_row and not w.blocked)
 
 
 def native_int4() -> bool:
@@ -383,11 +437,9 @@ def _dense_matmul(x: torch.Tensor, w: QuantWeight) -> torch.Tensor:
 
 
 def _dense_chunk(x: torch.Tensor, w: QuantWeight, rows: slice) -> torch.Tensor:
-    if isinstance(w, Int8Weight) and w.per_row:
+    if isinstance(w, Int8Weight) and w.per_row and not w.blocked:
         # A per-row scale commutes with the matmul: scale the (M, n) result, not the weight.
         return F.linear(x, w.q[rows].to(x.dtype)) * w.scale[rows, 0].to(x.dtype)
-    if isinstance(w, Int8Weight) and x.dtype == torch.bfloat16 and w.group % 16 == 0 and native.available():
-        q = w.q[rows]
-        if q.is_contiguous() and x.device.type == "cpu":  # one pass instead of three through float32
-            return F.linear(x, native.int8_to_bf16(q, w.scale[rows], w.group))
+    if isinstance(w, Int8Weight) and w.blocked and x.dtype == torch.bfloat16 and x.device.type == "cpu":
+        return F.linear(x, native.int8_to_bf16(w.q[rows], w.scale[rows], w.group))  # one pass, not several
     return F.linear(x, w.dequantize(x.dtype, rows))

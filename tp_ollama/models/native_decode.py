@@ -251,7 +251,7 @@ class NativeDecoder:
                 int8=1,
                 packed=w.q.data_ptr(),
                 scale_zero=w.scale.data_ptr(),
-                ld_sz=w.scale.stride(0),
+                ld_sz=k // w.group,
                 n=n,
                 k=k,
                 group=w.group,

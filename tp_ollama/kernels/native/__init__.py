@@ -1,5 +1,5 @@
-"""The kernels of cpu_kernels.c. An int8 matmul on the plain int8 layout (scales per group of inputs) for
-decode and small batches. An int4 matmul: weights in 16-row blocks of 4-bit codes, activations
+"""The kernels of cpu_kernels.c. An int8 matmul on a blocked int8 layout (scales per group of inputs) for
+decode and batches of decodes. An int4 matmul: weights in 16-row blocks of 4-bit codes, activations
 quantized to int8 per group, dot products on AVX-512 VNNI (vpdpbusd). On gemma3 shapes with 2 threads
 it reads weights 2-3x faster than torch's packed int4 kernel at one row, and runs 16 rows at once in
 less than half the time torch needs, which reads one activation row at a time. An RMSNorm of bfloat16
@@ -163,9 +163,9 @@ def library() -> ctypes.CDLL | None:
     lib.tpo_int4_mm.restype = ctypes.c_int
     lib.tpo_int4_mm.argtypes = [ptr, i64, i64, ptr, ptr, i64, i64, i64, ptr, ctypes.c_int]
     lib.tpo_int8_mm.restype = ctypes.c_int
-    lib.tpo_int8_mm.argtypes = [ptr, i64, i64, ptr, ptr, i64, i64, i64, ptr, ctypes.c_int]
+    lib.tpo_int8_mm.argtypes = [ptr, i64, i64, ptr, ptr, i64, i64, ptr, ctypes.c_int]
     lib.tpo_int8_to_bf16.restype = ctypes.c_int
-    lib.tpo_int8_to_bf16.argtypes = [ptr, ptr, i64, i64, i64, i64, ptr, ctypes.c_int]
+    lib.tpo_int8_to_bf16.argtypes = [ptr, ptr, i64, i64, i64, ptr, ctypes.c_int]
     lib.tpo_rms_norm_bf16.restype = None
     lib.tpo_rms_norm_bf16.argtypes = [ptr, i64, i64, i64, ptr, ctypes.c_int, ctypes.c_float, ptr, i64]
     lib.tpo_read_sum.restype = ctypes.c_float
@@ -235,18 +235,35 @@ class Int4Matmul(_BoundMatmul):
         self._weight = (packed.data_ptr(), scale_zero.data_ptr(), scale_zero.stride(0) // 2, n, group)
 
 
-INT8_GROUP = 32  # activations are quantized per this many inputs; K must be a multiple
+def int8_fits(n: int, k: int, group: int) -> bool:
+    """Whether an (N, K) int8 weight in groups of `group` inputs can take the blocked layout of the int8
+    kernel: rows in whole blocks, groups of whole 16-input activation steps."""
+    return n % BLOCK_ROWS == 0 and k > 0 and group > 0 and group % GROUP_MULTIPLE == 0 and k % group == 0
 
 
-def int8_group_fits(group: int, k: int) -> bool:
-    """Whether the int8 kernel takes weight scales per `group` inputs: 16, 32 or a multiple of 64
-    dividing K (one scale a 64-byte chunk)."""
-    return group > 0 and k % group == 0 and (group in (16, 32) or group % 64 == 0)
+def _check_int8(q: torch.Tensor, scale: torch.Tensor, group: int) -> tuple[int, int]:
+    n, k = q.shape
+    groups = k // group if group > 0 else 0
+    if not int8_fits(n, k, group):
+        raise ValueError(
+            f"the native int8 kernel cannot take {n}x{k} in groups of {group}: rows must come in blocks of "
+            f"{BLOCK_ROWS} and groups be multiples of {GROUP_MULTIPLE} dividing {k}"
+        )
+    if (
+        not q.is_contiguous()
+        or q.dtype != torch.int8
+        or scale.dtype != torch.float32
+        or tuple(scale.shape) != (n, groups)
+        or not scale.is_contiguous()
+    ):
+        raise ValueError(f"an int8 weight of {n}x{k} needs contiguous int8 codes and float32 scales per group")
+    return n, k
 
 
 class Int8Matmul(_BoundMatmul):
-    """The native int8 matmul bound to one weight: q (N, K) int8 with contiguous rows and (N, K/group)
-    float32 scales with contiguous rows, K a multiple of INT8_GROUP."""
+    """The native int8 matmul bound to one weight in the blocked layout (see kernels/cpu_kernels.c,
+    tpo_int8_mm): q (N, K) int8 and (N, K/group) float32 scales, contiguous, maybe a view of some
+    whole blocks of a larger one."""
 
     kind = "int8"
 
@@ -254,42 +271,22 @@ class Int8Matmul(_BoundMatmul):
         lib = library()
         if lib is None:
             raise RuntimeError("the native int8 kernel is not available on this machine")
-        n, k = q.shape
-        groups = k // group if group > 0 else 0
-        if (
-            not q.is_contiguous()
-            or q.dtype != torch.int8
-            or scale.dtype != torch.float32
-            or tuple(scale.shape) != (n, groups)
-            or scale.stride(1) != 1
-        ):
-            raise ValueError(f"an int8 weight of {n}x{k} needs contiguous int8 rows and float32 scales per group")
-        if k % INT8_GROUP or not int8_group_fits(group, k):
-            raise ValueError(
-                f"the native int8 kernel cannot take {n}x{k} in groups of {group}: inputs must come in "
-                f"groups of {INT8_GROUP} and weight groups be 16, 32 or a multiple of 64"
-            )
+        n, k = _check_int8(q, scale, group)
         self.n, self.k = n, k
         self._fn = lib.tpo_int8_mm
-        self._weight = (q.data_ptr(), scale.data_ptr(), scale.stride(0), group, n)
+        self._weight = (q.data_ptr(), scale.data_ptr(), group, n)
 
 
 def int8_to_bf16(q: torch.Tensor, scale: torch.Tensor, group: int) -> torch.Tensor:
-    """q (N, K) int8 with contiguous rows times its (N, K / group) float32 scales, as a new (N, K)
-    bfloat16 tensor rounded as torch rounds (Int8Weight.dequantize(bfloat16))."""
+    """An int8 weight in the blocked layout (as Int8Matmul takes it) as a new (N, K) bfloat16 tensor of
+    plain rows, rounded as torch rounds (Int8Weight.dequantize(bfloat16))."""
     lib = library()
     if lib is None:
         raise RuntimeError("the native kernels are not available on this machine")
-    n, k = q.shape
-    if q.dtype != torch.int8 or q.stride(1) != 1 or q.stride(0) != k or scale.dtype != torch.float32:
-        raise ValueError(f"an int8 weight of {n}x{k} needs contiguous int8 rows and float32 scales")
-    if scale.stride(1) != 1 or tuple(scale.shape) != (n, k // group):
-        raise ValueError(f"scales of shape {tuple(scale.shape)} do not fit an {n}x{k} weight in groups of {group}")
+    n, k = _check_int8(q, scale, group)
     out = torch.empty(n, k, dtype=torch.bfloat16)
-    rc = lib.tpo_int8_to_bf16(q.data_ptr(), scale.data_ptr(), scale.stride(0), group, n, k, out.data_ptr(),
-                              torch.get_num_threads())  # fmt: skip
-    if rc != 0:
-        raise ValueError(f"the native kernels cannot expand int8 groups of {group}: it must be a multiple of 16")
+    if lib.tpo_int8_to_bf16(q.data_ptr(), scale.data_ptr(), group, n, k, out.data_ptr(), torch.get_num_threads()):
+        raise ValueError(f"the native kernels cannot expand an {n}x{k} int8 weight in groups of {group}")
     return out
 
 
