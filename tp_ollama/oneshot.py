@@ -56,13 +56,8 @@ def generate_in_process(req: Prompting) -> None:
         load_s = time.perf_counter() - t0
         ids, eos_ids = text.prompt()
         stats = GenerationStats()
-        tokens = engine.generate(ids, req.options, eos_ids, stats=stats)
-        for token in tokens:
-            if not text.push(token):
-                tokens.close()
-                stats.done_reason = "stop"
-                break
-        text.finish()
+        if text.print_tokens(engine.generate(ids, req.options, eos_ids, stats=stats)):
+            stats.done_reason = "stop"
     finally:
         text.close()
     if req.verbose:

@@ -10,18 +10,19 @@ import os
 import sys
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from tp_ollama.client.format import stats as verbose_stats
-from tp_ollama.completion import final_metrics, text_pieces
+from tp_ollama.completion import final_metrics
 from tp_ollama.engine.direct import DirectEngine, GenerationStats
 from tp_ollama.engine.options import GenerationOptions
 from tp_ollama.engine.state import EngineJob
 from tp_ollama.errors import TpOllamaError
 from tp_ollama.launch import REPORTED_EXIT
 from tp_ollama.logs import setup_logging
-from tp_ollama.parallel.comm import join_group
+from tp_ollama.parallel.comm import Comm, join_group
 from tp_ollama.store.embedded import resolve_model
-from tp_ollama.text.prompt import prompt_tokens, tokenizer_at
+from tp_ollama.text.process import TextProcess
 
 log = logging.getLogger(__name__)
 
@@ -62,29 +63,37 @@ def worker_main(job: WorkerJob) -> None:
 
 
 def _run(job: WorkerJob) -> None:
-    comm = join_group(job.comm, job.timeout_s)
-    rank = comm.rank
     t0 = time.perf_counter()
     path = resolve_model(job.model)
+    # Rank 0's text side (tokenizer, prompt, output) in a helper process started first: the
+    # tokenizer's load (~1 s for a 262k vocabulary) overlaps the group's forming and the model's.
+    first = int(os.environ.get("RANK", "0")) == 0
+    text = TextProcess(path, job.prompt, job.chat, job.system, job.options.stop) if first else None
+    try:
+        comm = join_group(job.comm, job.timeout_s)
+        try:
+            _generate(job, comm, path, text, t0)
+        finally:
+            comm.close()
+    finally:
+        if text is not None:
+            text.close()
+
+
+def _generate(job: WorkerJob, comm: Comm, path: Path, text: TextProcess | None, t0: float) -> None:
     engine = DirectEngine(EngineJob(comm=job.comm, device=job.device, tp_weights=job.tp_weights,
                                     timeout_s=job.timeout_s, kv_cache_bytes=None), comm)  # fmt: skip
+    engine.load(str(path), job.dtype, job.options.num_ctx, job.quant)
+    load_s = time.perf_counter() - t0
+    if text is None:
+        engine.follow()  # rank 0 drives every step and ends the loop
+        return
     try:
-        engine.load(str(path), job.dtype, job.options.num_ctx, job.quant)
-        load_s = time.perf_counter() - t0
-        if rank != 0:
-            engine.follow()  # rank 0 drives every step and ends the loop
-            return
-        try:
-            tokenizer = tokenizer_at(path)
-            ids = prompt_tokens(tokenizer, job.prompt, chat=job.chat, system=job.system)
-            stats = GenerationStats()
-            tokens = engine.generate(ids, job.options, tokenizer.eos_ids, stats=stats)
-            for piece in text_pieces(tokenizer, tokens, job.options.stop, stats):
-                sys.stdout.write(piece)
-                sys.stdout.flush()
-        finally:
-            engine.close()
-        if job.verbose:
-            sys.stderr.write("\n" + verbose_stats(final_metrics(stats, load_s, time.perf_counter() - t0)) + "\n")
+        ids, eos_ids = text.prompt()
+        stats = GenerationStats()
+        if text.print_tokens(engine.generate(ids, job.options, eos_ids, stats=stats)):
+            stats.done_reason = "stop"
     finally:
-        comm.close()
+        engine.close()
+    if job.verbose:
+        sys.stderr.write("\n" + verbose_stats(final_metrics(stats, load_s, time.perf_counter() - t0)) + "\n")

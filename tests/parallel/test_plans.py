@@ -82,3 +82,31 @@ def test_sharded_matches_unsharded(world, weights, checkpoints, reference):
             }, kind
         # Each rank holds a part of the model: no rank has all the parameters.
         assert max(results[r][d]["params"] for r in range(world)) < ref["params"]
+
+
+def test_a_plan_pattern_matches_whole_path_components_and_must_match_something():
+    """`*` stands for one component of a module path (model.layers.*.mlp is every layer's MLP, not a
+    module nested deeper); a pattern that matches no module is a plan written for other names, and
+    says which."""
+    from torch import nn
+
+    from tp_ollama.parallel.plans import ShardStyle, apply_plan
+
+    class Record(ShardStyle):
+        def __init__(self) -> None:
+            self.seen: list[nn.Module] = []
+
+        def apply(self, module: nn.Module) -> None:
+            self.seen.append(module)
+
+    model = nn.Module()
+    model.layers = nn.ModuleList([nn.Module() for _ in range(3)])
+    for layer in model.layers:
+        layer.mlp = nn.Module()
+        layer.mlp.inner = nn.Module()
+    mlp, everything = Record(), Record()
+    apply_plan(model, {"layers.*.mlp": mlp, "layers.*": everything})
+    assert mlp.seen == [layer.mlp for layer in model.layers]
+    assert everything.seen == list(model.layers)
+    with pytest.raises(ValueError, match=r"\['layers\.\*\.attn'\] match no module"):
+        apply_plan(model, {"layers.*.mlp": Record(), "layers.*.attn": Record()})

@@ -30,17 +30,14 @@ def sharded_runs(
 ) -> dict[str, Any]:
     """For each checkpoint: this rank's logits at every position (one prefill, then one token a step),
     greedy tokens for 32 steps, and how many collectives one decode step used."""
-    from torch.distributed.device_mesh import init_device_mesh
-
     torch.set_num_threads(1)
     init_distributed("gloo", 60)
     comm = make_comm(comm_kind, 60)
-    mesh = init_device_mesh("cpu", (comm.world_size,))
     out: dict[str, Any] = {"rank": comm.rank, "pid": os.getpid()}
     for d in dirs:
         ckpt = open_checkpoint(Path(d))
         layout = TPLayout.build(ckpt.config, comm.world_size, weights)
-        shard = partial(apply_tp, layout=layout, comm=comm, device_mesh=mesh)
+        shard = partial(apply_tp, layout=layout, comm=comm)
         model = load_model(ckpt, torch.float32, rank_device(device), shard=shard)
         dev = next(model.parameters()).device
         cache = KVCache.for_model(model, batch=1, max_len=len(tokens) + 1)
@@ -79,8 +76,6 @@ def native_shard_runs(path: str, dtype: str, quant: str, weights: tuple[float, .
     """On each rank: the shard's native decode step against its torch modules (hooks and all) over a
     paged batch, as tests/models/test_native_decode.py compares them on a whole model, and how many
     all-reduces one native step made."""
-    from torch.distributed.device_mesh import init_device_mesh
-
     from tests.models.test_native_decode import paged_both_paths
     from tests.tiny import prompt_ids
     from tp_ollama.models.native_decode import native_decoder, why_not_native
@@ -88,10 +83,9 @@ def native_shard_runs(path: str, dtype: str, quant: str, weights: tuple[float, .
     torch.set_num_threads(1)
     init_distributed("gloo", 60)
     comm = make_comm("auto", 60)
-    mesh = init_device_mesh("cpu", (comm.world_size,))
     ckpt = open_checkpoint(Path(path))
     layout = TPLayout.build(ckpt.config, comm.world_size, weights)
-    shard = partial(apply_tp, layout=layout, comm=comm, device_mesh=mesh)
+    shard = partial(apply_tp, layout=layout, comm=comm)
     model = load_model(ckpt, getattr(torch, dtype), "cpu", shard=shard, quant=quant)
     out: dict[str, Any] = {"rank": comm.rank, "why_not": why_not_native(model)}
     decoder = native_decoder(model)

@@ -34,9 +34,8 @@ from tp_ollama.engine.protocol import (
 )
 from tp_ollama.engine.state import EngineJob, EngineState
 from tp_ollama.errors import TpOllamaError
-from tp_ollama.parallel.comm import SoloComm
+from tp_ollama.parallel.comm import Comm, SoloComm
 from tp_ollama.parallel.layout import TPLayout
-from tp_ollama.parallel.plans import Comm
 
 
 @dataclass

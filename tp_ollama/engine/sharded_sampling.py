@@ -21,8 +21,8 @@ import torch
 
 from tp_ollama.engine.options import SamplingOptions
 from tp_ollama.engine.sampler import Sampler, apply_penalties, draw, greedy, history_window, min_p, top_p, typical_p
+from tp_ollama.parallel.comm import Comm
 from tp_ollama.parallel.layout import Span
-from tp_ollama.parallel.plans import Comm
 
 CANDIDATE_CAP = 1024
 

@@ -46,9 +46,9 @@ from tp_ollama.engine.sharded_sampling import ShardedSampler
 from tp_ollama.errors import TpOllamaError
 from tp_ollama.kernels.linear import model_bytes
 from tp_ollama.models.native_decode import why_not_native
+from tp_ollama.parallel.comm import Comm
 from tp_ollama.parallel.facts import rank_facts
 from tp_ollama.parallel.layout import TPLayout
-from tp_ollama.parallel.plans import Comm
 from tp_ollama.parallel.preflight import link_preflight
 from tp_ollama.parallel.shard import load_shard, rank_device
 

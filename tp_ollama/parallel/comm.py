@@ -7,12 +7,28 @@ import os
 import time
 from collections import Counter
 from datetime import timedelta
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 import torch.distributed as dist
 
 from tp_ollama.errors import ConfigError
+
+
+class Comm(Protocol):
+    """The collectives a shard needs (tp_ollama.parallel.comm implements them)."""
+
+    rank: int
+    world_size: int
+
+    def all_reduce(self, t: torch.Tensor) -> torch.Tensor: ...
+
+    def all_gather(self, t: torch.Tensor) -> torch.Tensor: ...
+
+    def broadcast(self, t: torch.Tensor, src: int = 0) -> torch.Tensor: ...
+
+    def broadcast_bytes(self, data: bytes | None, src: int = 0) -> bytes: ...
+
 
 COMM_KINDS = ("auto", "shm", "tcp", "gloo", "nccl")
 

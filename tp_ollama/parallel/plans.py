@@ -1,9 +1,11 @@
-"""Tensor-parallel plans: one dict per family, {module path pattern: ParallelStyle}, applied from
-outside the model with torch's parallelize_module.
+"""Tensor-parallel plans: one dict per family, {module path pattern: ShardStyle}, applied from
+outside the model by `apply_plan` (a `*` in a pattern matches one path component, as in torch's
+parallelize_module).
 
-The styles here are ParallelStyle subclasses because the stock ColwiseParallel/RowwiseParallel
-split tensors in equal chunks, which cannot express head-aligned uneven or weighted splits, nor KV
-heads replicated across ranks. They run on the meta-device model before any weight is read: each
+The styles are our own because torch's stock ColwiseParallel/RowwiseParallel split tensors in equal
+chunks, which cannot express head-aligned uneven or weighted splits, nor KV heads replicated across
+ranks; and nothing here needs DTensor, whose import costs a rank ~0.6 s and ~40 MB. The styles
+run on the meta-device model before any weight is read: each
 sharded parameter is replaced by a meta parameter of the local shape carrying `tp_slice`
 (dim, start, end) — which the loader reads from the checkpoint — and the collectives are
 forward hooks on local tensors (no DTensor dispatch on the decode path).
@@ -11,28 +13,21 @@ forward hooks on local tensors (no DTensor dispatch on the decode path).
 
 from __future__ import annotations
 
-from typing import Any, Protocol
+import fnmatch
+from typing import Any
 
 import torch
 from torch import nn
-from torch.distributed.tensor.parallel import ParallelStyle, parallelize_module
 
+from tp_ollama.parallel.comm import Comm
 from tp_ollama.parallel.layout import Span, TPLayout
 
 
-class Comm(Protocol):
-    """The collectives a shard needs (tp_ollama.parallel.comm implements them)."""
+class ShardStyle:
+    """How the modules a plan pattern matches are cut for this rank."""
 
-    rank: int
-    world_size: int
-
-    def all_reduce(self, t: torch.Tensor) -> torch.Tensor: ...
-
-    def all_gather(self, t: torch.Tensor) -> torch.Tensor: ...
-
-    def broadcast(self, t: torch.Tensor, src: int = 0) -> torch.Tensor: ...
-
-    def broadcast_bytes(self, data: bytes | None, src: int = 0) -> bytes: ...
+    def apply(self, module: Any) -> None:
+        raise NotImplementedError
 
 
 def shard_parameter(module: Any, name: str, dim: int, span: Span) -> None:
@@ -58,14 +53,14 @@ def all_reduce_output(comm: Comm) -> Any:
     return hook
 
 
-class HeadParallelAttention(ParallelStyle):
+class HeadParallelAttention(ShardStyle):
     """q, k, v column-parallel by whole heads, o row-parallel over the same heads, one all-reduce
     after o. A rank keeps the KV heads its query heads read (shared between ranks when needed)."""
 
     def __init__(self, layout: TPLayout, comm: Comm) -> None:
         self.layout, self.comm = layout, comm
 
-    def _apply(self, module: Any, device_mesh: Any) -> nn.Module:
+    def apply(self, module: Any) -> None:
         r, hd = self.comm.rank, self.layout.head_dim
         (qa, qb), (ka, kb) = self.layout.q_heads[r], self.layout.kv_heads[r]
         q_rows, kv_rows = (qa * hd, qb * hd), (ka * hd, kb * hd)
@@ -79,16 +74,15 @@ class HeadParallelAttention(ParallelStyle):
         group = self.layout.n_heads // self.layout.n_kv_heads
         module.kv_map = torch.tensor([h // group - ka for h in range(qa, qb)], dtype=torch.long)
         module.o_proj.register_forward_hook(all_reduce_output(self.comm))
-        return module
 
 
-class RowSplitMLP(ParallelStyle):
+class RowSplitMLP(ShardStyle):
     """gate and up column-parallel, down row-parallel over the same rows, one all-reduce after down."""
 
     def __init__(self, layout: TPLayout, comm: Comm) -> None:
         self.layout, self.comm = layout, comm
 
-    def _apply(self, module: Any, device_mesh: Any) -> nn.Module:
+    def apply(self, module: Any) -> None:
         rows = self.layout.mlp[self.comm.rank]
         for proj in ("gate_proj", "up_proj"):
             lin = getattr(module, proj)
@@ -98,17 +92,16 @@ class RowSplitMLP(ParallelStyle):
         shard_parameter(module.down_proj, "weight", 1, rows)
         drop_bias_off_rank0(module.down_proj, self.comm.rank)
         module.down_proj.register_forward_hook(all_reduce_output(self.comm))
-        return module
 
 
-class VocabParallelEmbedding(ParallelStyle):
+class VocabParallelEmbedding(ShardStyle):
     """Each rank holds a range of vocabulary rows; ids outside it look up zeros, and one all-reduce
     assembles the embedding. With tied weights the same shard serves as this rank's LM head."""
 
     def __init__(self, layout: TPLayout, comm: Comm) -> None:
         self.layout, self.comm = layout, comm
 
-    def _apply(self, module: Any, device_mesh: Any) -> nn.Module:
+    def apply(self, module: Any) -> None:
         a, b = self.layout.vocab[self.comm.rank]
         shard_parameter(module, "weight", 0, (a, b))
         comm = self.comm
@@ -126,23 +119,21 @@ class VocabParallelEmbedding(ParallelStyle):
 
         module.register_forward_pre_hook(localize)
         module.register_forward_hook(assemble)
-        return module
 
 
-class VocabParallelHead(ParallelStyle):
+class VocabParallelHead(ShardStyle):
     """An untied LM head split by vocabulary rows; logits stay local (the sampler exchanges only
     per-rank candidates, never a full vocabulary row)."""
 
     def __init__(self, layout: TPLayout, comm: Comm) -> None:
         self.layout, self.comm = layout, comm
 
-    def _apply(self, module: Any, device_mesh: Any) -> nn.Module:
+    def apply(self, module: Any) -> None:
         shard_parameter(module, "weight", 0, self.layout.vocab[self.comm.rank])
-        return module
 
 
-def decoder_plan(layout: TPLayout, comm: Comm, tied: bool) -> dict[str, ParallelStyle]:
-    plan: dict[str, ParallelStyle] = {
+def decoder_plan(layout: TPLayout, comm: Comm, tied: bool) -> dict[str, ShardStyle]:
+    plan: dict[str, ShardStyle] = {
         "model.embed_tokens": VocabParallelEmbedding(layout, comm),
         "model.layers.*.self_attn": HeadParallelAttention(layout, comm),
         "model.layers.*.mlp": RowSplitMLP(layout, comm),
@@ -163,10 +154,25 @@ PLANS = {
 }
 
 
-def apply_tp(model: nn.Module, layout: TPLayout, comm: Comm, device_mesh: Any) -> nn.Module:
+def apply_plan(model: nn.Module, plan: dict[str, ShardStyle]) -> None:
+    """Apply each style to every module whose dotted path matches its pattern, component by
+    component; a pattern that matches nothing is a plan written for other module names."""
+    used: set[str] = set()
+    for name, module in list(model.named_modules()):
+        atoms = name.split(".")
+        for pattern, style in plan.items():
+            parts = pattern.split(".")
+            if len(parts) == len(atoms) and all(fnmatch.fnmatchcase(a, p) for a, p in zip(atoms, parts, strict=True)):
+                style.apply(module)
+                used.add(pattern)
+    unused = [p for p in plan if p not in used]
+    if unused:
+        raise ValueError(f"tensor-parallel plan patterns {unused} match no module of {type(model).__name__}")
+
+
+def apply_tp(model: nn.Module, layout: TPLayout, comm: Comm) -> nn.Module:
     cfg: Any = model.config
-    plan = PLANS[cfg.model_type](layout, comm, bool(cfg.tie_word_embeddings))
-    model = parallelize_module(model, device_mesh, plan)
+    apply_plan(model, PLANS[cfg.model_type](layout, comm, bool(cfg.tie_word_embeddings)))
     # The native decode step (models/native_decode.py) runs the layers itself and calls this
     # communicator where the o and down hooks would (it knows which modules a plan hooks).
     model.__dict__["tp_comm"] = comm

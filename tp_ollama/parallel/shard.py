@@ -13,9 +13,8 @@ from torch import nn
 
 from tp_ollama.checkpoints.base import Checkpoint
 from tp_ollama.checkpoints.loader import load_model, open_checkpoint, resolve_dtype
-from tp_ollama.parallel.comm import check_comm_kind
+from tp_ollama.parallel.comm import Comm, check_comm_kind
 from tp_ollama.parallel.layout import TPLayout
-from tp_ollama.parallel.plans import Comm, apply_tp
 from tp_ollama.store.embedded import resolve_model
 
 
@@ -54,9 +53,8 @@ def load_shard(
     layout = TPLayout.build(ckpt.config, comm.world_size, weights)
     shard = None
     if comm.world_size > 1:
-        from torch.distributed.device_mesh import init_device_mesh
+        from tp_ollama.parallel.plans import apply_tp
 
-        mesh = init_device_mesh("cpu", (comm.world_size,))
-        shard = partial(apply_tp, layout=layout, comm=comm, device_mesh=mesh)
+        shard = partial(apply_tp, layout=layout, comm=comm)
     where = rank_device(device)
     return load_model(ckpt, resolve_dtype(dtype, where, ckpt, quant), where, shard=shard, quant=quant), layout, ckpt

@@ -18,7 +18,7 @@ from __future__ import annotations
 import multiprocessing
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Generator, Sequence
 from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
@@ -62,6 +62,18 @@ class TextProcess:
             self.stopped = True
             return False
         return True
+
+    def print_tokens(self, tokens: Generator[int, None, None]) -> bool:
+        """Print a generation's tokens as they come, then the end of the text; True when a stop string
+        ended it (the generator is closed then, which ends the generation)."""
+        try:
+            for token in tokens:
+                if not self.push(token):
+                    break
+        finally:
+            tokens.close()
+        self.finish()
+        return self.stopped
 
     def finish(self) -> None:
         """Print what is held back and wait for the helper to exit."""
