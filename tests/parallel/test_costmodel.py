@@ -163,6 +163,12 @@ def test_calibration_round_trip_and_prediction_parts():
     fast = Calibration(read_bandwidth_bytes_s=10e9, efficiency=1.0, layer_overhead_s=1e-3, cores=2)
     bound = predict(TINY, 2, link, fast, "none", "float32", ranks_per_host=2)
     assert bound.compute_s == pytest.approx(sum(shards) / 10e9 + 2e-3 + sharding)
+    # Calibrated on one core of a host whose whole bus carries more: the bus bound is the bus's.
+    wide = Calibration(read_bandwidth_bytes_s=10e9, efficiency=1.0, layer_overhead_s=1e-3, cores=2,
+                       bus_bandwidth_bytes_s=15e9)  # fmt: skip
+    widened = predict(TINY, 2, link, wide, "none", "float32", ranks_per_host=2)
+    assert widened.compute_s == pytest.approx(max(max(shards) / 10e9, sum(shards) / 15e9) + 2e-3 + sharding)
+    assert calibrate(TINY, "none", "float32", 0.01, 10e9, bus_bandwidth_bytes_s=15e9).bus_bandwidth_bytes_s == 15e9
     assert any("share" in n for n in shared.notes)
     # Three ranks on two cores take turns: the per-layer overhead stretches by 3/2.
     crowded = predict(TINY, 3, link, cal, "none", "float32", ranks_per_host=3)

@@ -19,7 +19,7 @@ from tests import tiny
 from tp_ollama.errors import ConfigError
 from tp_ollama.launch import free_port
 from tp_ollama.parallel import preflight
-from tp_ollama.parallel.preflight import cost_model_quant, measure_link, read_bandwidth_gbs, spans_hosts
+from tp_ollama.parallel.preflight import measure_link, model_packings, read_bandwidth_gbs, spans_hosts
 
 
 @pytest.fixture(scope="module")
@@ -39,9 +39,31 @@ def test_spans_hosts_reads_torchruns_environment(monkeypatch: pytest.MonkeyPatch
     assert not spans_hosts()
 
 
-def test_cost_model_quant_is_the_most_common_packing() -> None:
-    assert cost_model_quant({"dtype": "bfloat16", "weights": {"int4": 126, "int8": 1}}) == "int4"
-    assert cost_model_quant({"dtype": "float32", "weights": {"float32": 10}}) == "none"
+def test_the_cost_model_reads_what_a_loaded_model_holds_and_what_auto_makes_of_a_file(tmp_path) -> None:
+    """The packings the preflight hands the cost model are the loaded model's own, tensor by tensor, and
+    they are what auto_packings reads from the file before loading (the bench's predictions); the cost
+    model counts each weight at its own packing (a Q6_K tensor's int8 scales per 16, a float one whole)."""
+    from tests.tiny import make_hf_model, write_gguf
+    from tp_ollama.checkpoints.loader import load_model, open_checkpoint
+    from tp_ollama.checkpoints.quantize import auto_packings
+    from tp_ollama.parallel import costmodel
+    from tp_ollama.parallel.shapes import shape_of
+
+    write_gguf(make_hf_model("llama"), tmp_path / "m.gguf", "llama", "Q8_0")
+    ckpt = open_checkpoint(tmp_path / "m.gguf")
+    loaded = model_packings(load_model(ckpt, torch.float32, quant="auto"))
+    assert loaded == auto_packings(ckpt)
+    down = "model.layers.0.mlp.down_proj"
+    assert loaded[down] == ("int8", 32) and set(loaded.values()) == {("int8", 32)}
+    shape = shape_of(ckpt.config)
+
+    def cost(packings: dict[str, tuple[str, int]]) -> int:
+        return costmodel.weight_bytes_per_rank(shape, 1, packings, "float32")[0]
+
+    n = shape.hidden_size * shape.intermediate_size
+    assert cost({**loaded, down: ("int8", 16)}) - cost(loaded) == 4 * n // 16 - 4 * n // 32
+    float_down = {k: v for k, v in loaded.items() if k != down}
+    assert cost(float_down) - cost(loaded) == 4 * n - (n + 4 * n // 32)
 
 
 def launch_two_nodes(checkpoint: Path, delay_us: int) -> tuple[str, str]:

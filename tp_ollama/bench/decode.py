@@ -266,14 +266,17 @@ def run_decode(
                for t, d, q, p, g in itertools.product(tp, dtypes, quants, prompt_tokens, gen_tokens)]  # fmt: skip
     if not configs:
         raise ConfigError("nothing to measure: give at least one value for every axis")
-    bandwidth = None
+    bandwidth = host_bandwidth = None
     if read_bandwidth and nodes.node_rank == 0:
-        from tp_ollama.parallel.preflight import read_bandwidth_gbs
+        from tp_ollama.parallel.preflight import host_read_bandwidth_gbs, read_bandwidth_gbs
 
         bandwidth = read_bandwidth_gbs()
+        host_bandwidth = host_read_bandwidth_gbs()
     settings = {"model": model, "rounds": rounds, "comm": comm, "nodes": asdict(nodes)}
     report = rpt.new_report("decode", settings, argv)
     report["machine"] = rpt.machine_info(bandwidth)
+    if bandwidth is not None and host_bandwidth is not None:
+        report["machine"]["host_read_bandwidth_gbs"] = host_bandwidth
     runs: dict[DecodeConfig, list[dict[str, Any]]] = {c: [] for c in configs}
     with rpt.Progress(len(configs) * rounds, "decode", enabled=progress and nodes.node_rank == 0) as bar:
         for r in range(rounds):
@@ -301,8 +304,9 @@ def add_predictions(
     """Fill predicted/measured ms per token into every TP>1 result that has a measured link and a TP=1
     run of the same workload in `calibration` (a decode report); the rest are left as measured, with
     the reason in the report's notes."""
-    from tp_ollama.checkpoints.loader import open_checkpoint, packs_weights, resolve_dtype
-    from tp_ollama.parallel.costmodel import Link, calibrate, predict
+    from tp_ollama.checkpoints.loader import open_checkpoint, resolve_dtype
+    from tp_ollama.checkpoints.quantize import auto_packings
+    from tp_ollama.parallel.costmodel import Link, Quant, calibrate, predict
     from tp_ollama.parallel.shapes import shape_of
     from tp_ollama.store.embedded import resolve_model
 
@@ -315,23 +319,22 @@ def add_predictions(
     shape = shape_of(ckpt.config)
     dtypes = {(r["config"]["dtype"], r["config"]["quant"]) for r in targets}
     resolved = {d: str(resolve_dtype(d[0], "cpu", ckpt, d[1])).removeprefix("torch.") for d in dtypes}
-    auto_packs = packs_weights(ckpt, "auto")  # quant auto on float weights is quant none
+    auto = auto_packings(ckpt)  # what quant auto makes of each tensor (nothing of a float checkpoint)
     ckpt.close()
     nnodes = report["settings"]["nodes"]["nnodes"]
     for r in targets:
         cfg, link, base = r["config"], r["extra"].get("link"), tp1.get(_workload(r["config"]))
         why = None if base and link and read_gbs else "no TP=1 run of the same workload, link or read bandwidth"
-        quant = "none" if cfg["quant"] == "auto" and not auto_packs else cfg["quant"]
-        if quant == "auto":
-            why = "quant auto packs per tensor; the cost model takes none, int8 or int4"
+        quant: Quant = auto if cfg["quant"] == "auto" else cfg["quant"]
         if why is not None:
             report["notes"].append(f"{r['target']}: no prediction ({why})")
             continue
         assert base is not None and read_gbs is not None
         dtype = resolved[cfg["dtype"], cfg["quant"]]
         context = cfg["prompt_tokens"] + cfg["gen_tokens"] // 2  # positions read, on average over decode
+        bus_gbs = calibration["machine"].get("host_read_bandwidth_gbs", read_gbs)
         cal = calibrate(shape, quant, dtype, base["extra"]["step_ms_p50"] / 1e3, read_gbs * 1e9,
-                        cores=os.cpu_count(), context=context)  # fmt: skip
+                        cores=os.cpu_count(), context=context, bus_bandwidth_bytes_s=bus_gbs * 1e9)  # fmt: skip
         hosts_ranks = ranks_per_host or max(1, cfg["tp"] // nnodes)
         p = predict(shape, cfg["tp"], Link.from_us_gbs(link["latency_us"], link["bandwidth_gbs"]), cal, quant,
                     dtype, ranks_per_host=hosts_ranks, context=context)  # fmt: skip

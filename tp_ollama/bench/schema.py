@@ -173,6 +173,12 @@ SCHEMA: dict[str, Any] = {
                 "read_bandwidth_gbs": _field(
                     ["number", "null"], "measured memory read bandwidth, GB/s; null when not measured", minimum=0
                 ),
+                "host_read_bandwidth_gbs": _field(
+                    "number",
+                    "read bandwidth with every CPU of the machine, GB/s, where the run was pinned to fewer "
+                    "(the bus that ranks pinned to different cores of one machine share)",
+                    minimum=0,
+                ),
                 "read_bandwidth_probes_gbs": _field(
                     "array",
                     "each measurement of the read bandwidth during the run (on a shared host it moves); "

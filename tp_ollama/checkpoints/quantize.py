@@ -63,6 +63,27 @@ def packing_for(mode: str, stored_type: str | None) -> str | None:
     return "int4" if stored_type in INT4_SOURCE_TYPES else "int8"
 
 
+def auto_packings(ckpt: Checkpoint) -> dict[str, tuple[str, int]]:
+    """What `--quant auto` makes of each 2-D weight, by module path: (int4, 32), (int8, inputs per
+    scale) or nothing (float), as the cost model takes them (tp_ollama.parallel.costmodel.Packings)."""
+    from tp_ollama.kernels.gguf_quants import SYMMETRIC_TYPES, symmetric_group
+
+    stored_type = getattr(ckpt, "stored_type", None)
+    out: dict[str, tuple[str, int]] = {}
+    if stored_type is None:
+        return out
+    for name in ckpt.names():
+        if not name.endswith(".weight") or len(ckpt.shape(name)) != 2:
+            continue
+        kind, packing = stored_type(name), packing_for("auto", stored_type(name))
+        if packing == "int4":
+            out[name.removesuffix(".weight")] = ("int4", INT4_GROUP)
+        elif packing == "int8":
+            group = symmetric_group(kind) if kind in SYMMETRIC_TYPES else int8_group(ckpt.shape(name)[1])
+            out[name.removesuffix(".weight")] = ("int8", group)
+    return out
+
+
 def param_slices(param: torch.Tensor) -> tuple[Range | None, Range | None]:
     """(rows, cols) of the checkpoint tensor that a (maybe sharded) parameter holds."""
     tp_slice = getattr(param, "tp_slice", None)  # (dim, start, end) set by a TP plan

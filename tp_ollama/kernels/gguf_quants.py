@@ -227,6 +227,13 @@ def symmetric_parts(raw: torch.Tensor, ggml_type: str) -> tuple[torch.Tensor, to
     return codes, scale.squeeze(-1)
 
 
+def symmetric_group(ggml_type: str) -> int:
+    """Elements per scale of a symmetric type (SYMMETRIC_TYPES): its block, or its sub-block."""
+    block, type_size = block_layout(ggml_type)
+    _, scale = symmetric_parts(torch.zeros(1, type_size, dtype=torch.uint8), ggml_type)
+    return block // scale.shape[-1]
+
+
 def dequantize(raw: torch.Tensor, ggml_type: str) -> torch.Tensor:
     """Raw blocks (*lead, type_size) uint8 -> float32 (*lead, block_size), a new tensor.
 

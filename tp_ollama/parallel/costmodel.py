@@ -32,11 +32,14 @@ Weight bytes of rank r follow TPLayout.build's split (uneven head / row / vocab 
              when sharded the plan's kv_map (one int64 per local query head and layer)
 A (rows, cols) matrix costs, as tp_ollama.kernels.quant packs it:
   none       rows * cols * dtype bytes
-  int8       rows * cols + 4 * rows * cols / 32              (int8 codes, a float32 scale per group of
-             32 inputs per row; per row where cols % 32 != 0)
+  int8       rows * cols + 4 * rows * cols / group           (int8 codes, a float32 scale per group of
+             32 inputs per row, or of the GGUF block's 16 for Q6_K; per row where cols % 32 != 0)
   int4       rows * cols / 2 + 4 * rows * cols / 32          (4-bit codes, bf16 scale + zero per
              group of 32 inputs per row) when rows % 64 == 0 and cols % 32 == 0, else int8
              (what the loader falls back to for shards the CPU int4 kernel does not take)
+One packing for every matrix (`quant` "none", "int8" or "int4"), or one per weight (`Packings`, by
+module path: what `--quant auto` chose for each tensor of a GGUF file, see
+tp_ollama.checkpoints.quantize.auto_packings); a weight it does not name stays float.
 Norms, biases, rotary tables and activations stay in the activation dtype (tables: float32).
 KV cache read per step: layers * 2 * kv_heads_r * head_dim * context * dtype bytes.
 
@@ -76,9 +79,9 @@ charged the whole context (an upper bound).
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import NamedTuple, TypeAlias
 
 from tp_ollama.errors import ConfigError
 from tp_ollama.parallel.layout import TPLayout
@@ -97,6 +100,9 @@ INT8_GROUP = 32
 INT8_SCALE_BYTES = 4  # an int8 scale (float32)
 ROTARY_BYTES = 4  # inverse frequencies are float32 whatever the dtype
 KV_MAP_BYTES = 8  # one int64 per local query head and layer, read by attention's index_select
+# Per weight (module path, as "model.layers.0.mlp.down_proj"): (packing, int8 group; 0 for the default).
+Packings: TypeAlias = Mapping[str, tuple[str, int]]
+Quant: TypeAlias = str | Packings
 TICK_BYTES = 54  # rank 0's encoded tick of a decode step for one sequence (engine/protocol.Tick)
 CANDIDATE_BYTES = 16  # the sampler's (logit, id) pair: two float64
 # Fixed cost of one layer in one decode step (Python/torch op dispatch), from the decode time of
@@ -145,7 +151,10 @@ class Link:
 class Calibration:
     """What a host reads per second and what share of it a decode step achieves.
 
-    read_bandwidth_bytes_s: the host's STREAM-like read bandwidth (shared by all its ranks);
+    read_bandwidth_bytes_s: the host's STREAM-like read bandwidth (shared by all its ranks), as the
+        calibration run reached it;
+    bus_bandwidth_bytes_s: the whole host's, where a calibration run pinned to fewer cores than the
+        host's ranks use reached less (None: the same);
     efficiency: the fraction of it that decode's weight reads achieve (fitted by `calibrate`);
     layer_overhead_s: fixed seconds per layer per step (op dispatch), whatever the shard size;
     cores: the host's cores, None when unknown (then ranks are assumed to have a core each)."""
@@ -155,6 +164,7 @@ class Calibration:
     layer_overhead_s: float = DEFAULT_LAYER_OVERHEAD_S
     cores: int | None = None
     collective_overhead_s: float = DEFAULT_COLLECTIVE_OVERHEAD_S
+    bus_bandwidth_bytes_s: float | None = None
 
     def __post_init__(self) -> None:
         if not math.isfinite(self.read_bandwidth_bytes_s) or self.read_bandwidth_bytes_s <= 0:
@@ -169,6 +179,9 @@ class Calibration:
             raise ConfigError(
                 f"collective overhead {self.collective_overhead_s!r} s is invalid: expected a finite value >= 0"
             )
+        bus = self.bus_bandwidth_bytes_s
+        if bus is not None and (not math.isfinite(bus) or bus <= 0):
+            raise ConfigError(f"bus bandwidth {bus!r} bytes/s is invalid: expected a finite value > 0 (or None)")
         if self.cores is not None and self.cores < 1:
             raise ConfigError(f"cores={self.cores!r} is invalid: expected at least 1 (or None: unknown)")
 
@@ -207,12 +220,13 @@ class Prediction:
         return [r.weight_bytes + r.kv_bytes for r in self.ranks]
 
 
-def check_quant(quant: str) -> str:
-    if quant not in QUANTS:
-        raise ConfigError(
-            f"quant {quant!r} is not supported by the cost model; expected one of {', '.join(QUANTS)} "
-            "(resolve `auto` per tensor from the checkpoint first)"
-        )
+def check_quant(quant: Quant) -> Quant:
+    for kind in [quant] if isinstance(quant, str) else [k for k, _ in quant.values()]:
+        if kind not in QUANTS:
+            raise ConfigError(
+                f"quant {kind!r} is not supported by the cost model; expected one of {', '.join(QUANTS)} "
+                "(resolve `auto` per tensor with tp_ollama.checkpoints.quantize.auto_packings first)"
+            )
     return quant
 
 
@@ -231,14 +245,20 @@ def check_world(world: int) -> int:
     return world
 
 
-def matrix_bytes(rows: int, cols: int, quant: str, itemsize: int) -> int:
-    """Bytes of a (rows, cols) weight as the loader packs it (see the module docstring)."""
+def matrix_bytes(rows: int, cols: int, quant: str, itemsize: int, group: int = 0) -> int:
+    """Bytes of a (rows, cols) weight as the loader packs it (see the module docstring); `group`: an
+    int8 weight's inputs per scale, 0 for the default."""
     if quant == "none":
         return rows * cols * itemsize
     if quant == "int4" and rows % INT4_TILE == 0 and cols % INT4_GROUP == 0:
         return rows * cols // 2 + (cols // INT4_GROUP) * rows * 2 * SCALE_BYTES
-    groups = cols // INT8_GROUP if cols % INT8_GROUP == 0 else 1
+    group = group or INT8_GROUP
+    groups = cols // group if cols % group == 0 else 1
     return rows * cols + rows * groups * INT8_SCALE_BYTES
+
+
+def _packing(quant: Quant, path: str) -> tuple[str, int]:
+    return (quant, 0) if isinstance(quant, str) else quant.get(path, ("none", 0))
 
 
 def layout_of(shape: ModelShape, world: int, weights: Sequence[float] | None = None) -> TPLayout:
@@ -246,35 +266,45 @@ def layout_of(shape: ModelShape, world: int, weights: Sequence[float] | None = N
 
 
 def weight_bytes_per_rank(
-    shape: ModelShape, world: int, quant: str, dtype: str, weights: Sequence[float] | None = None
+    shape: ModelShape, world: int, quant: Quant, dtype: str, weights: Sequence[float] | None = None
 ) -> list[int]:
     """Bytes of weights each rank reads in one decode step, in rank order."""
     check_quant(quant)
     item = dtype_bytes(dtype)
     layout = layout_of(shape, world, weights)
     d, hd = shape.hidden_size, shape.head_dim
+
+    def matrix(path: str, rows: int, cols: int) -> int:
+        kind, group = _packing(quant, path)
+        return matrix_bytes(rows, cols, kind, item, group)
+
     out = []
     for r in range(world):
         q = (layout.q_heads[r][1] - layout.q_heads[r][0]) * hd
         kv = (layout.kv_heads[r][1] - layout.kv_heads[r][0]) * hd
         mlp = layout.mlp[r][1] - layout.mlp[r][0]
         vocab = layout.vocab[r][1] - layout.vocab[r][0]
-        layer = (
-            matrix_bytes(q, d, quant, item)
-            + 2 * matrix_bytes(kv, d, quant, item)
-            + matrix_bytes(d, q, quant, item)
-            + 2 * matrix_bytes(mlp, d, quant, item)
-            + matrix_bytes(d, mlp, quant, item)
-        )
-        layer += ((q + 2 * kv) if shape.qkv_bias else 0) * item
+        total = 0
+        for i in range(shape.num_hidden_layers):
+            attn, ffn = f"model.layers.{i}.self_attn", f"model.layers.{i}.mlp"
+            total += (
+                matrix(f"{attn}.q_proj", q, d)
+                + matrix(f"{attn}.k_proj", kv, d)
+                + matrix(f"{attn}.v_proj", kv, d)
+                + matrix(f"{attn}.o_proj", d, q)
+                + matrix(f"{ffn}.gate_proj", mlp, d)
+                + matrix(f"{ffn}.up_proj", mlp, d)
+                + matrix(f"{ffn}.down_proj", d, mlp)
+            )
+        layer = ((q + 2 * kv) if shape.qkv_bias else 0) * item
         layer += (shape.hidden_norms_per_layer * d + (2 * hd if shape.qk_norm else 0)) * item
-        head = matrix_bytes(vocab, d, quant, item)
+        head = matrix("model.embed_tokens" if shape.tie_word_embeddings else "lm_head", vocab, d)
         if not shape.tie_word_embeddings:
-            head += head // vocab  # the embedding lookup reads one row of this rank's table
+            head += matrix("model.embed_tokens", vocab, d) // vocab  # one looked-up row of this rank's table
         # The plan's kv_map (which KV head each local query head reads) only exists when sharded.
         layer += (q // hd) * KV_MAP_BYTES if world > 1 else 0
         rest = d * item + shape.rotary_tables * (hd // 2) * ROTARY_BYTES
-        out.append(shape.num_hidden_layers * layer + head + rest)
+        out.append(total + shape.num_hidden_layers * layer + head + rest)
     return out
 
 
@@ -322,13 +352,14 @@ def collective_s(link: Link, op: str, nbytes: int, world: int) -> float:
 
 def calibrate(
     shape: ModelShape,
-    quant: str,
+    quant: Quant,
     dtype: str,
     measured_tp1_s_per_token: float,
     read_bandwidth_bytes_s: float,
     layer_overhead_s: float = DEFAULT_LAYER_OVERHEAD_S,
     cores: int | None = None,
     context: int = 0,
+    bus_bandwidth_bytes_s: float | None = None,
 ) -> Calibration:
     """Fit the bandwidth efficiency from one TP=1 decode measurement of this shape, packing and
     dtype (with `context` positions in the KV cache on average)."""
@@ -344,7 +375,8 @@ def calibrate(
             "give a smaller layer_overhead_s"
         )
     efficiency = step_bytes / ((measured_tp1_s_per_token - fixed) * read_bandwidth_bytes_s)
-    return Calibration(read_bandwidth_bytes_s, efficiency, layer_overhead_s, cores)
+    return Calibration(read_bandwidth_bytes_s, efficiency, layer_overhead_s, cores,
+                       bus_bandwidth_bytes_s=bus_bandwidth_bytes_s)  # fmt: skip
 
 
 def predict(
@@ -352,7 +384,7 @@ def predict(
     world: int,
     link: Link,
     calibration: Calibration,
-    quant: str,
+    quant: Quant,
     dtype: str,
     ranks_per_host: int = 1,
     weights: Sequence[float] | None = None,
@@ -372,7 +404,7 @@ def predict(
         members = [r for r in range(world) if hosts[r] == h]
         per_rank = [weight_bytes[r] + kv_bytes[r] for r in members]
         one_rank = max(per_rank) / (calibration.efficiency * calibration.read_bandwidth_bytes_s)
-        bus = sum(per_rank) / calibration.read_bandwidth_bytes_s
+        bus = sum(per_rank) / (calibration.bus_bandwidth_bytes_s or calibration.read_bandwidth_bytes_s)
         host_s[h] = max(one_rank, bus) + _overhead_s(shape, calibration, len(members))
     ranks = tuple(RankCost(r, hosts[r], weight_bytes[r], kv_bytes[r], host_s[hosts[r]]) for r in range(world))
     collectives = tuple(collectives_per_token(shape, world, dtype, candidates))

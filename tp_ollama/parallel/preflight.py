@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import os
 import statistics
+import subprocess
+import sys
 import time
-from collections import Counter
 from collections.abc import Callable
 from typing import Any
 
@@ -39,10 +40,16 @@ def spans_hosts() -> bool:
     return world > int(os.environ.get("LOCAL_WORLD_SIZE", str(world)))
 
 
-def cost_model_quant(precision: dict[str, Any]) -> str:
-    """The packing most weight tensors have (describe_precision's counts), as the cost model names it."""
-    kinds = Counter({k: n for k, n in precision["weights"].items() if k in ("int8", "int4")})
-    return kinds.most_common(1)[0][0] if kinds else "none"
+def model_packings(model: nn.Module) -> dict[str, tuple[str, int]]:
+    """Each packed weight of a loaded model by module path, (int8 or int4, inputs per scale): the cost
+    model's Packings (weights not named are float)."""
+    from tp_ollama.kernels.linear import QuantEmbedding, QuantLinear
+
+    return {
+        path: (m.kind, m.group)
+        for path, m in model.named_modules()
+        if isinstance(m, QuantLinear | QuantEmbedding) and not path.endswith(".fused")
+    }
 
 
 def link_preflight(comm: Any, model: nn.Module, measured: dict[str, Any] | None = None) -> str | None:
@@ -57,7 +64,7 @@ def link_preflight(comm: Any, model: nn.Module, measured: dict[str, Any] | None 
         return None
     shape = shape_of(model.config)
     precision = describe_precision(model)
-    quant, dtype = cost_model_quant(precision), precision["dtype"]
+    quant, dtype = model_packings(model), precision["dtype"]
     calibration = Calibration(read_bandwidth_gbs(nbytes=PROBE_BYTES, tries=2) * 1e9, DEFAULT_EFFICIENCY,
                               cores=os.cpu_count())  # fmt: skip
     link = Link.from_us_gbs(measured["latency_us"], measured["bandwidth_gbs"])
@@ -121,6 +128,23 @@ def measure_link(
         bandwidth = l_bytes / p_large / 1e9
         method += f"; t_large <= t_small, so bandwidth = {l_bytes} B / t_large (a lower bound)"
     return {"latency_us": p_small * 1e6, "bandwidth_gbs": bandwidth, "method": method}
+
+
+def host_read_bandwidth_gbs(timeout_s: float = 120.0) -> float | None:
+    """read_bandwidth_gbs with every CPU of the machine, measured in a child process allowed on all of
+    them, when this process is pinned to fewer (taskset; a namespace node of launch/netns-cluster.sh
+    given one core): the memory bus that ranks pinned to different cores share. None when this
+    process has every CPU already, or the child could not run on them."""
+    cpus = os.cpu_count() or 1
+    if len(os.sched_getaffinity(0)) >= cpus:
+        return None
+    code = "from tp_ollama.parallel.preflight import read_bandwidth_gbs; print(read_bandwidth_gbs())"
+    try:
+        done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=timeout_s,
+                              preexec_fn=lambda: os.sched_setaffinity(0, range(cpus)))  # fmt: skip
+        return float(done.stdout.split()[-1]) if done.returncode == 0 else None
+    except (subprocess.SubprocessError, OSError, ValueError, IndexError):
+        return None
 
 
 def read_bandwidth_gbs(threads: int | None = None, nbytes: int = READ_BYTES, tries: int = TRIES) -> float:
