@@ -32,8 +32,9 @@ def _logits(probs: list[float]) -> torch.Tensor:
     return torch.tensor(probs).log()
 
 
-def _draws(sampler: Sampler, logits: torch.Tensor, n: int) -> list[int]:
-    return [sampler(logits, []) for _ in range(n)]
+def _draws(sampler: Sampler, logits: torch.Tensor, n: int, start: int = 0) -> list[int]:
+    """Draws at positions start.. (a history of that many tokens; penalties are off by default)."""
+    return [sampler(logits, [0] * i) for i in range(start, start + n)]
 
 
 def _kept(cands: tuple[torch.Tensor, torch.Tensor]) -> set[int]:
@@ -52,6 +53,17 @@ def test_fixed_seed_reproduces_the_same_draws() -> None:
     assert first == again
     assert first != other
     assert len(set(first)) > 40  # a flat distribution really is being sampled
+
+
+def test_a_draw_depends_on_the_seed_and_position_only() -> None:
+    """A request resumed at position 30 (re-prefilled after a node failure) draws what the
+    uninterrupted one drew there; the same position drawn twice gives the same token."""
+    flat = torch.zeros(1000)
+    whole = _draws(_sampler(1000, seed=7, temperature=1.0, **PLAIN), flat, 50)
+    resumed = _draws(_sampler(1000, seed=7, temperature=1.0, **PLAIN), flat, 20, start=30)
+    assert resumed == whole[30:]
+    sampler = _sampler(1000, seed=7, temperature=1.0, top_k=40, top_p=0.9)
+    assert sampler(flat, [1, 2, 3]) == sampler(flat, [4, 5, 6])
 
 
 def test_no_seed_or_negative_seed_picks_a_fresh_random_seed() -> None:

@@ -123,8 +123,25 @@ def draw(cands: Candidates, temperature: float, generator: torch.Generator) -> i
     return int(ids[index])
 
 
+_MASK64 = (1 << 64) - 1
+
+
+def random_stream(seed: int, position: int) -> torch.Generator:
+    """The random numbers of one sampling step: a generator seeded from the request's seed and the
+    step's position (how many tokens precede the one drawn), by SplitMix64's mixing. They do not depend
+    on how many draws came before, so a request resumed from any point (re-prefilled after a node
+    failure, say) draws what it would have drawn, and its text is the text of a run without the
+    fault."""
+    z = (seed + (position + 1) * 0x9E3779B97F4A7C15) & _MASK64
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
+    generator = torch.Generator(device="cpu")
+    generator.manual_seed((z ^ (z >> 31)) >> 1)  # 63 bits: manual_seed takes a signed 64-bit value
+    return generator
+
+
 class Sampler:
-    """Chooses the next token for one request; holds that request's options and random stream."""
+    """Chooses the next token for one request; holds that request's options and seed."""
 
     def __init__(self, options: SamplingOptions, vocab_size: int) -> None:
         if vocab_size < 1:
@@ -133,8 +150,6 @@ class Sampler:
         self.vocab_size = vocab_size
         # Ollama: seed >= 0 reproduces; None or negative means a fresh random seed per request.
         self.seed = options.seed if options.seed is not None and options.seed >= 0 else secrets.randbits(63)
-        self.generator = torch.Generator(device="cpu")
-        self.generator.manual_seed(self.seed)
         o = options
         self._truncates = 0 < o.top_k < vocab_size or o.typical_p < 1 or o.top_p < 1 or o.min_p > 0
 
@@ -149,9 +164,9 @@ class Sampler:
         if not self._truncates:
             # Nothing needs the logit order, and sorting 262k logits costs ~50 ms on a CPU.
             all_ids = torch.arange(self.vocab_size, device=scores.device)
-            return draw((scores, all_ids), opts.temperature, self.generator)
+            return draw((scores, all_ids), opts.temperature, random_stream(self.seed, len(history)))
         cands = top_k(scores, opts.top_k)
         cands = typical_p(cands, opts.typical_p)
         cands = top_p(cands, opts.top_p)
         cands = min_p(cands, opts.min_p)
-        return draw(cands, opts.temperature, self.generator)
+        return draw(cands, opts.temperature, random_stream(self.seed, len(history)))

@@ -2,12 +2,13 @@
 
 No rank ever sees a full vocabulary row. Each rank reduces its slice to a few candidates and one
 all-gather exchanges them; every rank then runs the same chain on the same candidates with the
-same seeded generator, so all ranks pick the same token:
+same random numbers (engine.sampler.random_stream of the seed and position), so all ranks pick the
+same token:
 - greedy: the per-rank maximum (ties go to the lowest global id, as torch.argmax would);
 - top_k > 0: the per-rank top k, then llama.cpp's chain on the k x world candidates — exactly
   what the single-device sampler computes;
 - no truncation: Gumbel-max, argmax(logits / T + Gumbel noise), an exact draw from the softmax;
-  the noise for the whole vocabulary comes from the shared generator and each rank takes its slice;
+  the noise for the whole vocabulary comes from the shared stream and each rank takes its slice;
 - top_k = 0 with top_p / min_p / typical_p: the chain on the per-rank top CANDIDATE_CAP; exact
   unless the nucleus holds more tokens than that.
 """
@@ -20,7 +21,17 @@ from collections.abc import Sequence
 import torch
 
 from tp_ollama.engine.options import SamplingOptions
-from tp_ollama.engine.sampler import Sampler, apply_penalties, draw, greedy, history_window, min_p, top_p, typical_p
+from tp_ollama.engine.sampler import (
+    Sampler,
+    apply_penalties,
+    draw,
+    greedy,
+    history_window,
+    min_p,
+    random_stream,
+    top_p,
+    typical_p,
+)
 from tp_ollama.parallel.comm import Comm
 from tp_ollama.parallel.layout import Span
 
@@ -29,11 +40,11 @@ CANDIDATE_CAP = 1024
 
 class ShardedSampler:
     def __init__(self, options: SamplingOptions, vocab_size: int, span: Span, comm: Comm) -> None:
-        self.inner = Sampler(options, vocab_size)  # seed and generator, shared by construction
+        self.inner = Sampler(options, vocab_size)  # the seed, shared by construction
         if options.seed is None or options.seed < 0:
             # A random seed must still be the same on every rank: rank 0's wins.
             seed = torch.tensor([self.inner.seed], dtype=torch.int64)
-            self.inner.generator.manual_seed(int(comm.broadcast(seed, src=0)[0]))
+            self.inner.seed = int(comm.broadcast(seed, src=0)[0])
         self.options, self.vocab_size, self.span, self.comm = options, vocab_size, span, comm
 
     def __call__(self, logits: torch.Tensor, history: Sequence[int]) -> int:
@@ -45,7 +56,8 @@ class ShardedSampler:
             return self._best(scores)
         truncates = 0 < o.top_k < self.vocab_size or o.top_p < 1 or o.min_p > 0 or o.typical_p < 1
         if not truncates:
-            noise = -torch.log(-torch.log(torch.rand(self.vocab_size, generator=self.inner.generator)))
+            stream = random_stream(self.inner.seed, len(history))
+            noise = -torch.log(-torch.log(torch.rand(self.vocab_size, generator=stream)))
             return self._best(scores / o.temperature + noise[a:b].to(scores.device))
         k = min(o.top_k if o.top_k > 0 else CANDIDATE_CAP, b - a)
         values, ids = (x.cpu() for x in torch.topk(scores, k))  # the exchange and chain run on the host
@@ -63,7 +75,7 @@ class ShardedSampler:
         cands = typical_p(cands, o.typical_p)
         cands = top_p(cands, o.top_p)
         cands = min_p(cands, o.min_p)
-        return draw(cands, o.temperature, self.inner.generator)
+        return draw(cands, o.temperature, random_stream(self.inner.seed, len(history)))
 
     def _best(self, scores: torch.Tensor) -> int:
         """Global arg-max from each rank's local maximum: one all-gather of (value, id)."""
