@@ -52,13 +52,14 @@ def test_a_directory_opens_as_safetensors_and_a_gguf_file_by_its_magic(hf_model:
     ckpt.close()
 
 
-def test_a_path_that_is_neither_is_refused_with_what_it_holds(tmp_path: Path):
+def test_a_path_that_is_neither_is_refused_without_echoing_its_bytes(tmp_path: Path):
     with pytest.raises(CheckpointError, match=r"absent\.gguf: no such file or directory"):
         open_checkpoint(tmp_path / "absent.gguf")
     text = tmp_path / "notes.txt"
     text.write_text("hello there")
-    with pytest.raises(CheckpointError, match=r"notes\.txt: not a GGUF file \(magic b'hell'\) nor a Hugging Face"):
+    with pytest.raises(CheckpointError, match=r"notes\.txt: not a GGUF file \(it does not begin with 'GGUF'\)") as e:
         open_checkpoint(text)
+    assert "hell" not in str(e.value)  # an error may reach a remote client: never a file's contents
 
 
 def test_every_weight_is_the_files_and_the_model_is_ready(hf_model: Any, hf_dir: Path):

@@ -30,12 +30,13 @@ class LiveServer:
 
 
 @contextmanager
-def serving(app: Starlette) -> Iterator[str]:
-    """Run `app` under uvicorn in a thread on a free loopback port; yields its base URL."""
+def serving(app: Starlette, host: str = "127.0.0.1") -> Iterator[str]:
+    """Run `app` under uvicorn in a thread on a free port of `host` (loopback by default); yields its
+    base URL (on the loopback address when `host` is every interface)."""
     # The socket listens before the server thread starts, so clients can connect at once: uvicorn
     # accepts the queued connections as soon as its startup is done. No polling, no sleeps.
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.bind(("127.0.0.1", 0))
+    sock.bind((host, 0))
     sock.listen(64)
     port = sock.getsockname()[1]
     config = uvicorn.Config(app, log_level="warning", lifespan="on", http="h11", loop="asyncio")
@@ -43,7 +44,7 @@ def serving(app: Starlette) -> Iterator[str]:
     thread = threading.Thread(target=uv.run, kwargs={"sockets": [sock]}, name="uvicorn", daemon=True)
     thread.start()
     try:
-        yield f"http://127.0.0.1:{port}"
+        yield f"http://{'127.0.0.1' if host == '0.0.0.0' else host}:{port}"
     finally:
         uv.should_exit = True
         thread.join(timeout=30)

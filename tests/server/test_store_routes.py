@@ -269,3 +269,40 @@ def test_checklist_23_blobs_upload_check_and_create_from_one(client, http, tmp_p
     from_digest = http.post("/api/create", json={"model": "tiny-blob-2", "from": f"@{digest}", "stream": False})
     assert from_digest.json() == {"status": "success"}
     assert not list(store_server.store.blobs.glob(".partial-*"))  # the failed upload left nothing
+
+
+def _machine_address() -> str | None:
+    """This machine's address on its default route (not loopback), or None without one."""
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        try:
+            probe.connect(("192.0.2.254", 9))  # a UDP connect only picks the route; nothing is sent
+        except OSError:
+            return None
+        address = probe.getsockname()[0]
+    return None if address.startswith("127.") else address
+
+
+@pytest.mark.parametrize("allowed", [False, True], ids=["default", "allow_server_paths"])
+def test_create_from_a_server_path_is_for_clients_on_this_machine(tmp_path, allowed):
+    """A client reaching the API over the network cannot make the server read its files: `from` with a
+    server path is refused (403, saying what to do instead) unless models.allow_server_paths is set;
+    the same request over loopback is served. Nothing is created by the refused request."""
+    address = _machine_address()
+    if address is None:
+        pytest.skip("this machine has no non-loopback address to reach the server by")
+    store = ModelStore(tmp_path / "models")
+    app = create_app(LocalEngine(), store=store, version=__version__, bind_host="0.0.0.0", allow_server_paths=allowed)
+    with serving(app, host="0.0.0.0") as url:
+        port = url.rsplit(":", 1)[1]
+        body = {"model": "from-afar", "from": str(tiny_gguf(tmp_path, 5)), "stream": False}
+        remote = httpx.post(f"http://{address}:{port}/api/create", json=body, timeout=120)
+        if allowed:
+            assert remote.status_code == 200, remote.text
+        else:
+            assert remote.status_code == 403
+            assert "allow_server_paths" in remote.json()["error"] and "blob" in remote.json()["error"]
+            assert "from-afar" not in {m["name"].split(":")[0] for m in tags_body(store.list())["models"]}
+        local = httpx.post(f"{url}/api/create", json={**body, "model": "from-here"}, timeout=120)
+        assert local.status_code == 200, local.text

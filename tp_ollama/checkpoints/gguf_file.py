@@ -186,7 +186,8 @@ class GGUFFile:
 
     def _parse(self, buf: mmap.mmap) -> tuple[int, dict[str, Any], dict[str, GGUFTensorInfo]]:
         if buf[:4] != GGUF_MAGIC:
-            raise CheckpointError(f"{self.path}: not a GGUF file (magic {buf[:4]!r}, expected {GGUF_MAGIC!r})")
+            # The file's own bytes are not echoed: an error may reach a remote client.
+            raise CheckpointError(f"{self.path}: not a GGUF file (it does not begin with {GGUF_MAGIC!r})")
         cur = _Cursor(buf, 4)
         version = cur.u32()
         if version & 0xFFFF == 0 and version >> 16 != 0:

@@ -83,7 +83,7 @@ def open_checkpoint(path: Path) -> Checkpoint:
 
         return GGUFCheckpoint(path)
     raise CheckpointError(
-        f"{path}: not a GGUF file (magic {magic!r}) nor a Hugging Face model directory; "
+        f"{path}: not a GGUF file (it does not begin with 'GGUF') nor a Hugging Face model directory; "
         "expected a .gguf file or a directory with config.json and safetensors weights"
     )
 

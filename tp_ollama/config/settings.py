@@ -191,6 +191,8 @@ class Replication:
 class ModelsSettings:
     storage_path: Path = field(default_factory=_default_models_dir, metadata={"kind": Directory()})
     replication: Replication = field(default_factory=Replication)
+    # /api/create from a path on the server, for clients other than loopback ones (who always may).
+    allow_server_paths: bool = opt(False, Bool())
 
 
 @dataclass(frozen=True)

@@ -65,6 +65,7 @@ def create_app(
     compression: bool = True,
     max_concurrent: int = 4,
     max_queue: int = 512,
+    allow_server_paths: bool = False,
 ) -> Starlette:
     """`store`: the model store; with one, /api/tags, show, create, copy, delete and blobs are mounted
     and generation resolves names through it (`models` is then unused). Without one, `models`
@@ -73,7 +74,8 @@ def create_app(
     `bind_host`: the address the server listens on; on loopback, requests must name a local Host.
     `compression`: gzip whole JSON and text replies of 1 KiB or more for clients that accept it.
     `max_concurrent`: requests holding the model at once per engine group (a ReplicaSet of R groups
-    admits R times that); `max_queue`: requests allowed to wait, beyond which a request gets 503."""
+    admits R times that); `max_queue`: requests allowed to wait, beyond which a request gets 503.
+    `allow_server_paths`: /api/create from a server path for any client, not only loopback ones."""
     resolver = store if store is not None else models
     if resolver is None:
         raise TypeError("create_app needs a model store (store=) or a model resolver (models)")
@@ -120,7 +122,11 @@ def create_app(
             *openai_routes.routes(service, max_body_bytes),
             *embed_routes.routes(service, max_body_bytes),
             *cluster_routes.routes(service, version),
-            *(store_routes.routes(store, service.scheduler, max_body_bytes) if store is not None else []),
+            *(
+                store_routes.routes(store, service.scheduler, max_body_bytes, allow_server_paths)
+                if store is not None
+                else []
+            ),
         ],
         middleware=[
             *([Middleware(GzipMiddleware, minimum_size=1024)] if compression else []),

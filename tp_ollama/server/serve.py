@@ -36,6 +36,7 @@ def build(settings: Any) -> tuple[list[Any], Any]:
     app = create_app(
         ReplicaSet(engines, i.load_balancing.algorithm, slots=i.max_concurrent),
         store=ModelStore(settings.models.storage_path),
+        allow_server_paths=settings.models.allow_server_paths,
         version=__version__,
         allowed_origins=a.origins,
         max_body_bytes=a.max_body_bytes,

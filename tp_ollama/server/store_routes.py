@@ -8,6 +8,7 @@ reply goes out, so that /api/ps never lists a model that no longer exists."""
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
@@ -19,6 +20,7 @@ from starlette.routing import Route
 
 from tp_ollama.errors import ModelNotFound, RequestError
 from tp_ollama.server.admission import Scheduler
+from tp_ollama.server.fields import ApiError
 from tp_ollama.server.ollama_routes import error_message
 from tp_ollama.server.schemas import NDJSON, json_response, model_field, ndjson_line, ollama_error, read_json
 from tp_ollama.server.store_schemas import (
@@ -49,7 +51,9 @@ Say = Callable[[dict[str, Any]], None]
 _BLOB_WRITE_BYTES = 1 << 20
 
 
-def routes(store: ModelStore, scheduler: Scheduler, max_body_bytes: int) -> list[Route]:
+def routes(
+    store: ModelStore, scheduler: Scheduler, max_body_bytes: int, allow_server_paths: bool = False
+) -> list[Route]:
     """`max_body_bytes` limits the JSON bodies; blob uploads are weights and have no limit."""
 
     async def tags(request: Request) -> Response:
@@ -61,6 +65,13 @@ def routes(store: ModelStore, scheduler: Scheduler, max_body_bytes: int) -> list
 
     async def create(request: Request) -> Response:
         req = parse_create(await read_json(request, max_body_bytes))
+        if isinstance(req.from_, Path) and not allow_server_paths and not _loopback(request):
+            raise ApiError(
+                403,
+                "'from' names a path on the server, which only clients on this machine may create from "
+                "(unless models.allow_server_paths is set); upload the file as a blob first "
+                "(POST /api/blobs/sha256:<digest>, as `ollama create` does) and name it in 'files'",
+            )
 
         def work(say: Say) -> None:
             _create(store, req, lambda status: say(status_line(status)))
@@ -155,6 +166,16 @@ def _push(store: ModelStore, name: str, say: Say) -> None:
     say(status_line("retrieving manifest"))
     store.manifest(name, f'model "{name}" not found')
     raise RequestError("push: pushing to a remote registry is not supported yet")
+
+
+def _loopback(request: Request) -> bool:
+    """Whether the client is on this machine: a loopback address, or a Unix socket (no address)."""
+    if request.client is None:
+        return True
+    try:
+        return ipaddress.ip_address(request.client.host).is_loopback
+    except ValueError:
+        return False
 
 
 async def _nothing() -> None:
