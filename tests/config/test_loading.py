@@ -124,7 +124,10 @@ def test_every_flag_names_a_key():
             "inference:\n  port: 1\n",
             r"unknown key inference\.port; did you mean api\.port\?",
         ),
-        ("models:\n  zzz: 1\n", r"unknown key models\.zzz; expected one of: allow_server_paths, replication, storage_path"),
+        (
+            "models:\n  zzz: 1\n",
+            r"unknown key models\.zzz; expected one of: allow_server_paths, replication, storage_path",
+        ),
     ],
 )
 def test_unknown_keys_are_errors_naming_the_key(tmp_path, text, message):
