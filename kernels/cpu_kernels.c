@@ -51,6 +51,10 @@ to 4 activation rows are done per pass over a block, each reusing the unpacked c
 #include <omp.h>
 #include <sched.h>
 #include <time.h>
+#include <errno.h>
+#include <signal.h>
+#include <stdio.h>
+#include <sys/types.h>
 
 #define BLOCK_ROWS 16
 #define CHUNK 8 /* inputs per 64-byte chunk */
@@ -317,13 +321,34 @@ tp_ollama.parallel.fastcomm_shm.ShmTransport and by its protocol (see that modul
 (the round and seen counters live in `state`, shared with the Python transport, so collectives from
 either side interleave), the same slots and headers, the same sum in rank order (every rank gets the
 same bits). A tpo_decoder's all_reduce hook. Returns 0, or 1 with state[2] the peer and state[3] why:
-1 a wait ran past timeout_s, 2 a peer was in another collective, 3 too many bytes or a closed group. */
+1 a wait ran past timeout_s, 2 a peer was in another collective, 3 too many bytes or a closed group,
+4 the peer's process exited (looked at every liveness_s of a wait's sleeping phase, as the Python side
+does: by the process id and PID namespace each rank writes into its control line). */
 typedef struct {
     char *seg;                        /* the mapped segment */
     int64_t rank, world, line, header, stride, max_bytes;
     int64_t *state;                   /* round, seen, failed peer, failure, calls, nanoseconds inside */
-    double timeout_s, spin_s, yield_s, sleep_s;
+    double timeout_s, spin_s, yield_s, sleep_s, liveness_s;
 } tpo_shm;
+
+enum { SHM_PID_AT = 2, SHM_PID_NS_AT = 3 }; /* int64s of a control line (fastcomm_shm.PID_AT, PID_NS_AT) */
+
+/* Whether rank p's process has exited (gone, or a zombie): fastcomm_shm.process_exited. */
+static int shm_peer_exited(const tpo_shm *g, int64_t p) {
+    const int64_t *line = (const int64_t *)(g->seg + p * g->line), *own = (const int64_t *)(g->seg + g->rank * g->line);
+    const int64_t pid = line[SHM_PID_AT];
+    if (pid <= 0 || line[SHM_PID_NS_AT] != own[SHM_PID_NS_AT]) return 0;
+    if (kill((pid_t)pid, 0) != 0 && errno == ESRCH) return 1;
+    char path[64], buf[512];
+    snprintf(path, sizeof path, "/proc/%lld/stat", (long long)pid);
+    FILE *f = fopen(path, "rb");
+    if (!f) return 0;
+    const size_t n = fread(buf, 1, sizeof buf - 1, f);
+    fclose(f);
+    buf[n] = 0;
+    const char *close = strrchr(buf, ')');
+    return close && close[1] == ' ' && (close[2] == 'Z' || close[2] == 'X');
+}
 
 enum { SHM_AR = 1 }; /* fastcomm_base.OPS["all_reduce"] */
 
@@ -341,6 +366,7 @@ static int64_t *shm_slot(const tpo_shm *g, int64_t parity, int64_t p) {
 
 /* Until every peer's arrive counter is at least r: spin, then yield the core, then sleep briefly. */
 static int shm_wait(const tpo_shm *g, int64_t r, double start) {
+    double look = g->spin_s + g->yield_s; /* when next to look whether the awaited peer still exists */
     for (;;) {
         int64_t pending = -1;
         for (int64_t p = 0; p < g->world; p++)
@@ -358,6 +384,14 @@ static int shm_wait(const tpo_shm *g, int64_t r, double start) {
         } else if (waited < g->spin_s + g->yield_s) {
             sched_yield();
         } else {
+            if (waited >= look) {
+                look = waited + g->liveness_s;
+                for (int64_t p = 0; p < g->world; p++)
+                    if (p != g->rank && __atomic_load_n(shm_arrive(g, p), __ATOMIC_ACQUIRE) < r && shm_peer_exited(g, p)) {
+                        g->state[2] = p, g->state[3] = 4;
+                        return 1;
+                    }
+            }
             const struct timespec nap = {0, (long)(g->sleep_s * 1e9)};
             nanosleep(&nap, NULL);
         }

@@ -23,6 +23,7 @@ import torch
 import torch.distributed as dist
 
 from tests.kernels.test_quant import needs_native
+from tp_ollama.kernels import native
 from tp_ollama.parallel.fastcomm import FastGroup
 from tp_ollama.parallel.fastcomm_base import CommError
 
@@ -227,10 +228,14 @@ def _with_process_group(store: dist.Store, rank: int, world: int, *, transport: 
 
 
 def _early_exit(store: dist.Store, rank: int, world: int, *, name: str) -> dict[str, Any]:
-    """The last rank exits after one all-reduce on each transport; the others must raise within the timeout."""
+    """The last rank exits after one all-reduce on each transport; the others must raise at once, on
+    shared memory from Python and from the native all-reduce alike."""
+    from tp_ollama.models.native_structs import REDUCE_FN
+
     shm = FastGroup.create(store, rank, world, transport="shm", name=name + "-shm", timeout=2)
     tcp = FastGroup.create(store, rank, world, transport="tcp", name=name + "-tcp", timeout=2)
-    for g in (shm, tcp):
+    nat = FastGroup.create(store, rank, world, transport="shm", name=name + "-nat", timeout=2)
+    for g in (shm, tcp, nat):
         g.all_reduce(torch.ones(640))
     if rank == world - 1:
         os._exit(0)
@@ -244,11 +249,15 @@ def _early_exit(store: dist.Store, rank: int, world: int, *, name: str) -> dict[
             out[label] = (str(e), time.monotonic() - start)  # the time it waited before it raised
         g.close()
         g.close()  # idempotent
+    native = nat.native_all_reduce()
+    if native is not None:
+        x = torch.ones(640)
+        start = time.monotonic()
+        rc = REDUCE_FN(native.fn)(native.ctx, x.data_ptr(), x.numel())
+        out["native"] = (str(native.error()) if rc else "no error", time.monotonic() - start)
+    nat.close()
     out["mapped_after_close"] = _shm_mapped()
     return out
-
-
-# ---------------------------------------------------------------- test side
 
 
 def _master_store() -> dist.TCPStore:
@@ -468,14 +477,15 @@ def test_eight_ranks_in_threads(transport: str) -> None:
 
 
 # Last: it ends worker 2's process (the next user of the cluster would restart it).
-def test_a_rank_that_exits_makes_the_others_fail_within_the_timeout(cluster: Cluster) -> None:
+def test_a_rank_that_exits_makes_the_others_fail_at_once(cluster: Cluster) -> None:
     res = cluster.run(_early_exit, 3, exits=frozenset({2}), name=_name())
     for r in res[:2]:
-        # Shared memory cannot see a peer exit: it waits out its 2 s timeout (a busy machine only adds to
-        # that wait) and then raises, naming the missing rank.
-        shm_msg, shm_s = r["shm"]
-        assert "rank(s) 2" in shm_msg and "2 s (the timeout)" in shm_msg
-        assert shm_s > 1.9
+        # Shared memory looks up the awaited peer's process while it sleeps: gone (or a zombie), it
+        # raises naming the rank and its process, long before the 2 s timeout.
+        for label in ("shm", "native") if native.available() else ("shm",):
+            msg, waited = r[label]
+            assert "rank 2 (process" in msg and "exited" in msg and "(the timeout)" not in msg, (label, msg)
+            assert waited < 1.0, (label, waited)
         # TCP sees the closed connection: it raises on that, not on its timeout.
         tcp_msg, _ = r["tcp"]
         assert "rank 2" in tcp_msg and "(the timeout)" not in tcp_msg, tcp_msg

@@ -1,10 +1,10 @@
 """Weight-only quantized weights: int8 and int4, each with scales per group of inputs.
 
 Each packing has a plain reference (`dequantize`) and a fast path:
-  - int4 on CPUs with AVX-512 VNNI: the native kernel (tp_ollama.kernels.native) in its own layout,
-    for decode, batches of decodes and prefill alike; int8 on the same CPUs: a native kernel on the
-    plain layout up to SMALL_BATCH rows of a decode step (more rows, and prefill under
-    `prefill_numerics`, go to the dense path below);
+  - int4 where the native kernels run (tp_ollama.kernels.native): the native kernel in its own
+    layout, for decode, batches of decodes and prefill alike; int8 there: a native kernel on weights
+    in 16-row blocks (`Int8Weight.blocked`) up to SMALL_BATCH rows of a decode step and for LM heads
+    at any row count (more rows, and prefill under `prefill_numerics`, go to the dense path below);
   - otherwise torch's packed CPU kernels (`torch._weight_int8pack_mm`, `torch._weight_int4pack_mm_for_cpu`),
     which read one activation row at a time and want bfloat16 activations (float32 ones take a scalar
     path 15x slower): up to SMALL_BATCH rows go through them in bfloat16; more rows (prefill)
@@ -13,6 +13,7 @@ Each packing has a plain reference (`dequantize`) and a fast path:
 The result comes back in the caller's dtype.
 
 int8:  w[n, k] = q[n, k] * scale[n, g]                       q in -127..127, g = k // group
+       (in plain rows, or permuted within 16-row blocks for the native kernel: `plain` undoes it)
 int4:  w[n, k] = (q[n, k] - 8) * scale[g, n] + zero[g, n]    q in 0..15, g = k // group
 int8 scales are float32, so a GGUF block's scale (a float16, or a float16 times a 6- or 8-bit
 integer) is held exactly and Q8_0, Q5_0 and Q6_K weights keep their file's values bit for bit; the

@@ -1,8 +1,9 @@
 """Collectives through one POSIX shared-memory segment, for ranks on one host.
 
 Layout (bytes):
-    [ control: world_size lines of LINE bytes, line p holds rank p's arrive counter and the op  ]
-    [          it entered that round with (int64s; the op only makes error messages precise)     ]
+    [ control: world_size lines of LINE bytes, line p holds rank p's arrive counter, the op it  ]
+    [          entered that round with (the op only makes error messages precise), its process   ]
+    [          id and its PID namespace (int64s)                                                 ]
     [ slots: for parity in (0, 1), for rank p: HEADER (seq, op, nbytes as int64) + payload    ]
 
 Protocol: every collective is round r = 1, 2, ... on every rank. A rank that sends writes its payload and
@@ -11,6 +12,11 @@ need reach r, check the headers, and read the slots. Slots alternate by round pa
 r overwrites what it wrote in round r - 2; it first waits until every peer's counter reached r - 1, and a
 peer stores r - 1 only after it has finished reading round r - 2. A rank is thus never more than one round
 ahead of the slowest reader, and nobody needs a separate "done reading" counter.
+
+A peer that exits (killed, crashed) is seen within LIVENESS_S of a wait's sleeping phase, not at the
+timeout: a waiting rank looks up the process ids of the peers it waits for (when they share its PID
+namespace, so the ids mean the same process), and one that is gone or a zombie fails the collective
+with its rank and pid named. A peer that hangs alive is still only seen at the timeout.
 
 Memory ordering: this relies on x86-64 total store order: stores (payload, header, then counter) become
 visible to other cores in program order, and loads are not reordered with older loads, so a reader that sees
@@ -47,6 +53,8 @@ LINE = 128  # one arrive counter per 128 bytes: spinning readers of one counter 
 HEADER = 64  # slot header (seq, op, nbytes) padded so payloads stay 64-byte aligned for vector copies
 YIELD_S = 1e-3  # after spinning, sched_yield for this long: another rank may need this core (3 ranks, 2 cores)
 SLEEP_S = 50e-6  # then sleep in short steps: a rank waiting through a peer's long prefill costs no CPU
+LIVENESS_S = 0.1  # while sleeping, look this often whether the awaited peers' processes still exit
+PID_AT, PID_NS_AT = 2, 3  # int64 index within a rank's control line of its process id and PID namespace
 
 AR, BC, AG, BB, BAR = (OPS[k] for k in ("all_reduce", "broadcast", "all_gather", "broadcast_bytes", "barrier"))
 
@@ -101,6 +109,8 @@ class ShmTransport:
         # all-reduce reports (failed peer, failure, calls, nanoseconds): shared with it, so collectives
         # from Python and from a native decode step follow one sequence of rounds.
         self._state = (ctypes.c_int64 * 6)()
+        own = self._arrive[rank]
+        self._q[own + PID_AT], self._q[own + PID_NS_AT] = os.getpid(), pid_namespace()
         self._fence = threading.Lock()
         self._native: NativeAllReduce | None = None
 
@@ -302,6 +312,7 @@ class ShmTransport:
         spin_end = start + self._spin_s
         yield_end = spin_end + YIELD_S
         deadline = start + self._timeout
+        look = yield_end
         while True:
             pending = [p for p in pending if q[arrive[p]] < r]
             if not pending:
@@ -316,8 +327,22 @@ class ShmTransport:
                 )
             if now < yield_end:
                 os.sched_yield()
-            else:
-                time.sleep(SLEEP_S)
+                continue
+            if now >= look:
+                look = now + LIVENESS_S
+                for p in pending:
+                    pid = self._exited(p)
+                    if pid is not None:
+                        raise CommError(peer_exited(op, self.rank, p, pid, r))
+            time.sleep(SLEEP_S)
+
+    def _exited(self, p: int) -> int | None:
+        """Rank p's process id when that process has exited, else None (alive, or not ours to tell)."""
+        line = self._arrive[p]
+        pid, ns = int(self._q[line + PID_AT]), int(self._q[line + PID_NS_AT])
+        if pid <= 0 or ns != self._q[self._arrive[self.rank] + PID_NS_AT]:
+            return None
+        return pid if process_exited(pid) else None
 
     def _check(self, r: int, op: int, ranks: list[int], nbytes: int | None) -> None:
         """Each rank read from wrote this round, with this op and size: else the ranks' calls diverged."""
@@ -353,6 +378,7 @@ class _TpoShm(ctypes.Structure):  # tpo_shm in kernels/cpu_kernels.c
         ("spin_s", ctypes.c_double),
         ("yield_s", ctypes.c_double),
         ("sleep_s", ctypes.c_double),
+        ("liveness_s", ctypes.c_double),
     ]
 
 
@@ -375,6 +401,7 @@ class NativeAllReduce:
             spin_s=shm._spin_s,
             yield_s=YIELD_S,
             sleep_s=SLEEP_S,
+            liveness_s=LIVENESS_S,
         )
         self.fn = ctypes.cast(lib.tpo_shm_all_reduce, ctypes.c_void_p).value
         self.ctx = ctypes.addressof(self._ctx)
@@ -396,6 +423,8 @@ class NativeAllReduce:
                 f"all_reduce: rank {shm.rank} waited {shm._timeout:g} s (the timeout) for rank {peer} to reach "
                 f"round {r}; a peer died, hangs, or skipped a collective"
             )
+        if why == 4:
+            return CommError(peer_exited("all_reduce", shm.rank, peer, int(shm._q[shm._arrive[peer] + PID_AT]), r))
         if why == 2:
             return CommError(
                 f"all_reduce: rank {peer} is in a different collective while rank {shm.rank} is in all_reduce "
@@ -404,6 +433,38 @@ class NativeAllReduce:
         return CommError(
             f"all_reduce: rank {shm.rank}'s shared-memory group is closed, or the tensor exceeds max_bytes"
         )
+
+
+def pid_namespace() -> int:
+    """An id of this process's PID namespace (its inode), 0 where /proc cannot tell."""
+    try:
+        return os.stat("/proc/self/ns/pid").st_ino
+    except OSError:
+        return 0
+
+
+def process_exited(pid: int) -> bool:
+    """Whether process `pid` (of this PID namespace) has exited: gone, or a zombie its parent has not
+    reaped yet."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        pass  # another user's process: it exists
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            state = f.read().rsplit(b")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state in (b"Z", b"X")
+
+
+def peer_exited(op: str, rank: int, peer: int, pid: int, r: int) -> str:
+    return (
+        f"{op}: rank {peer} (process {pid}) exited while rank {rank} waited for it to reach round {r}; "
+        "the group cannot go on without it"
+    )
 
 
 def _create(path: str, size: int) -> None:
