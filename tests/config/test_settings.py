@@ -109,17 +109,17 @@ def test_the_original_designs_file_loads_with_notes(tmp_path):
     notes = s.notes()
     # Two replicas, balanced round robin: implemented, so no notes for them.
     assert (s.models.replication.min_replicas, s.inference.load_balancing.algorithm) == (2, "round_robin")
-    assert len(notes) == 4, notes  # discovery, fault tolerance, max_replicas and the replication strategy
+    assert len(notes) == 3, notes  # discovery, max_replicas and the replication strategy
+    assert (s.inference.fault_tolerance.enabled, s.inference.fault_tolerance.retry_attempts) == (True, 3)
     text = "\n".join(notes)
     for fragment in (
         "cluster.discovery.enabled = true",
         "the rendezvous is static",
-        "inference.fault_tolerance.retry_attempts = 3",
         "models.replication.max_replicas = 5",
         "models.replication.strategy = 'geographic'",
     ):
         assert fragment in text, text
-    for implemented in ("aggregation", "compression", "load_balancing", "replication.min_replicas", "caching"):
+    for implemented in ("aggregation", "compression", "load_balancing", "replication.min_replicas", "caching", "fault"):
         assert implemented not in text, text
     assert s.performance.compression == Compression(enabled=True, algorithm="gzip")
 
@@ -127,7 +127,6 @@ def test_the_original_designs_file_loads_with_notes(tmp_path):
 NON_DEFAULT = {
     "cluster.discovery": ("cluster.discovery.interval", "1m"),
     "inference.aggregation": ("inference.aggregation.strategy", "sum"),
-    "inference.fault_tolerance": ("inference.fault_tolerance.enabled", "true"),
     "models.replication.max_replicas": ("models.replication.max_replicas", 3),
     "models.replication.strategy": ("models.replication.strategy", "geographic"),
     "performance.caching.ttl": ("performance.caching.ttl", "2h"),

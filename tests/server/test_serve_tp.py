@@ -10,6 +10,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
@@ -194,6 +195,35 @@ def test_a_killed_engine_group_is_started_again(server, request):
                                 options={"temperature": 0, "num_predict": 8})  # fmt: skip
     assert "Paris" in reply.response
     assert psutil.Process(proc.pid).is_running()
+
+
+def test_a_rank_killed_mid_answer_and_the_answer_still_arrives(server, request):
+    """kill -9 of rank 1 after 10 streamed tokens: the stream neither ends nor repeats a token; the group
+    is started again, the model reloaded, and the request replayed from its prompt and the tokens it
+    already gave. The whole text is the text of the same request without the fault (greedy), and the
+    final counts are the client's: every token it got."""
+    sharded_only(request)
+    url, proc = server
+    prompt, options = "Here is a list of twenty fruits:", {"temperature": 0, "num_predict": 48}
+    with ollama.Client(host=url, timeout=STARTUP_S) as client:
+        clean = client.generate(model="smollm2:135m", prompt=prompt, raw=True, options=options)
+        agent = next(p for p in psutil.Process(proc.pid).children() if "engine" in " ".join(p.cmdline()))
+        rank1 = sorted(agent.children(recursive=True), key=lambda p: p.pid)[-1]
+        pieces, gaps, last, killed = [], [], None, None
+        for chunk in client.generate(model="smollm2:135m", prompt=prompt, raw=True, options=options, stream=True):
+            now = time.monotonic()
+            if last is not None:
+                gaps.append(now - last)
+            last = now
+            pieces.append(chunk.response)
+            if len(pieces) == 10:
+                rank1.kill()
+                killed = now
+            final = chunk
+    assert killed is not None and not rank1.is_running()
+    assert "".join(pieces) == clean.response
+    assert final.done and final.eval_count == clean.eval_count
+    print(f"longest gap between two tokens: {max(gaps):.2f} s")  # the group's restart and reload
 
 
 def test_every_endpoint_through_the_engine_group(server, request):

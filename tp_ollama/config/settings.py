@@ -42,7 +42,6 @@ DEFAULT_ORIGINS = (
 NOT_IMPLEMENTED: dict[str, str] = {
     "cluster.discovery": "not implemented: the rendezvous is static (every node is given node 0's address)",
     "inference.aggregation": "no-op: tensor-parallel ranks all-reduce partial sums; there are no partial answers",
-    "inference.fault_tolerance": "not implemented: a failed rank fails its requests; the group is not restarted",
     "models.replication.max_replicas": "not implemented: min_replicas groups are started and none are added under load",
     "models.replication.strategy": "not implemented: every replica runs on this node (node 0)",
     "performance.caching.ttl": "not implemented: cached prefix blocks stay until evicted (least recently used first)",
@@ -149,8 +148,11 @@ class LoadBalancing:
 
 @dataclass(frozen=True)
 class FaultTolerance:
-    enabled: bool = opt(False, Bool())
-    retry_attempts: int = opt(0, Int(0))
+    """An engine group that dies (a rank killed or crashed) is started again and its interrupted
+    requests replayed, each up to retry_attempts times (tp_ollama.server.engine_client)."""
+
+    enabled: bool = opt(True, Bool())
+    retry_attempts: int = opt(3, Int(0))
 
 
 @dataclass(frozen=True)

@@ -6,6 +6,7 @@ one reader task hands each reply to the request waiting for it."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import itertools
 import logging
 import os
@@ -14,7 +15,7 @@ import socket
 import subprocess
 import sys
 import tempfile
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -48,6 +49,9 @@ from tp_ollama.server.engine_api import LoadedModel, LoadRequest, TokenEvent
 log = logging.getLogger(__name__)
 
 CLUSTER_TIMEOUT_S = 10.0  # a group that takes longer to list its ranks is reported from the snapshot
+# A group whose connection broke (a rank died) is stopped at once (its agent would take a second or two
+# to tear the others down): TERM to its whole session, KILL after this long.
+BROKEN_GROUP_GRACE_S = 1.0
 
 
 class Lost(msgspec.Struct):
@@ -63,6 +67,7 @@ class EngineClient:
         command: list[str] | None = None,
         connect_timeout_s: float = 120.0,
         sock: socket.socket | None = None,
+        replays: int = 0,
     ) -> None:
         self.socket_path = socket_path
         self.command = command  # how to (re)start the group; None when someone else runs it
@@ -79,12 +84,17 @@ class EngineClient:
         self._snapshot: dict[str, Any] = {"world_size": 0, "ranks": [], "as_of": 0.0}
         self.active = 0  # requests generating in the engine right now
         self.shutdown_sent = False
+        self._broken = False  # the connection to the group ended while the group was meant to run
+        self.replays = replays  # times one request is resubmitted after its group died (see generate)
+        self.replayed = 0  # requests resubmitted so far
+        self._load_request: LoadRequest | None = None  # what to load again into a restarted group
+        self._recovering = asyncio.Lock()
 
     @classmethod
     def spawn(cls, tp: int, comm: str = "auto", device: str = "cpu", tp_weights: str | None = None,
               join_timeout_s: float = 120.0, nnodes: int = 1, master_addr: str = "127.0.0.1",
               master_port: int = 0, max_running: int = 16, kv_cache_bytes: int | None = None,
-              prefix_cache: bool = True) -> EngineClient:  # fmt: skip
+              prefix_cache: bool = True, replays: int = 0) -> EngineClient:  # fmt: skip
         """Start this node's `tp` ranks (node 0 of `nnodes`) in a child process group serving a fresh
         socket; with several nodes the others join through `tp-ollama launch --node-rank R`."""
         path = Path(tempfile.mkdtemp(prefix="tp-ollama-")) / "engine.sock"
@@ -98,11 +108,12 @@ class EngineClient:
             cmd += ["--no-prefix-cache"]
         if tp_weights:
             cmd += ["--tp-weights", tp_weights]
-        engine = cls(path, cmd, connect_timeout_s=join_timeout_s)
+        engine = cls(path, cmd, connect_timeout_s=join_timeout_s, replays=replays)
         engine.start()
         return engine
 
     def start(self) -> None:
+        self._broken = False
         if self.command is not None and (self.process is None or self.process.poll() is not None):
             # Its own session, so stopping it takes every rank with it and nothing else.
             self.process = subprocess.Popen(self.command, start_new_session=True)
@@ -114,6 +125,10 @@ class EngineClient:
 
     async def _connect(self) -> None:
         async with self._connecting:
+            if self.command is not None and self._broken and not self._exited():
+                # Its connection broke (a rank died) and the group is still going down: a request now
+                # would find its socket closed. Stop what is left of it.
+                await asyncio.to_thread(self.terminate, BROKEN_GROUP_GRACE_S)
             if self.command is not None and self._exited():
                 # The group died (a rank crashed or was killed): the front end and its queue stay up,
                 # and the next request starts a fresh group, which loads the model again.
@@ -163,6 +178,7 @@ class EngineClient:
         except (OSError, ValueError, asyncio.IncompleteReadError, msgspec.DecodeError) as e:
             log.warning("the engine's connection failed: %s", e)
         if self.reader is reader:
+            self._broken = not self.shutdown_sent
             self._lost("the engine closed its connection (a rank may have died)")
 
     def _lost(self, why: str) -> None:
@@ -181,6 +197,7 @@ class EngineClient:
             self.writer.write(frame(cmd))
             await self.writer.drain()
         except OSError:
+            self._broken = not self.shutdown_sent
             self._lost("the engine's socket is gone (a rank may have died)")
             raise EngineUnavailable("the engine's socket is gone (a rank may have died)") from None
 
@@ -212,6 +229,7 @@ class EngineClient:
     # --- the Engine protocol -----------------------------------------------------------------------
 
     async def load(self, request: LoadRequest) -> LoadedModel:
+        self._load_request = request
         reply = await self._call(
             lambda rid: Load(rid, str(request.path), request.dtype, request.num_ctx, request.quant)
         )
@@ -225,7 +243,7 @@ class EngineClient:
 
     async def unload(self) -> None:
         await self._call(Unload)
-        self._loaded = None
+        self._loaded = self._load_request = None
 
     def loaded(self) -> LoadedModel | None:
         return None if self._exited() else self._loaded
@@ -237,6 +255,63 @@ class EngineClient:
         eos_ids: frozenset[int],
         output_format: OutputFormat | None = None,
     ) -> AsyncIterator[TokenEvent]:
+        """The request's tokens as the engine makes them. When the group dies mid-answer (a rank was
+        killed) and this client restarts groups, the answer goes on: the group is started again, the
+        model loaded again, and the request resubmitted as the prefill of its prompt plus the tokens
+        already given, for what is left of num_predict, up to `replays` times. The stream has no
+        duplicate and no missing token; with temperature 0 or a seed it is the text of a run without
+        the fault (sampling draws depend on the seed and position only). Requests with a grammar are
+        not replayed (the grammar's state is not rebuilt from given tokens): they end with the error."""
+        sent: list[int] = []
+        attempt = 0
+        while True:
+            remaining = options
+            if sent and options.num_predict > 0:
+                remaining = dataclasses.replace(options, num_predict=options.num_predict - len(sent))
+            once = self._generate_once(prompt + sent, remaining, eos_ids, output_format)
+            try:
+                async for event in once:
+                    if event.token is not None:
+                        sent.append(event.token)
+                        yield event
+                        continue
+                    if attempt:  # counts as the client asked: its prompt, and every token it got
+                        event = dataclasses.replace(event, prompt_eval_count=len(prompt), eval_count=len(sent))
+                    yield event
+                    return
+                return
+            except EngineUnavailable as e:
+                if (
+                    attempt >= self.replays
+                    or self.command is None
+                    or output_format is not None
+                    or self._load_request is None
+                ):
+                    raise
+                attempt += 1
+                await once.aclose()
+                log.warning(
+                    "%s; replaying a request after %d tokens (attempt %d of %d)", e, len(sent), attempt, self.replays
+                )
+                self.replayed += 1
+                await self._recover()
+            finally:
+                await once.aclose()  # its bookkeeping (active requests, a cancel) runs now, not when collected
+
+    async def _recover(self) -> None:
+        """Start the group again and load the model it had (once, for every request replaying)."""
+        async with self._recovering:
+            await self._connect()
+            if self._loaded is None and self._load_request is not None:
+                await self.load(self._load_request)
+
+    async def _generate_once(
+        self,
+        prompt: list[int],
+        options: GenerationOptions,
+        eos_ids: frozenset[int],
+        output_format: OutputFormat | None,
+    ) -> AsyncGenerator[TokenEvent, None]:
         await self._connect()
         rid, queue = self._open_request()
         finished = False
