@@ -148,8 +148,8 @@ class LoadBalancing:
 
 @dataclass(frozen=True)
 class FaultTolerance:
-    """An engine group that dies (a rank killed or crashed) is started again and its interrupted
-    requests replayed, each up to retry_attempts times (tp_ollama.server.engine_client)."""
+    """An engine group on one node that dies (a rank killed or crashed) is started again and its
+    interrupted requests replayed, each up to retry_attempts times (tp_ollama.server.engine_client)."""
 
     enabled: bool = opt(True, Bool())
     retry_attempts: int = opt(3, Int(0))

@@ -31,7 +31,9 @@ def build(settings: Any) -> tuple[list[Any], Any]:
             tp_weights=weights, join_timeout_s=c.join_timeout,
             nnodes=c.nnodes, master_addr=c.rendezvous_addr, master_port=port, max_running=i.max_concurrent,
             kv_cache_bytes=settings.performance.caching.size, prefix_cache=settings.performance.caching.enabled,
-            replays=i.fault_tolerance.retry_attempts if i.fault_tolerance.enabled else 0,
+            # One node only: a group across nodes cannot be started again without the others' agents,
+            # which exit with it, so a replay would wait out the join timeout and fail anyway.
+            replays=i.fault_tolerance.retry_attempts if i.fault_tolerance.enabled and c.nnodes == 1 else 0,
         )  # fmt: skip
         engines.append(engine)
     app = create_app(
