@@ -1,6 +1,6 @@
 """Text in, text out over an engine loop in this process (a group of one): load a model with its
 tokenizer, stream the text of a prompt. The in-process reference of the tests and benchmarks; the
-one-shot CLI and the TP worker use its text side (`text_pieces`, `final_metrics`)."""
+one-shot CLI and the TP worker use its `final_metrics` (their text goes through text/process.py)."""
 
 from __future__ import annotations
 

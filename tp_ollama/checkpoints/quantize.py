@@ -75,7 +75,8 @@ def auto_packings(ckpt: Checkpoint) -> dict[str, tuple[str, int]]:
     for name in ckpt.names():
         if not name.endswith(".weight") or len(ckpt.shape(name)) != 2:
             continue
-        kind, packing = stored_type(name), packing_for("auto", stored_type(name))
+        kind = stored_type(name)
+        packing = packing_for("auto", kind)
         if packing == "int4":
             out[name.removesuffix(".weight")] = ("int4", INT4_GROUP)
         elif packing == "int8":

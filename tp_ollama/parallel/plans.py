@@ -14,7 +14,7 @@ forward hooks on local tensors (no DTensor dispatch on the decode path).
 from __future__ import annotations
 
 import fnmatch
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from torch import nn
@@ -23,11 +23,10 @@ from tp_ollama.parallel.comm import Comm
 from tp_ollama.parallel.layout import Span, TPLayout
 
 
-class ShardStyle:
+class ShardStyle(Protocol):
     """How the modules a plan pattern matches are cut for this rank."""
 
-    def apply(self, module: Any) -> None:
-        raise NotImplementedError
+    def apply(self, module: Any) -> None: ...
 
 
 def shard_parameter(module: Any, name: str, dim: int, span: Span) -> None:

@@ -86,7 +86,6 @@ class EngineClient:
         self.shutdown_sent = False
         self._broken = False  # the connection to the group ended while the group was meant to run
         self.replays = replays  # times one request is resubmitted after its group died (see generate)
-        self.replayed = 0  # requests resubmitted so far
         self._load_request: LoadRequest | None = None  # what to load again into a restarted group
         self._recovering = asyncio.Lock()
 
@@ -281,22 +280,15 @@ class EngineClient:
                     return
                 return
             except EngineUnavailable as e:
-                if (
-                    attempt >= self.replays
-                    or self.command is None
-                    or output_format is not None
-                    or self._load_request is None
-                ):
+                replayable = self.command is not None and output_format is None and self._load_request is not None
+                if attempt >= self.replays or not replayable:
                     raise
-                attempt += 1
-                await once.aclose()
-                log.warning(
-                    "%s; replaying a request after %d tokens (attempt %d of %d)", e, len(sent), attempt, self.replays
-                )
-                self.replayed += 1
-                await self._recover()
+                lost = e
             finally:
                 await once.aclose()  # its bookkeeping (active requests, a cancel) runs now, not when collected
+            attempt += 1
+            log.warning("%s; replaying a request after %d tokens (%d of %d)", lost, len(sent), attempt, self.replays)
+            await self._recover()
 
     async def _recover(self) -> None:
         """Start the group again and load the model it had (once, for every request replaying)."""

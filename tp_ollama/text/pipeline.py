@@ -1,6 +1,6 @@
 """Token ids -> text, the one way every text stream takes it: the server's replies
-(server/text_service.py), the text of a generation run here or on TP ranks (completion.text_pieces),
-and the helper process of a one-shot `generate` (text/process.py).
+(server/text_service.py), the text of an in-process generation (completion.text_pieces), and the
+helper process of a one-shot `generate`, in process or on TP ranks (text/process.py).
 
 Each token id goes through three stages:
   1. the incremental detokenizer (text/detokenize.py): ids -> text, never a partial character;
