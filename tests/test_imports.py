@@ -215,8 +215,8 @@ def test_runtime_code_does_not_import_the_benchmarks():
 # only parts listed before it (and itself); `tp_ollama` is the package's own __init__ (its version).
 LAYERS = [
     "tp_ollama", "errors", "logs", "launch", "cli_support", "config", "kernels", "models", "checkpoints", "store",
-    "text", "parallel", "engine", "completion", "client", "server", "oneshot_ranks", "oneshot", "bench", "cli",
-    "__main__",
+    "text", "parallel", "engine", "membership", "completion", "client", "server", "oneshot_ranks", "oneshot", "bench",
+    "cli", "__main__",
 ]  # fmt: skip
 
 

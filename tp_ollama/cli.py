@@ -243,31 +243,20 @@ def serve(
 
 @app.command(hidden=True)
 def engine(
-    socket_path: Annotated[str, typer.Option("--socket", help="Local socket for the front end (on node 0).")],
-    tp: Annotated[int, typer.Option(help="Engine ranks on this machine.")] = 1,
-    nnodes: Annotated[int, typer.Option(help="Number of machines.")] = 1,
-    node_rank: Annotated[int, typer.Option(help="This machine's index.")] = 0,
-    master_addr: Annotated[str, typer.Option(help="Address of node 0.")] = "127.0.0.1",
-    master_port: Annotated[int, typer.Option(help="Rendezvous port on node 0 (0: any, one node only).")] = 0,
-    comm: CommOpt = "auto",
-    device: DeviceOpt = "cpu",
-    tp_weights: TpWeightsOpt = None,
-    join_timeout: JoinTimeoutOpt = 120.0,
-    max_running: Annotated[int, typer.Option(help="Sequences decoding together.")] = 16,
-    kv_cache_bytes: Annotated[int, typer.Option(help="KV cache per rank, in bytes.")] = 2 << 30,
-    prefix_cache: Annotated[bool, typer.Option(help="Keep finished requests' KV blocks for reuse.")] = True,
     debug: DebugOpt = False,
     log_level: LogLevelOpt = None,
 ) -> None:
-    """Run an engine group that serves a front end (started by serve and launch)."""
+    """Run one node's ranks of an engine group (for serve and launch): import what a rank needs, then
+    run the group the first line of stdin describes (tp_ollama.engine.host.GroupSpec, JSON)."""
 
-    def body() -> None:
-        from tp_ollama.engine.loop import run_engine_group
+    def body() -> int:
+        from tp_ollama.engine.host import standby
 
-        run_engine_group(socket_path, tp, nnodes, node_rank, master_addr, master_port, comm, device, tp_weights,
-                           join_timeout, max_running, kv_cache_bytes, prefix_cache)  # fmt: skip
+        return standby()
 
-    run_reporting_errors(debug, body, log_level)
+    code = run_reporting_errors(debug, body, log_level)
+    if code:
+        raise typer.Exit(code)
 
 
 # Ollama's client commands (run, list, ps, show, rm, cp, create, stop), talking to a server over HTTP.

@@ -35,3 +35,7 @@ class ServerBusy(TpOllamaError):
 
     def __init__(self) -> None:
         super().__init__("server busy, please try again.  maximum pending requests exceeded")
+
+
+class Regrouped(EngineUnavailable):
+    """The engine group was stopped on purpose (it grows: a node joined); its requests go on in the next."""

@@ -265,7 +265,7 @@ def test_sigint_stops_the_front_end_and_every_replicas_processes(two_replicas):
     _, proc = two_replicas
     children = psutil.Process(proc.pid).children(recursive=True)
     engines = [p for p in children if "engine" in " ".join(p.cmdline())]
-    assert len(engines) >= 2  # one torchrun agent per replica (its ranks are among `children` too)
+    assert len(engines) >= 2  # one host per replica (its ranks are among `children` too)
     proc.send_signal(signal.SIGINT)
     assert proc.wait(timeout=60) is not None
     _, alive = psutil.wait_procs(children, timeout=30)

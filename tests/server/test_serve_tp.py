@@ -171,6 +171,15 @@ def test_defaults_at_tp2_decode_natively_and_a_batch_gives_each_its_own_tokens(t
         proc.wait(timeout=60)
 
 
+def group_host(proc: subprocess.Popen[bytes]) -> psutil.Process:
+    """The host process of the server's running engine group: the `engine` child with ranks (another,
+    without, waits ready for the next group)."""
+    hosts = [p for p in psutil.Process(proc.pid).children() if "engine" in " ".join(p.cmdline())]
+    running = [p for p in hosts if p.children()]
+    assert len(running) == 1, [(p.pid, p.children()) for p in hosts]
+    return running[0]
+
+
 def _answers(url: str) -> bool:
     try:
         return httpx.get(f"{url}/api/version", timeout=2).status_code == 200
@@ -184,13 +193,12 @@ def test_a_killed_engine_group_is_started_again(server, request):
     url, proc = server
     with ollama.Client(host=url) as client:
         client.generate(model="smollm2:135m", prompt="Hi", options={"num_predict": 2})
-        agent = next(p for p in psutil.Process(proc.pid).children() if "engine" in " ".join(p.cmdline()))
+        agent = group_host(proc)
         ranks = agent.children(recursive=True)
         for p in ranks:
             p.kill()
-        # torchrun's agent gives up once its ranks are gone (no restarts); it stays a zombie until the
-        # server reaps it, which is what the next request does.
-        wait_until(lambda: not agent.is_running() or agent.status() == psutil.STATUS_ZOMBIE, what="the agent gone")
+        # The group's host gives up once its ranks are gone; the server starts a new group at once.
+        wait_until(lambda: not agent.is_running() or agent.status() == psutil.STATUS_ZOMBIE, what="the host gone")
         reply = client.generate(model="smollm2:135m", prompt="The capital of France is", raw=True,
                                 options={"temperature": 0, "num_predict": 8})  # fmt: skip
     assert "Paris" in reply.response
@@ -207,8 +215,7 @@ def test_a_rank_killed_mid_answer_and_the_answer_still_arrives(server, request):
     prompt, options = "Here is a list of twenty fruits:", {"temperature": 0, "num_predict": 48}
     with ollama.Client(host=url, timeout=STARTUP_S) as client:
         clean = client.generate(model="smollm2:135m", prompt=prompt, raw=True, options=options)
-        agent = next(p for p in psutil.Process(proc.pid).children() if "engine" in " ".join(p.cmdline()))
-        rank1 = sorted(agent.children(recursive=True), key=lambda p: p.pid)[-1]
+        rank1 = sorted(group_host(proc).children(recursive=True), key=lambda p: p.pid)[-1]
         pieces, gaps, last, killed = [], [], None, None
         for chunk in client.generate(model="smollm2:135m", prompt=prompt, raw=True, options=options, stream=True):
             now = time.monotonic()

@@ -82,15 +82,19 @@ class Bool(Kind):
 
 
 class Str(Kind):
-    def __init__(self, choices: tuple[str, ...] = (), planned: Mapping[str, str] | None = None) -> None:
-        self.choices, self.planned = choices, dict(planned or {})
+    def __init__(
+        self, choices: tuple[str, ...] = (), planned: Mapping[str, str] | None = None, empty_ok: bool = False
+    ) -> None:
+        self.choices, self.planned, self.empty_ok = choices, dict(planned or {}), empty_ok
         self.expected = "one of " + ", ".join(f'"{c}"' for c in choices) if choices else "a non-empty string"
+        if empty_ok:
+            self.expected = "a string"
 
     def parse(self, g: Given) -> str:
         v = g.value.strip() if isinstance(g.value, str) else g.value
         if v in self.planned:
             raise InvalidValue(g.value, self.expected, f"is not implemented yet: {self.planned[v]}")
-        if not isinstance(v, str) or not v or (self.choices and v not in self.choices):
+        if not isinstance(v, str) or (not v and not self.empty_ok) or (self.choices and v not in self.choices):
             raise InvalidValue(g.value, self.expected)
         return v
 

@@ -107,6 +107,12 @@ class ClusterSettings:
     nproc_per_node: int = opt(1, Int(1))
     join_timeout: float = opt(120.0, Duration(0, strict=True))
     comm: str = opt("auto", Str(COMM_KINDS))
+    # Several nodes: the fewest that keep serving after failures (requests wait, within
+    # inference.fault_tolerance.retry_timeout, while fewer are up).
+    min_nodes: int = opt(1, Int(1))
+    # Several nodes: the shared secret every node proves on the rendezvous and mesh connections
+    # (else TP_OLLAMA_CLUSTER_SECRET; node 0 generates one and saves it when neither is set).
+    secret: str = opt("", Str(empty_ok=True))
     discovery: Discovery = field(default_factory=Discovery)
 
     @property
@@ -148,11 +154,20 @@ class LoadBalancing:
 
 @dataclass(frozen=True)
 class FaultTolerance:
-    """An engine group on one node that dies (a rank killed or crashed) is started again and its
-    interrupted requests replayed, each up to retry_attempts times (tp_ollama.server.engine_client)."""
+    """An engine group that dies (a rank killed or crashed, a node lost) is formed again on the ranks
+    and nodes still up, and its interrupted requests replayed, each up to retry_attempts times, within
+    retry_timeout of the failure (tp_ollama.server.engine_client). A node silent for detect_timeout
+    (hung, its link cut) counts as lost (tp_ollama.membership)."""
 
     enabled: bool = opt(True, Bool())
     retry_attempts: int = opt(3, Int(0))
+    detect_timeout: float = opt(5.0, Duration(0, strict=True))
+    retry_timeout: float = opt(60.0, Duration(0, strict=True))
+    # Several nodes, a node lost: false keeps every rank (its ranks move to the nodes up, so the
+    # layout and the arithmetic, hence the text, stay those of the whole cluster); true re-forms a
+    # smaller group of the nodes' own ranks (a new layout: faster on equal nodes, and the text after
+    # the failure may differ where two tokens were nearly tied).
+    reshard: bool = opt(False, Bool())
 
 
 @dataclass(frozen=True)

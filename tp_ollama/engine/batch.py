@@ -181,6 +181,8 @@ class Batch:
         for rid, n in plan.prefill:
             seq = self.running[rid]
             row = self._prefill(seq, n)
+            if row is not None and seq.request.resumed:
+                row = self._resume(seq)
             if row is not None:
                 fresh.append((seq, row))
         decoding = [self.running[rid] for rid in plan.decode]
@@ -203,9 +205,7 @@ class Batch:
     def _start(self, request: Request) -> None:
         kv, cached = self.pool.new_sequence(request.prompt)
         opts = request.options
-        limit = opts.num_ctx - len(request.prompt)
-        if opts.num_predict >= 0:
-            limit = min(limit, opts.num_predict)
+        limit = generation_limit(len(request.prompt), opts)
         self.running[request.id] = Running(
             request=request,
             kv=kv,
@@ -242,6 +242,38 @@ class Batch:
             seq.written += n
             row = None if seq.prefilling else self.model.logits(hidden[:, n - 1]).float()[0]  # type: ignore[operator]
         seq.prompt_ns += time.perf_counter_ns() - t0
+        return row
+
+    def _resume(self, seq: Running) -> torch.Tensor:
+        """A resumed request, its prompt just prefilled: its given tokens go through the model as the
+        decode steps that made them did, and the last one's logits choose the next token.
+
+        Decode and prefill round differently in the last bits, so a replay that prefilled the given
+        tokens could choose differently where two tokens were nearly tied. The native step runs the
+        given tokens as rows of one call, in order (each row writes its keys and values before the
+        next row attends), and computes every row as it would alone: the same numbers as one step
+        each, in one pass over the weights. Elsewhere it takes one step per token."""
+        tokens = seq.request.resumed
+        now = time.perf_counter_ns()
+        for token in tokens:  # history and grammar as if each had just been sampled
+            if seq.constraint is not None:
+                seq.constraint.accept(token)
+            seq.history.append(token)
+        seq.generated, seq.first_token_ns = len(tokens), now
+        decoder = native_decoder(self.model)
+        if decoder is not None and decoder.fits_pool(self.pool) and decoder.takes_tokens:
+            if not seq.kv.reserve(len(tokens)):
+                raise RuntimeError(f"the KV pool could not hold {len(tokens)} more tokens of request {seq.request.id}")
+            ids = torch.tensor([[t] for t in tokens], dtype=torch.long, device=self.device)
+            positions = [seq.written + i for i in range(len(tokens))]
+            logits = decoder.decode_paged(ids, positions, [seq.kv] * len(tokens), self.pool, logits=True)
+            seq.kv.commit(list(tokens))
+            seq.written += len(tokens)
+            return logits[-1]
+        row = torch.empty(0)
+        for token in tokens:
+            seq.pending = token
+            row = self._decode([seq])[0]
         return row
 
     def _decode(self, seqs: list[Running]) -> torch.Tensor:
@@ -308,6 +340,12 @@ class Batch:
 
     def _comm_seconds(self) -> float:
         return float(getattr(self.comm, "seconds", 0.0)) if self.comm is not None else 0.0
+
+
+def generation_limit(n_prompt: int, options: GenerationOptions) -> int:
+    """The tokens a request may generate: num_predict, within num_ctx."""
+    limit = options.num_ctx - n_prompt
+    return min(limit, options.num_predict) if options.num_predict >= 0 else limit
 
 
 def positions_needed(n_prompt: int, options: GenerationOptions) -> int:

@@ -40,7 +40,6 @@ from tp_ollama.engine.protocol import (
 )
 from tp_ollama.engine.state import EngineJob, EngineState
 from tp_ollama.errors import TpOllamaError
-from tp_ollama.launch import Cluster, parse_weights, run_workers
 from tp_ollama.logs import setup_logging
 from tp_ollama.parallel.comm import join_group
 
@@ -180,16 +179,3 @@ def engine_main(job: EngineJob) -> None:
         comm.close()
         if link is not None:
             link.close()
-
-
-def run_engine_group(
-    socket_path: str, tp: int, nnodes: int, node_rank: int, master_addr: str, master_port: int, comm: str,
-    device: str, tp_weights: str | None, join_timeout: float, max_running: int, kv_cache_bytes: int,
-    prefix_cache: bool,
-) -> None:  # fmt: skip
-    """`tp-ollama engine`: this node's engine ranks, serving the front end at `socket_path` (node 0)."""
-    cluster = Cluster(nnodes, node_rank, tp, master_addr, master_port, join_timeout)
-    job = EngineJob(socket_path=socket_path, comm=comm, device=device, tp_weights=parse_weights(tp_weights),
-                    timeout_s=join_timeout, max_running=max_running, kv_cache_bytes=kv_cache_bytes,
-                    prefix_cache=prefix_cache)  # fmt: skip
-    run_workers(cluster, engine_main, job)

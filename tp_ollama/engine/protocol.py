@@ -43,6 +43,9 @@ class Generate(msgspec.Struct, tag="generate"):
     options: GenerationOptions
     eos: frozenset[int]
     format: OutputFormat | None = None
+    # A request taken up again on a new group (its old one died): the tokens its client already has.
+    # They are run as the decode steps that made them, not sampled or sent again (engine/batch.py).
+    resumed: list[int] = msgspec.field(default_factory=list)
 
 
 class Cancel(msgspec.Struct, tag="cancel"):
@@ -162,6 +165,7 @@ class Request(msgspec.Struct):
     options: GenerationOptions
     eos: frozenset[int]
     constrained: bool = False  # rank 0 holds the grammar; the others take its masks
+    resumed: list[int] = msgspec.field(default_factory=list)  # see Generate
 
 
 class Plan(msgspec.Struct):

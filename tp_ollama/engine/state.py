@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from tp_ollama.checkpoints.quantize import describe_precision, precision_line
-from tp_ollama.engine.batch import Batch, Planner
+from tp_ollama.engine.batch import Batch, Planner, generation_limit
 from tp_ollama.engine.constraint import (
     Constraint,
     Grammar,
@@ -201,7 +201,12 @@ class EngineState:
         if self.model is None or self.planner is None or self.batch is None or self.loaded is None:
             raise TpOllamaError("no model is loaded")
         check_prompt(len(cmd.prompt), cmd.options)
-        request = Request(cmd.id, list(cmd.prompt), cmd.options, cmd.eos, cmd.format is not None)
+        request = Request(cmd.id, list(cmd.prompt), cmd.options, cmd.eos, cmd.format is not None, list(cmd.resumed))
+        if request.resumed and len(request.resumed) >= generation_limit(len(request.prompt), request.options):
+            raise TpOllamaError(
+                f"a resumed request has {len(request.resumed)} tokens already, all it may generate "
+                f"(num_predict {request.options.num_predict}, num_ctx {request.options.num_ctx})"
+            )
         blocks = self.planner.need(request)
         if blocks > self.batch.pool.num_blocks:
             raise TpOllamaError(

@@ -84,10 +84,25 @@ class TorchComm:
         return t
 
     def broadcast_bytes(self, data: bytes | None, src: int = 0) -> bytes:
+        """Its length, then its bytes, as tensors (no pickle crosses the network)."""
         self.stats["broadcast_bytes"] += 1
-        box: list[Any] = [data]
-        dist.broadcast_object_list(box, src)
-        return bytes(box[0])
+        device = "cuda" if self.transport == "nccl" else "cpu"
+        mine = self.rank == src
+        size = torch.tensor([len(data) if mine and data is not None else 0], dtype=torch.int64, device=device)
+        dist.broadcast(size, src)
+        n = int(size.item())
+        if mine:
+            assert data is not None
+            buf = (
+                torch.frombuffer(bytearray(data), dtype=torch.uint8).to(device)
+                if n
+                else torch.empty(0, dtype=torch.uint8)
+            )
+        else:
+            buf = torch.empty(n, dtype=torch.uint8, device=device)
+        if n:
+            dist.broadcast(buf, src)
+        return bytes(buf.cpu().numpy().tobytes())
 
     def close(self) -> None:
         pass

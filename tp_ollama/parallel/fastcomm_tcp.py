@@ -19,7 +19,10 @@ store. The variable is read once when the transport is created; unset or 0 adds 
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import json
+import logging
 import math
 import os
 import select
@@ -43,8 +46,13 @@ from tp_ollama.parallel.fastcomm_base import (
 )
 
 HEADER = struct.Struct("<IIq")  # op, sequence number mod 2**32, payload bytes (negative: refused, see below)
-HELLO = struct.Struct("<4sIQ")  # magic, rank, group token: the first bytes on a new connection
+HELLO = struct.Struct("<4sIQ")  # magic, rank, group token: the connecting rank's first bytes
 MAGIC = b"TPFC"
+NONCE_BYTES = 16  # the accepting rank's challenge, sent first on every connection
+MAC_BYTES = 32  # HMAC-SHA256 of the challenge and the hello under the cluster secret, after the hello
+SECRET_ENV = "TP_OLLAMA_CLUSTER_SECRET"
+
+log = logging.getLogger(__name__)
 
 AR, BC, AG, BB, BAR = (OPS[k] for k in ("all_reduce", "broadcast", "all_gather", "broadcast_bytes", "barrier"))
 
@@ -129,9 +137,12 @@ class TcpTransport:
         spin_s: float,
     ) -> TcpTransport:
         """Collective: listen, publish host:port through the store, connect to every lower rank and accept
-        every higher one. `token` (the same on all ranks) rejects stray connections. The emulated link delay
-        is read from the environment here, before any socket is opened."""
+        every higher one. Each accepted connection must prove the cluster secret (TP_OLLAMA_CLUSTER_SECRET,
+        empty on one node): the accepting rank sends a random challenge, the connecting rank answers with
+        its hello (its rank and the group's `token`) and their HMAC; anything else is dropped and logged.
+        The emulated link delay is read from the environment here, before any socket is opened."""
         delay_s = link_delay_s(os.environ)
+        secret = os.environ.get(SECRET_ENV, "").encode()
         family, ip = _local_address(store)
         listener = socket.socket(family, socket.SOCK_STREAM)
         socks: dict[int, socket.socket] = {}
@@ -146,7 +157,9 @@ class TcpTransport:
                 try:
                     s = socket.create_connection((addrs[p]["ip"], addrs[p]["port"]), timeout=timeout)
                     socks[p] = s
-                    s.sendall(HELLO.pack(MAGIC, rank, token))
+                    nonce = _recv_exact(s, NONCE_BYTES, timeout)
+                    hello = HELLO.pack(MAGIC, rank, token)
+                    s.sendall(hello + hmac.new(secret, nonce + hello, hashlib.sha256).digest())
                 except OSError as e:
                     raise CommError(f"fastcomm setup: rank {rank} cannot connect to rank {p} at {addrs[p]}: {e}") from e
             while len(socks) < world_size - 1:
@@ -162,8 +175,9 @@ class TcpTransport:
                     conn, _ = listener.accept()
                 except TimeoutError:
                     continue
-                peer = _read_hello(conn, token, world_size, min(left, 5.0))
+                peer = _read_hello(conn, token, secret, world_size, min(left, 5.0))
                 if peer is None or peer <= rank or peer in socks:
+                    log.warning("rank %d dropped a mesh connection that did not prove the group and its secret", rank)
                     conn.close()  # not one of ours: keep waiting for the real peer
                     continue
                 socks[peer] = conn
@@ -348,21 +362,31 @@ def _local_address(store: dist.Store) -> tuple[socket.AddressFamily, str]:
         return socket.AF_INET, "127.0.0.1"
 
 
-def _read_hello(conn: socket.socket, token: int, world_size: int, timeout: float) -> int | None:
-    """The peer's rank from its first bytes, or None for a connection that is not one of this group's."""
-    buf = bytearray(HELLO.size)
+def _recv_exact(conn: socket.socket, n: int, timeout: float) -> bytes:
+    buf = bytearray(n)
     view = memoryview(buf)
     conn.settimeout(timeout)
     got = 0
+    while got < n:
+        k = conn.recv_into(view[got:])
+        if k == 0:
+            raise ConnectionError("the peer closed the connection during the handshake")
+        got += k
+    return bytes(buf)
+
+
+def _read_hello(conn: socket.socket, token: int, secret: bytes, world_size: int, timeout: float) -> int | None:
+    """Challenge a new connection; the peer's rank when it proves the group and the secret, else None."""
+    nonce = os.urandom(NONCE_BYTES)
     try:
-        while got < HELLO.size:
-            n = conn.recv_into(view[got:])
-            if n == 0:
-                return None
-            got += n
+        conn.settimeout(timeout)
+        conn.sendall(nonce)
+        data = _recv_exact(conn, HELLO.size + MAC_BYTES, timeout)
     except OSError:
         return None
-    magic, peer, their_token = HELLO.unpack(buf)
-    if magic != MAGIC or their_token != token or not 0 <= peer < world_size:
+    hello, mac = data[: HELLO.size], data[HELLO.size :]
+    magic, peer, their_token = HELLO.unpack(hello)
+    expected = hmac.new(secret, nonce + hello, hashlib.sha256).digest()
+    if magic != MAGIC or their_token != token or not 0 <= peer < world_size or not hmac.compare_digest(mac, expected):
         return None
     return peer

@@ -80,7 +80,11 @@ def create_app(
     if resolver is None:
         raise TypeError("create_app needs a model store (store=) or a model resolver (models)")
     # The monitor asks the service (built next) which model is loaded when /metrics is scraped.
-    monitor = Monitor(loaded_model=lambda: cluster_routes.loaded_name(service), replicas=lambda: service.engine.stats())
+    monitor = Monitor(
+        loaded_model=lambda: cluster_routes.loaded_name(service),
+        replicas=lambda: service.engine.stats(),
+        membership=lambda: service.engine.membership(),
+    )
     service = TextService(
         engine,
         resolver,

@@ -166,8 +166,11 @@ def routes(service: TextService, version: str) -> list[Route]:
         # Each replica's load: requests running there now and routed there in all.
         replicas = facts.get("replicas") or [{**s, "alive": False} for s in service.engine.stats()]
         scheduler = service.scheduler
+        membership = service.engine.membership()
         body: dict[str, Any] = {
+            "state": membership["state"],
             "world_size": facts["world_size"],
+            "configured_world_size": sum(int(v.get("configured_world_size", 0)) for v in membership["replicas"]),
             "nodes": len({r["host"] for r in ranks}),
             "ranks": ranks,
             "replicas": replicas,
@@ -178,9 +181,11 @@ def routes(service: TextService, version: str) -> list[Route]:
                 "max_queue": service.limits.max_queue,
             },
             "healthy": error is None
+            and membership["state"] == "healthy"
             and len(ranks) == facts["world_size"]
             and all(r["alive"] for r in ranks)
             and all(r.get("alive", True) for r in replicas),
+            "membership": membership,
             "uptime_seconds": monitor.uptime_seconds(),
             "version": version,
             "model": loaded_name(service),
@@ -218,6 +223,12 @@ def routes(service: TextService, version: str) -> list[Route]:
     async def requests(request: Request) -> Response:
         return json_response({"requests": monitor.active()})
 
+    async def events(request: Request) -> Response:
+        """Membership events, oldest first: nodes joined, left and rejoined, failures detected,
+        groups formed, requests replayed, recoveries and their seconds."""
+        membership = service.engine.membership()
+        return json_response({"events": service.engine.events(), "counters": membership["counters"]})
+
     async def prometheus(request: Request) -> Response:
         await refresh_engine_facts()
         return Response(monitor.exposition(), media_type=CONTENT_TYPE_LATEST)
@@ -228,5 +239,6 @@ def routes(service: TextService, version: str) -> list[Route]:
         Route("/api/distributed/models", models, methods=["GET"]),
         Route("/api/distributed/metrics", metrics, methods=["GET"]),
         Route("/api/distributed/requests", requests, methods=["GET"]),
+        Route("/api/distributed/events", events, methods=["GET"]),
         Route("/metrics", prometheus, methods=["GET"]),
     ]

@@ -96,9 +96,11 @@ class Monitor:
         loaded_model: Callable[[], str | None] = lambda: None,
         clock: Callable[[], int] = time.perf_counter_ns,
         replicas: Callable[[], list[dict[str, Any]]] = lambda: [],
+        membership: Callable[[], dict[str, Any]] = lambda: {},
     ) -> None:
         self.loaded_model = loaded_model
         self.replicas = replicas
+        self.membership = membership
         self._clock = clock
         self._ids = itertools.count(1)
         self._active: dict[str, Track] = {}
@@ -314,6 +316,23 @@ def _kv_families(kv: Mapping[str, int]) -> Iterator[Metric]:
     )  # fmt: skip
 
 
+def _membership_families(membership: Mapping[str, Any]) -> Iterator[Metric]:
+    """Failures of the engine groups and their recoveries (tp_ollama.membership.events), summed over
+    replicas, and the state of the cluster as a 0/1 gauge per state."""
+    counters = membership.get("counters", {})
+    for name, key, text in (
+        ("tp_ollama_group_failures", "failures", "Engine group failures detected (a rank or node lost or hung)."),
+        ("tp_ollama_group_recoveries", "recoveries", "Engine groups formed again and serving after a failure."),
+        ("tp_ollama_replayed_requests", "replayed_requests", "Requests resubmitted to a new group mid-answer."),
+        ("tp_ollama_recovery_seconds", "recovery_seconds", "Seconds from failures to serving again, in all."),
+    ):
+        yield CounterMetricFamily(name, text, value=counters.get(key, 0))
+    state = GaugeMetricFamily("tp_ollama_cluster_state", "1 for the cluster's state now.", labels=["state"])
+    for name in ("healthy", "degraded", "recovering"):
+        state.add_metric([name], 1 if membership.get("state", "healthy") == name else 0)
+    yield state
+
+
 class _Gauges:
     """Gauges read at scrape time from the monitor's state, so they can never drift from it."""
 
@@ -327,6 +346,7 @@ class _Gauges:
         running, waiting = self._monitor.counts()
         yield from self._families(running, waiting, self._monitor.loaded_model(), self._monitor.replicas())
         yield from _kv_families(self._monitor.kv_cache)
+        yield from _membership_families(self._monitor.membership())
 
     @staticmethod
     def _families(running: int, waiting: int, model: str | None, replicas: list[dict[str, Any]]) -> Iterator[Metric]:

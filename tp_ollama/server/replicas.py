@@ -169,6 +169,30 @@ class ReplicaSet:
     async def close(self) -> None:
         await asyncio.gather(*(r.engine.close() for r in self.replicas), return_exceptions=True)
 
+    def membership(self) -> dict[str, Any]:
+        """The state of the worst replica's group (recovering, then degraded, then healthy), every
+        replica's own, and the failure counters summed over them."""
+        views = []
+        for r in self.replicas:
+            view = getattr(r.engine, "membership", None)
+            views.append({"replica": r.index, **(view() if view is not None else {"state": "healthy"})})
+        order = ("healthy", "degraded", "recovering")
+        state = max((v["state"] for v in views), key=order.index)
+        counters: dict[str, float] = {}
+        for v in views:
+            for key, value in v.get("counters", {}).items():
+                counters[key] = counters.get(key, 0) + value
+        return {"state": state, "replicas": views, "counters": counters}
+
+    def events(self) -> list[dict[str, Any]]:
+        """Every replica's membership events, oldest first, each naming its replica."""
+        out = []
+        for r in self.replicas:
+            log = getattr(r.engine, "events", None)
+            if log is not None:
+                out += [{**e, "replica": r.index} for e in log.events]
+        return sorted(out, key=lambda e: e["time"])
+
     # --- routing ---------------------------------------------------------------------------------
 
     def stats(self) -> list[dict[str, Any]]:

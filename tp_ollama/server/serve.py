@@ -23,7 +23,9 @@ def build(settings: Any) -> tuple[list[Any], Any]:
     from tp_ollama.store.model_store import ModelStore
 
     c, i, a = settings.cluster, settings.inference, settings.api
+    ft = i.fault_tolerance
     weights = ",".join(f"{w:g}" for w in i.tp_weights) if i.tp_weights else None
+    former = coordinator(settings) if c.nnodes > 1 else None
     engines = []
     for index, port in enumerate(master_ports(settings)):
         engine = EngineClient.spawn(
@@ -31,9 +33,7 @@ def build(settings: Any) -> tuple[list[Any], Any]:
             tp_weights=weights, join_timeout_s=c.join_timeout,
             nnodes=c.nnodes, master_addr=c.rendezvous_addr, master_port=port, max_running=i.max_concurrent,
             kv_cache_bytes=settings.performance.caching.size, prefix_cache=settings.performance.caching.enabled,
-            # One node only: a group across nodes cannot be started again without the others' agents,
-            # which exit with it, so a replay would wait out the join timeout and fail anyway.
-            replays=i.fault_tolerance.retry_attempts if i.fault_tolerance.enabled and c.nnodes == 1 else 0,
+            replays=ft.retry_attempts if ft.enabled else 0, retry_timeout_s=ft.retry_timeout, former=former,
         )  # fmt: skip
         engines.append(engine)
     app = create_app(
@@ -56,6 +56,33 @@ def build(settings: Any) -> tuple[list[Any], Any]:
         max_queue=i.max_queue,
     )
     return engines, app
+
+
+def coordinator(settings: Any) -> Any:
+    """Node 0's membership coordinator for a cluster of several nodes, with its shared secret (made
+    and saved here when none is configured) in the environment its ranks inherit."""
+    from tp_ollama.membership import wire
+    from tp_ollama.membership.coordinator import Coordinator
+
+    c, i = settings.cluster, settings.inference
+    secret, generated = wire.ensure_secret(c.secret)
+    if generated:
+        log.warning(
+            "generated the cluster secret %s and saved it to %s (readable by you only); start the other nodes "
+            "with %s=%s or give them that file", secret, wire.secret_file(), wire.SECRET_ENV, secret,
+        )  # fmt: skip
+    os.environ[wire.SECRET_ENV] = secret
+    template = wire.Form(
+        generation=0, nnodes=c.nnodes, node_rank=0, master_addr=c.rendezvous_addr, master_port=0, comm=c.comm,
+        join_timeout_s=c.join_timeout, max_running=i.max_concurrent,
+        kv_cache_bytes=settings.performance.caching.size, prefix_cache=settings.performance.caching.enabled,
+    )  # fmt: skip
+    return Coordinator(
+        nnodes=c.nnodes, nproc=c.nproc_per_node, master_addr=c.rendezvous_addr, port=c.rendezvous_port,
+        secret=secret, detect_timeout_s=i.fault_tolerance.detect_timeout, min_nodes=c.min_nodes,
+        retry_timeout_s=i.fault_tolerance.retry_timeout, join_timeout_s=c.join_timeout,
+        tp_weights=i.tp_weights or None, form_template=template, reshard=i.fault_tolerance.reshard,
+    )  # fmt: skip
 
 
 def replica_device(device: str, replica: int, ranks_per_replica: int) -> str:
@@ -91,12 +118,20 @@ async def serve(engines: list[Any], app: Any, settings: Any) -> None:
     # and reset the levels, the access log among them (every request at INFO).
     config = uvicorn.Config(app, host=settings.api.host, port=settings.api.port, log_config=None, log_level=None)
     server = uvicorn.Server(config)
+    formers = {id(e.former): e.former for e in engines if e.former is not None}.values()
     try:
+        for former in formers:
+            await former.start()
+        for engine in engines:
+            engine.begin()
         await server.serve()
     finally:
         for engine in engines:
             engine.request_shutdown()  # before any await: uvicorn re-raises Ctrl-C, cancelling this task
+        for former in formers:
+            former.say_bye()
         await asyncio.gather(*(engine.close() for engine in engines), return_exceptions=True)
+        await asyncio.gather(*(former.close() for former in formers), return_exceptions=True)
 
 
 def _exit_on_sigterm(signum: int, frame: Any) -> None:
@@ -115,6 +150,7 @@ def run(settings: Any, debug: bool = False) -> None:
     finally:
         for engine in engines:
             engine.terminate(grace_s=20)  # whatever happened above, no rank outlives the front end
+            engine.launcher.close()
 
 
 def serve_cluster(
@@ -126,20 +162,18 @@ def serve_cluster(
 
     from tp_ollama.config.loading import load_settings
 
-    if cluster.node_rank > 0:
-        from tp_ollama.engine.loop import engine_main
-        from tp_ollama.engine.state import EngineJob
-        from tp_ollama.launch import parse_weights, run_workers
-
-        job = EngineJob(
-            comm=comm, device=device, tp_weights=parse_weights(tp_weights), timeout_s=cluster.join_timeout_s
-        )
-        run_workers(cluster, engine_main, job)
-        return
     flags = {
-        "host": host, "port": port, "nnodes": cluster.nnodes, "node_rank": 0,
+        "host": host, "port": port, "nnodes": cluster.nnodes, "node_rank": cluster.node_rank,
         "nproc_per_node": cluster.nproc_per_node, "master_addr": cluster.master_addr,
         "master_port": cluster.master_port, "join_timeout": cluster.join_timeout_s, "comm": comm,
         "tp_weights": tp_weights, "device": device, "dtype": dtype, "quant": quant, "num_ctx": num_ctx,
     }  # fmt: skip
-    run(load_settings(Path(config) if config else None, os.environ, flags), debug)
+    settings = load_settings(Path(config) if config else None, os.environ, flags)
+    if cluster.node_rank > 0:
+        from tp_ollama.membership import wire
+        from tp_ollama.membership.agent import NodeAgent
+
+        signal.signal(signal.SIGTERM, _exit_on_sigterm)  # the agent's ranks are stopped on the way out
+        NodeAgent(cluster, wire.configured_secret(settings.cluster.secret), device).run()
+        return
+    run(settings, debug)
