@@ -1,6 +1,8 @@
-"""Starting the engine ranks with torchrun's machinery (torch.distributed.run's elastic agent and
-a static TCP rendezvous), on one machine or many. Each node runs the same command; node 0 hosts the
-rendezvous store (the "bootstrap" node of the original design)."""
+"""The cluster's shape (`Cluster`, `--bootstrap`, `--tp-weights`) and starting the ranks of a one-shot
+run with torchrun's machinery (torch.distributed.run's elastic agent and a static TCP rendezvous), on
+one machine or many: each node runs the same command and node 0 hosts the rendezvous store. Serving
+groups start another way (tp_ollama.engine.host, tp_ollama.membership), so that they can be formed
+again when a node fails."""
 
 from __future__ import annotations
 

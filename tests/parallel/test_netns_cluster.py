@@ -4,12 +4,15 @@ of its own, with a shaped (tbf) and delayed (TP_OLLAMA_LINK_DELAY_US) link.
 - 2 and 3 nodes write exactly the text of one process (greedy, a tiny random GGUF made here);
 - --exec runs a command in every namespace with its rank, address and the link settings;
 - a failing run, --timeout and an interruption end with the right status;
+- serving, a cut link drops its node after the detect timeout, the stream goes on with the same text
+  and the node rejoins once the link is back;
 - after every run no namespace, interface or process of the run is left. Runs that need namespaces are
   skipped (with the reason) unless this is root with iproute2 and `ip netns add` works.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import select
 import shutil
@@ -252,3 +255,103 @@ def test_bad_arguments_are_refused_with_a_clear_message(args: list[str], message
     done = subprocess.run([str(SCRIPT), *args, *rest], capture_output=True, text=True, timeout=30)
     assert done.returncode == 2
     assert f"netns-cluster.sh: {message}" in done.stderr, done.stderr
+
+
+# ---- serving across the emulated hosts while a link is cut ------------------------------------------------
+
+# Runs in every namespace. Nodes 1 and 2 serve as `launch` agents. Node 0 runs the front end itself,
+# then, from its own namespace: the tiny model is created, a greedy stream read as the reference, and
+# a second stream whose 10th token cuts node 2's link (its veth's bridge end, in the bridge's namespace,
+# goes down): the stream must finish with the same text. The link comes back up, node 2 rejoins by
+# itself, and a third stream gives the same text again. Node 0 writes what it saw to DIR/result.
+CUT_CLIENT = r"""
+import json, os, signal, subprocess, sys, time
+import httpx
+
+d, model_path = sys.argv[1], sys.argv[2]
+rank, nnodes = os.environ["NODE_RANK"], os.environ["NNODES"]
+common = ["tp-ollama", "launch", "--nnodes", nnodes, "--node-rank", rank,
+          "--master-addr", os.environ["MASTER_ADDR"], "--master-port", os.environ["MASTER_PORT"]]
+if rank != "0":
+    os.execvp(common[0], common)
+log = open(os.path.join(d, "node0.log"), "w")
+node0 = subprocess.Popen(common + ["--port", "18555"], stdout=log, stderr=subprocess.STDOUT)
+url = "http://127.0.0.1:18555"
+result = {}
+
+def wait(what, predicate, timeout=120):
+    end = time.monotonic() + timeout
+    while not predicate():
+        assert node0.poll() is None, "node 0 exited"
+        assert time.monotonic() < end, "not within %d s: %s" % (timeout, what)
+        time.sleep(0.1)
+
+def answers():
+    try:
+        return httpx.get(url, timeout=1).status_code == 200
+    except httpx.TransportError:
+        return False
+
+def nodes():
+    group = httpx.get(url + "/api/distributed/status", timeout=30).json()["membership"]["replicas"][0]
+    return group["nodes"]
+
+def stream(on_token=None):
+    body = {"model": "tiny", "prompt": "hello world, the quick", "raw": True,
+            "options": {"temperature": 0, "num_predict": 24}}
+    text, times = "", []
+    with httpx.stream("POST", url + "/api/generate", json=body, timeout=300) as r:
+        for line in r.iter_lines():
+            chunk = json.loads(line)
+            assert "error" not in chunk, chunk
+            times.append(time.monotonic())
+            text += chunk.get("response", "")
+            if on_token is not None:
+                on_token(len(times))
+    gaps = [b - a for a, b in zip(times, times[1:])]
+    return text, max(gaps) if gaps else 0.0
+
+try:
+    wait("node 0 serving", answers)
+    wait("three nodes in the group", lambda: nodes() == 3)
+    r = httpx.post(url + "/api/create", json={"model": "tiny", "from": model_path, "stream": False}, timeout=120)
+    assert r.status_code == 200, r.text
+    result["reference"], _ = stream()
+    netns = subprocess.run(["ip", "netns", "identify", str(os.getpid())], capture_output=True, text=True).stdout
+    pid = netns.strip().split("-")[1]
+    link = ["ip", "-n", "tpo-%s-br" % pid, "link", "set", "tpo%sb2" % pid]
+    cut = []
+    def cut_node_2(n):
+        if n == 10 and not cut:
+            subprocess.run(link + ["down"], check=True)
+            cut.append(time.monotonic())
+    result["cut"], result["cut_gap_s"] = stream(cut_node_2)
+    result["nodes_while_cut"] = nodes()
+    subprocess.run(link + ["up"], check=True)
+    wait("node 2 back in the group", lambda: nodes() == 3)
+    result["after"], _ = stream()
+    result["events"] = [e["kind"] for e in httpx.get(url + "/api/distributed/events", timeout=30).json()["events"]]
+finally:
+    with open(os.path.join(d, "result"), "w") as f:
+        json.dump(result, f)
+    node0.send_signal(signal.SIGINT)
+    node0.wait(60)
+"""
+
+
+def test_a_cut_link_drops_the_node_the_streams_go_on_and_it_rejoins_when_the_link_is_back(
+    tiny: Tiny, tmp_path: Path
+) -> None:
+    client = tmp_path / "client.py"
+    client.write_text(CUT_CLIENT)
+    done = run(["--nodes", "3", "--port", "29610", "--exec", sys.executable, str(client), str(tmp_path),
+                str(tiny.path)])  # fmt: skip
+    log = (tmp_path / "node0.log").read_text() if (tmp_path / "node0.log").exists() else ""
+    result = json.loads((tmp_path / "result").read_text())
+    assert done.rc == 0, done.err + log[-3000:]
+    assert result["cut"] == result["reference"] and result["after"] == result["reference"], result
+    assert result["nodes_while_cut"] == 2
+    # The link went silent: node 2 is dropped after the detect timeout (5 s), then the group re-forms.
+    assert 5.0 <= result["cut_gap_s"] < 5.0 + 15.0, result
+    assert {"left", "detected", "formed", "replayed", "recovered", "rejoined"} <= set(result["events"]), result
+    assert_nothing_left(done)

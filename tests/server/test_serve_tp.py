@@ -233,6 +233,37 @@ def test_a_rank_killed_mid_answer_and_the_answer_still_arrives(server, request):
     print(f"longest gap between two tokens: {max(gaps):.2f} s")  # the group's restart and reload
 
 
+def test_a_rank_stopped_mid_answer_is_fenced_out_and_the_answer_still_arrives(server, request):
+    """SIGSTOP of rank 1 after 10 tokens: nothing closes, so only the group's processes in /proc show it.
+    The front end sees it stopped within about a second, kills the group (the stopped rank with it)
+    and replays; the text is the fault-free one, and the status and the events say what happened."""
+    sharded_only(request)
+    url, proc = server
+    prompt, options = "Here is a list of twenty fruits:", {"temperature": 0, "num_predict": 48}
+    before = len(httpx.get(f"{url}/api/distributed/events").json()["events"])
+    with ollama.Client(host=url, timeout=STARTUP_S) as client:
+        clean = client.generate(model="smollm2:135m", prompt=prompt, raw=True, options=options)
+        rank1 = sorted(group_host(proc).children(recursive=True), key=lambda p: p.pid)[-1]
+        pieces, gaps, last = [], [], None
+        for chunk in client.generate(model="smollm2:135m", prompt=prompt, raw=True, options=options, stream=True):
+            now = time.monotonic()
+            if last is not None:
+                gaps.append(now - last)
+            last = now
+            pieces.append(chunk.response)
+            if len(pieces) == 10:
+                rank1.send_signal(signal.SIGSTOP)
+    assert "".join(pieces) == clean.response
+    wait_until(lambda: not rank1.is_running() or rank1.status() == psutil.STATUS_ZOMBIE, what="the stopped rank gone")
+    print(f"longest gap between two tokens: {max(gaps):.2f} s")
+    events = httpx.get(f"{url}/api/distributed/events").json()
+    kinds = [e["kind"] for e in events["events"][before:]]
+    assert kinds[:1] == ["detected"] and "stopped" in events["events"][before]["detail"], kinds
+    assert "recovered" in kinds and "replayed" in kinds
+    assert events["counters"]["failures"] >= 1 and events["counters"]["replayed_requests"] >= 1
+    wait_until(lambda: httpx.get(f"{url}/api/distributed/status").json()["state"] == "healthy", what="healthy")
+
+
 def test_every_endpoint_through_the_engine_group(server, request):
     sharded_only(request)
     url, _ = server

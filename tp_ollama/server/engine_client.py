@@ -57,6 +57,7 @@ CLUSTER_TIMEOUT_S = 10.0  # a group that takes longer to list its ranks is repor
 BROKEN_GROUP_GRACE_S = 1.0
 WATCH_S = 0.25  # how often the group's processes are checked for a stopped rank
 RECOVERY_PAUSE_S = 0.5  # between two attempts to start a group again
+STANDBY_AFTER_S = 5.0  # a group's next host is started this long after it connects
 
 
 class Lost(msgspec.Struct):
@@ -211,9 +212,15 @@ class EngineClient:
             self._why, self._planned = None, False
             self._reading = asyncio.get_running_loop().create_task(self._read())
             if self.process is not None:
-                self.launcher.prepare()
+                # The next group's host, once this group is past its start (importing torch takes a
+                # core for a second or two, which the model's load and first steps need now).
+                asyncio.get_running_loop().call_later(STANDBY_AFTER_S, self._prepare_standby)
             if self.process is not None and self._watcher is None:
                 self._watcher = asyncio.get_running_loop().create_task(self._watch())
+
+    def _prepare_standby(self) -> None:
+        if not self.shutdown_sent and self.restarts:
+            self.launcher.prepare()
 
     @property
     def restartable(self) -> bool:
@@ -475,9 +482,19 @@ class EngineClient:
                 self.writer.write(frame(Cancel(rid)))
 
     async def embed(self, inputs: list[list[int]]) -> list[list[float]]:
-        reply = await self._call(lambda rid: Embed(rid, inputs))
-        assert isinstance(reply, Embedded)
-        return reply.embeddings
+        """Embeddings; a group that dies meanwhile is formed again and asked again, as generate does."""
+        attempt = 0
+        while True:
+            try:
+                reply = await self._call(lambda rid: Embed(rid, inputs))
+                assert isinstance(reply, Embedded)
+                return reply.embeddings
+            except EngineUnavailable as e:
+                planned = isinstance(e, Regrouped)
+                if not (self.restarts and self._load_request is not None) or (not planned and attempt >= self.replays):
+                    raise
+                attempt += 0 if planned else 1
+                await self._recover_within(self.retry_timeout_s, str(e))
 
     async def cluster(self) -> dict[str, Any]:
         """Fresh facts from every rank (the group answers between two steps); the last snapshot,
