@@ -10,11 +10,12 @@ from tests.client.live import FRANCE, SMOL, assert_one_line_error, cli, serving
 from tests.local_engine import LocalEngine
 from tp_ollama import __version__
 from tp_ollama.server.app import create_app
+from tp_ollama.store.embedded import smollm2_135m
 
 
 def test_tp_ollama_has_the_client_commands():
     done = subprocess.run([sys.executable, "-m", "tp_ollama", "--help"], capture_output=True, text=True, timeout=60)
-    for name in ("run", "list", "ps", "show", "rm", "cp", "create", "stop"):
+    for name in ("run", "pull", "list", "ps", "show", "rm", "cp", "create", "stop"):
         assert f" {name} " in done.stdout
 
 
@@ -132,3 +133,39 @@ def test_create_errors(command, store_server, tmp_path):
                           f"cannot read the Modelfile {tmp_path / 'Modelfile'}: No such file or directory")  # fmt: skip
     (tmp_path / "Modelfile").write_text("PARAMETER temperature 1\n")
     assert_one_line_error(cli(command, store_server.host, "create", "x", cwd=tmp_path), "no FROM line")
+
+
+# --- pull --------------------------------------------------------------------------------------------
+
+
+def test_pull_shows_each_step_and_run_pulls_what_the_server_lacks(command, store_server):
+    """A registry double on a loopback port serves the embedded SmolLM2 GGUF under two names."""
+    from pathlib import Path
+
+    from tests.store.registry_double import RegistryDouble
+
+    weights = Path(smollm2_135m()).read_bytes()
+    double = RegistryDouble()
+    double.add_model("library", "smol", "a", weights)
+    double.add_model("library", "smol", "b", weights)
+    with serving(double.app()) as url:
+        registry = url.removeprefix("http://")
+        done = cli(command, store_server.host, "pull", f"{registry}/library/smol:a", "--insecure")
+        assert done.returncode == 0, done.stderr
+        lines = done.stderr.splitlines()
+        assert lines[0] == "pulling manifest" and lines[-3:] == [
+            "verifying sha256 digest",
+            "writing manifest",
+            "success",
+        ]
+        assert any(line.startswith("pulling ") and "100% ▕" in line for line in lines), lines
+        assert f"{registry}/library/smol:a" in cli(command, store_server.host, "list").stdout
+        # run: a model the server lacks is pulled first (its registry must speak https, or be told
+        # otherwise: a plain-http one is refused without --insecure, as upstream).
+        done = cli(command, store_server.host, "run", f"{registry}/library/smol:b", "hi")
+        assert done.returncode == 1 and "pulling manifest" in done.stderr
+    done = cli(command, store_server.host, "pull", "127.0.0.1:9/library/none:1", "--insecure")
+    assert done.returncode == 1 and done.stderr.splitlines()[0] == "pulling manifest"
+    assert done.stderr.splitlines()[-1].startswith(
+        "Error: pulling 127.0.0.1:9/library/none:1: cannot reach 127.0.0.1:9"
+    )

@@ -1,7 +1,6 @@
 """POST /api/pull and /api/push (checklist item 20) through the official ollama client and raw HTTP,
-against the real server over a temporary ModelStore that test_store_routes.py builds. There is no
-registry client yet: a pull of a local name reports its layers complete, anything else is an error
-that names the model."""
+against the real server over a temporary ModelStore that test_store_routes.py builds: a pull of a
+local name reports its layers complete; a name its registry lacks is an error that names it."""
 
 from __future__ import annotations
 
@@ -12,8 +11,9 @@ import ollama
 import pytest
 
 from tests.server import test_store_routes
-from tests.server.conftest import SMOL
+from tests.server.conftest import SMOL, serving
 from tests.server.test_store_routes import StoreServer, ndjson
+from tests.store.registry_double import RegistryDouble
 
 # The fixtures of test_store_routes.py: a live server over a temporary store (one for this module).
 store_server, client, http = test_store_routes.store_server, test_store_routes.client, test_store_routes.http
@@ -64,21 +64,21 @@ def test_checklist_20_pull_brings_back_a_deleted_embedded_model(client):
     assert SMOL in [m.model for m in client.list().models]
 
 
-def test_checklist_20_pull_of_an_unknown_model_is_an_error_naming_it(client, http):
-    message = (
-        'pull model manifest: model "nobody/nothing:7b" is not in the local store and pulling from a '
-        "remote registry is not supported yet"
-    )
-    streamed = http.post("/api/pull", json={"model": "nobody/nothing:7b"})
-    assert streamed.status_code == 200
-    assert ndjson(streamed) == [{"status": "pulling manifest"}, {"error": message}]
-    with pytest.raises(ollama.ResponseError) as e:
-        list(client.pull("nobody/nothing:7b", stream=True))
-    assert e.value.error == message
-
-    with pytest.raises(ollama.ResponseError) as e:
-        client.pull("nobody/nothing:7b", stream=False)
-    assert (e.value.status_code, e.value.error) == (404, message)
+def test_checklist_20_pull_of_a_model_its_registry_lacks_is_404_naming_it(client, http):
+    """A registry on a loopback port (the double of tests/store/registry_double.py) without the model;
+    pulls that reach a registry are tests/server/test_pull_registry.py's."""
+    with serving(RegistryDouble().app()) as url:
+        name = f"{url.removeprefix('http://')}/nobody/nothing:7b"
+        message = f"pull model manifest: file does not exist: {name.split('/')[0]} has no nobody/nothing:7b"
+        streamed = http.post("/api/pull", json={"model": name, "insecure": True})
+        assert streamed.status_code == 200
+        assert ndjson(streamed) == [{"status": "pulling manifest"}, {"error": message}]
+        with pytest.raises(ollama.ResponseError) as e:
+            list(client.pull(name, insecure=True, stream=True))
+        assert e.value.error == message
+        with pytest.raises(ollama.ResponseError) as e:
+            client.pull(name, insecure=True, stream=False)
+        assert (e.value.status_code, e.value.error) == (404, message)
 
 
 def test_checklist_20_push_of_an_unknown_model_is_not_found(client, http):

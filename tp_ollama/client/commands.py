@@ -2,9 +2,10 @@
 HTTP to the server at OLLAMA_HOST. `register(app)` adds them to the main command line.
 
 Output follows the `ollama` CLI: the same tables, `show` sections, `--verbose` statistics and
-one-line `Error: ...` messages (exit status 1). Differences: `run` never pulls (a missing model is
-an error), `--nowordwrap` is accepted but answers are never wrapped, and `create` with FROM a
-directory sends the directory's path, which the server (node 0) must be able to read.
+one-line `Error: ...` messages (exit status 1); `pull` shows each layer's progress, and `run` pulls a
+model the server lacks first, as upstream does. Differences: `--nowordwrap` is accepted but answers are
+never wrapped, and `create` with FROM a directory sends the directory's path, which the server (node 0)
+must be able to read.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ ModelArg = Annotated[str, typer.Argument(help="Model name, e.g. smollm2:135m.")]
 def register(app: typer.Typer) -> None:
     """Add the client commands to `app`."""
     app.command("run")(run)
+    app.command("pull")(pull)
     app.command("list")(list_models)
     app.command("ls", hidden=True)(list_models)
     app.command("ps")(ps)
@@ -86,6 +88,7 @@ def run(
             except ValueError as e:
                 raise RequestError(f"--keepalive {e}") from None
             base["keep_alive"] = keepalive
+        _pull_if_missing(client, model)
         words = list(prompt or [])
         if not sys.stdin.isatty():  # piped input is prepended to the prompt, as ollama does
             piped = sys.stdin.read()
@@ -102,6 +105,65 @@ def run(
             Chat(client, base, verbose).loop()
 
     _with_client(debug, body)
+
+
+def _pull_if_missing(client: Client, model: str) -> None:
+    from tp_ollama.client.http import ClientError
+
+    try:
+        client.show(model)
+    except ClientError as e:
+        if e.no_route:  # a server without /api/show: the answer will say whether the model is there
+            return
+        if e.status != 404:
+            raise
+        try:
+            show_pull(client, model)
+        except ClientError as pulling:
+            if pulling.no_route:  # a server without /api/pull: the model is simply missing
+                raise e from None
+            raise
+
+
+# --- pull ---------------------------------------------------------------------------------------------
+
+
+def pull(
+    model: ModelArg,
+    insecure: Annotated[bool, typer.Option("--insecure", help="Allow a plain-http registry.")] = False,
+    debug: DebugOpt = False,
+) -> None:
+    """Pull a model from a registry (registry.ollama.ai by default; HOST:PORT/NAMESPACE/MODEL:TAG for another)."""
+    _with_client(debug, lambda client: show_pull(client, model, insecure))
+
+
+def show_pull(client: Client, model: str, insecure: bool = False) -> None:
+    """The server's pull of `model`, as upstream's CLI shows it: one line per step, and for each layer a
+    line of its progress (rewritten in place on a terminal, its final state elsewhere)."""
+    tty = sys.stderr.isatty()
+    current = ""
+    for part in client.pull(model, insecure):
+        status = str(part.get("status", ""))
+        total = int(part.get("total") or 0)
+        if total:
+            done = int(part.get("completed") or 0)
+            line = f"{status}: {done * 100 // total:3d}% ▕{_bar(done, total)}▏ {human_bytes(done)}/{human_bytes(total)}"
+            if tty:
+                sys.stderr.write(("\r" if status == current else "\n" if current else "") + line)
+                sys.stderr.flush()
+            elif done >= total:
+                say(line)
+            current = status
+            continue
+        if tty and current:
+            sys.stderr.write("\n")
+        current = ""
+        say(status)
+
+
+def _bar(done: int, total: int, width: int = 20) -> str:
+    full = done * width // total if total else width
+    return "█" * full + " " * (width - full)
 
 
 # --- list, ps, show -----------------------------------------------------------------------------------

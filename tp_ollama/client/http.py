@@ -120,6 +120,9 @@ class Client:
     def create(self, body: Mapping[str, Any]) -> Generator[dict[str, Any], None, None]:
         return self.stream("/api/create", {**body, "stream": True})
 
+    def pull(self, model: str, insecure: bool = False) -> Generator[dict[str, Any], None, None]:
+        return self.stream("/api/pull", {"model": model, "insecure": insecure, "stream": True})
+
     def has_blob(self, digest: str) -> bool:
         try:
             response = self._http.head(f"/api/blobs/{digest}")

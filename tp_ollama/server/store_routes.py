@@ -32,7 +32,6 @@ from tp_ollama.server.store_schemas import (
     parse_create,
     parse_show,
     parse_transfer,
-    pull_not_found,
     status_line,
     tags_body,
 )
@@ -83,10 +82,11 @@ def routes(
 
     async def pull(request: Request) -> Response:
         """A name in the store (or a deleted embedded model, which comes back) "pulls" at once: its
-        layers are reported complete. Any other name: there is no registry client yet, so 404 (an
-        {"error"} line once streaming), with the name and the reason in the message."""
+        layers are reported complete. Any other name is fetched from its registry (tp_ollama.store.
+        registry), with each layer's progress; a model the registry does not have is 404 (an
+        {"error"} line once streaming), a failed transfer names the registry, model and layer."""
         req = parse_transfer(await read_json(request, max_body_bytes))
-        return await _respond(lambda say: _pull(store, req.model, say), req.stream, _nothing, "pull")
+        return await _respond(lambda say: _pull(store, req.model, req.insecure, say), req.stream, _nothing, "pull")
 
     async def push(request: Request) -> Response:
         """A name not in the store: 404 `model "NAME" not found`. A name in the store: 400 `push:
@@ -152,14 +152,15 @@ def _create(store: ModelStore, req: CreateRequest, say: Progress) -> None:
     )
 
 
-def _pull(store: ModelStore, name: str, say: Say) -> None:
-    say(status_line("pulling manifest"))
-    store.restore_embedded(name)  # a deleted embedded model comes back: its weights ship with us
-    manifest = store.manifest(name, pull_not_found(name))
-    for layer in (*manifest.layers, manifest.config):  # upstream fetches the config blob last
-        say(layer_line("pulling", layer.digest, layer.size))
-    for status in ("verifying sha256 digest", "writing manifest", "success"):
-        say(status_line(status))
+def _pull(store: ModelStore, name: str, insecure: bool, say: Say) -> None:
+    """Upstream's progress lines: `pulling manifest`, `pulling <hex12>` with each layer's total and
+    completed bytes as they arrive, `verifying sha256 digest`, `writing manifest`, `success`."""
+    store.pull(
+        name,
+        insecure=insecure,
+        status=lambda s: say(status_line(s)),
+        layer=lambda digest, total, done: say(layer_line("pulling", digest, total, done)),
+    )
 
 
 def _push(store: ModelStore, name: str, say: Say) -> None:

@@ -140,8 +140,8 @@ def status_line(status: str) -> dict[str, Any]:
 
 @dataclass(frozen=True)
 class TransferRequest:
-    """/api/pull and /api/push. `insecure` (allow a plain-http registry) is read and checked, and has
-    no effect until there is a registry client; the legacy `username` and `password` are ignored."""
+    """/api/pull and /api/push. `insecure` allows a plain-http registry; the legacy `username` and
+    `password` are ignored."""
 
     model: str
     insecure: bool = False
@@ -155,13 +155,7 @@ def parse_transfer(body: Mapping[str, Any]) -> TransferRequest:
     return TransferRequest(model, _field(body, "insecure", bool, False), _field(body, "stream", bool, True))
 
 
-def layer_line(verb: str, digest: str, size: int) -> dict[str, Any]:
+def layer_line(verb: str, digest: str, size: int, completed: int | None = None) -> dict[str, Any]:
     """`{"status":"pulling <hex12>","digest","total","completed"}` for one layer (config included)."""
-    return {"status": f"{verb} {digest_hex(digest)[:12]}", "digest": digest, "total": size, "completed": size}
-
-
-def pull_not_found(name: str) -> str:
-    return (
-        f'pull model manifest: model "{name}" is not in the local store and pulling from a remote registry '
-        "is not supported yet"
-    )
+    done = size if completed is None else completed
+    return {"status": f"{verb} {digest_hex(digest)[:12]}", "digest": digest, "total": size, "completed": done}

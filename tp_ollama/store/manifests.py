@@ -197,6 +197,14 @@ class BlobWriter:
         self._hash.update(chunk)
         self.size += len(chunk)
 
+    def restart(self) -> None:
+        """Drop the bytes written so far (a download that must start over)."""
+        assert self._file is not None, "restart after commit or abort"
+        self._file.seek(0)
+        self._file.truncate()
+        self._hash = hashlib.sha256()
+        self.size = 0
+
     def commit(self, pin: bool = False) -> bool:
         """Move the bytes into place; True when the blob is new. A digest mismatch is a RequestError
         with upstream's message. `pin` keeps the blob from pruning until the store unpins it."""

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -50,6 +50,7 @@ from tp_ollama.store.manifests import (
 )
 from tp_ollama.store.modelfile import coerce_parameters, format_parameters, parse_modelfile, render_modelfile
 from tp_ollama.store.names import ModelName, parse_name
+from tp_ollama.store.registry import Registry
 
 log = logging.getLogger(__name__)
 
@@ -335,6 +336,46 @@ class ModelStore:
                 layout.embedded.set_hidden(hidden | {embedded})
             if found is not None:
                 layout.remove_manifest(found[1])
+
+    def pull(
+        self, name: str, *, insecure: bool = False, status: Callable[[str], None] = lambda s: None,
+        layer: Callable[[str, int, int], None] = lambda d, t, c: None, registry: Registry | None = None,
+    ) -> None:  # fmt: skip
+        """Fetch `name` from its registry (`host/namespace/model:tag`, registry.ollama.ai/library by
+        default; plain http with `insecure`) unless it is here already: the manifest, then every layer
+        not in the store (verified against its digest), then the manifest written. `status` hears
+        upstream's steps, `layer` each layer's (digest, total, completed). A failed pull lists nothing
+        new and leaves only verified blobs."""
+        self.restore_embedded(name)  # a deleted embedded model comes back: its weights ship with us
+        status("pulling manifest")
+        try:
+            here = self._layout.lookup(name).manifest
+        except ModelNotFound:
+            here = None
+        if here is not None:
+            for x in (*here.layers, here.config):  # upstream reports the config blob last
+                layer(x.digest, x.size, x.size)
+        else:
+            parsed = parse_name(name)
+            reg = registry if registry is not None else Registry(insecure=insecure)
+            pinned: list[str] = []
+            try:
+                data, manifest = reg.manifest(parsed)
+                for x in (*manifest.layers, manifest.config):
+                    self._layout.pin(x.digest)  # no delete prunes it before the manifest holds it
+                    pinned.append(x.digest)
+                    reg.pull_blob(parsed, x, self.has_blob, self.blob_writer, layer)
+                status("verifying sha256 digest")  # every layer was checked as it arrived
+                status("writing manifest")
+                self._layout.write_manifest(parsed, data)
+            finally:
+                self._layout.unpin(pinned)
+                if registry is None:
+                    reg.close()
+            status("success")
+            return
+        for step in ("verifying sha256 digest", "writing manifest", "success"):
+            status(step)
 
     def restore_embedded(self, name: str) -> bool:
         """Undo the deletion of an embedded model (call it when that name is pulled); False when the
