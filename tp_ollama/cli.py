@@ -206,6 +206,9 @@ def serve(
     num_ctx: Annotated[int | None, typer.Option(help="Default context window.")] = None,
     keep_alive: Annotated[str | None, typer.Option(help="How long an idle model stays loaded (5m, -1).")] = None,
     models: Annotated[str | None, typer.Option(help="Model store directory (OLLAMA_MODELS).")] = None,
+    extra_stores: Annotated[
+        str | None, typer.Option(help="Other Ollama stores to read in place, comma-separated (e.g. ~/.ollama/models).")
+    ] = None,
     replicas: Annotated[
         int | None, typer.Option(help="Engine groups of --tp ranks each, every one holding the whole model.")
     ] = None,
@@ -232,6 +235,7 @@ def serve(
         flags = {
             "host": host, "port": port, "tp": tp, "tp_weights": tp_weights, "comm": comm, "device": device,
             "dtype": dtype, "quant": quant, "num_ctx": num_ctx, "keep_alive": keep_alive, "models": models,
+            "extra_stores": extra_stores,
             "replicas": replicas, "load_balancing": load_balancing, "num_parallel": num_parallel,
             "max_queue": max_queue,
         }  # fmt: skip

@@ -126,7 +126,7 @@ def test_every_flag_names_a_key():
         ),
         (
             "models:\n  zzz: 1\n",
-            r"unknown key models\.zzz; expected one of: allow_server_paths, replication, storage_path",
+            r"unknown key models\.zzz; expected one of: allow_server_paths, extra_stores, replication, storage_path",
         ),
     ],
 )

@@ -60,6 +60,7 @@ FLAGS: dict[str, str] = {
     "quant": "inference.quant",
     "device": "inference.device",
     "models": "models.storage_path",
+    "extra_stores": "models.extra_stores",
 }
 
 _SECTION_ALIASES = {"p2p": "cluster"}  # the original design's name for the cluster section

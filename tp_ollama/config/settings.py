@@ -69,6 +69,16 @@ def default_cache_dir() -> Path:
     return Path(configured) if configured else Path.home() / ".cache" / "tp-ollama"
 
 
+def _store_dir(x: Any) -> Path:
+    """One of models.extra_stores: an existing directory in Ollama's layout (it has `manifests/`)."""
+    if not isinstance(x, str | Path) or not str(x).strip():
+        raise ValueError(x)
+    path = Path(str(x).strip()).expanduser().absolute()
+    if not (path / "manifests").is_dir():
+        raise ValueError(x)
+    return path
+
+
 def _default_models_dir() -> Path:
     return Path("~/.ollama/models").expanduser()
 
@@ -207,6 +217,11 @@ class Replication:
 @dataclass(frozen=True)
 class ModelsSettings:
     storage_path: Path = field(default_factory=_default_models_dir, metadata={"kind": Directory()})
+    # Other stores in Ollama's layout (another installation's ~/.ollama/models, say), read in place:
+    # their models are listed and loaded without copying, and never written to. Flag: --extra-stores.
+    extra_stores: tuple[Path, ...] = opt(
+        (), List(_store_dir, "a list of existing Ollama store directories (each with a manifests/ folder)")
+    )
     replication: Replication = field(default_factory=Replication)
     # /api/create from a path on the server, for clients other than loopback ones (who always may).
     allow_server_paths: bool = opt(False, Bool())

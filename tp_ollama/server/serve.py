@@ -38,7 +38,7 @@ def build(settings: Any) -> tuple[list[Any], Any]:
         engines.append(engine)
     app = create_app(
         ReplicaSet(engines, i.load_balancing.algorithm, slots=i.max_concurrent),
-        store=ModelStore(settings.models.storage_path),
+        store=ModelStore(settings.models.storage_path, extra_roots=settings.models.extra_stores),
         allow_server_paths=settings.models.allow_server_paths,
         version=__version__,
         allowed_origins=a.origins,

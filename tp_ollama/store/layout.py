@@ -16,7 +16,7 @@ from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
-from tp_ollama.errors import CheckpointError, ModelNotFound, TpOllamaError
+from tp_ollama.errors import CheckpointError, ModelNotFound, RequestError, TpOllamaError
 from tp_ollama.store.embedded_entries import EmbeddedEntries
 from tp_ollama.store.inspect import FileFacts
 from tp_ollama.store.manifests import (
@@ -42,8 +42,12 @@ class Layout:
     views, the file facts (`facts_path`, by default `tp-ollama/files.json`) and the hidden embedded
     models."""
 
-    def __init__(self, root: Path, facts_path: Path | None = None) -> None:
+    def __init__(self, root: Path, facts_path: Path | None = None, extra_roots: Sequence[Path] = ()) -> None:
         self.root = Path(root).expanduser().absolute()
+        # Other stores in Ollama's layout (another installation's), read in place and never written:
+        # their models are listed and loaded from their own blobs; deleting one is refused.
+        extra = [Path(r).expanduser().absolute() for r in extra_roots]
+        self.extra = [r for r in dict.fromkeys(extra) if r != self.root]
         self.blobs = self.root / "blobs"
         self.manifests = self.root / "manifests"
         self.own = self.root / "tp-ollama"
@@ -76,9 +80,22 @@ class Layout:
                 self._pins[digest] += 1
         return created
 
+    def find_blob(self, digest: str) -> Path:
+        """Where blob `digest` can be read: this store's, else the first extra store's that has it
+        (this store's path when none has it)."""
+        path = self.blob_path(digest)
+        if path.is_file() or not self.extra:
+            return path
+        name = path.name
+        for root in self.extra:
+            there = root / "blobs" / name
+            if there.is_file():
+                return there
+        return path
+
     def read_blob(self, digest: str) -> bytes:
         try:
-            return self.blob_path(digest).read_bytes()
+            return self.find_blob(digest).read_bytes()
         except FileNotFoundError:
             config = self.embedded.config_blob(digest)
             if config is not None:
@@ -87,7 +104,7 @@ class Layout:
 
     def layer_file(self, layer: Layer) -> Path:
         """A layer's bytes on disk: its blob, or the embedded package file with that digest."""
-        path = self.blob_path(layer.digest)
+        path = self.find_blob(layer.digest)
         if path.is_file():
             return path
         embedded = self.embedded.file(layer.digest)
@@ -107,35 +124,30 @@ class Layout:
 
     # --- manifests -------------------------------------------------------------------------------
 
-    def walk(self) -> Iterator[tuple[ModelName, Path]]:
-        """Every manifest file as (name with its installed casing, path); invalid names skipped."""
-        for host in _children(self.manifests):
-            for ns in _children(host):
-                for model in _children(ns):
-                    for tag in _children(model):
-                        try:
-                            name = parse_name(f"{host.name}/{ns.name}/{model.name}:{tag.name}")
-                        except TpOllamaError:
-                            continue
-                        if tag.is_file():
-                            yield name, tag
+    def walk(self, writable_only: bool = False) -> Iterator[tuple[ModelName, Path]]:
+        """Every manifest file as (name with its installed casing, path), this store's first, then the
+        extra stores' (a name already seen is skipped); invalid names skipped."""
+        seen: set[ModelName] = set()
+        for manifests in [self.manifests, *([] if writable_only else [r / "manifests" for r in self.extra])]:
+            for name, path in _walk(manifests):
+                if name not in seen:
+                    seen.add(name)
+                    yield name, path
 
-    def find_manifest(self, name: ModelName) -> tuple[ModelName, Path] | None:
-        """The installed manifest for `name`, matching each part case-insensitively."""
-        exact = self.root / name.manifest_path
-        if exact.is_file():
-            return name, exact
-        here, parts = self.manifests, []
-        for part in name.parts:
-            try:
-                match = next((e.name for e in os.scandir(here) if e.name.casefold() == part.casefold()), None)
-            except (FileNotFoundError, NotADirectoryError):
-                return None
-            if match is None:
-                return None
-            parts.append(match)
-            here = here / match
-        return (ModelName(*parts), here) if here.is_file() else None
+    def is_extra(self, path: Path) -> Path | None:
+        """The extra store `path` (a manifest) belongs to, or None when it is this store's."""
+        if path.is_relative_to(self.root):
+            return None
+        return next((root for root in self.extra if path.is_relative_to(root)), None)
+
+    def find_manifest(self, name: ModelName, writable_only: bool = False) -> tuple[ModelName, Path] | None:
+        """The installed manifest for `name`, matching each part case-insensitively: this store's, else
+        (unless `writable_only`) the first extra store's."""
+        for root in [self.root, *([] if writable_only else self.extra)]:
+            found = _find_manifest(root, name)
+            if found is not None:
+                return found
+        return None
 
     def read_found(self, name: ModelName, path: Path) -> Found:
         data = path.read_bytes()
@@ -161,7 +173,7 @@ class Layout:
     def write_manifest(self, name: ModelName, data: bytes) -> None:
         """Write (or replace, keeping the installed casing) a manifest; prune what the old one held."""
         with self.lock:
-            existing = self.find_manifest(name)
+            existing = self.find_manifest(name, writable_only=True)
             path = existing[1] if existing else self.root / name.manifest_path
             old = Manifest.parse(path.read_bytes(), path) if existing else None
             atomic_write(path, data)
@@ -170,6 +182,11 @@ class Layout:
 
     def remove_manifest(self, path: Path) -> None:
         """Delete a manifest file, the directories it leaves empty, and the blobs only it held."""
+        extra = self.is_extra(path)
+        if extra is not None:
+            raise RequestError(
+                f"{path.relative_to(extra / 'manifests')} is in the read-only store {extra}: delete it there"
+            )
         with self.lock:
             old = Manifest.parse(path.read_bytes(), path)
             path.unlink()
@@ -237,6 +254,36 @@ class Layout:
 def _view_id(layers: Sequence[Layer]) -> str:
     """An HF view's directory name: a hash of its (file name, digest) listing."""
     return sha256_hex(json.dumps(sorted((x.name, x.digest) for x in layers)).encode())[:32]
+
+
+def _walk(manifests: Path) -> Iterator[tuple[ModelName, Path]]:
+    for host in _children(manifests):
+        for ns in _children(host):
+            for model in _children(ns):
+                for tag in _children(model):
+                    try:
+                        name = parse_name(f"{host.name}/{ns.name}/{model.name}:{tag.name}")
+                    except TpOllamaError:
+                        continue
+                    if tag.is_file():
+                        yield name, tag
+
+
+def _find_manifest(root: Path, name: ModelName) -> tuple[ModelName, Path] | None:
+    exact = root / name.manifest_path
+    if exact.is_file():
+        return name, exact
+    here, parts = root / "manifests", []
+    for part in name.parts:
+        try:
+            match = next((e.name for e in os.scandir(here) if e.name.casefold() == part.casefold()), None)
+        except (FileNotFoundError, NotADirectoryError):
+            return None
+        if match is None:
+            return None
+        parts.append(match)
+        here = here / match
+    return (ModelName(*parts), here) if here.is_file() else None
 
 
 def _children(directory: Path) -> list[Path]:

@@ -101,8 +101,8 @@ class ModelStore:
     Thread-safe for one server process (see tp_ollama.store.layout): changes hold a lock for their
     short critical sections only; reads need none."""
 
-    def __init__(self, root: Path, *, facts_path: Path | None = None) -> None:
-        self._layout = Layout(root, facts_path)
+    def __init__(self, root: Path, *, facts_path: Path | None = None, extra_roots: Sequence[Path] = ()) -> None:
+        self._layout = Layout(root, facts_path, extra_roots)
         self.root = self._layout.root
         self.blobs = self._layout.blobs
         self.manifests = self._layout.manifests
