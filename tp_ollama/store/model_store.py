@@ -30,6 +30,7 @@ from typing import IO, Any
 
 from tp_ollama.errors import CheckpointError, ModelNotFound, RequestError, TpOllamaError
 from tp_ollama.store.create import Draft, Progress, check_messages
+from tp_ollama.store.hf import fetch, is_hub
 from tp_ollama.store.inspect import capabilities, checkpoint_info
 from tp_ollama.store.layout import Layout
 from tp_ollama.store.manifests import (
@@ -342,7 +343,8 @@ class ModelStore:
         layer: Callable[[str, int, int], None] = lambda d, t, c: None, registry: Registry | None = None,
     ) -> None:  # fmt: skip
         """Fetch `name` from its registry (`host/namespace/model:tag`, registry.ollama.ai/library by
-        default; plain http with `insecure`) unless it is here already: the manifest, then every layer
+        default; plain http with `insecure`; `hf.co/org/repo:quant` from Hugging Face, see
+        tp_ollama.store.hf) unless it is here already: the manifest, then every layer
         not in the store (verified against its digest), then the manifest written. `status` hears
         upstream's steps, `layer` each layer's (digest, total, completed). A failed pull lists nothing
         new and leaves only verified blobs."""
@@ -355,6 +357,13 @@ class ModelStore:
         if here is not None:
             for x in (*here.layers, here.config):  # upstream reports the config blob last
                 layer(x.digest, x.size, x.size)
+        elif is_hub(parse_name(name)):
+            source = fetch(parse_name(name), status, layer)
+            status("verifying sha256 digest")  # each LFS file against the Hub's sha256
+            status("writing manifest")
+            self.create(name, source)
+            status("success")
+            return
         else:
             parsed = parse_name(name)
             reg = registry if registry is not None else Registry(insecure=insecure)
