@@ -53,6 +53,7 @@ class NodeAgent:
         self.watch = StoppedWatch()
         self.heartbeat_s = 1.0
         self.detect_timeout_s = 5.0
+        self.frames = wire.Frames()  # what node 0 sent that is not handled yet, from the handshake on
 
     # --- the outer loop ---------------------------------------------------------------------------
 
@@ -137,13 +138,11 @@ class NodeAgent:
         heard = sent = time.monotonic()
         frames = self.frames
         while True:
-            for msg in list(frames.ready):
-                frames.ready.popleft()
-                done = self._handle(msg, sock)
-                if done:
-                    return True
             now = time.monotonic()
             try:
+                while frames.ready:
+                    if self._handle(frames.ready.popleft(), sock):
+                        return True
                 if now - sent >= self.heartbeat_s:
                     sock.sendall(wire.frame(wire.Beat()))
                     sent = now
