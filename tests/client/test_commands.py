@@ -15,7 +15,7 @@ from tp_ollama.store.embedded import smollm2_135m
 
 def test_tp_ollama_has_the_client_commands():
     done = subprocess.run([sys.executable, "-m", "tp_ollama", "--help"], capture_output=True, text=True, timeout=60)
-    for name in ("run", "pull", "list", "ps", "show", "rm", "cp", "create", "stop"):
+    for name in ("run", "pull", "push", "list", "ps", "show", "rm", "cp", "create", "stop"):
         assert f" {name} " in done.stdout
 
 
@@ -160,6 +160,13 @@ def test_pull_shows_each_step_and_run_pulls_what_the_server_lacks(command, store
         ]
         assert any(line.startswith("pulling ") and "100% ▕" in line for line in lines), lines
         assert f"{registry}/library/smol:a" in cli(command, store_server.host, "list").stdout
+        assert (
+            cli(command, store_server.host, "cp", f"{registry}/library/smol:a", f"{registry}/me/smol:c").returncode == 0
+        )
+        done = cli(command, store_server.host, "push", f"{registry}/me/smol:c", "--insecure")
+        assert done.returncode == 0, done.stderr
+        assert done.stderr.splitlines()[-2:] == ["pushing manifest", "success"]
+        assert ("me", "smol", "c") in double.manifests
         # run: a model the server lacks is pulled first (its registry must speak https, or be told
         # otherwise: a plain-http one is refused without --insecure, as upstream).
         done = cli(command, store_server.host, "run", f"{registry}/library/smol:b", "hi")

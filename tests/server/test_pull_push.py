@@ -1,6 +1,7 @@
 """POST /api/pull and /api/push (checklist item 20) through the official ollama client and raw HTTP,
 against the real server over a temporary ModelStore that test_store_routes.py builds: a pull of a
-local name reports its layers complete; a name its registry lacks is an error that names it."""
+local name reports its layers complete; a name its registry lacks is an error that names it; a push
+uploads to a registry double on a loopback port."""
 
 from __future__ import annotations
 
@@ -89,16 +90,24 @@ def test_checklist_20_push_of_an_unknown_model_is_not_found(client, http):
     assert (e.value.status_code, e.value.error) == (404, 'model "ghost:1" not found')
 
 
-def test_checklist_20_push_of_an_installed_model_says_there_is_no_registry(client, http):
-    message = "push: pushing to a remote registry is not supported yet"
-    streamed = http.post("/api/push", json={"model": SMOL, "insecure": True})
-    assert ndjson(streamed) == [{"status": "retrieving manifest"}, {"error": message}]
-    with pytest.raises(ollama.ResponseError) as e:
-        list(client.push(SMOL, stream=True))
-    assert e.value.error == message
-    with pytest.raises(ollama.ResponseError) as e:
-        client.push(SMOL, stream=False)
-    assert (e.value.status_code, e.value.error) == (400, message)
+def test_checklist_20_push_uploads_an_installed_model_to_its_registry(client, http, store_server):
+    double = RegistryDouble()
+    with serving(double.app()) as url:
+        name = f"{url.removeprefix('http://')}/team/smol:1"
+        client.copy(SMOL, name)
+        parts = list(client.push(name, insecure=True, stream=True))
+        statuses = [p.status for p in parts]
+        assert statuses[0] == "retrieving manifest" and statuses[-2:] == ["pushing manifest", "success"]
+        manifest = store_server.store.manifest(name)
+        layers = {x.digest: x.size for x in (*manifest.layers, manifest.config)}
+        assert set(double.pushed) == set(layers)  # the registry had none of them
+        done = {p.digest: (p.total, p.completed) for p in parts if p.digest}
+        assert done == {d: (size, size) for d, size in layers.items()}
+        assert ("team", "smol", "1") in double.manifests
+        raw = http.post("/api/push", json={"model": name, "insecure": True, "stream": False})
+        assert (raw.status_code, raw.json()) == (200, {"status": "success"})  # again: nothing to upload
+        assert len(double.pushed) == len(layers)
+        client.delete(name)
 
 
 @pytest.mark.parametrize("route", ["/api/pull", "/api/push"])

@@ -1,6 +1,6 @@
-"""A test double of an Ollama registry (the distribution API `ollama pull` speaks), on a loopback
-port: real manifests and blobs, with faults a test switches on (a transfer cut half-way, wrong
-bytes, a bearer-token challenge) and a log of the requests it got."""
+"""A test double of an Ollama registry (the distribution API `ollama pull` and `ollama push` speak), on
+a loopback port: real manifests and blobs, monolithic uploads, faults a test switches on (a transfer
+cut half-way, wrong bytes, a bearer-token challenge) and a log of the requests it got."""
 
 from __future__ import annotations
 
@@ -33,6 +33,8 @@ class RegistryDouble:
     needs_token: bool = False
     blob_gets: Counter[str] = field(default_factory=Counter)
     ranges: list[str] = field(default_factory=list)  # Range headers seen
+    uploads: dict[str, bytes] = field(default_factory=dict)  # upload id -> bytes so far
+    pushed: list[str] = field(default_factory=list)  # digests received by uploads, in order
 
     def add_model(self, namespace: str, model: str, tag: str, weights: bytes, template: str = "{{ .Prompt }}") -> str:
         """A model of a GGUF file and a template; its manifest's digest."""
@@ -80,7 +82,41 @@ class RegistryDouble:
             digest = request.path_params["digest"]
             if digest not in self.blobs:
                 return JSONResponse({"errors": [{"code": "BLOB_UNKNOWN"}]}, status_code=404)
+            if request.method == "HEAD":
+                return Response(status_code=200, headers={"Content-Length": str(len(self.blobs[digest]))})
             return RedirectResponse(f"/cdn/{digest}", status_code=307)  # as the real one sends to its CDN
+
+        async def start_upload(request: Request) -> Response:
+            if (denied := authorized(request)) is not None:
+                return denied
+            upload = f"u{len(self.uploads)}"
+            self.uploads[upload] = b""
+            p = request.path_params
+            return Response(
+                status_code=202, headers={"Location": f"/v2/{p['namespace']}/{p['model']}/blobs/uploads/{upload}"}
+            )
+
+        async def finish_upload(request: Request) -> Response:
+            if (denied := authorized(request)) is not None:
+                return denied
+            data = self.uploads.pop(request.path_params["upload"]) + await request.body()
+            digest = request.query_params.get("digest", "")
+            if digest_of(data) != digest:
+                return JSONResponse({"errors": [{"code": "DIGEST_INVALID"}]}, status_code=400)
+            self.blobs[digest] = data
+            self.pushed.append(digest)
+            return Response(status_code=201, headers={"Docker-Content-Digest": digest})
+
+        async def put_manifest(request: Request) -> Response:
+            if (denied := authorized(request)) is not None:
+                return denied
+            p = request.path_params
+            data = await request.body()
+            missing = [d for d in _digests(data) if d not in self.blobs]
+            if missing:
+                return JSONResponse({"errors": [{"code": "MANIFEST_BLOB_UNKNOWN", "detail": missing}]}, status_code=400)
+            self.manifests[(p["namespace"], p["model"], p["tag"])] = data
+            return Response(status_code=201)
 
         async def cdn(request: Request) -> Response:
             digest = request.path_params["digest"]
@@ -114,8 +150,16 @@ class RegistryDouble:
         return Starlette(
             routes=[
                 Route("/token", token),
-                Route("/v2/{namespace}/{model}/manifests/{tag}", manifest),
-                Route("/v2/{namespace}/{model}/blobs/{digest}", blob),
+                Route("/v2/{namespace}/{model}/manifests/{tag}", manifest, methods=["GET"]),
+                Route("/v2/{namespace}/{model}/manifests/{tag}", put_manifest, methods=["PUT"]),
+                Route("/v2/{namespace}/{model}/blobs/uploads/", start_upload, methods=["POST"]),
+                Route("/v2/{namespace}/{model}/blobs/uploads/{upload}", finish_upload, methods=["PUT"]),
+                Route("/v2/{namespace}/{model}/blobs/{digest}", blob, methods=["GET", "HEAD"]),
                 Route("/cdn/{digest}", cdn),
             ]
         )
+
+
+def _digests(manifest: bytes) -> list[str]:
+    body = json.loads(manifest)
+    return [body["config"]["digest"], *(layer["digest"] for layer in body.get("layers", []))]

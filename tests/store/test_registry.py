@@ -13,6 +13,7 @@ import pytest
 
 from tests.server.conftest import serving
 from tests.store.registry_double import RegistryDouble, digest_of
+from tests.tiny import make_hf_model, write_gguf
 from tp_ollama.errors import ModelNotFound
 from tp_ollama.store.model_store import ModelStore
 from tp_ollama.store.names import parse_name
@@ -109,3 +110,32 @@ def test_an_unknown_model_and_an_unreachable_registry_are_named(registry, tmp_pa
 def test_https_unless_insecure():
     assert Registry().base(parse_name("gemma3")) == "https://registry.ollama.ai/v2/library/gemma3"
     assert Registry(insecure=True).base(parse_name("h:5000/ns/m:t")) == "http://h:5000/v2/ns/m"
+
+
+def test_a_push_uploads_what_the_registry_lacks_then_the_manifest(registry, tmp_path: Path):
+    double, host = registry
+    double.needs_token = True
+    store = ModelStore(tmp_path / "a")
+    store.pull(f"{host}/library/tiny:1", insecure=True)
+    store.copy(f"{host}/library/tiny:1", f"{host}/mine/tiny:2")
+    steps: list[str] = []
+    store.push(f"{host}/mine/tiny:2", insecure=True, status=steps.append)
+    assert steps == ["retrieving manifest", "pushing manifest", "success"]
+    assert double.pushed == []  # every layer was there already: only the manifest went
+    gguf = tmp_path / "new.gguf"
+    write_gguf(make_hf_model("llama", seed=7), gguf, "llama", "F32")
+    store.create(f"{host}/mine/new:1", gguf)
+    seen: list[tuple[str, int, int]] = []
+    store.push(f"{host}/mine/new:1", insecure=True, layer=lambda *a: seen.append(a))
+    weights = digest_of(gguf.read_bytes())
+    assert weights in double.pushed and (weights, gguf.stat().st_size, gguf.stat().st_size) in seen
+    other = ModelStore(tmp_path / "b")  # what was pushed pulls back the same
+    other.pull(f"{host}/mine/new:1", insecure=True)
+    assert other.blob_path(weights).read_bytes() == gguf.read_bytes()
+    assert other.show(f"{host}/mine/new:1")["details"] == store.show(f"{host}/mine/new:1")["details"]
+
+
+def test_pushing_a_model_not_here_is_not_found(registry, tmp_path: Path):
+    _, host = registry
+    with pytest.raises(ModelNotFound, match=f'model "{host}/mine/ghost:1" not found'):
+        ModelStore(tmp_path).push(f"{host}/mine/ghost:1", insecure=True)

@@ -1,4 +1,4 @@
-"""Ollama's client commands (`run`, `list`/`ls`, `ps`, `show`, `rm`, `cp`, `create`, `stop`), talking
+"""Ollama's client commands (`run`, `pull`, `push`, `list`/`ls`, `ps`, `show`, `rm`, `cp`, `create`, `stop`), talking
 HTTP to the server at OLLAMA_HOST. `register(app)` adds them to the main command line.
 
 Output follows the `ollama` CLI: the same tables, `show` sections, `--verbose` statistics and
@@ -14,7 +14,7 @@ import contextlib
 import hashlib
 import os
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, TypeVar
@@ -38,6 +38,7 @@ def register(app: typer.Typer) -> None:
     """Add the client commands to `app`."""
     app.command("run")(run)
     app.command("pull")(pull)
+    app.command("push")(push)
     app.command("list")(list_models)
     app.command("ls", hidden=True)(list_models)
     app.command("ps")(ps)
@@ -137,12 +138,25 @@ def pull(
     _with_client(debug, lambda client: show_pull(client, model, insecure))
 
 
+def push(
+    model: ModelArg,
+    insecure: Annotated[bool, typer.Option("--insecure", help="Allow a plain-http registry.")] = False,
+    debug: DebugOpt = False,
+) -> None:
+    """Push a model to the registry its name holds (HOST:PORT/NAMESPACE/MODEL:TAG)."""
+    _with_client(debug, lambda client: show_progress(client.push(model, insecure)))
+
+
 def show_pull(client: Client, model: str, insecure: bool = False) -> None:
-    """The server's pull of `model`, as upstream's CLI shows it: one line per step, and for each layer a
+    show_progress(client.pull(model, insecure))
+
+
+def show_progress(parts: Iterable[dict[str, Any]]) -> None:
+    """A pull's or push's progress as upstream's CLI shows it: one line per step, and for each layer a
     line of its progress (rewritten in place on a terminal, its final state elsewhere)."""
     tty = sys.stderr.isatty()
     current = ""
-    for part in client.pull(model, insecure):
+    for part in parts:
         status = str(part.get("status", ""))
         total = int(part.get("total") or 0)
         if total:

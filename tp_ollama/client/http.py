@@ -123,6 +123,9 @@ class Client:
     def pull(self, model: str, insecure: bool = False) -> Generator[dict[str, Any], None, None]:
         return self.stream("/api/pull", {"model": model, "insecure": insecure, "stream": True})
 
+    def push(self, model: str, insecure: bool = False) -> Generator[dict[str, Any], None, None]:
+        return self.stream("/api/push", {"model": model, "insecure": insecure, "stream": True})
+
     def has_blob(self, digest: str) -> bool:
         try:
             response = self._http.head(f"/api/blobs/{digest}")

@@ -89,12 +89,10 @@ def routes(
         return await _respond(lambda say: _pull(store, req.model, req.insecure, say), req.stream, _nothing, "pull")
 
     async def push(request: Request) -> Response:
-        """A name not in the store: 404 `model "NAME" not found`. A name in the store: 400 `push:
-        pushing to a remote registry is not supported yet` (400 rather than upstream's 500 or a 501:
-        the request cannot succeed on this server, and nothing on it is broken). Streamed, both are
-        an {"error"} line after `retrieving manifest`."""
+        """A name not in the store: 404 `model "NAME" not found` (an {"error"} line after `retrieving
+        manifest` once streaming). A name in the store is uploaded to the registry its name holds."""
         req = parse_transfer(await read_json(request, max_body_bytes))
-        return await _respond(lambda say: _push(store, req.model, say), req.stream, _nothing, "push")
+        return await _respond(lambda say: _push(store, req.model, req.insecure, say), req.stream, _nothing, "push")
 
     async def copy(request: Request) -> Response:
         source, destination = parse_copy(await read_json(request, max_body_bytes))
@@ -163,10 +161,15 @@ def _pull(store: ModelStore, name: str, insecure: bool, say: Say) -> None:
     )
 
 
-def _push(store: ModelStore, name: str, say: Say) -> None:
-    say(status_line("retrieving manifest"))
-    store.manifest(name, f'model "{name}" not found')
-    raise RequestError("push: pushing to a remote registry is not supported yet")
+def _push(store: ModelStore, name: str, insecure: bool, say: Say) -> None:
+    """Upstream's lines: `retrieving manifest`, `pushing <hex12>` with each layer's progress, `pushing
+    manifest`, `success`."""
+    store.push(
+        name,
+        insecure=insecure,
+        status=lambda s: say(status_line(s)),
+        layer=lambda digest, total, done: say(layer_line("pushing", digest, total, done)),
+    )
 
 
 def _loopback(request: Request) -> bool:

@@ -386,6 +386,32 @@ class ModelStore:
         for step in ("verifying sha256 digest", "writing manifest", "success"):
             status(step)
 
+    def push(
+        self, name: str, *, insecure: bool = False, status: Callable[[str], None] = lambda s: None,
+        layer: Callable[[str, int, int], None] = lambda d, t, c: None, registry: Registry | None = None,
+    ) -> None:  # fmt: skip
+        """Upload model `name` to the registry its name holds (`host/namespace/model:tag`): every layer
+        the registry lacks, then the manifest. ModelNotFound (`model "NAME" not found`) when it is not
+        here; `status` and `layer` hear upstream's steps and each layer's progress."""
+        layout = self._layout
+        status("retrieving manifest")
+        found = layout.lookup(name, f'model "{name}" not found')
+        parsed = parse_name(name)
+        reg = registry if registry is not None else Registry(insecure=insecure)
+        try:
+            for x in (*found.manifest.layers, found.manifest.config):
+                config = layout.embedded.config_blob(x.digest)
+                if config is not None and not layout.find_blob(x.digest).is_file():
+                    reg.push_blob(parsed, x, None, config, layer)
+                else:
+                    reg.push_blob(parsed, x, layout.layer_file(x), None, layer)
+            status("pushing manifest")
+            reg.push_manifest(parsed, found.manifest.to_bytes())
+        finally:
+            if registry is None:
+                reg.close()
+        status("success")
+
     def restore_embedded(self, name: str) -> bool:
         """Undo the deletion of an embedded model (call it when that name is pulled); False when the
         name is not an embedded model."""

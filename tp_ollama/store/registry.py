@@ -1,4 +1,4 @@
-"""Pulling models from a registry that speaks Ollama's protocol (the one `ollama pull` uses, the
+"""Pulling models from (and pushing them to) a registry that speaks Ollama's protocol (the one `ollama pull` uses, the
 OCI distribution API): the manifest, then every blob by digest, each checked against its sha256
 before the manifest is written, so that a model is listed only once all of it is here and right.
 
@@ -9,7 +9,8 @@ The scheme is https, or http with `insecure` (as upstream). A registry that answ
 `WWW-Authenticate: Bearer realm=...` challenge is asked for an anonymous token. A transfer cut
 short resumes where it stopped with a Range request; every network wait has a timeout, and a
 failed one is retried a few times with a growing pause. Two pulls of one blob at once download it
-once: the second waits for the first and finds the blob there.
+once: the second waits for the first and finds the blob there. A push uploads each layer the
+registry lacks (a monolithic upload: POST for a location, PUT with the digest), then the manifest.
 """
 
 from __future__ import annotations
@@ -18,8 +19,9 @@ import logging
 import re
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -147,20 +149,69 @@ class Registry:
                 time.sleep(self.pause_s * failures)
         progress(layer.digest, layer.size, w.size)
 
+    # --- pushing ------------------------------------------------------------------------------------
+
+    def push_blob(
+        self, name: ModelName, layer: Layer, path: Path | None, data: bytes | None, progress: Progress
+    ) -> None:
+        """Upload one layer (from the file `path`, or `data`) unless the registry has it: a monolithic
+        upload (POST for a location, then PUT with the digest)."""
+        what = f"layer {layer.digest}"
+        base = self.base(name)
+        head = self._request("HEAD", f"{base}/blobs/{layer.digest}", name, what, "pushing")
+        if head.status_code == 200:
+            progress(layer.digest, layer.size, layer.size)
+            return
+        start = self._request("POST", f"{base}/blobs/uploads/", name, what, "pushing")
+        if start.status_code != 202 or "location" not in start.headers:
+            self._check(start, name, f"starting the upload of {what}", "pushing")
+            raise RegistryError(f"pushing {name.display} to {name.host}: {what}: no upload location given")
+        location = str(start.url.join(start.headers["location"]))
+        target = f"{location}{'&' if '?' in location else '?'}digest={layer.digest}"
+
+        def body() -> Iterator[bytes]:
+            sent = 0
+            if data is not None:
+                chunks: Iterable[bytes] = (data[i : i + CHUNK] for i in range(0, len(data), CHUNK))
+            else:
+                assert path is not None
+                chunks = _file_chunks(path)
+            for chunk in chunks:
+                sent += len(chunk)
+                progress(layer.digest, layer.size, sent)
+                yield chunk
+
+        headers = {"Content-Type": "application/octet-stream", "Content-Length": str(layer.size)}
+        try:
+            put = self._client.put(target, content=body(), headers=self._headers(headers))
+        except httpx.TransportError as e:
+            raise RegistryError(f"pushing {name.display} to {name.host}: {what} failed: {e}") from None
+        self._check(put, name, what, "pushing")
+
+    def push_manifest(self, name: ModelName, data: bytes) -> None:
+        url = f"{self.base(name)}/manifests/{name.tag}"
+        put = self._request("PUT", url, name, "the manifest", "pushing", headers={"Content-Type": MANIFEST_TYPE},
+                            content=data)  # fmt: skip
+        self._check(put, name, "the manifest", "pushing")
+
     # --- HTTP ---------------------------------------------------------------------------------------
 
-    def _request(self, method: str, url: str, name: ModelName, what: str, **kw: Any) -> httpx.Response:
+    def _request(
+        self, method: str, url: str, name: ModelName, what: str, verb: str = "pulling",
+        headers: dict[str, str] | None = None, **kw: Any,
+    ) -> httpx.Response:  # fmt: skip
         failures = 0
+        extra = dict(headers or {})
         while True:
             try:
-                response = self._client.request(method, url, headers=self._headers(kw.pop("headers", {})), **kw)
+                response = self._client.request(method, url, headers=self._headers(extra), **kw)
                 if response.status_code == 401 and self._authenticate(response, name):
-                    response = self._client.request(method, url, headers=self._headers({}), **kw)
+                    response = self._client.request(method, url, headers=self._headers(extra), **kw)
                 return response
             except httpx.TransportError as e:
                 failures += 1
                 if failures > self.retries:
-                    raise RegistryError(f"pulling {name.display}: cannot reach {name.host} for {what}: {e}") from None
+                    raise RegistryError(f"{verb} {name.display}: cannot reach {name.host} for {what}: {e}") from None
                 time.sleep(self.pause_s * failures)
 
     def _stream(self, url: str, name: ModelName, what: str, headers: dict[str, str]) -> Any:
@@ -195,14 +246,15 @@ class Registry:
         return bool(self._token)
 
     @staticmethod
-    def _check(response: httpx.Response, name: ModelName, what: str) -> None:
-        if response.status_code in (200, 206):
+    def _check(response: httpx.Response, name: ModelName, what: str, verb: str = "pulling") -> None:
+        if response.status_code in (200, 201, 202, 206):
             return
         try:
             text = response.read().decode(errors="replace")[:300]
         except httpx.HTTPError:
             text = ""
-        raise RegistryError(f"pulling {name.display} from {name.host}: {what}: HTTP {response.status_code} {text}")
+        where = "from" if verb == "pulling" else "to"
+        raise RegistryError(f"{verb} {name.display} {where} {name.host}: {what}: HTTP {response.status_code} {text}")
 
 
 class _Closing:
@@ -216,6 +268,12 @@ class _Closing:
 
     def __exit__(self, *exc: object) -> None:
         self.response.close()
+
+
+def _file_chunks(path: Path) -> Iterator[bytes]:
+    with path.open("rb") as f:
+        while chunk := f.read(CHUNK):
+            yield chunk
 
 
 def short(digest: str) -> str:
