@@ -9,7 +9,8 @@ failure), and tells each one its place in a new group whose store is on a fresh 
 
 A running generation is broken (and the EngineClient replays its requests on the next one) when a
 member of it leaves, reports its ranks exited or stopped, or, planned, when a node joins a group
-that is smaller than configured: the group scales back up between two steps of the replay.
+that is smaller than configured: the group is stopped on purpose and formed again, larger, and its
+requests resume on it.
 """
 
 from __future__ import annotations
