@@ -72,9 +72,10 @@ def parse_weights(text: str | None) -> tuple[float, ...] | None:
         raise ConfigError(f"--tp-weights {text!r} is invalid: expected numbers like 2,1,1") from None
 
 
-def free_port() -> int:
+def free_port(host: str = "127.0.0.1") -> int:
+    """A port free on `host` now ("" for every interface)."""
     with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
+        s.bind((host, 0))
         return int(s.getsockname()[1])
 
 

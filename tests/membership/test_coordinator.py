@@ -5,9 +5,10 @@ EngineClient that records what the coordinator asks of it."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import os
-from collections.abc import Callable, Coroutine
+from collections.abc import AsyncIterator, Callable, Coroutine
 from typing import Any
 
 import pytest
@@ -97,9 +98,9 @@ class Agent:
 
     async def read(self, skip_beats: bool = True) -> wire.Message:
         while True:
-            header = await asyncio.wait_for(self.reader.readexactly(wire.FRAME.size), 10)
-            (n,) = wire.FRAME.unpack(header)
-            msg = wire.decode(await self.reader.readexactly(n))
+            msg = await asyncio.wait_for(wire.read_message(self.reader), 10)
+            if msg is None:
+                raise ConnectionError("node 0 closed the connection")
             if not (skip_beats and isinstance(msg, wire.Beat)):
                 return msg
 
@@ -116,6 +117,18 @@ class Agent:
             pass
 
 
+@contextlib.asynccontextmanager
+async def running(port: int, **kw: Any) -> AsyncIterator[tuple[Coordinator, FakeEngine]]:
+    """A started coordinator (see `coordinator`) with a FakeEngine attached, closed on the way out."""
+    c = coordinator(port, **kw)
+    c.engine = engine = FakeEngine()
+    await c.start()
+    try:
+        yield c, engine
+    finally:
+        await c.close()
+
+
 def coordinator(port: int, nnodes: int = 3, **kw: object) -> Coordinator:
     template = wire.Form(generation=0, nnodes=nnodes, node_rank=0, master_addr="127.0.0.1", master_port=0)
     args: dict = dict(nnodes=nnodes, nproc=1, master_addr="127.0.0.1", port=port, secret=SECRET,
@@ -128,10 +141,7 @@ def coordinator(port: int, nnodes: int = 3, **kw: object) -> Coordinator:
 @in_loop
 async def test_the_first_group_waits_for_every_node_and_tells_each_its_ranks():
     port = free_port()
-    c = coordinator(port, tp_weights=(2.0, 1.0, 1.0))
-    c.engine = engine = FakeEngine()
-    await c.start()
-    try:
+    async with running(port, tp_weights=(2.0, 1.0, 1.0)) as (c, engine):
         forming = asyncio.create_task(c.form())
         a2, welcome = await Agent.join(port, 2)
         assert isinstance(welcome, wire.Welcome) and welcome.detect_timeout_s == 2.0
@@ -146,17 +156,12 @@ async def test_the_first_group_waits_for_every_node_and_tells_each_its_ranks():
         assert (f2.node_rank, f2.ranks, f2.tp_weights) == (2, (2,), "2,1,1")
         assert [e["kind"] for e in c.events.events] == ["joined", "joined", "formed"]
         assert engine.breaks == []
-    finally:
-        await c.close()
 
 
 @in_loop
 async def test_a_node_that_leaves_breaks_the_group_and_the_next_one_keeps_its_ranks():
     port = free_port()
-    c = coordinator(port)
-    c.engine = engine = FakeEngine()
-    await c.start()
-    try:
+    async with running(port) as (c, engine):
         forming = asyncio.create_task(c.form())
         (a1, _), (a2, _) = await Agent.join(port, 1), await Agent.join(port, 2)
         await asyncio.wait_for(forming, 10)
@@ -172,17 +177,12 @@ async def test_a_node_that_leaves_breaks_the_group_and_the_next_one_keeps_its_ra
         kinds = [e["kind"] for e in c.events.events]
         assert kinds[-2:] == ["left", "formed"]
         acks.cancel()
-    finally:
-        await c.close()
 
 
 @in_loop
 async def test_a_silent_node_is_dropped_after_the_detect_timeout():
     port = free_port()
-    c = coordinator(port, nnodes=2, detect_timeout_s=1.0)
-    c.engine = engine = FakeEngine()
-    await c.start()
-    try:
+    async with running(port, nnodes=2, detect_timeout_s=1.0) as (c, engine):
         forming = asyncio.create_task(c.form())
         agent, _ = await Agent.join(port, 1)
         await asyncio.wait_for(forming, 10)
@@ -193,17 +193,12 @@ async def test_a_silent_node_is_dropped_after_the_detect_timeout():
         assert why.startswith("node 1 left: no heartbeat for") and not planned
         assert c.nodes_up == 1
         agent.writer.close()
-    finally:
-        await c.close()
 
 
 @in_loop
 async def test_a_node_back_grows_a_smaller_group_planned():
     port = free_port()
-    c = coordinator(port, nnodes=2)
-    c.engine = engine = FakeEngine()
-    await c.start()
-    try:
+    async with running(port, nnodes=2) as (c, engine):
         forming = asyncio.create_task(c.form())
         agent, _ = await Agent.join(port, 1)
         await asyncio.wait_for(forming, 10)
@@ -221,8 +216,6 @@ async def test_a_node_back_grows_a_smaller_group_planned():
         formation = await asyncio.wait_for(c.form(), 10)
         assert (formation.nnodes, formation.ranks) == (2, (0,))
         beats.cancel()
-    finally:
-        await c.close()
 
 
 @pytest.mark.parametrize(
@@ -237,42 +230,28 @@ async def test_a_node_back_grows_a_smaller_group_planned():
 @in_loop
 async def test_a_node_that_does_not_belong_is_refused_and_changes_nothing(node_rank, secret, nproc, why):
     port = free_port()
-    c = coordinator(port)
-    c.engine = FakeEngine()
-    await c.start()
-    try:
+    async with running(port) as (c, _):
         _, answer = await Agent.join(port, node_rank, secret=secret, nproc=nproc)
         assert isinstance(answer, wire.Refused) and answer.why.startswith(why), answer
         assert c.members == {} and c.events.events == type(c.events.events)()
-    finally:
-        await c.close()
 
 
 @in_loop
 async def test_a_second_node_with_a_taken_rank_is_told_to_try_again():
     port = free_port()
-    c = coordinator(port)
-    await c.start()
-    try:
+    async with running(port):
         first, _ = await Agent.join(port, 1)
         _, answer = await Agent.join(port, 1)
         assert isinstance(answer, wire.Refused) and answer.why.startswith("again: node 1 is already connected")
         first.writer.close()
-    finally:
-        await c.close()
 
 
 @in_loop
 async def test_too_few_nodes_after_the_wait_is_a_clear_error():
     port = free_port()
-    c = coordinator(port, nnodes=3, min_nodes=2, join_timeout_s=0.5)
-    c.engine = FakeEngine()
-    await c.start()
-    try:
+    async with running(port, nnodes=3, min_nodes=2, join_timeout_s=0.5) as (c, _):
         with pytest.raises(EngineUnavailable, match=r"1 of 3 nodes, fewer than cluster.min_nodes = 2, after 0.5 s"):
             await c.form()
-    finally:
-        await c.close()
 
 
 @in_loop

@@ -8,6 +8,7 @@ import stat
 
 import pytest
 
+from tp_ollama.engine.protocol import FRAME_HEADER
 from tp_ollama.membership import wire
 
 
@@ -34,7 +35,7 @@ def test_every_message_survives_its_frame_in_pieces():
 def test_a_frame_announcing_too_much_is_refused():
     frames = wire.Frames()
     with pytest.raises(ValueError, match="more than the 65536 allowed"):
-        frames.feed(wire.FRAME.pack(wire.MAX_FRAME + 1))
+        frames.feed(FRAME_HEADER.pack(wire.MAX_FRAME + 1))
 
 
 def test_recv_one_keeps_later_messages_and_reports_a_closed_peer():

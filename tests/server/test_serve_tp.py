@@ -11,7 +11,9 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from typing import Any
 
 import httpx
 import jsonschema
@@ -180,6 +182,25 @@ def group_host(proc: subprocess.Popen[bytes]) -> psutil.Process:
     return running[0]
 
 
+def stream_with_a_fault(url: str, fault: Callable[[], object]) -> tuple[Any, str, Any, float]:
+    """A greedy request without a fault, then streamed again with `fault` run after its 10th token: the
+    clean reply, the streamed text, the final chunk, and the longest gap between two tokens."""
+    prompt, options = "Here is a list of twenty fruits:", {"temperature": 0, "num_predict": 48}
+    with ollama.Client(host=url, timeout=STARTUP_S) as client:
+        clean = client.generate(model="smollm2:135m", prompt=prompt, raw=True, options=options)
+        pieces, gaps, last, final = [], [], None, None
+        for chunk in client.generate(model="smollm2:135m", prompt=prompt, raw=True, options=options, stream=True):
+            now = time.monotonic()
+            if last is not None:
+                gaps.append(now - last)
+            last = now
+            pieces.append(chunk.response)
+            if len(pieces) == 10:
+                fault()
+            final = chunk
+    return clean, "".join(pieces), final, max(gaps)
+
+
 def _answers(url: str) -> bool:
     try:
         return httpx.get(f"{url}/api/version", timeout=2).status_code == 200
@@ -212,25 +233,12 @@ def test_a_rank_killed_mid_answer_and_the_answer_still_arrives(server, request):
     final counts are the client's: every token it got."""
     sharded_only(request)
     url, proc = server
-    prompt, options = "Here is a list of twenty fruits:", {"temperature": 0, "num_predict": 48}
-    with ollama.Client(host=url, timeout=STARTUP_S) as client:
-        clean = client.generate(model="smollm2:135m", prompt=prompt, raw=True, options=options)
-        rank1 = sorted(group_host(proc).children(recursive=True), key=lambda p: p.pid)[-1]
-        pieces, gaps, last, killed = [], [], None, None
-        for chunk in client.generate(model="smollm2:135m", prompt=prompt, raw=True, options=options, stream=True):
-            now = time.monotonic()
-            if last is not None:
-                gaps.append(now - last)
-            last = now
-            pieces.append(chunk.response)
-            if len(pieces) == 10:
-                rank1.kill()
-                killed = now
-            final = chunk
-    assert killed is not None and not rank1.is_running()
-    assert "".join(pieces) == clean.response
+    rank1 = sorted(group_host(proc).children(recursive=True), key=lambda p: p.pid)[-1]
+    clean, text, final, gap = stream_with_a_fault(url, rank1.kill)
+    assert not rank1.is_running()
+    assert text == clean.response
     assert final.done and final.eval_count == clean.eval_count
-    print(f"longest gap between two tokens: {max(gaps):.2f} s")  # the group's restart and reload
+    print(f"longest gap between two tokens: {gap:.2f} s")  # the group's restart and reload
 
 
 def test_a_rank_stopped_mid_answer_is_fenced_out_and_the_answer_still_arrives(server, request):
@@ -239,23 +247,12 @@ def test_a_rank_stopped_mid_answer_is_fenced_out_and_the_answer_still_arrives(se
     and replays; the text is the fault-free one, and the status and the events say what happened."""
     sharded_only(request)
     url, proc = server
-    prompt, options = "Here is a list of twenty fruits:", {"temperature": 0, "num_predict": 48}
     before = len(httpx.get(f"{url}/api/distributed/events").json()["events"])
-    with ollama.Client(host=url, timeout=STARTUP_S) as client:
-        clean = client.generate(model="smollm2:135m", prompt=prompt, raw=True, options=options)
-        rank1 = sorted(group_host(proc).children(recursive=True), key=lambda p: p.pid)[-1]
-        pieces, gaps, last = [], [], None
-        for chunk in client.generate(model="smollm2:135m", prompt=prompt, raw=True, options=options, stream=True):
-            now = time.monotonic()
-            if last is not None:
-                gaps.append(now - last)
-            last = now
-            pieces.append(chunk.response)
-            if len(pieces) == 10:
-                rank1.send_signal(signal.SIGSTOP)
-    assert "".join(pieces) == clean.response
+    rank1 = sorted(group_host(proc).children(recursive=True), key=lambda p: p.pid)[-1]
+    clean, text, _, gap = stream_with_a_fault(url, lambda: rank1.send_signal(signal.SIGSTOP))
+    assert text == clean.response
     wait_until(lambda: not rank1.is_running() or rank1.status() == psutil.STATUS_ZOMBIE, what="the stopped rank gone")
-    print(f"longest gap between two tokens: {max(gaps):.2f} s")
+    print(f"longest gap between two tokens: {gap:.2f} s")
     events = httpx.get(f"{url}/api/distributed/events").json()
     kinds = [e["kind"] for e in events["events"][before:]]
     assert kinds[:1] == ["detected"] and "stopped" in events["events"][before]["detail"], kinds

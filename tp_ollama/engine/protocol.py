@@ -239,10 +239,12 @@ def frame(msg: msgspec.Struct) -> bytes:
 
 
 class FrameBuffer:
-    """Bytes read from a socket in, whole frames' payloads out."""
+    """Bytes read from a socket in, whole frames' payloads out; a frame announcing more than
+    `max_bytes` is a broken (or hostile) peer, not a message."""
 
-    def __init__(self) -> None:
+    def __init__(self, max_bytes: int = MAX_FRAME) -> None:
         self.data = b""
+        self.max_bytes = max_bytes
 
     def feed(self, data: bytes) -> None:
         self.data += data
@@ -251,7 +253,7 @@ class FrameBuffer:
         out = []
         while len(self.data) >= FRAME_HEADER.size:
             (n,) = FRAME_HEADER.unpack_from(self.data)
-            _check_length(n)
+            _check_length(n, self.max_bytes)
             end = FRAME_HEADER.size + n
             if len(self.data) < end:
                 break
@@ -260,17 +262,17 @@ class FrameBuffer:
         return out
 
 
-async def read_frame(reader: asyncio.StreamReader) -> bytes | None:
+async def read_frame(reader: asyncio.StreamReader, max_bytes: int = MAX_FRAME) -> bytes | None:
     """The next frame's payload, or None at the end of the stream."""
     try:
         header = await reader.readexactly(FRAME_HEADER.size)
     except asyncio.IncompleteReadError:
         return None
     (n,) = FRAME_HEADER.unpack(header)
-    _check_length(n)
+    _check_length(n, max_bytes)
     return await reader.readexactly(n)
 
 
-def _check_length(n: int) -> None:
-    if n > MAX_FRAME:
-        raise ValueError(f"an engine frame announced {n} bytes, more than the {MAX_FRAME} allowed")
+def _check_length(n: int, max_bytes: int) -> None:
+    if n > max_bytes:
+        raise ValueError(f"a frame announced {n} bytes, more than the {max_bytes} allowed")

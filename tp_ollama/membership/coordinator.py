@@ -17,12 +17,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import socket
 import time
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from tp_ollama.errors import EngineUnavailable
+from tp_ollama.launch import free_port
 from tp_ollama.membership import wire
 from tp_ollama.membership.events import EventLog
 
@@ -245,12 +245,10 @@ class Coordinator:
             m.generation = 0
 
     def _free_port(self) -> int:
-        with socket.socket() as s:
-            try:
-                s.bind((self.master_addr, 0))
-            except OSError:
-                s.bind(("", 0))
-            return int(s.getsockname()[1])
+        try:
+            return free_port(self.master_addr)
+        except OSError:  # not an address of this host (see start): the store listens on all
+            return free_port("")
 
     def _weights(self, placement: dict[int, tuple[int, ...]]) -> str | None:
         """--tp-weights of the group's ranks: every configured rank's when the ranks keep their
@@ -286,7 +284,7 @@ class Coordinator:
         challenge = wire.new_nonce()
         writer.write(wire.frame(wire.Challenge(challenge)))
         await writer.drain()
-        hello = await _read_message(reader)
+        hello = await wire.read_message(reader)
         if not isinstance(hello, wire.Hello):
             log.warning("dropped a rendezvous connection from %s: it did not say hello", peer)
             return None
@@ -323,7 +321,7 @@ class Coordinator:
 
     async def _follow(self, member: Member, reader: asyncio.StreamReader) -> None:
         while True:
-            msg = await _read_message(reader)
+            msg = await wire.read_message(reader)
             if msg is None:
                 return
             member.heard = time.monotonic()
@@ -372,14 +370,3 @@ class Coordinator:
             if waiting and engine is not None and engine.group_running() and not self._forming.locked():
                 nodes = ", ".join(map(str, waiting))
                 self._break(f"node(s) {nodes} joined: the group grows to {1 + len(self.members)} nodes", planned=True)
-
-
-async def _read_message(reader: asyncio.StreamReader) -> wire.Message | None:
-    try:
-        header = await reader.readexactly(wire.FRAME.size)
-    except asyncio.IncompleteReadError:
-        return None
-    (n,) = wire.FRAME.unpack(header)
-    if n > wire.MAX_FRAME:
-        raise ValueError(f"a membership frame announced {n} bytes, more than the {wire.MAX_FRAME} allowed")
-    return wire.decode(await reader.readexactly(n))

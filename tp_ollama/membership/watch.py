@@ -12,6 +12,8 @@ from pathlib import Path
 STOPPED_STATES = frozenset("Tt")
 # A rank seen stopped this long is hung, not caught in a moment's job control.
 STOPPED_GRACE_S = 1.0
+# /proc is scanned at most this often, however often a watcher asks: a scan reads every process's stat.
+SCAN_EVERY_S = 0.25
 
 
 def session_states(sid: int, proc: Path = Path("/proc")) -> dict[int, str]:
@@ -41,9 +43,13 @@ class StoppedWatch:
     def __init__(self, grace_s: float = STOPPED_GRACE_S) -> None:
         self.grace_s = grace_s
         self._since: dict[int, float] = {}
+        self._scanned = -SCAN_EVERY_S
 
     def check(self, sid: int, now: float | None = None) -> str | None:
         now = time.monotonic() if now is None else now
+        if now - self._scanned < SCAN_EVERY_S:
+            return None
+        self._scanned = now
         stopped = {pid for pid, state in session_states(sid).items() if state in STOPPED_STATES}
         self._since = {pid: self._since.get(pid, now) for pid in stopped}
         for pid, since in sorted(self._since.items()):
@@ -53,6 +59,7 @@ class StoppedWatch:
 
     def reset(self) -> None:
         self._since.clear()
+        self._scanned = -SCAN_EVERY_S
 
 
 def kill_session(sid: int, sig: int) -> None:

@@ -10,20 +10,20 @@ that fails either proof is dropped; nothing it sent is acted on.
 
 from __future__ import annotations
 
+import asyncio
 import collections
 import hashlib
 import hmac
 import os
 import secrets
 import socket
-import struct
 from pathlib import Path
 
 import msgspec
 
+from tp_ollama.engine.protocol import FRAME_HEADER, FrameBuffer, read_frame
 from tp_ollama.errors import ConfigError
 
-FRAME = struct.Struct(">I")
 MAX_FRAME = 1 << 16  # membership messages are a few hundred bytes; more is not a peer of ours
 SECRET_ENV = "TP_OLLAMA_CLUSTER_SECRET"
 WRONG_SECRET = "the cluster secret does not match"
@@ -109,8 +109,9 @@ _decoder = msgspec.msgpack.Decoder(Message)
 
 
 def frame(msg: Message) -> bytes:
+    """`msg` as one frame: its length, then its bytes (the engine socket's framing)."""
     payload = _encoder.encode(msg)
-    return FRAME.pack(len(payload)) + payload
+    return FRAME_HEADER.pack(len(payload)) + payload
 
 
 def decode(payload: bytes) -> Message:
@@ -121,19 +122,18 @@ class Frames:
     """Bytes in, whole messages out (for a socket read in pieces)."""
 
     def __init__(self) -> None:
-        self.data = bytearray()
+        self._buffer = FrameBuffer(MAX_FRAME)
         self.ready: collections.deque[Message] = collections.deque()
 
     def feed(self, data: bytes) -> None:
-        self.data += data
-        while len(self.data) >= FRAME.size:
-            (n,) = FRAME.unpack_from(self.data)
-            if n > MAX_FRAME:
-                raise ValueError(f"a membership frame announced {n} bytes, more than the {MAX_FRAME} allowed")
-            if len(self.data) < FRAME.size + n:
-                break
-            self.ready.append(decode(bytes(self.data[FRAME.size : FRAME.size + n])))
-            del self.data[: FRAME.size + n]
+        self._buffer.feed(data)
+        self.ready.extend(decode(payload) for payload in self._buffer.pop_all())
+
+
+async def read_message(reader: asyncio.StreamReader) -> Message | None:
+    """The next message of an asyncio stream, or None at its end."""
+    payload = await read_frame(reader, MAX_FRAME)
+    return None if payload is None else decode(payload)
 
 
 def recv_one(sock: socket.socket, frames: Frames, timeout_s: float) -> Message:

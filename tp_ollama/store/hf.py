@@ -3,12 +3,11 @@ names them. A repo with GGUF files gives the one matching the tag (`Q4_K_M`, `q8
 matter; by default Q4_K_M when there is one, else the first in name order); a repo of safetensors
 gives its config, tokenizer and weights. Files come through huggingface_hub, so HF_ENDPOINT and
 HF_TOKEN are honoured and its cache is reused; each LFS file is checked against the sha256 the Hub
-lists for it, then the model is created in the store from the downloaded files (as /api/create
-from a path does)."""
+lists for it as it is copied into the store's blobs, then the model is created from those blobs
+(as /api/create from uploaded files is)."""
 
 from __future__ import annotations
 
-import hashlib
 import os
 import re
 from collections.abc import Callable
@@ -48,10 +47,12 @@ def pick_gguf(files: list[str], tag: str) -> str | None:
     return ggufs[0] if tag.casefold() == DEFAULT_TAG else None
 
 
-def fetch(name: ModelName, status: Callable[[str], None], layer: Callable[[str, int, int], None]) -> Path:
-    """Download what `name` needs into huggingface_hub's cache: the path of the GGUF file, or of the
-    snapshot directory of a safetensors repo (its top-level config, tokenizer and weight files). `layer`
-    hears each LFS file's (sha256 digest, total, completed)."""
+def fetch(name: ModelName, layer: Callable[[str, int, int], None]) -> dict[str, tuple[Path, str]]:
+    """Download what `name` needs into huggingface_hub's cache: the GGUF file, or a safetensors repo's
+    top-level config, tokenizer and weight files, as {file name: (its path in the cache, the sha256
+    digest the Hub lists for it, "" for a small file kept in git)}. The digests are checked as the
+    files are copied into the store (see `drop_cached` for a file that fails). `layer` hears each LFS
+    file's (digest, total, completed)."""
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     from huggingface_hub import HfApi, hf_hub_download
     from huggingface_hub.errors import HfHubHTTPError, RepositoryNotFoundError, RevisionNotFoundError
@@ -75,25 +76,23 @@ def fetch(name: ModelName, status: Callable[[str], None], layer: Callable[[str, 
                 layer(digest, size, 0)
             path = Path(hf_hub_download(repo, gguf, revision=info.sha, endpoint=api.endpoint, cache_dir=cache,
                                         token=api.token))  # fmt: skip
-            _check(name, gguf, path, siblings[gguf])
             if digest:
                 layer(digest, size, size)
-            return path
+            return {Path(gguf).name: (path, digest)}
         if any(f.lower().endswith(".gguf") for f in siblings):
             choices = ", ".join(sorted(f for f in siblings if f.lower().endswith(".gguf")))
             raise HubError(f"pulling {name.display}: no GGUF file of {repo} matches {name.tag!r}: {choices}")
         if not any(f.endswith(".safetensors") for f in siblings) or "config.json" not in siblings:
             raise HubError(f"pulling {name.display}: {repo} has neither a GGUF file nor config.json and safetensors")
         wanted = sorted(f for f in siblings if "/" not in f and any(fnmatch(f, p) for p in SAFETENSORS_PATTERNS))
-        folder = Path()
-        for rel in wanted:  # into the cache's snapshot folder of this commit, one file at a time
+        files = {}
+        for rel in wanted:
             local = Path(hf_hub_download(repo, rel, revision=info.sha, endpoint=api.endpoint, cache_dir=cache,
                                          token=api.token))  # fmt: skip
-            folder = local.parent
-            _check(name, rel, local, siblings[rel])
-            if digest := _digest(siblings[rel]):
-                layer(digest, local.stat().st_size, local.stat().st_size)
-        return folder
+            files[rel] = (local, _digest(siblings[rel]))
+            if files[rel][1]:
+                layer(files[rel][1], local.stat().st_size, local.stat().st_size)
+        return files
     except HfHubHTTPError as e:
         raise HubError(f"pulling {name.display}: {api.endpoint}: {e}") from None
 
@@ -105,18 +104,8 @@ def _digest(sibling: Any) -> str:
     return f"sha256:{sha}" if sha else ""
 
 
-def _check(name: ModelName, rel: str, path: Path, sibling: Any) -> None:
-    expected = _digest(sibling).removeprefix("sha256:")
-    if not expected:
-        return
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        while chunk := f.read(1 << 22):
-            h.update(chunk)
-    if h.hexdigest() != expected:
-        for bad in {path.resolve(), path}:  # the cache's blob and its snapshot link: the next pull fetches it again
-            bad.unlink(missing_ok=True)
-        raise HubError(
-            f"pulling {name.display}: {rel} does not match its sha256 on the Hub "
-            f"(expected {expected}, got {h.hexdigest()}); it was dropped from the Hugging Face cache"
-        )
+def drop_cached(path: Path) -> None:
+    """Remove a downloaded file from huggingface_hub's cache (its blob and its snapshot link), so that
+    the next pull fetches it again."""
+    for bad in {path.resolve(), path}:
+        bad.unlink(missing_ok=True)

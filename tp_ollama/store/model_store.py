@@ -30,7 +30,7 @@ from typing import IO, Any
 
 from tp_ollama.errors import CheckpointError, ModelNotFound, RequestError, TpOllamaError
 from tp_ollama.store.create import Draft, Progress, check_messages
-from tp_ollama.store.hf import fetch, is_hub
+from tp_ollama.store.hf import HubError, drop_cached, fetch, is_hub
 from tp_ollama.store.inspect import capabilities, checkpoint_info
 from tp_ollama.store.layout import Layout
 from tp_ollama.store.manifests import (
@@ -358,11 +358,7 @@ class ModelStore:
             for x in (*here.layers, here.config):  # upstream reports the config blob last
                 layer(x.digest, x.size, x.size)
         elif is_hub(parse_name(name)):
-            source = fetch(parse_name(name), status, layer)
-            status("verifying sha256 digest")  # each LFS file against the Hub's sha256
-            status("writing manifest")
-            self.create(name, source)
-            status("success")
+            self._pull_hub(name, status, layer)
             return
         else:
             parsed = parse_name(name)
@@ -410,6 +406,39 @@ class ModelStore:
         finally:
             if registry is None:
                 reg.close()
+        status("success")
+
+    def _pull_hub(self, name: str, status: Callable[[str], None], layer: Callable[[str, int, int], None]) -> None:
+        """hf.co/org/repo[:quant]: the files from the Hub (tp_ollama.store.hf), copied into the blobs in
+        one pass that checks each against the Hub's sha256, then the model made from those blobs."""
+        files: dict[str, str] = {}
+        created: set[str] = set()  # blobs new to the store, removed again if the pull fails
+        done = False
+        try:
+            for rel, (path, expected) in fetch(parse_name(name), layer).items():
+                with path.open("rb") as f, self.blob_writer(expected or None) as w:
+                    while chunk := f.read(COPY_CHUNK):
+                        w.write(chunk)
+                    try:
+                        new = w.commit(pin=True)  # kept from pruning until the manifest holds it
+                    except RequestError as e:
+                        drop_cached(path)
+                        raise HubError(
+                            f"pulling {name}: {rel} does not match its sha256 on the Hub ({e}); "
+                            "it was dropped from the Hugging Face cache"
+                        ) from None
+                files[rel] = w.digest
+                if new:
+                    created.add(w.digest)
+            status("verifying sha256 digest")
+            status("writing manifest")
+            self.create(name, files=files)
+            done = True
+        finally:
+            with self._layout.lock:
+                self._layout.unpin(files.values())
+                if not done:
+                    self._layout.prune(created)
         status("success")
 
     def restore_embedded(self, name: str) -> bool:

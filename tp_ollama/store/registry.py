@@ -20,6 +20,7 @@ import re
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
+from contextlib import closing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,7 +28,7 @@ from typing import Any
 import httpx
 
 from tp_ollama.errors import ModelNotFound, TpOllamaError
-from tp_ollama.store.manifests import MANIFEST_TYPE, BlobWriter, Layer, Manifest, digest_hex
+from tp_ollama.store.manifests import MANIFEST_TYPE, BlobWriter, Layer, Manifest
 from tp_ollama.store.names import ModelName
 
 log = logging.getLogger(__name__)
@@ -119,7 +120,7 @@ class Registry:
         while w.size < layer.size or layer.size == 0:
             headers = {"Range": f"bytes={w.size}-"} if w.size else {}
             try:
-                with self._stream(url, name, what, headers) as response:
+                with closing(self._stream(url, name, headers)) as response:
                     if w.size and response.status_code == 200:
                         # No Range support: the bytes start over.
                         w.restart()
@@ -214,7 +215,7 @@ class Registry:
                     raise RegistryError(f"{verb} {name.display}: cannot reach {name.host} for {what}: {e}") from None
                 time.sleep(self.pause_s * failures)
 
-    def _stream(self, url: str, name: ModelName, what: str, headers: dict[str, str]) -> Any:
+    def _stream(self, url: str, name: ModelName, headers: dict[str, str]) -> httpx.Response:
         request = self._client.build_request("GET", url, headers=self._headers(headers))
         response = self._client.send(request, stream=True)
         if response.status_code == 401:
@@ -222,7 +223,7 @@ class Registry:
             if self._authenticate(response, name):
                 request = self._client.build_request("GET", url, headers=self._headers(headers))
                 response = self._client.send(request, stream=True)
-        return _Closing(response)
+        return response
 
     def _headers(self, extra: dict[str, str]) -> dict[str, str]:
         return {**extra, **({"Authorization": f"Bearer {self._token}"} if self._token else {})}
@@ -257,24 +258,7 @@ class Registry:
         raise RegistryError(f"{verb} {name.display} {where} {name.host}: {what}: HTTP {response.status_code} {text}")
 
 
-class _Closing:
-    """A streamed response as a context manager that closes it."""
-
-    def __init__(self, response: httpx.Response) -> None:
-        self.response = response
-
-    def __enter__(self) -> httpx.Response:
-        return self.response
-
-    def __exit__(self, *exc: object) -> None:
-        self.response.close()
-
-
 def _file_chunks(path: Path) -> Iterator[bytes]:
     with path.open("rb") as f:
         while chunk := f.read(CHUNK):
             yield chunk
-
-
-def short(digest: str) -> str:
-    return digest_hex(digest)[:12]
