@@ -11,7 +11,7 @@ from typing import Any
 import torch
 
 from tp_ollama.checkpoints.base import Range, check_range
-from tp_ollama.checkpoints.gguf_file import GGUFFile
+from tp_ollama.checkpoints.gguf_file import Ensure, GGUFFile
 from tp_ollama.errors import CheckpointError
 from tp_ollama.kernels import quant
 from tp_ollama.kernels.gguf_pack import GROUP, INT4_TYPES, INT8_TYPES, int4_parts, int8_parts
@@ -102,9 +102,10 @@ def hf_config_from_gguf(meta: dict[str, Any], tensors: dict[str, Any], path: Pat
 class GGUFCheckpoint:
     format = "gguf"
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, ensure: Ensure | None = None, identity: str | None = None) -> None:
         self.path = path
-        self.file = GGUFFile(path)
+        self.identity = identity  # the file's digest when known: what caches key it by instead of its path
+        self.file = GGUFFile(path, ensure)
         meta = dict(self.file.metadata)
         self.arch = meta.get("general.architecture")
         self.hf_config = hf_config_from_gguf(meta, dict(self.file.tensors), path)

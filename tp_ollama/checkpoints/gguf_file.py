@@ -15,7 +15,7 @@ from __future__ import annotations
 import mmap
 import os
 import struct
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from math import prod
 from pathlib import Path
@@ -37,6 +37,9 @@ LAZY_ARRAY_MIN = 1025  # arrays this long stay undecoded in `metadata` until `ar
 # because every torch op on a chunk is an OpenMP region, and on an oversubscribed CPU each region
 # can wait a scheduler tick (measured: 256 KiB chunks 4x slower than 1 MiB with a busy core).
 READ_CHUNK_BYTES = 1 << 20
+HEADER_PROBE_BYTES = 1 << 20  # the first prefix of a partial file fetched for its header
+
+Ensure = Callable[[Sequence[tuple[int, int]]], None]  # have these byte ranges here before they are read
 
 _U32 = struct.Struct("<I")
 _U64 = struct.Struct("<Q")
@@ -86,7 +89,7 @@ class GGUFArray:
 class _Cursor:
     """Sequential reads over the map; a read past the end raises struct.error."""
 
-    def __init__(self, buf: mmap.mmap, pos: int) -> None:
+    def __init__(self, buf: bytes | mmap.mmap, pos: int) -> None:
         self.buf = buf
         self.pos = pos
 
@@ -162,11 +165,19 @@ class _Cursor:
         return decoded if isinstance(decoded, list) else decoded.tolist()
 
 
-class GGUFFile:
-    """A GGUF file mapped read-only. `read` copies and dequantizes only the requested rows / blocks."""
+class _Truncated(CheckpointError):
+    """The header runs past the bytes parsed (all of a file, or the part of a partial one fetched)."""
 
-    def __init__(self, path: str | os.PathLike[str]) -> None:
+
+class GGUFFile:
+    """A GGUF file mapped read-only. `read` copies and dequantizes only the requested rows / blocks.
+
+    `ensure`, when given, is called with the byte ranges about to be read before each read (a file
+    of which only some ranges are on this node: tp_ollama.store.partial)."""
+
+    def __init__(self, path: str | os.PathLike[str], ensure: Ensure | None = None) -> None:
         self.path = Path(path)
+        self._ensure = ensure
         if not self.path.is_file():
             raise CheckpointError(f"{self.path}: GGUF file not found")
         size = self.path.stat().st_size
@@ -176,7 +187,7 @@ class GGUFFile:
         with open(self.path, "rb") as f:
             self._map: mmap.mmap | None = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
         try:
-            self.version, metadata, tensors = self._parse(self._map)
+            self.version, metadata, tensors = self._parse_fetching(size) if ensure else self._parse(self._map, size)
         except BaseException:
             self._map.close()
             raise
@@ -184,7 +195,22 @@ class GGUFFile:
         self.tensors: Mapping[str, GGUFTensorInfo] = MappingProxyType(tensors)
         self._bytes: np.ndarray | None = np.frombuffer(self._map, np.uint8)  # read-only view, no copy
 
-    def _parse(self, buf: mmap.mmap) -> tuple[int, dict[str, Any], dict[str, GGUFTensorInfo]]:
+    def _parse_fetching(self, size: int) -> tuple[int, dict[str, Any], dict[str, GGUFTensorInfo]]:
+        """Parse a header of unknown length from a partial file: a prefix is fetched, and a longer
+        one while the header runs past it."""
+        assert self._ensure is not None and self._map is not None
+        n = min(size, HEADER_PROBE_BYTES)
+        while True:
+            self._ensure([(0, n)])
+            self._arrays.clear()
+            try:
+                return self._parse(self._map[:n], size)
+            except _Truncated:
+                if n >= size:
+                    raise
+                n = min(size, n * 4)
+
+    def _parse(self, buf: bytes | mmap.mmap, size: int) -> tuple[int, dict[str, Any], dict[str, GGUFTensorInfo]]:
         if buf[:4] != GGUF_MAGIC:
             # The file's own bytes are not echoed: an error may reach a remote client.
             raise CheckpointError(f"{self.path}: not a GGUF file (it does not begin with {GGUF_MAGIC!r})")
@@ -199,7 +225,7 @@ class GGUFFile:
             metadata, raw_infos = self._parse_header(cur)
             data_start = cur.pos
         except struct.error as e:
-            raise CheckpointError(
+            raise _Truncated(
                 f"{self.path}: truncated file: the GGUF header runs past its {len(buf)} bytes ({e})"
             ) from e
         except ValueError as e:
@@ -211,10 +237,10 @@ class GGUFFile:
         tensors = {}
         for name, ne, type_code, rel_offset in raw_infos:
             info = self._tensor_info(name, ne, type_code, data_start + rel_offset)
-            if info.offset + info.nbytes > len(buf):
+            if info.offset + info.nbytes > size:
                 raise CheckpointError(
                     f"{self.path}: truncated file: tensor {name} needs bytes {info.offset}:"
-                    f"{info.offset + info.nbytes} but the file has {len(buf)}"
+                    f"{info.offset + info.nbytes} but the file has {size}"
                 )
             tensors[name] = info
         return version, metadata, tensors
@@ -312,8 +338,10 @@ class GGUFFile:
             r0, r1 = a * inner, b * inner
             out_shape = (b - a, *shape[1:-1], c1 - c0)
         # (lead, blocks per row, type_size) view of the map; the slice below still copies nothing.
+        lead, per_row = prod(shape[:-1]), shape[-1] // block_size
+        self._need(info, r0, r1, c0 // block_size * type_size, c1 // block_size * type_size, per_row * type_size)
         blocks = self._mapped_bytes()[info.offset : info.offset + info.nbytes]
-        blocks = blocks.reshape(prod(shape[:-1]), shape[-1] // block_size, type_size)
+        blocks = blocks.reshape(lead, per_row, type_size)
         selected = blocks[r0:r1, c0 // block_size : c1 // block_size]
         out = self._dequantize(selected, info.ggml_type, dtype).view(out_shape)
         self._release(info.offset, info.nbytes)
@@ -331,11 +359,23 @@ class GGUFFile:
         block_size, type_size = gguf_quants.block_layout(info.ggml_type)
         a, b = self._checked(name, "rows", rows, shape[0], 1)
         c0, c1 = self._checked(name, "cols", cols, shape[1], block_size)
+        per_row = shape[1] // block_size
+        self._need(info, a, b, c0 // block_size * type_size, c1 // block_size * type_size, per_row * type_size)
         blocks = self._mapped_bytes()[info.offset : info.offset + info.nbytes]
-        blocks = blocks.reshape(shape[0], shape[1] // block_size, type_size)
+        blocks = blocks.reshape(shape[0], per_row, type_size)
         out = torch.from_numpy(np.array(blocks[a:b, c0 // block_size : c1 // block_size]))
         self._release(info.offset, info.nbytes)
         return out
+
+    def _need(self, info: GGUFTensorInfo, r0: int, r1: int, b0: int, b1: int, row_bytes: int) -> None:
+        """Tell `ensure` of the bytes b0..b1 of rows r0..r1 of a tensor (one range when whole rows)."""
+        if self._ensure is None:
+            return
+        start = info.offset + r0 * row_bytes
+        if b1 - b0 == row_bytes:
+            self._ensure([(start, start + (r1 - r0) * row_bytes)])
+        else:
+            self._ensure([(start + r * row_bytes + b0, start + r * row_bytes + b1) for r in range(r1 - r0)])
 
     def _release(self, offset: int, nbytes: int) -> None:
         """Drop the file pages just read from this process's resident set. They stay in the page

@@ -3,7 +3,8 @@ then each parameter read (in the requested dtype) and assigned, so no random ini
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -13,6 +14,7 @@ from tp_ollama.checkpoints.base import Checkpoint
 from tp_ollama.errors import CheckpointError
 from tp_ollama.models import build_model
 
+FileEnsure = Callable[[Path, Sequence[tuple[int, int]]], None]  # have these byte ranges of that file here
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -69,19 +71,23 @@ def cpu_has_bf16() -> bool:
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
-def open_checkpoint(path: Path) -> Checkpoint:
+def open_checkpoint(path: Path, ensure: FileEnsure | None = None, identity: str | None = None) -> Checkpoint:
+    """The checkpoint at `path`. `ensure(file, ranges)`, when given, is called before any bytes of a file
+    are read (files this node holds in part); `identity` names the files for caches (their digests)."""
     if not path.exists():
         raise CheckpointError(f"{path}: no such file or directory")
     if path.is_dir():
         from tp_ollama.checkpoints.safetensors_dir import SafetensorsCheckpoint
 
-        return SafetensorsCheckpoint(path)
+        return SafetensorsCheckpoint(path, ensure, identity)
+    if ensure is not None:
+        ensure(path, [(0, 4)])
     with path.open("rb") as f:
         magic = f.read(4)
     if magic == b"GGUF":
         from tp_ollama.checkpoints.gguf_checkpoint import GGUFCheckpoint
 
-        return GGUFCheckpoint(path)
+        return GGUFCheckpoint(path, partial(ensure, path) if ensure is not None else None, identity)
     raise CheckpointError(
         f"{path}: not a GGUF file (it does not begin with 'GGUF') nor a Hugging Face model directory; "
         "expected a .gguf file or a directory with config.json and safetensors weights"

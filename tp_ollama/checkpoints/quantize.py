@@ -228,7 +228,8 @@ def quantize_modules(
             packing = packing_for(mode, stored_type(f"{path}.weight") if stored_type is not None else None)
             if packing is not None:
                 plan.append((path, module, packing))
-    key = cache_key(ckpt.path, [(p, k, getattr(m.weight, "tp_slice", None)) for p, m, k in plan], mode, dtype)
+    slices = [(p, k, getattr(m.weight, "tp_slice", None)) for p, m, k in plan]
+    key = cache_key(ckpt.path, slices, mode, dtype, getattr(ckpt, "identity", None))
     cache = PackedCache(cache_root if cache_root is not None else default_cache_dir(), key)
     cached = cache.load() or {}
     weights: dict[str, QuantWeight] = {}

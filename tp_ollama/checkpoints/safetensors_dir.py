@@ -4,6 +4,8 @@ safetensors files are memory-mapped; a slice read copies only the requested rows
 from __future__ import annotations
 
 import json
+import struct
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -14,12 +16,22 @@ from tp_ollama.checkpoints.base import Range, check_range
 from tp_ollama.errors import CheckpointError
 from tp_ollama.models import config_from_hf
 
+FileEnsure = Callable[[Path, Sequence[Range]], None]  # have these byte ranges of that file here
+ITEM_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
+ITEM_BYTES |= {"F8_E4M3": 1, "F8_E5M2": 1, "U16": 2, "U32": 4, "U64": 8}
+
 
 class SafetensorsCheckpoint:
+    """`ensure`, when given, is told the byte ranges of a weights file before they are read (files of
+    which a node holds only some ranges: tp_ollama.store.partial)."""
+
     format = "safetensors"
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, ensure: FileEnsure | None = None, identity: str | None = None) -> None:
         self.path = path
+        self.identity = identity  # the files' digests when known: what caches key them by instead of paths
+        self._ensure = ensure
+        self._headers: dict[Path, tuple[int, dict[str, Any]]] = {}  # a partial file's data start and header
         config_path = path / "config.json"
         if not config_path.is_file():
             raise CheckpointError(f"{path}: no config.json; expected a Hugging Face model directory")
@@ -56,12 +68,49 @@ class SafetensorsCheckpoint:
         if handle is None:
             if not file.is_file():
                 raise CheckpointError(f"{file}: missing (named in the safetensors index)")
+            if self._ensure is not None:
+                self._headers[file] = self._fetch_header(file)
             try:
                 handle = safe_open(str(file), framework="pt")
             except (SafetensorError, OSError) as e:
                 raise CheckpointError(f"{file}: not a readable safetensors file ({e})") from e
             self._handles[file] = handle
         return handle
+
+    def _fetch_header(self, file: Path) -> tuple[int, dict[str, Any]]:
+        """A partial file's header (an 8-byte length, then JSON), fetched first."""
+        assert self._ensure is not None
+        self._ensure(file, [(0, 8)])
+        with file.open("rb") as f:
+            (n,) = struct.unpack("<Q", f.read(8))
+            if n > file.stat().st_size - 8:
+                raise CheckpointError(f"{file}: not a safetensors file (a header of {n} bytes)")
+            self._ensure(file, [(8, 8 + n)])
+            try:
+                header = json.loads(f.read(n))
+            except (json.JSONDecodeError, UnicodeDecodeError) as e:
+                raise CheckpointError(f"{file}: not a safetensors file ({e})") from e
+        return 8 + n, header
+
+    def _need(self, file: Path, key: str, rows: Range | None, cols: Range | None) -> None:
+        """Tell `ensure` of the bytes a read of rows / columns of tensor `key` touches."""
+        if self._ensure is None:
+            return
+        start, header = self._headers[file]
+        entry = header[key]
+        shape = entry["shape"]
+        item = ITEM_BYTES.get(entry["dtype"], 8)
+        a, b = (start + entry["data_offsets"][0], start + entry["data_offsets"][1])
+        if not shape:
+            self._ensure(file, [(a, b)])
+            return
+        row_bytes = (b - a) // shape[0]
+        r0, r1 = rows if rows is not None else (0, shape[0])
+        if cols is None or len(shape) != 2:
+            self._ensure(file, [(a + r0 * row_bytes, a + r1 * row_bytes)])
+            return
+        c0, c1 = cols
+        self._ensure(file, [(a + r * row_bytes + c0 * item, a + r * row_bytes + c1 * item) for r in range(r0, r1)])
 
     def _key(self, name: str) -> str:
         if name in self._where:
@@ -88,6 +137,7 @@ class SafetensorsCheckpoint:
         if cols is not None:
             check_range(file, name, shape[-1], cols, "columns")
         r = slice(*rows) if rows else slice(None)
+        self._need(file, key, rows, cols)
         try:
             if cols is None:
                 t = view[r]

@@ -206,8 +206,10 @@ class InferenceSettings:
 
 @dataclass(frozen=True)
 class Replication:
-    """`min_replicas` engine groups (flag --replicas), each of cluster.nproc_per_node ranks holding
-    the whole model, on this node, under one front end."""
+    """One node (cluster.nnodes 1): `min_replicas` engine groups (flag --replicas), each of
+    cluster.nproc_per_node ranks holding the whole model, under one front end. Several nodes: how many
+    nodes keep a full copy of each model file (node 0, then nodes 1, 2...); the others hold only the
+    slices their ranks read, received from node 0."""
 
     min_replicas: int = opt(1, Int(1))
     max_replicas: int = opt(0, Int(0, note="0: the same as min_replicas"))
@@ -294,8 +296,12 @@ class Settings:
                 f"comm {c.comm}",
                 f"inference: {i.max_concurrent} at once per replica, queue {i.max_queue}, num_ctx {i.num_ctx}, "
                 f"keep_alive {keep}, {i.dtype} (quant {i.quant}) on {i.device}",
-                f"replicas: {replicas} engine group(s) of TP {c.world_size}"
-                + (f", {i.load_balancing.algorithm}" if replicas > 1 else ""),
+                (
+                    f"replicas: {replicas} engine group(s) of TP {c.world_size}"
+                    + (f", {i.load_balancing.algorithm}" if replicas > 1 else "")
+                    if c.nnodes == 1
+                    else f"model copies: on {min(replicas, c.nnodes)} of {c.nnodes} nodes, slices on the others"
+                ),
                 f"models: {self.models.storage_path}",
             ]
         )

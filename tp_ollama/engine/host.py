@@ -42,6 +42,12 @@ class GroupSpec(msgspec.Struct, frozen=True):
     max_running: int = 16
     kv_cache_bytes: int | None = None
     prefix_cache: bool = True
+    # A node other than node 0: node 0's rendezvous address (host:port, where its model files are
+    # read), this node's rank and stores, and whether it keeps full copies of the files it reads.
+    files_from: str = ""
+    node_rank: int = 0
+    stores: tuple[str, ...] = ()
+    keep_copy: bool = False
 
     def line(self) -> bytes:
         return msgspec.json.encode(self) + b"\n"
@@ -102,6 +108,7 @@ def host(spec: GroupSpec) -> int:
 def _rank(spec: GroupSpec, local: int) -> int:
     """One forked rank: its environment, then the serving loop. Its exit status."""
     from tp_ollama.engine.loop import engine_main
+    from tp_ollama.engine.model_files import FilesFrom
     from tp_ollama.engine.state import EngineJob
     from tp_ollama.errors import TpOllamaError
     from tp_ollama.launch import REPORTED_EXIT, parse_weights
@@ -112,10 +119,14 @@ def _rank(spec: GroupSpec, local: int) -> int:
         RANK=str(rank), LOCAL_RANK=str(local), WORLD_SIZE=str(spec.world_size), LOCAL_WORLD_SIZE=str(len(spec.ranks)),
         MASTER_ADDR=spec.master_addr, MASTER_PORT=str(spec.master_port),
     )  # fmt: skip
+    files_from = None
+    if spec.files_from:
+        host, _, port = spec.files_from.rpartition(":")
+        files_from = FilesFrom(host, int(port), spec.node_rank, spec.stores, keep_copy=spec.keep_copy)
     job = EngineJob(
         socket_path=spec.socket_path, comm=spec.comm, device=spec.device, tp_weights=parse_weights(spec.tp_weights),
         timeout_s=spec.join_timeout_s, max_running=spec.max_running, kv_cache_bytes=spec.kv_cache_bytes,
-        prefix_cache=spec.prefix_cache,
+        prefix_cache=spec.prefix_cache, files_from=files_from,
     )  # fmt: skip
     code = 0
     try:

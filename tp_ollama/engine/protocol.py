@@ -52,12 +52,23 @@ class Cancel(msgspec.Struct, tag="cancel"):
     id: str
 
 
+class FileRef(msgspec.Struct, frozen=True):
+    """One file of a model: its name in an HF directory ("" for a GGUF file), digest and size."""
+
+    name: str
+    digest: str  # "sha256:<hex>"
+    size: int
+
+
 class Load(msgspec.Struct, tag="load"):
     id: str
-    path: str  # a GGUF file or HF directory, at the same path on every node
+    path: str  # a GGUF file or HF directory on node 0 (node 0's ranks read it there)
     dtype: str = "auto"
     num_ctx: int = 4096
     quant: str = "auto"
+    # The model's files by digest: other nodes' ranks find them in their own stores, or read the byte
+    # ranges they need from node 0 (tp_ollama.engine.model_files). Empty: `path` on every node.
+    files: list[FileRef] = msgspec.field(default_factory=list)
 
 
 class Unload(msgspec.Struct, tag="unload"):

@@ -7,6 +7,7 @@ loop in engine/loop.py sees to that); rank 0 also admits requests and plans each
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -27,6 +28,7 @@ from tp_ollama.engine.constraint import (
     vocabulary_for,
 )
 from tp_ollama.engine.embed import embed_batch
+from tp_ollama.engine.model_files import FilesFrom, ModelFiles, keep_copies, locate
 from tp_ollama.engine.options import check_prompt
 from tp_ollama.engine.paged_kv import BlockPool
 from tp_ollama.engine.protocol import (
@@ -71,6 +73,15 @@ class EngineJob:
     # loaded num_ctx (a one-shot generate).
     kv_cache_bytes: int | None = DEFAULT_KV_BYTES
     prefix_cache: bool = True
+    # A rank of a node other than node 0: where node 0's model files are, and this node's stores.
+    files_from: FilesFrom | None = None
+
+
+WEIGHT_SOURCES = ("store", "node 0", "cache")
+
+
+def local_rank() -> int:
+    return int(os.environ.get("LOCAL_RANK", "0"))
 
 
 class EngineState:
@@ -86,6 +97,8 @@ class EngineState:
         self.planner: Planner | None = None
         self.vocabulary: GrammarVocabulary | None = None  # rank 0, built on the first structured request
         self.grammars: dict[str, Grammar] = {}  # rank 0
+        self.files: ModelFiles | None = None  # where the loaded model's bytes came from
+        self.load_seconds = 0.0
 
     # --- control commands (every rank) -----------------------------------------------------------
 
@@ -101,8 +114,34 @@ class EngineState:
         self.unload()
         t0 = time.perf_counter()
         job = self.job
-        model, layout, _ = load_shard(Path(cmd.path), self.comm, cmd.dtype, job.device, job.tp_weights, cmd.quant)
+        files = locate(cmd, job.files_from)
+        model, layout, ckpt = load_shard(
+            files.path, self.comm, cmd.dtype, job.device, job.tp_weights, cmd.quant, files.hook, files.identity
+        )
+        del ckpt
+        files.flush()
+        self.load_seconds = time.perf_counter() - t0  # this rank's own reading and packing
+        if job.files_from is not None and job.files_from.keep_copy and files.partials and local_rank() == 0:
+            keep_copies(files, cmd, job.files_from)
+        self.files = files
         return self.attach(model, layout, cmd, t0)
+
+    def _weights_from(self) -> list[dict[str, object]]:
+        """Per rank: where its weights were read (this node's store, bytes from node 0, or its cache),
+        bytes received for this load, and bytes of partial files on its node's disk."""
+        files, source = self.files, self.job.files_from
+        node = source.node_rank if source is not None else 0
+        ms = int(self.load_seconds * 1000)
+        mine = [node, 0, 0, 0, ms, 0]
+        if files is not None:
+            mine = [node, WEIGHT_SOURCES.index(files.source), files.received, files.cached, ms,
+                    int(files.fetch_seconds * 1000)]  # fmt: skip
+        rows = self.comm.all_gather(torch.tensor(mine, dtype=torch.int64)).tolist()
+        keys = ("node", "weights_from", "received_bytes", "cached_bytes", "read_seconds", "fetch_seconds")
+        return [
+            dict(zip(keys, (int(n), WEIGHT_SOURCES[int(s)], int(r), int(c), m / 1000, f / 1000), strict=True))
+            for n, s, r, c, m, f in rows
+        ]
 
     def attach(self, model: nn.Module, layout: TPLayout, cmd: Load, t0: float | None = None) -> LoadInfo:
         """Serve `model` (this rank's shard, as `cmd` describes it): its KV pool, batch and planner."""
@@ -128,13 +167,14 @@ class EngineState:
         if warning is not None:
             log.warning("%s", warning)
         world = comm.world_size
+        weights_from = self._weights_from()
         self.loaded = LoadInfo(
             path=cmd.path,
             dtype=cmd.dtype,
             num_ctx=cmd.num_ctx,
             quant=cmd.quant,
             world_size=world,
-            layout=[{**entry, "device": job.device} for entry in layout.describe()],
+            layout=[{**entry, "device": job.device, **weights_from[i]} for i, entry in enumerate(layout.describe())],
             size_bytes=model_bytes(model) * world,
             precision=precision,
             load_seconds=time.perf_counter() - t0,

@@ -1,7 +1,8 @@
 """Packed weights saved after the first quantized load, so later loads skip reading, dequantizing
 and packing: one safetensors file per (checkpoint file, quant, dtype, this rank's slices, CPU int4
 layout) under `$TP_OLLAMA_CACHE/packed/` (default ~/.cache/tp-ollama). The checkpoint is named by
-path, size and modification time: a changed file gets a new entry, never a stale one."""
+its digests when the load knows them (a store's model), else by path, size and modification time: a
+changed file gets a new entry, never a stale one."""
 
 from __future__ import annotations
 
@@ -27,12 +28,16 @@ FORMAT_VERSION = 4
 KEEP_ENTRIES = 8  # most recently used entries kept; older ones are deleted when a new one is saved
 
 
-def cache_key(checkpoint: Path, plan: list[tuple[str, str, Any]], quant: str, dtype: torch.dtype) -> str:
-    """plan: (module path, packing, tp_slice) of every weight to pack, in load order."""
+def cache_key(
+    checkpoint: Path, plan: list[tuple[str, str, Any]], quant: str, dtype: torch.dtype, identity: str | None = None
+) -> str:
+    """plan: (module path, packing, tp_slice) of every weight to pack, in load order. `identity` (the
+    files' digests), when known, names the checkpoint instead of its files' paths, sizes and times."""
     files = sorted(checkpoint.iterdir()) if checkpoint.is_dir() else [checkpoint]
+    named = identity or [[str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns] for f in files if f.is_file()]
     ident = {
         "version": FORMAT_VERSION,
-        "files": [[str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns] for f in files if f.is_file()],
+        "files": named,
         "quant": quant,
         "dtype": str(dtype),
         "int4_layout": quant_module.int4_layout(),  # looked up at call time: the layout is the process's choice

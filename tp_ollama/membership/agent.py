@@ -40,8 +40,9 @@ class Fatal(TpOllamaError):
 
 
 class NodeAgent:
-    def __init__(self, cluster: Cluster, secret: str, device: str = "cpu") -> None:
+    def __init__(self, cluster: Cluster, secret: str, device: str = "cpu", stores: tuple[str, ...] = ()) -> None:
         self.cluster, self.secret, self.device = cluster, secret, device
+        self.stores = stores  # this node's model store, then its extra stores
         # Given none, the agent reads node 0's secret file at every attempt: on one machine (or a shared
         # home) node 0 may write it a moment after this node starts.
         self.secret_given = bool(secret)
@@ -185,6 +186,8 @@ class NodeAgent:
             master_addr=form.master_addr, master_port=form.master_port, comm=form.comm, device=self.device,
             tp_weights=form.tp_weights, join_timeout_s=form.join_timeout_s, max_running=form.max_running,
             kv_cache_bytes=form.kv_cache_bytes, prefix_cache=form.prefix_cache,
+            files_from=f"{self.cluster.master_addr}:{self.cluster.master_port}", node_rank=form.node_rank,
+            stores=self.stores, keep_copy=form.node_rank < form.min_replicas,
         )  # fmt: skip
         self.child = self.launcher.start(spec)
         self.started = time.monotonic()

@@ -25,6 +25,7 @@ from tp_ollama.errors import EngineUnavailable
 from tp_ollama.launch import free_port
 from tp_ollama.membership import wire
 from tp_ollama.membership.events import EventLog
+from tp_ollama.membership.files import FileServer
 
 log = logging.getLogger(__name__)
 
@@ -119,6 +120,8 @@ class Coordinator:
         self._changed = asyncio.Event()
         self._forming = asyncio.Lock()
         self._closing = False
+        self.files = FileServer()  # the files of loaded models, for ranks of nodes without them
+        self._readers: set[asyncio.StreamWriter] = set()  # connections of ranks reading them
 
     # --- lifecycle --------------------------------------------------------------------------------
 
@@ -149,6 +152,8 @@ class Coordinator:
             except (OSError, TimeoutError, RuntimeError):
                 pass
             member.writer.close()
+        for writer in list(self._readers):
+            writer.close()
         if self._server is not None:
             self._server.close()
         for task in list(self._tasks):
@@ -220,7 +225,7 @@ class Coordinator:
             generation=gen, nnodes=nnodes, node_rank=place, master_addr=self.master_addr, master_port=port,
             ranks=ranks, world_size=world, comm=t.comm, device=t.device, tp_weights=weights,
             join_timeout_s=t.join_timeout_s, max_running=t.max_running, kv_cache_bytes=t.kv_cache_bytes,
-            prefix_cache=t.prefix_cache,
+            prefix_cache=t.prefix_cache, min_replicas=t.min_replicas,
         )  # fmt: skip
 
     async def _fence(self, gen: int) -> None:
@@ -267,7 +272,22 @@ class Coordinator:
         peer = writer.get_extra_info("peername")
         member = None
         try:
-            member = await asyncio.wait_for(self._handshake(reader, writer, peer), 10.0)
+            challenge = wire.new_nonce()
+            writer.write(wire.frame(wire.Challenge(challenge)))
+            await writer.drain()
+            hello = await asyncio.wait_for(wire.read_message(reader), 10.0)
+            if isinstance(hello, wire.Reader):
+                if await self._welcome_reader(hello, challenge, writer, peer):
+                    self._readers.add(writer)
+                    try:
+                        await self.files.serve(hello.node_rank, reader, writer)
+                    finally:
+                        self._readers.discard(writer)
+                return
+            if not isinstance(hello, wire.Hello):
+                log.warning("dropped a rendezvous connection from %s: it did not say hello", peer)
+                return
+            member = await asyncio.wait_for(self._handshake(hello, challenge, writer, peer), 10.0)
             if member is None:
                 return
             await self._follow(member, reader)
@@ -280,14 +300,24 @@ class Coordinator:
                 self._drop(member, "its connection closed")
             writer.close()
 
-    async def _handshake(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, peer: Any) -> Member | None:
-        challenge = wire.new_nonce()
-        writer.write(wire.frame(wire.Challenge(challenge)))
+    async def _welcome_reader(
+        self, hello: wire.Reader, challenge: str, writer: asyncio.StreamWriter, peer: Any
+    ) -> bool:
+        """A rank that reads model files: welcomed when it proves the secret."""
+        expected = wire.reader_mac(self.secret, challenge, hello.node_rank, hello.nonce)
+        if not wire.proves(self.secret, expected, hello.mac):
+            log.warning("refused a file reader from %s: wrong cluster secret", peer)
+            writer.write(wire.frame(wire.Refused(f"{wire.WRONG_SECRET} ({wire.SECRET_ENV} or cluster.secret)")))
+            await writer.drain()
+            return False
+        proof = wire.welcome_mac(self.secret, hello.nonce)
+        writer.write(wire.frame(wire.Welcome(self.heartbeat_s, self.detect_timeout_s, proof)))
         await writer.drain()
-        hello = await wire.read_message(reader)
-        if not isinstance(hello, wire.Hello):
-            log.warning("dropped a rendezvous connection from %s: it did not say hello", peer)
-            return None
+        return True
+
+    async def _handshake(
+        self, hello: wire.Hello, challenge: str, writer: asyncio.StreamWriter, peer: Any
+    ) -> Member | None:
         h = hello
         expected = wire.hello_mac(self.secret, challenge, h.node_rank, h.nproc, h.host, h.pid, h.nonce)
         refusal = None

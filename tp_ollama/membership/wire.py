@@ -70,6 +70,7 @@ class Form(msgspec.Struct, tag="form"):
     max_running: int = 16
     kv_cache_bytes: int | None = None
     prefix_cache: bool = True
+    min_replicas: int = 1  # nodes 0..min_replicas-1 keep full copies of the model files they read
 
 
 class Stop(msgspec.Struct, tag="stop"):
@@ -102,7 +103,37 @@ class Bye(msgspec.Struct, tag="bye"):
     """The cluster is shutting down: the agent stops its ranks and exits."""
 
 
-Message = Challenge | Hello | Welcome | Refused | Form | Stop | Stopped | Exited | Hung | Beat | Bye
+# --- model files: a rank of a node without the model reads the byte ranges it needs from node 0 ---------
+
+
+class Reader(msgspec.Struct, tag="reader"):
+    """A rank's opening instead of Hello: it reads model files node 0 offers (tp_ollama.membership.files)."""
+
+    node_rank: int
+    nonce: str
+    mac: str  # proof of the secret over node 0's nonce, node_rank and nonce
+
+
+class Want(msgspec.Struct, tag="want"):
+    """Bytes [a, b) of each range of file `file` (an id node 0 offered: a blob digest), in this order."""
+
+    file: str
+    ranges: list[tuple[int, int]]
+
+
+class Data(msgspec.Struct, tag="data"):
+    """The answer to a Want: `size` bytes follow this frame, the ranges' bytes back to back (zlib
+    compressed when `compressed`, `raw_size` once decompressed); `sha256` is of the raw bytes."""
+
+    size: int
+    raw_size: int
+    compressed: bool
+    sha256: str
+
+
+Message = (
+    Challenge | Hello | Welcome | Refused | Form | Stop | Stopped | Exited | Hung | Beat | Bye | Reader | Want | Data
+)
 
 _encoder = msgspec.msgpack.Encoder()
 _decoder = msgspec.msgpack.Decoder(Message)
@@ -162,6 +193,10 @@ def mac(secret: str, *parts: object) -> str:
 
 def hello_mac(secret: str, challenge: str, node_rank: int, nproc: int, host: str, pid: int, nonce: str) -> str:
     return mac(secret, "hello", challenge, node_rank, nproc, host, pid, nonce)
+
+
+def reader_mac(secret: str, challenge: str, node_rank: int, nonce: str) -> str:
+    return mac(secret, "reader", challenge, node_rank, nonce)
 
 
 def welcome_mac(secret: str, nonce: str) -> str:

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from tp_ollama.checkpoints.base import Checkpoint
-from tp_ollama.checkpoints.loader import load_model, open_checkpoint, resolve_dtype
+from tp_ollama.checkpoints.loader import FileEnsure, load_model, open_checkpoint, resolve_dtype
 from tp_ollama.parallel.comm import Comm, check_comm_kind
 from tp_ollama.parallel.layout import TPLayout
 from tp_ollama.store.embedded import resolve_model
@@ -45,11 +45,13 @@ def load_shard(
     device: str = "cpu",
     weights: Sequence[float] | None = None,
     quant: str = "none",
+    ensure: FileEnsure | None = None,
+    identity: str | None = None,
 ) -> tuple[nn.Module, TPLayout, Checkpoint]:
     """This rank's part of the model: the layout is validated from the config first, then only this
     rank's slices are read. A group of one loads the plain model, with no collectives on its path.
-    Returns (model, layout, checkpoint)."""
-    ckpt = open_checkpoint(path)
+    `ensure` and `identity`: see open_checkpoint. Returns (model, layout, checkpoint)."""
+    ckpt = open_checkpoint(path, ensure, identity)
     layout = TPLayout.build(ckpt.config, comm.world_size, weights)
     shard = None
     if comm.world_size > 1:

@@ -137,7 +137,8 @@ class Scheduler:
                 while not (self._holds(resolved.path, num_ctx) and self._active < self._capacity):
                     if self._active == 0:
                         self._cancel_timer()
-                        load = LoadRequest(resolved.path, self._limits.dtype, num_ctx, self._limits.quant)
+                        limits = self._limits
+                        load = LoadRequest(resolved.path, limits.dtype, num_ctx, limits.quant, tuple(resolved.files))
                         await deadline.bound(self._engine.load(load))
                         break
                     self._freed.clear()

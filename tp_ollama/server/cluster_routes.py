@@ -57,7 +57,7 @@ def share(entry: Mapping[str, Any] | None) -> dict[str, Any] | None:
         return None
     out: dict[str, Any] = {}
     for key, value in entry.items():
-        if key in ("rank", "device"):
+        if key in ("rank", "device") or key in WEIGHT_KEYS:
             continue
         name = SHARE_NAMES.get(key)
         if name is not None and isinstance(value, list | tuple) and len(value) == 2:
@@ -66,6 +66,10 @@ def share(entry: Mapping[str, Any] | None) -> dict[str, Any] | None:
         else:
             out[key] = value
     return out
+
+
+# What each rank's layout entry says of where its weights came from (engine/state.py).
+WEIGHT_KEYS = ("node", "weights_from", "received_bytes", "cached_bytes", "read_seconds", "fetch_seconds")
 
 
 def _layout_by_rank(loaded: LoadedModel | None) -> dict[int, Mapping[str, Any]]:
@@ -121,10 +125,12 @@ def nodes_view(facts: Mapping[str, Any], loaded: LoadedModel | None) -> list[dic
 
 def model_view(service: TextService, loaded: LoadedModel, hosts: Mapping[int, str]) -> dict[str, Any]:
     layout = _layout_by_rank(loaded)
-    ranks = [
-        {"rank": r, "host": hosts.get(r), "device": layout.get(r, {}).get("device"), **(share(layout.get(r)) or {})}
-        for r in range(loaded.world_size)
-    ]
+    ranks = []
+    for r in range(loaded.world_size):
+        entry = layout.get(r, {})
+        weights = {k.removesuffix("_from") if k == "weights_from" else k: entry[k] for k in WEIGHT_KEYS if k in entry}
+        ranks.append({"rank": r, "host": hosts.get(r), "device": entry.get("device"), **(share(entry) or {}),
+                      "weights": weights})  # fmt: skip
     return {
         "name": loaded_name(service) or loaded.path.name,
         "path": str(loaded.path),
@@ -142,6 +148,11 @@ def model_view(service: TextService, loaded: LoadedModel, hosts: Mapping[int, st
         },
         "layout": ranks,  # the same in every replica
         "replicas": len(service.engine),
+        # The model's files, and what node 0 sent of each to nodes that lack them (their ranks' slices).
+        "files": [
+            {"name": name or loaded.path.name, "digest": digest, "size": size} for name, digest, size in loaded.files
+        ],
+        "sent": service.engine.files_sent(),
     }
 
 

@@ -22,6 +22,9 @@ class LoadRequest:
     dtype: str = "auto"
     num_ctx: int = 4096
     quant: str = "auto"
+    # The model's files (name in an HF directory or "", blob digest, size): nodes without them read
+    # their slices from node 0. Empty: `path` is read on every node.
+    files: tuple[tuple[str, str, int], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -36,6 +39,7 @@ class LoadedModel:
     quant: str = "auto"
     # What the engine made of dtype and quant: {"dtype": "bfloat16", "weights": {"int8": 126, ...}}.
     precision: dict[str, Any] = field(default_factory=dict)
+    files: tuple[tuple[str, str, int], ...] = ()  # as in LoadRequest
 
 
 @dataclass

@@ -30,6 +30,7 @@ from tp_ollama.engine.protocol import (
     Embed,
     Embedded,
     Failed,
+    FileRef,
     Generate,
     Load,
     Loaded,
@@ -46,6 +47,7 @@ from tp_ollama.errors import EngineUnavailable, Regrouped, TpOllamaError
 from tp_ollama.launch import free_port
 from tp_ollama.membership.coordinator import Formation
 from tp_ollama.membership.events import EventLog
+from tp_ollama.membership.files import FileServer
 from tp_ollama.membership.watch import StoppedWatch, kill_session
 from tp_ollama.server.engine_api import LoadedModel, LoadRequest, TokenEvent
 
@@ -77,6 +79,7 @@ class Former(Protocol):
     nnodes: int
     current: dict[int, int]
     events: EventLog
+    files: FileServer
 
     async def form(self) -> Formation: ...
 
@@ -339,14 +342,19 @@ class EngineClient:
 
     async def load(self, request: LoadRequest) -> LoadedModel:
         self._load_request = request
+        files = [FileRef(name, digest, size) for name, digest, size in request.files]
+        if self.former is not None:
+            for ref in files:  # what the other nodes' ranks may read from this node
+                self.former.files.offer(ref.digest, request.path / ref.name if ref.name else request.path)
         reply = await self._call(
-            lambda rid: Load(rid, str(request.path), request.dtype, request.num_ctx, request.quant)
+            lambda rid: Load(rid, str(request.path), request.dtype, request.num_ctx, request.quant, files)
         )
         assert isinstance(reply, Loaded)
         info = reply.info
         self._loaded = LoadedModel(
             path=request.path, dtype=request.dtype, num_ctx=request.num_ctx, world_size=info.world_size,
             layout=info.layout, size_bytes=info.size_bytes, quant=request.quant, precision=info.precision,
+            files=request.files,
         )  # fmt: skip
         return self._loaded
 

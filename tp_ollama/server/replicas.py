@@ -184,6 +184,14 @@ class ReplicaSet:
                 counters[key] = counters.get(key, 0) + value
         return {"state": state, "replicas": views, "counters": counters}
 
+    def files_sent(self) -> list[dict[str, Any]]:
+        """What node 0 sent of the loaded models' files to each node (tp_ollama.membership.files)."""
+        for r in self.replicas:
+            former = getattr(r.engine, "former", None)
+            if former is not None:
+                return list(former.files.report())
+        return []
+
     def events(self) -> list[dict[str, Any]]:
         """Every replica's membership events, oldest first, each naming its replica."""
         out = []

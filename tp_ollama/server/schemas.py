@@ -65,6 +65,8 @@ class ResolvedModel(Protocol):
     @property
     def path(self) -> Path: ...  # a GGUF file or an HF directory
     @property
+    def files(self) -> Sequence[tuple[str, str, int]]: ...  # (name in an HF directory or "", digest, size)
+    @property
     def template(self) -> str | None: ...
     @property
     def system(self) -> str | None: ...

@@ -76,6 +76,7 @@ def coordinator(settings: Any) -> Any:
         generation=0, nnodes=c.nnodes, node_rank=0, master_addr=c.rendezvous_addr, master_port=0, comm=c.comm,
         join_timeout_s=c.join_timeout, max_running=i.max_concurrent,
         kv_cache_bytes=settings.performance.caching.size, prefix_cache=settings.performance.caching.enabled,
+        min_replicas=settings.models.replication.min_replicas,
     )  # fmt: skip
     return Coordinator(
         nnodes=c.nnodes, nproc=c.nproc_per_node, master_addr=c.rendezvous_addr, port=c.rendezvous_port,
@@ -174,6 +175,7 @@ def serve_cluster(
         from tp_ollama.membership.agent import NodeAgent
 
         signal.signal(signal.SIGTERM, _exit_on_sigterm)  # the agent's ranks are stopped on the way out
-        NodeAgent(cluster, wire.configured_secret(settings.cluster.secret), device).run()
+        stores = tuple(str(p) for p in (settings.models.storage_path, *settings.models.extra_stores))
+        NodeAgent(cluster, wire.configured_secret(settings.cluster.secret), device, stores).run()
         return
     run(settings, debug)

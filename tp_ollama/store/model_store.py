@@ -94,6 +94,7 @@ class ResolvedModel:
     details: ModelDetails
     digest: str
     modified_at: datetime
+    files: tuple[tuple[str, str, int], ...] = ()  # (name in the HF directory or "", blob digest, size)
 
 
 class ModelStore:
@@ -184,8 +185,10 @@ class ModelStore:
                 licenses.append(layout.read_blob(layer.digest).decode())
         if hf:
             path, fmt = layout.hf_view(hf), "safetensors"
+            files = tuple((layer.name, layer.digest, layer.size) for layer in hf)
         elif model is not None:
             path, fmt = layout.layer_file(model), "gguf"
+            files = (("", model.digest, model.size),)
         else:
             raise CheckpointError(f"model '{found.name.display}' has no weights layer")
         return ResolvedModel(
@@ -200,6 +203,7 @@ class ModelStore:
             details=layout.details(found),
             digest=found.digest,
             modified_at=found.modified_at,
+            files=files,
         )
 
     def manifest(self, name: str, message: str | None = None) -> Manifest:
