@@ -194,3 +194,36 @@ def test_a_node_that_keeps_copies_adds_the_file_to_its_store(node0, gguf, digest
     again = EngineState(EngineJob(kv_cache_bytes=1 << 22, files_from=source), SoloComm())
     weights = again.load(Load("l2", cmd.path, num_ctx=256, files=cmd.files)).layout[0]
     assert weights["weights_from"] == "store" and weights["received_bytes"] == 0
+
+
+def test_a_rank_reads_its_slices_of_a_safetensors_model(node0, tmp_path, monkeypatch):
+    """An HF directory (config and safetensors weights, a tiny random Llama): only config.json is
+    fetched whole, the weights a byte range at a time, and the slices equal the local file's."""
+    from tests.tiny import make_hf_model, save_hf
+    from tp_ollama.engine.model_files import FilesFrom, locate
+    from tp_ollama.engine.protocol import FileRef, Load
+
+    c, port = node0
+    hf = save_hf(make_hf_model("llama"), tmp_path / "hf")
+    files = []
+    for path in sorted(hf.iterdir()):
+        digest = "sha256:" + hashlib.sha256(path.read_bytes()).hexdigest()
+        c.files.offer(digest, path)
+        files.append(FileRef(path.name, digest, path.stat().st_size))
+    monkeypatch.setenv(wire.SECRET_ENV, SECRET)
+    source = FilesFrom("127.0.0.1", port, 1, (str(tmp_path / "store"),), cache=tmp_path / "cache")
+    found = locate(Load("l", "/not/here", files=files), source)
+    assert found.path != hf and found.source == "node 0"  # config.json already arrived
+    ckpt = open_checkpoint(found.path, found.hook, found.identity)
+    whole = open_checkpoint(hf)
+    for name in sorted(whole.names()):
+        shape = whole.shape(name)
+        rows = (shape[0] // 2, shape[0])
+        assert torch.equal(ckpt.read(name, torch.float32, rows=rows), whole.read(name, torch.float32, rows=rows))
+        if len(shape) == 2:
+            cols = (0, shape[1] // 2)
+            assert torch.equal(ckpt.read(name, torch.float32, cols=cols), whole.read(name, torch.float32, cols=cols))
+    weights = hf / "model.safetensors"
+    # Half the rows of every tensor and half the columns of the 2-D ones: about 3/4 of the weights.
+    assert found.received < 0.8 * weights.stat().st_size + (hf / "config.json").stat().st_size
+    assert not (found.path / "generation_config.json").exists()  # what a rank never reads is not fetched

@@ -81,15 +81,16 @@ class SafetensorsCheckpoint:
         """A partial file's header (an 8-byte length, then JSON), fetched first."""
         assert self._ensure is not None
         self._ensure(file, [(0, 8)])
-        with file.open("rb") as f:
+        with file.open("rb", buffering=0) as f:  # unbuffered: bytes past those fetched are not read ahead
             (n,) = struct.unpack("<Q", f.read(8))
             if n > file.stat().st_size - 8:
                 raise CheckpointError(f"{file}: not a safetensors file (a header of {n} bytes)")
             self._ensure(file, [(8, 8 + n)])
-            try:
-                header = json.loads(f.read(n))
-            except (json.JSONDecodeError, UnicodeDecodeError) as e:
-                raise CheckpointError(f"{file}: not a safetensors file ({e})") from e
+            raw = f.read(n)
+        try:
+            header = json.loads(raw)
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise CheckpointError(f"{file}: not a safetensors file ({e})") from e
         return 8 + n, header
 
     def _need(self, file: Path, key: str, rows: Range | None, cols: Range | None) -> None:

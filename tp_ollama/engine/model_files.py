@@ -27,7 +27,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-FETCHED_WHOLE = ("config.json", ".index.json")  # small files of an HF model that a rank reads whole
+def read_whole(name: str) -> bool:
+    """The small files of an HF model a rank reads whole: its config and a sharded model's index."""
+    return name == "config.json" or name.endswith(".safetensors.index.json")
 
 
 @dataclass(frozen=True)
@@ -121,7 +123,7 @@ def _hf_view(files: Sequence[FileRef], found: dict[str, Path], cache: Path, fetc
     view.mkdir(parents=True, exist_ok=True)
     out = ModelFiles(view, identity_of(files))
     for ref in files:
-        if not (ref.name.endswith(".safetensors") or ref.name.endswith(FETCHED_WHOLE)):
+        if not (ref.name.endswith(".safetensors") or read_whole(ref.name)):
             continue  # the tokenizer and the rest are node 0's business
         link = view / ref.name
         if ".." in Path(ref.name).parts or Path(ref.name).is_absolute():
