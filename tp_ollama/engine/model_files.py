@@ -27,6 +27,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+
 def read_whole(name: str) -> bool:
     """The small files of an HF model a rank reads whole: its config and a sharded model's index."""
     return name == "config.json" or name.endswith(".safetensors.index.json")
