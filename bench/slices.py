@@ -79,8 +79,8 @@ class Cluster:
         r = httpx.post(f"{self.url}/api/generate", json=body, timeout=900)
         r.raise_for_status()
         elapsed = time.perf_counter() - t0
-        model = httpx.get(f"{self.url}/api/distributed/models", timeout=60).json()["models"][0]
-        return elapsed, [entry["weights"] for entry in model["layout"]], model["sent"]
+        body = httpx.get(f"{self.url}/api/distributed/models", timeout=60).json()
+        return elapsed, [entry["weights"] for entry in body["models"][0]["layout"]], body["sent"]
 
     def close(self) -> None:
         for rank in list(self.procs):

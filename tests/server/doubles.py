@@ -37,6 +37,7 @@ class EmbeddedModel:
     digest: str = ""
     details: Details = field(default_factory=Details)
     modified_at: datetime = datetime(2025, 1, 1, tzinfo=UTC)
+    files: tuple[tuple[str, str, int], ...] = ()  # none: every rank reads `path`
 
 
 class EmbeddedModels:

@@ -90,7 +90,7 @@ def test_models_is_empty_once_the_model_is_unloaded(http):
     load(http)
     reply = http.post("/api/generate", json={"model": SMOL, "prompt": "", "keep_alive": 0, "stream": False})
     assert reply.json()["done_reason"] == "unload"
-    assert http.get("/api/distributed/models").json() == {"models": []}
+    assert http.get("/api/distributed/models").json() == {"models": [], "sent": []}
     assert http.get("/api/distributed/status").json()["model"] is None
     load(http)
 

@@ -77,7 +77,9 @@ class Cluster:
         return s["state"] == "healthy" and s["membership"]["replicas"][0]["nodes"] == 2
 
     def models(self) -> dict:
-        return httpx.get(f"{self.url}/api/distributed/models", timeout=60).json()["models"][0]
+        """The loaded model's view, with what node 0 sent each node (`sent`)."""
+        body = httpx.get(f"{self.url}/api/distributed/models", timeout=60).json()
+        return {**body["models"][0], "sent": body["sent"]}
 
 
 @pytest.fixture(scope="module")

@@ -210,16 +210,18 @@ def routes(service: TextService, version: str) -> list[Route]:
         return json_response({"world_size": facts["world_size"], "nodes": nodes_view(facts, service.engine.loaded())})
 
     async def models(request: Request) -> Response:
+        # `sent` (bytes node 0 sent each node of each file) grows while a load streams slices, before
+        # the model is listed.
         loaded = service.engine.loaded()
         if loaded is None:
-            return json_response({"models": []})
+            return json_response({"models": [], "sent": service.engine.files_sent()})
         try:
             facts = await cluster_facts(service)
             hosts = {int(r["rank"]): str(r["host"]) for r in facts["ranks"]}
         except Exception as e:  # hosts are a detail here; the split is known without them
             log.warning("engine cluster() failed: %s", e)
             hosts = {}
-        return json_response({"models": [model_view(service, loaded, hosts)]})
+        return json_response({"models": [model_view(service, loaded, hosts)], "sent": service.engine.files_sent()})
 
     async def refresh_engine_facts() -> None:
         try:
