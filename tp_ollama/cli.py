@@ -255,8 +255,9 @@ def engine(
 
     def body() -> int:
         from tp_ollama.engine.host import standby
+        from tp_ollama.membership.files import connect
 
-        return standby()
+        return standby(connect)
 
     code = run_reporting_errors(debug, body, log_level)
     if code:

@@ -24,7 +24,7 @@ def test_a_spec_travels_as_one_json_line():
 
 
 def test_the_first_rank_to_fail_takes_the_others_down(monkeypatch):
-    def rank(spec: GroupSpec, local: int) -> int:
+    def rank(spec: GroupSpec, local: int, files: object = None) -> int:
         if local == 0:
             time.sleep(60)  # a rank waiting on its peer: killed when the peer fails
             return 0
@@ -37,12 +37,12 @@ def test_the_first_rank_to_fail_takes_the_others_down(monkeypatch):
 
 
 def test_a_group_whose_ranks_all_end_well_exits_0(monkeypatch):
-    monkeypatch.setattr(host_module, "_rank", lambda spec, local: 0)
+    monkeypatch.setattr(host_module, "_rank", lambda spec, local, files: 0)
     assert host(GroupSpec(ranks=(0, 1, 2), world_size=3, master_addr="127.0.0.1", master_port=1)) == 0
 
 
 def test_a_rank_killed_by_a_signal_is_a_failure(monkeypatch):
-    def rank(spec: GroupSpec, local: int) -> int:
+    def rank(spec: GroupSpec, local: int, files: object = None) -> int:
         os.kill(os.getpid(), signal.SIGKILL)
         return 0
 

@@ -19,7 +19,7 @@ from tp_ollama.membership import wire
 from tp_ollama.membership.coordinator import Coordinator
 from tp_ollama.membership.files import FileError, FileSource, compression_pays
 from tp_ollama.store.embedded import resolve_model
-from tp_ollama.store.partial import Intervals, PartialFile, batches, merge
+from tp_ollama.store.partial import PartialFile
 
 SECRET = "files-secret"
 
@@ -55,25 +55,6 @@ def node0(gguf: Path, digest: str) -> Iterator[tuple[Coordinator, int]]:
         loop.call_soon_threadsafe(loop.stop)
         thread.join(10)
         loop.close()
-
-
-def test_intervals_say_what_is_missing():
-    have = Intervals([(10, 20), (30, 40), (20, 25)])
-    assert list(have) == [(10, 25), (30, 40)]
-    assert have.missing([(0, 50)]) == [(0, 10), (25, 30), (40, 50)]
-    assert have.missing([(12, 24), (31, 39)]) == []
-    assert have.missing([(24, 31)]) == [(25, 30)]
-    have.add([(25, 30)])
-    assert list(have) == [(10, 40)] and have.total == 30
-    assert merge([(5, 6), (0, 2), (2, 3), (7, 7)]) == [(0, 3), (5, 6)]
-
-
-def test_big_ranges_are_cut_into_wants_of_bounded_size():
-    out = list(batches([(0, 70 << 20), (80 << 20, (80 << 20) + 10)]))
-    assert [sum(b - a for a, b in batch) for batch in out] == [32 << 20, 32 << 20, (6 << 20) + 10]
-    assert out[0] == [(0, 32 << 20)]
-    many = list(batches([(i * 10, i * 10 + 1) for i in range(5000)]))
-    assert [len(b) for b in many] == [2048, 2048, 904]
 
 
 def test_compression_is_used_only_where_it_saves_time():
@@ -164,66 +145,3 @@ def test_a_lost_node_0_fails_the_fetch_with_its_address(tmp_path):
     source.ATTEMPTS = 2
     with pytest.raises(FileError, match=rf"fetching sha256:ab from node 0 at 127.0.0.1:{port} failed 2 times"):
         source.fetch("sha256:ab", [(0, 4)])
-
-
-def test_a_node_that_keeps_copies_adds_the_file_to_its_store(node0, gguf, digest, tmp_path, monkeypatch):
-    """A rank of node 1 whose node keeps full copies (models.replication.min_replicas): it loads from
-    what it receives, then the whole file, checked, becomes a blob of its store; the next load reads it."""
-    from tp_ollama.engine.model_files import FilesFrom
-    from tp_ollama.engine.protocol import FileRef, Load
-    from tp_ollama.engine.state import EngineJob, EngineState
-    from tp_ollama.parallel.comm import SoloComm
-
-    c, port = node0
-    # The embedded file would be found on this node (its package is installed): a copy no store has.
-    other = tmp_path / "other.gguf"
-    other.write_bytes(gguf.read_bytes() + b"\0" * 64)
-    digest = "sha256:" + hashlib.sha256(other.read_bytes()).hexdigest()
-    c.files.offer(digest, other)
-    monkeypatch.setenv(wire.SECRET_ENV, SECRET)
-    store = tmp_path / "store"
-    source = FilesFrom("127.0.0.1", port, 1, (str(store),), cache=tmp_path / "cache", keep_copy=True)
-    state = EngineState(EngineJob(kv_cache_bytes=1 << 22, files_from=source), SoloComm())
-    size = other.stat().st_size
-    cmd = Load("l1", "/nowhere/on/this/node.gguf", num_ctx=256, files=[FileRef("", digest, size)])
-    weights = state.load(cmd).layout[0]
-    assert weights["node"] == 1 and weights["weights_from"] == "node 0" and weights["received_bytes"] == size
-    blob = store / "blobs" / f"sha256-{digest.removeprefix('sha256:')}"
-    assert blob.read_bytes() == other.read_bytes()
-    state.unload()
-    again = EngineState(EngineJob(kv_cache_bytes=1 << 22, files_from=source), SoloComm())
-    weights = again.load(Load("l2", cmd.path, num_ctx=256, files=cmd.files)).layout[0]
-    assert weights["weights_from"] == "store" and weights["received_bytes"] == 0
-
-
-def test_a_rank_reads_its_slices_of_a_safetensors_model(node0, tmp_path, monkeypatch):
-    """An HF directory (config and safetensors weights, a tiny random Llama): only config.json is
-    fetched whole, the weights a byte range at a time, and the slices equal the local file's."""
-    from tests.tiny import make_hf_model, save_hf
-    from tp_ollama.engine.model_files import FilesFrom, locate
-    from tp_ollama.engine.protocol import FileRef, Load
-
-    c, port = node0
-    hf = save_hf(make_hf_model("llama"), tmp_path / "hf")
-    files = []
-    for path in sorted(hf.iterdir()):
-        digest = "sha256:" + hashlib.sha256(path.read_bytes()).hexdigest()
-        c.files.offer(digest, path)
-        files.append(FileRef(path.name, digest, path.stat().st_size))
-    monkeypatch.setenv(wire.SECRET_ENV, SECRET)
-    source = FilesFrom("127.0.0.1", port, 1, (str(tmp_path / "store"),), cache=tmp_path / "cache")
-    found = locate(Load("l", "/not/here", files=files), source)
-    assert found.path != hf and found.source == "node 0"  # config.json already arrived
-    ckpt = open_checkpoint(found.path, found.hook, found.identity)
-    whole = open_checkpoint(hf)
-    for name in sorted(whole.names()):
-        shape = whole.shape(name)
-        rows = (shape[0] // 2, shape[0])
-        assert torch.equal(ckpt.read(name, torch.float32, rows=rows), whole.read(name, torch.float32, rows=rows))
-        if len(shape) == 2:
-            cols = (0, shape[1] // 2)
-            assert torch.equal(ckpt.read(name, torch.float32, cols=cols), whole.read(name, torch.float32, cols=cols))
-    weights = hf / "model.safetensors"
-    # Half the rows of every tensor and half the columns of the 2-D ones: about 3/4 of the weights.
-    assert found.received < 0.8 * weights.stat().st_size + (hf / "config.json").stat().st_size
-    assert not (found.path / "generation_config.json").exists()  # what a rank never reads is not fetched

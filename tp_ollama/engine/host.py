@@ -14,17 +14,21 @@ host exits with its status, as torchrun's agent would; every process here dies w
 from __future__ import annotations
 
 import ctypes
+import functools
 import logging
 import os
 import signal
 import subprocess
 import sys
+from collections.abc import Callable, Sequence
 
 import msgspec
 
 log = logging.getLogger(__name__)
 
 PR_SET_PDEATHSIG = 1
+# (node 0's host, its port, this node's rank) -> a function that fetches byte ranges of a file
+FilesSource = Callable[[str, int, int], Callable[[str, Sequence[tuple[int, int]]], bytes]]
 
 
 class GroupSpec(msgspec.Struct, frozen=True):
@@ -62,8 +66,10 @@ def die_with_parent() -> None:
         pass
 
 
-def standby() -> int:
-    """Import what a rank needs, then run the group the first line of stdin describes (none: exit 0)."""
+def standby(files: FilesSource | None = None) -> int:
+    """Import what a rank needs, then run the group the first line of stdin describes (none: exit 0).
+    `files`: how a rank of a node other than node 0 reaches node 0's model files (the caller's
+    tp_ollama.membership.files.connect; this layer does not know the cluster's wire)."""
     die_with_parent()
     import torch  # noqa: F401  (the point of waiting here is to have paid for this import already)
 
@@ -74,16 +80,16 @@ def standby() -> int:
     line = sys.stdin.buffer.readline()
     if not line.strip():
         return 0
-    return host(msgspec.json.decode(line, type=GroupSpec))
+    return host(msgspec.json.decode(line, type=GroupSpec), files)
 
 
-def host(spec: GroupSpec) -> int:
+def host(spec: GroupSpec, files: FilesSource | None = None) -> int:
     """Fork this node's ranks and wait for them: 0 when all ended well, else the first failure's status."""
     ranks: dict[int, int] = {}
     for local in range(len(spec.ranks)):
         pid = os.fork()
         if pid == 0:
-            os._exit(_rank(spec, local))
+            os._exit(_rank(spec, local, files))
         ranks[pid] = spec.ranks[local]
     status = 0
     while ranks:
@@ -105,7 +111,7 @@ def host(spec: GroupSpec) -> int:
     return status
 
 
-def _rank(spec: GroupSpec, local: int) -> int:
+def _rank(spec: GroupSpec, local: int, files: FilesSource | None) -> int:
     """One forked rank: its environment, then the serving loop. Its exit status."""
     from tp_ollama.engine.loop import engine_main
     from tp_ollama.engine.model_files import FilesFrom
@@ -120,9 +126,10 @@ def _rank(spec: GroupSpec, local: int) -> int:
         MASTER_ADDR=spec.master_addr, MASTER_PORT=str(spec.master_port),
     )  # fmt: skip
     files_from = None
-    if spec.files_from:
+    if spec.files_from and files is not None:
         host, _, port = spec.files_from.rpartition(":")
-        files_from = FilesFrom(host, int(port), spec.node_rank, spec.stores, keep_copy=spec.keep_copy)
+        connect = functools.partial(files, host, int(port), spec.node_rank)
+        files_from = FilesFrom(spec.node_rank, connect, spec.stores, keep_copy=spec.keep_copy)
     job = EngineJob(
         socket_path=spec.socket_path, comm=spec.comm, device=spec.device, tp_weights=parse_weights(spec.tp_weights),
         timeout_s=spec.join_timeout_s, max_running=spec.max_running, kv_cache_bytes=spec.kv_cache_bytes,

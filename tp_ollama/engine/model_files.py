@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -22,8 +22,7 @@ from tp_ollama.errors import TpOllamaError
 
 if TYPE_CHECKING:
     from tp_ollama.checkpoints.loader import FileEnsure
-    from tp_ollama.membership.files import FileSource
-    from tp_ollama.store.partial import PartialFile
+    from tp_ollama.store.partial import Fetch, PartialFile
 
 log = logging.getLogger(__name__)
 
@@ -37,9 +36,8 @@ def read_whole(name: str) -> bool:
 class FilesFrom:
     """How this rank's node reaches node 0's files, and where it keeps its own."""
 
-    host: str
-    port: int
     node_rank: int
+    connect: Callable[[], Fetch]  # opens the way to node 0's files (tp_ollama.membership.files.connect)
     stores: tuple[str, ...] = ()  # this node's store, then its extra stores
     cache: Path | None = None  # default: $TP_OLLAMA_CACHE
     keep_copy: bool = False  # add every file to this node's store after the load
@@ -98,24 +96,22 @@ def locate(cmd: Load, source: FilesFrom | None) -> ModelFiles:
     if source is None or not cmd.files:
         return ModelFiles(Path(cmd.path), identity_of(cmd.files))
     from tp_ollama.config.settings import default_cache_dir
-    from tp_ollama.membership import wire
-    from tp_ollama.membership.files import FileSource
     from tp_ollama.store.partial import PartialFile
 
     found = {f.digest: p for f in cmd.files if (p := find_local(f.digest, source.stores)) is not None}
-    fetcher = FileSource(source.host, source.port, source.node_rank, wire.configured_secret(""))
+    fetch = source.connect()
     cache = source.cache or default_cache_dir()
     single = len(cmd.files) == 1 and not cmd.files[0].name
     if single:
         ref = cmd.files[0]
         if ref.digest in found:
             return ModelFiles(found[ref.digest], identity_of(cmd.files), found=1)
-        partial = PartialFile(cache, ref.digest, ref.size, fetcher.fetch, what=f"model {ref.digest[:19]}")
+        partial = PartialFile(cache, ref.digest, ref.size, fetch, what=f"model {ref.digest[:19]}")
         return ModelFiles(partial.path, identity_of(cmd.files), {partial.path: partial})
-    return _hf_view(cmd.files, found, cache, fetcher)
+    return _hf_view(cmd.files, found, cache, fetch)
 
 
-def _hf_view(files: Sequence[FileRef], found: dict[str, Path], cache: Path, fetcher: FileSource) -> ModelFiles:
+def _hf_view(files: Sequence[FileRef], found: dict[str, Path], cache: Path, fetch: Fetch) -> ModelFiles:
     """An HF directory of this node's own blobs and partial files (links under the cache)."""
     from tp_ollama.store.manifests import sha256_hex
     from tp_ollama.store.partial import PartialFile
@@ -132,7 +128,7 @@ def _hf_view(files: Sequence[FileRef], found: dict[str, Path], cache: Path, fetc
         if ref.digest in found:
             target, out.found = found[ref.digest], out.found + 1
         else:
-            partial = PartialFile(cache, ref.digest, ref.size, fetcher.fetch, what=ref.name)
+            partial = PartialFile(cache, ref.digest, ref.size, fetch, what=ref.name)
             if not ref.name.endswith(".safetensors"):
                 partial.ensure([(0, ref.size)])
             out.partials[link] = partial

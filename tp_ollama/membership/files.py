@@ -17,7 +17,7 @@ import socket
 import time
 import zlib
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -142,6 +142,12 @@ def compression_pays(raw: bytes, link_bytes_per_s: float) -> bool:
 
 
 # --- a rank ---------------------------------------------------------------------------------------------
+
+
+def connect(host: str, port: int, node_rank: int) -> Callable[[str, Sequence[tuple[int, int]]], bytes]:
+    """How a rank of node `node_rank` fetches byte ranges from node 0 at host:port (the rank's host
+    process is given this: tp_ollama.engine.host.standby)."""
+    return FileSource(host, port, node_rank, wire.configured_secret("")).fetch
 
 
 class FileSource:
