@@ -63,6 +63,10 @@ DeviceOpt = Annotated[str, typer.Option(help="cpu or cuda (ranks share GPUs roun
 TpWeightsOpt = Annotated[
     str | None, typer.Option(help="Relative speed of each rank, e.g. 2,1,1: a bigger share for faster ranks.")
 ]
+PpOpt = Annotated[int, typer.Option(help="Pipeline stages: each holds a contiguous range of layers (ranks = tp x pp).")]
+PpWeightsOpt = Annotated[
+    str | None, typer.Option(help="Relative speed of each pipeline stage, e.g. 2,1: more layers for faster stages.")
+]
 CommOpt = Annotated[str, typer.Option(help="Collectives: auto (shared memory / sockets), shm, tcp, gloo, nccl.")]
 JoinTimeoutOpt = Annotated[float, typer.Option(help="Seconds to wait for every rank and node to join.")]
 
@@ -89,6 +93,8 @@ def generate(
     verbose: Annotated[bool, typer.Option("--verbose", help="Print timings and token rates afterwards.")] = False,
     tp: Annotated[int, typer.Option(help="Tensor-parallel ranks on this machine.")] = 1,
     tp_weights: TpWeightsOpt = None,
+    pp: PpOpt = 1,
+    pp_weights: PpWeightsOpt = None,
     comm: CommOpt = "auto",
     join_timeout: JoinTimeoutOpt = 120.0,
     debug: DebugOpt = False,
@@ -113,11 +119,11 @@ def generate(
             stop=stop,
         )
         req = Prompting(model, prompt, chat, system, options, dtype, device, quant, verbose)
-        if tp == 1 and not tp_weights:
+        if tp == 1 and pp == 1 and not tp_weights:
             generate_in_process(req)
         else:
-            cluster = Cluster(nproc_per_node=tp, join_timeout_s=join_timeout)
-            generate_on_ranks(req, cluster, tp_weights, comm, debug)
+            cluster = Cluster(nproc_per_node=tp * pp, join_timeout_s=join_timeout)
+            generate_on_ranks(req, cluster, tp_weights, comm, debug, pp, pp_weights)
         if sys.stdout.isatty():  # keep the shell prompt off the last line; pipes get the text exactly
             sys.stdout.write("\n")
 
@@ -155,6 +161,8 @@ def launch(
     quant: QuantOpt = "auto",
     device: DeviceOpt = "cpu",
     tp_weights: TpWeightsOpt = None,
+    pp: PpOpt = 1,
+    pp_weights: PpWeightsOpt = None,
     comm: CommOpt = "auto",
     join_timeout: JoinTimeoutOpt = 120.0,
     debug: DebugOpt = False,
@@ -171,7 +179,8 @@ def launch(
         addr, rdzv_port = parse_bootstrap(bootstrap) if bootstrap else (master_addr, master_port)
         cluster = Cluster(nnodes, node_rank, nproc_per_node, addr, rdzv_port, join_timeout)
         if prompt is None:
-            serve_cluster(cluster, config, host, port, tp_weights, comm, device, dtype, quant, num_ctx, debug)
+            serve_cluster(cluster, config, host, port, tp_weights, comm, device, dtype, quant, num_ctx, debug, pp,
+                          pp_weights)  # fmt: skip
             return
         if model is None:
             raise typer.BadParameter("a PROMPT needs a MODEL")
@@ -185,7 +194,7 @@ def launch(
             stop=stop,
         )
         req = Prompting(model, prompt, chat, system, options, dtype, device, quant)
-        generate_on_ranks(req, cluster, tp_weights, comm, debug)
+        generate_on_ranks(req, cluster, tp_weights, comm, debug, pp, pp_weights)
         if node_rank == 0 and sys.stdout.isatty():
             sys.stdout.write("\n")
 
@@ -199,6 +208,8 @@ def serve(
     port: Annotated[int | None, typer.Option(help="Port to listen on.")] = None,
     tp: Annotated[int | None, typer.Option(help="Tensor-parallel ranks on this machine.")] = None,
     tp_weights: TpWeightsOpt = None,
+    pp: Annotated[int | None, PpOpt.__metadata__[0]] = None,
+    pp_weights: PpWeightsOpt = None,
     comm: Annotated[str | None, typer.Option(help="Collectives: auto, shm, tcp, gloo, nccl.")] = None,
     device: Annotated[str | None, typer.Option(help="cpu or cuda.")] = None,
     dtype: Annotated[str | None, typer.Option(help="Activations: auto, float32, bfloat16.")] = None,
@@ -232,8 +243,10 @@ def serve(
         from tp_ollama.config.loading import load_settings
         from tp_ollama.server.serve import run
 
+        ranks = (tp or 1) * pp if pp is not None and pp > 1 else tp  # tp ranks in each of pp stages
         flags = {
-            "host": host, "port": port, "tp": tp, "tp_weights": tp_weights, "comm": comm, "device": device,
+            "host": host, "port": port, "tp": ranks, "tp_weights": tp_weights, "pp": pp, "pp_weights": pp_weights,
+            "comm": comm, "device": device,
             "dtype": dtype, "quant": quant, "num_ctx": num_ctx, "keep_alive": keep_alive, "models": models,
             "extra_stores": extra_stores,
             "replicas": replicas, "load_balancing": load_balancing, "num_parallel": num_parallel,

@@ -64,13 +64,18 @@ def generate_in_process(req: Prompting) -> None:
         sys.stderr.write("\n" + verbose_stats(final_metrics(stats, load_s, time.perf_counter() - t0)) + "\n")
 
 
-def generate_on_ranks(req: Prompting, cluster: Cluster, weights: str | None, comm: str, debug: bool) -> None:
+def generate_on_ranks(
+    req: Prompting, cluster: Cluster, weights: str | None, comm: str, debug: bool, pp: int = 1,
+    pp_weights: str | None = None,
+) -> None:  # fmt: skip
     from tp_ollama.launch import parse_weights, run_workers
     from tp_ollama.oneshot_ranks import WorkerJob, worker_main
     from tp_ollama.parallel.shard import preflight
 
-    preflight(req.model, cluster.world_size, parse_weights(weights), comm)
+    preflight(req.model, cluster.world_size, parse_weights(weights), comm, pp, parse_weights(pp_weights))
     job = WorkerJob(
+        pp=pp,
+        pp_weights=parse_weights(pp_weights),
         model=req.model,
         dtype=req.dtype,
         quant=req.quant,

@@ -35,6 +35,8 @@ class WorkerJob:
     dtype: str = "auto"
     quant: str = "auto"
     tp_weights: tuple[float, ...] | None = None
+    pp: int = 1  # pipeline stages; the ranks are tp x pp
+    pp_weights: tuple[float, ...] | None = None
     comm: str = "auto"
     device: str = "cpu"  # "cpu" or "cuda[:FIRST]" (see rank_device)
     timeout_s: float = 120.0
@@ -82,7 +84,8 @@ def _run(job: WorkerJob) -> None:
 
 def _generate(job: WorkerJob, comm: Comm, path: Path, text: TextProcess | None, t0: float) -> None:
     engine = DirectEngine(EngineJob(comm=job.comm, device=job.device, tp_weights=job.tp_weights,
-                                    timeout_s=job.timeout_s, kv_cache_bytes=None), comm)  # fmt: skip
+                                    timeout_s=job.timeout_s, kv_cache_bytes=None, pp=job.pp,
+                                    pp_weights=job.pp_weights), comm)  # fmt: skip
     engine.load(str(path), job.dtype, job.options.num_ctx, job.quant)
     load_s = time.perf_counter() - t0
     if text is None:

@@ -55,6 +55,18 @@ def test_sharded_text_equals_unsharded(unsharded, model, prompt, chat, tp):
     assert done.stdout == unsharded[(model, prompt, chat)]
 
 
+@pytest.mark.parametrize(
+    ("model", "prompt", "chat", "pp"),
+    [(*CASES[0], 2), (*CASES[1], 3), (*CASES[2], 2)],
+    ids=["gemma3-pp2", "smol-pp3", "smol-chat-pp2"],
+)
+def test_pipeline_text_equals_unsharded(unsharded, model, prompt, chat, pp):
+    """Layer-wise stages (--pp): the same text as one process."""
+    done = cli("generate", model, prompt, *GREEDY, "--pp", str(pp), *(["--chat"] if chat else []))
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == unsharded[(model, prompt, chat)]
+
+
 def test_two_nodes_through_launch(unsharded):
     port = str(free_port())
     prompt = "The capital of France is"
@@ -97,6 +109,8 @@ def our_processes() -> set[int]:
         (["--tp", "10"], "tensor-parallel degree 10 exceeds the model's 9 attention heads"),
         (["--tp", "2", "--tp-weights", "1,2,3"], "--tp-weights has 3 values (1,2,3) but the world size is 2"),
         (["--tp", "2", "--comm", "carrier-pigeon"], "carrier-pigeon"),
+        (["--pp", "31"], "pipeline degree 31 exceeds the model's 30 layers: use at most 30 stages"),
+        (["--tp", "2", "--pp", "2"], "--tp 2 inside each of --pp 2 stages (hybrid) is not supported yet"),
     ],
 )
 def test_bad_layouts_fail_with_one_line(args, message):

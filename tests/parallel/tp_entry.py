@@ -129,3 +129,40 @@ if __name__ == "__main__":
     import sys
 
     host_share_node(int(sys.argv[1]), int(sys.argv[2]))
+
+
+def pipeline_runs(
+    dirs: list[str], tokens: list[int], n_prompt: int, stages: int, weights: tuple[float, ...] | None
+) -> dict[str, Any]:
+    """For each checkpoint, as one stage of `stages`: the logits at every position (the last stage's;
+    the others have none), greedy tokens for 32 steps, the stage's layers and its parameter count."""
+    from tp_ollama.parallel.pipeline import PipelineLayout, apply_stage
+
+    torch.set_num_threads(1)
+    init_distributed("gloo", 60)
+    comm = make_comm("gloo", 60)
+    out: dict[str, Any] = {"rank": comm.rank}
+    for d in dirs:
+        ckpt = open_checkpoint(Path(d))
+        layout = PipelineLayout.build(ckpt.config, stages, weights)
+        shard = partial(apply_stage, layout=layout, stage=comm.rank, comm=comm)
+        model = load_model(ckpt, torch.float32, "cpu", shard=shard)
+        cache = KVCache.for_model(model, batch=1, max_len=len(tokens) + 1)
+        rows = []
+        with torch.inference_mode():
+            ids, positions = torch.tensor([tokens[:n_prompt]]), torch.arange(n_prompt)[None]
+            rows.append(model.logits(model.hidden_states(ids, positions, cache))[0])
+            for i in range(n_prompt, len(tokens)):
+                h = model.hidden_states(torch.tensor([[tokens[i]]]), torch.tensor([[i]]), cache)
+                rows.append(model.logits(h)[0])
+        options = GenerationOptions(sampling=SamplingOptions(temperature=0), num_predict=32, num_ctx=128)
+        tp_layout = TPLayout.build(ckpt.config, 1, None)
+        greedy = list(generate_ids(model, tokens[:n_prompt], options, comm=comm, layout=tp_layout))
+        out[d] = {
+            "logits": torch.cat(rows).numpy(),
+            "greedy": greedy,
+            "layers": list(layout.layers[comm.rank]),
+            "params": sum(p.numel() for p in model.parameters()),
+        }
+    comm.close()
+    return out

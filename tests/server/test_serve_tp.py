@@ -37,7 +37,11 @@ pytestmark = pytest.mark.slow
 STARTUP_S = 120
 
 
-@pytest.fixture(scope="module", params=[1, 2], ids=["tp1", "tp2"])
+# A group of one, two TP ranks, and two pipeline stages (each holding half the layers).
+GROUPS = {"tp1": ["--tp", "1"], "tp2": ["--tp", "2"], "pp2": ["--pp", "2"]}
+
+
+@pytest.fixture(scope="module", params=list(GROUPS))
 def server(request, tmp_path_factory):
     port = free_port()
     env = {**os.environ, "OLLAMA_MODELS": str(tmp_path_factory.mktemp("models")), "OMP_NUM_THREADS": "1",
@@ -47,7 +51,7 @@ def server(request, tmp_path_factory):
     with log.open("w") as sink:  # a file, not a pipe nobody reads, which could fill and block the server
         # float32 and no quantization: the texts below are held equal to the unsharded model's, which
         # only float32 guarantees (test_defaults_at_tp2_... covers the defaults)
-        cmd = [sys.executable, "-m", "tp_ollama", "serve", "--port", str(port), "--tp", str(request.param),
+        cmd = [sys.executable, "-m", "tp_ollama", "serve", "--port", str(port), *GROUPS[request.param],
                "--dtype", "float32", "--quant", "none"]  # fmt: skip
         proc = subprocess.Popen(cmd, env=env, stdout=sink, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
@@ -69,7 +73,7 @@ def server(request, tmp_path_factory):
 def sharded_only(request):
     """For the long checks whose path through a group of one is the path through two, less the collectives:
     they run at TP=2 only (the quick checks and the exactness under load run at both)."""
-    if request.node.callspec.params["server"] == 1:
+    if request.node.callspec.params["server"] == "tp1":
         pytest.skip("runs at TP=2, which takes the same path through the engine group, sharded")
 
 
@@ -410,7 +414,7 @@ def test_embeddings_through_the_group(server):
     torch.testing.assert_close(torch.tensor([d.embedding for d in data]), vectors[1:], atol=1e-4, rtol=1e-4)
 
 
-def test_cluster_endpoints_and_metrics_describe_the_group(server):
+def test_cluster_endpoints_and_metrics_describe_the_group(server, request):
     url, _ = server
     with ollama.Client(host=url) as client:
         reply = client.generate(model="smollm2:135m", prompt="Hi", options={"num_predict": 4})
@@ -422,6 +426,8 @@ def test_cluster_endpoints_and_metrics_describe_the_group(server):
     assert sum(len(node["ranks"]) for node in nodes["nodes"]) == world
     models = httpx.get(f"{url}/api/distributed/models").json()
     assert "smollm2" in json.dumps(models) and len(models["models"][0]["layout"]) == world
+    if request.node.callspec.params["server"] == "pp2":  # which layers each stage holds
+        assert [r["layers"] for r in models["models"][0]["layout"]] == [[0, 15], [15, 30]]
     metrics = httpx.get(f"{url}/api/distributed/metrics").json()
     assert metrics["requests"]["served"] >= 1 and metrics["step_time_ms"] > 0
     if world == 2:

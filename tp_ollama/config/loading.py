@@ -56,6 +56,8 @@ FLAGS: dict[str, str] = {
     "keep_alive": "inference.keep_alive",
     "num_ctx": "inference.num_ctx",
     "tp_weights": "inference.tp_weights",
+    "pp": "inference.partitioning.pp",
+    "pp_weights": "inference.partitioning.pp_weights",
     "dtype": "inference.dtype",
     "quant": "inference.quant",
     "device": "inference.device",
@@ -208,6 +210,17 @@ def _check(s: Settings, given: Mapping[str, Given]) -> None:
             f"expected one weight per rank: {c.world_size} (cluster.nnodes {c.nnodes} x nproc_per_node "
             f"{c.nproc_per_node}), got {len(i.tp_weights)}",
         )
+    stages = i.partitioning.stages(c.world_size)
+    if c.world_size % stages:
+        raise bad("inference.partitioning.pp", f"{c.world_size} ranks cannot form {stages} stages (ranks = tp x pp)")
+    if stages > 1 and c.world_size > stages:
+        raise bad(
+            "inference.partitioning.pp",
+            f"{c.world_size} ranks in {stages} stages is TP inside stages (hybrid), not supported yet: "
+            f"give as many ranks as stages",
+        )
+    if i.partitioning.pp_weights and len(i.partitioning.pp_weights) != stages:
+        raise bad("inference.partitioning.pp_weights", f"expected one weight per stage: {stages}")
     if 0 < i.partitioning.max_partitions < c.world_size:
         raise bad("inference.partitioning.max_partitions", f"the cluster has {c.world_size} ranks, more than this")
     if i.num_ctx > i.max_num_ctx:

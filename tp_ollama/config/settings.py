@@ -143,8 +143,26 @@ class ClusterSettings:
 
 @dataclass(frozen=True)
 class Partitioning:
-    strategy: str = opt("tensor", Str(("tensor",), {"layerwise": 'layer-wise (pipeline) partitioning; use "tensor"'}))
+    """How a group's ranks split the model: `tensor` (every rank a share of every layer), `layerwise`
+    (pipeline stages of contiguous layers, tp_ollama.parallel.pipeline; `pp` stages, default one per
+    rank). `pp` > 1 (flag --pp) means layerwise whatever `strategy` says."""
+
+    strategy: str = opt(
+        "tensor",
+        Str(("tensor", "layerwise"), {"hybrid": 'TP inside pipeline stages; use "tensor" or "layerwise"',
+                                      "auto": 'a choice by the cost model; use "tensor" or "layerwise"'}),
+    )  # fmt: skip
+    pp: int = opt(1, Int(1, note="pipeline stages; the world size is tp x pp"))
+    pp_weights: tuple[float, ...] = opt(
+        (), List(_weight, "a list of positive numbers, one per pipeline stage, e.g. [2, 1]")
+    )
     max_partitions: int = opt(0, Int(0, note="the largest world size allowed; 0: no limit"))
+
+    def stages(self, world_size: int) -> int:
+        """Pipeline stages of a group of `world_size` ranks (1: tensor parallel)."""
+        if self.pp > 1:
+            return self.pp
+        return world_size if self.strategy == "layerwise" else 1
 
 
 @dataclass(frozen=True)

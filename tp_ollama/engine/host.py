@@ -42,6 +42,8 @@ class GroupSpec(msgspec.Struct, frozen=True):
     comm: str = "auto"
     device: str = "cpu"
     tp_weights: str | None = None
+    pp: int = 1  # pipeline stages (tp_ollama.parallel.pipeline)
+    pp_weights: str | None = None
     join_timeout_s: float = 120.0
     max_running: int = 16
     kv_cache_bytes: int | None = None
@@ -133,7 +135,7 @@ def _rank(spec: GroupSpec, local: int, files: FilesSource | None) -> int:
     job = EngineJob(
         socket_path=spec.socket_path, comm=spec.comm, device=spec.device, tp_weights=parse_weights(spec.tp_weights),
         timeout_s=spec.join_timeout_s, max_running=spec.max_running, kv_cache_bytes=spec.kv_cache_bytes,
-        prefix_cache=spec.prefix_cache, files_from=files_from,
+        prefix_cache=spec.prefix_cache, files_from=files_from, pp=spec.pp, pp_weights=parse_weights(spec.pp_weights),
     )  # fmt: skip
     code = 0
     try:

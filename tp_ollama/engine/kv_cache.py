@@ -66,7 +66,8 @@ class KVCache:
         like = activation_like(model)
         for block in model.model.layers:  # type: ignore[union-attr]
             attn = block.self_attn
-            n_kv = out_features(attn.k_proj) // attn.head_dim  # local KV heads, from the (maybe sharded) weight
+            # local KV heads, from the (maybe sharded) weight; none for another pipeline stage's layer
+            n_kv = 0 if getattr(block, "absent", False) else out_features(attn.k_proj) // attn.head_dim
             capacity = max_len if attn.window is None else min(max_len, attn.window)
             layers.append(LayerKV(batch, n_kv, capacity, attn.head_dim, dtype or like.dtype, like.device))
         return cls(layers)

@@ -199,6 +199,9 @@ class BlockPool:
         shapes = []
         for block in model.model.layers:  # type: ignore[union-attr]
             attn = block.self_attn
+            if getattr(block, "absent", False):  # another pipeline stage's layer: its KV lives there
+                shapes.append((0, attn.head_dim))
+                continue
             # local KV heads, from the (maybe sharded, maybe quantized) projection
             shapes.append((out_features(attn.k_proj) // attn.head_dim, attn.head_dim))
         if not shapes:

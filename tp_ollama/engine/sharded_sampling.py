@@ -34,6 +34,7 @@ from tp_ollama.engine.sampler import (
 )
 from tp_ollama.parallel.comm import Comm
 from tp_ollama.parallel.layout import Span
+from tp_ollama.parallel.pipeline import Stage
 
 CANDIDATE_CAP = 1024
 
@@ -92,3 +93,19 @@ class ShardedSampler:
             filler = torch.tensor([[-math.inf], [-1.0]], dtype=torch.float64).expand(2, pad)
             mine = torch.cat((mine, filler), dim=1)
         return self.comm.all_gather(mine.contiguous())
+
+
+class PipelineSampler:
+    """Picks the next token on the last stage (which holds the logits) and broadcasts it to the rest.
+    A random seed is rank 0's, so that a later regroup that moves the last stage draws the same."""
+
+    def __init__(self, options: SamplingOptions, vocab_size: int, stage: Stage) -> None:
+        self.inner = Sampler(options, vocab_size)
+        self.stage = stage
+        if options.seed is None or options.seed < 0:
+            seed = torch.tensor([self.inner.seed], dtype=torch.int64)
+            self.inner.seed = int(stage.comm.broadcast(seed, src=0)[0])
+
+    def __call__(self, logits: torch.Tensor, history: Sequence[int]) -> int:
+        token = torch.tensor([self.inner(logits, history) if self.stage.last else 0], dtype=torch.int64)
+        return int(self.stage.comm.broadcast(token, src=self.stage.sources[-1])[0])

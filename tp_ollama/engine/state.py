@@ -44,13 +44,14 @@ from tp_ollama.engine.protocol import (
     encode,
 )
 from tp_ollama.engine.sampler import Sampler
-from tp_ollama.engine.sharded_sampling import ShardedSampler
+from tp_ollama.engine.sharded_sampling import PipelineSampler, ShardedSampler
 from tp_ollama.errors import TpOllamaError
 from tp_ollama.kernels.linear import model_bytes
 from tp_ollama.models.native_decode import why_not_native
 from tp_ollama.parallel.comm import Comm
 from tp_ollama.parallel.facts import rank_facts
 from tp_ollama.parallel.layout import TPLayout
+from tp_ollama.parallel.pipeline import Stage, stage_of
 from tp_ollama.parallel.preflight import link_preflight
 from tp_ollama.parallel.shard import load_shard, rank_device
 
@@ -75,6 +76,8 @@ class EngineJob:
     prefix_cache: bool = True
     # A rank of a node other than node 0: where node 0's model files are, and this node's stores.
     files_from: FilesFrom | None = None
+    pp: int = 1  # pipeline stages (tp_ollama.parallel.pipeline); the group's ranks are tp x pp
+    pp_weights: tuple[float, ...] | None = None
 
 
 WEIGHT_SOURCES = ("store", "node 0", "cache")
@@ -116,8 +119,9 @@ class EngineState:
         job = self.job
         files = locate(cmd, job.files_from)
         model, layout, ckpt = load_shard(
-            files.path, self.comm, cmd.dtype, job.device, job.tp_weights, cmd.quant, files.hook, files.identity
-        )
+            files.path, self.comm, cmd.dtype, job.device, job.tp_weights, cmd.quant, files.hook, files.identity,
+            job.pp, job.pp_weights,
+        )  # fmt: skip
         del ckpt
         files.flush()
         self.load_seconds = time.perf_counter() - t0  # this rank's own reading and packing
@@ -125,6 +129,15 @@ class EngineState:
             keep_copies(files, cmd, job.files_from)
         self.files = files
         return self.attach(model, layout, cmd, t0)
+
+    def _describe(self) -> list[dict[str, object]]:
+        """Each rank's share: its heads and rows (tensor parallel), or its stage's layers (pipeline)."""
+        assert self.layout is not None and self.model is not None
+        stage = stage_of(self.model)
+        if stage is None:
+            return list(self.layout.describe())
+        tp = self.layout.world_size
+        return [{"rank": r, "weight": 1.0, **stage.layout.describe(r // tp)} for r in range(self.comm.world_size)]
 
     def _weights_from(self) -> list[dict[str, object]]:
         """Per rank: where its weights were read (this node's store, bytes from node 0, or its cache),
@@ -156,14 +169,14 @@ class EngineState:
         # each sequence that may run at once, and the prefix cache lives within that.
         pool.soft_blocks = min(pool.num_blocks, pool.blocks_for(cmd.num_ctx) * job.max_running)
         self.model, self.layout = model, layout
-        self.batch = Batch(model, pool, sampler_for(layout, comm), self._constraint, comm)
+        self.batch = Batch(model, pool, sampler_for(layout, comm, stage_of(model)), self._constraint, comm)
         if comm.rank == 0:
             self.planner = Planner(pool, job.max_running)
         precision = describe_precision(model)
         why_not = why_not_native(model)
         # Which implementation decode steps take: a model the native step cannot run is said here.
         precision["decode"] = "native" if why_not is None else f"torch modules: {why_not}"
-        warning = link_preflight(comm, model)
+        warning = link_preflight(comm, model) if stage_of(model) is None else None
         if warning is not None:
             log.warning("%s", warning)
         world = comm.world_size
@@ -174,7 +187,7 @@ class EngineState:
             num_ctx=cmd.num_ctx,
             quant=cmd.quant,
             world_size=world,
-            layout=[{**entry, "device": job.device, **weights_from[i]} for i, entry in enumerate(layout.describe())],
+            layout=[{**entry, "device": job.device, **weights_from[i]} for i, entry in enumerate(self._describe())],
             size_bytes=model_bytes(model) * world,
             precision=precision,
             load_seconds=time.perf_counter() - t0,
@@ -219,6 +232,9 @@ class EngineState:
         if self.model is None:
             raise TpOllamaError("no model is loaded")
         vectors = embed_batch(self.model, cmd.inputs)
+        stage = stage_of(self.model)
+        if stage is not None:  # the last stage has the final hidden states
+            vectors = self.comm.broadcast(vectors.contiguous(), src=stage.sources[-1])
         return Embedded(cmd.id, vectors.tolist() if self.comm.rank == 0 else [])
 
     def cluster(self, rid: str) -> ClusterFacts:
@@ -266,8 +282,12 @@ class EngineState:
         if self.comm.world_size == 1:
             assert grammar is not None
             return LocalConstraint(grammar)
-        assert self.layout is not None and self.batch is not None
-        span = self.layout.vocab[self.comm.rank]
+        assert self.layout is not None and self.batch is not None and self.model is not None
+        stage = stage_of(self.model)
+        if stage is not None:  # the last stage masks the whole vocabulary, the others nothing
+            span = (0, self.batch.vocab if stage.last else 0)
+        else:
+            span = self.layout.vocab[self.comm.rank]
         return ShardedConstraint(grammar, span, self.batch.vocab, self.comm)
 
     def busy(self) -> bool:
@@ -285,8 +305,13 @@ class EngineState:
         return running + ([r.id for r in self.planner.waiting] if self.planner is not None else [])
 
 
-def sampler_for(layout: TPLayout, comm: Comm) -> Callable[..., Callable[[torch.Tensor, Sequence[int]], int]]:
-    """The sampler factory of a batch: candidates exchanged across ranks when there are several."""
+def sampler_for(
+    layout: TPLayout, comm: Comm, stage: Stage | None = None
+) -> Callable[..., Callable[[torch.Tensor, Sequence[int]], int]]:
+    """The sampler factory of a batch: candidates exchanged across ranks when there are several; in a
+    pipeline, the last stage's pick broadcast."""
     if comm.world_size == 1:
         return Sampler
+    if stage is not None:
+        return partial(PipelineSampler, stage=stage)
     return partial(ShardedSampler, span=layout.vocab[comm.rank], comm=comm)

@@ -148,6 +148,8 @@ def model_bytes(model: nn.Module) -> int:
 
 def activation_like(model: nn.Module) -> torch.Tensor:
     """A tensor with the dtype and device activations (and the KV cache) use: the final norm's
-    weight, which is never quantized."""
-    norm: torch.Tensor = model.model.norm.weight  # type: ignore[union-attr, assignment]
+    weight, which is never quantized (a pipeline stage without it: its first layer's norm)."""
+    norm = getattr(model.model.norm, "weight", None)
+    if norm is None:
+        norm = next(p for name, p in model.named_parameters() if name.endswith("input_layernorm.weight"))
     return norm

@@ -71,6 +71,8 @@ class Form(msgspec.Struct, tag="form"):
     kv_cache_bytes: int | None = None
     prefix_cache: bool = True
     min_replicas: int = 1  # nodes 0..min_replicas-1 keep full copies of the model files they read
+    pp: int = 1  # pipeline stages of the group (its ranks are tp x pp)
+    pp_weights: str | None = None
 
 
 class Stop(msgspec.Struct, tag="stop"):

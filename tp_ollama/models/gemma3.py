@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from tp_ollama.kernels.linear import activation_like
 from tp_ollama.models.common import (
     Embedding,
     ModelCache,
@@ -166,15 +167,33 @@ class Gemma3ForCausalLM(nn.Module):
 
     def hidden_states(self, input_ids: torch.Tensor, positions: torch.Tensor, cache: ModelCache) -> torch.Tensor:
         m = self.model
-        x = m.embed_tokens(input_ids)  # (B, T, hidden)
-        # transformers scales by sqrt(hidden) cast to the weight dtype first; so do we, for bf16 parity.
-        x = x * torch.tensor(self.config.hidden_size**0.5, dtype=x.dtype)
+        stage = self.__dict__.get("pipeline")  # a pipeline stage (tp_ollama.parallel.pipeline)
+        if stage is not None:
+            dtype = activation_like(self).dtype
+            ropes = {FULL: m.rotary_full(positions, dtype), SLIDING: m.rotary_sliding(positions, dtype)}
+            kinds = self.config.layer_types
+            x = stage.run(
+                lambda: self._embed(input_ids),
+                lambda i, x: m.layers[i](x, positions, ropes[kinds[i]], cache.layer(i)),
+                (*input_ids.shape, self.config.hidden_size), dtype, input_ids.device,
+            )  # fmt: skip
+            return m.norm(x) if stage.last else x
+        x = self._embed(input_ids)
         ropes = {FULL: m.rotary_full(positions, x.dtype), SLIDING: m.rotary_sliding(positions, x.dtype)}
         for i, (layer, kind) in enumerate(zip(m.layers, self.config.layer_types, strict=True)):
             x = layer(x, positions, ropes[kind], cache.layer(i))
         return m.norm(x)
 
+    def _embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        x = self.model.embed_tokens(input_ids)  # (B, T, hidden)
+        # transformers scales by sqrt(hidden) cast to the weight dtype first; so do we, for bf16 parity.
+        return x * torch.tensor(self.config.hidden_size**0.5, dtype=x.dtype)
+
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """(..., vocab); a pipeline stage other than the last has none: (..., 0)."""
+        stage = self.__dict__.get("pipeline")
+        if stage is not None and not stage.last:
+            return hidden.new_empty((*hidden.shape[:-1], 0))
         head = self.model.embed_tokens.project if self.lm_head is None else self.lm_head
         logits = head(hidden)
         cap = self.config.final_logit_softcapping

@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from tp_ollama.kernels.linear import activation_like
 from tp_ollama.models.common import (
     Embedding,
     ModelCache,
@@ -213,6 +214,16 @@ class LlamaForCausalLM(nn.Module):
     def hidden_states(self, input_ids: torch.Tensor, positions: torch.Tensor, cache: ModelCache) -> torch.Tensor:
         """input_ids, positions: (B, T) -> final-normed hidden states (B, T, hidden)."""
         m = self.model
+        stage = self.__dict__.get("pipeline")  # a pipeline stage (tp_ollama.parallel.pipeline)
+        if stage is not None:
+            dtype = activation_like(self).dtype
+            rope = m.rotary(positions, dtype)
+            x = stage.run(
+                lambda: m.embed_tokens(input_ids),
+                lambda i, x: m.layers[i](x, positions, rope, cache.layer(i)),
+                (*input_ids.shape, self.config.hidden_size), dtype, input_ids.device,
+            )  # fmt: skip
+            return m.norm(x) if stage.last else x
         x = m.embed_tokens(input_ids)
         rope = m.rotary(positions, x.dtype)
         for i, layer in enumerate(m.layers):
@@ -220,6 +231,10 @@ class LlamaForCausalLM(nn.Module):
         return m.norm(x)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """(..., vocab); a pipeline stage other than the last has none: (..., 0)."""
+        stage = self.__dict__.get("pipeline")
+        if stage is not None and not stage.last:
+            return hidden.new_empty((*hidden.shape[:-1], 0))
         head = self.model.embed_tokens.project if self.lm_head is None else self.lm_head
         return head(hidden)
 

@@ -441,6 +441,8 @@ def _make(model: nn.Module) -> tuple[NativeDecoder | None, str | None]:
         return None, "the native library's structs do not match tp_ollama/models/native_decode.py's"
     cfg: Any = getattr(model, "config", None)
     body: Any = getattr(model, "model", None)
+    if model.__dict__.get("pipeline") is not None:
+        return None, "a pipeline stage (the native step runs a whole model)"
     if cfg is None or body is None or cfg.family not in ("gemma3", "llama", "mistral", "qwen2", "qwen3"):
         return None, f"the native step has no recipe for the {getattr(cfg, 'family', '?')} family"
     dtype = body.norm.weight.dtype

@@ -13,19 +13,40 @@ from torch import nn
 
 from tp_ollama.checkpoints.base import Checkpoint
 from tp_ollama.checkpoints.loader import FileEnsure, load_model, open_checkpoint, resolve_dtype
+from tp_ollama.errors import ConfigError
 from tp_ollama.parallel.comm import Comm, check_comm_kind
 from tp_ollama.parallel.layout import TPLayout
 from tp_ollama.store.embedded import resolve_model
 
 
-def preflight(model: str, world_size: int, weights: tuple[float, ...] | None, comm: str) -> None:
+def preflight(
+    model: str, world_size: int, weights: tuple[float, ...] | None, comm: str, pp: int = 1,
+    pp_weights: tuple[float, ...] | None = None,
+) -> None:  # fmt: skip
     """Check the model, the layout and the communicator before any process starts (metadata only)."""
     check_comm_kind(comm)
+    tp = check_degrees(world_size, pp)
     ckpt = open_checkpoint(resolve_model(model))
     try:
-        TPLayout.build(ckpt.config, world_size, weights)
+        TPLayout.build(ckpt.config, tp, weights)
+        if pp > 1:
+            from tp_ollama.parallel.pipeline import PipelineLayout
+
+            PipelineLayout.build(ckpt.config, pp, pp_weights)
     finally:
         ckpt.close()
+
+
+def check_degrees(world_size: int, pp: int) -> int:
+    """The TP degree inside each stage of a group of `world_size` ranks in `pp` stages."""
+    if pp < 1 or world_size % pp:
+        raise ConfigError(f"{world_size} ranks cannot form {pp} pipeline stages: the world size is tp x pp")
+    tp = world_size // pp
+    if pp > 1 and tp > 1:
+        raise ConfigError(
+            f"--tp {tp} inside each of --pp {pp} stages (hybrid) is not supported yet: use --tp alone or --pp alone"
+        )
+    return tp
 
 
 def rank_device(kind: str) -> torch.device:
@@ -47,14 +68,24 @@ def load_shard(
     quant: str = "none",
     ensure: FileEnsure | None = None,
     identity: str | None = None,
+    pp: int = 1,
+    pp_weights: Sequence[float] | None = None,
 ) -> tuple[nn.Module, TPLayout, Checkpoint]:
     """This rank's part of the model: the layout is validated from the config first, then only this
     rank's slices are read. A group of one loads the plain model, with no collectives on its path.
-    `ensure` and `identity`: see open_checkpoint. Returns (model, layout, checkpoint)."""
+    `pp` > 1: the group is that many pipeline stages of world_size / pp ranks (tp_ollama.parallel.pipeline),
+    this rank holding its stage's layers. `ensure` and `identity`: see open_checkpoint. Returns
+    (model, the TP layout inside the stage, checkpoint)."""
     ckpt = open_checkpoint(path, ensure, identity)
-    layout = TPLayout.build(ckpt.config, comm.world_size, weights)
+    tp = check_degrees(comm.world_size, pp)
+    layout = TPLayout.build(ckpt.config, tp, weights)
     shard = None
-    if comm.world_size > 1:
+    if pp > 1:
+        from tp_ollama.parallel.pipeline import PipelineLayout, apply_stage
+
+        stages = PipelineLayout.build(ckpt.config, pp, pp_weights)
+        shard = partial(apply_stage, layout=stages, stage=comm.rank // tp, comm=comm)
+    elif comm.world_size > 1:
         from tp_ollama.parallel.plans import apply_tp
 
         shard = partial(apply_tp, layout=layout, comm=comm)

@@ -136,7 +136,7 @@ class EngineClient:
               join_timeout_s: float = 120.0, nnodes: int = 1, master_addr: str = "127.0.0.1",
               master_port: int = 0, max_running: int = 16, kv_cache_bytes: int | None = None,
               prefix_cache: bool = True, replays: int = 0, retry_timeout_s: float = 60.0,
-              former: Former | None = None) -> EngineClient:  # fmt: skip
+              former: Former | None = None, pp: int = 1, pp_weights: str | None = None) -> EngineClient:  # fmt: skip
         """Start this node's `tp` ranks in a child process session serving a fresh socket. With a
         `former` (several nodes) the group starts when the coordinator has formed it (`begin`),
         and again, at whatever size, whenever it breaks."""
@@ -144,7 +144,8 @@ class EngineClient:
         spec = GroupSpec(ranks=tuple(range(tp)), world_size=tp * nnodes, master_addr=master_addr,
                          master_port=master_port, socket_path=str(path), comm=comm, device=device,
                          tp_weights=tp_weights, join_timeout_s=join_timeout_s, max_running=max_running,
-                         kv_cache_bytes=kv_cache_bytes, prefix_cache=prefix_cache)  # fmt: skip
+                         kv_cache_bytes=kv_cache_bytes, prefix_cache=prefix_cache, pp=pp,
+                         pp_weights=pp_weights)  # fmt: skip
         engine = cls(path, spec, connect_timeout_s=join_timeout_s, replays=replays, retry_timeout_s=retry_timeout_s,
                      former=former)  # fmt: skip
         if former is None:
@@ -234,7 +235,12 @@ class EngineClient:
         if self.former is not None and self.spec is not None:
             f = await self.former.form()
             self.spec = msgspec.structs.replace(
-                self.spec, ranks=f.ranks, world_size=f.world_size, master_port=f.master_port, tp_weights=f.tp_weights
+                self.spec,
+                ranks=f.ranks,
+                world_size=f.world_size,
+                master_port=f.master_port,
+                tp_weights=f.tp_weights,
+                pp=f.pp,
             )
             self.world_size = f.world_size
             self.process = None

@@ -25,6 +25,8 @@ def build(settings: Any) -> tuple[list[Any], Any]:
     c, i, a = settings.cluster, settings.inference, settings.api
     ft = i.fault_tolerance
     weights = ",".join(f"{w:g}" for w in i.tp_weights) if i.tp_weights else None
+    pp = i.partitioning.stages(c.world_size)
+    pp_weights = ",".join(f"{w:g}" for w in i.partitioning.pp_weights) if i.partitioning.pp_weights else None
     former = coordinator(settings) if c.nnodes > 1 else None
     engines = []
     for index, port in enumerate(master_ports(settings)):
@@ -34,6 +36,7 @@ def build(settings: Any) -> tuple[list[Any], Any]:
             nnodes=c.nnodes, master_addr=c.rendezvous_addr, master_port=port, max_running=i.max_concurrent,
             kv_cache_bytes=settings.performance.caching.size, prefix_cache=settings.performance.caching.enabled,
             replays=ft.retry_attempts if ft.enabled else 0, retry_timeout_s=ft.retry_timeout, former=former,
+            pp=pp, pp_weights=pp_weights,
         )  # fmt: skip
         engines.append(engine)
     app = create_app(
@@ -76,7 +79,8 @@ def coordinator(settings: Any) -> Any:
         generation=0, nnodes=c.nnodes, node_rank=0, master_addr=c.rendezvous_addr, master_port=0, comm=c.comm,
         join_timeout_s=c.join_timeout, max_running=i.max_concurrent,
         kv_cache_bytes=settings.performance.caching.size, prefix_cache=settings.performance.caching.enabled,
-        min_replicas=settings.models.replication.min_replicas,
+        min_replicas=settings.models.replication.min_replicas, pp=i.partitioning.stages(c.world_size),
+        pp_weights=",".join(f"{w:g}" for w in i.partitioning.pp_weights) or None,
     )  # fmt: skip
     return Coordinator(
         nnodes=c.nnodes, nproc=c.nproc_per_node, master_addr=c.rendezvous_addr, port=c.rendezvous_port,
@@ -156,7 +160,7 @@ def run(settings: Any, debug: bool = False) -> None:
 
 def serve_cluster(
     cluster: Any, config: str | None, host: str | None, port: int | None, tp_weights: str | None, comm: str,
-    device: str, dtype: str, quant: str, num_ctx: int, debug: bool,
+    device: str, dtype: str, quant: str, num_ctx: int, debug: bool, pp: int = 1, pp_weights: str | None = None,
 ) -> None:  # fmt: skip
     """launch without a prompt: node 0 runs the front end and its ranks, the others their ranks."""
     from pathlib import Path
@@ -168,6 +172,7 @@ def serve_cluster(
         "nproc_per_node": cluster.nproc_per_node, "master_addr": cluster.master_addr,
         "master_port": cluster.master_port, "join_timeout": cluster.join_timeout_s, "comm": comm,
         "tp_weights": tp_weights, "device": device, "dtype": dtype, "quant": quant, "num_ctx": num_ctx,
+        "pp": pp if pp > 1 else None, "pp_weights": pp_weights,
     }  # fmt: skip
     settings = load_settings(Path(config) if config else None, os.environ, flags)
     if cluster.node_rank > 0:

@@ -1,0 +1,92 @@
+"""tp_ollama.parallel.pipeline: stage layouts, and real torchrun workers running 2 and 3 stages (and
+uneven stage weights) of every tiny family against the whole model, position by position."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+
+from tests.parallel.tp_entry import pipeline_runs
+from tests.tiny import MODEL_TYPES, make_hf_model, prompt_ids, save_hf
+from tp_ollama.checkpoints.loader import load_model, open_checkpoint
+from tp_ollama.engine.direct import generate_ids
+from tp_ollama.engine.kv_cache import KVCache
+from tp_ollama.engine.options import GenerationOptions, SamplingOptions
+from tp_ollama.errors import ConfigError
+from tp_ollama.launch import Cluster, run_workers
+from tp_ollama.parallel.pipeline import PipelineLayout
+
+N_PROMPT = 20
+
+
+def test_stages_take_contiguous_layers_in_proportion_to_their_weights():
+    cfg = SimpleNamespace(num_hidden_layers=18)
+    assert PipelineLayout.build(cfg, 2).layers == ((0, 9), (9, 18))
+    assert PipelineLayout.build(cfg, 3, (2.0, 1.0, 1.0)).layers == ((0, 9), (9, 14), (14, 18))
+    assert PipelineLayout.build(cfg, 4).layers == ((0, 5), (5, 10), (10, 14), (14, 18))
+    assert PipelineLayout.build(cfg, 2).describe(1) == {"stage": 1, "stages": 2, "layers": [9, 18], "stage_weight": 1.0}
+
+
+def test_a_stage_layout_that_cannot_be_is_refused_with_what_would_do():
+    cfg = SimpleNamespace(num_hidden_layers=3)
+    with pytest.raises(ConfigError, match="pipeline degree 4 exceeds the model's 3 layers: use at most 3 stages"):
+        PipelineLayout.build(cfg, 4)
+    with pytest.raises(ConfigError, match="--pp-weights has 1 values \\(2\\) but there are 2 stages"):
+        PipelineLayout.build(cfg, 2, (2.0,))
+    with pytest.raises(ConfigError, match="--pp-weights must all be > 0, got 1,0"):
+        PipelineLayout.build(cfg, 2, (1.0, 0.0))
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory) -> dict[str, Path]:
+    return {kind: save_hf(make_hf_model(kind), tmp_path_factory.mktemp(kind)) for kind in MODEL_TYPES}
+
+
+@pytest.fixture(scope="module")
+def reference(checkpoints) -> dict[str, dict]:
+    """The whole model's logits position by position and greedy tokens."""
+    tokens = prompt_ids(N_PROMPT + 16)
+    out = {}
+    for kind, d in checkpoints.items():
+        model = load_model(open_checkpoint(d), torch.float32)
+        cache = KVCache.for_model(model, batch=1, max_len=len(tokens) + 1)
+        with torch.inference_mode():
+            rows = [model(torch.tensor([tokens[:N_PROMPT]]), torch.arange(N_PROMPT)[None], cache)[0]]
+            rows += [
+                model(torch.tensor([[t]]), torch.tensor([[i]]), cache)[0] for i, t in enumerate(tokens) if i >= N_PROMPT
+            ]
+        options = GenerationOptions(sampling=SamplingOptions(temperature=0), num_predict=32, num_ctx=128)
+        greedy = list(generate_ids(model, tokens[:N_PROMPT], options, frozenset()))
+        out[kind] = {
+            "logits": torch.cat(rows).numpy(),
+            "greedy": greedy,
+            "params": sum(p.numel() for p in model.parameters()),
+        }
+    return out
+
+
+@pytest.mark.parametrize(
+    ("stages", "weights"), [(2, None), (3, None), (2, (1.0, 2.0))], ids=["pp2", "pp3", "pp2-weighted"]
+)
+def test_stages_compute_what_the_whole_model_computes(stages, weights, checkpoints, reference):
+    tokens = prompt_ids(N_PROMPT + 16)
+    dirs = [str(checkpoints[k]) for k in MODEL_TYPES]
+    results = run_workers(Cluster(nproc_per_node=stages), pipeline_runs, dirs, tokens, N_PROMPT, stages, weights)
+    assert sorted(results) == list(range(stages))
+    for kind, d in zip(MODEL_TYPES, dirs, strict=True):
+        ref = reference[kind]
+        last = results[stages - 1][d]
+        err = float(np.abs(last["logits"] - ref["logits"]).max())
+        assert err < 1e-4, f"{kind} pp={stages} weights={weights}: max abs logit difference {err}"
+        covered = []
+        for r in range(stages):
+            assert results[r][d]["greedy"] == ref["greedy"], f"{kind} stage {r}"
+            covered += list(range(*results[r][d]["layers"]))
+            assert results[r][d]["params"] < ref["params"], f"{kind} stage {r} holds the whole model"
+            if r < stages - 1:
+                assert results[r][d]["logits"].shape[-1] == 0  # only the last stage has logits
+        assert covered == list(range(len(covered))) and len(covered) >= stages

@@ -1,0 +1,139 @@
+"""Layer-wise (pipeline) partitioning: each stage holds a contiguous range of the model's layers.
+
+Stage 0 holds the embedding and the first layers, the last stage the final norm and the LM head (and
+the embedding too when the head is tied to it); each stage reads only its own tensors. A forward pass
+runs the stages in order: a stage runs its layers and hands the hidden states to the next one (a
+broadcast from the stage's rank on the group's communicator: every rank takes part in every hand-over,
+so the collectives stay in the same order on all ranks). The last stage computes the logits and picks
+each token; it broadcasts the token, so every rank's batch advances alike
+(tp_ollama.engine.sharded_sampling.PipelineSampler).
+
+Rank r is stage r // tp (TP inside a stage is not built yet: tp is 1). Stage sizes follow per-stage
+weights (`--pp-weights`), as many layers as the weights say, at least one each.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from tp_ollama.errors import ConfigError
+from tp_ollama.parallel.comm import Comm
+from tp_ollama.parallel.layout import Span, split_units
+
+
+@dataclass(frozen=True)
+class PipelineLayout:
+    """Which layers each stage holds."""
+
+    stages: int
+    weights: tuple[float, ...]
+    layers: tuple[Span, ...]  # per stage, [start, end)
+    n_layers: int
+
+    @classmethod
+    def build(cls, config: Any, stages: int, weights: Sequence[float] | None = None) -> PipelineLayout:
+        n = int(config.num_hidden_layers)
+        w = tuple(float(x) for x in (weights or [1.0] * stages))
+        if stages < 1:
+            raise ConfigError(f"pipeline degree {stages} is invalid: expected at least 1")
+        if len(w) != stages:
+            raise ConfigError(
+                f"--pp-weights has {len(w)} values ({','.join(f'{x:g}' for x in w)}) but there are {stages} "
+                "stages: give one weight per stage"
+            )
+        if any(x <= 0 for x in w):
+            raise ConfigError(f"--pp-weights must all be > 0, got {','.join(f'{x:g}' for x in w)}")
+        if stages > n:
+            raise ConfigError(f"pipeline degree {stages} exceeds the model's {n} layers: use at most {n} stages")
+        return cls(stages, w, tuple(split_units(n, w, "layers")), n)
+
+    def describe(self, stage: int) -> dict[str, Any]:
+        a, b = self.layers[stage]
+        return {"stage": stage, "stages": self.stages, "layers": [a, b], "stage_weight": self.weights[stage]}
+
+
+class AbsentAttention(nn.Module):
+    """What the KV pool and the batch ask of a layer's attention that another stage holds."""
+
+    def __init__(self, window: int | None, head_dim: int) -> None:
+        super().__init__()
+        self.window, self.head_dim = window, head_dim
+
+
+class AbsentBlock(nn.Module):
+    """A layer another stage holds: no weights, no KV heads here."""
+
+    absent = True
+
+    def __init__(self, window: int | None, head_dim: int) -> None:
+        super().__init__()
+        self.self_attn = AbsentAttention(window, head_dim)
+
+    def forward(self, *args: Any) -> torch.Tensor:
+        raise RuntimeError("a layer of another pipeline stage ran here")
+
+
+class Absent(nn.Module):
+    """A module (embedding, norm, head) that only another stage holds."""
+
+    def forward(self, *args: Any) -> torch.Tensor:
+        raise RuntimeError("a module of another pipeline stage ran here")
+
+
+class Stage:
+    """This rank's place in the pipeline, and the hand-overs between stages."""
+
+    def __init__(self, layout: PipelineLayout, stage: int, comm: Comm, ranks_per_stage: int = 1) -> None:
+        self.layout, self.index, self.comm = layout, stage, comm
+        self.first, self.last = stage == 0, stage == layout.stages - 1
+        self.layers = range(*layout.layers[stage])
+        self.sources = [s * ranks_per_stage for s in range(layout.stages)]  # each stage's first rank
+
+    def run(
+        self,
+        embed: Callable[[], torch.Tensor],
+        layer: Callable[[int, torch.Tensor], torch.Tensor],
+        shape: tuple[int, ...],
+        dtype: torch.dtype,
+        device: torch.device,
+    ) -> torch.Tensor:
+        """The hidden states after this stage's layers: its own on the stage that ran last (the last
+        stage), what the stage before handed over elsewhere. Every rank calls this in step."""
+        x = embed() if self.first else torch.empty(shape, dtype=dtype, device=device)
+        for s in range(self.layout.stages):
+            if s == self.index:
+                for i in self.layers:
+                    x = layer(i, x)
+            if s < self.layout.stages - 1:
+                x = self.comm.broadcast(x.contiguous(), src=self.sources[s])
+        return x
+
+
+def stage_of(model: nn.Module) -> Stage | None:
+    return model.__dict__.get("pipeline")
+
+
+def apply_stage(model: nn.Module, layout: PipelineLayout, stage: int, comm: Comm) -> nn.Module:
+    """Cut a model (on the meta device) down to one stage: other stages' layers become AbsentBlock,
+    the embedding stays on the first stage (and the last, where the head is tied to it), the final
+    norm and the head on the last. The stage runs through `Stage` (the families' hidden_states)."""
+    cfg: Any = model.config
+    body: Any = model.model
+    a, b = layout.layers[stage]
+    for i, block in enumerate(body.layers):
+        if not a <= i < b:
+            body.layers[i] = AbsentBlock(block.self_attn.window, block.self_attn.head_dim)
+    first, last = stage == 0, stage == layout.stages - 1
+    if not first and not (last and cfg.tie_word_embeddings):
+        body.embed_tokens = Absent()
+    if not last:
+        body.norm = Absent()
+        if getattr(model, "lm_head", None) is not None:
+            model.lm_head = Absent()
+    model.__dict__["pipeline"] = Stage(layout, stage, comm)
+    return model
