@@ -145,14 +145,15 @@ def test_stopping_the_server_stops_every_rank(tmp_path, stop_signal):
     assert alive == []
 
 
-def test_defaults_at_tp2_decode_natively_and_a_batch_gives_each_its_own_tokens(tmp_path):
-    """`serve --tp 2` with no flags: the file's own precision, decode steps through the native kernels
-    on both ranks, and requests decoding together get the tokens each gets alone."""
+@pytest.mark.parametrize("group", ["tp2", "pp2"])
+def test_defaults_at_tp2_decode_natively_and_a_batch_gives_each_its_own_tokens(tmp_path, group):
+    """`serve --tp 2` (and `--pp 2`) with no other flags: the file's own precision, decode steps through
+    the native kernels on both ranks, and requests decoding together get the tokens each gets alone."""
     port = free_port()
     env = {**os.environ, "OLLAMA_MODELS": str(tmp_path), "OMP_NUM_THREADS": "1", "OLLAMA_NUM_PARALLEL": "4"}
     log = tmp_path / "serve.log"
     with log.open("w") as sink:
-        proc = subprocess.Popen([sys.executable, "-m", "tp_ollama", "serve", "--port", str(port), "--tp", "2"],
+        proc = subprocess.Popen([sys.executable, "-m", "tp_ollama", "serve", "--port", str(port), *GROUPS[group]],
                                 env=env, stdout=sink, stderr=subprocess.STDOUT)  # fmt: skip
     url = f"http://127.0.0.1:{port}"
     try:

@@ -172,12 +172,16 @@ class Gemma3ForCausalLM(nn.Module):
             dtype = activation_like(self).dtype
             ropes = {FULL: m.rotary_full(positions, dtype), SLIDING: m.rotary_sliding(positions, dtype)}
             kinds = self.config.layer_types
-            x = stage.run(
-                lambda: self._embed(input_ids),
-                lambda i, x: m.layers[i](x, positions, ropes[kinds[i]], cache.layer(i)),
-                (*input_ids.shape, self.config.hidden_size), dtype, input_ids.device,
-            )  # fmt: skip
-            return m.norm(x) if stage.last else x
+
+            def body(x: torch.Tensor) -> torch.Tensor:
+                x = x.to(dtype)
+                for i in stage.layers:
+                    x = m.layers[i](x, positions, ropes[kinds[i]], cache.layer(i))
+                return x
+
+            shape = (*input_ids.shape, self.config.hidden_size)
+            x = stage.run(lambda: self._embed(input_ids), body, shape, input_ids.device)
+            return m.norm(x.to(dtype)) if stage.last else x
         x = self._embed(input_ids)
         ropes = {FULL: m.rotary_full(positions, x.dtype), SLIDING: m.rotary_sliding(positions, x.dtype)}
         for i, (layer, kind) in enumerate(zip(m.layers, self.config.layer_types, strict=True)):

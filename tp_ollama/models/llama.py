@@ -218,12 +218,16 @@ class LlamaForCausalLM(nn.Module):
         if stage is not None:
             dtype = activation_like(self).dtype
             rope = m.rotary(positions, dtype)
-            x = stage.run(
-                lambda: m.embed_tokens(input_ids),
-                lambda i, x: m.layers[i](x, positions, rope, cache.layer(i)),
-                (*input_ids.shape, self.config.hidden_size), dtype, input_ids.device,
-            )  # fmt: skip
-            return m.norm(x) if stage.last else x
+
+            def body(x: torch.Tensor) -> torch.Tensor:
+                x = x.to(dtype)
+                for i in stage.layers:
+                    x = m.layers[i](x, positions, rope, cache.layer(i))
+                return x
+
+            shape = (*input_ids.shape, self.config.hidden_size)
+            x = stage.run(lambda: m.embed_tokens(input_ids), body, shape, input_ids.device)
+            return m.norm(x.to(dtype)) if stage.last else x
         x = m.embed_tokens(input_ids)
         rope = m.rotary(positions, x.dtype)
         for i, layer in enumerate(m.layers):

@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from tp_ollama.kernels import native
-from tp_ollama.kernels.linear import QuantEmbedding, QuantLinear, out_features
+from tp_ollama.kernels.linear import QuantEmbedding, QuantLinear, activation_like, out_features
 from tp_ollama.kernels.quant import Int8Weight, QuantWeight, native_int4
 from tp_ollama.models.native_structs import (
     EMBED_BF16,
@@ -107,10 +107,14 @@ class NativeDecoder:
         self._embedding: nn.Module = body.embed_tokens
         self._final: nn.Module = body.norm
         self.gemma = cfg.family == "gemma3"
-        self.dtype: torch.dtype = body.norm.weight.dtype
+        self.dtype: torch.dtype = activation_like(model).dtype
         self._keep: list[torch.Tensor] = []
         self._fn, self._paged = lib.tpo_decode, lib.tpo_decode_paged
-        layers = list(body.layers)
+        # A pipeline stage runs its own layers; the hand-overs between stages are the stage's.
+        self.stage: Any = model.__dict__.get("pipeline")
+        self.index = list(self.stage.layers) if self.stage is not None else list(range(len(body.layers)))
+        self.n_pool_layers = len(body.layers)
+        layers = [body.layers[i] for i in self.index]
         attn0 = layers[0].self_attn
         hd = attn0.head_dim
         q_size, k_size, _ = _sizes(attn0, QKV)
@@ -145,7 +149,9 @@ class NativeDecoder:
         self.comm = comm
         self._reduce_error: BaseException | None = None
         self._native_reduce: Any = None
-        if comm is not None and comm.world_size > 1:
+        if self.stage is not None:
+            self.takes_tokens = False  # the stages' modules embed and project
+        elif comm is not None and comm.world_size > 1:
             # A shard: the embedding (a vocabulary range, assembled by its hooks) and the LM head (this
             # rank's logits) stay torch's; the layers sum o's and down's outputs through the group's
             # native all-reduce where it has one (shared memory), else through a Python callback.
@@ -310,6 +316,8 @@ class NativeDecoder:
 
     def fits_at(self, pos: int, cache: Any) -> bool:
         """`fits` for one token at position `pos` (plain ints: what generation's loop has at hand)."""
+        if self.stage is not None:  # a stage decodes over the paged pool only (decode_paged)
+            return False
         if not hasattr(cache, "layers") or any(kv.used != min(pos, kv.capacity) for kv in cache.layers):
             return False
         return cache is self._cache or all(
@@ -353,10 +361,11 @@ class NativeDecoder:
         """Whether the step reads this paged KV pool (tp_ollama.engine.paged_kv.BlockPool)."""
         if pool is self._cache:
             return True
-        return len(pool.k) == len(self.layers) and all(
-            k.dtype == self.dtype and k.device.type == "cpu" and k.is_contiguous() and v.is_contiguous()
-            for k, v in zip(pool.k, pool.v, strict=True)
-        )
+        return len(pool.k) == self.n_pool_layers and all(
+            pool.k[i].dtype == self.dtype and pool.k[i].device.type == "cpu" and pool.k[i].is_contiguous()
+            and pool.v[i].is_contiguous()
+            for i in self.index
+        )  # fmt: skip
 
     def decode_paged(
         self, ids: torch.Tensor, positions: list[int], seqs: list[Any], pool: Any, logits: bool = False
@@ -370,8 +379,8 @@ class NativeDecoder:
             if not seq.length <= p < seq.capacity:
                 raise ValueError(f"cannot write position {p}: {seq.length} are committed and {seq.capacity} reserved")
         if pool is not self._cache:
-            for layer, k, v, window in zip(self.layers, pool.k, pool.v, self.windows, strict=True):
-                layer.k_cache, layer.v_cache, layer.window = k.data_ptr(), v.data_ptr(), window
+            for layer, i, window in zip(self.layers, self.index, self.windows, strict=True):
+                layer.k_cache, layer.v_cache, layer.window = pool.k[i].data_ptr(), pool.v[i].data_ptr(), window
             self._cache = pool
         widest = max(len(seq.table) for seq in seqs)
         tables = torch.tensor([seq.table + [0] * (widest - len(seq.table)) for seq in seqs], dtype=torch.int64)
@@ -387,10 +396,17 @@ class NativeDecoder:
             if rc != 0:
                 raise _failure(rc, f"tokens {tokens.tolist()} at positions {positions}", self._vocabulary())
             return out
-        x = self._embed(ids)
-        rc = self._paged(decoder, x.data_ptr(), *batch, threads)
-        self._check(rc, f"positions {positions}", "shapes it takes")
-        return self._final_norm(x)
+
+        def layers(x: torch.Tensor) -> torch.Tensor:
+            x = x.contiguous()
+            rc = self._paged(decoder, x.data_ptr(), *batch, threads)
+            self._check(rc, f"positions {positions}", "shapes it takes")
+            return x
+
+        if self.stage is not None:
+            x = self.stage.run(lambda: self._embed(ids), layers, (len(seqs), 1, self.hidden), ids.device)
+            return self._final_norm(x) if self.stage.last else x
+        return self._final_norm(layers(self._embed(ids)))
 
     def _vocabulary(self) -> str:
         return f"token ids in 0..{self.vocab - 1}"
@@ -441,20 +457,23 @@ def _make(model: nn.Module) -> tuple[NativeDecoder | None, str | None]:
         return None, "the native library's structs do not match tp_ollama/models/native_decode.py's"
     cfg: Any = getattr(model, "config", None)
     body: Any = getattr(model, "model", None)
-    if model.__dict__.get("pipeline") is not None:
-        return None, "a pipeline stage (the native step runs a whole model)"
     if cfg is None or body is None or cfg.family not in ("gemma3", "llama", "mistral", "qwen2", "qwen3"):
         return None, f"the native step has no recipe for the {getattr(cfg, 'family', '?')} family"
-    dtype = body.norm.weight.dtype
-    if dtype not in (torch.bfloat16, torch.float32) or body.norm.weight.device.type != "cpu":
-        return None, f"activations in {dtype} on {body.norm.weight.device} (it takes float32 or bfloat16 on the CPU)"
+    like = activation_like(model)
+    dtype = like.dtype
+    if dtype not in (torch.bfloat16, torch.float32) or like.device.type != "cpu":
+        return None, f"activations in {dtype} on {like.device} (it takes float32 or bfloat16 on the CPU)"
+    stage = model.__dict__.get("pipeline")
+    if stage is not None and model.__dict__.get("tp_comm") is not None:
+        return None, "tensor parallelism inside a pipeline stage"
     comm = model.__dict__.get("tp_comm")
     sharded = comm is not None and comm.world_size > 1
     foreign = [n for n in _hooked(model) if not (sharded and n.rsplit(".", 1)[-1] in TP_HOOKED)]
     if foreign:
         return None, f"modules with forward hooks it would skip: {', '.join(foreign[:3])}"
     shapes = set()
-    for i, block in enumerate(body.layers):
+    for i in stage.layers if stage is not None else range(len(body.layers)):
+        block = body.layers[i]
         attn, mlp = block.self_attn, block.mlp
         qkv, gate_up = _parts(attn, QKV), _parts(mlp, GATE_UP)
         if qkv is None or gate_up is None:

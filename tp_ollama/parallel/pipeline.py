@@ -97,18 +97,18 @@ class Stage:
     def run(
         self,
         embed: Callable[[], torch.Tensor],
-        layer: Callable[[int, torch.Tensor], torch.Tensor],
+        body: Callable[[torch.Tensor], torch.Tensor],
         shape: tuple[int, ...],
-        dtype: torch.dtype,
         device: torch.device,
     ) -> torch.Tensor:
-        """The hidden states after this stage's layers: its own on the stage that ran last (the last
-        stage), what the stage before handed over elsewhere. Every rank calls this in step."""
-        x = embed() if self.first else torch.empty(shape, dtype=dtype, device=device)
+        """The hidden states after this stage's layers (`body`): its own on the last stage, what the
+        stage before handed over elsewhere. Every rank calls this in step. Hand-overs are float32
+        (B, T, hidden), whichever way a stage runs its layers (torch modules or the native step):
+        bfloat16 activations travel exactly."""
+        x = embed().float() if self.first else torch.empty(shape, dtype=torch.float32, device=device)
         for s in range(self.layout.stages):
             if s == self.index:
-                for i in self.layers:
-                    x = layer(i, x)
+                x = body(x).float()
             if s < self.layout.stages - 1:
                 x = self.comm.broadcast(x.contiguous(), src=self.sources[s])
         return x
