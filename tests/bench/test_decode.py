@@ -79,6 +79,24 @@ def test_decode_config_refuses_bad_values() -> None:
         DecodeConfig(tp=0, dtype="float32", quant="none", prompt_tokens=8, gen_tokens=4)
     with pytest.raises(ConfigError, match="generation length 1"):
         DecodeConfig(tp=1, dtype="float32", quant="none", prompt_tokens=8, gen_tokens=1)
+    with pytest.raises(ConfigError, match="pp 0 is invalid"):
+        DecodeConfig(tp=1, dtype="float32", quant="none", prompt_tokens=8, gen_tokens=4, pp=0)
+
+
+def test_pipeline_stages_are_measured_each_holding_part_of_the_model(checkpoint: Path) -> None:
+    report = run_decode(str(checkpoint), tp=[1], pp=[1, 3], dtypes=["float32"], prompt_tokens=[8], gen_tokens=[6],
+                        read_bandwidth=False, progress=False)  # fmt: skip
+    assert report is not None
+    bench_schema.validate(report)
+    one, staged = report["results"]
+    assert (
+        "pp" not in one["config"]
+        and staged["config"]["pp"] == 3
+        and staged["target"] == "tp-ollama tp=1 pp=3 auto/float32"
+    )
+    whole, stages = one["bandwidth"]["bytes_per_token"][0], staged["bandwidth"]["bytes_per_token"]
+    assert len(stages) == 3 and all(s < 0.75 * whole for s in stages)
+    assert any("cost model does not cover pipeline stages" in n for n in report["notes"])
 
 
 def test_prompt_ids_are_ordinary_tokens() -> None:

@@ -78,6 +78,7 @@ def run(debug: bool, fn: Callable[[], Any]) -> None:
 def decode(
     model: Annotated[str, typer.Argument(help="gemma3:270m, smollm2:135m, a GGUF file or an HF directory.")],
     tp: Annotated[str, typer.Option(help="TP degrees, e.g. 1,2,3.")] = "1",
+    pp: Annotated[str, typer.Option(help="Pipeline stages, e.g. 1,2 (ranks = tp x pp).")] = "1",
     dtype: Annotated[str, typer.Option(help="Activation dtypes, e.g. auto,float32.")] = "auto",
     quant: Annotated[str, typer.Option(help="Weight packings, e.g. auto,none,int8,int4.")] = "auto",
     prompt_tokens: Annotated[str, typer.Option(help="Prompt lengths in tokens.")] = "32",
@@ -107,6 +108,7 @@ def decode(
         report = run_decode(
             model,
             tp=split_list(tp, "--tp", int),
+            pp=split_list(pp, "--pp", int),
             dtypes=split_list(dtype, "--dtype"),
             quants=split_list(quant, "--quant"),
             prompt_tokens=split_list(prompt_tokens, "--prompt-tokens", int),

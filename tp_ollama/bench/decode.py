@@ -52,18 +52,26 @@ class DecodeConfig:
     prompt_tokens: int
     gen_tokens: int
     comm: str = "auto"
+    pp: int = 1  # pipeline stages (tp_ollama.parallel.pipeline): tp x pp ranks
 
     def __post_init__(self) -> None:
         if self.tp < 1:
             raise ConfigError(f"tp {self.tp} is invalid: expected at least 1")
+        if self.pp < 1:
+            raise ConfigError(f"pp {self.pp} is invalid: expected at least 1")
         if self.prompt_tokens < 1:
             raise ConfigError(f"prompt length {self.prompt_tokens} is invalid: expected at least 1 token")
         if self.gen_tokens < 2:
             raise ConfigError(f"generation length {self.gen_tokens} is invalid: expected at least 2 tokens")
 
     @property
+    def world(self) -> int:
+        return self.tp * self.pp
+
+    @property
     def label(self) -> str:
-        return f"tp-ollama tp={self.tp} {self.quant}/{self.dtype}"
+        stages = f" pp={self.pp}" if self.pp > 1 else ""
+        return f"tp-ollama tp={self.tp}{stages} {self.quant}/{self.dtype}"
 
 
 @dataclass(frozen=True)
@@ -115,7 +123,7 @@ def rank_decode(model: str, config: dict[str, Any], measure_link: bool) -> dict[
     cfg = DecodeConfig(**config)
     comm = join_group(cfg.comm, TIMEOUT_S)
     t0 = time.perf_counter()
-    m, layout, ckpt = load_shard(resolve_model(model), comm, cfg.dtype, quant=cfg.quant)
+    m, layout, ckpt = load_shard(resolve_model(model), comm, cfg.dtype, quant=cfg.quant, pp=cfg.pp)
     ckpt.close()
     load_s = time.perf_counter() - t0
     link = None
@@ -149,7 +157,8 @@ def rank_decode(model: str, config: dict[str, Any], measure_link: bool) -> dict[
         last, last_comm = now, in_comm
     tokens = len(steps_s)
     decode_s = time.perf_counter() - t2
-    attn = m.model.layers[0].self_attn  # type: ignore[union-attr, index]
+    here = [b for b in m.model.layers if not getattr(b, "absent", False)]  # type: ignore[union-attr]
+    attn = here[0].self_attn
     kv_heads, item = out_features(attn.k_proj) // attn.head_dim, activation_like(m).element_size()
     kv_bytes = kv_read_bytes(m.config, kv_heads, item, cfg.prompt_tokens, tokens)
     row = {
@@ -182,12 +191,14 @@ def run_once(model: str, cfg: DecodeConfig, nodes: Nodes, measure_link: bool, in
     counts runs alike, and no node can reach the rendezvous store of the run before, still lingering."""
     from tp_ollama.launch import Cluster, run_workers
 
-    if cfg.tp % nodes.nnodes:
-        raise ConfigError(f"tp {cfg.tp} is invalid across {nodes.nnodes} nodes: expected a multiple of the node count")
+    if cfg.world % nodes.nnodes:
+        raise ConfigError(
+            f"tp x pp = {cfg.world} is invalid across {nodes.nnodes} nodes: expected a multiple of the node count"
+        )
     cluster = Cluster(
         nnodes=nodes.nnodes,
         node_rank=nodes.node_rank,
-        nproc_per_node=cfg.tp // nodes.nnodes,
+        nproc_per_node=cfg.world // nodes.nnodes,
         master_addr=nodes.master_addr,
         master_port=nodes.master_port + index if nodes.nnodes > 1 else nodes.master_port,
     )
@@ -252,6 +263,7 @@ def run_decode(
     ranks_per_host: int | None = None,
     progress: bool = True,
     argv: Sequence[str] | None = None,
+    pp: Sequence[int] = (1,),
 ) -> dict[str, Any] | None:
     """Measure every combination; returns the report on node 0 (None on the others). `calibration`: an
     earlier decode report whose TP=1 runs calibrate the cost model; `ranks_per_host`: ranks sharing one
@@ -262,8 +274,8 @@ def run_decode(
     check_comm_kind(comm)
     if rounds < 1:
         raise ConfigError(f"rounds {rounds} is invalid: expected at least 1")
-    configs = [DecodeConfig(t, d, q, p, g, comm)
-               for t, d, q, p, g in itertools.product(tp, dtypes, quants, prompt_tokens, gen_tokens)]  # fmt: skip
+    axes = itertools.product(pp, tp, dtypes, quants, prompt_tokens, gen_tokens)
+    configs = [DecodeConfig(t, d, q, p, g, comm, s) for s, t, d, q, p, g in axes]
     if not configs:
         raise ConfigError("nothing to measure: give at least one value for every axis")
     bandwidth = host_bandwidth = None
@@ -282,13 +294,15 @@ def run_decode(
         for r in range(rounds):
             for cfg in configs:
                 bar.advance(f"round {r + 1}/{rounds}: {cfg.label}, {cfg.prompt_tokens}+{cfg.gen_tokens} tokens")
-                out = run_once(model, cfg, nodes, measure_link=cfg.tp > 1, index=r * len(configs) + configs.index(cfg))
+                out = run_once(
+                    model, cfg, nodes, measure_link=cfg.world > 1, index=r * len(configs) + configs.index(cfg)
+                )
                 if out is not None:
                     runs[cfg].append(out)
     if nodes.node_rank != 0:
         return None
     for cfg in configs:
-        config = {k: v for k, v in asdict(cfg).items() if k != "comm" or cfg.tp > 1}
+        config = {k: v for k, v in asdict(cfg).items() if (k != "comm" or cfg.world > 1) and (k != "pp" or cfg.pp > 1)}
         rpt.add_result(report, cfg.label, config, rounds=rounds, **summarize_runs(cfg, runs[cfg], bandwidth))
     add_predictions(report, model, calibration or report, ranks_per_host)
     return report
@@ -310,9 +324,13 @@ def add_predictions(
     from tp_ollama.parallel.shapes import shape_of
     from tp_ollama.store.embedded import resolve_model
 
-    tp1 = {_workload(r["config"]): r for r in calibration["results"] if r["config"]["tp"] == 1}
+    tp1 = {_workload(r["config"]): r for r in calibration["results"]
+           if r["config"]["tp"] == 1 and r["config"].get("pp", 1) == 1}  # fmt: skip
     read_gbs = calibration["machine"].get("read_bandwidth_gbs")
-    targets = [r for r in report["results"] if r["config"]["tp"] > 1]
+    for r in report["results"]:
+        if r["config"].get("pp", 1) > 1:
+            report["notes"].append(f"{r['target']}: no prediction (the cost model does not cover pipeline stages yet)")
+    targets = [r for r in report["results"] if r["config"]["tp"] > 1 and r["config"].get("pp", 1) == 1]
     if not targets:
         return
     ckpt = open_checkpoint(resolve_model(model))
