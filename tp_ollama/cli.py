@@ -64,6 +64,10 @@ TpWeightsOpt = Annotated[
     str | None, typer.Option(help="Relative speed of each rank, e.g. 2,1,1: a bigger share for faster ranks.")
 ]
 PpOpt = Annotated[int, typer.Option(help="Pipeline stages: each holds a contiguous range of layers (ranks = tp x pp).")]
+StrategyOpt = Annotated[
+    str | None,
+    typer.Option(help="How ranks split the model: tensor, layerwise (stages), auto (the cost model's pick at load)."),
+]
 PpWeightsOpt = Annotated[
     str | None, typer.Option(help="Relative speed of each pipeline stage, e.g. 2,1: more layers for faster stages.")
 ]
@@ -95,6 +99,7 @@ def generate(
     tp_weights: TpWeightsOpt = None,
     pp: PpOpt = 1,
     pp_weights: PpWeightsOpt = None,
+    strategy: StrategyOpt = None,
     comm: CommOpt = "auto",
     join_timeout: JoinTimeoutOpt = 120.0,
     debug: DebugOpt = False,
@@ -123,7 +128,7 @@ def generate(
             generate_in_process(req)
         else:
             cluster = Cluster(nproc_per_node=tp * pp, join_timeout_s=join_timeout)
-            generate_on_ranks(req, cluster, tp_weights, comm, debug, pp, pp_weights)
+            generate_on_ranks(req, cluster, tp_weights, comm, debug, pp, pp_weights, strategy or "tensor")
         if sys.stdout.isatty():  # keep the shell prompt off the last line; pipes get the text exactly
             sys.stdout.write("\n")
 
@@ -163,6 +168,7 @@ def launch(
     tp_weights: TpWeightsOpt = None,
     pp: PpOpt = 1,
     pp_weights: PpWeightsOpt = None,
+    strategy: StrategyOpt = None,
     comm: CommOpt = "auto",
     join_timeout: JoinTimeoutOpt = 120.0,
     debug: DebugOpt = False,
@@ -180,7 +186,7 @@ def launch(
         cluster = Cluster(nnodes, node_rank, nproc_per_node, addr, rdzv_port, join_timeout)
         if prompt is None:
             serve_cluster(cluster, config, host, port, tp_weights, comm, device, dtype, quant, num_ctx, debug, pp,
-                          pp_weights)  # fmt: skip
+                          pp_weights, strategy)  # fmt: skip
             return
         if model is None:
             raise typer.BadParameter("a PROMPT needs a MODEL")
@@ -194,7 +200,7 @@ def launch(
             stop=stop,
         )
         req = Prompting(model, prompt, chat, system, options, dtype, device, quant)
-        generate_on_ranks(req, cluster, tp_weights, comm, debug, pp, pp_weights)
+        generate_on_ranks(req, cluster, tp_weights, comm, debug, pp, pp_weights, strategy or "tensor")
         if node_rank == 0 and sys.stdout.isatty():
             sys.stdout.write("\n")
 
@@ -210,6 +216,7 @@ def serve(
     tp_weights: TpWeightsOpt = None,
     pp: Annotated[int | None, PpOpt.__metadata__[0]] = None,
     pp_weights: PpWeightsOpt = None,
+    strategy: StrategyOpt = None,
     comm: Annotated[str | None, typer.Option(help="Collectives: auto, shm, tcp, gloo, nccl.")] = None,
     device: Annotated[str | None, typer.Option(help="cpu or cuda.")] = None,
     dtype: Annotated[str | None, typer.Option(help="Activations: auto, float32, bfloat16.")] = None,
@@ -246,6 +253,7 @@ def serve(
         ranks = (tp or 1) * pp if pp is not None and pp > 1 else tp  # tp ranks in each of pp stages
         flags = {
             "host": host, "port": port, "tp": ranks, "tp_weights": tp_weights, "pp": pp, "pp_weights": pp_weights,
+            "strategy": strategy,
             "comm": comm, "device": device,
             "dtype": dtype, "quant": quant, "num_ctx": num_ctx, "keep_alive": keep_alive, "models": models,
             "extra_stores": extra_stores,

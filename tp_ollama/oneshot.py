@@ -66,14 +66,21 @@ def generate_in_process(req: Prompting) -> None:
 
 def generate_on_ranks(
     req: Prompting, cluster: Cluster, weights: str | None, comm: str, debug: bool, pp: int = 1,
-    pp_weights: str | None = None,
+    pp_weights: str | None = None, strategy: str = "tensor",
 ) -> None:  # fmt: skip
     from tp_ollama.launch import parse_weights, run_workers
     from tp_ollama.oneshot_ranks import WorkerJob, worker_main
     from tp_ollama.parallel.shard import preflight
 
+    if strategy not in ("tensor", "layerwise", "auto"):
+        from tp_ollama.errors import ConfigError
+
+        raise ConfigError(f"--strategy {strategy!r} is not supported; expected tensor, layerwise or auto")
+    if strategy == "layerwise" and pp == 1:
+        pp = cluster.world_size
     preflight(req.model, cluster.world_size, parse_weights(weights), comm, pp, parse_weights(pp_weights))
     job = WorkerJob(
+        strategy=strategy,
         pp=pp,
         pp_weights=parse_weights(pp_weights),
         model=req.model,

@@ -211,9 +211,24 @@ def test_rules_between_keys(flags, message):
         load_settings(None, {}, {"nnodes": 3, **flags})
 
 
-def test_layerwise_partitioning_is_a_clear_error(tmp_path):
-    with pytest.raises(ConfigError, match=r"inference\.partitioning\.strategy = 'layerwise' .* not implemented yet"):
-        load_text(tmp_path, "inference:\n  partitioning:\n    strategy: layerwise\n")
+def test_partitioning_strategies_and_stages(tmp_path):
+    s = load_text(tmp_path, "cluster:\n  nproc_per_node: 3\ninference:\n  partitioning:\n    strategy: layerwise\n")
+    assert s.inference.partitioning.stages(s.cluster.world_size) == 3  # a stage per rank
+    s = load_text(tmp_path, "cluster:\n  nproc_per_node: 2\ninference:\n  partitioning:\n    pp: 2\n")
+    assert s.inference.partitioning.stages(2) == 2 and s.inference.partitioning.strategy == "tensor"
+    s = load_text(tmp_path, "cluster:\n  nproc_per_node: 2\ninference:\n  partitioning:\n    strategy: auto\n")
+    assert s.inference.partitioning.stages(2) == 1  # auto decides at each load
+    with pytest.raises(ConfigError, match=r"inference\.partitioning\.strategy = 'hybrid' .* not implemented yet"):
+        load_text(tmp_path, "inference:\n  partitioning:\n    strategy: hybrid\n")
+    with pytest.raises(ConfigError, match=r"4 ranks in 2 stages is TP inside stages \(hybrid\), not supported yet"):
+        load_text(tmp_path, "cluster:\n  nproc_per_node: 4\ninference:\n  partitioning:\n    pp: 2\n")
+    with pytest.raises(ConfigError, match="3 ranks cannot form 2 stages"):
+        load_text(tmp_path, "cluster:\n  nproc_per_node: 3\ninference:\n  partitioning:\n    pp: 2\n")
+    with pytest.raises(ConfigError, match=r"pp_weights .* expected one weight per stage: 2"):
+        load_text(
+            tmp_path,
+            "cluster:\n  nproc_per_node: 2\ninference:\n  partitioning:\n    pp: 2\n    pp_weights: [1, 2, 3]\n",
+        )
 
 
 def test_missing_file(tmp_path):

@@ -24,6 +24,7 @@ from tp_ollama.parallel.costmodel import (
     kv_bytes_per_rank,
     layout_of,
     predict,
+    predict_pipeline,
     preflight_warning,
     weight_bytes_per_rank,
 )
@@ -176,6 +177,51 @@ def test_calibration_round_trip_and_prediction_parts():
     roofline3 = max(max(thirds) / (cal.efficiency * 10e9), sum(thirds) / 10e9)
     assert crowded.compute_s == pytest.approx(roofline3 + 2e-3 * 1.5 + sharding)
     assert any("2 cores" in n for n in crowded.notes)
+
+
+def test_pipeline_stages_run_in_turn_and_hand_over_once_per_boundary():
+    cal = calibrate(TINY, "none", "float32", 0.01, 10e9, layer_overhead_s=1e-3, cores=2, context=8)
+    link = Link.from_us_gbs(500, 0.1)
+    one = predict_pipeline(TINY, 1, link, cal, "none", "float32", context=8)
+    assert one.total_s == pytest.approx(predict(TINY, 1, link, cal, "none", "float32", context=8).total_s)
+    two = predict_pipeline(TINY, 2, link, cal, "none", "float32", context=8)
+    # The stages read the whole model between them (and stage 0 its embedding row), one after another.
+    assert sum(r.weight_bytes for r in two.ranks) == weight_bytes_per_rank(TINY, 1, "none", "float32")[0] + 64 * 4
+    assert sum(r.kv_bytes for r in two.ranks) == kv_bytes_per_rank(TINY, 1, "float32", 8)[0]
+    assert two.compute_s == pytest.approx(sum(r.compute_s for r in two.ranks))
+    assert two.compute_s == pytest.approx(one.compute_s + 64 * 4 / (cal.efficiency * 10e9))
+    # A hidden state (float32) to the next stage, the chosen token back, rank 0's tick.
+    hop = (500e-6 + (16 + 64 * 4) / 1e8) + (500e-6 + (16 + 8) / 1e8) + (500e-6 + (16 + 54) / 1e8)
+    assert two.communication_s == pytest.approx(hop)
+    tp2 = predict(TINY, 2, link, cal, "none", "float32", context=8)
+    assert two.communication_s < tp2.communication_s / 2  # 3 messages a token against 7 collectives
+    with pytest.raises(ConfigError, match=r"stages=3 is invalid: expected 1\.\.2"):
+        predict_pipeline(TINY, 3, link, cal, "none", "float32")
+
+
+def test_the_pipeline_prediction_meets_the_network_namespace_measurement():
+    """bench/results/netns_layerwise_*.json: gemma3:270m over two stages at 0.5 ms and 1 Gbit/s,
+    predicted from the one-core TP=1 run and the link the stage run measured, within 20%."""
+    import json
+
+    from tp_ollama.checkpoints.loader import open_checkpoint
+    from tp_ollama.checkpoints.quantize import auto_packings
+    from tp_ollama.parallel.shapes import shape_of
+    from tp_ollama.store.embedded import resolve_model
+
+    results = Path(__file__).resolve().parents[2] / "bench" / "results"
+    tp1 = json.loads((results / "netns_layerwise_tp1.json").read_text())
+    pp2 = json.loads((results / "netns_layerwise_tp1pp2.json").read_text())["results"][0]
+    ckpt = open_checkpoint(resolve_model("gemma3:270m"))
+    shape, quant = shape_of(ckpt.config), auto_packings(ckpt)
+    ckpt.close()
+    context = pp2["config"]["prompt_tokens"] + pp2["config"]["gen_tokens"] // 2
+    base = tp1["results"][0]["extra"]["step_ms_p50"] / 1e3
+    cal = calibrate(shape, quant, "float32", base, tp1["machine"]["read_bandwidth_gbs"] * 1e9, cores=2, context=context)
+    link = Link.from_us_gbs(pp2["extra"]["link"]["latency_us"], pp2["extra"]["link"]["bandwidth_gbs"])
+    predicted = predict_pipeline(shape, 2, link, cal, quant, "float32", context=context).total_s * 1e3
+    measured = pp2["extra"]["step_ms_p50"]
+    assert abs(predicted - measured) / measured < 0.20, (predicted, measured)
 
 
 def test_calibration_with_context_round_trips():

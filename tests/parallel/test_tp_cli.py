@@ -4,6 +4,7 @@ exactly the unsharded text, bad layouts fail with one line, and nothing is left 
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 
@@ -65,6 +66,21 @@ def test_pipeline_text_equals_unsharded(unsharded, model, prompt, chat, pp):
     done = cli("generate", model, prompt, *GREEDY, "--pp", str(pp), *(["--chat"] if chat else []))
     assert done.returncode == 0, done.stderr
     assert done.stdout == unsharded[(model, prompt, chat)]
+
+
+def test_auto_partitioning_says_its_choice_and_keeps_the_text(unsharded):
+    """--strategy auto: the cost model picks tensor or layer-wise over the link it measures, says which
+    with the predicted tok/s of each, and the text is one process's."""
+    model, prompt, chat = CASES[1]
+    done = cli("generate", model, prompt, *GREEDY, "--tp", "2", "--strategy", "auto")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == unsharded[(model, prompt, chat)]
+    line = next(x for x in done.stderr.splitlines() if "partitioning auto:" in x)
+    m = re.search(
+        r"auto: (tensor|layerwise) over 2 ranks, predicted ([\d.]+) tok/s \((tensor|layerwise) ([\d.]+), one node", line
+    )
+    assert m is not None, line
+    assert m.group(1) != m.group(3) and float(m.group(2)) >= float(m.group(4)), line
 
 
 def test_two_nodes_through_launch(unsharded):

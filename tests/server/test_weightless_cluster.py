@@ -5,6 +5,9 @@ would have), and a model that only node 0 pulls (from the registry double, tests
   GGUF file itself, and node 1 received and keeps less than 70% of the file, none of it in its store;
 - node 1 restarted with its command: its rank loads from its own cache, node 0 sends nothing more;
 - /api/distributed/models says where each rank's weights came from and what node 0 sent.
+
+The cluster runs tensor-parallel (each node a share of every layer) and layer-wise (`--pp 2`: each node
+a stage of half the layers): the same answers, and node 1 receives only what its part reads.
 """
 
 from __future__ import annotations
@@ -49,6 +52,7 @@ class Cluster:
     registry: str
     weights: bytes
     logs: Path
+    flags: list[str] = field(default_factory=list)  # how the model is split: [] (tensor) or ["--pp", "2"]
     nodes: dict[int, Node] = field(default_factory=dict)
 
     def start(self, rank: int) -> None:
@@ -57,7 +61,7 @@ class Cluster:
                "TP_OLLAMA_CACHE": str(node.cache), "TP_OLLAMA_CLUSTER_SECRET": SECRET}  # fmt: skip
         env.pop("OLLAMA_HOST", None)
         cmd = [sys.executable, "-m", "tp_ollama", "launch", "--nnodes", "2", "--node-rank", str(rank),
-               "--master-port", str(self.port)]  # fmt: skip
+               "--master-port", str(self.port), *self.flags]  # fmt: skip
         if rank == 0:
             cmd += ["--port", self.url.rsplit(":", 1)[1]]
         with (self.logs / f"node{rank}.log").open("a") as log:
@@ -82,15 +86,18 @@ class Cluster:
         return {**body["models"][0], "sent": body["sent"]}
 
 
-@pytest.fixture(scope="module")
-def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+@pytest.fixture(scope="module", params=["tensor", "layerwise"])
+def cluster(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
     root = tmp_path_factory.mktemp("weightless")
     # The embedded SmolLM2 with bytes added after its tensors: the same model, a file no store has.
     weights = resolve_model("smollm2:135m").read_bytes() + b"\0" * 64
     double = RegistryDouble()
     double.add_model("library", "smol", "q4", weights)
     with serving(double.app()) as registry:
-        c = Cluster(f"http://127.0.0.1:{free_port()}", free_port(), registry.removeprefix("http://"), weights, root)
+        flags = ["--pp", "2"] if request.param == "layerwise" else []
+        c = Cluster(
+            f"http://127.0.0.1:{free_port()}", free_port(), registry.removeprefix("http://"), weights, root, flags
+        )
         for rank in (0, 1):
             c.nodes[rank] = Node(root / f"store{rank}", root / f"cache{rank}")
             c.nodes[rank].store.mkdir()
@@ -105,10 +112,10 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
 
 
 @pytest.fixture(scope="module")
-def reference(cluster: Cluster, tmp_path_factory: pytest.TempPathFactory) -> str:
+def reference(tmp_path_factory: pytest.TempPathFactory) -> str:
     """What one process generates from the GGUF file itself."""
     path = tmp_path_factory.mktemp("file") / "smol.gguf"
-    path.write_bytes(cluster.weights)
+    path.write_bytes(resolve_model("smollm2:135m").read_bytes() + b"\0" * 64)
     done = subprocess.run(
         [sys.executable, "-m", "tp_ollama", "generate", str(path), PROMPT, "--temperature", "0",
          "--num-predict", str(NUM_PREDICT)],
@@ -139,6 +146,8 @@ def test_a_model_only_node_0_has_is_served_with_node_1_reading_its_slices(cluste
     model = cluster.models()
     assert model["files"] == [{"name": f"sha256-{digest.removeprefix('sha256:')}", "digest": digest, "size": size}]
     rank0, rank1 = (entry["weights"] for entry in model["layout"])
+    if cluster.flags:  # a stage each: node 1 holds the last 15 of 30 layers
+        assert [entry["layers"] for entry in model["layout"]] == [[0, 15], [15, 30]]
     assert rank0["weights"] == "store" and rank0["node"] == 0
     assert rank1["weights"] == "node 0" and rank1["node"] == 1
     assert 0 < rank1["received_bytes"] < 0.7 * size

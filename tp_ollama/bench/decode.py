@@ -320,17 +320,14 @@ def add_predictions(
     the reason in the report's notes."""
     from tp_ollama.checkpoints.loader import open_checkpoint, resolve_dtype
     from tp_ollama.checkpoints.quantize import auto_packings
-    from tp_ollama.parallel.costmodel import Link, Quant, calibrate, predict
+    from tp_ollama.parallel.costmodel import Link, Quant, calibrate, predict, predict_pipeline
     from tp_ollama.parallel.shapes import shape_of
     from tp_ollama.store.embedded import resolve_model
 
     tp1 = {_workload(r["config"]): r for r in calibration["results"]
            if r["config"]["tp"] == 1 and r["config"].get("pp", 1) == 1}  # fmt: skip
     read_gbs = calibration["machine"].get("read_bandwidth_gbs")
-    for r in report["results"]:
-        if r["config"].get("pp", 1) > 1:
-            report["notes"].append(f"{r['target']}: no prediction (the cost model does not cover pipeline stages yet)")
-    targets = [r for r in report["results"] if r["config"]["tp"] > 1 and r["config"].get("pp", 1) == 1]
+    targets = [r for r in report["results"] if r["config"]["tp"] > 1 or r["config"].get("pp", 1) > 1]
     if not targets:
         return
     ckpt = open_checkpoint(resolve_model(model))
@@ -354,8 +351,11 @@ def add_predictions(
         cal = calibrate(shape, quant, dtype, base["extra"]["step_ms_p50"] / 1e3, read_gbs * 1e9,
                         cores=os.cpu_count(), context=context, bus_bandwidth_bytes_s=bus_gbs * 1e9)  # fmt: skip
         hosts_ranks = ranks_per_host or max(1, cfg["tp"] // nnodes)
-        p = predict(shape, cfg["tp"], Link.from_us_gbs(link["latency_us"], link["bandwidth_gbs"]), cal, quant,
-                    dtype, ranks_per_host=hosts_ranks, context=context)  # fmt: skip
+        measured_link = Link.from_us_gbs(link["latency_us"], link["bandwidth_gbs"])
+        if cfg.get("pp", 1) > 1:  # stages (TP inside them is refused before this runs)
+            p = predict_pipeline(shape, cfg["pp"], measured_link, cal, quant, dtype, context=context)
+        else:
+            p = predict(shape, cfg["tp"], measured_link, cal, quant, dtype, ranks_per_host=hosts_ranks, context=context)
         r["predicted_ms_per_token"] = p.total_s * 1e3
         r["measured_ms_per_token"] = r["extra"]["step_ms_p50"]
         r["prediction_error"] = r["predicted_ms_per_token"] / r["measured_ms_per_token"] - 1

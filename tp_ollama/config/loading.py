@@ -57,6 +57,7 @@ FLAGS: dict[str, str] = {
     "num_ctx": "inference.num_ctx",
     "tp_weights": "inference.tp_weights",
     "pp": "inference.partitioning.pp",
+    "strategy": "inference.partitioning.strategy",
     "pp_weights": "inference.partitioning.pp_weights",
     "dtype": "inference.dtype",
     "quant": "inference.quant",

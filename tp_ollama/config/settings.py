@@ -145,12 +145,12 @@ class ClusterSettings:
 class Partitioning:
     """How a group's ranks split the model: `tensor` (every rank a share of every layer), `layerwise`
     (pipeline stages of contiguous layers, tp_ollama.parallel.pipeline; `pp` stages, default one per
-    rank). `pp` > 1 (flag --pp) means layerwise whatever `strategy` says."""
+    rank), `auto` (at each load, the cost model's faster of the two over the link measured then).
+    `pp` > 1 (flag --pp) means layerwise whatever `strategy` says."""
 
     strategy: str = opt(
         "tensor",
-        Str(("tensor", "layerwise"), {"hybrid": 'TP inside pipeline stages; use "tensor" or "layerwise"',
-                                      "auto": 'a choice by the cost model; use "tensor" or "layerwise"'}),
+        Str(("tensor", "layerwise", "auto"), {"hybrid": 'TP inside stages; use "tensor", "layerwise" or "auto"'}),
     )  # fmt: skip
     pp: int = opt(1, Int(1, note="pipeline stages; the world size is tp x pp"))
     pp_weights: tuple[float, ...] = opt(

@@ -44,6 +44,7 @@ class GroupSpec(msgspec.Struct, frozen=True):
     tp_weights: str | None = None
     pp: int = 1  # pipeline stages (tp_ollama.parallel.pipeline)
     pp_weights: str | None = None
+    strategy: str = "tensor"  # inference.partitioning.strategy ("auto": chosen at each load)
     join_timeout_s: float = 120.0
     max_running: int = 16
     kv_cache_bytes: int | None = None
@@ -136,6 +137,7 @@ def _rank(spec: GroupSpec, local: int, files: FilesSource | None) -> int:
         socket_path=spec.socket_path, comm=spec.comm, device=spec.device, tp_weights=parse_weights(spec.tp_weights),
         timeout_s=spec.join_timeout_s, max_running=spec.max_running, kv_cache_bytes=spec.kv_cache_bytes,
         prefix_cache=spec.prefix_cache, files_from=files_from, pp=spec.pp, pp_weights=parse_weights(spec.pp_weights),
+        strategy=spec.strategy,
     )  # fmt: skip
     code = 0
     try:

@@ -78,6 +78,8 @@ class EngineJob:
     files_from: FilesFrom | None = None
     pp: int = 1  # pipeline stages (tp_ollama.parallel.pipeline); the group's ranks are tp x pp
     pp_weights: tuple[float, ...] | None = None
+    # "auto": the cost model picks tensor or layer-wise at each load, over the link measured then.
+    strategy: str = "tensor"
 
 
 WEIGHT_SOURCES = ("store", "node 0", "cache")
@@ -118,9 +120,10 @@ class EngineState:
         t0 = time.perf_counter()
         job = self.job
         files = locate(cmd, job.files_from)
+        pp = self._stages(files, cmd)
         model, layout, ckpt = load_shard(
             files.path, self.comm, cmd.dtype, job.device, job.tp_weights, cmd.quant, files.hook, files.identity,
-            job.pp, job.pp_weights,
+            pp, job.pp_weights if pp == job.pp else None,
         )  # fmt: skip
         del ckpt
         files.flush()
@@ -138,6 +141,23 @@ class EngineState:
             return list(self.layout.describe())
         tp = self.layout.world_size
         return [{"rank": r, "weight": 1.0, **stage.layout.describe(r // tp)} for r in range(self.comm.world_size)]
+
+    def _stages(self, files: ModelFiles, cmd: Load) -> int:
+        """The load's pipeline stages: as configured, or the cost model's choice (strategy auto)."""
+        job, comm = self.job, self.comm
+        if job.strategy != "auto" or job.pp > 1 or comm.world_size == 1:
+            return job.pp
+        from tp_ollama.checkpoints.loader import open_checkpoint, resolve_dtype
+        from tp_ollama.checkpoints.quantize import auto_packings
+        from tp_ollama.parallel.preflight import choose_partitioning
+
+        ckpt = open_checkpoint(files.path, files.hook, files.identity)
+        dtype = str(resolve_dtype(cmd.dtype, rank_device(job.device), ckpt, cmd.quant)).removeprefix("torch.")
+        quant = auto_packings(ckpt) if cmd.quant == "auto" else cmd.quant
+        pp, line = choose_partitioning(comm, ckpt.config, quant, dtype)
+        if line:
+            log.warning("%s", line)
+        return pp
 
     def _weights_from(self) -> list[dict[str, object]]:
         """Per rank: where its weights were read (this node's store, bytes from node 0, or its cache),

@@ -73,6 +73,7 @@ class Form(msgspec.Struct, tag="form"):
     min_replicas: int = 1  # nodes 0..min_replicas-1 keep full copies of the model files they read
     pp: int = 1  # pipeline stages of the group (its ranks are tp x pp)
     pp_weights: str | None = None
+    strategy: str = "tensor"  # inference.partitioning.strategy
 
 
 class Stop(msgspec.Struct, tag="stop"):

@@ -425,6 +425,81 @@ def predict(
     )
 
 
+def predict_pipeline(
+    shape: ModelShape,
+    stages: int,
+    link: Link,
+    calibration: Calibration,
+    quant: Quant,
+    dtype: str,
+    weights: Sequence[float] | None = None,
+    context: int = 0,
+) -> Prediction:
+    """Seconds per token of one sequence's decode over `stages` layer-wise stages, one rank each
+    (tp_ollama.parallel.pipeline): the stages run one after another, so
+
+        compute_s       = sum over stages of (stage bytes / (efficiency * read_bandwidth)
+                                              + its layers * layer_overhead_s)
+        communication_s = (stages - 1) hand-overs (a float32 hidden state broadcast from the stage)
+                          + the last stage's token broadcast + rank 0's tick broadcast
+
+    Stage bytes are its layers' weights and KV cache, plus the embedding row on the first stage and
+    the LM head and final norm on the last (the tied embedding on both). With several sequences in
+    flight the stages could overlap; the engine does not do that yet, and this predicts what it does."""
+    from tp_ollama.parallel.layout import split_units
+
+    check_quant(quant)
+    if not isinstance(stages, int) or not 1 <= stages <= shape.num_hidden_layers:
+        raise ConfigError(
+            f"stages={stages!r} is invalid: expected 1..{shape.num_hidden_layers} (one layer each at least)"
+        )
+    item = dtype_bytes(dtype)
+    whole = weight_bytes_per_rank(shape, 1, quant, dtype)[0]
+    d, hd, n = shape.hidden_size, shape.head_dim, shape.num_hidden_layers
+    layer = [_layer_bytes(shape, quant, item, i) for i in range(n)]
+    ends = whole - sum(layer)  # head, embedding row, final norm, rotary tables
+    kv_layer = 2 * shape.num_key_value_heads * hd * context * item
+    spans = split_units(n, weights or [1.0] * stages, "layers")
+    ranks, compute = [], 0.0
+    for s, (a, b) in enumerate(spans):
+        w = sum(layer[a:b]) + (ends if s == stages - 1 else 0)
+        if s == 0 and stages > 1:
+            w += d * item  # the looked-up embedding row
+        kv = (b - a) * kv_layer
+        stage_s = (w + kv) / (calibration.efficiency * calibration.read_bandwidth_bytes_s)
+        stage_s += (b - a) * calibration.layer_overhead_s
+        compute += stage_s
+        ranks.append(RankCost(s, s, w, kv, stage_s))
+    collectives = (
+        Collective("broadcast", d * 4, stages - 1),
+        Collective("broadcast", 8, 1 if stages > 1 else 0),
+        Collective("broadcast_bytes", TICK_BYTES, 1),
+    )
+    communication = sum(c.per_token * collective_s(link, c.op, c.nbytes, stages) for c in collectives)
+    total = compute + communication
+    return Prediction(world=stages, link=link, compute_s=compute, communication_s=communication, total_s=total,
+                      tok_s=1.0 / total, ranks=tuple(ranks), collectives=collectives)  # fmt: skip
+
+
+def _layer_bytes(shape: ModelShape, quant: Quant, item: int, i: int) -> int:
+    """Bytes of layer i's weights on one rank holding all of it."""
+    d, hd = shape.hidden_size, shape.head_dim
+    q, kv, mlp = shape.num_attention_heads * hd, shape.num_key_value_heads * hd, shape.intermediate_size
+    attn, ffn = f"model.layers.{i}.self_attn", f"model.layers.{i}.mlp"
+
+    def matrix(path: str, rows: int, cols: int) -> int:
+        kind, group = _packing(quant, path)
+        return matrix_bytes(rows, cols, kind, item, group)
+
+    total = (
+        matrix(f"{attn}.q_proj", q, d) + matrix(f"{attn}.k_proj", kv, d) + matrix(f"{attn}.v_proj", kv, d)
+        + matrix(f"{attn}.o_proj", d, q) + matrix(f"{ffn}.gate_proj", mlp, d) + matrix(f"{ffn}.up_proj", mlp, d)
+        + matrix(f"{ffn}.down_proj", d, mlp)
+    )  # fmt: skip
+    total += ((q + 2 * kv) if shape.qkv_bias else 0) * item
+    return total + (shape.hidden_norms_per_layer * d + (2 * hd if shape.qk_norm else 0)) * item
+
+
 def preflight_warning(prediction_tp1: Prediction, prediction_tpn: Prediction) -> str | None:
     """One line when the group is predicted slower than one node, else None."""
     if prediction_tpn.world <= 1 or prediction_tpn.tok_s >= prediction_tp1.tok_s:

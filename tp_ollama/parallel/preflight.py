@@ -20,7 +20,7 @@ from torch import nn
 from tp_ollama.checkpoints.quantize import describe_precision
 from tp_ollama.errors import ConfigError
 from tp_ollama.kernels import native
-from tp_ollama.parallel.costmodel import Calibration, Link, predict, preflight_warning
+from tp_ollama.parallel.costmodel import Calibration, Link, Quant, predict, predict_pipeline, preflight_warning
 from tp_ollama.parallel.shapes import shape_of
 
 # Without a TP=1 measurement of this model the share of the read bandwidth decode achieves is a guess:
@@ -72,6 +72,46 @@ def link_preflight(comm: Any, model: nn.Module, measured: dict[str, Any] | None 
     one = predict(shape, 1, link, calibration, quant, dtype)
     group = predict(shape, comm.world_size, link, calibration, quant, dtype, ranks_per_host=local)
     return preflight_warning(one, group)
+
+
+def choose_partitioning(comm: Any, config: Any, quant: Quant, dtype: str) -> tuple[int, str]:
+    """`inference.partitioning.strategy: auto`, on every rank of a group before it loads: measure the
+    link, predict decode over it as tensor parallel (every rank a share of every layer) and as
+    layer-wise stages (a stage per rank) with the cost model, and take the faster. Returns (pipeline
+    stages: 1 for tensor, the world size for layer-wise; the line saying why, on rank 0). Collective:
+    rank 0 decides for all."""
+    from tp_ollama.parallel.costmodel import Prediction
+
+    world = comm.world_size
+    measured = measure_link(comm)
+    decision = torch.zeros(1, dtype=torch.int64)
+    line = ""
+    if comm.rank == 0:
+        shape = shape_of(config)
+        calibration = Calibration(read_bandwidth_gbs(nbytes=PROBE_BYTES, tries=2) * 1e9, DEFAULT_EFFICIENCY,
+                                  cores=os.cpu_count())  # fmt: skip
+        link = Link.from_us_gbs(measured["latency_us"], measured["bandwidth_gbs"])
+        local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+        options: dict[str, Prediction] = {}
+        try:
+            options["tensor"] = predict(shape, world, link, calibration, quant, dtype, ranks_per_host=local)
+        except ConfigError:  # more ranks than heads
+            pass
+        try:
+            options["layerwise"] = predict_pipeline(shape, world, link, calibration, quant, dtype)
+        except ConfigError:  # more ranks than layers
+            pass
+        if not options:
+            raise ConfigError(f"{world} ranks can split this model neither by heads nor by layers")
+        best = max(options, key=lambda k: options[k].tok_s)
+        decision.fill_(world if best == "layerwise" else 1)
+        one = predict(shape, 1, link, calibration, quant, dtype)
+        others = ", ".join(f"{k} {p.tok_s:.1f}" for k, p in options.items() if k != best)
+        line = (
+            f"partitioning auto: {best} over {world} ranks, predicted {options[best].tok_s:.1f} tok/s "
+            f"({others}{', ' if others else ''}one node {one.tok_s:.1f}) over a link of {link.describe()}"
+        )
+    return int(comm.broadcast(decision, 0)[0]), line
 
 
 def _timed(call: Any) -> float:

@@ -36,7 +36,7 @@ def build(settings: Any) -> tuple[list[Any], Any]:
             nnodes=c.nnodes, master_addr=c.rendezvous_addr, master_port=port, max_running=i.max_concurrent,
             kv_cache_bytes=settings.performance.caching.size, prefix_cache=settings.performance.caching.enabled,
             replays=ft.retry_attempts if ft.enabled else 0, retry_timeout_s=ft.retry_timeout, former=former,
-            pp=pp, pp_weights=pp_weights,
+            pp=pp, pp_weights=pp_weights, strategy=i.partitioning.strategy,
         )  # fmt: skip
         engines.append(engine)
     app = create_app(
@@ -81,6 +81,7 @@ def coordinator(settings: Any) -> Any:
         kv_cache_bytes=settings.performance.caching.size, prefix_cache=settings.performance.caching.enabled,
         min_replicas=settings.models.replication.min_replicas, pp=i.partitioning.stages(c.world_size),
         pp_weights=",".join(f"{w:g}" for w in i.partitioning.pp_weights) or None,
+        strategy=i.partitioning.strategy,
     )  # fmt: skip
     return Coordinator(
         nnodes=c.nnodes, nproc=c.nproc_per_node, master_addr=c.rendezvous_addr, port=c.rendezvous_port,
@@ -161,6 +162,7 @@ def run(settings: Any, debug: bool = False) -> None:
 def serve_cluster(
     cluster: Any, config: str | None, host: str | None, port: int | None, tp_weights: str | None, comm: str,
     device: str, dtype: str, quant: str, num_ctx: int, debug: bool, pp: int = 1, pp_weights: str | None = None,
+    strategy: str | None = None,
 ) -> None:  # fmt: skip
     """launch without a prompt: node 0 runs the front end and its ranks, the others their ranks."""
     from pathlib import Path
@@ -172,7 +174,7 @@ def serve_cluster(
         "nproc_per_node": cluster.nproc_per_node, "master_addr": cluster.master_addr,
         "master_port": cluster.master_port, "join_timeout": cluster.join_timeout_s, "comm": comm,
         "tp_weights": tp_weights, "device": device, "dtype": dtype, "quant": quant, "num_ctx": num_ctx,
-        "pp": pp if pp > 1 else None, "pp_weights": pp_weights,
+        "pp": pp if pp > 1 else None, "pp_weights": pp_weights, "strategy": strategy,
     }  # fmt: skip
     settings = load_settings(Path(config) if config else None, os.environ, flags)
     if cluster.node_rank > 0:
