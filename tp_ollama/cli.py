@@ -68,6 +68,9 @@ StrategyOpt = Annotated[
     str | None,
     typer.Option(help="How ranks split the model: tensor, layerwise (stages), auto (the cost model's pick at load)."),
 ]
+MemoryBudgetOpt = Annotated[
+    str | None, typer.Option(help="The most weight bytes one rank may hold, e.g. 8GB (a bigger part fails its load).")
+]
 PpWeightsOpt = Annotated[
     str | None, typer.Option(help="Relative speed of each pipeline stage, e.g. 2,1: more layers for faster stages.")
 ]
@@ -100,6 +103,7 @@ def generate(
     pp: PpOpt = 1,
     pp_weights: PpWeightsOpt = None,
     strategy: StrategyOpt = None,
+    memory_budget: MemoryBudgetOpt = None,
     comm: CommOpt = "auto",
     join_timeout: JoinTimeoutOpt = 120.0,
     debug: DebugOpt = False,
@@ -123,7 +127,10 @@ def generate(
             num_ctx=num_ctx,
             stop=stop,
         )
-        req = Prompting(model, prompt, chat, system, options, dtype, device, quant, verbose)
+        from tp_ollama.config.values import parse_size
+
+        budget = parse_size(memory_budget) if memory_budget else 0
+        req = Prompting(model, prompt, chat, system, options, dtype, device, quant, verbose, budget)
         if tp == 1 and pp == 1 and not tp_weights:
             generate_in_process(req)
         else:
@@ -217,6 +224,7 @@ def serve(
     pp: Annotated[int | None, PpOpt.__metadata__[0]] = None,
     pp_weights: PpWeightsOpt = None,
     strategy: StrategyOpt = None,
+    memory_budget: MemoryBudgetOpt = None,
     comm: Annotated[str | None, typer.Option(help="Collectives: auto, shm, tcp, gloo, nccl.")] = None,
     device: Annotated[str | None, typer.Option(help="cpu or cuda.")] = None,
     dtype: Annotated[str | None, typer.Option(help="Activations: auto, float32, bfloat16.")] = None,
@@ -253,7 +261,7 @@ def serve(
         ranks = (tp or 1) * pp if pp is not None and pp > 1 else tp  # tp ranks in each of pp stages
         flags = {
             "host": host, "port": port, "tp": ranks, "tp_weights": tp_weights, "pp": pp, "pp_weights": pp_weights,
-            "strategy": strategy,
+            "strategy": strategy, "memory_budget": memory_budget,
             "comm": comm, "device": device,
             "dtype": dtype, "quant": quant, "num_ctx": num_ctx, "keep_alive": keep_alive, "models": models,
             "extra_stores": extra_stores,

@@ -26,6 +26,7 @@ class Prompting:
     device: str = "cpu"
     quant: str = "auto"
     verbose: bool = False  # timings on stderr afterwards, as `ollama run --verbose` prints them
+    memory_budget: int = 0  # the most weight bytes a rank may hold (0: no limit)
 
 
 def sampling_options(**kw: Any) -> GenerationOptions:
@@ -51,7 +52,7 @@ def generate_in_process(req: Prompting) -> None:
         from tp_ollama.engine.direct import DirectEngine, GenerationStats
         from tp_ollama.engine.state import EngineJob
 
-        engine = DirectEngine(EngineJob(device=req.device, kv_cache_bytes=None))
+        engine = DirectEngine(EngineJob(device=req.device, kv_cache_bytes=None, memory_budget=req.memory_budget))
         engine.load(str(path), req.dtype, req.options.num_ctx, req.quant)
         load_s = time.perf_counter() - t0
         ids, eos_ids = text.prompt()
@@ -81,6 +82,7 @@ def generate_on_ranks(
     preflight(req.model, cluster.world_size, parse_weights(weights), comm, pp, parse_weights(pp_weights))
     job = WorkerJob(
         strategy=strategy,
+        memory_budget=req.memory_budget,
         pp=pp,
         pp_weights=parse_weights(pp_weights),
         model=req.model,

@@ -38,6 +38,7 @@ class WorkerJob:
     pp: int = 1  # pipeline stages; the ranks are tp x pp
     pp_weights: tuple[float, ...] | None = None
     strategy: str = "tensor"  # "auto": the cost model picks tensor or layer-wise at load
+    memory_budget: int = 0  # the most weight bytes a rank may hold (0: no limit)
     comm: str = "auto"
     device: str = "cpu"  # "cpu" or "cuda[:FIRST]" (see rank_device)
     timeout_s: float = 120.0
@@ -86,7 +87,8 @@ def _run(job: WorkerJob) -> None:
 def _generate(job: WorkerJob, comm: Comm, path: Path, text: TextProcess | None, t0: float) -> None:
     engine = DirectEngine(EngineJob(comm=job.comm, device=job.device, tp_weights=job.tp_weights,
                                     timeout_s=job.timeout_s, kv_cache_bytes=None, pp=job.pp,
-                                    pp_weights=job.pp_weights, strategy=job.strategy), comm)  # fmt: skip
+                                    pp_weights=job.pp_weights, strategy=job.strategy,
+                                    memory_budget=job.memory_budget), comm)  # fmt: skip
     engine.load(str(path), job.dtype, job.options.num_ctx, job.quant)
     load_s = time.perf_counter() - t0
     if text is None:

@@ -83,6 +83,20 @@ def test_auto_partitioning_says_its_choice_and_keeps_the_text(unsharded):
     assert m.group(1) != m.group(3) and float(m.group(2)) >= float(m.group(4)), line
 
 
+def test_a_model_over_one_ranks_memory_budget_loads_over_two_stages():
+    """inference.partitioning.memory_budget below the model's packed weights (98 MB for smollm2:135m):
+    one process refuses with the sizes; two stages (15 layers each, the tied head on the last) fit and
+    write one process's text."""
+    model, prompt, _ = CASES[1]
+    alone = cli("generate", model, prompt, "--memory-budget", "70MB", "--num-predict", "4")
+    assert alone.returncode == 1 and "Traceback" not in alone.stderr
+    assert "more than inference.partitioning.memory_budget = 70.0 MB: split it over more ranks" in alone.stderr
+    greedy = ["--temperature", "0", "--num-predict", "16"]  # the file's own precision: 98 MB in all
+    staged = cli("generate", model, prompt, *greedy, "--pp", "2", "--memory-budget", "70MB")
+    assert staged.returncode == 0, staged.stderr
+    assert staged.stdout == cli("generate", model, prompt, *greedy).stdout
+
+
 def test_two_nodes_through_launch(unsharded):
     port = str(free_port())
     prompt = "The capital of France is"

@@ -58,6 +58,7 @@ FLAGS: dict[str, str] = {
     "tp_weights": "inference.tp_weights",
     "pp": "inference.partitioning.pp",
     "strategy": "inference.partitioning.strategy",
+    "memory_budget": "inference.partitioning.memory_budget",
     "pp_weights": "inference.partitioning.pp_weights",
     "dtype": "inference.dtype",
     "quant": "inference.quant",

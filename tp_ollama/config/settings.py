@@ -156,6 +156,9 @@ class Partitioning:
     pp_weights: tuple[float, ...] = opt(
         (), List(_weight, "a list of positive numbers, one per pipeline stage, e.g. [2, 1]")
     )
+    # The most weight bytes one rank may hold (a node's memory for the model); a load whose part is
+    # bigger fails, naming the sizes; `auto` only picks a split that fits. 0: no limit.
+    memory_budget: int = opt(0, Size())
     max_partitions: int = opt(0, Int(0, note="the largest world size allowed; 0: no limit"))
 
     def stages(self, world_size: int) -> int:

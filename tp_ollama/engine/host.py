@@ -45,6 +45,7 @@ class GroupSpec(msgspec.Struct, frozen=True):
     pp: int = 1  # pipeline stages (tp_ollama.parallel.pipeline)
     pp_weights: str | None = None
     strategy: str = "tensor"  # inference.partitioning.strategy ("auto": chosen at each load)
+    memory_budget: int = 0  # inference.partitioning.memory_budget
     join_timeout_s: float = 120.0
     max_running: int = 16
     kv_cache_bytes: int | None = None
@@ -137,7 +138,7 @@ def _rank(spec: GroupSpec, local: int, files: FilesSource | None) -> int:
         socket_path=spec.socket_path, comm=spec.comm, device=spec.device, tp_weights=parse_weights(spec.tp_weights),
         timeout_s=spec.join_timeout_s, max_running=spec.max_running, kv_cache_bytes=spec.kv_cache_bytes,
         prefix_cache=spec.prefix_cache, files_from=files_from, pp=spec.pp, pp_weights=parse_weights(spec.pp_weights),
-        strategy=spec.strategy,
+        strategy=spec.strategy, memory_budget=spec.memory_budget,
     )  # fmt: skip
     code = 0
     try:

@@ -80,6 +80,7 @@ class EngineJob:
     pp_weights: tuple[float, ...] | None = None
     # "auto": the cost model picks tensor or layer-wise at each load, over the link measured then.
     strategy: str = "tensor"
+    memory_budget: int = 0  # the most weight bytes this rank may hold (0: no limit)
 
 
 WEIGHT_SOURCES = ("store", "node 0", "cache")
@@ -127,6 +128,7 @@ class EngineState:
         )  # fmt: skip
         del ckpt
         files.flush()
+        self._check_budget(model)
         self.load_seconds = time.perf_counter() - t0  # this rank's own reading and packing
         if job.files_from is not None and job.files_from.keep_copy and files.partials and local_rank() == 0:
             keep_copies(files, cmd, job.files_from)
@@ -142,6 +144,18 @@ class EngineState:
         tp = self.layout.world_size
         return [{"rank": r, "weight": 1.0, **stage.layout.describe(r // tp)} for r in range(self.comm.world_size)]
 
+    def _check_budget(self, model: nn.Module) -> None:
+        """A part bigger than inference.partitioning.memory_budget fails the load (every rank agrees on
+        the failure in the loop), saying how much it is and what would split it further."""
+        budget = self.job.memory_budget
+        held = model_bytes(model)
+        if budget and held > budget:
+            raise TpOllamaError(
+                f"this rank's part of the model holds {held / 1e6:.1f} MB of weights, more than "
+                f"inference.partitioning.memory_budget = {budget / 1e6:.1f} MB: split it over more ranks "
+                f"(--tp or --pp) or raise the budget"
+            )
+
     def _stages(self, files: ModelFiles, cmd: Load) -> int:
         """The load's pipeline stages: as configured, or the cost model's choice (strategy auto)."""
         job, comm = self.job, self.comm
@@ -154,7 +168,7 @@ class EngineState:
         ckpt = open_checkpoint(files.path, files.hook, files.identity)
         dtype = str(resolve_dtype(cmd.dtype, rank_device(job.device), ckpt, cmd.quant)).removeprefix("torch.")
         quant = auto_packings(ckpt) if cmd.quant == "auto" else cmd.quant
-        pp, line = choose_partitioning(comm, ckpt.config, quant, dtype)
+        pp, line = choose_partitioning(comm, ckpt.config, quant, dtype, job.memory_budget)
         if line:
             log.warning("%s", line)
         return pp

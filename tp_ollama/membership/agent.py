@@ -188,7 +188,7 @@ class NodeAgent:
             kv_cache_bytes=form.kv_cache_bytes, prefix_cache=form.prefix_cache,
             files_from=f"{self.cluster.master_addr}:{self.cluster.master_port}", node_rank=form.node_rank,
             stores=self.stores, keep_copy=form.node_rank < form.min_replicas, pp=form.pp, pp_weights=form.pp_weights,
-            strategy=form.strategy,
+            strategy=form.strategy, memory_budget=form.memory_budget,
         )  # fmt: skip
         self.child = self.launcher.start(spec)
         self.started = time.monotonic()

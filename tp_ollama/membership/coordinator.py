@@ -227,7 +227,7 @@ class Coordinator:
             ranks=ranks, world_size=world, comm=t.comm, device=t.device, tp_weights=weights,
             join_timeout_s=t.join_timeout_s, max_running=t.max_running, kv_cache_bytes=t.kv_cache_bytes,
             prefix_cache=t.prefix_cache, min_replicas=t.min_replicas, pp=self._stages(world), pp_weights=t.pp_weights,
-            strategy=t.strategy,
+            strategy=t.strategy, memory_budget=t.memory_budget,
         )  # fmt: skip
 
     def _stages(self, world: int) -> int:

@@ -74,6 +74,7 @@ class Form(msgspec.Struct, tag="form"):
     pp: int = 1  # pipeline stages of the group (its ranks are tp x pp)
     pp_weights: str | None = None
     strategy: str = "tensor"  # inference.partitioning.strategy
+    memory_budget: int = 0  # inference.partitioning.memory_budget
 
 
 class Stop(msgspec.Struct, tag="stop"):

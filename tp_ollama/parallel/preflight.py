@@ -74,12 +74,13 @@ def link_preflight(comm: Any, model: nn.Module, measured: dict[str, Any] | None 
     return preflight_warning(one, group)
 
 
-def choose_partitioning(comm: Any, config: Any, quant: Quant, dtype: str) -> tuple[int, str]:
+def choose_partitioning(comm: Any, config: Any, quant: Quant, dtype: str, memory_budget: int = 0) -> tuple[int, str]:
     """`inference.partitioning.strategy: auto`, on every rank of a group before it loads: measure the
     link, predict decode over it as tensor parallel (every rank a share of every layer) and as
     layer-wise stages (a stage per rank) with the cost model, and take the faster. Returns (pipeline
     stages: 1 for tensor, the world size for layer-wise; the line saying why, on rank 0). Collective:
-    rank 0 decides for all."""
+    rank 0 decides for all. With a `memory_budget` (weight bytes per rank), only a split whose biggest
+    part fits is taken (the faster of those that do)."""
     from tp_ollama.parallel.costmodel import Prediction
 
     world = comm.world_size
@@ -103,7 +104,12 @@ def choose_partitioning(comm: Any, config: Any, quant: Quant, dtype: str) -> tup
             pass
         if not options:
             raise ConfigError(f"{world} ranks can split this model neither by heads nor by layers")
-        best = max(options, key=lambda k: options[k].tok_s)
+        fits = {
+            k: p
+            for k, p in options.items()
+            if not memory_budget or max(r.weight_bytes for r in p.ranks) <= memory_budget
+        }
+        best = max(fits or options, key=lambda k: options[k].tok_s)
         decision.fill_(world if best == "layerwise" else 1)
         one = predict(shape, 1, link, calibration, quant, dtype)
         others = ", ".join(f"{k} {p.tok_s:.1f}" for k, p in options.items() if k != best)

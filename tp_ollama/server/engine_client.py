@@ -137,7 +137,7 @@ class EngineClient:
               master_port: int = 0, max_running: int = 16, kv_cache_bytes: int | None = None,
               prefix_cache: bool = True, replays: int = 0, retry_timeout_s: float = 60.0,
               former: Former | None = None, pp: int = 1, pp_weights: str | None = None,
-              strategy: str = "tensor") -> EngineClient:  # fmt: skip
+              strategy: str = "tensor", memory_budget: int = 0) -> EngineClient:  # fmt: skip
         """Start this node's `tp` ranks in a child process session serving a fresh socket. With a
         `former` (several nodes) the group starts when the coordinator has formed it (`begin`),
         and again, at whatever size, whenever it breaks."""
@@ -146,7 +146,7 @@ class EngineClient:
                          master_port=master_port, socket_path=str(path), comm=comm, device=device,
                          tp_weights=tp_weights, join_timeout_s=join_timeout_s, max_running=max_running,
                          kv_cache_bytes=kv_cache_bytes, prefix_cache=prefix_cache, pp=pp,
-                         pp_weights=pp_weights, strategy=strategy)  # fmt: skip
+                         pp_weights=pp_weights, strategy=strategy, memory_budget=memory_budget)  # fmt: skip
         engine = cls(path, spec, connect_timeout_s=join_timeout_s, replays=replays, retry_timeout_s=retry_timeout_s,
                      former=former)  # fmt: skip
         if former is None:

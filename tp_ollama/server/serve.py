@@ -37,6 +37,7 @@ def build(settings: Any) -> tuple[list[Any], Any]:
             kv_cache_bytes=settings.performance.caching.size, prefix_cache=settings.performance.caching.enabled,
             replays=ft.retry_attempts if ft.enabled else 0, retry_timeout_s=ft.retry_timeout, former=former,
             pp=pp, pp_weights=pp_weights, strategy=i.partitioning.strategy,
+            memory_budget=i.partitioning.memory_budget,
         )  # fmt: skip
         engines.append(engine)
     app = create_app(
@@ -81,7 +82,7 @@ def coordinator(settings: Any) -> Any:
         kv_cache_bytes=settings.performance.caching.size, prefix_cache=settings.performance.caching.enabled,
         min_replicas=settings.models.replication.min_replicas, pp=i.partitioning.stages(c.world_size),
         pp_weights=",".join(f"{w:g}" for w in i.partitioning.pp_weights) or None,
-        strategy=i.partitioning.strategy,
+        strategy=i.partitioning.strategy, memory_budget=i.partitioning.memory_budget,
     )  # fmt: skip
     return Coordinator(
         nnodes=c.nnodes, nproc=c.nproc_per_node, master_addr=c.rendezvous_addr, port=c.rendezvous_port,
