@@ -8,14 +8,9 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
-import torch
 
-from tests.parallel.tp_entry import pipeline_runs
+from tests.parallel.tp_entry import pipeline_runs, whole_model_reference
 from tests.tiny import MODEL_TYPES, make_hf_model, prompt_ids, save_hf
-from tp_ollama.checkpoints.loader import load_model, open_checkpoint
-from tp_ollama.engine.direct import generate_ids
-from tp_ollama.engine.kv_cache import KVCache
-from tp_ollama.engine.options import GenerationOptions, SamplingOptions
 from tp_ollama.errors import ConfigError
 from tp_ollama.launch import Cluster, run_workers
 from tp_ollama.parallel.pipeline import PipelineLayout
@@ -49,24 +44,7 @@ def checkpoints(tmp_path_factory) -> dict[str, Path]:
 @pytest.fixture(scope="module")
 def reference(checkpoints) -> dict[str, dict]:
     """The whole model's logits position by position and greedy tokens."""
-    tokens = prompt_ids(N_PROMPT + 16)
-    out = {}
-    for kind, d in checkpoints.items():
-        model = load_model(open_checkpoint(d), torch.float32)
-        cache = KVCache.for_model(model, batch=1, max_len=len(tokens) + 1)
-        with torch.inference_mode():
-            rows = [model(torch.tensor([tokens[:N_PROMPT]]), torch.arange(N_PROMPT)[None], cache)[0]]
-            rows += [
-                model(torch.tensor([[t]]), torch.tensor([[i]]), cache)[0] for i, t in enumerate(tokens) if i >= N_PROMPT
-            ]
-        options = GenerationOptions(sampling=SamplingOptions(temperature=0), num_predict=32, num_ctx=128)
-        greedy = list(generate_ids(model, tokens[:N_PROMPT], options, frozenset()))
-        out[kind] = {
-            "logits": torch.cat(rows).numpy(),
-            "greedy": greedy,
-            "params": sum(p.numel() for p in model.parameters()),
-        }
-    return out
+    return whole_model_reference(checkpoints, prompt_ids(N_PROMPT + 16), N_PROMPT)
 
 
 @pytest.mark.parametrize(

@@ -7,14 +7,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
-from tests.parallel.tp_entry import sharded_runs
+from tests.parallel.tp_entry import sharded_runs, whole_model_reference
 from tests.tiny import MODEL_TYPES, make_hf_model, prompt_ids, save_hf
-from tp_ollama.checkpoints.loader import load_model, open_checkpoint
-from tp_ollama.engine.direct import generate_ids
-from tp_ollama.engine.kv_cache import KVCache
-from tp_ollama.engine.options import GenerationOptions, SamplingOptions
 from tp_ollama.launch import Cluster, run_workers
 
 N_PROMPT = 20
@@ -32,27 +27,7 @@ def checkpoints(tmp_path_factory) -> dict[str, Path]:
 @pytest.fixture(scope="module")
 def reference(checkpoints) -> dict[str, dict]:
     """TP=1 logits position by position and greedy tokens (validated against transformers elsewhere)."""
-    tokens = prompt_ids(N_PROMPT + 16)
-    out = {}
-    for kind, d in checkpoints.items():
-        model = load_model(open_checkpoint(d), torch.float32)
-        cache = KVCache.for_model(model, batch=1, max_len=len(tokens) + 1)
-        rows = []
-        with torch.inference_mode():
-            rows.append(
-                model.logits(
-                    model.hidden_states(torch.tensor([tokens[:N_PROMPT]]), torch.arange(N_PROMPT)[None], cache)
-                )[0]
-            )
-            for i in range(N_PROMPT, len(tokens)):
-                rows.append(
-                    model.logits(model.hidden_states(torch.tensor([[tokens[i]]]), torch.tensor([[i]]), cache))[0]
-                )
-        options = GenerationOptions(sampling=SamplingOptions(temperature=0), num_predict=32, num_ctx=128)
-        greedy = list(generate_ids(model, tokens[:N_PROMPT], options, frozenset()))
-        params = sum(p.numel() for p in model.parameters())
-        out[kind] = {"logits": torch.cat(rows).numpy(), "greedy": greedy, "params": params}
-    return out
+    return whole_model_reference(checkpoints, prompt_ids(N_PROMPT + 16), N_PROMPT)
 
 
 @pytest.mark.parametrize(("world", "weights"), LAYOUTS, ids=["tp2", "tp3", "tp4", "tp2-weighted"])

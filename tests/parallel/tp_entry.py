@@ -1,5 +1,6 @@
-"""Entry points that run inside real torchrun workers for the tensor-parallel tests (started by
-tp_ollama.launch.run_workers); each returns plain data to the test process."""
+"""Entry points that run inside real torchrun workers for the tensor-parallel and pipeline tests
+(started by tp_ollama.launch.run_workers); each returns plain data to the test process. Also the
+whole model's figures those runs are held against."""
 
 from __future__ import annotations
 
@@ -18,6 +19,24 @@ from tp_ollama.parallel.comm import init_distributed, make_comm
 from tp_ollama.parallel.layout import TPLayout
 from tp_ollama.parallel.plans import apply_tp
 from tp_ollama.parallel.shard import rank_device
+
+
+def whole_model_reference(checkpoints: dict[str, Path], tokens: list[int], n_prompt: int) -> dict[str, dict]:
+    """Per checkpoint, unsharded in this process: the logits at every position (one prefill, then one
+    token a step), 32 greedy tokens and the parameter count."""
+    out = {}
+    for kind, d in checkpoints.items():
+        model = load_model(open_checkpoint(d), torch.float32)
+        cache = KVCache.for_model(model, batch=1, max_len=len(tokens) + 1)
+        with torch.inference_mode():
+            rows = [model(torch.tensor([tokens[:n_prompt]]), torch.arange(n_prompt)[None], cache)[0]]
+            for i in range(n_prompt, len(tokens)):
+                rows.append(model(torch.tensor([[tokens[i]]]), torch.tensor([[i]]), cache)[0])
+        options = GenerationOptions(sampling=SamplingOptions(temperature=0), num_predict=32, num_ctx=128)
+        greedy = list(generate_ids(model, tokens[:n_prompt], options, frozenset()))
+        params = sum(p.numel() for p in model.parameters())
+        out[kind] = {"logits": torch.cat(rows).numpy(), "greedy": greedy, "params": params}
+    return out
 
 
 def sharded_runs(

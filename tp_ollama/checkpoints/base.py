@@ -3,12 +3,17 @@ readable whole or as a range of rows / columns so that a rank reads only its sha
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
 import torch
 
 Range = tuple[int, int]
+# Called with byte ranges before they are read, for a file of which only some ranges are on this node
+# (tp_ollama.store.partial): of one file, or of the file named.
+Ensure = Callable[[Sequence[Range]], None]
+FileEnsure = Callable[[Path, Sequence[Range]], None]
 
 
 class Checkpoint(Protocol):

@@ -10,8 +10,8 @@ from typing import Any
 
 import torch
 
-from tp_ollama.checkpoints.base import Range, check_range
-from tp_ollama.checkpoints.gguf_file import Ensure, GGUFFile
+from tp_ollama.checkpoints.base import Ensure, Range, check_range
+from tp_ollama.checkpoints.gguf_file import GGUFFile
 from tp_ollama.errors import CheckpointError
 from tp_ollama.kernels import quant
 from tp_ollama.kernels.gguf_pack import GROUP, INT4_TYPES, INT8_TYPES, int4_parts, int8_parts

@@ -15,7 +15,7 @@ from __future__ import annotations
 import mmap
 import os
 import struct
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from math import prod
 from pathlib import Path
@@ -26,6 +26,7 @@ import numpy as np
 import torch
 from gguf import GGMLQuantizationType
 
+from tp_ollama.checkpoints.base import Ensure
 from tp_ollama.errors import CheckpointError
 from tp_ollama.kernels import gguf_quants
 
@@ -38,8 +39,6 @@ LAZY_ARRAY_MIN = 1025  # arrays this long stay undecoded in `metadata` until `ar
 # can wait a scheduler tick (measured: 256 KiB chunks 4x slower than 1 MiB with a busy core).
 READ_CHUNK_BYTES = 1 << 20
 HEADER_PROBE_BYTES = 1 << 20  # the first prefix of a partial file fetched for its header
-
-Ensure = Callable[[Sequence[tuple[int, int]]], None]  # have these byte ranges here before they are read
 
 _U32 = struct.Struct("<I")
 _U64 = struct.Struct("<Q")

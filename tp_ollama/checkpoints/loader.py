@@ -3,18 +3,17 @@ then each parameter read (in the requested dtype) and assigned, so no random ini
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from tp_ollama.checkpoints.base import Checkpoint
+from tp_ollama.checkpoints.base import Checkpoint, FileEnsure
 from tp_ollama.errors import CheckpointError
 from tp_ollama.models import build_model
 
-FileEnsure = Callable[[Path, Sequence[tuple[int, int]]], None]  # have these byte ranges of that file here
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 

@@ -5,18 +5,16 @@ from __future__ import annotations
 
 import json
 import struct
-from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
 
-from tp_ollama.checkpoints.base import Range, check_range
+from tp_ollama.checkpoints.base import FileEnsure, Range, check_range
 from tp_ollama.errors import CheckpointError
 from tp_ollama.models import config_from_hf
 
-FileEnsure = Callable[[Path, Sequence[Range]], None]  # have these byte ranges of that file here
 ITEM_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
 ITEM_BYTES |= {"F8_E4M3": 1, "F8_E5M2": 1, "U16": 2, "U32": 4, "U64": 8}
 

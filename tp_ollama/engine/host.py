@@ -20,15 +20,17 @@ import os
 import signal
 import subprocess
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 
 import msgspec
+
+from tp_ollama.store.partial import Fetch
 
 log = logging.getLogger(__name__)
 
 PR_SET_PDEATHSIG = 1
-# (node 0's host, its port, this node's rank) -> a function that fetches byte ranges of a file
-FilesSource = Callable[[str, int, int], Callable[[str, Sequence[tuple[int, int]]], bytes]]
+# (node 0's host, its port, this node's rank) -> how to fetch byte ranges of node 0's files
+FilesSource = Callable[[str, int, int], Fetch]
 
 
 class GroupSpec(msgspec.Struct, frozen=True):

@@ -21,7 +21,7 @@ from tp_ollama.engine.protocol import FileRef, Load
 from tp_ollama.errors import TpOllamaError
 
 if TYPE_CHECKING:
-    from tp_ollama.checkpoints.loader import FileEnsure
+    from tp_ollama.checkpoints.base import FileEnsure
     from tp_ollama.store.partial import Fetch, PartialFile
 
 log = logging.getLogger(__name__)
@@ -51,7 +51,6 @@ class ModelFiles:
     path: Path
     identity: str | None = None
     partials: dict[Path, PartialFile] = field(default_factory=dict)  # a path as opened -> its partial file
-    found: int = 0  # files this node had
 
     @property
     def source(self) -> str:
@@ -105,7 +104,7 @@ def locate(cmd: Load, source: FilesFrom | None) -> ModelFiles:
     if single:
         ref = cmd.files[0]
         if ref.digest in found:
-            return ModelFiles(found[ref.digest], identity_of(cmd.files), found=1)
+            return ModelFiles(found[ref.digest], identity_of(cmd.files))
         partial = PartialFile(cache, ref.digest, ref.size, fetch, what=f"model {ref.digest[:19]}")
         return ModelFiles(partial.path, identity_of(cmd.files), {partial.path: partial})
     return _hf_view(cmd.files, found, cache, fetch)
@@ -126,7 +125,7 @@ def _hf_view(files: Sequence[FileRef], found: dict[str, Path], cache: Path, fetc
         if ".." in Path(ref.name).parts or Path(ref.name).is_absolute():
             raise TpOllamaError(f"model file name {ref.name!r} leaves the model's directory")
         if ref.digest in found:
-            target, out.found = found[ref.digest], out.found + 1
+            target = found[ref.digest]
         else:
             partial = PartialFile(cache, ref.digest, ref.size, fetch, what=ref.name)
             if not ref.name.endswith(".safetensors"):

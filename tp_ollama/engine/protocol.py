@@ -107,6 +107,10 @@ class FinalStats(msgspec.Struct):
     cached_tokens: int = 0  # prompt tokens taken from the prefix cache
 
 
+# What each rank's entry of LoadInfo.layout says of where its weights came from (engine/state.py).
+WEIGHT_FACTS = ("node", "weights_from", "received_bytes", "cached_bytes", "read_seconds", "fetch_seconds")
+
+
 class LoadInfo(msgspec.Struct):
     """What a load made, for /api/ps and the cluster endpoints."""
 

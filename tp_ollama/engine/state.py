@@ -32,6 +32,7 @@ from tp_ollama.engine.model_files import FilesFrom, ModelFiles, keep_copies, loc
 from tp_ollama.engine.options import check_prompt
 from tp_ollama.engine.paged_kv import BlockPool
 from tp_ollama.engine.protocol import (
+    WEIGHT_FACTS,
     ClusterFacts,
     Embed,
     Embedded,
@@ -184,9 +185,8 @@ class EngineState:
             mine = [node, WEIGHT_SOURCES.index(files.source), files.received, files.cached, ms,
                     int(files.fetch_seconds * 1000)]  # fmt: skip
         rows = self.comm.all_gather(torch.tensor(mine, dtype=torch.int64)).tolist()
-        keys = ("node", "weights_from", "received_bytes", "cached_bytes", "read_seconds", "fetch_seconds")
         return [
-            dict(zip(keys, (int(n), WEIGHT_SOURCES[int(s)], int(r), int(c), m / 1000, f / 1000), strict=True))
+            dict(zip(WEIGHT_FACTS, (int(n), WEIGHT_SOURCES[int(s)], int(r), int(c), m / 1000, f / 1000), strict=True))
             for n, s, r, c, m, f in rows
         ]
 

@@ -17,13 +17,15 @@ import socket
 import time
 import zlib
 from collections import defaultdict
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from tp_ollama.engine.protocol import FRAME_HEADER
 from tp_ollama.errors import TpOllamaError
 from tp_ollama.membership import wire
+from tp_ollama.parallel.fastcomm_tcp import recv_exact
+from tp_ollama.store.partial import Fetch
 
 log = logging.getLogger(__name__)
 
@@ -144,7 +146,7 @@ def compression_pays(raw: bytes, link_bytes_per_s: float) -> bool:
 # --- a rank ---------------------------------------------------------------------------------------------
 
 
-def connect(host: str, port: int, node_rank: int) -> Callable[[str, Sequence[tuple[int, int]]], bytes]:
+def connect(host: str, port: int, node_rank: int) -> Fetch:
     """How a rank of node `node_rank` fetches byte ranges from node 0 at host:port (the rank's host
     process is given this: tp_ollama.engine.host.standby)."""
     return FileSource(host, port, node_rank, wire.configured_secret("")).fetch
@@ -190,7 +192,7 @@ class FileSource:
             raise FileError(f"{self.where} refused {file_id}: {head.why}")
         if not isinstance(head, wire.Data):
             raise ValueError(f"{self.where} answered {type(head).__name__}, expected data")
-        payload = recv_exactly(sock, head.size, self.timeout_s)
+        payload = recv_exact(sock, head.size, self.timeout_s, "an answer")
         self.received += len(payload)
         raw = zlib.decompress(payload) if head.compressed else payload
         expected = sum(b - a for a, b in ranges)
@@ -202,10 +204,10 @@ class FileSource:
 
     def _recv_message(self, sock: socket.socket) -> wire.Message:
         """One frame, read to its last byte and no further (raw bytes may follow it)."""
-        (size,) = FRAME_HEADER.unpack(recv_exactly(sock, FRAME_HEADER.size, self.timeout_s))
+        (size,) = FRAME_HEADER.unpack(recv_exact(sock, FRAME_HEADER.size, self.timeout_s, "an answer"))
         if size > wire.MAX_FRAME:
             raise ValueError(f"{self.where} sent a frame of {size} bytes; at most {wire.MAX_FRAME}")
-        return wire.decode(recv_exactly(sock, size, self.timeout_s))
+        return wire.decode(recv_exact(sock, size, self.timeout_s, "an answer"))
 
     def _connected(self) -> socket.socket:
         if self.sock is not None:
@@ -235,18 +237,3 @@ class FileSource:
         if self.sock is not None:
             self.sock.close()
         self.sock = None
-
-
-def recv_exactly(sock: socket.socket, n: int, timeout_s: float) -> bytes:
-    """n bytes from `sock`, each wait at most `timeout_s`; ConnectionError if it closes first."""
-    buf = bytearray(n)
-    view = memoryview(buf)
-    sock.settimeout(timeout_s)
-    got = 0
-    while got < n:
-        k = sock.recv_into(view[got:], min(n - got, 4 << 20))
-        if not k:
-            raise ConnectionError(f"the connection closed after {got} of {n} bytes")
-        got += k
-    view.release()
-    return bytes(buf)

@@ -157,7 +157,7 @@ class TcpTransport:
                 try:
                     s = socket.create_connection((addrs[p]["ip"], addrs[p]["port"]), timeout=timeout)
                     socks[p] = s
-                    nonce = _recv_exact(s, NONCE_BYTES, timeout)
+                    nonce = recv_exact(s, NONCE_BYTES, timeout)
                     hello = HELLO.pack(MAGIC, rank, token)
                     s.sendall(hello + hmac.new(secret, nonce + hello, hashlib.sha256).digest())
                 except OSError as e:
@@ -362,7 +362,8 @@ def _local_address(store: dist.Store) -> tuple[socket.AddressFamily, str]:
         return socket.AF_INET, "127.0.0.1"
 
 
-def _recv_exact(conn: socket.socket, n: int, timeout: float) -> bytes:
+def recv_exact(conn: socket.socket, n: int, timeout: float, during: str = "the handshake") -> bytes:
+    """n bytes from `conn`, each wait at most `timeout`; ConnectionError naming `during` if it closes first."""
     buf = bytearray(n)
     view = memoryview(buf)
     conn.settimeout(timeout)
@@ -370,7 +371,7 @@ def _recv_exact(conn: socket.socket, n: int, timeout: float) -> bytes:
     while got < n:
         k = conn.recv_into(view[got:])
         if k == 0:
-            raise ConnectionError("the peer closed the connection during the handshake")
+            raise ConnectionError(f"the peer closed the connection during {during}")
         got += k
     return bytes(buf)
 
@@ -381,7 +382,7 @@ def _read_hello(conn: socket.socket, token: int, secret: bytes, world_size: int,
     try:
         conn.settimeout(timeout)
         conn.sendall(nonce)
-        data = _recv_exact(conn, HELLO.size + MAC_BYTES, timeout)
+        data = recv_exact(conn, HELLO.size + MAC_BYTES, timeout)
     except OSError:
         return None
     hello, mac = data[: HELLO.size], data[HELLO.size :]

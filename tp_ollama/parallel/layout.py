@@ -49,6 +49,16 @@ def split_units(total: int, weights: Sequence[float], what: str, minimum: int = 
     return spans
 
 
+def check_weights(weights: Sequence[float], count: int, flag: str, counted: str, each: str) -> None:
+    """One positive weight per part: `flag` (--tp-weights) has `count` values, `counted` says what
+    ("the world size is 3"), `each` what one weight is for ("rank")."""
+    shown = ",".join(f"{x:g}" for x in weights)
+    if len(weights) != count:
+        raise ConfigError(f"{flag} has {len(weights)} values ({shown}) but {counted}: give one weight per {each}")
+    if any(x <= 0 for x in weights):
+        raise ConfigError(f"{flag} must all be > 0, got {shown}")
+
+
 def aligned_spans(total: int, weights: Sequence[float], align: int, what: str) -> list[Span]:
     """Split `total` in multiples of `align` (the last span absorbs a ragged tail)."""
     while align > 1 and total // align < len(weights):
@@ -77,13 +87,7 @@ class TPLayout:
         w = tuple(float(x) for x in (weights or [1.0] * world_size))
         if world_size < 1:
             raise ConfigError(f"tensor-parallel degree {world_size} is invalid: expected at least 1")
-        if len(w) != world_size:
-            raise ConfigError(
-                f"--tp-weights has {len(w)} values ({','.join(f'{x:g}' for x in w)}) "
-                f"but the world size is {world_size}: give one weight per rank"
-            )
-        if any(x <= 0 for x in w):
-            raise ConfigError(f"--tp-weights must all be > 0, got {','.join(f'{x:g}' for x in w)}")
+        check_weights(w, world_size, "--tp-weights", f"the world size is {world_size}", "rank")
         if world_size > heads:
             raise ConfigError(
                 f"tensor-parallel degree {world_size} exceeds the model's {heads} attention heads: "

@@ -23,7 +23,7 @@ from torch import nn
 
 from tp_ollama.errors import ConfigError
 from tp_ollama.parallel.comm import Comm
-from tp_ollama.parallel.layout import Span, split_units
+from tp_ollama.parallel.layout import Span, check_weights, split_units
 
 
 @dataclass(frozen=True)
@@ -41,13 +41,7 @@ class PipelineLayout:
         w = tuple(float(x) for x in (weights or [1.0] * stages))
         if stages < 1:
             raise ConfigError(f"pipeline degree {stages} is invalid: expected at least 1")
-        if len(w) != stages:
-            raise ConfigError(
-                f"--pp-weights has {len(w)} values ({','.join(f'{x:g}' for x in w)}) but there are {stages} "
-                "stages: give one weight per stage"
-            )
-        if any(x <= 0 for x in w):
-            raise ConfigError(f"--pp-weights must all be > 0, got {','.join(f'{x:g}' for x in w)}")
+        check_weights(w, stages, "--pp-weights", f"there are {stages} stages", "stage")
         if stages > n:
             raise ConfigError(f"pipeline degree {stages} exceeds the model's {n} layers: use at most {n} stages")
         return cls(stages, w, tuple(split_units(n, w, "layers")), n)

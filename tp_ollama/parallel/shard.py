@@ -11,8 +11,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from tp_ollama.checkpoints.base import Checkpoint
-from tp_ollama.checkpoints.loader import FileEnsure, load_model, open_checkpoint, resolve_dtype
+from tp_ollama.checkpoints.base import Checkpoint, FileEnsure
+from tp_ollama.checkpoints.loader import load_model, open_checkpoint, resolve_dtype
 from tp_ollama.errors import ConfigError
 from tp_ollama.parallel.comm import Comm, check_comm_kind
 from tp_ollama.parallel.layout import TPLayout

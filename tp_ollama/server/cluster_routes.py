@@ -18,6 +18,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
+from tp_ollama.engine.protocol import WEIGHT_FACTS
 from tp_ollama.errors import EngineUnavailable
 from tp_ollama.server.engine_api import LoadedModel
 from tp_ollama.server.schemas import json_response
@@ -57,7 +58,7 @@ def share(entry: Mapping[str, Any] | None) -> dict[str, Any] | None:
         return None
     out: dict[str, Any] = {}
     for key, value in entry.items():
-        if key in ("rank", "device") or key in WEIGHT_KEYS:
+        if key in ("rank", "device") or key in WEIGHT_FACTS:
             continue
         name = SHARE_NAMES.get(key)
         if name is not None and isinstance(value, list | tuple) and len(value) == 2:
@@ -66,10 +67,6 @@ def share(entry: Mapping[str, Any] | None) -> dict[str, Any] | None:
         else:
             out[key] = value
     return out
-
-
-# What each rank's layout entry says of where its weights came from (engine/state.py).
-WEIGHT_KEYS = ("node", "weights_from", "received_bytes", "cached_bytes", "read_seconds", "fetch_seconds")
 
 
 def _layout_by_rank(loaded: LoadedModel | None) -> dict[int, Mapping[str, Any]]:
@@ -128,7 +125,7 @@ def model_view(service: TextService, loaded: LoadedModel, hosts: Mapping[int, st
     ranks = []
     for r in range(loaded.world_size):
         entry = layout.get(r, {})
-        weights = {k.removesuffix("_from") if k == "weights_from" else k: entry[k] for k in WEIGHT_KEYS if k in entry}
+        weights = {k.removesuffix("_from") if k == "weights_from" else k: entry[k] for k in WEIGHT_FACTS if k in entry}
         ranks.append({"rank": r, "host": hosts.get(r), "device": entry.get("device"), **(share(entry) or {}),
                       "weights": weights})  # fmt: skip
     return {
