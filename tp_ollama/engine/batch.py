@@ -29,11 +29,13 @@ import torch
 from torch import nn
 
 from tp_ollama.engine.constraint import Constraint
+from tp_ollama.engine.flow import Flow
 from tp_ollama.engine.options import GenerationOptions
 from tp_ollama.engine.paged_kv import BlockPool, SequenceKV
 from tp_ollama.engine.protocol import FinalStats, Plan, Request
 from tp_ollama.kernels.quant import ROW_INVARIANT_ROWS, prefill_numerics
 from tp_ollama.models.native_decode import native_decoder
+from tp_ollama.parallel.pipeline import stage_of
 
 PREFILL_CHUNK = 256  # prompt tokens per step: bounds how long one prompt stalls the decoding rows
 
@@ -164,6 +166,8 @@ class Batch:
         self.device: torch.device = next(model.parameters()).device
         self.vocab = int(model.config.vocab_size)  # type: ignore[union-attr,arg-type]
         self.windows: list[int | None] = [block.self_attn.window for block in model.model.layers]  # type: ignore[union-attr]
+        stage = stage_of(model)
+        self.flow = Flow(self, stage) if stage is not None and stage.layout.stages > 1 else None
 
     # --- applying a plan (every rank) ------------------------------------------------------------
 
@@ -172,6 +176,8 @@ class Batch:
         for rid in plan.drop:
             seq = self.running.pop(rid, None)
             if seq is not None:
+                if self.flow is not None:
+                    self.flow.drop(rid)
                 seq.kv.free()
                 events.append(self._finish(seq, "cancel", time.perf_counter_ns()))
         for request in plan.add:
@@ -186,7 +192,11 @@ class Batch:
             if row is not None:
                 fresh.append((seq, row))
         decoding = [self.running[rid] for rid in plan.decode]
-        if decoding:
+        if self.flow is not None:  # pipeline stages: each tick moves every group of sequences one stage on
+            for seq, token in self.flow.tick(decoding):
+                self._commit([seq], [seq.pending])
+                events.append(self._accept(seq, token))
+        elif decoding:
             logits = self._decode(decoding)
             fresh += list(zip(decoding, logits, strict=True))
         for seq, row in fresh:
@@ -282,22 +292,29 @@ class Batch:
             if not seq.kv.reserve(1):
                 raise RuntimeError(f"the KV pool could not hold one more token of request {seq.request.id}")
         tokens = [seq.pending for seq in seqs]
-        ids = torch.tensor([[t] for t in tokens], dtype=torch.long, device=self.device)
         decoder = native_decoder(self.model)
-        if decoder is not None and decoder.fits_pool(self.pool):
-            written, kvs = [s.written for s in seqs], [s.kv for s in seqs]
-            if decoder.takes_tokens:  # token ids to logits in one native call
-                logits = decoder.decode_paged(ids, written, kvs, self.pool, logits=True)
-                self._commit(seqs, tokens)
-                return logits
-            hidden = decoder.decode_paged(ids, written, kvs, self.pool)
-        else:
-            positions = torch.tensor([[seq.written] for seq in seqs], dtype=torch.long, device=self.device)
-            starts = [s.written for s in seqs]
-            cache = PagedBatchCache(self.pool, [s.kv for s in seqs], starts, [1] * len(seqs), self.windows)
-            hidden = self.model.hidden_states(ids, positions, cache)  # type: ignore[operator]  # (B, 1, H)
+        if decoder is not None and decoder.fits_pool(self.pool) and decoder.takes_tokens:
+            # token ids to logits in one native call
+            ids = torch.tensor([[t] for t in tokens], dtype=torch.long, device=self.device)
+            logits = decoder.decode_paged(ids, [s.written for s in seqs], [s.kv for s in seqs], self.pool, logits=True)
+            self._commit(seqs, tokens)
+            return logits
+        hidden = self.hidden_rows(seqs)
         self._commit(seqs, tokens)
         return self.model.logits(hidden[:, -1]).float()  # type: ignore[operator]
+
+    def hidden_rows(self, seqs: list[Running]) -> torch.Tensor:
+        """Each sequence's pending token at its next position (reserved) through the model: (B, 1, H).
+        Keys and values go to the pool; committing them is the caller's."""
+        ids = torch.tensor([[seq.pending] for seq in seqs], dtype=torch.long, device=self.device)
+        decoder = native_decoder(self.model)
+        if decoder is not None and decoder.fits_pool(self.pool):
+            return decoder.decode_paged(ids, [s.written for s in seqs], [s.kv for s in seqs], self.pool)
+        positions = torch.tensor([[seq.written] for seq in seqs], dtype=torch.long, device=self.device)
+        starts = [s.written for s in seqs]
+        cache = PagedBatchCache(self.pool, [s.kv for s in seqs], starts, [1] * len(seqs), self.windows)
+        hidden: torch.Tensor = self.model.hidden_states(ids, positions, cache)  # type: ignore[operator]
+        return hidden
 
     def _commit(self, seqs: list[Running], tokens: list[int | None]) -> None:
         for seq, token in zip(seqs, tokens, strict=True):
@@ -305,10 +322,13 @@ class Batch:
             seq.written += 1
 
     def _sample(self, seq: Running, logits: torch.Tensor) -> Event:
-        rid = seq.request.id
         if seq.constraint is not None:
             logits = seq.constraint.restrict(logits)
-        token = seq.sampler(logits, seq.history)
+        return self._accept(seq, seq.sampler(logits, seq.history))
+
+    def _accept(self, seq: Running, token: int) -> Event:
+        """The token picked for a sequence: its end, or its next pending token."""
+        rid = seq.request.id
         now = time.perf_counter_ns()
         if seq.generated == 0:
             seq.first_token_ns = now
@@ -395,7 +415,12 @@ class Planner:
             n = min(left, budget)
             plan.prefill.append((rid, n))
             budget -= n
-        plan.decode = [s.request.id for s in live if not s.prefilling and s.pending is not None]
+        ready = [s for s in live if not s.prefilling and s.pending is not None]
+        if batch.flow is not None:  # pipeline stages: an even share enters each tick, the rest are in flight
+            flying = batch.flow.flying()
+            ready = [s for s in ready if s.request.id not in flying]
+            ready = ready[: batch.flow.quota(len(ready), dropped)]
+        plan.decode = [s.request.id for s in ready]
         return plan
 
     def finished(self, rid: str) -> None:

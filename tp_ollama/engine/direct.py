@@ -137,6 +137,49 @@ class DirectEngine:
                         stats.take(event.stats)
                 self._check_replies(rid)
 
+    def generate_all(
+        self,
+        prompts: list[list[int]],
+        options: list[GenerationOptions],
+        cancel_after: dict[int, int] | None = None,
+        stats: list[GenerationStats] | None = None,
+    ) -> list[list[int]]:
+        """Several requests at once, as a server's batch runs them: all submitted together, stepped
+        until each ends; each one's tokens. `cancel_after` {i: n}: request i is cancelled once it has
+        n tokens (rank 0 decides; the others follow its ticks)."""
+        if len(options) != len(prompts):
+            raise ValueError(f"{len(prompts)} prompts but {len(options)} options: expected one each")
+        for prompt, opts in zip(prompts, options, strict=True):
+            check_prompt(len(prompt), opts)
+            self.state.fit_kv(positions_needed(len(prompt), opts))
+        rids = [next(self._ids) for _ in prompts]
+        for rid, prompt, opts in zip(rids, prompts, options, strict=True):
+            self._submit(Generate(rid, list(prompt), opts, frozenset()))
+        index = {rid: i for i, rid in enumerate(rids)}
+        tokens: list[list[int]] = [[] for _ in prompts]
+        cancel = dict(cancel_after or {})
+        left = set(rids)
+        while left:
+            with torch.inference_mode():
+                stepped = self.loop.step()
+            for event in stepped.events:
+                i = index[event.id]
+                if event.token is not None:
+                    tokens[i].append(event.token)
+                if event.stats is not None:
+                    left.discard(event.id)
+                    if stats is not None:
+                        stats[i].take(event.stats)
+                        stats[i].tokens = tokens[i]
+                if cancel.get(i) == len(tokens[i]) and event.id in left:
+                    del cancel[i]
+                    self._submit(Cancel(event.id))
+            left -= set(stepped.tick.ended)
+            for reply in self._drain():
+                if isinstance(reply, Failed):
+                    raise TpOllamaError(reply.error)
+        return tokens
+
     def close(self) -> None:
         """End the loop on every rank (rank 0 tells the others; they return from `follow` or a step)."""
         self._submit(Shutdown())

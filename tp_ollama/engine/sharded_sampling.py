@@ -106,6 +106,10 @@ class PipelineSampler:
             seed = torch.tensor([self.inner.seed], dtype=torch.int64)
             self.inner.seed = int(stage.comm.broadcast(seed, src=0)[0])
 
+    def pick(self, logits: torch.Tensor, history: Sequence[int]) -> int:
+        """The token, on the last stage alone (the caller hands it to the others)."""
+        return self.inner(logits, history)
+
     def __call__(self, logits: torch.Tensor, history: Sequence[int]) -> int:
         token = torch.tensor([self.inner(logits, history) if self.stage.last else 0], dtype=torch.int64)
         return int(self.stage.comm.broadcast(token, src=self.stage.sources[-1])[0])

@@ -14,7 +14,8 @@ weights (`--pp-weights`), as many layers as the weights say, at least one each.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -87,6 +88,18 @@ class Stage:
         self.first, self.last = stage == 0, stage == layout.stages - 1
         self.layers = range(*layout.layers[stage])
         self.sources = [s * ranks_per_stage for s in range(layout.stages)]  # each stage's first rank
+        self._alone: tuple[torch.Tensor | None] | None = None
+
+    @contextmanager
+    def alone(self, handed: torch.Tensor | None) -> Iterator[None]:
+        """Inside: `run` runs this stage only, without hand-overs, on `handed` (what the stage before
+        handed over earlier; None on the first stage, which embeds). The engine's flowing decode steps
+        (tp_ollama.engine.flow) move the hidden states between stages themselves."""
+        self._alone = (handed,)
+        try:
+            yield
+        finally:
+            self._alone = None
 
     def run(
         self,
@@ -99,6 +112,13 @@ class Stage:
         stage before handed over elsewhere. Every rank calls this in step. Hand-overs are float32
         (B, T, hidden), whichever way a stage runs its layers (torch modules or the native step):
         bfloat16 activations travel exactly."""
+        if self._alone is not None:
+            handed = self._alone[0]
+            if handed is None:
+                if not self.first:
+                    raise RuntimeError(f"stage {self.index} ran alone without the hidden states of the stage before")
+                handed = embed().float()
+            return body(handed).float()
         x = embed().float() if self.first else torch.empty(shape, dtype=torch.float32, device=device)
         for s in range(self.layout.stages):
             if s == self.index:
