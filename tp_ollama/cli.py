@@ -66,7 +66,10 @@ TpWeightsOpt = Annotated[
 PpOpt = Annotated[int, typer.Option(help="Pipeline stages: each holds a contiguous range of layers (ranks = tp x pp).")]
 StrategyOpt = Annotated[
     str | None,
-    typer.Option(help="How ranks split the model: tensor, layerwise (stages), auto (the cost model's pick at load)."),
+    typer.Option(
+        help="How ranks split the model: tensor, layerwise (stages), hybrid (TP inside stages, one per node "
+        "by default), auto (the cost model's pick at load)."
+    ),
 ]
 MemoryBudgetOpt = Annotated[
     str | None, typer.Option(help="The most weight bytes one rank may hold, e.g. 8GB (a bigger part fails its load).")

@@ -69,16 +69,22 @@ def generate_on_ranks(
     req: Prompting, cluster: Cluster, weights: str | None, comm: str, debug: bool, pp: int = 1,
     pp_weights: str | None = None, strategy: str = "tensor",
 ) -> None:  # fmt: skip
+    from tp_ollama.errors import ConfigError
     from tp_ollama.launch import parse_weights, run_workers
     from tp_ollama.oneshot_ranks import WorkerJob, worker_main
     from tp_ollama.parallel.shard import preflight
 
-    if strategy not in ("tensor", "layerwise", "auto"):
-        from tp_ollama.errors import ConfigError
-
-        raise ConfigError(f"--strategy {strategy!r} is not supported; expected tensor, layerwise or auto")
+    if strategy not in ("tensor", "layerwise", "hybrid", "auto"):
+        raise ConfigError(f"--strategy {strategy!r} is not supported; expected tensor, layerwise, hybrid or auto")
     if strategy == "layerwise" and pp == 1:
         pp = cluster.world_size
+    if strategy == "hybrid" and pp == 1:
+        pp = cluster.nnodes  # a stage per node, TP among its ranks
+    if strategy == "hybrid" and not 1 < pp < cluster.world_size:
+        raise ConfigError(
+            f"--strategy hybrid is TP inside pipeline stages, but {cluster.world_size} ranks in {pp} stages "
+            "leaves one of the two out: give --pp (or several nodes, a stage each) with more ranks than stages"
+        )
     preflight(req.model, cluster.world_size, parse_weights(weights), comm, pp, parse_weights(pp_weights))
     job = WorkerJob(
         strategy=strategy,

@@ -218,10 +218,13 @@ def test_partitioning_strategies_and_stages(tmp_path):
     assert s.inference.partitioning.stages(2) == 2 and s.inference.partitioning.strategy == "tensor"
     s = load_text(tmp_path, "cluster:\n  nproc_per_node: 2\ninference:\n  partitioning:\n    strategy: auto\n")
     assert s.inference.partitioning.stages(2) == 1  # auto decides at each load
-    with pytest.raises(ConfigError, match=r"inference\.partitioning\.strategy = 'hybrid' .* not implemented yet"):
-        load_text(tmp_path, "inference:\n  partitioning:\n    strategy: hybrid\n")
-    with pytest.raises(ConfigError, match=r"4 ranks in 2 stages is TP inside stages \(hybrid\), not supported yet"):
-        load_text(tmp_path, "cluster:\n  nproc_per_node: 4\ninference:\n  partitioning:\n    pp: 2\n")
+    s = load_text(tmp_path, "cluster:\n  nproc_per_node: 4\ninference:\n  partitioning:\n    pp: 2\n")
+    assert s.inference.partitioning.stages(4) == 2  # TP 2 inside each of 2 stages
+    hybrid = "inference:\n  partitioning:\n    strategy: hybrid\n"
+    s = load_text(tmp_path, f"cluster:\n  nnodes: 2\n  nproc_per_node: 2\n  rendezvous_port: 29500\n{hybrid}")
+    assert s.inference.partitioning.stages(4, 2) == 2  # a stage per node
+    with pytest.raises(ConfigError, match=r"strategy = 'hybrid' .* 2 ranks in 1 stages leaves one of the two out"):
+        load_text(tmp_path, f"cluster:\n  nproc_per_node: 2\n{hybrid}")
     with pytest.raises(ConfigError, match="3 ranks cannot form 2 stages"):
         load_text(tmp_path, "cluster:\n  nproc_per_node: 3\ninference:\n  partitioning:\n    pp: 2\n")
     with pytest.raises(ConfigError, match=r"pp_weights .* expected one weight per stage: 2"):

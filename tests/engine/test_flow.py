@@ -27,11 +27,11 @@ def flow_runs(path: str, pp: int, dtype: str, quant: str) -> dict[str, object]:
     prompts = [prompt_ids(4 + 5 * i, seed=i) for i in range(5)]
     options = [_options(i) for i in range(5)]
     alone = [engine.generate_all([p], [o])[0] for p, o in zip(prompts, options, strict=True)]
+    full_alone = engine.state.batch.flow.full_ticks  # type: ignore[union-attr]
+    engine.state.fit_kv(*(len(p) + o.num_predict for p, o in zip(prompts, options, strict=True)))  # a fresh batch
     flow = engine.state.batch.flow  # type: ignore[union-attr]
-    assert flow is not None
-    full_alone = flow.full_ticks
     together = engine.generate_all(prompts, options)
-    full_together = flow.full_ticks - full_alone
+    full_together = flow.full_ticks
     cancelled = engine.generate_all(prompts, options, cancel_after={1: 4, 2: 7})
     left = sorted(flow.flying())
     decode = engine.state.loaded.precision["decode"]  # type: ignore[union-attr]
@@ -49,15 +49,22 @@ def checkpoints(tmp_path_factory):
     return {kind: save_hf(make_hf_model(kind), tmp_path_factory.mktemp(kind)) for kind in ("llama", "gemma3_text")}
 
 
-RUNS = [("llama", 2, "float32", "none"), ("gemma3_text", 2, "bfloat16", "int8"), ("llama", 3, "bfloat16", "int8")]
+RUNS = [
+    ("llama", 2, 1, "float32", "none"),
+    ("gemma3_text", 2, 1, "bfloat16", "int8"),
+    ("llama", 3, 1, "bfloat16", "int8"),
+    ("gemma3_text", 2, 2, "bfloat16", "int8"),  # hybrid: TP inside each stage
+]
 
 
 @pytest.mark.parametrize(
-    ("kind", "pp", "dtype", "quant"), RUNS, ids=["llama-pp2-torch", "gemma3-pp2-native", "llama-pp3-native"]
+    ("kind", "pp", "tp", "dtype", "quant"),
+    RUNS,
+    ids=["llama-pp2-torch", "gemma3-pp2-native", "llama-pp3-native", "gemma3-tp2-pp2-native"],
 )
-def test_requests_flowing_through_the_stages_get_their_own_tokens(checkpoints, kind, pp, dtype, quant):
-    results = run_workers(Cluster(nproc_per_node=pp), flow_runs, str(checkpoints[kind]), pp, dtype, quant)
-    assert sorted(results) == list(range(pp))
+def test_requests_flowing_through_the_stages_get_their_own_tokens(checkpoints, kind, pp, tp, dtype, quant):
+    results = run_workers(Cluster(nproc_per_node=pp * tp), flow_runs, str(checkpoints[kind]), pp, dtype, quant)
+    assert sorted(results) == list(range(pp * tp))
     first = results[0]
     for r in results.values():  # every rank saw the same tokens
         assert (r["alone"], r["together"], r["cancelled"]) == (first["alone"], first["together"], first["cancelled"])

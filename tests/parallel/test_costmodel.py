@@ -15,6 +15,7 @@ from tp_ollama.errors import ConfigError
 from tp_ollama.parallel import costmodel
 from tp_ollama.parallel.costmodel import (
     DEFAULT_COLLECTIVE_OVERHEAD_S,
+    LOCAL_LINK,
     Calibration,
     Collective,
     Link,
@@ -25,6 +26,7 @@ from tp_ollama.parallel.costmodel import (
     layout_of,
     predict,
     predict_pipeline,
+    predict_streams,
     preflight_warning,
     weight_bytes_per_rank,
 )
@@ -190,13 +192,48 @@ def test_pipeline_stages_run_in_turn_and_hand_over_once_per_boundary():
     assert sum(r.kv_bytes for r in two.ranks) == kv_bytes_per_rank(TINY, 1, "float32", 8)[0]
     assert two.compute_s == pytest.approx(sum(r.compute_s for r in two.ranks))
     assert two.compute_s == pytest.approx(one.compute_s + 64 * 4 / (cal.efficiency * 10e9))
-    # A hidden state (float32) to the next stage, the chosen token back, rank 0's tick.
-    hop = (500e-6 + (16 + 64 * 4) / 1e8) + (500e-6 + (16 + 8) / 1e8) + (500e-6 + (16 + 54) / 1e8)
+    # A hidden state (float32) to the next stage, the chosen token back, rank 0's tick at each stage's turn.
+    hop = (500e-6 + (16 + 64 * 4) / 1e8) + (500e-6 + (16 + 8) / 1e8) + 2 * (500e-6 + (16 + 54) / 1e8)
     assert two.communication_s == pytest.approx(hop)
     tp2 = predict(TINY, 2, link, cal, "none", "float32", context=8)
-    assert two.communication_s < tp2.communication_s / 2  # 3 messages a token against 7 collectives
+    assert two.communication_s < tp2.communication_s * 0.6  # 4 messages a token against 7 collectives
     with pytest.raises(ConfigError, match=r"stages=3 is invalid: expected 1\.\.2"):
         predict_pipeline(TINY, 3, link, cal, "none", "float32")
+
+
+def test_hybrid_stages_split_their_layers_among_their_ranks_and_talk_inside_on_the_host():
+    cal = calibrate(TINY, "none", "float32", 0.01, 10e9, layer_overhead_s=1e-3, cores=4, context=8)
+    link = Link.from_us_gbs(500, 0.1)
+    staged = predict_pipeline(TINY, 2, link, cal, "none", "float32", context=8)
+    hybrid = predict_pipeline(TINY, 2, link, cal, "none", "float32", context=8, tp=2)
+    assert hybrid.world == 4 and [r.host for r in hybrid.ranks] == [0, 0, 1, 1]
+    # Each rank of a stage reads half its stage's bytes; the hops between stages are the same messages.
+    assert [r.weight_bytes for r in hybrid.ranks[::2]] == pytest.approx(
+        [r.weight_bytes / 2 for r in staged.ranks], abs=8
+    )
+    assert hybrid.communication_s == pytest.approx(staged.communication_s, rel=0.01)
+    # Inside a stage: two all-reduces per layer (one layer per stage here), the embedding's on the first.
+    local = LOCAL_LINK.latency_s + (16 + 64 * 4) / LOCAL_LINK.bandwidth_bytes_s + cal.collective_overhead_s
+    byte_s = [r.weight_bytes + r.kv_bytes for r in staged.ranks]
+    read = sum(b / 2 / (cal.efficiency * 10e9) for b in byte_s)
+    inside = 5 * local + LOCAL_LINK.latency_s + (16 + 16) / LOCAL_LINK.bandwidth_bytes_s
+    assert hybrid.compute_s == pytest.approx(read + 2 * 1e-3 + inside)
+
+
+def test_streams_through_stages_keep_every_stage_busy_and_one_node_stays_itself():
+    cal = calibrate(TINY, "none", "float32", 0.01, 10e9, layer_overhead_s=0.0, cores=2, context=8)
+    link = Link.from_us_gbs(0, 1e3)  # a free link: what is left is the work
+    one = predict(TINY, 1, link, cal, "none", "float32", context=8)
+    # One node: 8 rows cost twice one row's step, so 8 streams give 4 steps' worth of tokens.
+    assert predict_streams(one, 8, one.total_s, 2 * one.total_s, pipeline=False) == pytest.approx(4 / one.total_s)
+    two = predict_pipeline(TINY, 2, link, cal, "none", "float32", context=8)
+    busiest = max(r.compute_s for r in two.ranks)
+    # Two groups of 4 rows, a tick each per stage: 8 tokens every 2 ticks of the busiest stage.
+    grow4 = 1 + 3 / 7
+    expected = 8 / (2 * busiest * grow4)  # the link's few bytes cost nothing here
+    assert predict_streams(two, 8, one.total_s, 2 * one.total_s, pipeline=True) == pytest.approx(expected, rel=1e-3)
+    with pytest.raises(ConfigError, match="expected positive values"):
+        predict_streams(two, 0, 1.0, 1.0, pipeline=True)
 
 
 def test_the_pipeline_prediction_meets_the_network_namespace_measurement():

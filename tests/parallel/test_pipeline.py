@@ -48,23 +48,31 @@ def reference(checkpoints) -> dict[str, dict]:
 
 
 @pytest.mark.parametrize(
-    ("stages", "weights"), [(2, None), (3, None), (2, (1.0, 2.0))], ids=["pp2", "pp3", "pp2-weighted"]
+    ("stages", "weights", "tp"),
+    [(2, None, 1), (3, None, 1), (2, (1.0, 2.0), 1), (2, None, 2)],
+    ids=["pp2", "pp3", "pp2-weighted", "tp2-pp2"],
 )
-def test_stages_compute_what_the_whole_model_computes(stages, weights, checkpoints, reference):
+def test_stages_compute_what_the_whole_model_computes(stages, weights, tp, checkpoints, reference):
     tokens = prompt_ids(N_PROMPT + 16)
     dirs = [str(checkpoints[k]) for k in MODEL_TYPES]
-    results = run_workers(Cluster(nproc_per_node=stages), pipeline_runs, dirs, tokens, N_PROMPT, stages, weights)
-    assert sorted(results) == list(range(stages))
+    results = run_workers(
+        Cluster(nproc_per_node=stages * tp), pipeline_runs, dirs, tokens, N_PROMPT, stages, weights, tp
+    )
+    assert sorted(results) == list(range(stages * tp))
     for kind, d in zip(MODEL_TYPES, dirs, strict=True):
         ref = reference[kind]
-        last = results[stages - 1][d]
-        err = float(np.abs(last["logits"] - ref["logits"]).max())
-        assert err < 1e-4, f"{kind} pp={stages} weights={weights}: max abs logit difference {err}"
+        last = [results[r][d] for r in range((stages - 1) * tp, stages * tp)]  # the last stage's ranks
+        assert last[0]["vocab"][0] == 0 and last[-1]["vocab"][1] == ref["logits"].shape[-1]
+        logits = np.concatenate([part["logits"] for part in last], axis=-1)  # their vocabulary slices in order
+        err = float(np.abs(logits - ref["logits"]).max())
+        assert err < 1e-4, f"{kind} pp={stages} tp={tp} weights={weights}: max abs logit difference {err}"
         covered = []
-        for r in range(stages):
-            assert results[r][d]["greedy"] == ref["greedy"], f"{kind} stage {r}"
+        for r in range(0, stages * tp, tp):
             covered += list(range(*results[r][d]["layers"]))
-            assert results[r][d]["params"] < ref["params"], f"{kind} stage {r} holds the whole model"
-            if r < stages - 1:
+        for r in range(stages * tp):
+            assert results[r][d]["greedy"] == ref["greedy"], f"{kind} rank {r}"
+            assert results[r][d]["layers"] == results[r - r % tp][d]["layers"]  # a stage's ranks hold its layers
+            assert results[r][d]["params"] < ref["params"], f"{kind} rank {r} holds the whole model"
+            if r < (stages - 1) * tp:
                 assert results[r][d]["logits"].shape[-1] == 0  # only the last stage has logits
         assert covered == list(range(len(covered))) and len(covered) >= stages

@@ -57,13 +57,14 @@ def test_sharded_text_equals_unsharded(unsharded, model, prompt, chat, tp):
 
 
 @pytest.mark.parametrize(
-    ("model", "prompt", "chat", "pp"),
-    [(*CASES[0], 2), (*CASES[1], 3), (*CASES[2], 2)],
-    ids=["gemma3-pp2", "smol-pp3", "smol-chat-pp2"],
+    ("model", "prompt", "chat", "pp", "tp"),
+    [(*CASES[0], 2, 1), (*CASES[1], 3, 1), (*CASES[2], 2, 1), (*CASES[1], 2, 2)],
+    ids=["gemma3-pp2", "smol-pp3", "smol-chat-pp2", "smol-tp2-pp2"],
 )
-def test_pipeline_text_equals_unsharded(unsharded, model, prompt, chat, pp):
-    """Layer-wise stages (--pp): the same text as one process."""
-    done = cli("generate", model, prompt, *GREEDY, "--pp", str(pp), *(["--chat"] if chat else []))
+def test_pipeline_text_equals_unsharded(unsharded, model, prompt, chat, pp, tp):
+    """Layer-wise stages (--pp), and TP inside them (--tp 2 --pp 2): the same text as one process."""
+    flags = ["--pp", str(pp), "--tp", str(tp), *(["--chat"] if chat else [])]
+    done = cli("generate", model, prompt, *GREEDY, *flags)
     assert done.returncode == 0, done.stderr
     assert done.stdout == unsharded[(model, prompt, chat)]
 
@@ -85,7 +86,7 @@ def test_auto_partitioning_says_its_choice_and_keeps_the_text(unsharded):
 
 def test_a_model_over_one_ranks_memory_budget_loads_over_two_stages():
     """inference.partitioning.memory_budget below the model's packed weights (98 MB for smollm2:135m):
-    one process refuses with the sizes; two stages (15 layers each, the tied head on the last) fit and
+    one process refuses with the sizes; two stages (19 and 11 layers, the tied head on the last) fit and
     write one process's text."""
     model, prompt, _ = CASES[1]
     alone = cli("generate", model, prompt, "--memory-budget", "70MB", "--num-predict", "4")
@@ -140,7 +141,7 @@ def our_processes() -> set[int]:
         (["--tp", "2", "--tp-weights", "1,2,3"], "--tp-weights has 3 values (1,2,3) but the world size is 2"),
         (["--tp", "2", "--comm", "carrier-pigeon"], "carrier-pigeon"),
         (["--pp", "31"], "pipeline degree 31 exceeds the model's 30 layers: use at most 30 stages"),
-        (["--tp", "2", "--pp", "2"], "--tp 2 inside each of --pp 2 stages (hybrid) is not supported yet"),
+        (["--tp", "2", "--strategy", "hybrid"], "--strategy hybrid is TP inside pipeline stages, but 2 ranks in 1 st"),
     ],
 )
 def test_bad_layouts_fail_with_one_line(args, message):

@@ -151,21 +151,24 @@ if __name__ == "__main__":
 
 
 def pipeline_runs(
-    dirs: list[str], tokens: list[int], n_prompt: int, stages: int, weights: tuple[float, ...] | None
+    dirs: list[str], tokens: list[int], n_prompt: int, stages: int, weights: tuple[float, ...] | None, tp: int = 1
 ) -> dict[str, Any]:
-    """For each checkpoint, as one stage of `stages`: the logits at every position (the last stage's;
-    the others have none), greedy tokens for 32 steps, the stage's layers and its parameter count."""
-    from tp_ollama.parallel.pipeline import PipelineLayout, apply_stage
+    """For each checkpoint, as one rank of one stage of `stages` (`tp` ranks each, TP inside the stage):
+    the logits at every position (the last stage's vocabulary slice; the others have none), greedy
+    tokens for 32 steps, the stage's layers, its vocabulary rows and its parameter count."""
+    from tp_ollama.parallel.comm import stage_group
+    from tp_ollama.parallel.pipeline import PipelineLayout
+    from tp_ollama.parallel.shard import load_shard
 
     torch.set_num_threads(1)
     init_distributed("gloo", 60)
     comm = make_comm("gloo", 60)
     out: dict[str, Any] = {"rank": comm.rank}
     for d in dirs:
-        ckpt = open_checkpoint(Path(d))
+        tp_comm = stage_group(comm, "gloo", tp, 60) if tp > 1 else None
+        model, tp_layout, ckpt = load_shard(Path(d), comm, "float32", pp=stages, pp_weights=weights, stage_comm=tp_comm)
         layout = PipelineLayout.build(ckpt.config, stages, weights)
-        shard = partial(apply_stage, layout=layout, stage=comm.rank, comm=comm)
-        model = load_model(ckpt, torch.float32, "cpu", shard=shard)
+        ckpt.close()
         cache = KVCache.for_model(model, batch=1, max_len=len(tokens) + 1)
         rows = []
         with torch.inference_mode():
@@ -175,12 +178,12 @@ def pipeline_runs(
                 h = model.hidden_states(torch.tensor([[tokens[i]]]), torch.tensor([[i]]), cache)
                 rows.append(model.logits(h)[0])
         options = GenerationOptions(sampling=SamplingOptions(temperature=0), num_predict=32, num_ctx=128)
-        tp_layout = TPLayout.build(ckpt.config, 1, None)
         greedy = list(generate_ids(model, tokens[:n_prompt], options, comm=comm, layout=tp_layout))
         out[d] = {
             "logits": torch.cat(rows).numpy(),
             "greedy": greedy,
-            "layers": list(layout.layers[comm.rank]),
+            "layers": list(layout.layers[comm.rank // tp]),
+            "vocab": list(tp_layout.vocab[comm.rank % tp]),
             "params": sum(p.numel() for p in model.parameters()),
         }
     comm.close()

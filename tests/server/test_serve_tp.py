@@ -178,6 +178,42 @@ def test_defaults_at_tp2_decode_natively_and_a_batch_gives_each_its_own_tokens(t
         proc.wait(timeout=60)
 
 
+def test_tp_inside_two_stages_serves_the_unsharded_text_to_many_at_once(tmp_path):
+    """`serve --tp 2 --pp 2` (hybrid: 4 ranks, TP 2 inside each of 2 stages), float32: the greedy text of
+    one process, requests together get what each gets alone, and the layout says who holds what."""
+    port = free_port()
+    env = {**os.environ, "OLLAMA_MODELS": str(tmp_path), "OMP_NUM_THREADS": "1", "OLLAMA_NUM_PARALLEL": "4"}
+    env.pop("OLLAMA_HOST", None)
+    log = tmp_path / "serve.log"
+    with log.open("w") as sink:
+        cmd = [sys.executable, "-m", "tp_ollama", "serve", "--port", str(port), "--tp", "2", "--pp", "2",
+               "--dtype", "float32", "--quant", "none"]  # fmt: skip
+        proc = subprocess.Popen(cmd, env=env, stdout=sink, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_until(lambda: _answers(url), STARTUP_S, what="the server answering")
+        prompts = ["def fibonacci(n):", "The capital of France is", "Once upon a time", "1, 2, 3, 4,"]
+        options = {"temperature": 0, "num_predict": 16}
+
+        def one(prompt: str) -> str:
+            with ollama.Client(host=url, timeout=STARTUP_S) as client:
+                return client.generate(model="smollm2:135m", prompt=prompt, raw=True, options=options).response
+
+        alone = [one(p) for p in prompts]
+        loaded = load("smollm2:135m", "float32", quant="none")
+        gen = GenerationOptions(sampling=SamplingOptions(temperature=0), num_predict=16)
+        assert alone[0] == "".join(stream_text(loaded, prompt_tokens(loaded.tokenizer, prompts[0]), gen))
+        with ThreadPoolExecutor(4) as pool:
+            assert list(pool.map(one, prompts)) == alone
+        layout = httpx.get(f"{url}/api/distributed/models").json()["models"][0]["layout"]
+        assert [r["layers"] for r in layout] == [[0, 19], [0, 19], [19, 30], [19, 30]]
+        heads = [(r["attention_heads"]["start"], r["attention_heads"]["end"]) for r in layout]
+        assert heads == [(0, 5), (5, 9), (0, 5), (5, 9)]  # TP inside each stage
+    finally:
+        proc.send_signal(signal.SIGINT)
+        proc.wait(timeout=60)
+
+
 def group_host(proc: subprocess.Popen[bytes]) -> psutil.Process:
     """The host process of the server's running engine group: the `engine` child with ranks (another,
     without, waits ready for the next group)."""
@@ -428,7 +464,7 @@ def test_cluster_endpoints_and_metrics_describe_the_group(server, request):
     models = httpx.get(f"{url}/api/distributed/models").json()
     assert "smollm2" in json.dumps(models) and len(models["models"][0]["layout"]) == world
     if request.node.callspec.params["server"] == "pp2":  # which layers each stage holds
-        assert [r["layers"] for r in models["models"][0]["layout"]] == [[0, 15], [15, 30]]
+        assert [r["layers"] for r in models["models"][0]["layout"]] == [[0, 19], [19, 30]]  # the head: 8 layers
     metrics = httpx.get(f"{url}/api/distributed/metrics").json()
     assert metrics["requests"]["served"] >= 1 and metrics["step_time_ms"] > 0
     if world == 2:

@@ -146,8 +146,8 @@ def test_a_model_only_node_0_has_is_served_with_node_1_reading_its_slices(cluste
     model = cluster.models()
     assert model["files"] == [{"name": f"sha256-{digest.removeprefix('sha256:')}", "digest": digest, "size": size}]
     rank0, rank1 = (entry["weights"] for entry in model["layout"])
-    if cluster.flags:  # a stage each: node 1 holds the last 15 of 30 layers
-        assert [entry["layers"] for entry in model["layout"]] == [[0, 15], [15, 30]]
+    if cluster.flags:  # a stage each: node 1 holds the last 11 of 30 layers and the head
+        assert [entry["layers"] for entry in model["layout"]] == [[0, 19], [19, 30]]  # the head counts as 8 layers
     assert rank0["weights"] == "store" and rank0["node"] == 0
     assert rank1["weights"] == "node 0" and rank1["node"] == 1
     assert 0 < rank1["received_bytes"] < 0.7 * size

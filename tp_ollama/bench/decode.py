@@ -53,8 +53,11 @@ class DecodeConfig:
     gen_tokens: int
     comm: str = "auto"
     pp: int = 1  # pipeline stages (tp_ollama.parallel.pipeline): tp x pp ranks
+    streams: int = 1  # > 1: also that many requests decoding together, as a server's batch runs them
 
     def __post_init__(self) -> None:
+        if self.streams < 1:
+            raise ConfigError(f"streams {self.streams} is invalid: expected at least 1")
         if self.tp < 1:
             raise ConfigError(f"tp {self.tp} is invalid: expected at least 1")
         if self.pp < 1:
@@ -71,7 +74,8 @@ class DecodeConfig:
     @property
     def label(self) -> str:
         stages = f" pp={self.pp}" if self.pp > 1 else ""
-        return f"tp-ollama tp={self.tp}{stages} {self.quant}/{self.dtype}"
+        streams = f" x{self.streams} streams" if self.streams > 1 else ""
+        return f"tp-ollama tp={self.tp}{stages} {self.quant}/{self.dtype}{streams}"
 
 
 @dataclass(frozen=True)
@@ -177,6 +181,8 @@ def rank_decode(model: str, config: dict[str, Any], measure_link: bool) -> dict[
         "threads": torch.get_num_threads(),
         "collectives_per_token": {k: (v - counts_before.get(k, 0)) / max(tokens, 1) for k, v in comm.stats.items()},
     }
+    if cfg.streams > 1:
+        row["streams"] = _streams(m, layout, comm, cfg, prompt, options)
     # Every rank's row reaches rank 0 (ranks on other nodes return to their own launcher only).
     rows = [json.loads(comm.broadcast_bytes(json.dumps(row).encode() if r == comm.rank else None, src=r))
             for r in range(comm.world_size)]  # fmt: skip
@@ -184,6 +190,33 @@ def rank_decode(model: str, config: dict[str, Any], measure_link: bool) -> dict[
     if comm.rank != 0:
         return None
     return {"ranks": rows, "link": link}
+
+
+def _streams(m: Any, layout: Any, comm: Any, cfg: DecodeConfig, prompt: list[int], options: Any) -> dict[str, Any]:
+    """cfg.streams requests at once through the engine's batch (each its own prompt: the prompt turned
+    by its index, so no prefix is shared): aggregate tok/s over the whole run, prompts included, and
+    the sum of each stream's decode tok/s."""
+    from tp_ollama.engine.direct import DirectEngine, GenerationStats
+    from tp_ollama.engine.state import EngineJob
+
+    engine = DirectEngine(EngineJob(kv_cache_bytes=None, max_running=cfg.streams), comm)
+    engine.attach(m, layout, "", options.num_ctx)
+    prompts = [prompt[i % len(prompt) :] + prompt[: i % len(prompt)] for i in range(cfg.streams)]
+    stats = [GenerationStats() for _ in prompts]
+    t0 = time.perf_counter()
+    tokens = engine.generate_all(prompts, [options] * cfg.streams, stats=stats)
+    wall = time.perf_counter() - t0
+    total = sum(len(t) for t in tokens)
+    flow = engine.state.batch.flow if engine.state.batch is not None else None
+    return {
+        "streams": cfg.streams,
+        "tokens": total,
+        "wall_s": wall,
+        "aggregate_tok_s": total / wall,
+        "decode_tok_s": sum(s.eval_count / (s.eval_duration / 1e9) for s in stats if s.eval_duration),
+        "full_ticks": flow.full_ticks if flow is not None else None,
+        "ticks": flow.ticks if flow is not None else None,
+    }
 
 
 def run_once(model: str, cfg: DecodeConfig, nodes: Nodes, measure_link: bool, index: int = 0) -> dict[str, Any] | None:
@@ -217,6 +250,7 @@ def summarize_runs(cfg: DecodeConfig, runs: list[dict[str, Any]], read_bw_gbs: f
     decode = statistics.median(tok_s)
     bytes_per_token = [int(r["bytes"]) for r in ranks]
     achieved = [b * decode / 1e9 for b in bytes_per_token]
+    streams = [r["ranks"][0]["streams"] for r in runs if "streams" in r["ranks"][0]]
     metrics: dict[str, Any] = {
         "decode_tok_s": decode,
         "decode_tok_s_rounds": tok_s,
@@ -245,6 +279,14 @@ def summarize_runs(cfg: DecodeConfig, runs: list[dict[str, Any]], read_bw_gbs: f
             "link": median_run["link"],
         },
     }
+    if streams:
+        metrics["streams"] = {
+            "streams": cfg.streams,
+            "aggregate_tok_s": statistics.median(x["aggregate_tok_s"] for x in streams),
+            "decode_tok_s": statistics.median(x["decode_tok_s"] for x in streams),
+            "predicted_tok_s": None,
+            "rounds": streams,
+        }
     return metrics
 
 
@@ -264,6 +306,7 @@ def run_decode(
     progress: bool = True,
     argv: Sequence[str] | None = None,
     pp: Sequence[int] = (1,),
+    streams: int = 1,
 ) -> dict[str, Any] | None:
     """Measure every combination; returns the report on node 0 (None on the others). `calibration`: an
     earlier decode report whose TP=1 runs calibrate the cost model; `ranks_per_host`: ranks sharing one
@@ -275,7 +318,7 @@ def run_decode(
     if rounds < 1:
         raise ConfigError(f"rounds {rounds} is invalid: expected at least 1")
     axes = itertools.product(pp, tp, dtypes, quants, prompt_tokens, gen_tokens)
-    configs = [DecodeConfig(t, d, q, p, g, comm, s) for s, t, d, q, p, g in axes]
+    configs = [DecodeConfig(t, d, q, p, g, comm, s, streams) for s, t, d, q, p, g in axes]
     if not configs:
         raise ConfigError("nothing to measure: give at least one value for every axis")
     bandwidth = host_bandwidth = None
@@ -302,7 +345,8 @@ def run_decode(
     if nodes.node_rank != 0:
         return None
     for cfg in configs:
-        config = {k: v for k, v in asdict(cfg).items() if (k != "comm" or cfg.world > 1) and (k != "pp" or cfg.pp > 1)}
+        shown = {"comm": cfg.world > 1, "pp": cfg.pp > 1, "streams": cfg.streams > 1}
+        config = {k: v for k, v in asdict(cfg).items() if shown.get(k, True)}
         rpt.add_result(report, cfg.label, config, rounds=rounds, **summarize_runs(cfg, runs[cfg], bandwidth))
     add_predictions(report, model, calibration or report, ranks_per_host)
     return report
@@ -320,7 +364,7 @@ def add_predictions(
     the reason in the report's notes."""
     from tp_ollama.checkpoints.loader import open_checkpoint, resolve_dtype
     from tp_ollama.checkpoints.quantize import auto_packings
-    from tp_ollama.parallel.costmodel import Link, Quant, calibrate, predict, predict_pipeline
+    from tp_ollama.parallel.costmodel import Link, Quant, calibrate, predict, predict_pipeline, predict_streams
     from tp_ollama.parallel.shapes import shape_of
     from tp_ollama.store.embedded import resolve_model
 
@@ -360,4 +404,9 @@ def add_predictions(
         r["measured_ms_per_token"] = r["extra"]["step_ms_p50"]
         r["prediction_error"] = r["predicted_ms_per_token"] / r["measured_ms_per_token"] - 1
         r["extra"]["predicted_per_token_ms"] = p.per_token_ms()
+        if r.get("streams") and base.get("streams"):  # several at once, calibrated by one node's run of as many
+            n = r["streams"]["streams"]
+            rows_s = n / base["streams"]["decode_tok_s"]
+            one_s = base["extra"]["step_ms_p50"] / 1e3
+            r["streams"]["predicted_tok_s"] = predict_streams(p, n, one_s, rows_s, cfg.get("pp", 1) > 1)
         r["extra"]["prediction_notes"] = list(p.notes)

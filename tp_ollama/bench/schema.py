@@ -102,6 +102,22 @@ _METRICS: dict[str, dict[str, Any]] = {
             "total": _field("number", "wall time per token, ms", minimum=0),
         },
     ),
+    "streams": _record(
+        "several requests decoding together through the engine's batch (bench decode --streams)",
+        {
+            "streams": _field("integer", "requests submitted together", minimum=2),
+            "aggregate_tok_s": _field(
+                "number", "generated tokens of all of them per second of wall time, their prompts included", minimum=0
+            ),
+            "decode_tok_s": _field("number", "the sum of each request's decode tokens per second", minimum=0),
+            "predicted_tok_s": _field(
+                ["number", "null"],
+                "the cost model's decode_tok_s, calibrated by one node's runs; null without them",
+                minimum=0,
+            ),
+            "rounds": _field("array", "each round's figures, free-form", items={"type": "object"}),
+        },
+    ),
     "latency_us": _summary("latency of one collective call, microseconds"),
     "bandwidth_gbs": _metric("number", "payload bytes / median latency of a collective, GB/s (1e9 bytes)", minimum=0),
     "predicted_ms_per_token": _metric("number", "decode time per token the cost model predicts, ms", minimum=0),

@@ -212,14 +212,14 @@ def _check(s: Settings, given: Mapping[str, Given]) -> None:
             f"expected one weight per rank: {c.world_size} (cluster.nnodes {c.nnodes} x nproc_per_node "
             f"{c.nproc_per_node}), got {len(i.tp_weights)}",
         )
-    stages = i.partitioning.stages(c.world_size)
+    stages = i.partitioning.stages(c.world_size, c.nnodes)
     if c.world_size % stages:
         raise bad("inference.partitioning.pp", f"{c.world_size} ranks cannot form {stages} stages (ranks = tp x pp)")
-    if stages > 1 and c.world_size > stages:
+    if i.partitioning.strategy == "hybrid" and (stages == 1 or stages == c.world_size):
         raise bad(
-            "inference.partitioning.pp",
-            f"{c.world_size} ranks in {stages} stages is TP inside stages (hybrid), not supported yet: "
-            f"give as many ranks as stages",
+            "inference.partitioning.strategy",
+            f"hybrid is TP inside pipeline stages, but {c.world_size} ranks in {stages} stages leaves "
+            "one of the two out: give pp (or several nodes, a stage each) with more ranks than stages",
         )
     if i.partitioning.pp_weights and len(i.partitioning.pp_weights) != stages:
         raise bad("inference.partitioning.pp_weights", f"expected one weight per stage: {stages}")

@@ -145,13 +145,12 @@ class ClusterSettings:
 class Partitioning:
     """How a group's ranks split the model: `tensor` (every rank a share of every layer), `layerwise`
     (pipeline stages of contiguous layers, tp_ollama.parallel.pipeline; `pp` stages, default one per
-    rank), `auto` (at each load, the cost model's faster of the two over the link measured then).
-    `pp` > 1 (flag --pp) means layerwise whatever `strategy` says."""
+    rank), `hybrid` (`pp` stages, default one per node, each split by tensor parallelism among its
+    ranks), `auto` (at each load, the cost model's fastest over the link measured then).
+    `pp` > 1 (flag --pp) means stages whatever `strategy` says: TP inside them when the world size is
+    a multiple."""
 
-    strategy: str = opt(
-        "tensor",
-        Str(("tensor", "layerwise", "auto"), {"hybrid": 'TP inside stages; use "tensor", "layerwise" or "auto"'}),
-    )  # fmt: skip
+    strategy: str = opt("tensor", Str(("tensor", "layerwise", "hybrid", "auto")))
     pp: int = opt(1, Int(1, note="pipeline stages; the world size is tp x pp"))
     pp_weights: tuple[float, ...] = opt(
         (), List(_weight, "a list of positive numbers, one per pipeline stage, e.g. [2, 1]")
@@ -161,10 +160,12 @@ class Partitioning:
     memory_budget: int = opt(0, Size())
     max_partitions: int = opt(0, Int(0, note="the largest world size allowed; 0: no limit"))
 
-    def stages(self, world_size: int) -> int:
-        """Pipeline stages of a group of `world_size` ranks (1: tensor parallel)."""
+    def stages(self, world_size: int, nnodes: int = 1) -> int:
+        """Pipeline stages of a group of `world_size` ranks on `nnodes` nodes (1: tensor parallel)."""
         if self.pp > 1:
             return self.pp
+        if self.strategy == "hybrid":
+            return nnodes
         return world_size if self.strategy == "layerwise" else 1
 
 

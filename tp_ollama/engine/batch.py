@@ -13,6 +13,11 @@ of them, which is what makes a batch cheaper per token than B separate requests.
 over its own keys and values, gathered from the shared paged pool (engine/paged_kv.py); rows of
 different lengths are padded with empty positions that the attention mask hides.
 
+With pipeline stages (parallel/pipeline.py) decode steps flow instead (engine/flow.py): the decoding
+sequences form a group per stage, each tick moves every group one stage on, and the planner lets an
+even share of the ready ones enter stage 0 each tick. Prompt chunks still go through the stages in
+turn, within the tick.
+
 Tokens are chosen per sequence with its own options, seed and history, and, for structured output,
 its own grammar mask (engine/constraint.py). A sequence's KV blocks go back to the pool the step it
 ends; full blocks stay cached for the next request that starts with the same tokens.

@@ -151,7 +151,7 @@ class DirectEngine:
             raise ValueError(f"{len(prompts)} prompts but {len(options)} options: expected one each")
         for prompt, opts in zip(prompts, options, strict=True):
             check_prompt(len(prompt), opts)
-            self.state.fit_kv(positions_needed(len(prompt), opts))
+        self.state.fit_kv(*(positions_needed(len(p), o) for p, o in zip(prompts, options, strict=True)))
         rids = [next(self._ids) for _ in prompts]
         for rid, prompt, opts in zip(rids, prompts, options, strict=True):
             self._submit(Generate(rid, list(prompt), opts, frozenset()))

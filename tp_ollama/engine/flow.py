@@ -17,21 +17,29 @@ last stage picked. The planner (engine/batch.py) decides which ready sequences e
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import torch
 
 from tp_ollama.parallel.pipeline import Stage
 
-if TYPE_CHECKING:
-    from tp_ollama.engine.batch import Batch, Running
+Running = Any  # engine.batch.Running: a sequence, with its request, KV, sampler, constraint and history
+
+
+class Rows(Protocol):
+    """What the flow needs of engine.batch.Batch: its model and device, and a step of some rows."""
+
+    model: Any
+    device: torch.device
+
+    def hidden_rows(self, seqs: list[Running]) -> torch.Tensor: ...
 
 
 class Flow:
-    def __init__(self, batch: Batch, stage: Stage) -> None:
+    def __init__(self, batch: Rows, stage: Stage) -> None:
         self.batch, self.stage = batch, stage
         self.stages = stage.layout.stages
-        self.hidden_size = int(batch.model.config.hidden_size)  # type: ignore[union-attr, arg-type]
+        self.hidden_size = int(batch.model.config.hidden_size)
         self.waiting: list[list[Running]] = [[] for _ in range(self.stages - 1)]  # [s]: ran stage s, next s + 1
         self.handed: torch.Tensor | None = None  # this rank's next input: the hidden states of waiting[index - 1]
         self.ticks = 0
@@ -73,7 +81,7 @@ class Flow:
             with stage.alone(None if stage.first else self.handed):
                 hidden = batch.hidden_rows(mine)
             if stage.last:
-                logits = batch.model.logits(hidden[:, -1]).float()  # type: ignore[operator]
+                logits = batch.model.logits(hidden[:, -1]).float()
             else:
                 out = hidden.float().contiguous()
         handed = None

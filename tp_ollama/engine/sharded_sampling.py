@@ -16,7 +16,8 @@ same token:
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import replace
 
 import torch
 
@@ -97,14 +98,20 @@ class ShardedSampler:
 
 class PipelineSampler:
     """Picks the next token on the last stage (which holds the logits) and broadcasts it to the rest.
-    A random seed is rank 0's, so that a later regroup that moves the last stage draws the same."""
+    A random seed is rank 0's, so that a later regroup that moves the last stage draws the same. With
+    TP inside the last stage (hybrid) its ranks hold vocabulary slices (`span`) and pick together as
+    ShardedSampler does, over the stage's communicator."""
 
-    def __init__(self, options: SamplingOptions, vocab_size: int, stage: Stage) -> None:
-        self.inner = Sampler(options, vocab_size)
+    def __init__(self, options: SamplingOptions, vocab_size: int, stage: Stage, span: Span | None = None) -> None:
         self.stage = stage
         if options.seed is None or options.seed < 0:
-            seed = torch.tensor([self.inner.seed], dtype=torch.int64)
-            self.inner.seed = int(stage.comm.broadcast(seed, src=0)[0])
+            seed = torch.tensor([Sampler(options, vocab_size).seed], dtype=torch.int64)
+            options = replace(options, seed=int(stage.comm.broadcast(seed, src=0)[0]))
+        self.inner: Callable[[torch.Tensor, Sequence[int]], int]
+        if stage.last and stage.tp_comm is not None and stage.tp_comm.world_size > 1:
+            self.inner = ShardedSampler(options, vocab_size, span or (0, vocab_size), stage.tp_comm)
+        else:
+            self.inner = Sampler(options, vocab_size)
 
     def pick(self, logits: torch.Tensor, history: Sequence[int]) -> int:
         """The token, on the last stage alone (the caller hands it to the others)."""

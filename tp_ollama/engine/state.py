@@ -13,6 +13,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -49,7 +50,7 @@ from tp_ollama.engine.sharded_sampling import PipelineSampler, ShardedSampler
 from tp_ollama.errors import TpOllamaError
 from tp_ollama.kernels.linear import model_bytes
 from tp_ollama.models.native_decode import why_not_native
-from tp_ollama.parallel.comm import Comm
+from tp_ollama.parallel.comm import Comm, stage_group
 from tp_ollama.parallel.facts import rank_facts
 from tp_ollama.parallel.layout import TPLayout
 from tp_ollama.parallel.pipeline import Stage, stage_of
@@ -106,6 +107,7 @@ class EngineState:
         self.grammars: dict[str, Grammar] = {}  # rank 0
         self.files: ModelFiles | None = None  # where the loaded model's bytes came from
         self.load_seconds = 0.0
+        self.stage_comm: Any = None  # hybrid: this rank's stage's TP communicator
 
     # --- control commands (every rank) -----------------------------------------------------------
 
@@ -123,9 +125,12 @@ class EngineState:
         job = self.job
         files = locate(cmd, job.files_from)
         pp = self._stages(files, cmd)
+        tp = self.comm.world_size // pp
+        if pp > 1 and tp > 1:  # hybrid: TP among each stage's ranks, over a communicator of their own
+            self.stage_comm = stage_group(self.comm, job.comm, tp, job.timeout_s)
         model, layout, ckpt = load_shard(
             files.path, self.comm, cmd.dtype, job.device, job.tp_weights, cmd.quant, files.hook, files.identity,
-            pp, job.pp_weights if pp == job.pp else None,
+            pp, job.pp_weights if pp == job.pp else None, self.stage_comm, not job.memory_budget,
         )  # fmt: skip
         del ckpt
         files.flush()
@@ -143,16 +148,23 @@ class EngineState:
         if stage is None:
             return list(self.layout.describe())
         tp = self.layout.world_size
-        return [{"rank": r, "weight": 1.0, **stage.layout.describe(r // tp)} for r in range(self.comm.world_size)]
+        heads = self.layout.describe()  # the TP split inside every stage alike
+        return [{**(heads[r % tp] if tp > 1 else {"weight": 1.0}), "rank": r, **stage.layout.describe(r // tp)}
+                for r in range(self.comm.world_size)]  # fmt: skip
 
     def _check_budget(self, model: nn.Module) -> None:
-        """A part bigger than inference.partitioning.memory_budget fails the load (every rank agrees on
-        the failure in the loop), saying how much it is and what would split it further."""
+        """A part bigger than inference.partitioning.memory_budget fails the load on every rank together
+        (one all-gather of each rank's bytes), saying how much the biggest is and what would split it
+        further."""
         budget = self.job.memory_budget
-        held = model_bytes(model)
-        if budget and held > budget:
+        if not budget:
+            return
+        held = self.comm.all_gather(torch.tensor([model_bytes(model)], dtype=torch.int64)).reshape(-1)
+        biggest = int(held.argmax())
+        if int(held[biggest]) > budget:
+            who = "this rank's part" if biggest == self.comm.rank else f"rank {biggest}'s part"
             raise TpOllamaError(
-                f"this rank's part of the model holds {held / 1e6:.1f} MB of weights, more than "
+                f"{who} of the model holds {int(held[biggest]) / 1e6:.1f} MB of weights, more than "
                 f"inference.partitioning.memory_budget = {budget / 1e6:.1f} MB: split it over more ranks "
                 f"(--tp or --pp) or raise the budget"
             )
@@ -245,22 +257,27 @@ class EngineState:
             )
         return self.loaded
 
-    def fit_kv(self, tokens: int) -> None:
-        """A pool sized by need (kv_cache_bytes None) grows to hold one sequence of `tokens` positions.
-        Every rank computes the same block count, so their plans stay interchangeable."""
+    def fit_kv(self, *sequences: int) -> None:
+        """A pool sized by need (kv_cache_bytes None) grows to hold sequences of these many positions
+        at once. Every rank computes the same block count, so their plans stay interchangeable."""
         batch, model, layout = self.batch, self.model, self.layout
         if self.job.kv_cache_bytes is not None or batch is None or model is None or layout is None:
             return
-        if batch.pool.blocks_for(tokens) <= batch.pool.num_blocks or batch.running:
+        blocks = sum(batch.pool.blocks_for(n) for n in sequences)
+        if blocks <= batch.pool.num_blocks or batch.running:
             return
+        tokens = blocks * batch.pool.block_size
         pool = BlockPool.for_model(model, None, prefix_cache=self.job.prefix_cache, tokens=tokens)
-        self.batch = Batch(model, pool, sampler_for(layout, self.comm), self._constraint, self.comm)
+        self.batch = Batch(model, pool, sampler_for(layout, self.comm, stage_of(model)), self._constraint, self.comm)
         if self.planner is not None:
             self.planner = Planner(pool, self.job.max_running)
 
     def unload(self) -> None:
         self.model = self.layout = self.loaded = self.batch = self.planner = self.vocabulary = None
         self.grammars.clear()
+        if self.stage_comm is not None:
+            self.stage_comm.close()
+            self.stage_comm = None
 
     def embed(self, cmd: Embed) -> Embedded:
         if self.model is None:
@@ -318,8 +335,9 @@ class EngineState:
             return LocalConstraint(grammar)
         assert self.layout is not None and self.batch is not None and self.model is not None
         stage = stage_of(self.model)
-        if stage is not None:  # the last stage masks the whole vocabulary, the others nothing
-            span = (0, self.batch.vocab if stage.last else 0)
+        if stage is not None:  # the last stage's ranks mask their vocabulary slices, the others nothing
+            mine = self.layout.vocab[stage.tp_comm.rank if stage.tp_comm else 0]
+            span = mine if stage.last else (0, 0)
         else:
             span = self.layout.vocab[self.comm.rank]
         return ShardedConstraint(grammar, span, self.batch.vocab, self.comm)
@@ -347,5 +365,5 @@ def sampler_for(
     if comm.world_size == 1:
         return Sampler
     if stage is not None:
-        return partial(PipelineSampler, stage=stage)
+        return partial(PipelineSampler, stage=stage, span=layout.vocab[stage.tp_comm.rank if stage.tp_comm else 0])
     return partial(ShardedSampler, span=layout.vocab[comm.rank], comm=comm)

@@ -149,11 +149,10 @@ class NativeDecoder:
         self.comm = comm
         self._reduce_error: BaseException | None = None
         self._native_reduce: Any = None
-        if self.stage is not None:
-            self.takes_tokens = False  # the stages' modules embed and project
-        elif comm is not None and comm.world_size > 1:
-            # A shard: the embedding (a vocabulary range, assembled by its hooks) and the LM head (this
-            # rank's logits) stay torch's; the layers sum o's and down's outputs through the group's
+        if comm is not None and comm.world_size > 1:
+            # A shard (of the whole model, or of a pipeline stage: `comm` is then the stage's): the
+            # embedding (a vocabulary range, assembled by its hooks) and the LM head (this rank's
+            # logits) stay torch's; the layers sum o's and down's outputs through the group's
             # native all-reduce where it has one (shared memory), else through a Python callback.
             finder = getattr(comm, "native_all_reduce", None)
             self._native_reduce = finder() if finder is not None else None
@@ -164,6 +163,8 @@ class NativeDecoder:
                 self._reduce = REDUCE_FN(self._all_reduce)
                 self.decoder.all_reduce = ctypes.cast(self._reduce, ctypes.c_void_p)
             self.takes_tokens = False
+        elif self.stage is not None:
+            self.takes_tokens = False  # the stages' modules embed and project
         else:
             self.takes_tokens = self._describe_ends(model)
 
@@ -464,8 +465,6 @@ def _make(model: nn.Module) -> tuple[NativeDecoder | None, str | None]:
     if dtype not in (torch.bfloat16, torch.float32) or like.device.type != "cpu":
         return None, f"activations in {dtype} on {like.device} (it takes float32 or bfloat16 on the CPU)"
     stage = model.__dict__.get("pipeline")
-    if stage is not None and model.__dict__.get("tp_comm") is not None:
-        return None, "tensor parallelism inside a pipeline stage"
     comm = model.__dict__.get("tp_comm")
     sharded = comm is not None and comm.world_size > 1
     foreign = [n for n in _hooked(model) if not (sharded and n.rsplit(".", 1)[-1] in TP_HOOKED)]

@@ -59,28 +59,30 @@ class SoloComm:
 
 
 class TorchComm:
-    """Collectives through the default torch.distributed process group."""
+    """Collectives through a torch.distributed process group: the default one, or `group` (ranks
+    and sources are then the group's own)."""
 
-    def __init__(self) -> None:
-        self.rank = dist.get_rank()
-        self.world_size = dist.get_world_size()
-        self.transport = dist.get_backend()
+    def __init__(self, group: Any = None) -> None:
+        self.group = group
+        self.rank = dist.get_rank(group)
+        self.world_size = dist.get_world_size(group)
+        self.transport = dist.get_backend(group)
         self.stats: Counter[str] = Counter()
 
     def all_reduce(self, t: torch.Tensor) -> torch.Tensor:
         self.stats["all_reduce"] += 1
-        dist.all_reduce(t)
+        dist.all_reduce(t, group=self.group)
         return t
 
     def all_gather(self, t: torch.Tensor) -> torch.Tensor:
         self.stats["all_gather"] += 1
         out = [torch.empty_like(t) for _ in range(self.world_size)]
-        dist.all_gather(out, t.contiguous())
+        dist.all_gather(out, t.contiguous(), group=self.group)
         return torch.stack(out)
 
     def broadcast(self, t: torch.Tensor, src: int = 0) -> torch.Tensor:
         self.stats["broadcast"] += 1
-        dist.broadcast(t, src)
+        dist.broadcast(t, group=self.group, group_src=src)
         return t
 
     def broadcast_bytes(self, data: bytes | None, src: int = 0) -> bytes:
@@ -89,7 +91,7 @@ class TorchComm:
         device = "cuda" if self.transport == "nccl" else "cpu"
         mine = self.rank == src
         size = torch.tensor([len(data) if mine and data is not None else 0], dtype=torch.int64, device=device)
-        dist.broadcast(size, src)
+        dist.broadcast(size, group=self.group, group_src=src)
         n = int(size.item())
         if mine:
             assert data is not None
@@ -101,7 +103,7 @@ class TorchComm:
         else:
             buf = torch.empty(n, dtype=torch.uint8, device=device)
         if n:
-            dist.broadcast(buf, src)
+            dist.broadcast(buf, group=self.group, group_src=src)
         return bytes(buf.cpu().numpy().tobytes())
 
     def close(self) -> None:
@@ -226,6 +228,26 @@ def threads_for(ranks_on_host: int) -> int:
 def check_comm_kind(kind: str) -> None:
     if kind not in COMM_KINDS:
         raise ConfigError(f"communicator {kind!r} is not supported; supported: {', '.join(COMM_KINDS)}")
+
+
+def stage_group(comm: Any, kind: str, tp: int, timeout_s: float) -> Any:
+    """The tensor-parallel communicator among the `tp` ranks of this rank's pipeline stage (ranks
+    stage x tp .. stage x tp + tp - 1 of `comm`'s group): every rank of the group calls this together.
+    The hand-overs between stages and the ticks stay on `comm`."""
+    if tp == 1:
+        return SoloComm()
+    check_comm_kind(kind)
+    rank, world = comm.rank, comm.world_size
+    stage = rank // tp
+    if kind in ("gloo", "nccl"):
+        groups = [dist.new_group(list(range(s * tp, (s + 1) * tp))) for s in range(world // tp)]  # every rank, in order
+        inner = TorchComm(groups[stage])
+        return Timed(inner if kind == "nccl" else HostStaged(inner))
+    from tp_ollama.parallel.fastcomm import FastGroup
+
+    store = dist.distributed_c10d._get_default_store()
+    group = FastGroup.create(store, rank % tp, tp, transport=kind, timeout=timeout_s, name=f"stage{stage}")
+    return Timed(group)
 
 
 def make_comm(kind: str, timeout_s: float) -> Any:

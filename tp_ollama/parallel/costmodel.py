@@ -147,6 +147,10 @@ class Link:
         return f"{self.latency_s * 1e6:.4g} µs latency and {self.bandwidth_bytes_s / 1e9:.3g} GB/s"
 
 
+# Between the ranks of one host (the shared-memory transport), for the collectives inside a hybrid stage.
+LOCAL_LINK = Link(latency_s=20e-6, bandwidth_bytes_s=5e9)
+
+
 @dataclass(frozen=True)
 class Calibration:
     """What a host reads per second and what share of it a decode step achieves.
@@ -434,19 +438,27 @@ def predict_pipeline(
     dtype: str,
     weights: Sequence[float] | None = None,
     context: int = 0,
+    tp: int = 1,
+    local: Link = LOCAL_LINK,
+    by_work: bool = True,
 ) -> Prediction:
-    """Seconds per token of one sequence's decode over `stages` layer-wise stages, one rank each
-    (tp_ollama.parallel.pipeline): the stages run one after another, so
+    """Seconds per token of one sequence's decode over `stages` layer-wise stages of `tp` ranks each
+    (tp_ollama.parallel.pipeline; tp > 1 is hybrid, a stage's ranks on one host): the stages run one
+    after another, so
 
-        compute_s       = sum over stages of (stage bytes / (efficiency * read_bandwidth)
-                                              + its layers * layer_overhead_s)
+        compute_s       = sum over stages of (the stage's busiest rank's bytes / (efficiency x read_bandwidth),
+                          at least the stage's bytes / the host's bus bandwidth, + its layers x layer_overhead_s)
+                          + inside each stage with tp > 1: two all-reduces per layer (and the embedding's on
+                          the first, the sampler's all-gather on the last) over the `local` link
         communication_s = (stages - 1) hand-overs (a float32 hidden state broadcast from the stage)
-                          + the last stage's token broadcast + rank 0's tick broadcast
+                          + the last stage's token broadcast + one tick broadcast per stage, over `link`
 
     Stage bytes are its layers' weights and KV cache, plus the embedding row on the first stage and
-    the LM head and final norm on the last (the tied embedding on both). With several sequences in
-    flight the stages could overlap; the engine does not do that yet, and this predicts what it does."""
-    from tp_ollama.parallel.layout import split_units
+    the LM head and final norm on the last (the tied embedding on both). One sequence alone goes
+    through the stages one tick each (engine/flow.py), so it pays one tick broadcast per stage; with
+    several sequences the stages work at once (`predict_streams`). Stages split the layers as
+    PipelineLayout.build does (`by_work`)."""
+    from tp_ollama.parallel.pipeline import head_units, stage_spans
 
     check_quant(quant)
     if not isinstance(stages, int) or not 1 <= stages <= shape.num_hidden_layers:
@@ -459,26 +471,79 @@ def predict_pipeline(
     layer = [_layer_bytes(shape, quant, item, i) for i in range(n)]
     ends = whole - sum(layer)  # head, embedding row, final norm, rotary tables
     kv_layer = 2 * shape.num_key_value_heads * hd * context * item
-    spans = split_units(n, weights or [1.0] * stages, "layers")
+    check_world(tp)
+    spans = stage_spans(n, weights or [1.0] * stages, head_units(shape) if by_work else 0.0)
+    bus = calibration.bus_bandwidth_bytes_s or calibration.read_bandwidth_bytes_s
     ranks, compute = [], 0.0
     for s, (a, b) in enumerate(spans):
         w = sum(layer[a:b]) + (ends if s == stages - 1 else 0)
         if s == 0 and stages > 1:
             w += d * item  # the looked-up embedding row
         kv = (b - a) * kv_layer
-        stage_s = (w + kv) / (calibration.efficiency * calibration.read_bandwidth_bytes_s)
-        stage_s += (b - a) * calibration.layer_overhead_s
+        stage_s = max((w + kv) / tp / (calibration.efficiency * calibration.read_bandwidth_bytes_s),
+                      (w + kv) / bus if tp > 1 else 0.0)  # fmt: skip
+        share = 1.0 if calibration.cores is None else max(1.0, tp / calibration.cores)
+        stage_s += (b - a) * calibration.layer_overhead_s * share
+        if tp > 1:  # the stage's own collectives, between its ranks on one host
+            reduces = 2 * (b - a) + (1 if s == 0 else 0)
+            stage_s += reduces * (collective_s(local, "all_reduce", d * item, tp) + calibration.collective_overhead_s)
+            if s == stages - 1:
+                stage_s += collective_s(local, "all_gather", CANDIDATE_BYTES, tp)
         compute += stage_s
-        ranks.append(RankCost(s, s, w, kv, stage_s))
+        ranks += [RankCost(s * tp + r, s, (w + kv) // tp - kv // tp, kv // tp, stage_s) for r in range(tp)]
     collectives = (
         Collective("broadcast", d * 4, stages - 1),
         Collective("broadcast", 8, 1 if stages > 1 else 0),
-        Collective("broadcast_bytes", TICK_BYTES, 1),
+        Collective("broadcast_bytes", TICK_BYTES, stages),
     )
-    communication = sum(c.per_token * collective_s(link, c.op, c.nbytes, stages) for c in collectives)
+    world = stages * tp
+    communication = sum(c.per_token * collective_s(link, c.op, c.nbytes, world) for c in collectives)
     total = compute + communication
-    return Prediction(world=stages, link=link, compute_s=compute, communication_s=communication, total_s=total,
+    return Prediction(world=world, link=link, compute_s=compute, communication_s=communication, total_s=total,
                       tok_s=1.0 / total, ranks=tuple(ranks), collectives=collectives)  # fmt: skip
+
+
+def predict_streams(p: Prediction, streams: int, one_row_s: float, rows_s: float, pipeline: bool) -> float:
+    """Aggregate decode tok/s of `streams` sequences decoding together, from the one-sequence
+    prediction `p` (of `predict`, or of `predict_pipeline` with `pipeline`) and one node's measured
+    step seconds for one row and for `streams` rows: what a row adds to a step on this host, taken
+    as the same share of every rank's work. A step of r rows costs a rank's one-row compute times
+
+        grow(r) = 1 + (r - 1) / (streams - 1) x (rows_s / one_row_s - 1)
+
+    - one node or tensor parallel: every rank runs every row each step, the all-reduces carry r rows
+      and the sampler's all-gather runs once per sequence:
+          tok/s = streams / (compute x grow(streams) + communication)
+    - S pipeline stages (engine/flow.py): groups of g = ceil(streams / S) rows, each tick moves every
+      group one stage on, and a group's tokens come once every S ticks:
+          tick  = max over stages of (stage compute x grow(g)) + hand-overs of g rows + token and tick broadcasts
+          tok/s = streams / (S x tick)"""
+    if streams < 1 or one_row_s <= 0 or rows_s <= 0:
+        raise ConfigError(f"streams={streams}, one_row_s={one_row_s}, rows_s={rows_s}: expected positive values")
+
+    def grow(rows: int) -> float:
+        return 1 + (rows - 1) / max(streams - 1, 1) * (rows_s / one_row_s - 1)
+
+    world = p.world
+    if pipeline:
+        stages = len({r.host for r in p.ranks})  # a stage's ranks share its `host` index
+        g = -(-streams // stages)
+        tick_comm = 0.0
+        for c in p.collectives:
+            nbytes = c.nbytes * g if c.op == "broadcast" else c.nbytes
+            per_tick = 1 if c.op == "broadcast_bytes" else c.per_token  # one tick broadcast per tick
+            tick_comm += per_tick * collective_s(p.link, c.op, nbytes, world)
+        tick = max(r.compute_s for r in p.ranks) * grow(g) + tick_comm
+        return streams / (stages * tick)
+    comm = 0.0
+    for c in p.collectives:
+        if c.op == "all_reduce":
+            comm += c.per_token * collective_s(p.link, c.op, c.nbytes * streams, world)
+        elif c.op == "all_gather":
+            comm += c.per_token * streams * collective_s(p.link, c.op, c.nbytes, world)
+        else:
+            comm += c.per_token * collective_s(p.link, c.op, c.nbytes, world)
+    return streams / (p.compute_s * grow(streams) + comm)
 
 
 def _layer_bytes(shape: ModelShape, quant: Quant, item: int, i: int) -> int:

@@ -11,7 +11,9 @@ timeout and raises CommError naming the op and the ranks waited for, so a dead p
 Reductions sum in rank order 0..N-1 on every rank, so the result is bit-identical across ranks (and equal to
 `x0 + x1 + ...` computed in the tensor's own dtype). Tensors larger than `max_bytes`, of a dtype the fast
 path does not reduce, or not on the CPU go through torch.distributed's own collectives when a default
-process group is initialised (gloo on CPU, nccl on GPU), and raise CommError otherwise.
+process group of the same ranks is initialised (gloo on CPU, nccl on GPU); without one (a sub-group: a
+pipeline stage's ranks) a large contiguous CPU all-reduce or broadcast goes through in pieces of
+max_bytes, and anything else raises CommError.
 """
 
 from __future__ import annotations
@@ -122,7 +124,12 @@ class FastGroup:
         impl = self._live()
         if impl is None:
             return t
-        if t.device.type != "cpu" or t.dtype not in REDUCE_DTYPES or t.nbytes > self.max_bytes:
+        if self._chunked(t, t.dtype in REDUCE_DTYPES):
+            flat = t.view(-1)
+            step = self.max_bytes // t.element_size()
+            for i in range(0, flat.numel(), step):
+                impl.all_reduce(flat[i : i + step])
+        elif t.device.type != "cpu" or t.dtype not in REDUCE_DTYPES or t.nbytes > self.max_bytes:
             self._fallback("all_reduce", t, lambda x: dist.all_reduce(x))
         elif t.is_contiguous():
             impl.all_reduce(t.view(-1))
@@ -139,7 +146,11 @@ class FastGroup:
         impl = self._live()
         if impl is None:
             return t
-        if t.device.type != "cpu" or t.nbytes > self.max_bytes:
+        if self._chunked(t, True):
+            raw = _as_bytes(t)
+            for i in range(0, raw.numel(), self.max_bytes):
+                impl.broadcast(raw[i : i + self.max_bytes], src)
+        elif t.device.type != "cpu" or t.nbytes > self.max_bytes:
             self._fallback("broadcast", t, lambda x: dist.broadcast(x, src))
         elif t.is_contiguous():
             impl.broadcast(_as_bytes(t), src)
@@ -214,6 +225,12 @@ class FastGroup:
         if self._closed:
             raise CommError(f"fastcomm group (rank {self.rank}) is closed")
         return self._impl
+
+    def _chunked(self, t: torch.Tensor, fast_dtype: bool) -> bool:
+        """A contiguous CPU tensor larger than max_bytes that no process group of these ranks can
+        take (a sub-group: a pipeline stage's tensor-parallel ranks) goes through in pieces."""
+        big = t.nbytes > self.max_bytes and t.device.type == "cpu" and t.is_contiguous() and fast_dtype
+        return big and not _dist_ready(self.world_size, self.rank)
 
     def _check_src(self, src: int) -> None:
         if not 0 <= src < self.world_size:

@@ -8,8 +8,11 @@ so the collectives stay in the same order on all ranks). The last stage computes
 each token; it broadcasts the token, so every rank's batch advances alike
 (tp_ollama.engine.sharded_sampling.PipelineSampler).
 
-Rank r is stage r // tp (TP inside a stage is not built yet: tp is 1). Stage sizes follow per-stage
-weights (`--pp-weights`), as many layers as the weights say, at least one each.
+Rank r is stage r // tp; with tp > 1 (hybrid) the stage's tp ranks split its layers, embedding and
+head as tensor parallelism does, over a communicator of their own, and the stage's first rank hands
+the hidden states on. Stage sizes follow per-stage
+weights (`--pp-weights`): each stage's share of the work, the LM head counted on the last stage,
+at least one layer each (`stage_spans`).
 """
 
 from __future__ import annotations
@@ -37,7 +40,12 @@ class PipelineLayout:
     n_layers: int
 
     @classmethod
-    def build(cls, config: Any, stages: int, weights: Sequence[float] | None = None) -> PipelineLayout:
+    def build(
+        cls, config: Any, stages: int, weights: Sequence[float] | None = None, by_work: bool = True
+    ) -> PipelineLayout:
+        """`by_work`: the LM head counts on the last stage (`stage_spans`); False balances the layers
+        alone, which balances memory (a tied embedding sits on the first and the last stage alike):
+        under a memory budget."""
         n = int(config.num_hidden_layers)
         w = tuple(float(x) for x in (weights or [1.0] * stages))
         if stages < 1:
@@ -45,15 +53,41 @@ class PipelineLayout:
         check_weights(w, stages, "--pp-weights", f"there are {stages} stages", "stage")
         if stages > n:
             raise ConfigError(f"pipeline degree {stages} exceeds the model's {n} layers: use at most {n} stages")
-        return cls(stages, w, tuple(split_units(n, w, "layers")), n)
+        return cls(stages, w, tuple(stage_spans(n, w, head_units(config) if by_work else 0.0)), n)
 
     def describe(self, stage: int) -> dict[str, Any]:
         a, b = self.layers[stage]
         return {"stage": stage, "stages": self.stages, "layers": [a, b], "stage_weight": self.weights[stage]}
 
 
+def head_units(config: Any) -> float:
+    """The LM head's work per token in layers' work (multiply-adds: weights read alike): what the
+    last stage does beyond its layers. 0 for a config without the sizes it needs."""
+    try:
+        d, vocab, mlp = int(config.hidden_size), int(config.vocab_size), int(config.intermediate_size)
+        hd = int(getattr(config, "head_dim", None) or d // int(config.num_attention_heads))
+        q, kv = int(config.num_attention_heads) * hd, int(config.num_key_value_heads) * hd
+    except (AttributeError, TypeError, ValueError):
+        return 0.0
+    layer = d * (q + 2 * kv) + q * d + 3 * d * mlp
+    return vocab * d / layer
+
+
+def stage_spans(n_layers: int, weights: Sequence[float], head: float = 0.0) -> list[Span]:
+    """Contiguous layer ranges, each stage's work (its layers, and `head` layers' worth on the last)
+    in proportion to its weight, at least one layer each. With several sequences flowing through the
+    stages (engine/flow.py) the slowest stage sets the pace, so the last stage holds fewer layers
+    where the head is large: gemma3:270m's head does as much as 30 of its layers."""
+    total = n_layers + head
+    shares = [total * w / sum(weights) for w in weights]
+    shares[-1] -= head
+    return split_units(n_layers, [max(x, 1e-6) for x in shares], "layers")
+
+
 class AbsentAttention(nn.Module):
     """What the KV pool and the batch ask of a layer's attention that another stage holds."""
+
+    absent = True
 
     def __init__(self, window: int | None, head_dim: int) -> None:
         super().__init__()
@@ -76,6 +110,8 @@ class AbsentBlock(nn.Module):
 class Absent(nn.Module):
     """A module (embedding, norm, head) that only another stage holds."""
 
+    absent = True
+
     def forward(self, *args: Any) -> torch.Tensor:
         raise RuntimeError("a module of another pipeline stage ran here")
 
@@ -83,8 +119,12 @@ class Absent(nn.Module):
 class Stage:
     """This rank's place in the pipeline, and the hand-overs between stages."""
 
-    def __init__(self, layout: PipelineLayout, stage: int, comm: Comm, ranks_per_stage: int = 1) -> None:
+    def __init__(
+        self, layout: PipelineLayout, stage: int, comm: Comm, ranks_per_stage: int = 1, tp_comm: Comm | None = None
+    ) -> None:
         self.layout, self.index, self.comm = layout, stage, comm
+        # TP inside the stage (hybrid): its ranks' own communicator; the hand-overs stay on `comm`.
+        self.tp, self.tp_comm = ranks_per_stage, tp_comm
         self.first, self.last = stage == 0, stage == layout.stages - 1
         self.layers = range(*layout.layers[stage])
         self.sources = [s * ranks_per_stage for s in range(layout.stages)]  # each stage's first rank
@@ -132,10 +172,14 @@ def stage_of(model: nn.Module) -> Stage | None:
     return model.__dict__.get("pipeline")
 
 
-def apply_stage(model: nn.Module, layout: PipelineLayout, stage: int, comm: Comm) -> nn.Module:
+def apply_stage(
+    model: nn.Module, layout: PipelineLayout, stage: int, comm: Comm, tp: int = 1, tp_comm: Comm | None = None
+) -> nn.Module:
     """Cut a model (on the meta device) down to one stage: other stages' layers become AbsentBlock,
     the embedding stays on the first stage (and the last, where the head is tied to it), the final
-    norm and the head on the last. The stage runs through `Stage` (the families' hidden_states)."""
+    norm and the head on the last. The stage runs through `Stage` (the families' hidden_states).
+    With `tp` > 1 ranks per stage the stage's modules are then split among them as tensor
+    parallelism splits a whole model, over `tp_comm` (parallel/plans.py skips the absent ones)."""
     cfg: Any = model.config
     body: Any = model.model
     a, b = layout.layers[stage]
@@ -149,5 +193,5 @@ def apply_stage(model: nn.Module, layout: PipelineLayout, stage: int, comm: Comm
         body.norm = Absent()
         if getattr(model, "lm_head", None) is not None:
             model.lm_head = Absent()
-    model.__dict__["pipeline"] = Stage(layout, stage, comm)
+    model.__dict__["pipeline"] = Stage(layout, stage, comm, tp, tp_comm)
     return model

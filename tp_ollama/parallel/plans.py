@@ -155,14 +155,16 @@ PLANS = {
 
 def apply_plan(model: nn.Module, plan: dict[str, ShardStyle]) -> None:
     """Apply each style to every module whose dotted path matches its pattern, component by
-    component; a pattern that matches nothing is a plan written for other module names."""
+    component (but not to a module that another pipeline stage holds); a pattern that matches
+    nothing is a plan written for other module names."""
     used: set[str] = set()
     for name, module in list(model.named_modules()):
         atoms = name.split(".")
         for pattern, style in plan.items():
             parts = pattern.split(".")
             if len(parts) == len(atoms) and all(fnmatch.fnmatchcase(a, p) for a, p in zip(atoms, parts, strict=True)):
-                style.apply(module)
+                if not getattr(module, "absent", False):  # another pipeline stage's (parallel/pipeline.py)
+                    style.apply(module)
                 used.add(pattern)
     unused = [p for p in plan if p not in used]
     if unused:

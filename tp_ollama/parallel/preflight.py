@@ -76,11 +76,12 @@ def link_preflight(comm: Any, model: nn.Module, measured: dict[str, Any] | None 
 
 def choose_partitioning(comm: Any, config: Any, quant: Quant, dtype: str, memory_budget: int = 0) -> tuple[int, str]:
     """`inference.partitioning.strategy: auto`, on every rank of a group before it loads: measure the
-    link, predict decode over it as tensor parallel (every rank a share of every layer) and as
-    layer-wise stages (a stage per rank) with the cost model, and take the faster. Returns (pipeline
-    stages: 1 for tensor, the world size for layer-wise; the line saying why, on rank 0). Collective:
-    rank 0 decides for all. With a `memory_budget` (weight bytes per rank), only a split whose biggest
-    part fits is taken (the faster of those that do)."""
+    link, predict decode over it as tensor parallel (every rank a share of every layer), as layer-wise
+    stages (a stage per rank) and, where hosts run several ranks each, as hybrid (a stage per host, TP
+    among its ranks) with the cost model, and take the fastest. Returns (pipeline stages: 1 for
+    tensor, the world size for layer-wise, the host count for hybrid; the line saying why, on rank 0).
+    Collective: rank 0 decides for all. With a `memory_budget` (weight bytes per rank), only a split
+    whose biggest part fits is taken (the fastest of those that do)."""
     from tp_ollama.parallel.costmodel import Prediction
 
     world = comm.world_size
@@ -99,9 +100,17 @@ def choose_partitioning(comm: Any, config: Any, quant: Quant, dtype: str, memory
         except ConfigError:  # more ranks than heads
             pass
         try:
-            options["layerwise"] = predict_pipeline(shape, world, link, calibration, quant, dtype)
+            options["layerwise"] = predict_pipeline(shape, world, link, calibration, quant, dtype,
+                                                    by_work=not memory_budget)  # fmt: skip
         except ConfigError:  # more ranks than layers
             pass
+        hosts = world // local if world % local == 0 else 1
+        if 1 < hosts < world:
+            try:
+                options["hybrid"] = predict_pipeline(shape, hosts, link, calibration, quant, dtype, tp=local,
+                                                     by_work=not memory_budget)  # fmt: skip
+            except ConfigError:
+                pass
         if not options:
             raise ConfigError(f"{world} ranks can split this model neither by heads nor by layers")
         fits = {
@@ -110,11 +119,12 @@ def choose_partitioning(comm: Any, config: Any, quant: Quant, dtype: str, memory
             if not memory_budget or max(r.weight_bytes for r in p.ranks) <= memory_budget
         }
         best = max(fits or options, key=lambda k: options[k].tok_s)
-        decision.fill_(world if best == "layerwise" else 1)
+        decision.fill_({"tensor": 1, "layerwise": world, "hybrid": hosts}[best])
         one = predict(shape, 1, link, calibration, quant, dtype)
         others = ", ".join(f"{k} {p.tok_s:.1f}" for k, p in options.items() if k != best)
+        stages = f" ({hosts} stages of {local})" if best == "hybrid" else ""
         line = (
-            f"partitioning auto: {best} over {world} ranks, predicted {options[best].tok_s:.1f} tok/s "
+            f"partitioning auto: {best} over {world} ranks{stages}, predicted {options[best].tok_s:.1f} tok/s "
             f"({others}{', ' if others else ''}one node {one.tok_s:.1f}) over a link of {link.describe()}"
         )
     return int(comm.broadcast(decision, 0)[0]), line

@@ -7,6 +7,7 @@ import os
 from collections.abc import Sequence
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -41,12 +42,18 @@ def check_degrees(world_size: int, pp: int) -> int:
     """The TP degree inside each stage of a group of `world_size` ranks in `pp` stages."""
     if pp < 1 or world_size % pp:
         raise ConfigError(f"{world_size} ranks cannot form {pp} pipeline stages: the world size is tp x pp")
-    tp = world_size // pp
-    if pp > 1 and tp > 1:
-        raise ConfigError(
-            f"--tp {tp} inside each of --pp {pp} stages (hybrid) is not supported yet: use --tp alone or --pp alone"
-        )
-    return tp
+    return world_size // pp
+
+
+def _stage_shard(
+    model: nn.Module, stages: Any, stage: int, comm: Comm, layout: TPLayout, tp_comm: Comm | None
+) -> nn.Module:
+    """A pipeline stage's part of the model, split by tensor parallelism among its ranks if several."""
+    from tp_ollama.parallel.pipeline import apply_stage
+    from tp_ollama.parallel.plans import apply_tp
+
+    model = apply_stage(model, stages, stage, comm, layout.world_size, tp_comm)
+    return apply_tp(model, layout, tp_comm) if tp_comm is not None and tp_comm.world_size > 1 else model
 
 
 def rank_device(kind: str) -> torch.device:
@@ -70,21 +77,29 @@ def load_shard(
     identity: str | None = None,
     pp: int = 1,
     pp_weights: Sequence[float] | None = None,
+    stage_comm: Comm | None = None,
+    by_work: bool = True,
 ) -> tuple[nn.Module, TPLayout, Checkpoint]:
     """This rank's part of the model: the layout is validated from the config first, then only this
     rank's slices are read. A group of one loads the plain model, with no collectives on its path.
     `pp` > 1: the group is that many pipeline stages of world_size / pp ranks (tp_ollama.parallel.pipeline),
-    this rank holding its stage's layers. `ensure` and `identity`: see open_checkpoint. Returns
+    this rank holding its stage's layers, split among the stage's ranks over `stage_comm` (see
+    comm.stage_group) when there are several; `by_work`: see PipelineLayout.build. `ensure` and
+    `identity`: see open_checkpoint. Returns
     (model, the TP layout inside the stage, checkpoint)."""
     ckpt = open_checkpoint(path, ensure, identity)
     tp = check_degrees(comm.world_size, pp)
     layout = TPLayout.build(ckpt.config, tp, weights)
     shard = None
     if pp > 1:
-        from tp_ollama.parallel.pipeline import PipelineLayout, apply_stage
+        from tp_ollama.parallel.pipeline import PipelineLayout
 
-        stages = PipelineLayout.build(ckpt.config, pp, pp_weights)
-        shard = partial(apply_stage, layout=stages, stage=comm.rank // tp, comm=comm)
+        stages = PipelineLayout.build(ckpt.config, pp, pp_weights, by_work)
+        if tp > 1 and stage_comm is None:
+            raise ValueError(f"{tp} ranks per pipeline stage need the stage's communicator (comm.stage_group)")
+        shard = partial(
+            _stage_shard, stages=stages, stage=comm.rank // tp, comm=comm, layout=layout, tp_comm=stage_comm
+        )
     elif comm.world_size > 1:
         from tp_ollama.parallel.plans import apply_tp
 

@@ -25,7 +25,7 @@ def build(settings: Any) -> tuple[list[Any], Any]:
     c, i, a = settings.cluster, settings.inference, settings.api
     ft = i.fault_tolerance
     weights = ",".join(f"{w:g}" for w in i.tp_weights) if i.tp_weights else None
-    pp = i.partitioning.stages(c.world_size)
+    pp = i.partitioning.stages(c.world_size, c.nnodes)
     pp_weights = ",".join(f"{w:g}" for w in i.partitioning.pp_weights) if i.partitioning.pp_weights else None
     former = coordinator(settings) if c.nnodes > 1 else None
     engines = []
@@ -80,7 +80,7 @@ def coordinator(settings: Any) -> Any:
         generation=0, nnodes=c.nnodes, node_rank=0, master_addr=c.rendezvous_addr, master_port=0, comm=c.comm,
         join_timeout_s=c.join_timeout, max_running=i.max_concurrent,
         kv_cache_bytes=settings.performance.caching.size, prefix_cache=settings.performance.caching.enabled,
-        min_replicas=settings.models.replication.min_replicas, pp=i.partitioning.stages(c.world_size),
+        min_replicas=settings.models.replication.min_replicas, pp=i.partitioning.stages(c.world_size, c.nnodes),
         pp_weights=",".join(f"{w:g}" for w in i.partitioning.pp_weights) or None,
         strategy=i.partitioning.strategy, memory_budget=i.partitioning.memory_budget,
     )  # fmt: skip
