@@ -41,3 +41,29 @@ for mode in tp pp; do
        --node-rank \"\$NODE_RANK\" --master-addr \"\$MASTER_ADDR\" --master-port \"\$MASTER_PORT\" \
        --out ${out}_${mode}${nodes}.json"
 done
+
+# What `--strategy auto` picks over the same link, against the fastest of the runs above (single stream
+# and STREAMS streams), in ${out}_auto.json.
+log=$(mktemp)
+trap 'rm -f "$log"' EXIT
+launch/netns-cluster.sh --nodes "$nodes" --rate "$rate" --delay-us "$delay_us" --exec sh -c \
+  "exec taskset -c \"\$((NODE_RANK % $cores))\" env OMP_NUM_THREADS=1 tp-ollama launch '$model' 'The capital of France is' \
+     --strategy auto --num-predict 8 --temperature 0 --nnodes \"\$NNODES\" --node-rank \"\$NODE_RANK\" \
+     --master-addr \"\$MASTER_ADDR\" --master-port \"\$MASTER_PORT\"" >"$log" 2>&1
+python - "$log" "$out" "$nodes" <<'PY'
+import json, re, sys
+log, out, nodes = open(sys.argv[1]).read(), sys.argv[2], sys.argv[3]
+line = re.search(r'partitioning auto: [^"]*', log).group(0)
+picked = re.match(r"partitioning auto: (\w+)", line).group(1)
+runs = {"tensor": f"{out}_tp{nodes}.json", "layerwise": f"{out}_pp{nodes}.json", "one node": f"{out}_one.json"}
+measured = {}
+for name, path in runs.items():
+    r = json.load(open(path))["results"][0]
+    measured[name] = {"single_tok_s": r["decode_tok_s"], "streams_tok_s": r["streams"]["decode_tok_s"]}
+group = {k: v for k, v in measured.items() if k != "one node"}
+best = {m: max(group, key=lambda k: group[k][m]) for m in ("single_tok_s", "streams_tok_s")}
+report = {"line": line, "picked": picked, "measured": measured, "fastest_of_the_group": best,
+          "picked_the_fastest": all(b == picked for b in best.values())}
+json.dump(report, open(f"{out}_auto.json", "w"), indent=2)
+print(json.dumps(report, indent=2))
+PY

@@ -176,12 +176,13 @@ class EngineState:
             return job.pp
         from tp_ollama.checkpoints.loader import open_checkpoint, resolve_dtype
         from tp_ollama.checkpoints.quantize import auto_packings
-        from tp_ollama.parallel.preflight import choose_partitioning
+        from tp_ollama.parallel.preflight import choose_partitioning, measure_link
 
+        measured = measure_link(comm)  # first: reading a checkpoint's metadata leaves garbage to collect
         ckpt = open_checkpoint(files.path, files.hook, files.identity)
         dtype = str(resolve_dtype(cmd.dtype, rank_device(job.device), ckpt, cmd.quant)).removeprefix("torch.")
         quant = auto_packings(ckpt) if cmd.quant == "auto" else cmd.quant
-        pp, line = choose_partitioning(comm, ckpt.config, quant, dtype, job.memory_budget)
+        pp, line = choose_partitioning(comm, ckpt.config, quant, dtype, job.memory_budget, measured)
         if line:
             log.warning("%s", line)
         return pp
@@ -242,11 +243,15 @@ class EngineState:
         )
         if comm.rank == 0:
             heads = "/".join(str(b - a) for a, b in layout.q_heads)
+            stage = stage_of(model)
+            split = f"TP {layout.world_size}"
+            if stage is not None:
+                split = f"{stage.layout.stages} stages (layers {stage.layout.layers}) of {split}"
             log.info(
-                "loaded %s: TP %d (query heads %s), %s, decode: %s; KV cache %d blocks of %d tokens, "
+                "loaded %s: %s (query heads %s), %s, decode: %s; KV cache %d blocks of %d tokens, "
                 "up to %.0f MiB per rank, committed as used; %.2f s",
                 cmd.path,
-                world,
+                split,
                 heads,
                 precision_line(precision),
                 precision["decode"],

@@ -74,18 +74,21 @@ def link_preflight(comm: Any, model: nn.Module, measured: dict[str, Any] | None 
     return preflight_warning(one, group)
 
 
-def choose_partitioning(comm: Any, config: Any, quant: Quant, dtype: str, memory_budget: int = 0) -> tuple[int, str]:
+def choose_partitioning(
+    comm: Any, config: Any, quant: Quant, dtype: str, memory_budget: int = 0, measured: dict[str, Any] | None = None
+) -> tuple[int, str]:
     """`inference.partitioning.strategy: auto`, on every rank of a group before it loads: measure the
     link, predict decode over it as tensor parallel (every rank a share of every layer), as layer-wise
     stages (a stage per rank) and, where hosts run several ranks each, as hybrid (a stage per host, TP
     among its ranks) with the cost model, and take the fastest. Returns (pipeline stages: 1 for
     tensor, the world size for layer-wise, the host count for hybrid; the line saying why, on rank 0).
     Collective: rank 0 decides for all. With a `memory_budget` (weight bytes per rank), only a split
-    whose biggest part fits is taken (the fastest of those that do)."""
+    whose biggest part fits is taken (the fastest of those that do). `measured`: the link as
+    measure_link found it, when the caller measured it already."""
     from tp_ollama.parallel.costmodel import Prediction
 
     world = comm.world_size
-    measured = measure_link(comm)
+    measured = measured if measured is not None else measure_link(comm)
     decision = torch.zeros(1, dtype=torch.int64)
     line = ""
     if comm.rank == 0:
@@ -149,19 +152,23 @@ def measure_link(
 
     latency_us: p50 all-reduce time of `small_bytes`. bandwidth_gbs: (large - small) / (t_large - t_small)
     / 1e9 from the two p50s, so the fixed cost per call cancels. Without `iters`, rank 0 picks how many
-    pairs of calls fit in `budget_s` from one warm-up pair and tells the others (ranks must run the same
-    count); at least one pair is timed. Times are this rank's."""
+    pairs of calls fit in `budget_s` from a warm-up pair (after an untimed one) and tells the others
+    (ranks must run the same count); at least one pair is timed. Times are this rank's."""
     if not 4 <= small_bytes < large_bytes:
         raise ConfigError(f"measure_link sizes {small_bytes}, {large_bytes} are invalid: expected 4 <= small < large")
     small = torch.zeros(small_bytes // 4, device=device)  # zeros stay zeros: summing must not drift into inf
     large = torch.zeros(large_bytes // 4, device=device)
     # Large first: a rank leaves a large all-reduce before its peers have finished reading it, and the
     # next call waits for them, so a small call right after a large one would time the peers' lag.
+    # The first pair also waits for the slowest rank to arrive and opens the connections: untimed. The
+    # second says what a pair costs, for the count.
+    comm.all_reduce(large)
+    comm.all_reduce(small)
     warm = _timed(lambda: comm.all_reduce(large)) + _timed(lambda: comm.all_reduce(small))
     if iters is None:
         count = torch.zeros(1, dtype=torch.int64, device=device)
         if comm.rank == 0:
-            count.fill_(max(1, min(MAX_LINK_ITERS, int((budget_s - warm) / warm)) if warm > 0 else MAX_LINK_ITERS))
+            count.fill_(max(1, min(MAX_LINK_ITERS, int((budget_s - 2 * warm) / warm)) if warm > 0 else MAX_LINK_ITERS))
         n = int(comm.broadcast(count, 0)[0])
     elif iters < 1:
         raise ConfigError(f"measure_link iters {iters} is invalid: expected at least 1")
@@ -177,7 +184,7 @@ def measure_link(
         f"all_reduce of float32 over {transport} between {comm.world_size} ranks, p50 of {n} calls each of "
         f"{s_bytes} B (latency) and {l_bytes} B"
     )
-    if p_large > p_small:
+    if p_large > p_small * (1 + 1e-6):  # a difference within rounding is no difference
         bandwidth = (l_bytes - s_bytes) / (p_large - p_small) / 1e9
         method += f"; bandwidth = ({l_bytes} - {s_bytes}) B / (t_large - t_small)"
     else:  # noise swamped the difference: the whole large call is a lower bound on the link's speed
