@@ -6,8 +6,9 @@
 #
 #   bench/netns_layerwise.sh MODEL NAME [--nodes 2] [--streams 8] [--gen-tokens 64] [--rounds 2]
 #
-# Writes bench/results/netns_NAME_{one,tpK,ppK}.json (with .md and plots). Needs root. Namespaces beyond
-# the machine's cores share cores (node i runs on core i mod cores): their figures are not one core each.
+# Writes bench/results/netns_layerwise_NAME_{one,tpK,ppK,auto}.json (with .md and plots). Needs root.
+# Namespaces beyond the machine's cores share cores (node i runs on core i mod cores): their figures
+# are not one core each.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -27,7 +28,7 @@ while [[ $# -gt 0 ]]; do
   shift 2
 done
 export PATH=$PWD/.venv/bin:$PATH
-out=bench/results/netns_${name}
+out=bench/results/netns_layerwise_${name}
 common=(--streams "$streams" --gen-tokens "$gen" --rounds "$rounds" --no-progress)
 
 if [[ ! -f ${out}_one.json ]]; then

@@ -238,7 +238,7 @@ def test_streams_through_stages_keep_every_stage_busy_and_one_node_stays_itself(
 
 @pytest.mark.parametrize("stages", [1, 2], ids=["tensor", "layerwise"])
 def test_the_predictions_meet_the_network_namespace_measurements(stages):
-    """bench/results/netns_gemma3_*.json: gemma3:270m over two nodes at 0.5 ms and 1 Gbit/s, one stream
+    """bench/results/netns_layerwise_gemma3_*.json: gemma3:270m over two nodes at 0.5 ms and 1 Gbit/s, one stream
     and 8 together, predicted from the one-core single node's runs and the link each run measured,
     within 20%."""
     import json
@@ -249,8 +249,9 @@ def test_the_predictions_meet_the_network_namespace_measurements(stages):
     from tp_ollama.store.embedded import resolve_model
 
     results = Path(__file__).resolve().parents[2] / "bench" / "results"
-    one = json.loads((results / "netns_gemma3_one.json").read_text())
-    run = json.loads((results / f"netns_gemma3_{'pp2' if stages > 1 else 'tp2'}.json").read_text())["results"][0]
+    one = json.loads((results / "netns_layerwise_gemma3_one.json").read_text())
+    run = json.loads((results / f"netns_layerwise_gemma3_{'pp2' if stages > 1 else 'tp2'}.json").read_text())
+    run = run["results"][0]
     ckpt = open_checkpoint(resolve_model("gemma3:270m"))
     shape, quant = shape_of(ckpt.config), auto_packings(ckpt)
     ckpt.close()
