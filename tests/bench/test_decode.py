@@ -81,19 +81,28 @@ def test_decode_config_refuses_bad_values() -> None:
         DecodeConfig(tp=1, dtype="float32", quant="none", prompt_tokens=8, gen_tokens=1)
     with pytest.raises(ConfigError, match="pp 0 is invalid"):
         DecodeConfig(tp=1, dtype="float32", quant="none", prompt_tokens=8, gen_tokens=4, pp=0)
+    with pytest.raises(ConfigError, match="streams 0 is invalid"):
+        DecodeConfig(tp=1, dtype="float32", quant="none", prompt_tokens=8, gen_tokens=4, streams=0)
 
 
 def test_pipeline_stages_are_measured_each_holding_part_of_the_model(checkpoint: Path) -> None:
+    """Stages, one request and 4 together: the 4 flow through the stages, which work in the same ticks."""
     report = run_decode(str(checkpoint), tp=[1], pp=[1, 3], dtypes=["float32"], prompt_tokens=[8], gen_tokens=[6],
-                        read_bandwidth=False, progress=False)  # fmt: skip
+                        read_bandwidth=False, progress=False, streams=4)  # fmt: skip
     assert report is not None
     bench_schema.validate(report)
     one, staged = report["results"]
     assert (
         "pp" not in one["config"]
         and staged["config"]["pp"] == 3
-        and staged["target"] == "tp-ollama tp=1 pp=3 auto/float32"
+        and staged["config"]["streams"] == 4
+        and staged["target"] == "tp-ollama tp=1 pp=3 auto/float32 x4 streams"
     )
+    for r in (one, staged):
+        together = r["streams"]
+        assert together["streams"] == 4 and together["rounds"][0]["tokens"] == 4 * 6
+        assert together["aggregate_tok_s"] > 0 and together["predicted_tok_s"] is None  # no calibration here
+    assert staged["streams"]["rounds"][0]["full_ticks"] > 0  # all three stages busy at once
     whole, stages = one["bandwidth"]["bytes_per_token"][0], staged["bandwidth"]["bytes_per_token"]
     assert len(stages) == 3 and all(s < 0.75 * whole for s in stages)
     assert any(n.startswith(f"{staged['target']}: no prediction") for n in report["notes"])  # no calibration here

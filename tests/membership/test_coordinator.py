@@ -262,3 +262,19 @@ async def test_close_says_bye_to_every_node():
     agent, _ = await Agent.join(port, 1)
     await c.close()
     assert await agent.read() == wire.Bye()
+
+
+def test_a_smaller_group_keeps_a_stage_per_rank_or_per_node_or_what_divides_it():
+    """Pipeline stages after a re-shard: a stage per rank stays one per rank, a stage per node (hybrid)
+    one per node, other counts the most that still divide the ranks left."""
+
+    def stages(nnodes: int, nproc: int, pp: int, world: int, up: int) -> int:
+        template = wire.Form(generation=0, nnodes=nnodes, node_rank=0, master_addr="127.0.0.1", master_port=0, pp=pp)
+        c = coordinator(0, nnodes=nnodes, nproc=nproc, form_template=template)
+        return c._stages(world, up)
+
+    assert stages(3, 1, 3, 3, 3) == 3  # every rank kept: as configured
+    assert stages(3, 1, 3, 2, 2) == 2  # a stage per rank
+    assert stages(3, 2, 3, 4, 2) == 2  # a stage per node, TP 2 inside: 2 nodes left
+    assert stages(2, 4, 4, 6, 2) == 3  # 4 stages over 8 ranks, 6 left: 3 stages of 2
+    assert stages(2, 2, 1, 2, 1) == 1  # tensor parallel stays so

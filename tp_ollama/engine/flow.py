@@ -50,9 +50,11 @@ class Flow:
         return {seq.request.id for lane in self.waiting for seq in lane}
 
     def quota(self, ready: int, dropped: set[str]) -> int:
-        """How many of `ready` sequences enter this tick: an even share of all decoding ones per stage."""
-        flying = len(self.flying() - dropped)
-        return -(-(ready + flying) // self.stages)
+        """How many of `ready` sequences enter this tick: an even share over the stage positions no group
+        holds yet (4 sequences over 3 stages form groups of 2, 1 and 1; once every position holds a
+        group, the ready ones are the group whose turn it is, and all enter)."""
+        held = sum(any(seq.request.id not in dropped for seq in lane) for lane in self.waiting)
+        return -(-ready // (self.stages - held))
 
     def drop(self, rid: str) -> None:
         """A sequence leaves between stages (cancelled): its row goes from the hidden states it had."""

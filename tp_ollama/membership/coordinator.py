@@ -216,7 +216,7 @@ class Coordinator:
             )  # fmt: skip
             log.info("generation %d: %d of %d nodes, world size %d, ranks by node %s", gen, nnodes, self.nnodes, world,
                      placement)  # fmt: skip
-            return Formation(gen, nnodes, port, weights, world, placement[0], self._stages(world))
+            return Formation(gen, nnodes, port, weights, world, placement[0], self._stages(world, nnodes))
 
     def _form(
         self, gen: int, nnodes: int, place: int, port: int, weights: str | None, ranks: tuple[int, ...], world: int
@@ -226,17 +226,22 @@ class Coordinator:
             generation=gen, nnodes=nnodes, node_rank=place, master_addr=self.master_addr, master_port=port,
             ranks=ranks, world_size=world, comm=t.comm, device=t.device, tp_weights=weights,
             join_timeout_s=t.join_timeout_s, max_running=t.max_running, kv_cache_bytes=t.kv_cache_bytes,
-            prefix_cache=t.prefix_cache, min_replicas=t.min_replicas, pp=self._stages(world), pp_weights=t.pp_weights,
-            strategy=t.strategy, memory_budget=t.memory_budget,
+            prefix_cache=t.prefix_cache, min_replicas=t.min_replicas, pp=self._stages(world, nnodes),
+            pp_weights=t.pp_weights, strategy=t.strategy, memory_budget=t.memory_budget,
         )  # fmt: skip
 
-    def _stages(self, world: int) -> int:
-        """Pipeline stages of a group of `world` ranks: as configured while every rank is kept; a
-        re-sharded smaller group makes each of its ranks a stage when every rank was one."""
+    def _stages(self, world: int, nnodes: int) -> int:
+        """Pipeline stages of a group of `world` ranks on `nnodes` nodes: as configured while every rank
+        is kept; a re-sharded smaller group makes each of its ranks a stage when every rank was one,
+        and each of its nodes when every node was one (hybrid); else as many stages as still divide it."""
         pp = self.template.pp
-        if pp > 1 and world != self.configured_world_size and pp == self.configured_world_size:
+        if pp <= 1 or world == self.configured_world_size:
+            return pp
+        if pp == self.configured_world_size:
             return world
-        return pp
+        if pp == self.nnodes and world % nnodes == 0:
+            return nnodes
+        return max(d for d in range(1, min(pp, world) + 1) if world % d == 0)
 
     async def _fence(self, gen: int) -> None:
         """Every member's ranks of generation `gen` or older are gone (or the member is dropped)."""
