@@ -22,7 +22,7 @@ def _options(i: int) -> GenerationOptions:
 
 def flow_runs(path: str, pp: int, dtype: str, quant: str) -> dict[str, object]:
     comm = join_group("auto", 60)
-    engine = DirectEngine(EngineJob(kv_cache_bytes=None, pp=pp, timeout_s=60), comm)
+    engine = DirectEngine(EngineJob(kv_cache_bytes=None, pp=pp, timeout_s=60, prefix_cache=False), comm)
     engine.load(path, dtype=dtype, num_ctx=96, quant=quant)
     prompts = [prompt_ids(4 + 5 * i, seed=i) for i in range(5)]
     options = [_options(i) for i in range(5)]
@@ -34,6 +34,21 @@ def flow_runs(path: str, pp: int, dtype: str, quant: str) -> dict[str, object]:
     full_together = flow.full_ticks
     cancelled = engine.generate_all(prompts, options, cancel_after={1: 4, 2: 7})
     left = sorted(flow.flying())
+    # A long prompt in chunks of 48: through the stages in turn (no flow), then flowing, chunk after chunk.
+    long, greedy = prompt_ids(200, seed=9), GenerationOptions(sampling=SamplingOptions(temperature=0), num_predict=8)
+    engine.state.fit_kv(len(long) + 8, *(len(p) + o.num_predict for p, o in zip(prompts[:2], options[:2], strict=True)))
+    if engine.state.planner is not None:  # rank 0's
+        engine.state.planner.chunk = 48
+    batch = engine.state.batch
+    flow = batch.flow  # type: ignore[union-attr]
+    batch.flow = None  # type: ignore[union-attr]
+    in_turn = engine.generate_all([long], [greedy])
+    batch.flow = flow  # type: ignore[union-attr]
+    before = flow.full_ticks
+    flowing = engine.generate_all([long], [greedy])
+    full_long = flow.full_ticks - before
+    # Several prompts, long and short, flowing together with decoding ones.
+    mixed = engine.generate_all([long, *prompts[:2]], [greedy, *options[:2]])
     decode = engine.state.loaded.precision["decode"]  # type: ignore[union-attr]
     if comm.rank == 0:
         engine.close()
@@ -41,7 +56,8 @@ def flow_runs(path: str, pp: int, dtype: str, quant: str) -> dict[str, object]:
         engine.follow()
     comm.close()
     return {"alone": alone, "together": together, "cancelled": cancelled, "full_alone": full_alone,
-            "full_together": full_together, "left": left, "decode": decode}  # fmt: skip
+            "full_together": full_together, "left": left, "decode": decode, "in_turn": in_turn,
+            "flowing": flowing, "full_long": full_long, "mixed": mixed}  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -78,4 +94,9 @@ def test_requests_flowing_through_the_stages_get_their_own_tokens(checkpoints, k
     assert cancelled[1] == alone[1][:4] and cancelled[2] == alone[2][:7]
     assert [cancelled[i] for i in (0, 3, 4)] == [alone[i] for i in (0, 3, 4)]
     assert first["left"] == []
+    # A long prompt's chunks flow: stages work on two chunks at once, and the tokens are those of the
+    # stages taking the prompt in turn.
+    assert first["flowing"] == first["in_turn"] and len(first["flowing"][0]) == 8
+    assert first["full_long"] >= 1
+    assert first["mixed"] == [first["in_turn"][0], *alone[:2]]
     assert (first["decode"] == "native") == (quant == "int8"), first["decode"]

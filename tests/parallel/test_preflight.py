@@ -19,7 +19,14 @@ from tests import tiny
 from tp_ollama.errors import ConfigError
 from tp_ollama.launch import free_port
 from tp_ollama.parallel import preflight
-from tp_ollama.parallel.preflight import measure_link, model_packings, read_bandwidth_gbs, spans_hosts
+from tp_ollama.parallel.preflight import (
+    measure_link,
+    measure_stage_weights,
+    model_packings,
+    read_bandwidth_gbs,
+    spans_hosts,
+    stage_weights,
+)
 
 
 @pytest.fixture(scope="module")
@@ -181,3 +188,22 @@ def test_read_bandwidth_is_a_rate_and_checks_its_arguments():
     assert gbs < 10_000
     with pytest.raises(ValueError, match="nbytes >= 256"):
         read_bandwidth_gbs(nbytes=8)
+
+
+def test_stage_weights_follow_measured_speeds_and_ignore_noise():
+    assert stage_weights([10.0, 9.0], 2) is None  # within 15%: equal stages
+    assert stage_weights([10.0, 5.0], 2) == (1.0, 0.5)  # node 1 reads half as fast: half the work
+    assert stage_weights([4.0, 4.0, 10.0, 10.0], 2) == (0.4, 1.0)  # a stage's ranks add up (hybrid)
+    assert stage_weights([100.0, 1.0, 50.0], 3) == (1.0, 0.1, 0.5)  # never below a tenth
+
+
+def test_stage_weights_are_not_measured_on_one_host():
+    """Ranks of one machine share its memory bus: no measurement, equal stages."""
+
+    class OneHost:  # a test double of a two-rank communicator whose ranks run on this machine
+        rank, world_size = 0, 2
+
+        def all_gather(self, t: torch.Tensor) -> torch.Tensor:
+            return torch.stack([t, t])
+
+    assert measure_stage_weights(OneHost(), 2) is None

@@ -178,15 +178,24 @@ def test_defaults_at_tp2_decode_natively_and_a_batch_gives_each_its_own_tokens(t
         proc.wait(timeout=60)
 
 
-def test_tp_inside_two_stages_serves_the_unsharded_text_to_many_at_once(tmp_path):
-    """`serve --tp 2 --pp 2` (hybrid: 4 ranks, TP 2 inside each of 2 stages), float32: the greedy text of
-    one process, requests together get what each gets alone, and the layout says who holds what."""
+STAGED = {
+    "tp2-pp2": (["--tp", "2", "--pp", "2"], [[0, 19], [0, 19], [19, 30], [19, 30]]),
+    "pp3": (["--pp", "3"], [[0, 13], [13, 26], [26, 30]]),
+}
+
+
+@pytest.mark.parametrize("group", list(STAGED))
+def test_stages_serve_the_unsharded_text_to_many_at_once(tmp_path, group):
+    """`serve --tp 2 --pp 2` (hybrid: 4 ranks, TP 2 inside each of 2 stages) and `serve --pp 3`, float32:
+    the greedy text of one process, requests together get what each gets alone, and the layout says
+    who holds what."""
+    flags, layers = STAGED[group]
     port = free_port()
     env = {**os.environ, "OLLAMA_MODELS": str(tmp_path), "OMP_NUM_THREADS": "1", "OLLAMA_NUM_PARALLEL": "4"}
     env.pop("OLLAMA_HOST", None)
     log = tmp_path / "serve.log"
     with log.open("w") as sink:
-        cmd = [sys.executable, "-m", "tp_ollama", "serve", "--port", str(port), "--tp", "2", "--pp", "2",
+        cmd = [sys.executable, "-m", "tp_ollama", "serve", "--port", str(port), *flags,
                "--dtype", "float32", "--quant", "none"]  # fmt: skip
         proc = subprocess.Popen(cmd, env=env, stdout=sink, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
@@ -206,9 +215,10 @@ def test_tp_inside_two_stages_serves_the_unsharded_text_to_many_at_once(tmp_path
         with ThreadPoolExecutor(4) as pool:
             assert list(pool.map(one, prompts)) == alone
         layout = httpx.get(f"{url}/api/distributed/models").json()["models"][0]["layout"]
-        assert [r["layers"] for r in layout] == [[0, 19], [0, 19], [19, 30], [19, 30]]
-        heads = [(r["attention_heads"]["start"], r["attention_heads"]["end"]) for r in layout]
-        assert heads == [(0, 5), (5, 9), (0, 5), (5, 9)]  # TP inside each stage
+        assert [r["layers"] for r in layout] == layers
+        if group == "tp2-pp2":
+            heads = [(r["attention_heads"]["start"], r["attention_heads"]["end"]) for r in layout]
+            assert heads == [(0, 5), (5, 9), (0, 5), (5, 9)]  # TP inside each stage
     finally:
         proc.send_signal(signal.SIGINT)
         proc.wait(timeout=60)

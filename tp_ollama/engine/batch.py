@@ -34,7 +34,7 @@ import torch
 from torch import nn
 
 from tp_ollama.engine.constraint import Constraint
-from tp_ollama.engine.flow import Flow
+from tp_ollama.engine.flow import Chunk, Flow
 from tp_ollama.engine.options import GenerationOptions
 from tp_ollama.engine.paged_kv import BlockPool, SequenceKV
 from tp_ollama.engine.protocol import FinalStats, Plan, Request
@@ -53,6 +53,7 @@ class Running:
     constraint: Constraint | None
     history: list[int]
     written: int  # positions whose keys and values are in the pool
+    entered: int  # prompt positions handed to the model (past `written` while chunks flow through stages)
     limit: int  # tokens it may still generate: num_predict and num_ctx
     cached: int = 0  # prompt tokens taken from the prefix cache
     generated: int = 0
@@ -189,7 +190,7 @@ class Batch:
             self._start(request)
         fresh: list[tuple[Running, torch.Tensor]] = []  # sequences with logits to sample from
         comm_before = self._comm_seconds()
-        for rid, n in plan.prefill:
+        for rid, n in plan.prefill if self.flow is None else []:
             seq = self.running[rid]
             row = self._prefill(seq, n)
             if row is not None and seq.request.resumed:
@@ -197,10 +198,8 @@ class Batch:
             if row is not None:
                 fresh.append((seq, row))
         decoding = [self.running[rid] for rid in plan.decode]
-        if self.flow is not None:  # pipeline stages: each tick moves every group of sequences one stage on
-            for seq, token in self.flow.tick(decoding):
-                self._commit([seq], [seq.pending])
-                events.append(self._accept(seq, token))
+        if self.flow is not None:  # pipeline stages: each tick moves every group and chunk one stage on
+            events += self._flow(decoding, [(self.running[rid], n) for rid, n in plan.prefill])
         elif decoding:
             logits = self._decode(decoding)
             fresh += list(zip(decoding, logits, strict=True))
@@ -228,6 +227,7 @@ class Batch:
             constraint=self.constraint_factory(request) if request.constrained else None,
             history=list(request.prompt),
             written=cached,
+            entered=cached,
             cached=cached,
             limit=limit,
         )
@@ -255,9 +255,64 @@ class Batch:
             hidden = self.model.hidden_states(ids, positions, cache)  # type: ignore[operator]
             seq.kv.commit(prompt[start : start + n])
             seq.written += n
+            seq.entered = seq.written
             row = None if seq.prefilling else self.model.logits(hidden[:, n - 1]).float()[0]  # type: ignore[operator]
         seq.prompt_ns += time.perf_counter_ns() - t0
         return row
+
+    def _flow(self, decoding: list[Running], prefill: list[tuple[Running, int]]) -> list[Event]:
+        """A tick through pipeline stages (engine/flow.py). A resumed request's prompt goes through the
+        stages in turn instead, its given tokens replayed as `_resume` does."""
+        events, chunks = [], []
+        for seq, n in prefill:
+            if seq.request.resumed:
+                row = self._prefill(seq, n)
+                if row is not None:
+                    events.append(self._sample(seq, self._resume(seq)))
+            else:
+                chunks.append(self._chunk(seq, n))
+        assert self.flow is not None
+        comm_before = self._comm_seconds()
+        finished = self.flow.tick(decoding, chunks)
+        for done in finished:  # the tick's time in collectives, shared by what left the last stage
+            done.seq.comm_s += (self._comm_seconds() - comm_before) / len(finished)
+        for done in finished:
+            seq, chunk = done.seq, done.chunk
+            if chunk is not None:
+                seq.kv.commit(seq.request.prompt[chunk.start : chunk.start + chunk.n])
+                seq.written += chunk.n
+                seq.prompt_ns += time.perf_counter_ns() - chunk.t0_ns
+            else:
+                self._commit([seq], [seq.pending])
+            if done.token is not None:
+                events.append(self._accept(seq, done.token))
+        return events
+
+    def _chunk(self, seq: Running, n: int) -> Chunk:
+        """The next `n` prompt tokens of a sequence entering the stages, its KV room reserved (padded
+        as `_prefill` pads)."""
+        prompt = seq.request.prompt
+        start = seq.entered
+        n = min(n, len(prompt) - start)
+        ahead = start - seq.written  # chunks of it still in flight
+        if not seq.kv.reserve(ahead + n):
+            raise RuntimeError(f"the KV pool could not hold {n} more tokens of request {seq.request.id}")
+        rows = max(n, min(ROW_INVARIANT_ROWS, positions_needed(len(prompt), seq.request.options) - start))
+        if rows > n and not seq.kv.reserve(ahead + rows):
+            rows = n
+        seq.entered += n
+        return Chunk(seq, start, n, rows, time.perf_counter_ns())
+
+    def chunk_rows(self, chunk: Chunk) -> torch.Tensor:
+        """A prompt chunk through the model (this rank's stage, where it runs alone): (1, rows, H)."""
+        tokens = chunk.seq.request.prompt[chunk.start : chunk.start + chunk.n]
+        tokens = tokens + tokens[-1:] * (chunk.rows - chunk.n)
+        ids = torch.tensor([tokens], dtype=torch.long, device=self.device)
+        positions = torch.arange(chunk.start, chunk.start + chunk.rows, dtype=torch.long, device=self.device)[None]
+        cache = PagedBatchCache(self.pool, [chunk.seq.kv], [chunk.start], [chunk.rows], self.windows)
+        with prefill_numerics():
+            hidden: torch.Tensor = self.model.hidden_states(ids, positions, cache)  # type: ignore[operator]
+        return hidden
 
     def _resume(self, seq: Running) -> torch.Tensor:
         """A resumed request, its prompt just prefilled: its given tokens go through the model as the
@@ -412,11 +467,13 @@ class Planner:
         live = [s for rid, s in batch.running.items() if rid not in dropped]
         # Prompt chunks, oldest request first, up to `chunk` tokens in all (at least one chunk).
         budget = self.chunk
-        todo = [(s.request.id, len(s.request.prompt) - s.written) for s in live if s.prefilling]
+        todo = [(s.request.id, len(s.request.prompt) - s.entered) for s in live if s.prefilling]
         todo += [(r.id, len(r.prompt) - self.pool.cached_prefix(r.prompt)) for r in plan.add]
         for rid, left in todo:
             if budget <= 0:
                 break
+            if left <= 0:  # the rest of its prompt is flowing through the stages
+                continue
             n = min(left, budget)
             plan.prefill.append((rid, n))
             budget -= n

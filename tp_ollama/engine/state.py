@@ -54,7 +54,7 @@ from tp_ollama.parallel.comm import Comm, stage_group
 from tp_ollama.parallel.facts import rank_facts
 from tp_ollama.parallel.layout import TPLayout
 from tp_ollama.parallel.pipeline import Stage, stage_of
-from tp_ollama.parallel.preflight import link_preflight
+from tp_ollama.parallel.preflight import link_preflight, measure_stage_weights
 from tp_ollama.parallel.shard import load_shard, rank_device
 
 log = logging.getLogger(__name__)
@@ -128,9 +128,14 @@ class EngineState:
         tp = self.comm.world_size // pp
         if pp > 1 and tp > 1:  # hybrid: TP among each stage's ranks, over a communicator of their own
             self.stage_comm = stage_group(self.comm, job.comm, tp, job.timeout_s)
+        pp_weights = job.pp_weights if pp == job.pp else None
+        if pp > 1 and pp_weights is None:  # nodes of different speeds: the faster ones take more layers
+            pp_weights = measure_stage_weights(self.comm, pp)
+            if pp_weights is not None and self.comm.rank == 0:
+                log.warning("stage weights measured (read bandwidth per stage): %s", ",".join(map(str, pp_weights)))
         model, layout, ckpt = load_shard(
             files.path, self.comm, cmd.dtype, job.device, job.tp_weights, cmd.quant, files.hook, files.identity,
-            pp, job.pp_weights if pp == job.pp else None, self.stage_comm, not job.memory_budget,
+            pp, pp_weights, self.stage_comm, not job.memory_budget,
         )  # fmt: skip
         del ckpt
         files.flush()

@@ -6,6 +6,7 @@ The two probes (measure_link, read_bandwidth_gbs) are also what the benchmarks m
 
 from __future__ import annotations
 
+import hashlib
 import os
 import statistics
 import subprocess
@@ -131,6 +132,36 @@ def choose_partitioning(
             f"({others}{', ' if others else ''}one node {one.tok_s:.1f}) over a link of {link.describe()}"
         )
     return int(comm.broadcast(decision, 0)[0]), line
+
+
+SAME_SPEED = 0.15  # stages whose measured speeds differ by less than this share the work evenly
+
+
+def measure_stage_weights(comm: Any, stages: int) -> tuple[float, ...] | None:
+    """Stage weights for `--pp` without `--pp-weights`, measured on every rank of a group before it
+    loads: each rank's read bandwidth with its own threads (what a decode step is bound by), a stage's
+    the sum of its ranks'. None (equal stages) when the group runs on one host, whose ranks share one
+    memory bus, or when the stages measure within SAME_SPEED of each other. Collective."""
+    from tp_ollama.parallel.fastcomm_base import host_id
+
+    mine = int.from_bytes(hashlib.blake2b(host_id().encode(), digest_size=7).digest(), "little")
+    hosts = comm.all_gather(torch.tensor([mine], dtype=torch.int64)).reshape(-1).tolist()
+    if len(set(hosts)) == 1:
+        return None
+    gbs = read_bandwidth_gbs(threads=torch.get_num_threads(), nbytes=PROBE_BYTES, tries=2)
+    speeds = comm.all_gather(torch.tensor([gbs], dtype=torch.float64)).reshape(-1).tolist()
+    return stage_weights(speeds, stages)
+
+
+def stage_weights(speeds: list[float], stages: int) -> tuple[float, ...] | None:
+    """Per-stage weights from each rank's measured speed (ranks in stage order, world / stages each),
+    rounded to tenths of the fastest; None when they are within SAME_SPEED of each other."""
+    tp = len(speeds) // stages
+    per_stage = [sum(speeds[s * tp : (s + 1) * tp]) for s in range(stages)]
+    fastest = max(per_stage)
+    if min(per_stage) >= (1 - SAME_SPEED) * fastest:
+        return None
+    return tuple(max(0.1, round(x / fastest, 1)) for x in per_stage)
 
 
 def _timed(call: Any) -> float:
