@@ -37,7 +37,7 @@ class WorkerJob:
     tp_weights: tuple[float, ...] | None = None
     pp: int = 1  # pipeline stages; the ranks are tp x pp
     pp_weights: tuple[float, ...] | None = None
-    strategy: str = "tensor"  # "auto": the cost model picks tensor or layer-wise at load
+    strategy: str = "tensor"  # "auto": the cost model picks tensor, layer-wise or hybrid at load
     memory_budget: int = 0  # the most weight bytes a rank may hold (0: no limit)
     comm: str = "auto"
     device: str = "cpu"  # "cpu" or "cuda[:FIRST]" (see rank_device)

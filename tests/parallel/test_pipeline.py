@@ -3,19 +3,16 @@ uneven stage weights) of every tiny family against the whole model, position by 
 
 from __future__ import annotations
 
-from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
 import pytest
 
-from tests.parallel.tp_entry import pipeline_runs, whole_model_reference
-from tests.tiny import MODEL_TYPES, make_hf_model, prompt_ids, save_hf
+from tests.parallel.tp_entry import N_PROMPT, pipeline_runs
+from tests.tiny import MODEL_TYPES, prompt_ids
 from tp_ollama.errors import ConfigError
 from tp_ollama.launch import Cluster, run_workers
 from tp_ollama.parallel.pipeline import PipelineLayout
-
-N_PROMPT = 20
 
 
 def test_stages_take_contiguous_layers_in_proportion_to_their_weights():
@@ -34,17 +31,6 @@ def test_a_stage_layout_that_cannot_be_is_refused_with_what_would_do():
         PipelineLayout.build(cfg, 2, (2.0,))
     with pytest.raises(ConfigError, match="--pp-weights must all be > 0, got 1,0"):
         PipelineLayout.build(cfg, 2, (1.0, 0.0))
-
-
-@pytest.fixture(scope="module")
-def checkpoints(tmp_path_factory) -> dict[str, Path]:
-    return {kind: save_hf(make_hf_model(kind), tmp_path_factory.mktemp(kind)) for kind in MODEL_TYPES}
-
-
-@pytest.fixture(scope="module")
-def reference(checkpoints) -> dict[str, dict]:
-    """The whole model's logits position by position and greedy tokens."""
-    return whole_model_reference(checkpoints, prompt_ids(N_PROMPT + 16), N_PROMPT)
 
 
 @pytest.mark.parametrize(

@@ -3,31 +3,17 @@ the unsharded model, position by position."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import pytest
 
-from tests.parallel.tp_entry import sharded_runs, whole_model_reference
-from tests.tiny import MODEL_TYPES, make_hf_model, prompt_ids, save_hf
+from tests.parallel.tp_entry import N_PROMPT, sharded_runs
+from tests.tiny import MODEL_TYPES, prompt_ids
 from tp_ollama.launch import Cluster, run_workers
 
-N_PROMPT = 20
 # (world size, weights): 4 query heads / 2 KV heads in every tiny model, so
 # tp=2 -> 2/2 heads; tp=3 -> 2/1/1 (ranks 1 and 2 share KV head 1); tp=4 > n_kv (replication);
 # weights 3,1 -> 3/1, rank 0's heads straddle both KV groups.
 LAYOUTS = [(2, None), (3, None), (4, None), (2, (3.0, 1.0))]
-
-
-@pytest.fixture(scope="module")
-def checkpoints(tmp_path_factory) -> dict[str, Path]:
-    return {kind: save_hf(make_hf_model(kind), tmp_path_factory.mktemp(kind)) for kind in MODEL_TYPES}
-
-
-@pytest.fixture(scope="module")
-def reference(checkpoints) -> dict[str, dict]:
-    """TP=1 logits position by position and greedy tokens (validated against transformers elsewhere)."""
-    return whole_model_reference(checkpoints, prompt_ids(N_PROMPT + 16), N_PROMPT)
 
 
 @pytest.mark.parametrize(("world", "weights"), LAYOUTS, ids=["tp2", "tp3", "tp4", "tp2-weighted"])

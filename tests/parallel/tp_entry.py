@@ -20,6 +20,8 @@ from tp_ollama.parallel.layout import TPLayout
 from tp_ollama.parallel.plans import apply_tp
 from tp_ollama.parallel.shard import rank_device
 
+N_PROMPT = 20  # prompt tokens of the reference runs; 16 more follow one a step
+
 
 def whole_model_reference(checkpoints: dict[str, Path], tokens: list[int], n_prompt: int) -> dict[str, dict]:
     """Per checkpoint, unsharded in this process: the logits at every position (one prefill, then one

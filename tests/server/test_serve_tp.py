@@ -5,14 +5,16 @@ embeddings, the cluster endpoints and /metrics."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -149,33 +151,14 @@ def test_stopping_the_server_stops_every_rank(tmp_path, stop_signal):
 def test_defaults_at_tp2_decode_natively_and_a_batch_gives_each_its_own_tokens(tmp_path, group):
     """`serve --tp 2` (and `--pp 2`) with no other flags: the file's own precision, decode steps through
     the native kernels on both ranks, and requests decoding together get the tokens each gets alone."""
-    port = free_port()
-    env = {**os.environ, "OLLAMA_MODELS": str(tmp_path), "OMP_NUM_THREADS": "1", "OLLAMA_NUM_PARALLEL": "4"}
-    log = tmp_path / "serve.log"
-    with log.open("w") as sink:
-        proc = subprocess.Popen([sys.executable, "-m", "tp_ollama", "serve", "--port", str(port), *GROUPS[group]],
-                                env=env, stdout=sink, stderr=subprocess.STDOUT)  # fmt: skip
-    url = f"http://127.0.0.1:{port}"
-    try:
-        wait_until(lambda: _answers(url), STARTUP_S, what="the server answering")
+    with _serving(tmp_path, GROUPS[group]) as (url, log):
         prompts = ["The capital of France is", "def fibonacci(n):", "Once upon a time", "1, 2, 3, 4,"]
-        options = {"temperature": 0, "num_predict": 12}
-
-        def one(prompt: str) -> str:
-            with ollama.Client(host=url) as client:
-                return client.generate(model="smollm2:135m", prompt=prompt, raw=True, options=options).response
-
-        alone = [one(p) for p in prompts]
-        with ThreadPoolExecutor(4) as pool:
-            together = list(pool.map(one, prompts))
+        alone, together = _alone_and_together(url, prompts, {"temperature": 0, "num_predict": 12})
         assert together == alone
         assert "Paris" in alone[0]
         running = httpx.get(f"{url}/api/ps").json()["models"][0]
         assert running["precision"]["dtype"] == "float32" and running["precision"]["weights"].get("int8", 0) > 0
         assert "decode: native" in log.read_text()
-    finally:
-        proc.send_signal(signal.SIGINT)
-        proc.wait(timeout=60)
 
 
 STAGED = {
@@ -190,38 +173,18 @@ def test_stages_serve_the_unsharded_text_to_many_at_once(tmp_path, group):
     the greedy text of one process, requests together get what each gets alone, and the layout says
     who holds what."""
     flags, layers = STAGED[group]
-    port = free_port()
-    env = {**os.environ, "OLLAMA_MODELS": str(tmp_path), "OMP_NUM_THREADS": "1", "OLLAMA_NUM_PARALLEL": "4"}
-    env.pop("OLLAMA_HOST", None)
-    log = tmp_path / "serve.log"
-    with log.open("w") as sink:
-        cmd = [sys.executable, "-m", "tp_ollama", "serve", "--port", str(port), *flags,
-               "--dtype", "float32", "--quant", "none"]  # fmt: skip
-        proc = subprocess.Popen(cmd, env=env, stdout=sink, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        wait_until(lambda: _answers(url), STARTUP_S, what="the server answering")
+    with _serving(tmp_path, [*flags, "--dtype", "float32", "--quant", "none"]) as (url, _):
         prompts = ["def fibonacci(n):", "The capital of France is", "Once upon a time", "1, 2, 3, 4,"]
-        options = {"temperature": 0, "num_predict": 16}
-
-        def one(prompt: str) -> str:
-            with ollama.Client(host=url, timeout=STARTUP_S) as client:
-                return client.generate(model="smollm2:135m", prompt=prompt, raw=True, options=options).response
-
-        alone = [one(p) for p in prompts]
+        alone, together = _alone_and_together(url, prompts, {"temperature": 0, "num_predict": 16})
         loaded = load("smollm2:135m", "float32", quant="none")
         gen = GenerationOptions(sampling=SamplingOptions(temperature=0), num_predict=16)
         assert alone[0] == "".join(stream_text(loaded, prompt_tokens(loaded.tokenizer, prompts[0]), gen))
-        with ThreadPoolExecutor(4) as pool:
-            assert list(pool.map(one, prompts)) == alone
+        assert together == alone
         layout = httpx.get(f"{url}/api/distributed/models").json()["models"][0]["layout"]
         assert [r["layers"] for r in layout] == layers
         if group == "tp2-pp2":
             heads = [(r["attention_heads"]["start"], r["attention_heads"]["end"]) for r in layout]
             assert heads == [(0, 5), (5, 9), (0, 5), (5, 9)]  # TP inside each stage
-    finally:
-        proc.send_signal(signal.SIGINT)
-        proc.wait(timeout=60)
 
 
 def group_host(proc: subprocess.Popen[bytes]) -> psutil.Process:
@@ -250,6 +213,38 @@ def stream_with_a_fault(url: str, fault: Callable[[], object]) -> tuple[Any, str
                 fault()
             final = chunk
     return clean, "".join(pieces), final, max(gaps)
+
+
+@contextlib.contextmanager
+def _serving(tmp_path: Path, flags: list[str]) -> Iterator[tuple[str, Path]]:
+    """`serve` with these flags on a free port (one thread per rank, 4 requests at once), until it
+    answers: its URL and log; stopped with SIGINT on the way out."""
+    port = free_port()
+    env = {**os.environ, "OLLAMA_MODELS": str(tmp_path), "OMP_NUM_THREADS": "1", "OLLAMA_NUM_PARALLEL": "4"}
+    env.pop("OLLAMA_HOST", None)
+    log = tmp_path / "serve.log"
+    with log.open("w") as sink:
+        proc = subprocess.Popen([sys.executable, "-m", "tp_ollama", "serve", "--port", str(port), *flags],
+                                env=env, stdout=sink, stderr=subprocess.STDOUT)  # fmt: skip
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_until(lambda: _answers(url), STARTUP_S, what="the server answering")
+        yield url, log
+    finally:
+        proc.send_signal(signal.SIGINT)
+        proc.wait(timeout=60)
+
+
+def _alone_and_together(url: str, prompts: list[str], options: dict[str, Any]) -> tuple[list[str], list[str]]:
+    """smollm2:135m's raw completion of each prompt sent alone, then of all sent at once."""
+
+    def one(prompt: str) -> str:
+        with ollama.Client(host=url, timeout=STARTUP_S) as client:
+            return client.generate(model="smollm2:135m", prompt=prompt, raw=True, options=options).response
+
+    alone = [one(p) for p in prompts]
+    with ThreadPoolExecutor(len(prompts)) as pool:
+        return alone, list(pool.map(one, prompts))
 
 
 def _answers(url: str) -> bool:

@@ -13,10 +13,9 @@ of them, which is what makes a batch cheaper per token than B separate requests.
 over its own keys and values, gathered from the shared paged pool (engine/paged_kv.py); rows of
 different lengths are padded with empty positions that the attention mask hides.
 
-With pipeline stages (parallel/pipeline.py) decode steps flow instead (engine/flow.py): the decoding
-sequences form a group per stage, each tick moves every group one stage on, and the planner lets an
-even share of the ready ones enter stage 0 each tick. Prompt chunks still go through the stages in
-turn, within the tick.
+With pipeline stages (parallel/pipeline.py) steps flow instead (engine/flow.py): the decoding
+sequences form a group per stage, each tick moves every group and every prompt chunk one stage on,
+and the planner lets an even share of the ready sequences enter stage 0 each tick.
 
 Tokens are chosen per sequence with its own options, seed and history, and, for structured output,
 its own grammar mask (engine/constraint.py). A sequence's KV blocks go back to the pool the step it
@@ -234,30 +233,12 @@ class Batch:
 
     def _prefill(self, seq: Running, n: int) -> torch.Tensor | None:
         """Write the next `n` prompt tokens; the last position's logits once the prompt is in."""
-        t0 = time.perf_counter_ns()
-        prompt = seq.request.prompt
-        start = seq.written
-        n = min(n, len(prompt) - start)
-        if not seq.kv.reserve(n):
-            raise RuntimeError(f"the KV pool could not hold {n} more tokens of request {seq.request.id}")
-        # At least ROW_INVARIANT_ROWS rows, padded with positions after the chunk (causal attention
-        # keeps them out of the real rows; their keys and values land in slots the sequence writes
-        # again when it gets there): each row then computes as it would in any longer prefill.
-        tokens = prompt[start : start + n]
-        padded = max(n, min(ROW_INVARIANT_ROWS, positions_needed(len(prompt), seq.request.options) - start))
-        if padded > n and not seq.kv.reserve(padded):
-            padded = n
-        tokens = tokens + tokens[-1:] * (padded - n)
-        ids = torch.tensor([tokens], dtype=torch.long, device=self.device)
-        positions = torch.arange(start, start + padded, dtype=torch.long, device=self.device)[None]
-        cache = PagedBatchCache(self.pool, [seq.kv], [start], [padded], self.windows)
-        with prefill_numerics():
-            hidden = self.model.hidden_states(ids, positions, cache)  # type: ignore[operator]
-            seq.kv.commit(prompt[start : start + n])
-            seq.written += n
-            seq.entered = seq.written
-            row = None if seq.prefilling else self.model.logits(hidden[:, n - 1]).float()[0]  # type: ignore[operator]
-        seq.prompt_ns += time.perf_counter_ns() - t0
+        chunk = self._chunk(seq, n)
+        hidden = self.chunk_rows(chunk)
+        seq.kv.commit(seq.request.prompt[chunk.start : chunk.start + chunk.n])
+        seq.written += chunk.n
+        row = None if seq.prefilling else self.prompt_logits(chunk, hidden)
+        seq.prompt_ns += time.perf_counter_ns() - chunk.t0_ns
         return row
 
     def _flow(self, decoding: list[Running], prefill: list[tuple[Running, int]]) -> list[Event]:
@@ -274,10 +255,11 @@ class Batch:
         assert self.flow is not None
         comm_before = self._comm_seconds()
         finished = self.flow.tick(decoding, chunks)
-        for done in finished:  # the tick's time in collectives, shared by what left the last stage
-            done.seq.comm_s += (self._comm_seconds() - comm_before) / len(finished)
+        # The tick's time in collectives, shared by what left the last stage.
+        share = (self._comm_seconds() - comm_before) / len(finished) if finished else 0.0
         for done in finished:
             seq, chunk = done.seq, done.chunk
+            seq.comm_s += share
             if chunk is not None:
                 seq.kv.commit(seq.request.prompt[chunk.start : chunk.start + chunk.n])
                 seq.written += chunk.n
@@ -289,8 +271,10 @@ class Batch:
         return events
 
     def _chunk(self, seq: Running, n: int) -> Chunk:
-        """The next `n` prompt tokens of a sequence entering the stages, its KV room reserved (padded
-        as `_prefill` pads)."""
+        """The next `n` prompt tokens of a sequence, its KV room reserved past any chunk of it still in
+        flight. At least ROW_INVARIANT_ROWS rows, padded with positions after the chunk (causal
+        attention keeps them out of the real rows; their keys and values land in slots the sequence
+        writes again when it gets there): each row then computes as it would in any longer prefill."""
         prompt = seq.request.prompt
         start = seq.entered
         n = min(n, len(prompt) - start)
@@ -304,7 +288,7 @@ class Batch:
         return Chunk(seq, start, n, rows, time.perf_counter_ns())
 
     def chunk_rows(self, chunk: Chunk) -> torch.Tensor:
-        """A prompt chunk through the model (this rank's stage, where it runs alone): (1, rows, H)."""
+        """A prompt chunk through the model (through this rank's stage alone, in a flow): (1, rows, H)."""
         tokens = chunk.seq.request.prompt[chunk.start : chunk.start + chunk.n]
         tokens = tokens + tokens[-1:] * (chunk.rows - chunk.n)
         ids = torch.tensor([tokens], dtype=torch.long, device=self.device)
@@ -313,6 +297,12 @@ class Batch:
         with prefill_numerics():
             hidden: torch.Tensor = self.model.hidden_states(ids, positions, cache)  # type: ignore[operator]
         return hidden
+
+    def prompt_logits(self, chunk: Chunk, hidden: torch.Tensor) -> torch.Tensor:
+        """The logits (vocab slice,) float32 after a prompt's last chunk, from its `chunk_rows`."""
+        with prefill_numerics():
+            row: torch.Tensor = self.model.logits(hidden[:, chunk.n - 1]).float()[0]  # type: ignore[operator]
+        return row
 
     def _resume(self, seq: Running) -> torch.Tensor:
         """A resumed request, its prompt just prefilled: its given tokens go through the model as the

@@ -43,6 +43,8 @@ class Rows(Protocol):
 
     def chunk_rows(self, chunk: Chunk) -> torch.Tensor: ...
 
+    def prompt_logits(self, chunk: Chunk, hidden: torch.Tensor) -> torch.Tensor: ...
+
 
 @dataclass
 class Chunk:
@@ -126,7 +128,7 @@ class Flow:
             with stage.alone(None if stage.first else self.chunks_handed[i]):
                 h = batch.chunk_rows(c)
             if stage.last:
-                chunk_logits.append(batch.model.logits(h[:, c.n - 1]).float()[0] if c.final else None)
+                chunk_logits.append(batch.prompt_logits(c, h) if c.final else None)
             else:
                 chunk_out.append(h.float().contiguous())
         out: torch.Tensor | None = None

@@ -80,7 +80,7 @@ class EngineJob:
     files_from: FilesFrom | None = None
     pp: int = 1  # pipeline stages (tp_ollama.parallel.pipeline); the group's ranks are tp x pp
     pp_weights: tuple[float, ...] | None = None
-    # "auto": the cost model picks tensor or layer-wise at each load, over the link measured then.
+    # "auto": the cost model picks tensor, layer-wise or hybrid at each load, over the link measured then.
     strategy: str = "tensor"
     memory_budget: int = 0  # the most weight bytes this rank may hold (0: no limit)
 
@@ -346,8 +346,7 @@ class EngineState:
         assert self.layout is not None and self.batch is not None and self.model is not None
         stage = stage_of(self.model)
         if stage is not None:  # the last stage's ranks mask their vocabulary slices, the others nothing
-            mine = self.layout.vocab[stage.tp_comm.rank if stage.tp_comm else 0]
-            span = mine if stage.last else (0, 0)
+            span = self.layout.vocab[stage.tp_rank] if stage.last else (0, 0)
         else:
             span = self.layout.vocab[self.comm.rank]
         return ShardedConstraint(grammar, span, self.batch.vocab, self.comm)
@@ -375,5 +374,5 @@ def sampler_for(
     if comm.world_size == 1:
         return Sampler
     if stage is not None:
-        return partial(PipelineSampler, stage=stage, span=layout.vocab[stage.tp_comm.rank if stage.tp_comm else 0])
+        return partial(PipelineSampler, stage=stage, span=layout.vocab[stage.tp_rank])
     return partial(ShardedSampler, span=layout.vocab[comm.rank], comm=comm)

@@ -204,11 +204,12 @@ class Coordinator:
             placement = place_ranks([0, *(m.node_rank for m in members)], self.nnodes, self.nproc, self.reshard)
             world = sum(len(r) for r in placement.values())
             weights = self._weights(placement)
+            pp = self._stages(world, nnodes)
             self.current = {m.node_rank: place for place, m in enumerate(members, 1)}
             self.world_size = world
             for place, m in enumerate(members, 1):
                 m.generation = gen
-                m.send(self._form(gen, nnodes, place, port, weights, placement[m.node_rank], world))
+                m.send(self._form(gen, nnodes, place, port, weights, placement[m.node_rank], world, pp))
             self.events.add(
                 "formed", f"generation {gen}: {nnodes} of {self.nnodes} nodes, world size {world}",
                 generation=gen, nodes=[0, *self.current], world_size=world,
@@ -216,18 +217,19 @@ class Coordinator:
             )  # fmt: skip
             log.info("generation %d: %d of %d nodes, world size %d, ranks by node %s", gen, nnodes, self.nnodes, world,
                      placement)  # fmt: skip
-            return Formation(gen, nnodes, port, weights, world, placement[0], self._stages(world, nnodes))
+            return Formation(gen, nnodes, port, weights, world, placement[0], pp)
 
     def _form(
-        self, gen: int, nnodes: int, place: int, port: int, weights: str | None, ranks: tuple[int, ...], world: int
-    ) -> wire.Form:
+        self, gen: int, nnodes: int, place: int, port: int, weights: str | None, ranks: tuple[int, ...], world: int,
+        pp: int,
+    ) -> wire.Form:  # fmt: skip
         t = self.template
         return wire.Form(
             generation=gen, nnodes=nnodes, node_rank=place, master_addr=self.master_addr, master_port=port,
             ranks=ranks, world_size=world, comm=t.comm, device=t.device, tp_weights=weights,
             join_timeout_s=t.join_timeout_s, max_running=t.max_running, kv_cache_bytes=t.kv_cache_bytes,
-            prefix_cache=t.prefix_cache, min_replicas=t.min_replicas, pp=self._stages(world, nnodes),
-            pp_weights=t.pp_weights, strategy=t.strategy, memory_budget=t.memory_budget,
+            prefix_cache=t.prefix_cache, min_replicas=t.min_replicas, pp=pp, pp_weights=t.pp_weights,
+            strategy=t.strategy, memory_budget=t.memory_budget,
         )  # fmt: skip
 
     def _stages(self, world: int, nnodes: int) -> int:

@@ -124,11 +124,16 @@ class Stage:
     ) -> None:
         self.layout, self.index, self.comm = layout, stage, comm
         # TP inside the stage (hybrid): its ranks' own communicator; the hand-overs stay on `comm`.
-        self.tp, self.tp_comm = ranks_per_stage, tp_comm
+        self.tp_comm = tp_comm
         self.first, self.last = stage == 0, stage == layout.stages - 1
         self.layers = range(*layout.layers[stage])
         self.sources = [s * ranks_per_stage for s in range(layout.stages)]  # each stage's first rank
         self._alone: tuple[torch.Tensor | None] | None = None
+
+    @property
+    def tp_rank(self) -> int:
+        """This rank's place among its stage's ranks (its vocabulary slice of a head split by TP)."""
+        return self.tp_comm.rank if self.tp_comm is not None else 0
 
     @contextmanager
     def alone(self, handed: torch.Tensor | None) -> Iterator[None]:

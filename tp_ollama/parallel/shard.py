@@ -85,8 +85,7 @@ def load_shard(
     `pp` > 1: the group is that many pipeline stages of world_size / pp ranks (tp_ollama.parallel.pipeline),
     this rank holding its stage's layers, split among the stage's ranks over `stage_comm` (see
     comm.stage_group) when there are several; `by_work`: see PipelineLayout.build. `ensure` and
-    `identity`: see open_checkpoint. Returns
-    (model, the TP layout inside the stage, checkpoint)."""
+    `identity`: see open_checkpoint. Returns (model, the TP layout inside the stage, checkpoint)."""
     ckpt = open_checkpoint(path, ensure, identity)
     tp = check_degrees(comm.world_size, pp)
     layout = TPLayout.build(ckpt.config, tp, weights)
